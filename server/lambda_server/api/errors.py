@@ -1,0 +1,74 @@
+"""Maps our errors to gRPC statuses with a google.rpc.ErrorInfo detail, at one boundary."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from lambda_server import errors
+
+log = logging.getLogger(__name__)
+
+DOMAIN = "lambda-microservice"
+
+# Looked up along the error's class hierarchy: the most specific class wins.
+STATUS_CODES: dict[type[errors.LambdaError], grpc.StatusCode] = {
+    errors.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.SessionConflict: grpc.StatusCode.ALREADY_EXISTS,
+    errors.RuntimeNotAvailable: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.SessionNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.RuntimeBusy: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.LambdaError: grpc.StatusCode.INTERNAL,
+}
+
+
+def status_code(error: errors.LambdaError) -> grpc.StatusCode:
+    for cls in type(error).__mro__:
+        if cls in STATUS_CODES:
+            return STATUS_CODES[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+def to_status(error: errors.LambdaError) -> grpc.Status:
+    code = status_code(error)
+    info = error_details_pb2.ErrorInfo(
+        reason=error.reason, domain=DOMAIN, metadata={k: str(v) for k, v in error.metadata.items()}
+    )
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    message = status_pb2.Status(
+        code=getattr(code_pb2, code.name), message=error.message, details=[detail]
+    )
+    return rpc_status.to_status(message)
+
+
+Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
+
+
+def reports_errors(method: Handler) -> Handler:
+    """Turn our errors into rich statuses, and anything unexpected into INTERNAL (never UNKNOWN)."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except errors.LambdaError as error:
+            failure = error
+        except Exception as exc:
+            log.exception("unexpected error in %s", method.__name__)
+            failure = errors.InternalError(f"internal error: {type(exc).__name__}")
+        status = to_status(failure)
+        await context.abort(status.code, status.details, status.trailing_metadata)
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,85 @@
+"""The LambdaService servicer: proto in, use case, proto out. No business logic here."""
+
+from __future__ import annotations
+
+import grpc
+
+from lambda_microservice.v1 import lambda_service_pb2 as pb
+from lambda_microservice.v1 import lambda_service_pb2_grpc as pb_grpc
+from lambda_server.api import convert
+from lambda_server.api.errors import reports_errors
+from lambda_server.domain import Deadline
+from lambda_server.service import LambdaService
+
+LANGUAGE_TITLE_HEADER = "language-title"
+
+
+class LambdaServicer(pb_grpc.LambdaServiceServicer):
+    def __init__(self, service: LambdaService) -> None:
+        self._service = service
+
+    @reports_errors
+    async def Initialize(
+        self, request: pb.InitializeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.InitializeResponse:
+        title = request.language_title or _metadata(context, LANGUAGE_TITLE_HEADER)
+        record = await self._service.initialize(
+            language_title=title,
+            script=request.script_content,
+            context=convert.struct_to_dict(request.context),
+            request_id=request.request_id or None,
+            user_id=None,
+            deadline=_deadline(context),
+        )
+        return pb.InitializeResponse(
+            request_id=record.request_id,
+            status=convert.SESSION_STATUS[record.status],
+            expires_at=convert.timestamp(record.expires_at),
+        )
+
+    @reports_errors
+    async def Execute(
+        self, request: pb.ExecuteRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ExecuteResponse:
+        execution = await self._service.execute(
+            request.request_id, convert.struct_to_dict(request.params), _deadline(context)
+        )
+        return convert.execute_response(execution)
+
+    @reports_errors
+    async def Health(
+        self, request: pb.HealthRequest, context: grpc.aio.ServicerContext
+    ) -> pb.HealthResponse:
+        report = self._service.health()
+        status = pb.HEALTH_STATUS_SERVING if report.serving else pb.HEALTH_STATUS_NOT_SERVING
+        return pb.HealthResponse(status=status, version=report.version, components=report.components)
+
+    @reports_errors
+    async def GetSession(
+        self, request: pb.GetSessionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetSessionResponse:
+        record = await self._service.get_session(request.request_id, _deadline(context))
+        return pb.GetSessionResponse(session=convert.session_message(record))
+
+    @reports_errors
+    async def ListFunctions(
+        self, request: pb.ListFunctionsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListFunctionsResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "ListFunctions comes with the catalog")
+
+    @reports_errors
+    async def GetFunction(
+        self, request: pb.GetFunctionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetFunctionResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "GetFunction comes with the catalog")
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> Deadline:
+    return Deadline.after(context.time_remaining())
+
+
+def _metadata(context: grpc.aio.ServicerContext, name: str) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == name:
+            return value if isinstance(value, str) else value.decode("utf-8", "replace")
+    return ""

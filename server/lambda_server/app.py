@@ -1,0 +1,217 @@
+"""Wiring, start-up and ordered shutdown; `main` is the `lambda-server` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from lambda_microservice.v1 import lambda_service_pb2 as pb
+from lambda_microservice.v1 import lambda_service_pb2_grpc as pb_grpc
+from lambda_server.api.servicer import LambdaServicer
+from lambda_server.config import ConfigError, Settings
+from lambda_server.errors import LambdaError
+from lambda_server.runtimes.pool import EnvironmentPool
+from lambda_server.runtimes.registry import RuntimeRegistry
+from lambda_server.service import LambdaService
+from lambda_server.store import migrations
+from lambda_server.store.database import Database
+from lambda_server.store.embedded import start_embedded
+from lambda_server.store.sessions import SessionStore
+
+log = logging.getLogger("lambda_server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LambdaService"].full_name
+
+
+class DatabaseMonitor:
+    """Pings PostgreSQL, applies migrations once it answers, and drives the health status."""
+
+    def __init__(self, db: Database, health_servicer: health.aio.HealthServicer, interval: float) -> None:
+        self._db = db
+        self._health = health_servicer
+        self._interval = interval
+        self._migrated = False
+        self._ready = False
+        self._description = "starting"
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @property
+    def description(self) -> str:
+        return self._description
+
+    async def check_once(self) -> None:
+        try:
+            if not self._migrated:
+                await migrations.apply(self._db, migrations.load(migrations.default_directory()))
+                self._migrated = True
+            await self._db.ping(timeout=max(self._interval, 1.0))
+        except LambdaError as exc:
+            await self._set(False, f"unavailable: {exc.message}")
+        else:
+            await self._set(True, "ok")
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._set(False, "shutting down")
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            await self.check_once()
+
+    async def _set(self, ready: bool, description: str) -> None:
+        if ready != self._ready:
+            log.log(logging.INFO if ready else logging.WARNING, "postgres: %s", description)
+        self._ready, self._description = ready, description
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, status)
+
+
+class Server:
+    """The running service: the gRPC server and everything it owns, stopped in order."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        grpc_server: grpc.aio.Server,
+        db: Database,
+        pool: EnvironmentPool,
+        monitor: DatabaseMonitor,
+        health_servicer: health.aio.HealthServicer,
+    ) -> None:
+        self.settings = settings
+        self._grpc = grpc_server
+        self._db = db
+        self._pool = pool
+        self._monitor = monitor
+        self._health = health_servicer
+
+    async def start(self) -> None:
+        await self._grpc.start()
+        await self._pool.start()
+        await self._monitor.check_once()
+        self._monitor.start()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Health goes NOT_SERVING, in-flight calls get `grace` seconds, then all is closed."""
+        grace = self.settings.shutdown_grace_seconds if grace is None else grace
+        await self._monitor.stop()
+        await self._health.enter_graceful_shutdown()
+        await self._grpc.stop(grace)
+        await self._pool.close()
+        await self._db.close()
+
+    async def wait_for_termination(self) -> None:
+        await self._grpc.wait_for_termination()
+
+
+async def build_server(settings: Settings, database_url: str | None = None) -> tuple[Server, int]:
+    """Wire the service and bind its port (0 picks a free one); call `start()` to serve."""
+    url = database_url or settings.database.url
+    if url is None:
+        raise ConfigError("DATABASE_URL is unset (main() starts an embedded PostgreSQL for it)")
+    db = Database(settings.database, url)
+    await db.open()
+    registry = RuntimeRegistry.load(settings.runtime.mappings_file, settings.runtime.node_binary)
+    pool = EnvironmentPool(settings.runtime, registry.specs)
+    health_servicer = health.aio.HealthServicer()
+    monitor = DatabaseMonitor(db, health_servicer, settings.health_interval_seconds)
+    service = LambdaService(settings, SessionStore(db), pool, registry, monitor)
+
+    grpc_server = grpc.aio.server(
+        options=[
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+            ("grpc.max_send_message_length", 4 * 1024 * 1024),
+        ]
+    )
+    pb_grpc.add_LambdaServiceServicer_to_server(LambdaServicer(service), grpc_server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        grpc_server,
+    )
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    port = grpc_server.add_insecure_port(settings.listen_addr)
+    if port == 0:
+        raise ConfigError(f"LISTEN_ADDR={settings.listen_addr!r}: cannot listen there")
+    return Server(settings, grpc_server, db, pool, monitor, health_servicer), port
+
+
+async def serve(settings: Settings, database_url: str) -> None:
+    server, port = await build_server(settings, database_url)
+    await server.start()
+    host = settings.listen_addr.rpartition(":")[0]
+    log.info("serving lambda_microservice.v1.LambdaService on %s:%d", host, port)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    await stopping.wait()
+    log.info("stopping: health NOT_SERVING, %.1f s grace", settings.shutdown_grace_seconds)
+    await server.stop()
+    log.info("stopped")
+
+
+async def migrate(settings: Settings, database_url: str) -> None:
+    db = Database(settings.database, database_url)
+    await db.open()
+    try:
+        applied = await migrations.apply(db, migrations.load(migrations.default_directory()))
+        print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none needed'}")
+    finally:
+        await db.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="lambda-server", description=__doc__)
+    parser.add_argument("command", nargs="?", choices=("serve", "migrate"), default="serve")
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"lambda-server: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    url = settings.database.url
+    if url is None:
+        url = start_embedded(settings.database.embedded_dir)
+    _install_uvloop()
+    try:
+        asyncio.run(serve(settings, url) if args.command == "serve" else migrate(settings, url))
+    except ConfigError as exc:
+        print(f"lambda-server: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except LambdaError as exc:
+        print(f"lambda-server: {exc.message}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())

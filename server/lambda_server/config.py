@@ -1,0 +1,157 @@
+"""Settings read once from the environment at start and passed down."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+KIB = 1024
+MIB = 1024 * KIB
+
+
+class ConfigError(ValueError):
+    """A setting has an invalid value; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    """How to reach PostgreSQL and how long any call to it may take."""
+
+    url: str | None = None
+    pool_size: int = 10
+    connect_timeout: float = 5.0
+    command_timeout: float = 5.0
+    statement_timeout_ms: int = 5000
+    lock_timeout_ms: int = 2000
+    # Off for pgbouncer in transaction mode, which cannot keep prepared statements.
+    statement_cache: bool = True
+    embedded_dir: Path = Path(".data/postgres")
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """How scripts run: timeouts, output limits and environment caps."""
+
+    timeout_seconds: float = 30.0
+    max_timeout_seconds: float = 300.0
+    max_script_size: int = 1 * MIB
+    max_log_bytes: int = 64 * KIB
+    max_result_bytes: int = 1 * MIB
+    max_environments_per_key: int = 4
+    max_idle_environments: int = 32
+    idle_ttl_seconds: float = 300.0
+    spawn_timeout_seconds: float = 10.0
+    mappings_file: Path | None = None
+    node_binary: str | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service is configured with."""
+
+    listen_addr: str = "127.0.0.1:50051"
+    session_expiry_seconds: int = 3600
+    shutdown_grace_seconds: float = 10.0
+    health_interval_seconds: float = 1.0
+    log_level: str = "INFO"
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read the settings from `env` (the process environment by default)."""
+        reader = _Reader(os.environ if env is None else env)
+        database = DatabaseSettings(
+            url=reader.get("DATABASE_URL", str, None) or None,
+            pool_size=reader.get("DATABASE_POOL_SIZE", _positive_int, 10),
+            connect_timeout=reader.get("DATABASE_CONNECT_TIMEOUT_SECONDS", _positive_float, 5.0),
+            command_timeout=reader.get("DATABASE_COMMAND_TIMEOUT_SECONDS", _positive_float, 5.0),
+            statement_timeout_ms=reader.get("DATABASE_STATEMENT_TIMEOUT_MS", _positive_int, 5000),
+            lock_timeout_ms=reader.get("DATABASE_LOCK_TIMEOUT_MS", _positive_int, 2000),
+            statement_cache=reader.get("DATABASE_STATEMENT_CACHE", _on_off, True),
+            embedded_dir=reader.get("EMBEDDED_DATA_DIR", Path, Path(".data/postgres")),
+        )
+        runtime = RuntimeSettings(
+            timeout_seconds=reader.get("RUNTIME_TIMEOUT_SECONDS", _positive_float, 30.0),
+            max_timeout_seconds=reader.get("RUNTIME_MAX_TIMEOUT_SECONDS", _positive_float, 300.0),
+            max_script_size=reader.get("MAX_SCRIPT_SIZE", _positive_int, 1 * MIB),
+            max_log_bytes=reader.get("MAX_LOG_BYTES", _positive_int, 64 * KIB),
+            max_result_bytes=reader.get("MAX_RESULT_BYTES", _positive_int, 1 * MIB),
+            max_environments_per_key=reader.get("MAX_ENVIRONMENTS_PER_KEY", _positive_int, 4),
+            max_idle_environments=reader.get("MAX_IDLE_ENVIRONMENTS", _positive_int, 32),
+            idle_ttl_seconds=reader.get("ENVIRONMENT_IDLE_TTL_SECONDS", _positive_float, 300.0),
+            mappings_file=reader.get("RUNTIME_MAPPINGS", Path, None),
+            node_binary=reader.get("NODE_BINARY", str, None) or None,
+        )
+        return cls(
+            listen_addr=reader.get("LISTEN_ADDR", _address, "127.0.0.1:50051"),
+            session_expiry_seconds=reader.get("SESSION_EXPIRY_SECONDS", _positive_int, 3600),
+            shutdown_grace_seconds=reader.get("SHUTDOWN_GRACE_SECONDS", _non_negative_float, 10.0),
+            health_interval_seconds=reader.get("HEALTH_INTERVAL_SECONDS", _positive_float, 1.0),
+            log_level=reader.get("LOG_LEVEL", _log_level, "INFO"),
+            database=database,
+            runtime=runtime,
+        )
+
+
+class _Reader:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+
+    def get(self, name: str, parse: Callable[[str], T], default: T) -> T:
+        raw = self._env.get(name)
+        if raw is None or raw.strip() == "":
+            return default
+        try:
+            return parse(raw.strip())
+        except ValueError as exc:
+            raise ConfigError(f"{name}={raw!r} is invalid: {exc}") from None
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value <= 0:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value > 0 or value == float("inf"):
+        raise ValueError("must be a positive number")
+    return value
+
+
+def _non_negative_float(raw: str) -> float:
+    value = float(raw)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("must be a number >= 0")
+    return value
+
+
+def _on_off(raw: str) -> bool:
+    lowered = raw.lower()
+    if lowered in ("on", "true", "1", "yes"):
+        return True
+    if lowered in ("off", "false", "0", "no"):
+        return False
+    raise ValueError("must be on or off")
+
+
+def _address(raw: str) -> str:
+    host, sep, port = raw.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:50051 or [::]:50051")
+    return raw
+
+
+def _log_level(raw: str) -> str:
+    level = raw.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError("must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    return level

@@ -1,0 +1,102 @@
+"""The service's errors, one class per kind of failure.
+
+    LambdaError                     (reason)
+    ├── InvalidRequest              INVALID_REQUEST
+    │   ├── UnknownLanguage
+    │   ├── ScriptTooLarge
+    │   └── ScriptSyntaxError       (line, column)
+    ├── SessionConflict             INVALID_REQUEST   (same request_id, other script)
+    ├── RuntimeNotAvailable         UNAVAILABLE       (known language, runtime missing)
+    ├── SessionNotFound             NOT_FOUND
+    │   └── SessionExpired          SESSION_EXPIRED
+    ├── Unavailable                 UNAVAILABLE
+    │   ├── DatabaseUnavailable
+    │   └── RuntimeBusy
+    ├── DeadlineExceeded            UNAVAILABLE
+    └── InternalError               INTERNAL_ERROR
+
+The api layer maps each class to a gRPC status code; nothing here knows gRPC.
+A script's own failure is not an error of this tree: it is an ExecutionOutcome.
+"""
+
+from __future__ import annotations
+
+
+class LambdaError(Exception):
+    """Base of every error the service reports to a caller."""
+
+    reason = "INTERNAL_ERROR"
+
+    def __init__(self, message: str, **metadata: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.metadata = metadata
+
+
+class InvalidRequest(LambdaError):
+    """The request is malformed."""
+
+    reason = "INVALID_REQUEST"
+
+
+class UnknownLanguage(InvalidRequest):
+    """`language_title` is missing or matches no runtime."""
+
+
+class ScriptTooLarge(InvalidRequest):
+    """The script is larger than MAX_SCRIPT_SIZE."""
+
+
+class ScriptSyntaxError(InvalidRequest):
+    """The script does not compile."""
+
+    def __init__(self, message: str, line: int, column: int) -> None:
+        super().__init__(f"{message} (line {line}, column {column})", line=str(line), column=str(column))
+        self.line = line
+        self.column = column
+
+
+class SessionConflict(InvalidRequest):
+    """A session with this request_id exists with another script."""
+
+
+class RuntimeNotAvailable(LambdaError):
+    """The language is known but its runtime is not available here."""
+
+    reason = "UNAVAILABLE"
+
+
+class SessionNotFound(LambdaError):
+    """No session has this request_id."""
+
+    reason = "NOT_FOUND"
+
+
+class SessionExpired(SessionNotFound):
+    """The session exists but has expired (by the database clock)."""
+
+    reason = "SESSION_EXPIRED"
+
+
+class Unavailable(LambdaError):
+    """A dependency cannot serve now; retrying later may succeed."""
+
+    reason = "UNAVAILABLE"
+
+
+class DatabaseUnavailable(Unavailable):
+    """PostgreSQL did not answer within its bound."""
+
+
+class RuntimeBusy(Unavailable):
+    """Every environment for this script stayed busy until the deadline."""
+
+
+class DeadlineExceeded(LambdaError):
+    """The call's deadline passed before the work could finish."""
+
+    reason = "UNAVAILABLE"
+
+
+class InternalError(LambdaError):
+    """A bug: something that should not happen did."""

@@ -1,0 +1,234 @@
+// The Node.js runtime's worker: runs one script, many times, for one environment.
+//
+// Requests come as frames on stdin, answers go as frames on the file descriptor
+// named by LAMBDA_RESPONSE_FD; a frame is a 4-byte big-endian length and a UTF-8
+// JSON body. vm is used only to compile with a file name and line offset; the
+// isolation boundary is the process, never the interpreter.
+'use strict';
+
+const fs = require('fs');
+const util = require('util');
+const vm = require('vm');
+const { createRequire } = require('module');
+
+const SCRIPT_NAME = 'script.js';
+const TRUNCATED = '\n[logs truncated]\n';
+const RESPONSE_FD = Number(process.env.LAMBDA_RESPONSE_FD);
+const MAX_LOGS = Number(process.env.LAMBDA_MAX_LOG_BYTES || 65536);
+const MAX_RESULT = Number(process.env.LAMBDA_MAX_RESULT_BYTES || 1048576);
+const MODULE_STYLE = /\bmodule\.exports\b|\bexports\.[A-Za-z_$][\w$]*\s*=/;
+
+let handler = null;
+let logs = null;
+
+class LogBuffer {
+  constructor(limit) {
+    this.limit = limit;
+    this.parts = [];
+    this.size = 0;
+    this.cut = false;
+  }
+  write(text) {
+    const room = this.limit - this.size;
+    if (room <= 0) {
+      this.cut = true;
+      return;
+    }
+    let data = Buffer.from(text, 'utf8');
+    if (data.length > room) {
+      data = data.subarray(0, room);
+      this.cut = true;
+    }
+    this.parts.push(data.toString('utf8'));
+    this.size += data.length;
+  }
+  text() {
+    return this.parts.join('') + (this.cut ? TRUNCATED : '');
+  }
+}
+
+function capture(...args) {
+  if (logs !== null) logs.write(util.format(...args) + '\n');
+}
+for (const name of ['log', 'info', 'warn', 'error', 'debug', 'trace']) {
+  console[name] = capture;
+}
+process.on('uncaughtException', (err) => capture('Uncaught', err));
+process.on('unhandledRejection', (err) => capture('Unhandled rejection', err));
+
+function send(body) {
+  const payload = Buffer.from(body, 'utf8');
+  const header = Buffer.alloc(4);
+  header.writeUInt32BE(payload.length, 0);
+  let data = Buffer.concat([header, payload]);
+  while (data.length > 0) {
+    const written = fs.writeSync(RESPONSE_FD, data);
+    data = data.subarray(written);
+  }
+}
+
+function failure(code, message, line = 0, column = 0, stack = '') {
+  return { code, message, line, column, stack };
+}
+
+function position(err) {
+  const stack = typeof (err && err.stack) === 'string' ? err.stack : '';
+  const match = stack.match(/script\.js:(\d+):(\d+)/);
+  return match ? [Number(match[1]), Number(match[2])] : [0, 0];
+}
+
+function userStack(err) {
+  const stack = typeof (err && err.stack) === 'string' ? err.stack : String(err);
+  const lines = stack.split('\n');
+  const head = lines.filter((l) => !/^\s+at /.test(l));
+  const frames = lines.filter((l) => /^\s+at /.test(l) && l.includes(SCRIPT_NAME));
+  return head.concat(frames).join('\n');
+}
+
+function errorMessage(err) {
+  if (err instanceof Error) return `${err.name}: ${err.message}`;
+  try {
+    return `Error: ${typeof err === 'string' ? err : JSON.stringify(err)}`;
+  } catch (_) {
+    return `Error: ${String(err)}`;
+  }
+}
+
+function runtimeFailure(err) {
+  const [line, column] = position(err);
+  return failure('RUNTIME_ERROR', errorMessage(err), line, column, userStack(err));
+}
+
+function syntaxFailure(err) {
+  // V8 puts "script.js:LINE" on the first line of a SyntaxError's stack, then the
+  // source line and a caret under the offending column.
+  const lines = String(err.stack || '').split('\n');
+  const match = (lines[0] || '').match(/script\.js:(\d+)/);
+  const caret = (lines[2] || '').indexOf('^');
+  return failure('RUNTIME_ERROR', errorMessage(err), match ? Number(match[1]) : 0, caret >= 0 ? caret + 1 : 0);
+}
+
+// The script's source wrapped so that its first line stays line 1.
+function wrap(script) {
+  if (MODULE_STYLE.test(script)) {
+    return { module: true, source: '(function (exports, require, module, __filename, __dirname) {\n' + script + '\n})' };
+  }
+  return { module: false, source: '(async function (event, params, context) {\n' + script + '\n})' };
+}
+
+function compile(script) {
+  const wrapped = wrap(script);
+  return { module: wrapped.module, compiled: new vm.Script(wrapped.source, { filename: SCRIPT_NAME, lineOffset: -1 }) };
+}
+
+function check(script) {
+  try {
+    compile(script);
+    return { ok: true };
+  } catch (err) {
+    return { ok: false, error: syntaxFailure(err) };
+  }
+}
+
+function load(script) {
+  logs = new LogBuffer(MAX_LOGS);
+  let unit;
+  try {
+    unit = compile(script);
+  } catch (err) {
+    return { ok: false, error: syntaxFailure(err), logs: logs.text() };
+  }
+  try {
+    const fn = unit.compiled.runInThisContext();
+    if (!unit.module) {
+      handler = (event) => fn(event, event.params, event.context);
+    } else {
+      const module = { exports: {} };
+      fn(module.exports, createRequire(process.cwd() + '/' + SCRIPT_NAME), module, SCRIPT_NAME, process.cwd());
+      let exported = module.exports;
+      if (typeof exported !== 'function' && exported && typeof exported.handler === 'function') {
+        exported = exported.handler;
+      }
+      if (typeof exported !== 'function') {
+        return { ok: false, error: failure('RUNTIME_ERROR', 'TypeError: module.exports is not a function'), logs: logs.text() };
+      }
+      handler = exported.length >= 2 ? callbackStyle(exported) : exported;
+    }
+  } catch (err) {
+    return { ok: false, error: runtimeFailure(err), logs: logs.text() };
+  }
+  return { ok: true, logs: logs.text() };
+}
+
+function callbackStyle(fn) {
+  return (event) =>
+    new Promise((resolve, reject) => {
+      const returned = fn(event, (err, value) => (err ? reject(err) : resolve(value)));
+      if (returned && typeof returned.then === 'function') returned.then(resolve, reject);
+    });
+}
+
+function replacer(key, value) {
+  if (typeof value === 'number' && !Number.isFinite(value)) {
+    throw new TypeError(`${value} at ${JSON.stringify(key)} is not a JSON number`);
+  }
+  if (typeof value === 'function' || typeof value === 'symbol' || typeof value === 'bigint') {
+    throw new TypeError(`a ${typeof value} at ${JSON.stringify(key)} is not JSON`);
+  }
+  return value;
+}
+
+async function run(event) {
+  logs = new LogBuffer(MAX_LOGS);
+  let result;
+  try {
+    result = await handler(event);
+  } catch (err) {
+    return JSON.stringify({ ok: false, error: runtimeFailure(err), logs: logs.text() });
+  }
+  let encoded;
+  try {
+    encoded = result === undefined ? 'null' : JSON.stringify(result, replacer);
+  } catch (err) {
+    const message = `the result is not JSON-representable: ${err.message}`;
+    return JSON.stringify({ ok: false, error: failure('INVALID_RESULT', message), logs: logs.text() });
+  }
+  if (Buffer.byteLength(encoded, 'utf8') > MAX_RESULT) {
+    const message = `the result is larger than ${MAX_RESULT} bytes`;
+    return JSON.stringify({ ok: false, error: failure('OUTPUT_LIMIT', message), logs: logs.text() });
+  }
+  return `{"ok":true,"logs":${JSON.stringify(logs.text())},"result":${encoded}}`;
+}
+
+async function handle(message) {
+  switch (message.op) {
+    case 'check':
+      return JSON.stringify(check(message.script));
+    case 'load':
+      return JSON.stringify(load(message.script));
+    case 'run':
+      return run(message.event);
+    default:
+      return JSON.stringify({ ok: false, error: failure('RUNTIME_ERROR', `unknown op ${message.op}`) });
+  }
+}
+
+function serve() {
+  let pending = Buffer.alloc(0);
+  let queue = Promise.resolve();
+  const input = fs.createReadStream(null, { fd: 0 });
+  input.on('data', (chunk) => {
+    pending = Buffer.concat([pending, chunk]);
+    while (pending.length >= 4) {
+      const size = pending.readUInt32BE(0);
+      if (pending.length < 4 + size) break;
+      const message = JSON.parse(pending.subarray(4, 4 + size).toString('utf8'));
+      pending = pending.subarray(4 + size);
+      queue = queue.then(() => handle(message)).then(send);
+    }
+  });
+  input.on('end', () => process.exit(0));
+  send(JSON.stringify({ op: 'ready' }));
+}
+
+serve();

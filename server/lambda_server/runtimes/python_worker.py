@@ -1,0 +1,237 @@
+"""The Python runtime's worker: runs one script, many times, for one environment.
+
+Started by the parent as `python -I -S python_worker.py`; it imports nothing of the
+server. Requests come as frames on stdin, answers go as frames on the file
+descriptor named by LAMBDA_RESPONSE_FD; a frame is a 4-byte big-endian length and
+a UTF-8 JSON body. The script's own stdout and stderr are captured per execution.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import io
+import json
+import linecache
+import os
+import sys
+import traceback
+from typing import Any
+
+SCRIPT_NAME = "script.py"
+TRUNCATED = "\n[logs truncated]\n"
+
+
+class LogBuffer(io.TextIOBase):
+    """A text stream that keeps at most `limit` bytes and notes that it cut."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.parts: list[str] = []
+        self.size = 0
+        self.cut = False
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        room = self.limit - self.size
+        if room <= 0:
+            self.cut = True
+            return len(text)
+        data = text.encode("utf-8", "replace")
+        if len(data) > room:
+            data = data[:room]
+            self.cut = True
+        self.parts.append(data.decode("utf-8", "ignore"))
+        self.size += len(data)
+        return len(text)
+
+    def text(self) -> str:
+        return "".join(self.parts) + (TRUNCATED if self.cut else "")
+
+
+class Worker:
+    def __init__(self, request_fd: int, response_fd: int) -> None:
+        self.request = os.fdopen(request_fd, "rb", buffering=0)
+        self.response_fd = response_fd
+        self.max_logs = int(os.environ.get("LAMBDA_MAX_LOG_BYTES", "65536"))
+        self.max_result = int(os.environ.get("LAMBDA_MAX_RESULT_BYTES", "1048576"))
+        self.code: Any = None
+        self.handler: Any = None
+        self.handler_takes_params = False
+
+    # framing
+
+    def read_exactly(self, size: int) -> bytes:
+        chunks = []
+        while size:
+            chunk = self.request.read(size)
+            if not chunk:
+                raise EOFError
+            chunks.append(chunk)
+            size -= len(chunk)
+        return b"".join(chunks)
+
+    def receive(self) -> dict[str, Any]:
+        size = int.from_bytes(self.read_exactly(4), "big")
+        message: dict[str, Any] = json.loads(self.read_exactly(size))
+        return message
+
+    def send_raw(self, body: bytes) -> None:
+        data = len(body).to_bytes(4, "big") + body
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.response_fd, view) :]
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.send_raw(json.dumps(message).encode())
+
+    # operations
+
+    def serve(self) -> None:
+        self.send({"op": "ready"})
+        while True:
+            try:
+                message = self.receive()
+            except EOFError:
+                return
+            op = message.get("op")
+            if op == "check":
+                self.send(self.check(message["script"]))
+            elif op == "load":
+                self.send(self.load(message["script"]))
+            elif op == "run":
+                self.send_raw(self.run(message["event"]))
+            else:
+                self.send({"ok": False, "error": failure("RUNTIME_ERROR", f"unknown op {op!r}")})
+
+    def check(self, script: str) -> dict[str, Any]:
+        try:
+            compile(script, SCRIPT_NAME, "exec", dont_inherit=True)
+        except (SyntaxError, ValueError) as exc:
+            return {"ok": False, "error": syntax_failure(exc)}
+        return {"ok": True}
+
+    def load(self, script: str) -> dict[str, Any]:
+        """Compile the script; run its top level now when it defines a handler."""
+        linecache.cache[SCRIPT_NAME] = (len(script), None, script.splitlines(True), SCRIPT_NAME)
+        logs = LogBuffer(self.max_logs)
+        try:
+            tree = ast.parse(script, SCRIPT_NAME)
+            self.code = compile(tree, SCRIPT_NAME, "exec", dont_inherit=True)
+            names = {
+                node.name
+                for node in tree.body
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            }
+            if "handler" in names or "handle" in names:
+                module: dict[str, Any] = {"__name__": "__main__", "__builtins__": __builtins__}
+                with Captured(logs):
+                    exec(self.code, module)
+                name = "handler" if "handler" in names else "handle"
+                self.handler = module[name]
+                self.handler_takes_params = name == "handle"
+        except (SyntaxError, ValueError) as exc:
+            return {"ok": False, "error": syntax_failure(exc), "logs": logs.text()}
+        except BaseException as exc:  # the script's top level failed
+            return {"ok": False, "error": runtime_failure(exc), "logs": logs.text()}
+        return {"ok": True, "logs": logs.text()}
+
+    def run(self, event: dict[str, Any]) -> bytes:
+        logs = LogBuffer(self.max_logs)
+        try:
+            with Captured(logs):
+                result = self.call(event)
+        except BaseException as exc:
+            return self.failed(runtime_failure(exc), logs)
+        try:
+            encoded = json.dumps(result, allow_nan=False, ensure_ascii=False)
+        except (TypeError, ValueError, RecursionError) as exc:
+            message = f"the result is not JSON-representable: {exc}"
+            return self.failed(failure("INVALID_RESULT", message), logs)
+        if len(encoded.encode()) > self.max_result:
+            message = f"the result is larger than {self.max_result} bytes"
+            return self.failed(failure("OUTPUT_LIMIT", message), logs)
+        logs_json = json.dumps(logs.text())
+        return f'{{"ok":true,"logs":{logs_json},"result":{encoded}}}'.encode()
+
+    def call(self, event: dict[str, Any]) -> Any:
+        if self.handler is not None:
+            value = self.handler(event["params"] if self.handler_takes_params else event)
+        else:
+            scope: dict[str, Any] = {
+                "__name__": "__main__",
+                "__builtins__": __builtins__,
+                "params": event["params"],
+                "context": event["context"],
+                "event": event,
+            }
+            exec(self.code, scope)
+            value = scope.get("result")
+        if asyncio.iscoroutine(value):
+            value = asyncio.run(value)
+        return value
+
+    def failed(self, error: dict[str, Any], logs: LogBuffer) -> bytes:
+        return json.dumps({"ok": False, "error": error, "logs": logs.text()}).encode()
+
+
+class Captured:
+    """Point sys.stdout and sys.stderr at a LogBuffer for the duration."""
+
+    def __init__(self, logs: LogBuffer) -> None:
+        self.logs = logs
+
+    def __enter__(self) -> None:
+        self.saved = sys.stdout, sys.stderr
+        sys.stdout = sys.stderr = self.logs  # type: ignore[assignment]
+
+    def __exit__(self, *exc: object) -> None:
+        sys.stdout, sys.stderr = self.saved
+
+
+def failure(code: str, message: str, line: int = 0, column: int = 0, stack: str = "") -> dict[str, Any]:
+    return {"code": code, "message": message, "line": line, "column": column, "stack": stack}
+
+
+def syntax_failure(exc: SyntaxError | ValueError) -> dict[str, Any]:
+    if isinstance(exc, SyntaxError):
+        message = f"{type(exc).__name__}: {exc.msg}"
+        return failure("RUNTIME_ERROR", message, exc.lineno or 0, exc.offset or 0)
+    return failure("RUNTIME_ERROR", f"{type(exc).__name__}: {exc}")
+
+
+def runtime_failure(exc: BaseException) -> dict[str, Any]:
+    """The error with its position and stack, trimmed to the user's script."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == SCRIPT_NAME]
+    line = column = 0
+    if frames:
+        line = frames[-1].lineno or 0
+        column = (frames[-1].colno or 0) + 1 if frames[-1].colno is not None else 0
+    if isinstance(exc, MemoryError):
+        code = "MEMORY_LIMIT"
+    else:
+        code = "RUNTIME_ERROR"
+    stack = "Traceback (most recent call last):\n" + "".join(traceback.format_list(frames))
+    stack += "".join(traceback.format_exception_only(type(exc), exc))
+    message = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    return failure(code, message, line, column, stack)
+
+
+def main() -> None:
+    sys.setrecursionlimit(10_000)
+    response_fd = int(os.environ["LAMBDA_RESPONSE_FD"])
+    # Keep the protocol away from the script: requests move to a private
+    # descriptor and the script's stdin, stdout and stderr point at /dev/null.
+    request_fd = os.dup(0)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    Worker(request_fd, response_fd).serve()
+
+
+if __name__ == "__main__":
+    main()

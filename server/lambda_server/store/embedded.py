@@ -1,0 +1,28 @@
+"""An embedded PostgreSQL (pgserver) for `make run` when DATABASE_URL is unset."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def start_embedded(data_dir: Path) -> str:
+    """Start (or reuse) the PostgreSQL kept in `data_dir` and return its URL.
+
+    Blocking: called once before the event loop starts. The data survives
+    restarts; the server stops when the last process using it exits.
+    """
+    try:
+        import pgserver  # type: ignore[import-untyped]
+    except ImportError as exc:
+        raise RuntimeError(
+            "DATABASE_URL is unset and the embedded PostgreSQL is not installed: "
+            "set DATABASE_URL or install lambda-microservice-server[embedded]"
+        ) from exc
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(str(data_dir.resolve()), cleanup_mode="stop")
+    url = str(server.get_uri())
+    log.info("embedded PostgreSQL in %s", data_dir)
+    return url

@@ -1,0 +1,165 @@
+"""Sessions in meta.sessions: create, claim for an execution, read; scripts cached by hash."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import asyncpg
+
+from lambda_server.domain import (
+    ClaimedSession,
+    Deadline,
+    NewSession,
+    SessionRecord,
+    SessionStatus,
+)
+from lambda_server.errors import InternalError, SessionConflict, SessionExpired, SessionNotFound
+from lambda_server.store.database import Database
+
+_INSERT = """
+INSERT INTO meta.sessions
+    (request_id, language_title, user_id, expires_at, context,
+     script_content, script_hash, compile_status)
+VALUES ($1, $2, $3, now() + make_interval(secs => $4), $5, $6, $7, 'success')
+ON CONFLICT (request_id) DO NOTHING
+RETURNING request_id, language_title, user_id, created_at, expires_at, last_executed_at,
+          execution_count, script_hash, context, true AS live
+"""
+
+_SELECT = """
+SELECT request_id, language_title, user_id, created_at, expires_at, last_executed_at,
+       execution_count, script_hash, context,
+       (status = 'active' AND expires_at > now()) AS live
+FROM meta.sessions WHERE request_id = $1
+"""
+
+# The Execute hot path: found, active, unexpired and counted in one statement.
+_CLAIM = """
+UPDATE meta.sessions
+SET execution_count = execution_count + 1, last_executed_at = now()
+WHERE request_id = $1 AND status = 'active' AND expires_at > now()
+RETURNING language_title, user_id, script_hash, context
+"""
+
+_SCRIPT = "SELECT script_content FROM meta.sessions WHERE request_id = $1"
+
+
+class ScriptCache:
+    """Scripts by hash, least recently used dropped past a total size."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
+        self._bytes = 0
+        self._scripts: OrderedDict[str, str] = OrderedDict()
+
+    def get(self, script_hash: str) -> str | None:
+        script = self._scripts.get(script_hash)
+        if script is not None:
+            self._scripts.move_to_end(script_hash)
+        return script
+
+    def put(self, script_hash: str, script: str) -> None:
+        if script_hash in self._scripts:
+            self._scripts.move_to_end(script_hash)
+            return
+        self._scripts[script_hash] = script
+        self._bytes += len(script)
+        while self._bytes > self._max_bytes and len(self._scripts) > 1:
+            _, dropped = self._scripts.popitem(last=False)
+            self._bytes -= len(dropped)
+
+
+class SessionStore:
+    """The only place that reads and writes sessions."""
+
+    def __init__(self, db: Database, script_cache_bytes: int = 64 * 1024 * 1024) -> None:
+        self._db = db
+        self._scripts = ScriptCache(script_cache_bytes)
+
+    async def create(self, new: NewSession, deadline: Deadline) -> SessionRecord:
+        """Store a session; a retry with the same request_id and script returns the first one."""
+        row = await self._db.fetchrow(
+            deadline,
+            _INSERT,
+            new.request_id,
+            new.language_title,
+            new.user_id,
+            float(new.expiry_seconds),
+            new.context,
+            new.script_content,
+            new.script_hash,
+        )
+        if row is None:
+            row = await self._db.fetchrow(deadline, _SELECT, new.request_id)
+            if row is None:  # inserted and deleted in between: cannot happen today
+                raise InternalError("session vanished while being created")
+            same = (
+                row["script_hash"] == new.script_hash
+                and row["language_title"] == new.language_title
+                and row["user_id"] == new.user_id
+            )
+            if not same:
+                raise SessionConflict(
+                    f"session {new.request_id} already exists with another script",
+                    request_id=new.request_id,
+                )
+        self._scripts.put(new.script_hash, new.script_content)
+        return _record(row)
+
+    async def claim(self, request_id: str, deadline: Deadline) -> ClaimedSession:
+        """Find an active session and count one execution of it, in one statement."""
+        row = await self._db.fetchrow(deadline, _CLAIM, request_id)
+        if row is None:
+            raise await self._why_not_found(request_id, deadline)
+        return ClaimedSession(
+            request_id=request_id,
+            language_title=row["language_title"],
+            user_id=row["user_id"],
+            script_hash=row["script_hash"],
+            context=row["context"],
+        )
+
+    async def script(self, session: ClaimedSession, deadline: Deadline) -> str:
+        """The session's script, from the cache when another session already had it."""
+        script = self._scripts.get(session.script_hash)
+        if script is None:
+            script = await self._db_fetchval(deadline, _SCRIPT, session.request_id)
+            self._scripts.put(session.script_hash, script)
+        return script
+
+    async def get(self, request_id: str, deadline: Deadline) -> SessionRecord:
+        row = await self._db.fetchrow(deadline, _SELECT, request_id)
+        if row is None:
+            raise SessionNotFound(f"session {request_id} not found", request_id=request_id)
+        return _record(row)
+
+    async def _why_not_found(self, request_id: str, deadline: Deadline) -> SessionNotFound:
+        row = await self._db.fetchrow(deadline, _SELECT, request_id)
+        if row is None:
+            return SessionNotFound(f"session {request_id} not found", request_id=request_id)
+        return SessionExpired(
+            f"session {request_id} expired at {row['expires_at'].isoformat()}",
+            request_id=request_id,
+            expires_at=row["expires_at"].isoformat(),
+        )
+
+    async def _db_fetchval(self, deadline: Deadline, query: str, *args: object) -> str:
+        row = await self._db.fetchrow(deadline, query, *args)
+        if row is None or row[0] is None:
+            raise SessionNotFound(f"session {args[0]} not found")
+        return str(row[0])
+
+
+def _record(row: asyncpg.Record) -> SessionRecord:
+    return SessionRecord(
+        request_id=str(row["request_id"]),
+        language_title=row["language_title"],
+        user_id=row["user_id"],
+        status=SessionStatus.ACTIVE if row["live"] else SessionStatus.EXPIRED,
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+        last_executed_at=row["last_executed_at"],
+        execution_count=row["execution_count"],
+        script_hash=row["script_hash"] or "",
+        context=row["context"] or {},
+    )
