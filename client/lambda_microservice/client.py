@@ -199,7 +199,7 @@ class AsyncLambdaClient:
         await self.close()
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._channel.close(None)
 
     async def _call(
         self,

@@ -1,23 +1,24 @@
 """Errors raised by the client: one class per gRPC status code, carrying the ErrorInfo reason.
 
-    LambdaError
-    ├── InvalidArgumentError        INVALID_ARGUMENT
-    ├── NotFoundError               NOT_FOUND (reason NOT_FOUND or SESSION_EXPIRED)
-    ├── AlreadyExistsError          ALREADY_EXISTS
-    ├── FailedPreconditionError     FAILED_PRECONDITION
-    ├── UnauthenticatedError        UNAUTHENTICATED
-    ├── PermissionDeniedError       PERMISSION_DENIED
-    ├── ResourceExhaustedError      RESOURCE_EXHAUSTED
-    ├── UnavailableError            UNAVAILABLE
-    ├── DeadlineExceededError       DEADLINE_EXCEEDED
-    ├── UnimplementedError          UNIMPLEMENTED
-    ├── CancelledError              CANCELLED
-    └── InternalError               INTERNAL, UNKNOWN and anything else
+LambdaError
+├── InvalidArgumentError        INVALID_ARGUMENT
+├── NotFoundError               NOT_FOUND (reason NOT_FOUND or SESSION_EXPIRED)
+├── AlreadyExistsError          ALREADY_EXISTS
+├── FailedPreconditionError     FAILED_PRECONDITION
+├── UnauthenticatedError        UNAUTHENTICATED
+├── PermissionDeniedError       PERMISSION_DENIED
+├── ResourceExhaustedError      RESOURCE_EXHAUSTED
+├── UnavailableError            UNAVAILABLE
+├── DeadlineExceededError       DEADLINE_EXCEEDED
+├── UnimplementedError          UNIMPLEMENTED
+├── CancelledError              CANCELLED
+└── InternalError               INTERNAL, UNKNOWN and anything else
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -107,10 +108,11 @@ ERRORS_BY_CODE: dict[grpc.StatusCode, type[LambdaError]] = {
 
 def from_rpc_error(error: grpc.RpcError) -> LambdaError:
     """The LambdaError for a failed call, with the reason from its ErrorInfo detail."""
-    code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]
-    message: str = error.details() or ""  # type: ignore[attr-defined]
+    code = error.code()
+    message = error.details() or ""
     reason, metadata = "", {}
-    for key, value in error.trailing_metadata() or ():  # type: ignore[attr-defined]
+    trailing: Any = error.trailing_metadata()
+    for key, value in trailing or ():
         if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
             status = status_pb2.Status.FromString(value)
             for detail in status.details:

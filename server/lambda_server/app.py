@@ -10,7 +10,8 @@ import signal
 import sys
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from lambda_microservice.v1 import lambda_service_pb2 as pb
@@ -34,7 +35,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LambdaService"].full_name
 class DatabaseMonitor:
     """Pings PostgreSQL, applies migrations once it answers, and drives the health status."""
 
-    def __init__(self, db: Database, health_servicer: health.aio.HealthServicer, interval: float) -> None:
+    def __init__(self, db: Database, health_servicer: HealthServicer, interval: float) -> None:
         self._db = db
         self._health = health_servicer
         self._interval = interval
@@ -81,7 +82,9 @@ class DatabaseMonitor:
         if ready != self._ready:
             log.log(logging.INFO if ready else logging.WARNING, "postgres: %s", description)
         self._ready, self._description = ready, description
-        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for name in ("", SERVICE_NAME):
             await self._health.set(name, status)
 
@@ -96,7 +99,7 @@ class Server:
         db: Database,
         pool: EnvironmentPool,
         monitor: DatabaseMonitor,
-        health_servicer: health.aio.HealthServicer,
+        health_servicer: HealthServicer,
     ) -> None:
         self.settings = settings
         self._grpc = grpc_server
@@ -133,7 +136,7 @@ async def build_server(settings: Settings, database_url: str | None = None) -> t
     await db.open()
     registry = RuntimeRegistry.load(settings.runtime.mappings_file, settings.runtime.node_binary)
     pool = EnvironmentPool(settings.runtime, registry.specs)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()
     monitor = DatabaseMonitor(db, health_servicer, settings.health_interval_seconds)
     service = LambdaService(settings, SessionStore(db), pool, registry, monitor)
 
@@ -192,15 +195,11 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         print(f"lambda-server: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    url = settings.database.url
-    if url is None:
-        url = start_embedded(settings.database.embedded_dir)
-    _install_uvloop()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        asyncio.run(serve(settings, url) if args.command == "serve" else migrate(settings, url))
+        url = settings.database.url or start_embedded(settings.database.embedded_dir)
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            runner.run(serve(settings, url) if args.command == "serve" else migrate(settings, url))
     except ConfigError as exc:
         print(f"lambda-server: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -209,9 +208,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(1) from None
 
 
-def _install_uvloop() -> None:
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's event loop where it is installed, else asyncio's."""
     try:
         import uvloop
     except ImportError:
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop

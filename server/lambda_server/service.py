@@ -96,9 +96,7 @@ class LambdaService:
         )
         return await self._sessions.create(new, deadline)
 
-    async def execute(
-        self, request_id: str, params: dict[str, JSON], deadline: Deadline
-    ) -> ExecutionResult:
+    async def execute(self, request_id: str, params: dict[str, JSON], deadline: Deadline) -> ExecutionResult:
         session_id = parse_request_id(request_id)
         session = await self._sessions.claim(session_id, deadline)
         runtime = self._registry.resolve(session.language_title)
@@ -128,9 +126,7 @@ class LambdaService:
         if raw is None:
             return min(runtime.timeout_seconds, runtime.max_timeout_seconds)
         if isinstance(raw, bool) or not isinstance(raw, int | float) or not 0 < raw < 2**53:
-            raise InvalidRequest(
-                f"context.timeout_ms must be a positive number of milliseconds, not {raw!r}"
-            )
+            raise InvalidRequest(f"context.timeout_ms must be a positive number of milliseconds, not {raw!r}")
         return min(raw / 1000.0, runtime.max_timeout_seconds)
 
 

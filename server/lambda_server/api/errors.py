@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 
 DOMAIN = "lambda-microservice"
 
+Context = grpc.aio.ServicerContext[Any, Any]
+
 # Looked up along the error's class hierarchy: the most specific class wins.
 STATUS_CODES: dict[type[errors.LambdaError], grpc.StatusCode] = {
     errors.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
@@ -45,9 +47,7 @@ def to_status(error: errors.LambdaError) -> grpc.Status:
     )
     detail = any_pb2.Any()
     detail.Pack(info)
-    message = status_pb2.Status(
-        code=getattr(code_pb2, code.name), message=error.message, details=[detail]
-    )
+    message = status_pb2.Status(code=getattr(code_pb2, code.name), message=error.message, details=[detail])
     return rpc_status.to_status(message)
 
 
@@ -58,13 +58,15 @@ def reports_errors(method: Handler) -> Handler:
     """Turn our errors into rich statuses, and anything unexpected into INTERNAL (never UNKNOWN)."""
 
     @functools.wraps(method)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def wrapper(self: Any, request: Any, context: Context) -> Any:
         try:
             return await method(self, request, context)
         except grpc.aio.AbortError:
             raise
         except errors.LambdaError as error:
             failure = error
+            level = logging.WARNING if isinstance(error, errors.Unavailable | errors.InternalError) else logging.DEBUG
+            log.log(level, "%s failed: %s", method.__name__, error.message)
         except Exception as exc:
             log.exception("unexpected error in %s", method.__name__)
             failure = errors.InternalError(f"internal error: {type(exc).__name__}")

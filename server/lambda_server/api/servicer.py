@@ -7,7 +7,7 @@ import grpc
 from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_microservice.v1 import lambda_service_pb2_grpc as pb_grpc
 from lambda_server.api import convert
-from lambda_server.api.errors import reports_errors
+from lambda_server.api.errors import Context, reports_errors
 from lambda_server.domain import Deadline
 from lambda_server.service import LambdaService
 
@@ -19,9 +19,7 @@ class LambdaServicer(pb_grpc.LambdaServiceServicer):
         self._service = service
 
     @reports_errors
-    async def Initialize(
-        self, request: pb.InitializeRequest, context: grpc.aio.ServicerContext
-    ) -> pb.InitializeResponse:
+    async def Initialize(self, request: pb.InitializeRequest, context: Context) -> pb.InitializeResponse:
         title = request.language_title or _metadata(context, LANGUAGE_TITLE_HEADER)
         record = await self._service.initialize(
             language_title=title,
@@ -38,47 +36,39 @@ class LambdaServicer(pb_grpc.LambdaServiceServicer):
         )
 
     @reports_errors
-    async def Execute(
-        self, request: pb.ExecuteRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ExecuteResponse:
+    async def Execute(self, request: pb.ExecuteRequest, context: Context) -> pb.ExecuteResponse:
         execution = await self._service.execute(
             request.request_id, convert.struct_to_dict(request.params), _deadline(context)
         )
         return convert.execute_response(execution)
 
     @reports_errors
-    async def Health(
-        self, request: pb.HealthRequest, context: grpc.aio.ServicerContext
-    ) -> pb.HealthResponse:
+    async def Health(self, request: pb.HealthRequest, context: Context) -> pb.HealthResponse:
         report = self._service.health()
         status = pb.HEALTH_STATUS_SERVING if report.serving else pb.HEALTH_STATUS_NOT_SERVING
         return pb.HealthResponse(status=status, version=report.version, components=report.components)
 
     @reports_errors
-    async def GetSession(
-        self, request: pb.GetSessionRequest, context: grpc.aio.ServicerContext
-    ) -> pb.GetSessionResponse:
+    async def GetSession(self, request: pb.GetSessionRequest, context: Context) -> pb.GetSessionResponse:
         record = await self._service.get_session(request.request_id, _deadline(context))
         return pb.GetSessionResponse(session=convert.session_message(record))
 
     @reports_errors
     async def ListFunctions(
-        self, request: pb.ListFunctionsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListFunctionsRequest, context: Context
     ) -> pb.ListFunctionsResponse:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "ListFunctions comes with the catalog")
 
     @reports_errors
-    async def GetFunction(
-        self, request: pb.GetFunctionRequest, context: grpc.aio.ServicerContext
-    ) -> pb.GetFunctionResponse:
+    async def GetFunction(self, request: pb.GetFunctionRequest, context: Context) -> pb.GetFunctionResponse:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "GetFunction comes with the catalog")
 
 
-def _deadline(context: grpc.aio.ServicerContext) -> Deadline:
+def _deadline(context: Context) -> Deadline:
     return Deadline.after(context.time_remaining())
 
 
-def _metadata(context: grpc.aio.ServicerContext, name: str) -> str:
+def _metadata(context: Context, name: str) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == name:
             return value if isinstance(value, str) else value.decode("utf-8", "replace")

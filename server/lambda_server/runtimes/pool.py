@@ -234,7 +234,9 @@ class EnvironmentPool:
             return
         self._idle[key].append(worker)
         idle = [(w.last_used, k, w) for k, ws in self._idle.items() for w in ws]
-        for _, k, w in sorted(idle, key=lambda item: item[0])[: max(0, len(idle) - self._settings.max_idle_environments)]:
+        for _, k, w in sorted(idle, key=lambda item: item[0])[
+            : max(0, len(idle) - self._settings.max_idle_environments)
+        ]:
             self._remove_idle(k, w)
 
     def _evict_expired(self) -> None:

@@ -3,6 +3,11 @@
 A frame is a 4-byte big-endian length and a UTF-8 JSON body. Requests go to the
 worker's stdin; answers come on a pipe of their own (LAMBDA_RESPONSE_FD), so
 nothing the script prints can be mistaken for an answer.
+
+Workers are started with subprocess.Popen (fork + exec of async-signal-safe code
+only) in a thread, and their exit is watched through a pidfd. The event loop's
+own subprocess support is not used: uvloop's crashed (SIGSEGV in the child)
+when it forked while gRPC's threads ran.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import subprocess
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -38,23 +44,21 @@ class FrameTooLarge(WorkerError):
 class WorkerProcess:
     """A started worker; one request at a time."""
 
-    def __init__(
-        self,
-        process: asyncio.subprocess.Process,
-        responses: asyncio.StreamReader,
-        max_frame: int,
-    ) -> None:
-        self._process = process
-        self._responses = responses
+    def __init__(self, popen: subprocess.Popen[bytes], max_frame: int) -> None:
+        self._popen = popen
         self._max_frame = max_frame
+        self._transports: list[asyncio.BaseTransport] = []
+        self._requests: asyncio.StreamWriter | None = None
+        self._responses = asyncio.StreamReader()
         self._stderr: deque[bytes] = deque(maxlen=16)
-        self._stderr_task = asyncio.create_task(self._drain_stderr())
+        self._exited = asyncio.get_running_loop().create_future()
+        self._stderr_task: asyncio.Task[None] | None = None
         self.started_at = time.monotonic()
         self.last_used = self.started_at
 
     @property
     def pid(self) -> int:
-        return self._process.pid
+        return self._popen.pid
 
     @classmethod
     async def spawn(
@@ -65,61 +69,86 @@ class WorkerProcess:
         max_frame: int,
         cwd: str | None = None,
     ) -> WorkerProcess:
-        """Start the worker and wait for its `ready` frame."""
+        """Start the worker and wait for its `ready` frame; nothing is left behind on failure."""
+        loop = asyncio.get_running_loop()
         read_fd, write_fd = os.pipe()
         try:
-            process = await asyncio.create_subprocess_exec(
-                *command,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
-                env={**env, "LAMBDA_RESPONSE_FD": str(write_fd)},
-                pass_fds=(write_fd,),
-                start_new_session=True,  # its own process group, killed as one
-                close_fds=True,
-                cwd=cwd,
+            started = loop.run_in_executor(
+                None,
+                lambda: subprocess.Popen(
+                    list(command),
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    env={**env, "LAMBDA_RESPONSE_FD": str(write_fd)},
+                    pass_fds=(write_fd,),
+                    start_new_session=True,  # its own process group, killed as one
+                    cwd=cwd,
+                ),
             )
+            try:
+                popen = await asyncio.shield(started)
+            except asyncio.CancelledError:
+                started.add_done_callback(_kill_when_started)
+                raise
         except BaseException:
             os.close(read_fd)
+            raise
+        finally:
             os.close(write_fd)
-            raise
-        os.close(write_fd)
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=max_frame + 4)
+        worker = cls(popen, max_frame)
         try:
-            await loop.connect_read_pipe(
-                lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0)
-            )
-        except BaseException:
-            os.close(read_fd)
-            _kill_group(process)
-            raise
-        worker = cls(process, reader, max_frame)
-        try:
+            await worker._connect(os.fdopen(read_fd, "rb", buffering=0))
             ready = await worker._receive(timeout)
+            if ready.get("op") != "ready":
+                raise WorkerCrashed(f"worker said {ready!r} instead of ready")
         except BaseException:
             await worker.kill()
             raise
-        if ready.get("op") != "ready":
-            await worker.kill()
-            raise WorkerCrashed(f"worker said {ready!r} instead of ready")
         return worker
+
+    async def _connect(self, responses: Any) -> None:
+        loop = asyncio.get_running_loop()
+        popen = self._popen
+        assert popen.stdin is not None and popen.stderr is not None
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(self._responses), responses
+        )
+        self._transports.append(transport)
+        stderr = asyncio.StreamReader()
+        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stderr), popen.stderr)
+        self._transports.append(transport)
+        self._stderr_task = asyncio.create_task(self._drain(stderr))
+        write_transport, protocol = await loop.connect_write_pipe(
+            lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), popen.stdin
+        )
+        self._transports.append(write_transport)
+        self._requests = asyncio.StreamWriter(write_transport, protocol, None, loop)
+        pidfd = os.pidfd_open(popen.pid)
+        loop.add_reader(pidfd, self._on_exit, pidfd)
+
+    def _on_exit(self, pidfd: int) -> None:
+        asyncio.get_running_loop().remove_reader(pidfd)
+        os.close(pidfd)
+        self._popen.poll()  # reap it
+        if not self._exited.done():
+            self._exited.set_result(self._popen.returncode)
 
     async def request(self, message: Mapping[str, Any], timeout: float) -> dict[str, Any]:
         """Send one request and wait for its answer; on any failure the worker is killed."""
         try:
-            assert self._process.stdin is not None
+            assert self._requests is not None
             body = orjson.dumps(message)
-            self._process.stdin.write(len(body).to_bytes(4, "big") + body)
             async with asyncio.timeout(timeout):
-                await self._process.stdin.drain()
+                self._requests.write(len(body).to_bytes(4, "big") + body)
+                await self._requests.drain()
                 answer = await self._receive(None)
         except TimeoutError:
             await self.kill()
             raise WorkerTimeout(f"no answer within {timeout:.3f} s") from None
-        except (ConnectionError, BrokenPipeError) as exc:
+        except ConnectionError as exc:
             await self.kill()
-            raise WorkerCrashed(self._describe_exit(str(exc))) from None
+            raise WorkerCrashed(self._describe_exit(str(exc) or type(exc).__name__)) from None
         except BaseException:
             await self.kill()
             raise
@@ -135,55 +164,69 @@ class WorkerProcess:
                     raise FrameTooLarge(f"answer of {size} bytes is over {self._max_frame}")
                 body = await self._responses.readexactly(size)
         except asyncio.IncompleteReadError:
-            await self._wait_exit()
-            raise WorkerCrashed(self._describe_exit("worker closed its pipe")) from None
-        message = orjson.loads(body)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    await asyncio.shield(self._exited)
+            raise WorkerCrashed(self._describe_exit("the worker closed its pipe")) from None
+        try:
+            message = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise WorkerCrashed(f"the worker sent a frame that is not JSON: {exc}") from None
         if not isinstance(message, dict):
-            raise WorkerCrashed("worker sent a frame that is not an object")
+            raise WorkerCrashed("the worker sent a frame that is not an object")
         return message
 
-    async def _wait_exit(self) -> None:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(0.5):
-                await self._process.wait()
-
     def _describe_exit(self, what: str) -> str:
-        code = self._process.returncode
+        code = self._popen.returncode
         if code is not None and code < 0:
             what = f"{what}; killed by signal {signal.Signals(-code).name}"
         elif code is not None:
             what = f"{what}; exit status {code}"
-        tail = b"".join(self._stderr).decode("utf-8", "replace").strip()
+        tail = self.stderr_tail().strip()
         return f"{what}: {tail[-2000:]}" if tail else what
 
     def stderr_tail(self) -> str:
         return b"".join(self._stderr).decode("utf-8", "replace")
 
-    async def _drain_stderr(self) -> None:
-        stream = self._process.stderr
-        assert stream is not None
+    async def _drain(self, stream: asyncio.StreamReader) -> None:
         with contextlib.suppress(Exception):
             while chunk := await stream.read(4096):
                 self._stderr.append(chunk)
 
     def alive(self) -> bool:
-        return self._process.returncode is None
+        return not self._exited.done()
 
     async def kill(self) -> None:
-        """Kill the worker's whole process group and reap it."""
-        _kill_group(self._process)
-        if self._process.stdin is not None:
-            self._process.stdin.close()
-        self._stderr_task.cancel()
-        with contextlib.suppress(TimeoutError, ProcessLookupError):
-            async with asyncio.timeout(2.0):
-                await self._process.wait()
+        """Kill the worker's whole process group, reap it and close its pipes."""
+        _kill(self._popen)
+        for transport in self._transports:
+            transport.close()
+        if self._stderr_task is not None:
+            self._stderr_task.cancel()
+        if self._transports:  # the pidfd watch is set up: wait for the exit it reports
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await asyncio.shield(self._exited)
+        else:
+            for stream in (self._popen.stdin, self._popen.stderr):
+                if stream is not None:
+                    stream.close()
 
 
-def _kill_group(process: asyncio.subprocess.Process) -> None:
-    if process.returncode is not None:
+def _kill(popen: subprocess.Popen[bytes]) -> None:
+    if popen.returncode is not None:
         return  # reaped: its pid may belong to someone else now
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
+        os.killpg(popen.pid, signal.SIGKILL)
     with contextlib.suppress(ProcessLookupError):
-        process.kill()
+        popen.kill()
+
+
+def _kill_when_started(started: asyncio.Future[subprocess.Popen[bytes]]) -> None:
+    """A spawn cancelled while Popen ran: kill what it started."""
+    if not started.cancelled() and started.exception() is None:
+        popen = started.result()
+        _kill(popen)
+        for stream in (popen.stdin, popen.stderr):
+            if stream is not None:
+                stream.close()

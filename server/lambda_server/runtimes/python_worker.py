@@ -123,9 +123,7 @@ class Worker:
             tree = ast.parse(script, SCRIPT_NAME)
             self.code = compile(tree, SCRIPT_NAME, "exec", dont_inherit=True)
             names = {
-                node.name
-                for node in tree.body
-                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
             }
             if "handler" in names or "handle" in names:
                 module: dict[str, Any] = {"__name__": "__main__", "__builtins__": __builtins__}
@@ -187,7 +185,7 @@ class Captured:
 
     def __enter__(self) -> None:
         self.saved = sys.stdout, sys.stderr
-        sys.stdout = sys.stderr = self.logs  # type: ignore[assignment]
+        sys.stdout = sys.stderr = self.logs
 
     def __exit__(self, *exc: object) -> None:
         sys.stdout, sys.stderr = self.saved

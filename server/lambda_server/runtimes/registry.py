@@ -99,9 +99,7 @@ def read_mappings(path: Path) -> list[Mapping]:
 
 def discover(node_binary: str | None) -> dict[str, RuntimeSpec]:
     """The runtimes this machine can start."""
-    python = RuntimeSpec(
-        "python", (sys.executable, "-I", "-S", "-B", str(_HERE / "python_worker.py"))
-    )
+    python = RuntimeSpec("python", (sys.executable, "-I", "-S", "-B", str(_HERE / "python_worker.py")))
     node_path = node_binary or shutil.which("node") or _pip_installed_node()
     if node_path:
         nodejs = RuntimeSpec("nodejs", (node_path, str(_HERE / "node_worker.js")))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from lambda_server.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -15,14 +17,15 @@ def start_embedded(data_dir: Path) -> str:
     restarts; the server stops when the last process using it exits.
     """
     try:
-        import pgserver  # type: ignore[import-untyped]
+        import pgserver
     except ImportError as exc:
-        raise RuntimeError(
+        raise ConfigError(
             "DATABASE_URL is unset and the embedded PostgreSQL is not installed: "
             "set DATABASE_URL or install lambda-microservice-server[embedded]"
         ) from exc
     data_dir.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(str(data_dir.resolve()), cleanup_mode="stop")
+    get_server = pgserver.get_server  # type: ignore[attr-defined]
+    server = get_server(str(data_dir.resolve()), cleanup_mode="stop")
     url = str(server.get_uri())
     log.info("embedded PostgreSQL in %s", data_dir)
     return url

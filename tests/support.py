@@ -1,0 +1,120 @@
+"""Test helpers: the PostgreSQL to test against, a server on port 0 in a thread, polling."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Coroutine
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from lambda_server.app import Server, build_server, new_event_loop
+from lambda_server.config import DatabaseSettings, RuntimeSettings, Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+def eventually(check: Callable[[], T], timeout: float = 10.0, interval: float = 0.05) -> T:
+    """Call `check` until it returns a truthy value without raising; fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = check()
+            if value:
+                return value
+            error: BaseException | None = None
+        except Exception as exc:
+            error = exc
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout} s: {error!r}") from error
+        time.sleep(interval)
+
+
+def port_answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def with_database(url: str, name: str) -> str:
+    """`url` pointing at database `name` (the path of a URL, or dbname for a socket URL)."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+async def create_database(admin_url: str) -> str:
+    name = f"lambda_test_{uuid.uuid4().hex[:10]}"
+    conn = await asyncpg.connect(admin_url, timeout=10)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return name
+
+
+async def drop_database(admin_url: str, name: str) -> None:
+    conn = await asyncpg.connect(admin_url, timeout=10)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+def server_settings(**overrides: Any) -> Settings:
+    """Settings for a test server: port 0, short bounds so failures show fast."""
+    database = DatabaseSettings(connect_timeout=2.0, command_timeout=2.0, statement_timeout_ms=2000)
+    runtime = RuntimeSettings(timeout_seconds=5.0)
+    settings = Settings(
+        listen_addr="127.0.0.1:0",
+        shutdown_grace_seconds=1.0,
+        health_interval_seconds=0.2,
+        database=database,
+        runtime=runtime,
+    )
+    return replace(settings, **overrides)
+
+
+class ServerThread:
+    """A real server on its own event loop in a background thread, as in production."""
+
+    def __init__(self, settings: Settings, database_url: str) -> None:
+        self.loop = new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="server", daemon=True)
+        self.thread.start()
+        self.server: Server
+        self.server, self.port = self.call(build_server(settings, database_url))
+        self.call(self.server.start())
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self, grace: float = 1.0) -> None:
+        try:
+            self.call(self.server.stop(grace))
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
+
+
+def env_without_database() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
