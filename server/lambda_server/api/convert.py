@@ -16,10 +16,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_server.domain import JSON, ExecutionResult, SessionRecord, SessionStatus
-from lambda_server.errors import InvalidRequest
 
 _MAX_SAFE = 2**53
-MAX_DEPTH = 100
 
 SESSION_STATUS = {
     SessionStatus.ACTIVE: pb.SESSION_STATUS_ACTIVE,
@@ -27,13 +25,15 @@ SESSION_STATUS = {
 }
 
 
-def struct_to_dict(struct: struct_pb2.Struct, depth: int = 0) -> dict[str, JSON]:
-    if depth > MAX_DEPTH:
-        raise InvalidRequest(f"JSON nested deeper than {MAX_DEPTH} levels")
-    return {key: value_to_python(value, depth + 1) for key, value in struct.fields.items()}
+# Recursion is bounded: protobuf refuses messages nested deeper than 100 levels
+# (about 33 levels of JSON) before they reach these functions.
 
 
-def value_to_python(value: struct_pb2.Value, depth: int = 0) -> JSON:
+def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, JSON]:
+    return {key: value_to_python(value) for key, value in struct.fields.items()}
+
+
+def value_to_python(value: struct_pb2.Value) -> JSON:
     kind = value.WhichOneof("kind")
     if kind == "number_value":
         number = value.number_value
@@ -45,11 +45,9 @@ def value_to_python(value: struct_pb2.Value, depth: int = 0) -> JSON:
     if kind == "bool_value":
         return value.bool_value
     if kind == "struct_value":
-        return struct_to_dict(value.struct_value, depth)
+        return struct_to_dict(value.struct_value)
     if kind == "list_value":
-        if depth > MAX_DEPTH:
-            raise InvalidRequest(f"JSON nested deeper than {MAX_DEPTH} levels")
-        return [value_to_python(item, depth + 1) for item in value.list_value.values]
+        return [value_to_python(item) for item in value.list_value.values]
     return None  # null_value, or unset
 
 

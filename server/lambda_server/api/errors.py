@@ -54,12 +54,21 @@ def to_status(error: errors.LambdaError) -> grpc.Status:
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
 
 
+class Undecodable:
+    """What a request that protobuf could not decode is handed to the servicer as."""
+
+    def __init__(self, message_type: str, problem: str) -> None:
+        self.error = errors.InvalidRequest(f"the request is not a valid {message_type}: {problem}")
+
+
 def reports_errors(method: Handler) -> Handler:
     """Turn our errors into rich statuses, and anything unexpected into INTERNAL (never UNKNOWN)."""
 
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: Context) -> Any:
         try:
+            if isinstance(request, Undecodable):
+                raise request.error
             return await method(self, request, context)
         except grpc.aio.AbortError:
             raise

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import grpc
+from google.protobuf.message import DecodeError, Message
+from google.protobuf.message_factory import GetMessageClass
 
 from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_microservice.v1 import lambda_service_pb2_grpc as pb_grpc
 from lambda_server.api import convert
-from lambda_server.api.errors import Context, reports_errors
+from lambda_server.api.errors import Context, Undecodable, reports_errors
 from lambda_server.domain import Deadline
 from lambda_server.service import LambdaService
 
@@ -73,3 +78,33 @@ def _metadata(context: Context, name: str) -> str:
         if key == name:
             return value if isinstance(value, str) else value.decode("utf-8", "replace")
     return ""
+
+
+def add_to_server(servicer: LambdaServicer, server: grpc.aio.Server) -> None:
+    """Register the servicer like the generated helper does, but with forgiving deserializers.
+
+    A request that does not decode (corrupt, or nested past protobuf's limit)
+    reaches the servicer as Undecodable and is answered INVALID_ARGUMENT; the
+    generated helper would let gRPC answer UNKNOWN.
+    """
+    service = pb.DESCRIPTOR.services_by_name["LambdaService"]
+    handlers = {}
+    for method in service.methods:
+        request_class = GetMessageClass(method.input_type)
+        response_class = GetMessageClass(method.output_type)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name),
+            request_deserializer=_forgiving(request_class),
+            response_serializer=response_class.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+
+
+def _forgiving(message_class: type[Message]) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except (DecodeError, RecursionError, ValueError) as exc:
+            return Undecodable(message_class.DESCRIPTOR.name, str(exc))
+
+    return deserialize

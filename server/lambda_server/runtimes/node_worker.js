@@ -113,7 +113,7 @@ function wrap(script) {
   if (MODULE_STYLE.test(script)) {
     return { module: true, source: '(function (exports, require, module, __filename, __dirname) {\n' + script + '\n})' };
   }
-  return { module: false, source: '(async function (event, params, context) {\n' + script + '\n})' };
+  return { module: false, source: '(async function (event, params, context, require) {\n' + script + '\n})' };
 }
 
 function compile(script) {
@@ -141,7 +141,8 @@ function load(script) {
   try {
     const fn = unit.compiled.runInThisContext();
     if (!unit.module) {
-      handler = (event) => fn(event, event.params, event.context);
+      const scriptRequire = createRequire(process.cwd() + '/' + SCRIPT_NAME);
+      handler = (event) => fn(event, event.params, event.context, scriptRequire);
     } else {
       const module = { exports: {} };
       fn(module.exports, createRequire(process.cwd() + '/' + SCRIPT_NAME), module, SCRIPT_NAME, process.cwd());
