@@ -1,0 +1,110 @@
+"""With PostgreSQL unreachable, RPCs fail UNAVAILABLE within their bound, health says so, and the service heals."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from lambda_microservice import LambdaClient, UnavailableError, to_python
+from lambda_microservice.v1 import lambda_service_pb2 as pb
+from tests.proxy import DatabaseProxy
+from tests.support import ServerThread, eventually, server_settings
+
+BOUND = 5.0  # seconds within which an RPC must fail when the database is gone
+
+
+@pytest.fixture
+def proxy(database_url: str) -> Iterator[DatabaseProxy]:
+    proxied = DatabaseProxy(database_url)
+    yield proxied
+    proxied.close()
+
+
+@pytest.fixture
+def proxied_server(proxy: DatabaseProxy) -> Iterator[ServerThread]:
+    running = ServerThread(server_settings(), proxy.url)
+    yield running
+    running.stop()
+
+
+def health_status(channel: grpc.Channel, service: str = "") -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    status: int = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+    return status
+
+
+@pytest.mark.parametrize("outage", ["reset", "blackhole"])
+def test_an_outage_fails_fast_shows_in_health_and_heals_without_restart(
+    proxy: DatabaseProxy, proxied_server: ServerThread, outage: str
+) -> None:
+    serving = health_pb2.HealthCheckResponse.SERVING
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    # No retries on this channel: each call shows what the server answered.
+    with grpc.insecure_channel(proxied_server.target) as channel:
+        client = LambdaClient(channel=channel, timeout=30)
+        eventually(lambda: health_status(channel) == serving)
+        session = client.initialize("python-outage", "result = params['x'] * 3")
+        assert to_python(client.execute(session.request_id, {"x": 2}).result) == 6
+
+        proxy.set_mode(outage)
+        calls = [
+            lambda: client.initialize("python-outage", "result = 1"),
+            lambda: client.execute(session.request_id, {"x": 2}),
+            lambda: client.get_session(session.request_id),
+        ]
+        for call in calls:
+            started = time.monotonic()
+            with pytest.raises(UnavailableError) as caught:
+                call()
+            assert time.monotonic() - started < BOUND
+            assert caught.value.reason == "UNAVAILABLE"
+        eventually(lambda: health_status(channel) == not_serving, timeout=BOUND)
+        assert health_status(channel, "lambda_microservice.v1.LambdaService") == not_serving
+        health = client.health()
+        assert health.status == pb.HEALTH_STATUS_NOT_SERVING
+        assert health.components["postgres"].startswith("unavailable")
+
+        proxy.set_mode("up")
+        eventually(lambda: health_status(channel) == serving, timeout=BOUND)
+        # the pool healed: the session saved before the outage is there and counted
+        assert to_python(client.execute(session.request_id, {"x": 5}).result) == 15
+        assert client.get_session(session.request_id).execution_count == 2
+        assert client.health().components["postgres"] == "ok"
+
+
+def test_a_server_started_while_the_database_is_down_serves_once_it_is_up(proxy: DatabaseProxy) -> None:
+    proxy.set_mode("reset")
+    running = ServerThread(server_settings(), proxy.url)
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            client = LambdaClient(channel=channel)
+            assert health_status(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(UnavailableError):
+                client.initialize("nodejs-late", "return 1;")
+            proxy.set_mode("up")
+            eventually(lambda: health_status(channel) == health_pb2.HealthCheckResponse.SERVING)
+            session = client.initialize("nodejs-late", "return 1;")
+            assert to_python(client.execute(session.request_id).result) == 1
+    finally:
+        running.stop()
+
+
+def test_the_client_retries_unavailable_within_its_deadline(
+    proxy: DatabaseProxy, proxied_server: ServerThread
+) -> None:
+    with LambdaClient(proxied_server.target, timeout=20) as client:
+        session = client.initialize("nodejs-retry-outage", "return 2;")
+        proxy.set_mode("reset")
+        eventually(lambda: client.health().status == pb.HEALTH_STATUS_NOT_SERVING)
+        # the database returns while the client is still retrying its call
+        timer = threading.Timer(0.05, proxy.set_mode, args=("up",))
+        timer.start()
+        try:
+            assert to_python(client.execute(session.request_id).result) == 2
+        finally:
+            timer.join()
