@@ -1,4 +1,4 @@
-"""With PostgreSQL unreachable, RPCs fail UNAVAILABLE within their bound, health says so, and the service heals."""
+"""With PostgreSQL unreachable, RPCs fail UNAVAILABLE in a bound, health says so, and the service heals."""
 
 from __future__ import annotations
 

@@ -188,8 +188,9 @@ def test_a_script_past_its_timeout_is_killed_and_the_next_execution_works(
     pid_file = tmp_path / f"{uuid.uuid4().hex}.pid"
     if title.startswith("nodejs"):
         script = (
-            f"if (event.params.spin) {{ require('fs').writeFileSync({str(pid_file)!r}, String(process.pid)); {spin} }}"
-            "\nreturn 'alive';"
+            "if (event.params.spin) {\n"
+            f"  require('fs').writeFileSync({str(pid_file)!r}, String(process.pid));\n  {spin}\n}}\n"
+            "return 'alive';"
         )
     else:
         script = (

@@ -74,7 +74,11 @@ def reports_errors(method: Handler) -> Handler:
             raise
         except errors.LambdaError as error:
             failure = error
-            level = logging.WARNING if isinstance(error, errors.Unavailable | errors.InternalError) else logging.DEBUG
+            level = (
+                logging.WARNING
+                if isinstance(error, errors.Unavailable | errors.InternalError)
+                else logging.DEBUG
+            )
             log.log(level, "%s failed: %s", method.__name__, error.message)
         except Exception as exc:
             log.exception("unexpected error in %s", method.__name__)

@@ -116,7 +116,9 @@ class WorkerProcess:
         )
         self._transports.append(transport)
         stderr = asyncio.StreamReader()
-        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stderr), popen.stderr)
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(stderr), popen.stderr
+        )
         self._transports.append(transport)
         self._stderr_task = asyncio.create_task(self._drain(stderr))
         write_transport, protocol = await loop.connect_write_pipe(

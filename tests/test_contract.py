@@ -1,0 +1,125 @@
+"""The contract: reflection, standard health, buf lint, generated code in step, a client method per RPC."""
+
+from __future__ import annotations
+
+import filecmp
+import inspect
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf.descriptor_pool import DescriptorPool
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from lambda_microservice import AsyncLambdaClient, LambdaClient
+from lambda_microservice.v1 import lambda_service_pb2 as pb
+from tests.support import ROOT, ServerThread
+
+SERVICE = "lambda_microservice.v1.LambdaService"
+RPCS = {"Initialize", "Execute", "Health", "GetSession", "ListFunctions", "GetFunction"}
+BUF = ROOT / ".tools" / "node_modules" / ".bin" / "buf"
+
+
+def snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def test_reflection_lists_the_service_and_its_six_rpcs(server: ServerThread) -> None:
+    with grpc.insecure_channel(server.target) as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        assert SERVICE in database.get_services()
+        assert "grpc.health.v1.Health" in database.get_services()
+        service = DescriptorPool(database).FindServiceByName(SERVICE)
+        assert {method.name for method in service.methods} == RPCS
+
+
+@pytest.mark.parametrize("service", ["", SERVICE])
+def test_the_standard_health_check_answers_serving(server: ServerThread, service: str) -> None:
+    with grpc.insecure_channel(server.target) as channel:
+        response = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=5
+        )
+    assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_health_rpc_reports_components(client: LambdaClient) -> None:
+    health = client.health()
+    assert health.status == pb.HEALTH_STATUS_SERVING
+    assert health.version
+    assert health.components["postgres"] == "ok"
+    assert health.components["runtime.python"].startswith("ok")
+    assert health.components["runtime.nodejs"].startswith("ok")
+    assert health.components["runtime.rust"].startswith("unavailable")
+
+
+def test_every_rpc_has_a_client_method() -> None:
+    rpcs = {method.name for method in pb.DESCRIPTOR.services_by_name["LambdaService"].methods}
+    assert rpcs == RPCS
+    for rpc in rpcs:
+        assert callable(getattr(LambdaClient, snake(rpc), None)), rpc
+        method = getattr(AsyncLambdaClient, snake(rpc), None)
+        assert method is not None and inspect.iscoroutinefunction(method), rpc
+
+
+def test_buf_lint_is_clean() -> None:
+    assert BUF.exists(), "buf is installed by `make lint` (which `make test` runs first)"
+    result = subprocess.run(
+        [str(BUF), "lint", "protos"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_regenerating_the_code_changes_nothing(tmp_path: Path) -> None:
+    result = subprocess.run(
+        ["make", "-s", "proto", f"PROTO_OUT={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    generated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*_pb2*"))
+    assert generated, "make proto generated nothing"
+    committed = sorted(p.relative_to(ROOT / "client") for p in (ROOT / "client").rglob("*_pb2*"))
+    assert generated == committed
+    for path in generated:
+        assert filecmp.cmp(tmp_path / path, ROOT / "client" / path, shallow=False), (
+            f"{path} is stale: run make proto"
+        )
+
+
+def test_buf_curl_initializes_and_executes_through_reflection(server: ServerThread) -> None:
+    """The README's first call, as a newcomer would make it."""
+    assert BUF.exists()
+    base = f"http://{server.target}/{SERVICE}"
+
+    def curl(method: str, body: dict[str, object]) -> dict[str, object]:
+        result = subprocess.run(
+            [
+                str(BUF),
+                "curl",
+                "--protocol",
+                "grpc",
+                "--http2-prior-knowledge",
+                "-d",
+                json.dumps(body),
+                f"{base}/{method}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        answer: dict[str, object] = json.loads(result.stdout)
+        return answer
+
+    session = curl(
+        "Initialize",
+        {"languageTitle": "nodejs-calculator", "scriptContent": "return event.params.a + event.params.b;"},
+    )
+    executed = curl("Execute", {"requestId": session["requestId"], "params": {"a": 5, "b": 3}})
+    assert executed["result"] == 8
