@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 
+import asyncpg
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -108,3 +111,31 @@ def test_the_client_retries_unavailable_within_its_deadline(
             assert to_python(client.execute(session.request_id).result) == 2
         finally:
             timer.join()
+
+
+def test_a_statement_blocked_by_a_lock_is_cut_and_the_pool_still_works(
+    database_url: str, server: ServerThread, client: LambdaClient
+) -> None:
+    """The hang of the service we replace: a query waiting forever. Here lock_timeout cuts it."""
+    session = client.initialize("python-locked", "result = 'free'")
+
+    async def hold_lock_and_call() -> float:
+        conn = await asyncpg.connect(database_url)
+        try:
+            async with conn.transaction():
+                await conn.execute(
+                    "SELECT 1 FROM meta.sessions WHERE request_id = $1 FOR UPDATE",
+                    uuid.UUID(session.request_id),
+                )
+                with grpc.insecure_channel(server.target) as channel:
+                    no_retries = LambdaClient(channel=channel)
+                    started = time.monotonic()
+                    with pytest.raises(UnavailableError):
+                        await asyncio.to_thread(no_retries.execute, session.request_id)
+                    return time.monotonic() - started
+        finally:
+            await conn.close()
+
+    assert asyncio.run(hold_lock_and_call()) < BOUND
+    # the lock is gone, and the pool's connections serve again
+    assert to_python(client.execute(session.request_id).result) == "free"
