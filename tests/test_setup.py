@@ -14,7 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT, ServerThread, env_without_database, eventually
+from tests.support import (
+    ROOT,
+    ServerThread,
+    create_database,
+    drop_database,
+    env_without_database,
+    eventually,
+    run_sync,
+    with_database,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -161,3 +170,46 @@ def test_make_run_serves_with_an_embedded_postgres_that_keeps_sessions(make_run_
         assert executed["result"] == "kept"
     finally:
         second.stop()
+
+
+def test_the_server_wheel_the_image_installs_carries_migrations_and_workers(
+    tmp_path: Path, admin_url: str
+) -> None:
+    """What the Dockerfile does, short of Docker: build both wheels, install them, migrate."""
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), "./client", "./server"],
+        cwd=ROOT,
+        check=True,
+        timeout=600,
+    )
+    home = tmp_path / "venv"
+    venv.create(home, with_pip=True)
+    pip = [str(home / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, *map(str, wheels.glob("*.whl"))], check=True, timeout=600)
+    package = subprocess.run(
+        [
+            str(home / "bin" / "python"),
+            "-c",
+            "import lambda_server, os; print(os.path.dirname(lambda_server.__file__))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    for name in ("migrations/0001_sessions.sql", "runtimes/node_worker.js", "runtimes/runtime_mappings.json"):
+        assert (Path(package) / name).is_file(), name
+    name = run_sync(create_database(admin_url))
+    try:
+        env = {**env_without_database(), "DATABASE_URL": with_database(admin_url, name)}
+        result = subprocess.run(
+            [str(home / "bin" / "lambda-server"), "migrate"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "applied 1 migration(s)" in result.stdout
+    finally:
+        run_sync(drop_database(admin_url, name))
