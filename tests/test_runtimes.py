@@ -258,3 +258,13 @@ def test_scripts_get_no_secret_from_the_servers_environment(client: LambdaClient
         assert "DATABASE_URL" not in env
     finally:
         del os.environ["LAMBDA_TEST_SECRET"]
+
+
+def test_an_error_thrown_in_a_callback_ends_the_execution_as_a_runtime_error(client: LambdaClient) -> None:
+    script = "module.exports = (event, cb) => { setTimeout(() => { throw new RangeError('late'); }, 1); };"
+    session = client.initialize("nodejs-late-throw", script, context={"timeout_ms": 5000})
+    started = time.monotonic()
+    response = client.execute(session.request_id)
+    assert time.monotonic() - started < 2.0
+    assert response.error.code == RUNTIME_ERROR
+    assert "RangeError: late" in response.error.message

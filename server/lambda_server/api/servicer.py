@@ -17,6 +17,7 @@ from lambda_server.domain import Deadline
 from lambda_server.service import LambdaService
 
 LANGUAGE_TITLE_HEADER = "language-title"
+RESPONSE_MARGIN = 0.05  # seconds
 
 
 class LambdaServicer(pb_grpc.LambdaServiceServicer):
@@ -70,7 +71,9 @@ class LambdaServicer(pb_grpc.LambdaServiceServicer):
 
 
 def _deadline(context: Context) -> Deadline:
-    return Deadline.after(context.time_remaining())
+    """The caller's deadline, less a margin so that our own answer (TIMEOUT, UNAVAILABLE) arrives in time."""
+    remaining = context.time_remaining()
+    return Deadline.after(None if remaining is None else max(0.0, remaining - RESPONSE_MARGIN))
 
 
 def _metadata(context: Context, name: str) -> str:

@@ -20,6 +20,7 @@ const MODULE_STYLE = /\bmodule\.exports\b|\bexports\.[A-Za-z_$][\w$]*\s*=/;
 
 let handler = null;
 let logs = null;
+let failRun = null; // rejects the execution under way: an error thrown in a callback ends it
 
 class LogBuffer {
   constructor(limit) {
@@ -53,8 +54,12 @@ function capture(...args) {
 for (const name of ['log', 'info', 'warn', 'error', 'debug', 'trace']) {
   console[name] = capture;
 }
-process.on('uncaughtException', (err) => capture('Uncaught', err));
-process.on('unhandledRejection', (err) => capture('Unhandled rejection', err));
+function uncaught(err) {
+  if (failRun !== null) failRun(err);
+  else capture('Uncaught', err);
+}
+process.on('uncaughtException', uncaught);
+process.on('unhandledRejection', uncaught);
 
 function send(body) {
   const payload = Buffer.from(body, 'utf8');
@@ -183,9 +188,14 @@ async function run(event) {
   logs = new LogBuffer(MAX_LOGS);
   let result;
   try {
-    result = await handler(event);
+    const failed = new Promise((_, reject) => {
+      failRun = reject;
+    });
+    result = await Promise.race([handler(event), failed]);
   } catch (err) {
     return JSON.stringify({ ok: false, error: runtimeFailure(err), logs: logs.text() });
+  } finally {
+    failRun = null;
   }
   let encoded;
   try {

@@ -220,7 +220,6 @@ def runtime_failure(exc: BaseException) -> dict[str, Any]:
 
 
 def main() -> None:
-    sys.setrecursionlimit(10_000)
     response_fd = int(os.environ["LAMBDA_RESPONSE_FD"])
     # Keep the protocol away from the script: requests move to a private
     # descriptor and the script's stdin, stdout and stderr point at /dev/null.

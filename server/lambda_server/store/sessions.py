@@ -123,7 +123,10 @@ class SessionStore:
         """The session's script, from the cache when another session already had it."""
         script = self._scripts.get(session.script_hash)
         if script is None:
-            script = await self._db_fetchval(deadline, _SCRIPT, session.request_id)
+            row = await self._db.fetchrow(deadline, _SCRIPT, session.request_id)
+            if row is None or row["script_content"] is None:
+                raise SessionNotFound(f"session {session.request_id} has no script")
+            script = str(row["script_content"])
             self._scripts.put(session.script_hash, script)
         return script
 
@@ -142,12 +145,6 @@ class SessionStore:
             request_id=request_id,
             expires_at=row["expires_at"].isoformat(),
         )
-
-    async def _db_fetchval(self, deadline: Deadline, query: str, *args: object) -> str:
-        row = await self._db.fetchrow(deadline, query, *args)
-        if row is None or row[0] is None:
-            raise SessionNotFound(f"session {args[0]} not found")
-        return str(row[0])
 
 
 def _record(row: asyncpg.Record) -> SessionRecord:
