@@ -43,8 +43,13 @@ class RuntimeSettings:
     max_log_bytes: int = 64 * KIB
     max_result_bytes: int = 1 * MIB
     max_environments_per_key: int = 4
-    max_idle_environments: int = 32
+    # Bound environments (idle or busy) at most; the least recently used idle one
+    # makes room for a new one. Pre-started processes come on top of these.
+    max_environments: int = 16
+    prewarm_per_runtime: int = 2
     idle_ttl_seconds: float = 300.0
+    queue_timeout_seconds: float = 10.0
+    max_queued: int = 1000
     spawn_timeout_seconds: float = 10.0
     mappings_file: Path | None = None
     node_binary: str | None = None
@@ -83,8 +88,11 @@ class Settings:
             max_log_bytes=reader.get("MAX_LOG_BYTES", _positive_int, 64 * KIB),
             max_result_bytes=reader.get("MAX_RESULT_BYTES", _positive_int, 1 * MIB),
             max_environments_per_key=reader.get("MAX_ENVIRONMENTS_PER_KEY", _positive_int, 4),
-            max_idle_environments=reader.get("MAX_IDLE_ENVIRONMENTS", _positive_int, 32),
+            max_environments=reader.get("MAX_ENVIRONMENTS", _positive_int, 16),
+            prewarm_per_runtime=reader.get("PREWARM_ENVIRONMENTS", _non_negative_int, 2),
             idle_ttl_seconds=reader.get("ENVIRONMENT_IDLE_TTL_SECONDS", _positive_float, 300.0),
+            queue_timeout_seconds=reader.get("RUNTIME_QUEUE_TIMEOUT_SECONDS", _positive_float, 10.0),
+            max_queued=reader.get("MAX_QUEUED_EXECUTIONS", _positive_int, 1000),
             mappings_file=reader.get("RUNTIME_MAPPINGS", Path, None),
             node_binary=reader.get("NODE_BINARY", str, None) or None,
         )
@@ -117,6 +125,13 @@ def _positive_int(raw: str) -> int:
     value = int(raw)
     if value <= 0:
         raise ValueError("must be a positive integer")
+    return value
+
+
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError("must be an integer >= 0")
     return value
 
 

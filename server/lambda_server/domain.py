@@ -99,6 +99,14 @@ class ExecutionFailure:
     stack_trace: str = ""
 
 
+class EnvironmentState(enum.Enum):
+    """How an execution found its environment."""
+
+    WARM = "warm"  # bound to this script already
+    PREWARMED = "prewarmed"  # a pre-started process, bound now
+    COLD = "cold"  # a process started for this execution
+
+
 @dataclass(frozen=True)
 class ExecutionOutcome:
     """What one execution produced."""
@@ -107,6 +115,9 @@ class ExecutionOutcome:
     failure: ExecutionFailure | None
     duration: float
     logs: str
+    environment: EnvironmentState | None = None
+    cpu_time: float = 0.0
+    peak_memory: int = 0
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+lambda_microservice/v1/lambda_service.proto\x12\x16lambda_microservice.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x81\x01\n\x11InitializeRequest\x12\x16\n\x0elanguage_title\x18\x01 \x01(\t\x12\x16\n\x0escript_content\x18\x02 \x01(\t\x12(\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\x8f\x01\n\x12InitializeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x35\n\x06status\x18\x02 \x01(\x0e\x32%.lambda_microservice.v1.SessionStatus\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"d\n\x0e\x45xecuteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x06params\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x15\n\rcache_control\x18\x03 \x01(\t\"\x8e\x01\n\x0e\x45xecutionError\x12\x38\n\x04\x63ode\x18\x01 \x01(\x0e\x32*.lambda_microservice.v1.ExecutionErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0c\n\x04line\x18\x03 \x01(\x05\x12\x0e\n\x06\x63olumn\x18\x04 \x01(\x05\x12\x13\n\x0bstack_trace\x18\x05 \x01(\t\"\xed\x01\n\x0f\x45xecuteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0elanguage_title\x18\x02 \x01(\t\x12&\n\x06result\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x35\n\x05\x65rror\x18\x04 \x01(\x0b\x32&.lambda_microservice.v1.ExecutionError\x12\x31\n\x0e\x65xecution_time\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06\x63\x61\x63hed\x18\x06 \x01(\x08\x12\x0c\n\x04logs\x18\x07 \x01(\t\"\x0f\n\rHealthRequest\"\xd6\x01\n\x0eHealthResponse\x12\x34\n\x06status\x18\x01 \x01(\x0e\x32$.lambda_microservice.v1.HealthStatus\x12\x0f\n\x07version\x18\x02 \x01(\t\x12J\n\ncomponents\x18\x03 \x03(\x0b\x32\x36.lambda_microservice.v1.HealthResponse.ComponentsEntry\x1a\x31\n\x0f\x43omponentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\'\n\x11GetSessionRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\xda\x02\n\x07Session\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0elanguage_title\x18\x02 \x01(\t\x12\x35\n\x06status\x18\x03 \x01(\x0e\x32%.lambda_microservice.v1.SessionStatus\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10last_executed_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x65xecution_count\x18\x07 \x01(\x03\x12\x13\n\x0bscript_hash\x18\x08 \x01(\t\x12(\n\x07\x63ontext\x18\t \x01(\x0b\x32\x17.google.protobuf.Struct\"F\n\x12GetSessionResponse\x12\x30\n\x07session\x18\x01 \x01(\x0b\x32\x1f.lambda_microservice.v1.Session\"7\n\x08\x46unction\x12\x16\n\x0elanguage_title\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"O\n\x14ListFunctionsRequest\x12\x10\n\x08language\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"e\n\x15ListFunctionsResponse\x12\x33\n\tfunctions\x18\x01 \x03(\x0b\x32 .lambda_microservice.v1.Function\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\",\n\x12GetFunctionRequest\x12\x16\n\x0elanguage_title\x18\x01 \x01(\t\"I\n\x13GetFunctionResponse\x12\x32\n\x08\x66unction\x18\x01 \x01(\x0b\x32 .lambda_microservice.v1.Function*f\n\rSessionStatus\x12\x1e\n\x1aSESSION_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15SESSION_STATUS_ACTIVE\x10\x01\x12\x1a\n\x16SESSION_STATUS_EXPIRED\x10\x02*\xfb\x01\n\x12\x45xecutionErrorCode\x12$\n EXECUTION_ERROR_CODE_UNSPECIFIED\x10\x00\x12&\n\"EXECUTION_ERROR_CODE_RUNTIME_ERROR\x10\x01\x12 \n\x1c\x45XECUTION_ERROR_CODE_TIMEOUT\x10\x02\x12%\n!EXECUTION_ERROR_CODE_MEMORY_LIMIT\x10\x03\x12%\n!EXECUTION_ERROR_CODE_OUTPUT_LIMIT\x10\x04\x12\'\n#EXECUTION_ERROR_CODE_INVALID_RESULT\x10\x05*g\n\x0cHealthStatus\x12\x1d\n\x19HEALTH_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15HEALTH_STATUS_SERVING\x10\x01\x12\x1d\n\x19HEALTH_STATUS_NOT_SERVING\x10\x02\x32\xe4\x04\n\rLambdaService\x12\x63\n\nInitialize\x12).lambda_microservice.v1.InitializeRequest\x1a*.lambda_microservice.v1.InitializeResponse\x12Z\n\x07\x45xecute\x12&.lambda_microservice.v1.ExecuteRequest\x1a\'.lambda_microservice.v1.ExecuteResponse\x12W\n\x06Health\x12%.lambda_microservice.v1.HealthRequest\x1a&.lambda_microservice.v1.HealthResponse\x12\x63\n\nGetSession\x12).lambda_microservice.v1.GetSessionRequest\x1a*.lambda_microservice.v1.GetSessionResponse\x12l\n\rListFunctions\x12,.lambda_microservice.v1.ListFunctionsRequest\x1a-.lambda_microservice.v1.ListFunctionsResponse\x12\x66\n\x0bGetFunction\x12*.lambda_microservice.v1.GetFunctionRequest\x1a+.lambda_microservice.v1.GetFunctionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+lambda_microservice/v1/lambda_service.proto\x12\x16lambda_microservice.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x81\x01\n\x11InitializeRequest\x12\x16\n\x0elanguage_title\x18\x01 \x01(\t\x12\x16\n\x0escript_content\x18\x02 \x01(\t\x12(\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\x8f\x01\n\x12InitializeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x35\n\x06status\x18\x02 \x01(\x0e\x32%.lambda_microservice.v1.SessionStatus\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"d\n\x0e\x45xecuteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x06params\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x15\n\rcache_control\x18\x03 \x01(\t\"\x8e\x01\n\x0e\x45xecutionError\x12\x38\n\x04\x63ode\x18\x01 \x01(\x0e\x32*.lambda_microservice.v1.ExecutionErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0c\n\x04line\x18\x03 \x01(\x05\x12\x0e\n\x06\x63olumn\x18\x04 \x01(\x05\x12\x13\n\x0bstack_trace\x18\x05 \x01(\t\"\xfa\x02\n\x0f\x45xecuteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0elanguage_title\x18\x02 \x01(\t\x12&\n\x06result\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x35\n\x05\x65rror\x18\x04 \x01(\x0b\x32&.lambda_microservice.v1.ExecutionError\x12\x31\n\x0e\x65xecution_time\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06\x63\x61\x63hed\x18\x06 \x01(\x08\x12\x0c\n\x04logs\x18\x07 \x01(\t\x12\x43\n\x11\x65nvironment_state\x18\x08 \x01(\x0e\x32(.lambda_microservice.v1.EnvironmentState\x12+\n\x08\x63pu_time\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x19\n\x11peak_memory_bytes\x18\n \x01(\x03\"\x0f\n\rHealthRequest\"\xd6\x01\n\x0eHealthResponse\x12\x34\n\x06status\x18\x01 \x01(\x0e\x32$.lambda_microservice.v1.HealthStatus\x12\x0f\n\x07version\x18\x02 \x01(\t\x12J\n\ncomponents\x18\x03 \x03(\x0b\x32\x36.lambda_microservice.v1.HealthResponse.ComponentsEntry\x1a\x31\n\x0f\x43omponentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\'\n\x11GetSessionRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\xda\x02\n\x07Session\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0elanguage_title\x18\x02 \x01(\t\x12\x35\n\x06status\x18\x03 \x01(\x0e\x32%.lambda_microservice.v1.SessionStatus\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10last_executed_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x65xecution_count\x18\x07 \x01(\x03\x12\x13\n\x0bscript_hash\x18\x08 \x01(\t\x12(\n\x07\x63ontext\x18\t \x01(\x0b\x32\x17.google.protobuf.Struct\"F\n\x12GetSessionResponse\x12\x30\n\x07session\x18\x01 \x01(\x0b\x32\x1f.lambda_microservice.v1.Session\"7\n\x08\x46unction\x12\x16\n\x0elanguage_title\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"O\n\x14ListFunctionsRequest\x12\x10\n\x08language\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"e\n\x15ListFunctionsResponse\x12\x33\n\tfunctions\x18\x01 \x03(\x0b\x32 .lambda_microservice.v1.Function\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\",\n\x12GetFunctionRequest\x12\x16\n\x0elanguage_title\x18\x01 \x01(\t\"I\n\x13GetFunctionResponse\x12\x32\n\x08\x66unction\x18\x01 \x01(\x0b\x32 .lambda_microservice.v1.Function*f\n\rSessionStatus\x12\x1e\n\x1aSESSION_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15SESSION_STATUS_ACTIVE\x10\x01\x12\x1a\n\x16SESSION_STATUS_EXPIRED\x10\x02*\xfb\x01\n\x12\x45xecutionErrorCode\x12$\n EXECUTION_ERROR_CODE_UNSPECIFIED\x10\x00\x12&\n\"EXECUTION_ERROR_CODE_RUNTIME_ERROR\x10\x01\x12 \n\x1c\x45XECUTION_ERROR_CODE_TIMEOUT\x10\x02\x12%\n!EXECUTION_ERROR_CODE_MEMORY_LIMIT\x10\x03\x12%\n!EXECUTION_ERROR_CODE_OUTPUT_LIMIT\x10\x04\x12\'\n#EXECUTION_ERROR_CODE_INVALID_RESULT\x10\x05*\x8e\x01\n\x10\x45nvironmentState\x12!\n\x1d\x45NVIRONMENT_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x45NVIRONMENT_STATE_WARM\x10\x01\x12\x1f\n\x1b\x45NVIRONMENT_STATE_PREWARMED\x10\x02\x12\x1a\n\x16\x45NVIRONMENT_STATE_COLD\x10\x03*g\n\x0cHealthStatus\x12\x1d\n\x19HEALTH_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15HEALTH_STATUS_SERVING\x10\x01\x12\x1d\n\x19HEALTH_STATUS_NOT_SERVING\x10\x02\x32\xe4\x04\n\rLambdaService\x12\x63\n\nInitialize\x12).lambda_microservice.v1.InitializeRequest\x1a*.lambda_microservice.v1.InitializeResponse\x12Z\n\x07\x45xecute\x12&.lambda_microservice.v1.ExecuteRequest\x1a\'.lambda_microservice.v1.ExecuteResponse\x12W\n\x06Health\x12%.lambda_microservice.v1.HealthRequest\x1a&.lambda_microservice.v1.HealthResponse\x12\x63\n\nGetSession\x12).lambda_microservice.v1.GetSessionRequest\x1a*.lambda_microservice.v1.GetSessionResponse\x12l\n\rListFunctions\x12,.lambda_microservice.v1.ListFunctionsRequest\x1a-.lambda_microservice.v1.ListFunctionsResponse\x12\x66\n\x0bGetFunction\x12*.lambda_microservice.v1.GetFunctionRequest\x1a+.lambda_microservice.v1.GetFunctionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,12 +36,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_HEALTHRESPONSE_COMPONENTSENTRY']._loaded_options = None
   _globals['_HEALTHRESPONSE_COMPONENTSENTRY']._serialized_options = b'8\001'
-  _globals['_SESSIONSTATUS']._serialized_start=1989
-  _globals['_SESSIONSTATUS']._serialized_end=2091
-  _globals['_EXECUTIONERRORCODE']._serialized_start=2094
-  _globals['_EXECUTIONERRORCODE']._serialized_end=2345
-  _globals['_HEALTHSTATUS']._serialized_start=2347
-  _globals['_HEALTHSTATUS']._serialized_end=2450
+  _globals['_SESSIONSTATUS']._serialized_start=2130
+  _globals['_SESSIONSTATUS']._serialized_end=2232
+  _globals['_EXECUTIONERRORCODE']._serialized_start=2235
+  _globals['_EXECUTIONERRORCODE']._serialized_end=2486
+  _globals['_ENVIRONMENTSTATE']._serialized_start=2489
+  _globals['_ENVIRONMENTSTATE']._serialized_end=2631
+  _globals['_HEALTHSTATUS']._serialized_start=2633
+  _globals['_HEALTHSTATUS']._serialized_end=2736
   _globals['_INITIALIZEREQUEST']._serialized_start=167
   _globals['_INITIALIZEREQUEST']._serialized_end=296
   _globals['_INITIALIZERESPONSE']._serialized_start=299
@@ -51,29 +53,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXECUTIONERROR']._serialized_start=547
   _globals['_EXECUTIONERROR']._serialized_end=689
   _globals['_EXECUTERESPONSE']._serialized_start=692
-  _globals['_EXECUTERESPONSE']._serialized_end=929
-  _globals['_HEALTHREQUEST']._serialized_start=931
-  _globals['_HEALTHREQUEST']._serialized_end=946
-  _globals['_HEALTHRESPONSE']._serialized_start=949
-  _globals['_HEALTHRESPONSE']._serialized_end=1163
-  _globals['_HEALTHRESPONSE_COMPONENTSENTRY']._serialized_start=1114
-  _globals['_HEALTHRESPONSE_COMPONENTSENTRY']._serialized_end=1163
-  _globals['_GETSESSIONREQUEST']._serialized_start=1165
-  _globals['_GETSESSIONREQUEST']._serialized_end=1204
-  _globals['_SESSION']._serialized_start=1207
-  _globals['_SESSION']._serialized_end=1553
-  _globals['_GETSESSIONRESPONSE']._serialized_start=1555
-  _globals['_GETSESSIONRESPONSE']._serialized_end=1625
-  _globals['_FUNCTION']._serialized_start=1627
-  _globals['_FUNCTION']._serialized_end=1682
-  _globals['_LISTFUNCTIONSREQUEST']._serialized_start=1684
-  _globals['_LISTFUNCTIONSREQUEST']._serialized_end=1763
-  _globals['_LISTFUNCTIONSRESPONSE']._serialized_start=1765
-  _globals['_LISTFUNCTIONSRESPONSE']._serialized_end=1866
-  _globals['_GETFUNCTIONREQUEST']._serialized_start=1868
-  _globals['_GETFUNCTIONREQUEST']._serialized_end=1912
-  _globals['_GETFUNCTIONRESPONSE']._serialized_start=1914
-  _globals['_GETFUNCTIONRESPONSE']._serialized_end=1987
-  _globals['_LAMBDASERVICE']._serialized_start=2453
-  _globals['_LAMBDASERVICE']._serialized_end=3065
+  _globals['_EXECUTERESPONSE']._serialized_end=1070
+  _globals['_HEALTHREQUEST']._serialized_start=1072
+  _globals['_HEALTHREQUEST']._serialized_end=1087
+  _globals['_HEALTHRESPONSE']._serialized_start=1090
+  _globals['_HEALTHRESPONSE']._serialized_end=1304
+  _globals['_HEALTHRESPONSE_COMPONENTSENTRY']._serialized_start=1255
+  _globals['_HEALTHRESPONSE_COMPONENTSENTRY']._serialized_end=1304
+  _globals['_GETSESSIONREQUEST']._serialized_start=1306
+  _globals['_GETSESSIONREQUEST']._serialized_end=1345
+  _globals['_SESSION']._serialized_start=1348
+  _globals['_SESSION']._serialized_end=1694
+  _globals['_GETSESSIONRESPONSE']._serialized_start=1696
+  _globals['_GETSESSIONRESPONSE']._serialized_end=1766
+  _globals['_FUNCTION']._serialized_start=1768
+  _globals['_FUNCTION']._serialized_end=1823
+  _globals['_LISTFUNCTIONSREQUEST']._serialized_start=1825
+  _globals['_LISTFUNCTIONSREQUEST']._serialized_end=1904
+  _globals['_LISTFUNCTIONSRESPONSE']._serialized_start=1906
+  _globals['_LISTFUNCTIONSRESPONSE']._serialized_end=2007
+  _globals['_GETFUNCTIONREQUEST']._serialized_start=2009
+  _globals['_GETFUNCTIONREQUEST']._serialized_end=2053
+  _globals['_GETFUNCTIONRESPONSE']._serialized_start=2055
+  _globals['_GETFUNCTIONRESPONSE']._serialized_end=2128
+  _globals['_LAMBDASERVICE']._serialized_start=2739
+  _globals['_LAMBDASERVICE']._serialized_end=3351
 # @@protoc_insertion_point(module_scope)

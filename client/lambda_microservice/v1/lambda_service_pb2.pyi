@@ -87,6 +87,34 @@ EXECUTION_ERROR_CODE_INVALID_RESULT: ExecutionErrorCode.ValueType  # 5
 """The script's result cannot be represented as JSON."""
 Global___ExecutionErrorCode: _TypeAlias = ExecutionErrorCode  # noqa: Y015
 
+class _EnvironmentState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EnvironmentStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EnvironmentState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ENVIRONMENT_STATE_UNSPECIFIED: _EnvironmentState.ValueType  # 0
+    """Not set: no environment was used (e.g. a cached result)."""
+    ENVIRONMENT_STATE_WARM: _EnvironmentState.ValueType  # 1
+    """An environment already bound to this script was reused."""
+    ENVIRONMENT_STATE_PREWARMED: _EnvironmentState.ValueType  # 2
+    """A pre-started runtime process was bound to this script for this execution."""
+    ENVIRONMENT_STATE_COLD: _EnvironmentState.ValueType  # 3
+    """A runtime process had to be started for this execution."""
+
+class EnvironmentState(_EnvironmentState, metaclass=_EnvironmentStateEnumTypeWrapper):
+    """EnvironmentState says whether an execution found its environment warm."""
+
+ENVIRONMENT_STATE_UNSPECIFIED: EnvironmentState.ValueType  # 0
+"""Not set: no environment was used (e.g. a cached result)."""
+ENVIRONMENT_STATE_WARM: EnvironmentState.ValueType  # 1
+"""An environment already bound to this script was reused."""
+ENVIRONMENT_STATE_PREWARMED: EnvironmentState.ValueType  # 2
+"""A pre-started runtime process was bound to this script for this execution."""
+ENVIRONMENT_STATE_COLD: EnvironmentState.ValueType  # 3
+"""A runtime process had to be started for this execution."""
+Global___EnvironmentState: _TypeAlias = EnvironmentState  # noqa: Y015
+
 class _HealthStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -272,6 +300,9 @@ class ExecuteResponse(_message.Message):
     EXECUTION_TIME_FIELD_NUMBER: _builtins.int
     CACHED_FIELD_NUMBER: _builtins.int
     LOGS_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_STATE_FIELD_NUMBER: _builtins.int
+    CPU_TIME_FIELD_NUMBER: _builtins.int
+    PEAK_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The session's id."""
     language_title: _builtins.str
@@ -280,6 +311,12 @@ class ExecuteResponse(_message.Message):
     """Whether the result came from the result cache."""
     logs: _builtins.str
     """The script's captured console output (stdout and stderr), cut at a limit."""
+    environment_state: Global___EnvironmentState.ValueType
+    """How the environment that ran the script was found."""
+    peak_memory_bytes: _builtins.int
+    """Peak resident memory of the runtime process during the execution, in bytes;
+    0 when unknown.
+    """
     @_builtins.property
     def result(self) -> _struct_pb2.Value:
         """What the script returned: any JSON value. Unset when `error` is set."""
@@ -292,6 +329,10 @@ class ExecuteResponse(_message.Message):
     def execution_time(self) -> _duration_pb2.Duration:
         """How long the script ran, as measured by the service."""
 
+    @_builtins.property
+    def cpu_time(self) -> _duration_pb2.Duration:
+        """CPU time (user and system) the execution used in its runtime process."""
+
     def __init__(
         self,
         *,
@@ -302,10 +343,13 @@ class ExecuteResponse(_message.Message):
         execution_time: _duration_pb2.Duration | None = ...,
         cached: _builtins.bool = ...,
         logs: _builtins.str = ...,
+        environment_state: Global___EnvironmentState.ValueType = ...,
+        cpu_time: _duration_pb2.Duration | None = ...,
+        peak_memory_bytes: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "execution_time", b"execution_time", "result", b"result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cpu_time", b"cpu_time", "error", b"error", "execution_time", b"execution_time", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached", b"cached", "error", b"error", "execution_time", b"execution_time", "language_title", b"language_title", "logs", b"logs", "request_id", b"request_id", "result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached", b"cached", "cpu_time", b"cpu_time", "environment_state", b"environment_state", "error", b"error", "execution_time", b"execution_time", "language_title", b"language_title", "logs", b"logs", "peak_memory_bytes", b"peak_memory_bytes", "request_id", b"request_id", "result", b"result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -15,9 +15,16 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from lambda_microservice.v1 import lambda_service_pb2 as pb
-from lambda_server.domain import JSON, ExecutionResult, SessionRecord, SessionStatus
+from lambda_server.domain import JSON, EnvironmentState, ExecutionResult, SessionRecord, SessionStatus
 
 _MAX_SAFE = 2**53
+
+ENVIRONMENT_STATE = {
+    None: pb.ENVIRONMENT_STATE_UNSPECIFIED,
+    EnvironmentState.WARM: pb.ENVIRONMENT_STATE_WARM,
+    EnvironmentState.PREWARMED: pb.ENVIRONMENT_STATE_PREWARMED,
+    EnvironmentState.COLD: pb.ENVIRONMENT_STATE_COLD,
+}
 
 SESSION_STATUS = {
     SessionStatus.ACTIVE: pb.SESSION_STATUS_ACTIVE,
@@ -110,12 +117,17 @@ def execute_response(execution: ExecutionResult) -> pb.ExecuteResponse:
     outcome = execution.outcome
     duration = Duration()
     duration.FromNanoseconds(int(outcome.duration * 1e9))
+    cpu_time = Duration()
+    cpu_time.FromNanoseconds(int(outcome.cpu_time * 1e9))
     response = pb.ExecuteResponse(
         request_id=execution.request_id,
         language_title=execution.language_title,
         execution_time=duration,
         cached=False,
         logs=outcome.logs,
+        environment_state=ENVIRONMENT_STATE[outcome.environment],
+        cpu_time=cpu_time,
+        peak_memory_bytes=outcome.peak_memory,
     )
     if outcome.failure is None:
         python_to_value(outcome.result, response.result)

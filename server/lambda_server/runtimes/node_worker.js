@@ -174,6 +174,29 @@ function callbackStyle(fn) {
     });
 }
 
+// CPU time and peak resident memory of this process over one execution.
+class Usage {
+  constructor() {
+    try {
+      fs.writeFileSync('/proc/self/clear_refs', '5'); // resets VmHWM, the peak RSS
+    } catch (_) {
+      // not permitted here: the peak is then the process's lifetime peak
+    }
+    this.cpu = process.cpuUsage();
+  }
+  measure() {
+    const used = process.cpuUsage(this.cpu);
+    let peak = 0;
+    try {
+      const match = fs.readFileSync('/proc/self/status', 'utf8').match(/^VmHWM:\s+(\d+) kB/m);
+      if (match) peak = Number(match[1]) * 1024;
+    } catch (_) {
+      peak = process.resourceUsage().maxRSS * 1024;
+    }
+    return { cpu: (used.user + used.system) / 1e6, peak };
+  }
+}
+
 function replacer(key, value) {
   if (typeof value === 'number' && !Number.isFinite(value)) {
     throw new TypeError(`${value} at ${JSON.stringify(key)} is not a JSON number`);
@@ -186,6 +209,8 @@ function replacer(key, value) {
 
 async function run(event) {
   logs = new LogBuffer(MAX_LOGS);
+  const usage = new Usage();
+  const answer = (fields) => JSON.stringify({ ...fields, logs: logs.text(), ...usage.measure() });
   let result;
   try {
     const failed = new Promise((_, reject) => {
@@ -193,7 +218,7 @@ async function run(event) {
     });
     result = await Promise.race([handler(event), failed]);
   } catch (err) {
-    return JSON.stringify({ ok: false, error: runtimeFailure(err), logs: logs.text() });
+    return answer({ ok: false, error: runtimeFailure(err) });
   } finally {
     failRun = null;
   }
@@ -202,13 +227,14 @@ async function run(event) {
     encoded = result === undefined ? 'null' : JSON.stringify(result, replacer);
   } catch (err) {
     const message = `the result is not JSON-representable: ${err.message}`;
-    return JSON.stringify({ ok: false, error: failure('INVALID_RESULT', message), logs: logs.text() });
+    return answer({ ok: false, error: failure('INVALID_RESULT', message) });
   }
   if (Buffer.byteLength(encoded, 'utf8') > MAX_RESULT) {
     const message = `the result is larger than ${MAX_RESULT} bytes`;
-    return JSON.stringify({ ok: false, error: failure('OUTPUT_LIMIT', message), logs: logs.text() });
+    return answer({ ok: false, error: failure('OUTPUT_LIMIT', message) });
   }
-  return `{"ok":true,"logs":${JSON.stringify(logs.text())},"result":${encoded}}`;
+  const head = answer({ ok: true });
+  return `${head.slice(0, -1)},"result":${encoded}}`;
 }
 
 async function handle(message) {

@@ -1,19 +1,22 @@
-"""The environment pool: warm worker processes per (owner, runtime, script_hash).
+"""The environment pool: warm runtime processes bound to (owner, runtime, script_hash).
 
-An environment runs one execution at a time and is never shared across owners
-or scripts. Parallel executions of one key get more environments up to a cap,
-beyond which they wait until their deadline. Idle environments are kept for
-reuse, the least recently used dropped past a total and after an idle TTL.
+An environment is one worker process bound to one script of one owner; it is
+never shared across owners or scripts, and runs one execution at a time. Each
+runtime keeps a few pre-started, unbound processes, so binding a new script
+costs a `load` message rather than a process start. Executions of one key get
+up to `max_environments_per_key` environments; at most `max_environments` are
+bound at once, the least recently used idle one making room for a new one.
+Beyond those caps an execution waits, for a bounded time, then fails
+RuntimeBusy (RESOURCE_EXHAUSTED). Idle environments past their TTL are killed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import tempfile
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +24,7 @@ from lambda_server.config import RuntimeSettings
 from lambda_server.domain import (
     JSON,
     Deadline,
+    EnvironmentState,
     ExecutionFailure,
     ExecutionOutcome,
     FailureCode,
@@ -38,6 +42,7 @@ from lambda_server.runtimes.registry import RuntimeSpec
 log = logging.getLogger(__name__)
 
 CHECK_TIMEOUT = 10.0
+REAP_INTERVAL = 5.0
 
 
 @dataclass(frozen=True)
@@ -59,52 +64,78 @@ class Job:
     timeout: float
 
 
+@dataclass
+class _Slot:
+    """An execution's claim on an environment: an idle one, or room to bind a new one."""
+
+    key: EnvironmentKey
+    worker: WorkerProcess | None
+
+
 class EnvironmentPool:
-    """Runs jobs in warm environments; checks scripts in a per-runtime checker process."""
+    """Runs jobs in environments; checks scripts in a per-runtime checker process."""
 
     def __init__(self, settings: RuntimeSettings, runtimes: dict[str, RuntimeSpec]) -> None:
         self._settings = settings
         self._runtimes = runtimes
         self._max_frame = settings.max_result_bytes + 6 * settings.max_log_bytes + 65536
-        self._idle: dict[EnvironmentKey, list[WorkerProcess]] = defaultdict(list)
+        self._changed = asyncio.Condition()
+        self._idle: OrderedDict[WorkerProcess, EnvironmentKey] = OrderedDict()  # least recent first
         self._busy: dict[EnvironmentKey, int] = defaultdict(int)
-        self._slots = asyncio.Condition()
-        self._live: set[WorkerProcess] = set()
+        self._bound = 0  # idle + busy-or-binding environments
+        self._queued = 0
+        self._warm: dict[str, list[WorkerProcess]] = defaultdict(list)
+        self._refills: dict[str, asyncio.Task[None]] = {}
         self._checkers: dict[str, WorkerProcess] = {}
         self._check_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._live: set[WorkerProcess] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._reaper: asyncio.Task[None] | None = None
         self._closed = False
 
+    # life cycle
+
     async def start(self) -> None:
-        """Start each available runtime's checker, so the first Initialize is fast."""
-        for spec in self._runtimes.values():
-            if spec.available:
-                try:
-                    await self._checker(spec, Deadline.after(self._settings.spawn_timeout_seconds))
-                except Unavailable as exc:
-                    log.warning("%s", exc)
+        """Start each runtime's checker and pre-started processes."""
+        for spec in self._available():
+            try:
+                await self._checker(spec, Deadline.after(self._settings.spawn_timeout_seconds))
+            except Unavailable as exc:
+                log.warning("%s", exc)
+            self._refill(spec)
+        self._reaper = asyncio.create_task(self._reap_idle())
 
     async def close(self) -> None:
         self._closed = True
+        tasks = [*self._refills.values(), *([self._reaper] if self._reaper else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, *self._tasks, return_exceptions=True)
         workers = list(self._live)
         self._live.clear()
         self._idle.clear()
+        self._warm.clear()
         self._checkers.clear()
         await asyncio.gather(*(w.kill() for w in workers), return_exceptions=True)
 
     def status(self) -> dict[str, str]:
         idle: dict[str, int] = defaultdict(int)
         busy: dict[str, int] = defaultdict(int)
-        for key, workers in self._idle.items():
-            idle[key.runtime] += len(workers)
+        for key in self._idle.values():
+            idle[key.runtime] += 1
         for key, count in self._busy.items():
             busy[key.runtime] += count
         report = {}
         for name, spec in self._runtimes.items():
             if spec.available:
-                report[f"runtime.{name}"] = f"ok (idle={idle[name]}, busy={busy[name]})"
+                warm = len(self._warm[name])
+                report[f"runtime.{name}"] = f"ok (warm={warm}, busy={busy[name]}, idle={idle[name]})"
             else:
                 report[f"runtime.{name}"] = f"unavailable: {spec.missing}"
         return report
+
+    def _available(self) -> list[RuntimeSpec]:
+        return [spec for spec in self._runtimes.values() if spec.available]
 
     # checking
 
@@ -128,8 +159,8 @@ class EnvironmentPool:
             error = answer.get("error") or {}
             raise ScriptSyntaxError(
                 str(error.get("message", "syntax error")),
-                int(error.get("line", 0)),
-                int(error.get("column", 0)),
+                _int(error.get("line")),
+                _int(error.get("column")),
             )
 
     async def _checker(self, runtime: RuntimeSpec, deadline: Deadline) -> WorkerProcess:
@@ -143,54 +174,140 @@ class EnvironmentPool:
 
     async def execute(self, job: Job, deadline: Deadline) -> ExecutionOutcome:
         key = EnvironmentKey(job.owner, job.runtime.name, job.script_hash)
-        await self._enter(key, deadline)
+        slot = await self._acquire(key, deadline)
         try:
-            return await self._run(key, job, deadline)
+            return await self._run(slot, job, deadline)
         finally:
-            async with self._slots:
-                self._busy[key] -= 1
-                if self._busy[key] == 0:
-                    del self._busy[key]
-                self._slots.notify_all()
+            await self._release(slot)
 
-    async def _enter(self, key: EnvironmentKey, deadline: Deadline) -> None:
-        cap = self._settings.max_environments_per_key
+    async def _acquire(self, key: EnvironmentKey, deadline: Deadline) -> _Slot:
+        if self._queued >= self._settings.max_queued:
+            raise RuntimeBusy(f"{self._queued} executions are already waiting for an environment")
+        self._queued += 1
         try:
-            async with asyncio.timeout(deadline.remaining()), self._slots:
-                await self._slots.wait_for(lambda: self._busy[key] < cap)
-                self._busy[key] += 1
+            async with asyncio.timeout(deadline.cap(self._settings.queue_timeout_seconds)), self._changed:
+                while (slot := self._try_acquire(key)) is None:
+                    await self._changed.wait()
+                return slot
         except TimeoutError:
             raise RuntimeBusy(
-                f"all {cap} environments of this script stayed busy until the deadline"
+                f"no environment for this script became free within the queue bound "
+                f"({self._settings.max_environments_per_key} per script, "
+                f"{self._settings.max_environments} in all)"
             ) from None
+        finally:
+            self._queued -= 1
 
-    async def _run(self, key: EnvironmentKey, job: Job, deadline: Deadline) -> ExecutionOutcome:
+    def _try_acquire(self, key: EnvironmentKey) -> _Slot | None:
+        if self._busy[key] >= self._settings.max_environments_per_key:
+            return None
+        for worker in reversed(self._idle):  # the most recently used first
+            if self._idle[worker] == key:
+                del self._idle[worker]
+                if worker.alive():
+                    self._busy[key] += 1
+                    return _Slot(key, worker)
+                self._discard(worker)
+                self._bound -= 1
+                return self._try_acquire(key)
+        if self._bound >= self._settings.max_environments:
+            if not self._idle:
+                return None
+            victim, _ = self._idle.popitem(last=False)  # least recently used makes room
+            self._discard(victim)
+            self._bound -= 1
+        self._bound += 1
+        self._busy[key] += 1
+        return _Slot(key, None)
+
+    async def _release(self, slot: _Slot) -> None:
+        async with self._changed:
+            self._busy[slot.key] -= 1
+            if self._busy[slot.key] == 0:
+                del self._busy[slot.key]
+            if slot.worker is not None and slot.worker.alive() and not self._closed:
+                self._idle[slot.worker] = slot.key
+            else:
+                self._bound -= 1
+            self._changed.notify_all()
+
+    async def _run(self, slot: _Slot, job: Job, deadline: Deadline) -> ExecutionOutcome:
         started = time.perf_counter()
         timeout = deadline.cap(job.timeout)
-        worker = self._take_idle(key)
+        state = EnvironmentState.WARM
+        load_cpu = 0.0
+        worker = slot.worker
         try:
             if worker is None:
-                worker = await self._spawn(job.runtime, deadline)
+                worker, state = await self._take_unbound(job.runtime, deadline)
+                slot.worker = worker
                 loaded = await worker.request({"op": "load", "script": job.script}, timeout)
                 if not loaded.get("ok"):
-                    await self._discard(worker)
-                    return _outcome(loaded, started)
+                    self._drop(slot)
+                    return _outcome(loaded, started, state)
+                load_cpu = _float(loaded.get("cpu"))
                 timeout = max(0.0, timeout - (time.perf_counter() - started))
             answer = await worker.request({"op": "run", "event": job.event}, timeout)
         except WorkerTimeout:
-            self._forget(worker)
-            return _failed(FailureCode.TIMEOUT, f"the script ran past its {job.timeout:g} s timeout", started)
+            self._drop(slot)
+            message = f"the script ran past its timeout of {job.timeout:g} s"
+            return _failed(FailureCode.TIMEOUT, message, started, state)
         except FrameTooLarge as exc:
-            self._forget(worker)
-            return _failed(FailureCode.OUTPUT_LIMIT, f"the script's output is too large: {exc}", started)
+            self._drop(slot)
+            return _failed(
+                FailureCode.OUTPUT_LIMIT, f"the script's output is too large: {exc}", started, state
+            )
         except WorkerCrashed as exc:
-            self._forget(worker)
-            return _failed(FailureCode.RUNTIME_ERROR, f"the runtime process crashed: {exc}", started)
-        except BaseException:
-            self._forget(worker)
+            self._drop(slot)
+            return _failed(FailureCode.RUNTIME_ERROR, f"the runtime process crashed: {exc}", started, state)
+        except BaseException:  # cancelled, or the runtime could not start
+            self._drop(slot)
             raise
-        self._put_idle(key, worker)
-        return _outcome(answer, started)
+        outcome = _outcome(answer, started, state, load_cpu)
+        if outcome.failure is not None and outcome.failure.code is FailureCode.MEMORY_LIMIT:
+            self._drop(slot)  # a process that ran out of memory is not trusted again
+        return outcome
+
+    def _drop(self, slot: _Slot) -> None:
+        """The slot's worker is killed (if it is not dead already) and never used again."""
+        if slot.worker is not None:
+            self._discard(slot.worker)
+            slot.worker = None
+
+    async def _take_unbound(
+        self, runtime: RuntimeSpec, deadline: Deadline
+    ) -> tuple[WorkerProcess, EnvironmentState]:
+        """A pre-started process of the runtime, or a new one when none is ready."""
+        warm = self._warm[runtime.name]
+        while warm:
+            worker = warm.pop()
+            self._refill(runtime)
+            if worker.alive():
+                return worker, EnvironmentState.PREWARMED
+            self._discard(worker)
+        self._refill(runtime)
+        return await self._spawn(runtime, deadline), EnvironmentState.COLD
+
+    def _refill(self, runtime: RuntimeSpec) -> None:
+        """Start processes in the background until the runtime has its pre-started few."""
+        task = self._refills.get(runtime.name)
+        if self._closed or (task is not None and not task.done()):
+            return
+        if len(self._warm[runtime.name]) < self._settings.prewarm_per_runtime:
+            self._refills[runtime.name] = asyncio.create_task(self._refill_loop(runtime))
+
+    async def _refill_loop(self, runtime: RuntimeSpec) -> None:
+        failures = 0
+        while not self._closed and len(self._warm[runtime.name]) < self._settings.prewarm_per_runtime:
+            try:
+                worker = await self._spawn(runtime, Deadline.after(self._settings.spawn_timeout_seconds))
+            except Unavailable as exc:
+                failures += 1
+                log.warning("could not pre-start a %s process: %s", runtime.name, exc)
+                await asyncio.sleep(min(30.0, 0.5 * 2**failures))
+                continue
+            failures = 0
+            self._warm[runtime.name].append(worker)
 
     async def _spawn(self, runtime: RuntimeSpec, deadline: Deadline) -> WorkerProcess:
         if self._closed:
@@ -212,72 +329,46 @@ class EnvironmentPool:
             )
         except (OSError, WorkerError) as exc:
             raise Unavailable(f"the {runtime.name} runtime could not start: {exc}") from None
+        if self._closed:
+            await worker.kill()
+            raise Unavailable("the server is shutting down")
         self._live.add(worker)
         return worker
 
-    def _take_idle(self, key: EnvironmentKey) -> WorkerProcess | None:
-        self._evict_expired()
-        workers = self._idle.get(key)
-        while workers:
-            worker = workers.pop()
-            if worker.alive():
-                if not workers:
-                    del self._idle[key]
-                return worker
-            self._forget(worker)
-        self._idle.pop(key, None)
-        return None
+    async def _reap_idle(self) -> None:
+        """Kill environments idle for longer than their TTL."""
+        while True:
+            await asyncio.sleep(min(REAP_INTERVAL, self._settings.idle_ttl_seconds))
+            limit = time.monotonic() - self._settings.idle_ttl_seconds
+            async with self._changed:
+                expired = [worker for worker in self._idle if worker.last_used < limit]
+                for worker in expired:
+                    del self._idle[worker]
+                    self._discard(worker)
+                    self._bound -= 1
+                if expired:
+                    self._changed.notify_all()
 
-    def _put_idle(self, key: EnvironmentKey, worker: WorkerProcess) -> None:
-        if self._closed:
-            self._forget(worker)
-            return
-        self._idle[key].append(worker)
-        idle = [(w.last_used, k, w) for k, ws in self._idle.items() for w in ws]
-        for _, k, w in sorted(idle, key=lambda item: item[0])[
-            : max(0, len(idle) - self._settings.max_idle_environments)
-        ]:
-            self._remove_idle(k, w)
-
-    def _evict_expired(self) -> None:
-        limit = time.monotonic() - self._settings.idle_ttl_seconds
-        for key, workers in list(self._idle.items()):
-            for worker in [w for w in workers if w.last_used < limit]:
-                self._remove_idle(key, worker)
-
-    def _remove_idle(self, key: EnvironmentKey, worker: WorkerProcess) -> None:
-        workers = self._idle.get(key, [])
-        with contextlib.suppress(ValueError):
-            workers.remove(worker)
-        if not workers:
-            self._idle.pop(key, None)
-        self._forget(worker)
-
-    def _forget(self, worker: WorkerProcess | None) -> None:
+    def _discard(self, worker: WorkerProcess) -> None:
         """Kill a worker in the background; it is never used again."""
-        if worker is None:
-            return
         self._live.discard(worker)
         task = asyncio.get_running_loop().create_task(worker.kill())
-        _background.add(task)
-        task.add_done_callback(_background.discard)
-
-    async def _discard(self, worker: WorkerProcess) -> None:
-        self._live.discard(worker)
-        await worker.kill()
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
 
-_background: set[asyncio.Task[None]] = set()
-
-
-def _outcome(answer: dict[str, Any], started: float) -> ExecutionOutcome:
+def _outcome(
+    answer: dict[str, Any], started: float, state: EnvironmentState, extra_cpu: float = 0.0
+) -> ExecutionOutcome:
     duration = time.perf_counter() - started
     logs = str(answer.get("logs", ""))
+    cpu = _float(answer.get("cpu")) + extra_cpu
+    peak = _int(answer.get("peak"), limit=2**62)
     if answer.get("ok"):
-        return ExecutionOutcome(answer.get("result"), None, duration, logs)
+        return ExecutionOutcome(answer.get("result"), None, duration, logs, state, cpu, peak)
     error = answer.get("error") or {}
     try:
-        code = FailureCode(error.get("code", "RUNTIME_ERROR"))
+        code = FailureCode(error.get("code"))
     except ValueError:
         code = FailureCode.RUNTIME_ERROR
     failure = ExecutionFailure(
@@ -287,12 +378,17 @@ def _outcome(answer: dict[str, Any], started: float) -> ExecutionOutcome:
         column=_int(error.get("column")),
         stack_trace=str(error.get("stack", "")),
     )
-    return ExecutionOutcome(None, failure, duration, logs)
+    return ExecutionOutcome(None, failure, duration, logs, state, cpu, peak)
 
 
-def _failed(code: FailureCode, message: str, started: float) -> ExecutionOutcome:
-    return ExecutionOutcome(None, ExecutionFailure(code, message), time.perf_counter() - started, "")
+def _failed(code: FailureCode, message: str, started: float, state: EnvironmentState) -> ExecutionOutcome:
+    failure = ExecutionFailure(code, message)
+    return ExecutionOutcome(None, failure, time.perf_counter() - started, "", state)
 
 
-def _int(value: object) -> int:
-    return value if isinstance(value, int) and 0 <= value < 2**31 else 0
+def _int(value: object, limit: int = 2**31) -> int:
+    return value if isinstance(value, int) and 0 <= value < limit else 0
+
+
+def _float(value: object) -> float:
+    return float(value) if isinstance(value, int | float) and value >= 0 else 0.0

@@ -89,7 +89,7 @@ class WorkerProcess:
             try:
                 popen = await asyncio.shield(started)
             except asyncio.CancelledError:
-                started.add_done_callback(_kill_when_started)
+                await _reap_cancelled_start(started)
                 raise
         except BaseException:
             os.close(read_fd)
@@ -224,11 +224,14 @@ def _kill(popen: subprocess.Popen[bytes]) -> None:
         popen.kill()
 
 
-def _kill_when_started(started: asyncio.Future[subprocess.Popen[bytes]]) -> None:
-    """A spawn cancelled while Popen ran: kill what it started."""
-    if not started.cancelled() and started.exception() is None:
-        popen = started.result()
-        _kill(popen)
-        for stream in (popen.stdin, popen.stderr):
-            if stream is not None:
-                stream.close()
+async def _reap_cancelled_start(started: asyncio.Future[subprocess.Popen[bytes]]) -> None:
+    """A spawn cancelled while Popen ran: let Popen finish (milliseconds), then kill and reap."""
+    try:
+        popen = await started
+    except Exception:
+        return  # it did not start
+    _kill(popen)
+    for stream in (popen.stdin, popen.stderr):
+        if stream is not None:
+            stream.close()
+    await asyncio.get_running_loop().run_in_executor(None, popen.wait)

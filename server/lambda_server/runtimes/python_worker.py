@@ -15,6 +15,7 @@ import json
 import linecache
 import os
 import sys
+import time
 import traceback
 from typing import Any
 
@@ -113,6 +114,8 @@ class Worker:
             compile(script, SCRIPT_NAME, "exec", dont_inherit=True)
         except (SyntaxError, ValueError) as exc:
             return {"ok": False, "error": syntax_failure(exc)}
+        except (RecursionError, MemoryError) as exc:  # nested too deep for the compiler
+            return {"ok": False, "error": failure("RUNTIME_ERROR", f"{type(exc).__name__}: {exc}")}
         return {"ok": True}
 
     def load(self, script: str) -> dict[str, Any]:
@@ -140,21 +143,22 @@ class Worker:
 
     def run(self, event: dict[str, Any]) -> bytes:
         logs = LogBuffer(self.max_logs)
+        usage = Usage()
         try:
             with Captured(logs):
                 result = self.call(event)
         except BaseException as exc:
-            return self.failed(runtime_failure(exc), logs)
+            return self.failed(runtime_failure(exc), logs, usage)
         try:
             encoded = json.dumps(result, allow_nan=False, ensure_ascii=False)
         except (TypeError, ValueError, RecursionError) as exc:
             message = f"the result is not JSON-representable: {exc}"
-            return self.failed(failure("INVALID_RESULT", message), logs)
+            return self.failed(failure("INVALID_RESULT", message), logs, usage)
         if len(encoded.encode()) > self.max_result:
             message = f"the result is larger than {self.max_result} bytes"
-            return self.failed(failure("OUTPUT_LIMIT", message), logs)
-        logs_json = json.dumps(logs.text())
-        return f'{{"ok":true,"logs":{logs_json},"result":{encoded}}}'.encode()
+            return self.failed(failure("OUTPUT_LIMIT", message), logs, usage)
+        head = json.dumps({"ok": True, "logs": logs.text(), **usage.measure()})
+        return f'{head[:-1]},"result":{encoded}}}'.encode()
 
     def call(self, event: dict[str, Any]) -> Any:
         if self.handler is not None:
@@ -173,8 +177,31 @@ class Worker:
             value = asyncio.run(value)
         return value
 
-    def failed(self, error: dict[str, Any], logs: LogBuffer) -> bytes:
-        return json.dumps({"ok": False, "error": error, "logs": logs.text()}).encode()
+    def failed(self, error: dict[str, Any], logs: LogBuffer, usage: Usage) -> bytes:
+        return json.dumps({"ok": False, "error": error, "logs": logs.text(), **usage.measure()}).encode()
+
+
+class Usage:
+    """CPU time and peak resident memory of this process over one execution."""
+
+    def __init__(self) -> None:
+        try:  # "5" resets the peak RSS (VmHWM) that /proc/self/status reports
+            with open("/proc/self/clear_refs", "w") as refs:
+                refs.write("5")
+        except OSError:
+            pass
+        self.cpu = time.process_time()
+
+    def measure(self) -> dict[str, Any]:
+        peak = 0
+        try:
+            with open("/proc/self/status") as status:
+                for line in status:
+                    if line.startswith("VmHWM:"):
+                        peak = int(line.split()[1]) * 1024
+        except (OSError, ValueError):
+            pass
+        return {"cpu": time.process_time() - self.cpu, "peak": peak}
 
 
 class Captured:
