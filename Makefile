@@ -11,9 +11,10 @@ BUF_VERSION := 1.75.0
 PROTO_OUT ?= client
 PROTOS := $(wildcard protos/lambda_microservice/v1/*.proto)
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint proto migrate venv buf clean
+.PHONY: help run test lint proto migrate bench venv buf clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -50,6 +51,9 @@ proto: $(STAMP) ## regenerate the client's gRPC code from protos/
 
 migrate: $(STAMP) ## apply the migrations to DATABASE_URL (or the embedded database)
 	$(PY) -m lambda_server migrate
+
+bench: $(STAMP) ## latency benchmarks (bench/README.md); BENCH_ARGS=--quick for a short run
+	$(PY) -m bench.latency $(BENCH_ARGS)
 
 clean: ## remove the venv, the tools and the embedded database
 	rm -rf $(VENV) $(TOOLS) .data

@@ -48,7 +48,7 @@ def to_struct(data: Mapping[str, Any] | None) -> struct_pb2.Struct:
     """A google.protobuf.Struct from a JSON-like mapping."""
     struct = struct_pb2.Struct()
     if data:
-        json_format.ParseDict(dict(data), struct)
+        struct.update(data)
     return struct
 
 
