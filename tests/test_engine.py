@@ -12,7 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from lambda_microservice import AsyncLambdaClient, LambdaClient, ResourceExhaustedError, to_python
+from lambda_microservice import (
+    AsyncLambdaClient,
+    InvalidArgumentError,
+    LambdaClient,
+    ResourceExhaustedError,
+    to_python,
+)
 from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_server.config import RuntimeSettings
 from lambda_server.domain import Deadline
@@ -274,3 +280,31 @@ def test_node_comes_from_pip_when_none_is_on_path(monkeypatch: pytest.MonkeyPatc
             await pool.close()
 
     assert str(asyncio.run(run_once())).startswith("v")
+
+
+@pytest.mark.parametrize("engine_server", [{"max_timeout_seconds": 0.5}], indirect=True)
+def test_context_timeout_ms_is_capped_by_the_configured_maximum(engine_server: ServerThread) -> None:
+    with LambdaClient(engine_server.target) as client:
+        session = client.initialize(
+            "python-long", "import time\ntime.sleep(30)", context={"timeout_ms": 60_000}
+        )
+        started = time.monotonic()
+        response = client.execute(session.request_id)
+        assert response.error.code == pb.EXECUTION_ERROR_CODE_TIMEOUT
+        assert 0.5 <= time.monotonic() - started < 1.5
+
+
+def test_runtime_mappings_come_from_the_configured_file(database_url: str, tmp_path: Path) -> None:
+    mappings = tmp_path / "runtime_mappings.json"
+    mappings.write_text('{"runtime_mappings": [{"pattern": "^py3?-", "type": "regex", "runtime": "python"}]}')
+    runtime = RuntimeSettings(mappings_file=mappings, prewarm_per_runtime=0)
+    running = ServerThread(server_settings(runtime=runtime), database_url)
+    try:
+        with LambdaClient(running.target) as client:
+            session = client.initialize("py3-mapped", "result = 'mapped'")
+            assert to_python(client.execute(session.request_id).result) == "mapped"
+            with pytest.raises(InvalidArgumentError) as caught:
+                client.initialize("nodejs-unmapped", "return 1;")
+            assert "/^py3?-/" in caught.value.message
+    finally:
+        running.stop()
