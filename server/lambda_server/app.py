@@ -17,9 +17,11 @@ from grpc_reflection.v1alpha import reflection
 from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_server.api.servicer import LambdaServicer, add_to_server
 from lambda_server.config import ConfigError, Settings
+from lambda_server.domain import Limits
 from lambda_server.errors import LambdaError
 from lambda_server.runtimes.pool import EnvironmentPool
 from lambda_server.runtimes.registry import RuntimeRegistry
+from lambda_server.sandbox import Sandbox
 from lambda_server.service import LambdaService
 from lambda_server.store import migrations
 from lambda_server.store.database import Database
@@ -97,6 +99,7 @@ class Server:
         grpc_server: grpc.aio.Server,
         db: Database,
         pool: EnvironmentPool,
+        sandbox: Sandbox,
         monitor: DatabaseMonitor,
         health_servicer: HealthServicer,
     ) -> None:
@@ -104,6 +107,7 @@ class Server:
         self._grpc = grpc_server
         self._db = db
         self._pool = pool
+        self._sandbox = sandbox
         self._monitor = monitor
         self._health = health_servicer
 
@@ -120,6 +124,7 @@ class Server:
         await self._health.enter_graceful_shutdown()
         await self._grpc.stop(grace)
         await self._pool.close()
+        self._sandbox.close()
         await self._db.close()
 
     async def wait_for_termination(self) -> None:
@@ -134,10 +139,12 @@ async def build_server(settings: Settings, database_url: str | None = None) -> t
     db = Database(settings.database, url)
     await db.open()
     registry = RuntimeRegistry.load(settings.runtime.mappings_file, settings.runtime.node_binary)
-    pool = EnvironmentPool(settings.runtime, registry.specs)
+    sandbox = await Sandbox.start(settings.sandbox)
+    limits = Limits(settings.sandbox.memory_mb, settings.sandbox.max_processes)
+    pool = EnvironmentPool(settings.runtime, registry.specs, sandbox, limits)
     health_servicer = HealthServicer()
     monitor = DatabaseMonitor(db, health_servicer, settings.health_interval_seconds)
-    service = LambdaService(settings, SessionStore(db), pool, registry, monitor)
+    service = LambdaService(settings, SessionStore(db), pool, registry, monitor, sandbox.describe())
 
     grpc_server = grpc.aio.server(
         options=[
@@ -157,7 +164,7 @@ async def build_server(settings: Settings, database_url: str | None = None) -> t
     port = grpc_server.add_insecure_port(settings.listen_addr)
     if port == 0:
         raise ConfigError(f"LISTEN_ADDR={settings.listen_addr!r}: cannot listen there")
-    return Server(settings, grpc_server, db, pool, monitor, health_servicer), port
+    return Server(settings, grpc_server, db, pool, sandbox, monitor, health_servicer), port
 
 
 async def serve(settings: Settings, database_url: str) -> None:

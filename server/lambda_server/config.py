@@ -56,6 +56,23 @@ class RuntimeSettings:
 
 
 @dataclass(frozen=True)
+class SandboxSettings:
+    """The sandbox's mode and the limits of each environment."""
+
+    mode: str = "auto"  # strict | auto | off
+    memory_mb: int = 256
+    max_memory_mb: int = 2048
+    max_processes: int = 32
+    max_max_processes: int = 512
+    scratch_mb: int = 64
+    shm_mb: int = 16
+    open_files: int = 256
+    # A backstop over an environment's whole life: each execution is bounded by its timeout.
+    cpu_seconds: int = 3600
+    uid_base: int = 100000
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the service is configured with."""
 
@@ -66,6 +83,7 @@ class Settings:
     log_level: str = "INFO"
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+    sandbox: SandboxSettings = field(default_factory=SandboxSettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -96,6 +114,20 @@ class Settings:
             mappings_file=reader.get("RUNTIME_MAPPINGS", Path, None),
             node_binary=reader.get("NODE_BINARY", str, None) or None,
         )
+        sandbox = SandboxSettings(
+            mode=reader.get("SANDBOX_MODE", _sandbox_mode, "auto"),
+            memory_mb=reader.get("SANDBOX_MEMORY_MB", _positive_int, 256),
+            max_memory_mb=reader.get("SANDBOX_MAX_MEMORY_MB", _positive_int, 2048),
+            max_processes=reader.get("SANDBOX_MAX_PROCESSES", _positive_int, 32),
+            max_max_processes=reader.get("SANDBOX_PROCESS_CEILING", _positive_int, 512),
+            scratch_mb=reader.get("SANDBOX_SCRATCH_MB", _positive_int, 64),
+            open_files=reader.get("SANDBOX_OPEN_FILES", _positive_int, 256),
+            cpu_seconds=reader.get("SANDBOX_CPU_SECONDS", _positive_int, 3600),
+        )
+        if sandbox.memory_mb > sandbox.max_memory_mb:
+            raise ConfigError("SANDBOX_MEMORY_MB is over SANDBOX_MAX_MEMORY_MB")
+        if sandbox.max_processes > sandbox.max_max_processes:
+            raise ConfigError("SANDBOX_MAX_PROCESSES is over SANDBOX_PROCESS_CEILING")
         return cls(
             listen_addr=reader.get("LISTEN_ADDR", _address, "127.0.0.1:50051"),
             session_expiry_seconds=reader.get("SESSION_EXPIRY_SECONDS", _positive_int, 3600),
@@ -104,6 +136,7 @@ class Settings:
             log_level=reader.get("LOG_LEVEL", _log_level, "INFO"),
             database=database,
             runtime=runtime,
+            sandbox=sandbox,
         )
 
 
@@ -163,6 +196,13 @@ def _address(raw: str) -> str:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:50051 or [::]:50051")
     return raw
+
+
+def _sandbox_mode(raw: str) -> str:
+    mode = raw.lower()
+    if mode not in ("strict", "auto", "off"):
+        raise ValueError("must be strict, auto or off")
+    return mode
 
 
 def _log_level(raw: str) -> str:

@@ -80,6 +80,14 @@ class ClaimedSession:
     context: dict[str, JSON]
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one environment may use."""
+
+    memory_mb: int
+    max_processes: int
+
+
 class FailureCode(enum.Enum):
     RUNTIME_ERROR = "RUNTIME_ERROR"
     TIMEOUT = "TIMEOUT"

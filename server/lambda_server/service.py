@@ -14,6 +14,7 @@ from lambda_server.domain import (
     ExecutionOutcome,
     ExecutionResult,
     HealthReport,
+    Limits,
     NewSession,
     SessionRecord,
 )
@@ -55,7 +56,9 @@ class LambdaService:
         engine: ExecutionEngine,
         registry: RuntimeRegistry,
         database: DatabaseState,
+        sandbox_description: str,
     ) -> None:
+        self._sandbox_description = sandbox_description
         self._settings = settings
         self._sessions = sessions
         self._engine = engine
@@ -82,7 +85,8 @@ class LambdaService:
             )
         if not script.strip():
             raise InvalidRequest("script_content is required")
-        self._timeout(context)  # reject a bad timeout_ms now, not at every Execute
+        self._timeout(context)  # reject bad limits now, not at every Execute
+        self._limits(context)
         session_id = parse_request_id(request_id) if request_id else str(uuid.uuid4())
         await self._engine.check(runtime, script, deadline)
         new = NewSession(
@@ -108,6 +112,7 @@ class LambdaService:
             script=script,
             event={"params": params, "context": session.context, "request_id": session_id},
             timeout=self._timeout(session.context),
+            limits=self._limits(session.context),
         )
         outcome = await self._engine.execute(job, deadline)
         return ExecutionResult(session_id, session.language_title, outcome)
@@ -117,6 +122,7 @@ class LambdaService:
 
     def health(self) -> HealthReport:
         components = {"postgres": self._database.description, **self._engine.status()}
+        components["sandbox"] = self._sandbox_description
         return HealthReport(self._database.ready, __version__, components)
 
     def _timeout(self, context: dict[str, JSON]) -> float:
@@ -128,6 +134,27 @@ class LambdaService:
         if isinstance(raw, bool) or not isinstance(raw, int | float) or not 0 < raw < 2**53:
             raise InvalidRequest(f"context.timeout_ms must be a positive number of milliseconds, not {raw!r}")
         return min(raw / 1000.0, runtime.max_timeout_seconds)
+
+    def _limits(self, context: dict[str, JSON]) -> Limits:
+        """The session's limits: context.memory_mb and context.max_processes, within the ceilings."""
+        sandbox = self._settings.sandbox
+        return Limits(
+            memory_mb=_bounded(context, "memory_mb", sandbox.memory_mb, 16, sandbox.max_memory_mb),
+            max_processes=_bounded(
+                context, "max_processes", sandbox.max_processes, 1, sandbox.max_max_processes
+            ),
+        )
+
+
+def _bounded(context: dict[str, JSON], name: str, default: int, low: int, high: int) -> int:
+    raw = context.get(name)
+    if raw is None:
+        return default
+    if isinstance(raw, bool) or not isinstance(raw, int) or not low <= raw <= high:
+        raise InvalidRequest(
+            f"context.{name} must be an integer from {low} to {high}, not {raw!r}", field=name
+        )
+    return raw
 
 
 def parse_request_id(raw: str) -> str:

@@ -28,6 +28,7 @@ from lambda_server.domain import (
     ExecutionFailure,
     ExecutionOutcome,
     FailureCode,
+    Limits,
 )
 from lambda_server.errors import RuntimeBusy, ScriptSyntaxError, Unavailable
 from lambda_server.runtimes.process import (
@@ -38,6 +39,7 @@ from lambda_server.runtimes.process import (
     WorkerTimeout,
 )
 from lambda_server.runtimes.registry import RuntimeSpec
+from lambda_server.sandbox import Confinement, Sandbox, SandboxUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ class EnvironmentKey:
     owner: str
     runtime: str
     script_hash: str
+    limits: Limits
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class Job:
     script: str
     event: dict[str, JSON]
     timeout: float
+    limits: Limits
 
 
 @dataclass
@@ -75,9 +79,18 @@ class _Slot:
 class EnvironmentPool:
     """Runs jobs in environments; checks scripts in a per-runtime checker process."""
 
-    def __init__(self, settings: RuntimeSettings, runtimes: dict[str, RuntimeSpec]) -> None:
+    def __init__(
+        self,
+        settings: RuntimeSettings,
+        runtimes: dict[str, RuntimeSpec],
+        sandbox: Sandbox,
+        default_limits: Limits,
+    ) -> None:
         self._settings = settings
         self._runtimes = runtimes
+        self._sandbox = sandbox
+        self._default_limits = default_limits
+        self._confinements: dict[WorkerProcess, Confinement] = {}
         self._max_frame = settings.max_result_bytes + 6 * settings.max_log_bytes + 65536
         self._changed = asyncio.Condition()
         self._idle: OrderedDict[WorkerProcess, EnvironmentKey] = OrderedDict()  # least recent first
@@ -116,7 +129,7 @@ class EnvironmentPool:
         self._idle.clear()
         self._warm.clear()
         self._checkers.clear()
-        await asyncio.gather(*(w.kill() for w in workers), return_exceptions=True)
+        await asyncio.gather(*(self._end(w) for w in workers), return_exceptions=True)
 
     def status(self) -> dict[str, str]:
         idle: dict[str, int] = defaultdict(int)
@@ -151,7 +164,9 @@ class EnvironmentPool:
             checker = await self._checker(runtime, deadline)
             answer = await checker.request({"op": "check", "script": script}, deadline.cap(CHECK_TIMEOUT))
         except WorkerError as exc:
-            self._checkers.pop(runtime.name, None)
+            dead = self._checkers.pop(runtime.name, None)
+            if dead is not None:
+                self._discard(dead)
             raise Unavailable(f"the {runtime.name} checker failed: {exc}") from None
         finally:
             lock.release()
@@ -166,14 +181,14 @@ class EnvironmentPool:
     async def _checker(self, runtime: RuntimeSpec, deadline: Deadline) -> WorkerProcess:
         checker = self._checkers.get(runtime.name)
         if checker is None or not checker.alive():
-            checker = await self._spawn(runtime, deadline)
+            checker = await self._spawn(runtime, self._default_limits, deadline)
             self._checkers[runtime.name] = checker
         return checker
 
     # executing
 
     async def execute(self, job: Job, deadline: Deadline) -> ExecutionOutcome:
-        key = EnvironmentKey(job.owner, job.runtime.name, job.script_hash)
+        key = EnvironmentKey(job.owner, job.runtime.name, job.script_hash, job.limits)
         slot = await self._acquire(key, deadline)
         try:
             return await self._run(slot, job, deadline)
@@ -239,7 +254,7 @@ class EnvironmentPool:
         worker = slot.worker
         try:
             if worker is None:
-                worker, state = await self._take_unbound(job.runtime, deadline)
+                worker, state = await self._take_unbound(job.runtime, job.limits, deadline)
                 slot.worker = worker
                 loaded = await worker.request({"op": "load", "script": job.script}, timeout)
                 if not loaded.get("ok"):
@@ -258,6 +273,10 @@ class EnvironmentPool:
                 FailureCode.OUTPUT_LIMIT, f"the script's output is too large: {exc}", started, state
             )
         except WorkerCrashed as exc:
+            if self._out_of_memory(worker):
+                self._drop(slot)
+                message = f"the script went past its memory limit of {job.limits.memory_mb} MiB"
+                return _failed(FailureCode.MEMORY_LIMIT, message, started, state)
             self._drop(slot)
             return _failed(FailureCode.RUNTIME_ERROR, f"the runtime process crashed: {exc}", started, state)
         except BaseException:  # cancelled, or the runtime could not start
@@ -268,6 +287,15 @@ class EnvironmentPool:
             self._drop(slot)  # a process that ran out of memory is not trusted again
         return outcome
 
+    def _out_of_memory(self, worker: WorkerProcess | None) -> bool:
+        """Whether the kernel's OOM killer (cgroup) or V8's heap limit ended the worker."""
+        if worker is None:
+            return False
+        confinement = self._confinements.get(worker)
+        if confinement is not None and confinement.memory_exhausted():
+            return True
+        return "heap out of memory" in worker.stderr_tail()
+
     def _drop(self, slot: _Slot) -> None:
         """The slot's worker is killed (if it is not dead already) and never used again."""
         if slot.worker is not None:
@@ -275,9 +303,14 @@ class EnvironmentPool:
             slot.worker = None
 
     async def _take_unbound(
-        self, runtime: RuntimeSpec, deadline: Deadline
+        self, runtime: RuntimeSpec, limits: Limits, deadline: Deadline
     ) -> tuple[WorkerProcess, EnvironmentState]:
-        """A pre-started process of the runtime, or a new one when none is ready."""
+        """A pre-started process of the runtime, or a new one when none is ready.
+
+        Pre-started processes have the default limits; other limits start a process.
+        """
+        if limits != self._default_limits:
+            return await self._spawn(runtime, limits, deadline), EnvironmentState.COLD
         warm = self._warm[runtime.name]
         while warm:
             worker = warm.pop()
@@ -286,7 +319,7 @@ class EnvironmentPool:
                 return worker, EnvironmentState.PREWARMED
             self._discard(worker)
         self._refill(runtime)
-        return await self._spawn(runtime, deadline), EnvironmentState.COLD
+        return await self._spawn(runtime, limits, deadline), EnvironmentState.COLD
 
     def _refill(self, runtime: RuntimeSpec) -> None:
         """Start processes in the background until the runtime has its pre-started few."""
@@ -300,7 +333,8 @@ class EnvironmentPool:
         failures = 0
         while not self._closed and len(self._warm[runtime.name]) < self._settings.prewarm_per_runtime:
             try:
-                worker = await self._spawn(runtime, Deadline.after(self._settings.spawn_timeout_seconds))
+                deadline = Deadline.after(self._settings.spawn_timeout_seconds)
+                worker = await self._spawn(runtime, self._default_limits, deadline)
             except Unavailable as exc:
                 failures += 1
                 log.warning("could not pre-start a %s process: %s", runtime.name, exc)
@@ -309,9 +343,13 @@ class EnvironmentPool:
             failures = 0
             self._warm[runtime.name].append(worker)
 
-    async def _spawn(self, runtime: RuntimeSpec, deadline: Deadline) -> WorkerProcess:
+    async def _spawn(self, runtime: RuntimeSpec, limits: Limits, deadline: Deadline) -> WorkerProcess:
         if self._closed:
             raise Unavailable("the server is shutting down")
+        try:
+            confinement = self._sandbox.confine(runtime, limits)
+        except SandboxUnavailable as exc:
+            raise Unavailable(f"the {runtime.name} runtime could not be confined: {exc.message}") from None
         env = {
             "PATH": "/usr/local/bin:/usr/bin:/bin",
             "LANG": "C.UTF-8",
@@ -321,19 +359,31 @@ class EnvironmentPool:
         }
         try:
             worker = await WorkerProcess.spawn(
-                runtime.command,
+                confinement.argv,
                 env,
                 timeout=deadline.cap(self._settings.spawn_timeout_seconds),
                 max_frame=self._max_frame,
                 cwd=tempfile.gettempdir(),
             )
         except (OSError, WorkerError) as exc:
+            await confinement.release()
             raise Unavailable(f"the {runtime.name} runtime could not start: {exc}") from None
+        except BaseException:
+            await confinement.release()
+            raise
+        self._confinements[worker] = confinement
         if self._closed:
-            await worker.kill()
+            await self._end(worker)
             raise Unavailable("the server is shutting down")
         self._live.add(worker)
         return worker
+
+    async def _end(self, worker: WorkerProcess) -> None:
+        """Kill a worker and release its place in the sandbox."""
+        await worker.kill()
+        confinement = self._confinements.pop(worker, None)
+        if confinement is not None:
+            await confinement.release()
 
     async def _reap_idle(self) -> None:
         """Kill environments idle for longer than their TTL."""
@@ -352,7 +402,7 @@ class EnvironmentPool:
     def _discard(self, worker: WorkerProcess) -> None:
         """Kill a worker in the background; it is never used again."""
         self._live.discard(worker)
-        task = asyncio.get_running_loop().create_task(worker.kill())
+        task = asyncio.get_running_loop().create_task(self._end(worker))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

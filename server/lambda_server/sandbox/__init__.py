@@ -1,0 +1,226 @@
+"""The sandbox: the layers every runtime process is started under, and what is active here.
+
+As root, each environment's process is started by util-linux `unshare` in new
+PID, network (nothing but a down `lo`), mount, IPC and UTS namespaces, then by
+`jail.py`, which joins the environment's cgroups (memory, pids), pivots into a
+fresh root of read-only binds with a size-bounded scratch /tmp, sets rlimits,
+drops every capability and switches to a uid of the environment's own, with
+no_new_privs and a parent-death signal. Killing the namespace's first process
+ends every process of the environment.
+
+`SANDBOX_MODE=strict` refuses to start without every layer; `auto` uses what
+this machine allows and logs the rest; `off` runs workers unconfined (tests of
+the engine on machines without root).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from lambda_server.config import SandboxSettings
+from lambda_server.domain import Limits
+from lambda_server.errors import LambdaError
+from lambda_server.runtimes.registry import RuntimeSpec
+from lambda_server.sandbox.cgroups import Cgroups, CgroupUnavailable, EnvironmentCgroup
+
+log = logging.getLogger(__name__)
+
+JAIL = Path(__file__).resolve().parent / "jail.py"
+WORKER_DIR = "/opt/lambda"
+SYSTEM_BINDS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc/alternatives")
+NAMESPACES = ("--pid", "--net", "--ipc", "--uts", "--mount")
+UID_RANGE = 60000
+
+
+class SandboxUnavailable(LambdaError):
+    """SANDBOX_MODE=strict and a layer cannot be applied on this machine."""
+
+
+@dataclass
+class Confinement:
+    """One environment's place in the sandbox: how to start it, and what to release."""
+
+    argv: list[str]
+    uid: int | None
+    cgroup: EnvironmentCgroup | None
+    _sandbox: Sandbox
+
+    def memory_exhausted(self) -> bool:
+        return self.cgroup is not None and self.cgroup.oom_kills() > 0
+
+    async def release(self) -> None:
+        """After the process is dead: end any straggler, remove the cgroup, free the uid."""
+        if self.cgroup is not None:
+            self.cgroup.kill()
+            await self.cgroup.remove()
+            self.cgroup = None
+        if self.uid is not None:
+            self._sandbox._uids.discard(self.uid)
+            self.uid = None
+
+
+class Sandbox:
+    """Knows which layers are active and wraps runtime commands in them."""
+
+    def __init__(
+        self,
+        settings: SandboxSettings,
+        layers: list[str],
+        missing: dict[str, str],
+        unshare: str | None = None,
+        cgroups: Cgroups | None = None,
+    ) -> None:
+        self._settings = settings
+        self.layers = layers
+        self.missing = missing
+        self._unshare = unshare
+        self._cgroups = cgroups
+        self._uids: set[int] = set()
+        self._next = 0
+        self._root = Path(tempfile.gettempdir()) / "lambda-sandbox-root"
+
+    @classmethod
+    async def start(cls, settings: SandboxSettings) -> Sandbox:
+        """Probe this machine; SandboxUnavailable in strict mode when a layer is missing."""
+        if settings.mode == "off":
+            return cls(settings, [], {"all": "SANDBOX_MODE=off"})
+        layers: list[str] = []
+        missing: dict[str, str] = {}
+        unshare = shutil.which("unshare")
+        cgroups = None
+        if os.geteuid() != 0:
+            missing["namespaces"] = "the server does not run as root"
+        elif unshare is None:
+            missing["namespaces"] = "util-linux unshare is not installed"
+        elif not await _namespaces_work(unshare):
+            missing["namespaces"] = "the kernel refused new namespaces"
+            unshare = None
+        if unshare is not None and "namespaces" not in missing:
+            layers += [
+                "namespaces(pid,net,mount,ipc,uts)",
+                "fresh-root",
+                "scratch-tmpfs",
+                "uid-per-environment",
+            ]
+            layers += ["no-capabilities", "no-new-privs"]
+            try:
+                cgroups = Cgroups.detect(f"lambda-{os.getpid()}")
+                layers.append(f"cgroup-v{cgroups.version}(memory,pids)")
+            except CgroupUnavailable as exc:
+                missing["cgroups"] = str(exc)
+        else:
+            unshare = None
+            missing.setdefault("cgroups", "needs the namespaces layer")
+        layers.append("rlimits")
+        if settings.mode == "strict" and missing:
+            raise SandboxUnavailable(
+                "SANDBOX_MODE=strict, but these layers cannot be applied: "
+                + "; ".join(f"{name}: {why}" for name, why in missing.items())
+            )
+        for name, why in missing.items():
+            log.warning("sandbox layer %s is not active: %s", name, why)
+        sandbox = cls(settings, layers, missing, unshare, cgroups)
+        sandbox._root.mkdir(exist_ok=True)
+        return sandbox
+
+    def describe(self) -> str:
+        text = f"{self._settings.mode}: " + (", ".join(self.layers) or "none")
+        if self.missing:
+            text += "; missing: " + ", ".join(sorted(self.missing))
+        return text
+
+    def close(self) -> None:
+        if self._cgroups is not None:
+            self._cgroups.close()
+
+    def confine(self, runtime: RuntimeSpec, limits: Limits) -> Confinement:
+        """The command that starts `runtime` inside every active layer."""
+        rlimits = {
+            "nofile": self._settings.open_files,
+            "fsize": self._settings.scratch_mb * 1024 * 1024,
+            "core": 0,
+            "cpu": self._settings.cpu_seconds,
+        }
+        if runtime.name == "python":  # Node cannot start under a small RLIMIT_AS
+            rlimits["as"] = (limits.memory_mb + 256) * 1024 * 1024
+        if self._unshare is None:
+            if self._settings.mode == "off":
+                return Confinement(runtime.argv(str(runtime.worker), limits.memory_mb), None, None, self)
+            prlimit = [f"--{name}={value}" for name, value in rlimits.items()]
+            argv = ["prlimit", *prlimit, "--", *runtime.argv(str(runtime.worker), limits.memory_mb)]
+            return Confinement(argv, None, None, self)
+        uid = self._allocate_uid()
+        rlimits["nproc"] = limits.max_processes  # per uid, and each environment has its own
+        cgroup = None
+        try:
+            if self._cgroups is not None:
+                cgroup = self._cgroups.create(
+                    f"env-{uid}", limits.memory_mb * 1024 * 1024, limits.max_processes
+                )
+        except OSError as exc:
+            self._uids.discard(uid)
+            raise SandboxUnavailable(f"cannot create the environment's cgroup: {exc}") from None
+        worker = f"{WORKER_DIR}/{runtime.worker.name}"
+        config = {
+            "root": str(self._root),
+            "binds": [*SYSTEM_BINDS, *runtime.binds],
+            "files": {str(runtime.worker): worker},
+            "scratch_mb": self._settings.scratch_mb,
+            "shm_mb": self._settings.shm_mb,
+            "cgroups": cgroup.procs_files if cgroup else [],
+            "rlimits": rlimits,
+            "uid": uid,
+            "gid": uid,
+        }
+        argv = [
+            self._unshare,
+            "--fork",
+            "--kill-child",
+            *NAMESPACES,
+            "--propagation",
+            "private",
+            "--",
+            _python(),
+            "-I",
+            "-S",
+            str(JAIL),
+            json.dumps(config, separators=(",", ":")),
+            "--",
+            *runtime.argv(worker, limits.memory_mb),
+        ]
+        return Confinement(argv, uid, cgroup, self)
+
+    def _allocate_uid(self) -> int:
+        for _ in range(UID_RANGE):
+            uid = self._settings.uid_base + self._next
+            self._next = (self._next + 1) % UID_RANGE
+            if uid not in self._uids:
+                self._uids.add(uid)
+                return uid
+        raise SandboxUnavailable("every sandbox uid is in use")
+
+
+def _python() -> str:
+    return os.path.realpath(sys.executable)
+
+
+async def _namespaces_work(unshare: str) -> bool:
+    def probe() -> bool:
+        try:
+            result = subprocess.run(
+                [unshare, "--fork", *NAMESPACES, "true"], capture_output=True, timeout=10, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        return result.returncode == 0
+
+    return await asyncio.get_running_loop().run_in_executor(None, probe)
