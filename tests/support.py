@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import threading
 import time
@@ -119,6 +120,40 @@ class ServerThread:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(10)
             self.loop.close()
+
+
+def descendants(root: int | None = None) -> set[int]:
+    """The live (non-zombie) processes below `root` (this process by default).
+
+    Tests run the server in this process, so these are its environments: each
+    is an `unshare` parent and the runtime in its namespaces.
+    """
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            parents[int(stat.parent.name)] = int(fields[1])
+    found: set[int] = set()
+    frontier = {os.getpid() if root is None else root}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def pool_counts(client: Any, runtime: str) -> dict[str, int]:
+    """warm, busy and idle of a runtime, from the Health components."""
+    text = client.health().components[f"runtime.{runtime}"]
+    return {name: int(value) for name, value in re.findall(r"(\w+)=(\d+)", text)}
+
+
+def settled(client: Any) -> bool:
+    """Every runtime has its pre-started processes and nothing is running."""
+    counts = [pool_counts(client, runtime) for runtime in ("python", "nodejs")]
+    return all(c["warm"] == 2 and c["busy"] == 0 for c in counts)
 
 
 def env_without_database() -> dict[str, str]:

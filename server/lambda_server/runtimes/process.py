@@ -205,14 +205,16 @@ class WorkerProcess:
             transport.close()
         if self._stderr_task is not None:
             self._stderr_task.cancel()
-        if self._transports:  # the pidfd watch is set up: wait for the exit it reports
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(2.0):
-                    await asyncio.shield(self._exited)
-        else:
+        if not self._transports:
             for stream in (self._popen.stdin, self._popen.stderr):
                 if stream is not None:
                     stream.close()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2.0):
+                await asyncio.shield(self._exited)  # the pidfd watch reports the exit
+        if self._popen.returncode is None:  # no watch, or a slow exit: reap it in a thread
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.get_running_loop().run_in_executor(None, self._popen.wait, 10)
 
 
 def _kill(popen: subprocess.Popen[bytes]) -> None:

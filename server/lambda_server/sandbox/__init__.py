@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,7 +114,8 @@ class Sandbox:
             ]
             layers += ["no-capabilities", "no-new-privs"]
             try:
-                cgroups = Cgroups.detect(f"lambda-{os.getpid()}")
+                # one group per server instance: a process may run several (tests do)
+                cgroups = Cgroups.detect(f"lambda-{os.getpid()}-{uuid.uuid4().hex[:8]}")
                 layers.append(f"cgroup-v{cgroups.version}(memory,pids)")
             except CgroupUnavailable as exc:
                 missing["cgroups"] = str(exc)
@@ -166,7 +168,7 @@ class Sandbox:
                 cgroup = self._cgroups.create(
                     f"env-{uid}", limits.memory_mb * 1024 * 1024, limits.max_processes
                 )
-        except OSError as exc:
+        except (OSError, CgroupUnavailable) as exc:
             self._uids.discard(uid)
             raise SandboxUnavailable(f"cannot create the environment's cgroup: {exc}") from None
         worker = f"{WORKER_DIR}/{runtime.worker.name}"
