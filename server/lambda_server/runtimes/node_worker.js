@@ -261,7 +261,8 @@ function serve() {
       if (pending.length < 4 + size) break;
       const message = JSON.parse(pending.subarray(4, 4 + size).toString('utf8'));
       pending = pending.subarray(4 + size);
-      queue = queue.then(() => handle(message)).then(send);
+      // every answer carries its request's id, so a frame the script forged is told apart
+      queue = queue.then(() => handle(message)).then((answer) => send(`{"id":${Number(message.id)},` + answer.slice(1)));
     }
   });
   input.on('end', () => process.exit(0));

@@ -285,6 +285,10 @@ class EnvironmentPool:
         outcome = _outcome(answer, started, state, load_cpu)
         if outcome.failure is not None and outcome.failure.code is FailureCode.MEMORY_LIMIT:
             self._drop(slot)  # a process that ran out of memory is not trusted again
+        else:
+            confinement = self._confinements.get(worker)
+            if confinement is not None and confinement.has_stragglers():
+                self._drop(slot)  # processes the script left behind end with their environment
         return outcome
 
     def _out_of_memory(self, worker: WorkerProcess | None) -> bool:

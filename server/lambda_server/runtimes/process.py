@@ -55,6 +55,7 @@ class WorkerProcess:
         self._stderr_task: asyncio.Task[None] | None = None
         self.started_at = time.monotonic()
         self.last_used = self.started_at
+        self._next_id = 0
 
     @property
     def pid(self) -> int:
@@ -138,13 +139,17 @@ class WorkerProcess:
 
     async def request(self, message: Mapping[str, Any], timeout: float) -> dict[str, Any]:
         """Send one request and wait for its answer; on any failure the worker is killed."""
+        self._next_id += 1
+        request_id = self._next_id
         try:
             assert self._requests is not None
-            body = orjson.dumps(message)
+            body = orjson.dumps({**message, "id": request_id})
             async with asyncio.timeout(timeout):
                 self._requests.write(len(body).to_bytes(4, "big") + body)
                 await self._requests.drain()
                 answer = await self._receive(None)
+            if answer.get("id") != request_id:
+                raise WorkerCrashed(f"the worker answered request {answer.get('id')!r}, not {request_id}")
         except TimeoutError:
             await self.kill()
             raise WorkerTimeout(f"no answer within {timeout:.3f} s") from None
@@ -209,9 +214,10 @@ class WorkerProcess:
             for stream in (self._popen.stdin, self._popen.stderr):
                 if stream is not None:
                     stream.close()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(2.0):
-                await asyncio.shield(self._exited)  # the pidfd watch reports the exit
+        else:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await asyncio.shield(self._exited)  # the pidfd watch reports the exit
         if self._popen.returncode is None:  # no watch, or a slow exit: reap it in a thread
             with contextlib.suppress(subprocess.TimeoutExpired):
                 await asyncio.get_running_loop().run_in_executor(None, self._popen.wait, 10)

@@ -63,6 +63,7 @@ class Worker:
         self.code: Any = None
         self.handler: Any = None
         self.handler_takes_params = False
+        self.pid = os.getpid()
 
     # framing
 
@@ -82,6 +83,8 @@ class Worker:
         return message
 
     def send_raw(self, body: bytes) -> None:
+        if os.getpid() != self.pid:
+            os._exit(0)  # a process the script forked: it never answers for the worker
         data = len(body).to_bytes(4, "big") + body
         view = memoryview(data)
         while view:
@@ -99,15 +102,19 @@ class Worker:
                 message = self.receive()
             except EOFError:
                 return
-            op = message.get("op")
+            op, request_id = message.get("op"), int(message.get("id", 0))
             if op == "check":
-                self.send(self.check(message["script"]))
+                answer = json.dumps(self.check(message["script"])).encode()
             elif op == "load":
-                self.send(self.load(message["script"]))
+                answer = json.dumps(self.load(message["script"])).encode()
             elif op == "run":
-                self.send_raw(self.run(message["event"]))
+                answer = self.run(message["event"])
             else:
-                self.send({"ok": False, "error": failure("RUNTIME_ERROR", f"unknown op {op!r}")})
+                answer = json.dumps(
+                    {"ok": False, "error": failure("RUNTIME_ERROR", f"unknown op {op!r}")}
+                ).encode()
+            # every answer carries its request's id, so a frame the script forged is told apart
+            self.send_raw(b'{"id":%d,' % request_id + answer[1:])
 
     def check(self, script: str) -> dict[str, Any]:
         try:

@@ -58,6 +58,10 @@ class Confinement:
     def memory_exhausted(self) -> bool:
         return self.cgroup is not None and self.cgroup.oom_kills() > 0
 
+    def has_stragglers(self) -> bool:
+        """Whether the script left processes behind (the runtime itself is the only one allowed)."""
+        return self.cgroup is not None and self.cgroup.process_count() > 1
+
     async def release(self) -> None:
         """After the process is dead: end any straggler, remove the cgroup, free the uid."""
         if self.cgroup is not None:

@@ -46,6 +46,13 @@ class EnvironmentCgroup:
             pass
         return 0
 
+    def process_count(self) -> int:
+        """Processes (not threads) in the environment; its runtime alone is 1."""
+        try:
+            return len((self.memory / "cgroup.procs").read_text().split())
+        except OSError:
+            return 0
+
     def kill(self) -> None:
         """SIGKILL every process in the environment (the PID namespace's end does it too)."""
         if self.version == 2:
