@@ -158,8 +158,7 @@ def test_beyond_the_per_script_cap_calls_queue_then_fail_resource_exhausted(
         async def main() -> tuple[object, BaseException | object]:
             async with AsyncLambdaClient(engine_server.target) as aclient:
                 slow = asyncio.create_task(aclient.execute(session.request_id, {"s": 2}))
-                while pool_counts(client, "python")["busy"] != 1:  # the slow one holds the only slot
-                    await asyncio.sleep(0.02)
+                await asyncio.to_thread(eventually, lambda: pool_counts(client, "python")["busy"] == 1)
                 started = time.monotonic()
                 queued = await asyncio.gather(
                     aclient.execute(session.request_id, {"s": 0}), return_exceptions=True

@@ -253,7 +253,9 @@ async function handle(message) {
 function serve() {
   let pending = Buffer.alloc(0);
   let queue = Promise.resolve();
-  const input = fs.createReadStream(null, { fd: 0 });
+  // process.stdin reads the pipe without blocking a threadpool thread (a blocked
+  // fs read on fd 0 would make process.exit() hang).
+  const input = process.stdin;
   input.on('data', (chunk) => {
     pending = Buffer.concat([pending, chunk]);
     while (pending.length >= 4) {
