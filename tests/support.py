@@ -144,6 +144,21 @@ def descendants(root: int | None = None) -> set[int]:
     return found
 
 
+def quiet_descendants(settle: float = 0.3) -> set[int]:
+    """descendants(), once no process has come or gone for `settle` seconds.
+
+    Other tests' servers run in this process and may still be starting or
+    ending environments; a snapshot taken while they do would mislead.
+    """
+
+    def stable() -> tuple[set[int]] | None:  # a tuple: an empty set is a fine answer
+        first = descendants()
+        time.sleep(settle)
+        return (first,) if descendants() == first else None
+
+    return eventually(stable, timeout=15)[0]
+
+
 def pool_counts(client: Any, runtime: str) -> dict[str, int]:
     """warm, busy and idle of a runtime, from the Health components."""
     text = client.health().components[f"runtime.{runtime}"]

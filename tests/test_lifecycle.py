@@ -9,11 +9,18 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lambda_microservice import LambdaClient, to_python
-from tests.support import ServerThread, descendants, eventually, pool_counts, server_settings
+from tests.support import (
+    ServerThread,
+    descendants,
+    eventually,
+    pool_counts,
+    quiet_descendants,
+    server_settings,
+)
 
 
 def test_stop_turns_health_not_serving_and_lets_in_flight_calls_finish(database_url: str) -> None:
-    before = descendants()
+    before = quiet_descendants()
     running = ServerThread(server_settings(), database_url)
     results: list[object] = []
     with grpc.insecure_channel(running.target) as channel:

@@ -48,6 +48,8 @@ class WorkerProcess:
         self._popen = popen
         self._max_frame = max_frame
         self._transports: list[asyncio.BaseTransport] = []
+        # the worker's pipes that no transport owns yet: kill() closes these itself
+        self._unowned: list[Any] = [popen.stdin, popen.stderr]
         self._requests: asyncio.StreamWriter | None = None
         self._responses = asyncio.StreamReader()
         self._stderr: deque[bytes] = deque(maxlen=16)
@@ -109,26 +111,31 @@ class WorkerProcess:
         return worker
 
     async def _connect(self, responses: Any) -> None:
+        self._unowned.append(responses)
         loop = asyncio.get_running_loop()
         popen = self._popen
         assert popen.stdin is not None and popen.stderr is not None
         transport, _ = await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(self._responses), responses
         )
-        self._transports.append(transport)
+        self._owned(transport, responses)
         stderr = asyncio.StreamReader()
         transport, _ = await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(stderr), popen.stderr
         )
-        self._transports.append(transport)
+        self._owned(transport, popen.stderr)
         self._stderr_task = asyncio.create_task(self._drain(stderr))
         write_transport, protocol = await loop.connect_write_pipe(
             lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), popen.stdin
         )
-        self._transports.append(write_transport)
+        self._owned(write_transport, popen.stdin)
         self._requests = asyncio.StreamWriter(write_transport, protocol, None, loop)
         pidfd = os.pidfd_open(popen.pid)
         loop.add_reader(pidfd, self._on_exit, pidfd)
+
+    def _owned(self, transport: asyncio.BaseTransport, pipe: Any) -> None:
+        self._transports.append(transport)
+        self._unowned.remove(pipe)
 
     def _on_exit(self, pidfd: int) -> None:
         asyncio.get_running_loop().remove_reader(pidfd)
@@ -210,11 +217,11 @@ class WorkerProcess:
             transport.close()
         if self._stderr_task is not None:
             self._stderr_task.cancel()
-        if not self._transports:
-            for stream in (self._popen.stdin, self._popen.stderr):
-                if stream is not None:
-                    stream.close()
-        else:
+        for pipe in self._unowned:
+            if pipe is not None:
+                pipe.close()
+        self._unowned.clear()
+        if self._transports:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(2.0):
                     await asyncio.shield(self._exited)  # the pidfd watch reports the exit

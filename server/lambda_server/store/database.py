@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -91,14 +92,12 @@ class Database:
                 conn = await self._pool.acquire()
                 yield conn
         except _UNAVAILABLE as exc:
-            if conn is not None:
-                conn.terminate()
+            _terminate(conn)
             raise DatabaseUnavailable(f"database unavailable: {_describe(exc)}") from exc
         except asyncpg.PostgresError as exc:
             raise InternalError(f"database error: {_describe(exc)}") from exc
         except BaseException:
-            if conn is not None:
-                conn.terminate()
+            _terminate(conn)
             raise
         finally:
             if conn is not None:
@@ -109,7 +108,7 @@ class Database:
         try:
             await self._pool.release(conn, timeout=1.0)
         except Exception:  # a broken connection: drop it, the pool replaces it
-            conn.terminate()
+            _terminate(conn)
 
     async def fetchrow(self, deadline: Deadline, query: str, *args: Any) -> asyncpg.Record | None:
         async with self.connection(deadline) as conn:
@@ -142,6 +141,13 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         encoder=lambda value: orjson.dumps(value).decode(),
         decoder=orjson.loads,
     )
+
+
+def _terminate(conn: asyncpg.Connection | None) -> None:
+    """Close a connection at once, without a round trip; the pool opens a new one when needed."""
+    if conn is not None:
+        with contextlib.suppress(asyncpg.InterfaceError):  # already lost and handed back
+            conn.terminate()
 
 
 def _describe(exc: BaseException) -> str:
