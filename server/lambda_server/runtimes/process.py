@@ -178,9 +178,11 @@ class WorkerProcess:
                     raise FrameTooLarge(f"answer of {size} bytes is over {self._max_frame}")
                 body = await self._responses.readexactly(size)
         except asyncio.IncompleteReadError:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(0.5):
-                    await asyncio.shield(self._exited)
+            # let the exit and the last of stderr (a runtime's fatal message) arrive
+            pending: list[asyncio.Future[Any]] = [self._exited]
+            if self._stderr_task is not None:
+                pending.append(self._stderr_task)
+            await asyncio.wait(pending, timeout=0.5)
             raise WorkerCrashed(self._describe_exit("the worker closed its pipe")) from None
         try:
             message = orjson.loads(body)
