@@ -16,18 +16,23 @@ COPY migrations migrations
 RUN pip wheel --no-deps --wheel-dir /wheels ./client ./server
 
 FROM python:3.11-slim-bookworm
-# Node.js runs the JavaScript scripts; Python runs the server and the Python scripts.
+# Node.js runs the JavaScript scripts; Python runs the server and the Python
+# scripts; util-linux's unshare starts each environment in its namespaces.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends nodejs \
+    && apt-get install -y --no-install-recommends nodejs util-linux \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir --no-index /wheels/*.whl && rm -rf /wheels \
-    && useradd --system --uid 10001 --home-dir /var/lib/lambda --create-home lambda
-# Until the sandbox lands (it needs root, or CAP_SYS_ADMIN, to create namespaces
-# and cgroups), the service runs as an unprivileged user.
-USER lambda
+RUN pip install --no-cache-dir --no-index /wheels/*.whl && rm -rf /wheels
+# The sandbox needs root in the container: it creates PID, network, mount, IPC
+# and UTS namespaces, mounts a fresh root per environment (CAP_SYS_ADMIN, no
+# AppArmor or seccomp profile that forbids mount/unshare/pivot_root) and writes
+# the cgroup filesystem (memory and pids controllers). Scripts never run as root:
+# each environment gets a uid of its own, no capabilities and no_new_privs.
+# Run with `docker run --privileged`, or `securityContext.privileged: true`;
+# SANDBOX_MODE=strict makes the server refuse to start when a layer is missing.
 WORKDIR /var/lib/lambda
 ENV LISTEN_ADDR=0.0.0.0:50051 \
+    SANDBOX_MODE=strict \
     PYTHONUNBUFFERED=1
 EXPOSE 50051
 STOPSIGNAL SIGTERM
