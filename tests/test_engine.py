@@ -66,7 +66,9 @@ def test_without_pre_started_processes_the_first_execution_is_cold(engine_server
         ),
         (
             "nodejs-cpu",
-            "const end = Date.now() + 200; while (Date.now() < end) {}\n"
+            "const t0 = process.cpuUsage();\n"
+            "const used = () => { const u = process.cpuUsage(t0); return u.user + u.system; };\n"
+            "while (used() < 200000) {}\n"
             "const data = Buffer.alloc(params.mb * 1024 * 1024, 1); return data.length;",
         ),
     ],

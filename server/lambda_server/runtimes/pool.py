@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import tempfile
 import time
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
@@ -30,20 +29,20 @@ from lambda_server.domain import (
     FailureCode,
     Limits,
 )
-from lambda_server.errors import RuntimeBusy, ScriptSyntaxError, Unavailable
+from lambda_server.errors import RuntimeBusy, Unavailable
+from lambda_server.runtimes.checker import ScriptChecker
+from lambda_server.runtimes.launcher import Launcher
 from lambda_server.runtimes.process import (
     FrameTooLarge,
     WorkerCrashed,
-    WorkerError,
     WorkerProcess,
     WorkerTimeout,
 )
 from lambda_server.runtimes.registry import RuntimeSpec
-from lambda_server.sandbox import Confinement, Sandbox, SandboxUnavailable
+from lambda_server.sandbox import Sandbox
 
 log = logging.getLogger(__name__)
 
-CHECK_TIMEOUT = 10.0
 REAP_INTERVAL = 5.0
 
 
@@ -88,10 +87,9 @@ class EnvironmentPool:
     ) -> None:
         self._settings = settings
         self._runtimes = runtimes
-        self._sandbox = sandbox
         self._default_limits = default_limits
-        self._confinements: dict[WorkerProcess, Confinement] = {}
-        self._max_frame = settings.max_result_bytes + 6 * settings.max_log_bytes + 65536
+        self._launcher = Launcher(settings, sandbox)
+        self._checker = ScriptChecker(self._launcher, default_limits)
         self._changed = asyncio.Condition()
         self._idle: OrderedDict[WorkerProcess, EnvironmentKey] = OrderedDict()  # least recent first
         self._busy: dict[EnvironmentKey, int] = defaultdict(int)
@@ -99,10 +97,6 @@ class EnvironmentPool:
         self._queued = 0
         self._warm: dict[str, list[WorkerProcess]] = defaultdict(list)
         self._refills: dict[str, asyncio.Task[None]] = {}
-        self._checkers: dict[str, WorkerProcess] = {}
-        self._check_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self._live: set[WorkerProcess] = set()
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._reaper: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -110,12 +104,10 @@ class EnvironmentPool:
 
     async def start(self) -> None:
         """Start each runtime's checker and pre-started processes."""
-        for spec in self._available():
-            try:
-                await self._checker(spec, Deadline.after(self._settings.spawn_timeout_seconds))
-            except Unavailable as exc:
-                log.warning("%s", exc)
-            self._refill(spec)
+        for spec in self._runtimes.values():
+            if spec.available:
+                await self._checker.start(spec, Deadline.after(self._settings.spawn_timeout_seconds))
+                self._refill(spec)
         self._reaper = asyncio.create_task(self._reap_idle())
 
     async def close(self) -> None:
@@ -123,13 +115,10 @@ class EnvironmentPool:
         tasks = [*self._refills.values(), *([self._reaper] if self._reaper else [])]
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, *self._tasks, return_exceptions=True)
-        workers = list(self._live)
-        self._live.clear()
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._idle.clear()
         self._warm.clear()
-        self._checkers.clear()
-        await asyncio.gather(*(self._end(w) for w in workers), return_exceptions=True)
+        await self._launcher.close()
 
     def status(self) -> dict[str, str]:
         idle: dict[str, int] = defaultdict(int)
@@ -147,43 +136,9 @@ class EnvironmentPool:
                 report[f"runtime.{name}"] = f"unavailable: {spec.missing}"
         return report
 
-    def _available(self) -> list[RuntimeSpec]:
-        return [spec for spec in self._runtimes.values() if spec.available]
-
-    # checking
-
     async def check(self, runtime: RuntimeSpec, script: str, deadline: Deadline) -> None:
         """Compile without running; ScriptSyntaxError with line and column when it fails."""
-        lock = self._check_locks[runtime.name]
-        try:
-            async with asyncio.timeout(deadline.cap(CHECK_TIMEOUT)):
-                await lock.acquire()
-        except TimeoutError:
-            raise RuntimeBusy(f"the {runtime.name} checker stayed busy") from None
-        try:
-            checker = await self._checker(runtime, deadline)
-            answer = await checker.request({"op": "check", "script": script}, deadline.cap(CHECK_TIMEOUT))
-        except WorkerError as exc:
-            dead = self._checkers.pop(runtime.name, None)
-            if dead is not None:
-                self._discard(dead)
-            raise Unavailable(f"the {runtime.name} checker failed: {exc}") from None
-        finally:
-            lock.release()
-        if not answer.get("ok"):
-            error = answer.get("error") or {}
-            raise ScriptSyntaxError(
-                str(error.get("message", "syntax error")),
-                _int(error.get("line")),
-                _int(error.get("column")),
-            )
-
-    async def _checker(self, runtime: RuntimeSpec, deadline: Deadline) -> WorkerProcess:
-        checker = self._checkers.get(runtime.name)
-        if checker is None or not checker.alive():
-            checker = await self._spawn(runtime, self._default_limits, deadline)
-            self._checkers[runtime.name] = checker
-        return checker
+        await self._checker.check(runtime, script, deadline)
 
     # executing
 
@@ -243,6 +198,8 @@ class EnvironmentPool:
             if slot.worker is not None and slot.worker.alive() and not self._closed:
                 self._idle[slot.worker] = slot.key
             else:
+                if slot.worker is not None:
+                    self._discard(slot.worker)
                 self._bound -= 1
             self._changed.notify_all()
 
@@ -273,7 +230,7 @@ class EnvironmentPool:
                 FailureCode.OUTPUT_LIMIT, f"the script's output is too large: {exc}", started, state
             )
         except WorkerCrashed as exc:
-            if self._out_of_memory(worker):
+            if worker is not None and self._launcher.out_of_memory(worker):
                 self._drop(slot)
                 message = f"the script went past its memory limit of {job.limits.memory_mb} MiB"
                 return _failed(FailureCode.MEMORY_LIMIT, message, started, state)
@@ -285,20 +242,9 @@ class EnvironmentPool:
         outcome = _outcome(answer, started, state, load_cpu)
         if outcome.failure is not None and outcome.failure.code is FailureCode.MEMORY_LIMIT:
             self._drop(slot)  # a process that ran out of memory is not trusted again
-        else:
-            confinement = self._confinements.get(worker)
-            if confinement is not None and confinement.has_stragglers():
-                self._drop(slot)  # processes the script left behind end with their environment
+        elif self._launcher.has_stragglers(worker):
+            self._drop(slot)  # processes the script left behind end with their environment
         return outcome
-
-    def _out_of_memory(self, worker: WorkerProcess | None) -> bool:
-        """Whether the kernel's OOM killer (cgroup) or V8's heap limit ended the worker."""
-        if worker is None:
-            return False
-        confinement = self._confinements.get(worker)
-        if confinement is not None and confinement.memory_exhausted():
-            return True
-        return "heap out of memory" in worker.stderr_tail()
 
     def _drop(self, slot: _Slot) -> None:
         """The slot's worker is killed (if it is not dead already) and never used again."""
@@ -314,7 +260,7 @@ class EnvironmentPool:
         Pre-started processes have the default limits; other limits start a process.
         """
         if limits != self._default_limits:
-            return await self._spawn(runtime, limits, deadline), EnvironmentState.COLD
+            return await self._launcher.start(runtime, limits, deadline), EnvironmentState.COLD
         warm = self._warm[runtime.name]
         while warm:
             worker = warm.pop()
@@ -323,7 +269,7 @@ class EnvironmentPool:
                 return worker, EnvironmentState.PREWARMED
             self._discard(worker)
         self._refill(runtime)
-        return await self._spawn(runtime, limits, deadline), EnvironmentState.COLD
+        return await self._launcher.start(runtime, limits, deadline), EnvironmentState.COLD
 
     def _refill(self, runtime: RuntimeSpec) -> None:
         """Start processes in the background until the runtime has its pre-started few."""
@@ -338,7 +284,7 @@ class EnvironmentPool:
         while not self._closed and len(self._warm[runtime.name]) < self._settings.prewarm_per_runtime:
             try:
                 deadline = Deadline.after(self._settings.spawn_timeout_seconds)
-                worker = await self._spawn(runtime, self._default_limits, deadline)
+                worker = await self._launcher.start(runtime, self._default_limits, deadline)
             except Unavailable as exc:
                 failures += 1
                 log.warning("could not pre-start a %s process: %s", runtime.name, exc)
@@ -346,48 +292,6 @@ class EnvironmentPool:
                 continue
             failures = 0
             self._warm[runtime.name].append(worker)
-
-    async def _spawn(self, runtime: RuntimeSpec, limits: Limits, deadline: Deadline) -> WorkerProcess:
-        if self._closed:
-            raise Unavailable("the server is shutting down")
-        try:
-            confinement = self._sandbox.confine(runtime, limits)
-        except SandboxUnavailable as exc:
-            raise Unavailable(f"the {runtime.name} runtime could not be confined: {exc.message}") from None
-        env = {
-            "PATH": "/usr/local/bin:/usr/bin:/bin",
-            "LANG": "C.UTF-8",
-            "HOME": tempfile.gettempdir(),
-            "LAMBDA_MAX_LOG_BYTES": str(self._settings.max_log_bytes),
-            "LAMBDA_MAX_RESULT_BYTES": str(self._settings.max_result_bytes),
-        }
-        try:
-            worker = await WorkerProcess.spawn(
-                confinement.argv,
-                env,
-                timeout=deadline.cap(self._settings.spawn_timeout_seconds),
-                max_frame=self._max_frame,
-                cwd=tempfile.gettempdir(),
-            )
-        except (OSError, WorkerError) as exc:
-            await confinement.release()
-            raise Unavailable(f"the {runtime.name} runtime could not start: {exc}") from None
-        except BaseException:
-            await confinement.release()
-            raise
-        self._confinements[worker] = confinement
-        if self._closed:
-            await self._end(worker)
-            raise Unavailable("the server is shutting down")
-        self._live.add(worker)
-        return worker
-
-    async def _end(self, worker: WorkerProcess) -> None:
-        """Kill a worker and release its place in the sandbox."""
-        await worker.kill()
-        confinement = self._confinements.pop(worker, None)
-        if confinement is not None:
-            await confinement.release()
 
     async def _reap_idle(self) -> None:
         """Kill environments idle for longer than their TTL."""
@@ -404,11 +308,7 @@ class EnvironmentPool:
                     self._changed.notify_all()
 
     def _discard(self, worker: WorkerProcess) -> None:
-        """Kill a worker in the background; it is never used again."""
-        self._live.discard(worker)
-        task = asyncio.get_running_loop().create_task(self._end(worker))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._launcher.discard(worker)
 
 
 def _outcome(

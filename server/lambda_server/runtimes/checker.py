@@ -1,0 +1,77 @@
+"""Checks scripts at Initialize: each runtime compiles them, without running them, in a worker of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+
+from lambda_server.domain import Deadline, Limits
+from lambda_server.errors import RuntimeBusy, ScriptSyntaxError, Unavailable
+from lambda_server.runtimes.launcher import Launcher
+from lambda_server.runtimes.process import WorkerError, WorkerProcess
+from lambda_server.runtimes.registry import RuntimeSpec
+
+log = logging.getLogger(__name__)
+
+CHECK_TIMEOUT = 10.0
+
+
+class ScriptChecker:
+    """One checker worker per runtime, one check at a time, replaced when it fails."""
+
+    def __init__(self, launcher: Launcher, limits: Limits) -> None:
+        self._launcher = launcher
+        self._limits = limits
+        self._workers: dict[str, WorkerProcess] = {}
+        self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    async def start(self, runtime: RuntimeSpec, deadline: Deadline) -> None:
+        """Start the runtime's checker now, so that the first Initialize is fast."""
+        try:
+            await self._worker(runtime, deadline)
+        except Unavailable as exc:
+            log.warning("%s", exc.message)
+
+    async def check(self, runtime: RuntimeSpec, script: str, deadline: Deadline) -> None:
+        """Compile without running; ScriptSyntaxError with line and column when it fails."""
+        lock = self._locks[runtime.name]
+        try:
+            async with asyncio.timeout(deadline.cap(CHECK_TIMEOUT)):
+                await lock.acquire()
+        except TimeoutError:
+            raise RuntimeBusy(f"the {runtime.name} checker stayed busy") from None
+        try:
+            worker = await self._worker(runtime, deadline)
+            answer = await worker.request({"op": "check", "script": script}, deadline.cap(CHECK_TIMEOUT))
+        except WorkerError as exc:
+            dead = self._workers.pop(runtime.name, None)
+            if dead is not None:
+                self._launcher.discard(dead)
+            raise Unavailable(f"the {runtime.name} checker failed: {exc}") from None
+        finally:
+            lock.release()
+        if not answer.get("ok"):
+            error = answer.get("error") or {}
+            raise ScriptSyntaxError(
+                str(error.get("message", "syntax error")),
+                _position(error.get("line")),
+                _position(error.get("column")),
+            )
+
+    async def _worker(self, runtime: RuntimeSpec, deadline: Deadline) -> WorkerProcess:
+        worker = self._workers.get(runtime.name)
+        if worker is not None and not worker.alive():
+            log.warning(
+                "the %s checker had exited (%s); starting another", runtime.name, worker.stderr_tail()[-200:]
+            )
+            self._launcher.discard(worker)  # its pipes and sandbox place are released too
+            worker = None
+        if worker is None:
+            worker = await self._launcher.start(runtime, self._limits, deadline)
+            self._workers[runtime.name] = worker
+        return worker
+
+
+def _position(value: object) -> int:
+    return value if isinstance(value, int) and 0 <= value < 2**31 else 0
