@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import grpc
 
 from lambda_server.app import Server, build_server, new_event_loop
 from lambda_server.config import DatabaseSettings, RuntimeSettings, Settings
@@ -173,3 +174,45 @@ def settled(client: Any) -> bool:
 
 def env_without_database() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+
+
+# Requests written straight on the wire, past what a generated client would send.
+
+
+def wire_field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def nested_execute_request(request_id: str, depth: int) -> bytes:
+    """An ExecuteRequest whose params are {"x": {"a": {"a": ...}}}, `depth` objects deep."""
+    value = b""
+    for _ in range(depth):
+        entry = wire_field(1, b"a") + wire_field(2, value)  # map entry: key, value
+        value = wire_field(5, wire_field(1, entry))  # Value.struct_value.fields
+    params = wire_field(1, wire_field(1, b"x") + wire_field(2, value))
+    return wire_field(1, request_id.encode()) + wire_field(2, params)
+
+
+def raw_execute_error(target: str, body: bytes) -> grpc.RpcError:
+    """The error a raw Execute call with `body` ends in (AssertionError if it succeeds)."""
+    with grpc.insecure_channel(target) as channel:
+        execute = channel.unary_unary(
+            "/lambda_microservice.v1.LambdaService/Execute",
+            request_serializer=lambda raw: raw,
+            response_deserializer=lambda raw: raw,
+        )
+        try:
+            execute(body, timeout=10)
+        except grpc.RpcError as error:
+            return error
+    raise AssertionError("the call succeeded")
+
+
+def _varint(n: int) -> bytes:
+    out = b""
+    while True:
+        low, n = n & 0x7F, n >> 7
+        if not n:
+            return out + bytes([low])
+        out += bytes([low | 0x80])

@@ -16,7 +16,7 @@ from lambda_microservice import (
 )
 from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_microservice.v1 import lambda_service_pb2_grpc as pb_grpc
-from tests.support import ServerThread
+from tests.support import ServerThread, nested_execute_request, raw_execute_error
 
 
 @pytest.mark.parametrize("title", ["", "ruby-app", "nodejs-", "python", "x" * 200])
@@ -111,48 +111,15 @@ def test_catalog_rpcs_answer_unimplemented_for_now(client: LambdaClient) -> None
         client.get_function("nodejs-calculator")
 
 
-def _varint(n: int) -> bytes:
-    out = b""
-    while True:
-        low, n = n & 0x7F, n >> 7
-        if not n:
-            return out + bytes([low])
-        out += bytes([low | 0x80])
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _nested_value(depth: int) -> bytes:
-    """A google.protobuf.Value of `depth` nested objects {"a": {"a": ...}}, as bytes."""
-    value = b""
-    for _ in range(depth):
-        entry = _field(1, b"a") + _field(2, value)  # map entry: key, value
-        value = _field(5, _field(1, entry))  # Value.struct_value{fields}
-    return value
-
-
 @pytest.mark.parametrize(
     "body",
-    [
-        b"\xff\xff\xff",  # not protobuf at all
-        _field(1, str(uuid.uuid4()).encode())
-        + _field(2, _field(1, _field(1, b"x") + _field(2, _nested_value(60)))),
-    ],
+    [b"\xff\xff\xff", nested_execute_request(str(uuid.uuid4()), 60)],
     ids=["corrupt", "nested-past-protobuf-limit"],
 )
 def test_an_undecodable_request_is_invalid_argument_not_unknown(server: ServerThread, body: bytes) -> None:
-    with grpc.insecure_channel(server.target) as channel:
-        execute = channel.unary_unary(
-            "/lambda_microservice.v1.LambdaService/Execute",
-            request_serializer=lambda raw: raw,
-            response_deserializer=lambda raw: raw,
-        )
-        with pytest.raises(grpc.RpcError) as caught:
-            execute(body, timeout=10)
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "not a valid ExecuteRequest" in (caught.value.details() or "")
+    error = raw_execute_error(server.target, body)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid ExecuteRequest" in (error.details() or "")
 
 
 def test_raw_calls_never_answer_unknown(server: ServerThread) -> None:
