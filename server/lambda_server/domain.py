@@ -30,10 +30,6 @@ class Deadline:
         remaining = self.remaining()
         return seconds if remaining is None else max(0.0, min(seconds, remaining))
 
-    def expired(self) -> bool:
-        remaining = self.remaining()
-        return remaining is not None and remaining <= 0
-
 
 class SessionStatus(enum.Enum):
     ACTIVE = "active"

@@ -55,13 +55,8 @@ class WorkerProcess:
         self._stderr: deque[bytes] = deque(maxlen=16)
         self._exited = asyncio.get_running_loop().create_future()
         self._stderr_task: asyncio.Task[None] | None = None
-        self.started_at = time.monotonic()
-        self.last_used = self.started_at
+        self.last_used = time.monotonic()
         self._next_id = 0
-
-    @property
-    def pid(self) -> int:
-        return self._popen.pid
 
     @classmethod
     async def spawn(
