@@ -36,8 +36,15 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LambdaService"].full_name
 class DatabaseMonitor:
     """Pings PostgreSQL, applies migrations once it answers, and drives the health status."""
 
-    def __init__(self, db: Database, health_servicer: HealthServicer, interval: float) -> None:
+    def __init__(
+        self,
+        db: Database,
+        health_servicer: HealthServicer,
+        interval: float,
+        schema: list[migrations.Migration],
+    ) -> None:
         self._db = db
+        self._schema = schema
         self._health = health_servicer
         self._interval = interval
         self._migrated = False
@@ -56,7 +63,7 @@ class DatabaseMonitor:
     async def check_once(self) -> None:
         try:
             if not self._migrated:
-                await migrations.apply(self._db, migrations.load(migrations.default_directory()))
+                await migrations.apply(self._db, self._schema)
                 self._migrated = True
             await self._db.ping(timeout=max(self._interval, 1.0))
         except LambdaError as exc:
@@ -136,14 +143,16 @@ async def build_server(settings: Settings, database_url: str | None = None) -> t
     url = database_url or settings.database.url
     if url is None:
         raise ConfigError("DATABASE_URL is unset (main() starts an embedded PostgreSQL for it)")
-    db = Database(settings.database, url)
-    await db.open()
+    # read once at start: a broken migrations directory stops start-up, not every health probe
+    schema = migrations.load(migrations.default_directory())
     registry = RuntimeRegistry.load(settings.runtime.mappings_file, settings.runtime.node_binary)
     sandbox = await Sandbox.start(settings.sandbox)
+    db = Database(settings.database, url)
+    await db.open()
     limits = Limits(settings.sandbox.memory_mb, settings.sandbox.max_processes)
     pool = EnvironmentPool(settings.runtime, registry.specs, sandbox, limits)
     health_servicer = HealthServicer()
-    monitor = DatabaseMonitor(db, health_servicer, settings.health_interval_seconds)
+    monitor = DatabaseMonitor(db, health_servicer, settings.health_interval_seconds, schema)
     service = LambdaService(settings, SessionStore(db), pool, registry, monitor, sandbox.describe())
 
     grpc_server = grpc.aio.server(

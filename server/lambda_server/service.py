@@ -58,12 +58,12 @@ class LambdaService:
         database: DatabaseState,
         sandbox_description: str,
     ) -> None:
-        self._sandbox_description = sandbox_description
         self._settings = settings
         self._sessions = sessions
         self._engine = engine
         self._registry = registry
         self._database = database
+        self._sandbox_description = sandbox_description
 
     async def initialize(
         self,

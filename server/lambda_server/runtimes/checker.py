@@ -9,7 +9,7 @@ from collections import defaultdict
 from lambda_server.domain import Deadline, Limits
 from lambda_server.errors import RuntimeBusy, ScriptSyntaxError, Unavailable
 from lambda_server.runtimes.launcher import Launcher
-from lambda_server.runtimes.process import WorkerError, WorkerProcess
+from lambda_server.runtimes.process import WorkerError, WorkerProcess, answer_int
 from lambda_server.runtimes.registry import RuntimeSpec
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,8 @@ class ScriptChecker:
             error = answer.get("error") or {}
             raise ScriptSyntaxError(
                 str(error.get("message", "syntax error")),
-                _position(error.get("line")),
-                _position(error.get("column")),
+                answer_int(error.get("line")),
+                answer_int(error.get("column")),
             )
 
     async def _worker(self, runtime: RuntimeSpec, deadline: Deadline) -> WorkerProcess:
@@ -71,7 +71,3 @@ class ScriptChecker:
             worker = await self._launcher.start(runtime, self._limits, deadline)
             self._workers[runtime.name] = worker
         return worker
-
-
-def _position(value: object) -> int:
-    return value if isinstance(value, int) and 0 <= value < 2**31 else 0

@@ -37,6 +37,7 @@ from lambda_server.runtimes.process import (
     WorkerCrashed,
     WorkerProcess,
     WorkerTimeout,
+    answer_int,
 )
 from lambda_server.runtimes.registry import RuntimeSpec
 from lambda_server.sandbox import Sandbox
@@ -317,7 +318,7 @@ def _outcome(
     duration = time.perf_counter() - started
     logs = str(answer.get("logs", ""))
     cpu = _float(answer.get("cpu")) + extra_cpu
-    peak = _int(answer.get("peak"), limit=2**62)
+    peak = answer_int(answer.get("peak"), limit=2**62)
     if answer.get("ok"):
         return ExecutionOutcome(answer.get("result"), None, duration, logs, state, cpu, peak)
     error = answer.get("error") or {}
@@ -328,8 +329,8 @@ def _outcome(
     failure = ExecutionFailure(
         code=code,
         message=str(error.get("message", "")),
-        line=_int(error.get("line")),
-        column=_int(error.get("column")),
+        line=answer_int(error.get("line")),
+        column=answer_int(error.get("column")),
         stack_trace=str(error.get("stack", "")),
     )
     return ExecutionOutcome(None, failure, duration, logs, state, cpu, peak)
@@ -338,10 +339,6 @@ def _outcome(
 def _failed(code: FailureCode, message: str, started: float, state: EnvironmentState) -> ExecutionOutcome:
     failure = ExecutionFailure(code, message)
     return ExecutionOutcome(None, failure, time.perf_counter() - started, "", state)
-
-
-def _int(value: object, limit: int = 2**31) -> int:
-    return value if isinstance(value, int) and 0 <= value < limit else 0
 
 
 def _float(value: object) -> float:

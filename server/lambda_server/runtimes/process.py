@@ -25,6 +25,11 @@ from typing import Any
 import orjson
 
 
+def answer_int(value: object, limit: int = 2**31) -> int:
+    """A non-negative integer field of a worker's answer; 0 when absent or out of range."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < limit else 0
+
+
 class WorkerError(Exception):
     """The worker cannot be used any more; it has been killed."""
 
@@ -106,31 +111,36 @@ class WorkerProcess:
         return worker
 
     async def _connect(self, responses: Any) -> None:
-        self._unowned.append(responses)
         loop = asyncio.get_running_loop()
         popen = self._popen
         assert popen.stdin is not None and popen.stderr is not None
+        self._give(responses)
         transport, _ = await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(self._responses), responses
         )
-        self._owned(transport, responses)
+        self._transports.append(transport)
         stderr = asyncio.StreamReader()
+        self._give(popen.stderr)
         transport, _ = await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(stderr), popen.stderr
         )
-        self._owned(transport, popen.stderr)
+        self._transports.append(transport)
         self._stderr_task = asyncio.create_task(self._drain(stderr))
+        self._give(popen.stdin)
         write_transport, protocol = await loop.connect_write_pipe(
             lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), popen.stdin
         )
-        self._owned(write_transport, popen.stdin)
+        self._transports.append(write_transport)
         self._requests = asyncio.StreamWriter(write_transport, protocol, None, loop)
         pidfd = os.pidfd_open(popen.pid)
         loop.add_reader(pidfd, self._on_exit, pidfd)
 
-    def _owned(self, transport: asyncio.BaseTransport, pipe: Any) -> None:
-        self._transports.append(transport)
-        self._unowned.remove(pipe)
+    def _give(self, pipe: Any) -> None:
+        """Hand a pipe to the loop: from here its transport closes it, even when connecting
+        fails or is cancelled, so kill() must not close it too (a second close of a
+        number may close whatever file reused it)."""
+        if pipe in self._unowned:
+            self._unowned.remove(pipe)
 
     def _on_exit(self, pidfd: int) -> None:
         asyncio.get_running_loop().remove_reader(pidfd)

@@ -63,6 +63,8 @@ class RuntimeRegistry:
     def __init__(self, mappings: list[Mapping], specs: dict[str, RuntimeSpec]) -> None:
         self._mappings = mappings
         self.specs = specs
+        # named in every refusal; built once, not on each Execute's lookup
+        self._known = ", ".join(m.describe() for m in mappings)
 
     @classmethod
     def load(cls, mappings_file: Path | None, node_binary: str | None) -> RuntimeRegistry:
@@ -70,7 +72,7 @@ class RuntimeRegistry:
 
     def resolve(self, language_title: str) -> RuntimeSpec:
         """The runtime for a title; UnknownLanguage or RuntimeNotAvailable when there is none."""
-        known = ", ".join(m.describe() for m in self._mappings)
+        known = self._known
         if not language_title:
             raise UnknownLanguage(
                 f"language_title is required (`<language>-<title>`; known: {known})",

@@ -114,10 +114,6 @@ class Database:
         async with self.connection(deadline) as conn:
             return await conn.fetchrow(query, *args)
 
-    async def fetch(self, deadline: Deadline, query: str, *args: Any) -> list[asyncpg.Record]:
-        async with self.connection(deadline) as conn:
-            return list(await conn.fetch(query, *args))
-
     async def ping(self, timeout: float) -> None:
         """Raise DatabaseUnavailable unless PostgreSQL answers within `timeout`."""
         async with self.connection(Deadline.after(timeout)) as conn:
