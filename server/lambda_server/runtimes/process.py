@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -23,6 +24,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
+
+log = logging.getLogger(__name__)
 
 
 def answer_int(value: object, limit: int = 2**31) -> int:
@@ -98,7 +101,7 @@ class WorkerProcess:
             os.close(read_fd)
             raise
         finally:
-            os.close(write_fd)
+            _close_our_end(write_fd)
         worker = cls(popen, max_frame)
         try:
             await worker._connect(os.fdopen(read_fd, "rb", buffering=0))
@@ -235,6 +238,19 @@ class WorkerProcess:
         if self._popen.returncode is None:  # no watch, or a slow exit: reap it in a thread
             with contextlib.suppress(subprocess.TimeoutExpired):
                 await asyncio.get_running_loop().run_in_executor(None, self._popen.wait, 10)
+
+
+def _close_our_end(fd: int) -> None:
+    """Close the parent's copy of the worker's answer pipe.
+
+    Seen rarely under load in the suite: the number was already closed elsewhere
+    (EBADF). The worker has its own copy, so the start is still good: say so in
+    the log rather than fail the execution.
+    """
+    try:
+        os.close(fd)
+    except OSError as exc:
+        log.warning("closing the answer pipe's write end %d: %s", fd, exc)
 
 
 def _kill(popen: subprocess.Popen[bytes]) -> None:
