@@ -28,6 +28,7 @@ from tests.support import (
     eventually,
     nested_execute_request,
     pool_counts,
+    quiet_descendants,
     raw_execute_error,
     server_settings,
 )
@@ -92,8 +93,9 @@ def p99(samples: list[float]) -> float:
 
 @pytest.fixture(scope="module")
 def others() -> int:
-    """Processes of the other test modules' servers, which run in this process too."""
-    return len(descendants())
+    """Processes of the other test modules' servers, which run in this process too,
+    counted once they are not starting or ending environments."""
+    return len(quiet_descendants(settle=0.5))
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +221,7 @@ CASES: list[tuple[str, str, Check]] = [
     (
         "nodejs-microtask-storm",
         "const storm = () => Promise.resolve().then(storm);\nstorm();\nawait new Promise((r) => setTimeout(r, 10));",
-        lambda r: code(r) == TIMEOUT,
+        lambda r: code(r) in (TIMEOUT, MEMORY_LIMIT),  # the chain of promises grows until one ends it
     ),
     (
         "python-ignores-signals",

@@ -8,13 +8,18 @@ Workers are started with subprocess.Popen (fork + exec of async-signal-safe code
 only) in a thread, and their exit is watched through a pidfd. The event loop's
 own subprocess support is not used: uvloop's crashed (SIGSEGV in the child)
 when it forked while gRPC's threads ran.
+
+The pipes are made here, and the loop is handed bare descriptors (PipeEnd), not
+file objects: uvloop closes a pipe's descriptor in libuv and then again through
+the file object it was given (uvloop issue 763), and that second close hit
+whatever file had reused the number meanwhile, in the suite another worker's
+answer pipe.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import signal
 import subprocess
@@ -24,8 +29,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
-
-log = logging.getLogger(__name__)
 
 
 def answer_int(value: object, limit: int = 2**31) -> int:
@@ -56,8 +59,8 @@ class WorkerProcess:
         self._popen = popen
         self._max_frame = max_frame
         self._transports: list[asyncio.BaseTransport] = []
-        # the worker's pipes that no transport owns yet: kill() closes these itself
-        self._unowned: list[Any] = [popen.stdin, popen.stderr]
+        # our ends of the worker's pipes that no transport owns yet: kill() closes these itself
+        self._unowned: list[PipeEnd] = []
         self._requests: asyncio.StreamWriter | None = None
         self._responses = asyncio.StreamReader()
         self._stderr: deque[bytes] = deque(maxlen=16)
@@ -77,17 +80,17 @@ class WorkerProcess:
     ) -> WorkerProcess:
         """Start the worker and wait for its `ready` frame; nothing is left behind on failure."""
         loop = asyncio.get_running_loop()
-        read_fd, write_fd = os.pipe()
+        pipes = _Pipes()
         try:
             started = loop.run_in_executor(
                 None,
                 lambda: subprocess.Popen(
                     list(command),
-                    stdin=subprocess.PIPE,
+                    stdin=pipes.requests[0],
                     stdout=subprocess.DEVNULL,
-                    stderr=subprocess.PIPE,
-                    env={**env, "LAMBDA_RESPONSE_FD": str(write_fd)},
-                    pass_fds=(write_fd,),
+                    stderr=pipes.stderr[1],
+                    env={**env, "LAMBDA_RESPONSE_FD": str(pipes.responses[1])},
+                    pass_fds=(pipes.responses[1],),
                     start_new_session=True,  # its own process group, killed as one
                     cwd=cwd,
                 ),
@@ -98,13 +101,14 @@ class WorkerProcess:
                 await _reap_cancelled_start(started)
                 raise
         except BaseException:
-            os.close(read_fd)
+            pipes.close_ours()
             raise
         finally:
-            _close_our_end(write_fd)
+            pipes.close_workers()
         worker = cls(popen, max_frame)
+        worker._unowned = pipes.ours(closes=not _loop_closes_twice(loop))
         try:
-            await worker._connect(os.fdopen(read_fd, "rb", buffering=0))
+            await worker._connect()
             ready = await worker._receive(timeout)
             if ready.get("op") != "ready":
                 raise WorkerCrashed(f"worker said {ready!r} instead of ready")
@@ -113,32 +117,29 @@ class WorkerProcess:
             raise
         return worker
 
-    async def _connect(self, responses: Any) -> None:
+    async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
-        popen = self._popen
-        assert popen.stdin is not None and popen.stderr is not None
+        requests, responses, stderr_pipe = self._unowned
         self._give(responses)
         transport, _ = await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(self._responses), responses
         )
         self._transports.append(transport)
         stderr = asyncio.StreamReader()
-        self._give(popen.stderr)
-        transport, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(stderr), popen.stderr
-        )
+        self._give(stderr_pipe)
+        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stderr), stderr_pipe)
         self._transports.append(transport)
         self._stderr_task = asyncio.create_task(self._drain(stderr))
-        self._give(popen.stdin)
+        self._give(requests)
         write_transport, protocol = await loop.connect_write_pipe(
-            lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), popen.stdin
+            lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), requests
         )
         self._transports.append(write_transport)
         self._requests = asyncio.StreamWriter(write_transport, protocol, None, loop)
-        pidfd = os.pidfd_open(popen.pid)
+        pidfd = os.pidfd_open(self._popen.pid)
         loop.add_reader(pidfd, self._on_exit, pidfd)
 
-    def _give(self, pipe: Any) -> None:
+    def _give(self, pipe: PipeEnd) -> None:
         """Hand a pipe to the loop: from here its transport closes it, even when connecting
         fails or is cancelled, so kill() must not close it too (a second close of a
         number may close whatever file reused it)."""
@@ -228,8 +229,7 @@ class WorkerProcess:
         if self._stderr_task is not None:
             self._stderr_task.cancel()
         for pipe in self._unowned:
-            if pipe is not None:
-                pipe.close()
+            pipe.close_now()
         self._unowned.clear()
         if self._transports:
             with contextlib.suppress(TimeoutError):
@@ -240,17 +240,63 @@ class WorkerProcess:
                 await asyncio.get_running_loop().run_in_executor(None, self._popen.wait, 10)
 
 
-def _close_our_end(fd: int) -> None:
-    """Close the parent's copy of the worker's answer pipe.
+class PipeEnd:
+    """Our end of a pipe to a worker, as handed to the event loop's pipe transports.
 
-    Seen rarely under load in the suite: the number was already closed elsewhere
-    (EBADF). The worker has its own copy, so the start is still good: say so in
-    the log rather than fail the execution.
+    The transport calls close() when it is done. Under uvloop, libuv has closed
+    the descriptor already, so close() must not (closes=False); under asyncio's
+    own loop, close() is the only close.
     """
-    try:
-        os.close(fd)
-    except OSError as exc:
-        log.warning("closing the answer pipe's write end %d: %s", fd, exc)
+
+    def __init__(self, fd: int, closes: bool) -> None:
+        self._fd = fd
+        self._closes = closes
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def close(self) -> None:
+        if self._closes:
+            self.close_now()
+
+    def close_now(self) -> None:
+        """Close the descriptor: only for an end no transport was given."""
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+
+class _Pipes:
+    """The three pipes of a worker: requests (its stdin), answers, and stderr."""
+
+    def __init__(self) -> None:
+        self.requests = os.pipe()  # (worker's, ours)
+        self.responses = os.pipe()  # (ours, worker's)
+        self.stderr = os.pipe()  # (ours, worker's)
+        self._theirs = [self.requests[0], self.responses[1], self.stderr[1]]
+        self._ours = [self.requests[1], self.responses[0], self.stderr[0]]
+
+    def close_workers(self) -> None:
+        """Close our copies of the worker's ends: the worker has its own after the start."""
+        for fd in self._theirs:
+            os.close(fd)
+        self._theirs = []
+
+    def close_ours(self) -> None:
+        for fd in self._ours:
+            os.close(fd)
+        self._ours = []
+
+    def ours(self, closes: bool) -> list[PipeEnd]:
+        """Our ends (requests, responses, stderr) as PipeEnds; from here they own the descriptors."""
+        ends = [PipeEnd(fd, closes) for fd in self._ours]
+        self._ours = []
+        return ends
+
+
+def _loop_closes_twice(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether the loop closes a pipe's descriptor itself before calling close() on the pipe."""
+    return type(loop).__module__.startswith("uvloop")
 
 
 def _kill(popen: subprocess.Popen[bytes]) -> None:
@@ -269,7 +315,4 @@ async def _reap_cancelled_start(started: asyncio.Future[subprocess.Popen[bytes]]
     except Exception:
         return  # it did not start
     _kill(popen)
-    for stream in (popen.stdin, popen.stderr):
-        if stream is not None:
-            stream.close()
     await asyncio.get_running_loop().run_in_executor(None, popen.wait)
