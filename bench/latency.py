@@ -62,7 +62,12 @@ def running_server() -> Iterator[str]:
     """`python -m lambda_server` on a database of its own; yields its address."""
     admin = admin_url()
     name = run_sync(create_database(admin))
-    env = {**env_without_database(), "DATABASE_URL": with_database(admin, name), "LISTEN_ADDR": "127.0.0.1:0"}
+    env = {
+        **env_without_database(),
+        "DATABASE_URL": with_database(admin, name),
+        "LISTEN_ADDR": "127.0.0.1:0",
+        "RATE_LIMIT_ANONYMOUS_PER_MINUTE": "0",
+    }
     process = subprocess.Popen(
         [sys.executable, "-m", "lambda_server"], env=env, stderr=subprocess.PIPE, text=True, cwd=ROOT
     )
@@ -118,7 +123,9 @@ def spawn_per_execution(runtime: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="a few iterations: checks that it runs")
     args = parser.parse_args()
     warm_n, cold_n, spawn_n = (50, 5, 3) if args.quick else (3000, 60, 30)
@@ -144,7 +151,9 @@ def main() -> None:
             cold = []
             for i in range(cold_n):
                 wait_for_warm_pool(client, runtime)
-                fresh = client.initialize(f"{runtime}-cold", SCRIPTS[runtime].format(tag=f"cold {i} {time.time()}"))
+                fresh = client.initialize(
+                    f"{runtime}-cold", SCRIPTS[runtime].format(tag=f"cold {i} {time.time()}")
+                )
                 cold.extend(timed(lambda rid=fresh.request_id: execute(rid), 1))
             report[f"{runtime}: first Execute of a new script"] = percentiles(cold)
             report[f"{runtime}: process spawned per execution"] = percentiles(
@@ -153,7 +162,9 @@ def main() -> None:
     floor = report["floor: grpc.health.v1 Check"]["p50_ms"]
     print(f"{'scenario':48} {'n':>6} {'p50 ms':>9} {'p99 ms':>9} {'p50/floor':>10}")
     for name, row in report.items():
-        print(f"{name:48} {row['n']:>6} {row['p50_ms']:>9.3f} {row['p99_ms']:>9.3f} {row['p50_ms'] / floor:>10.2f}")
+        print(
+            f"{name:48} {row['n']:>6} {row['p50_ms']:>9.3f} {row['p99_ms']:>9.3f} {row['p50_ms'] / floor:>10.2f}"
+        )
     for runtime in ("python", "nodejs"):
         spawn = report[f"{runtime}: process spawned per execution"]["p50_ms"]
         cold = report[f"{runtime}: first Execute of a new script"]["p50_ms"]

@@ -19,7 +19,7 @@ import asyncpg
 import grpc
 
 from lambda_server.app import Server, build_server, new_event_loop
-from lambda_server.config import DatabaseSettings, RuntimeSettings, Settings
+from lambda_server.config import AuthSettings, DatabaseSettings, RuntimeSettings, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -88,6 +88,9 @@ def server_settings(**overrides: Any) -> Settings:
     runtime = RuntimeSettings(timeout_seconds=5.0)
     settings = Settings(
         listen_addr="127.0.0.1:0",
+        metrics_addr="127.0.0.1:0",
+        # anonymous callers unlimited: the suite makes thousands of executions a minute
+        auth=AuthSettings(anonymous_rate_limit_per_minute=0),
         shutdown_grace_seconds=1.0,
         health_interval_seconds=0.2,
         database=database,
@@ -173,7 +176,11 @@ def settled(client: Any) -> bool:
 
 
 def env_without_database() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    """This process's environment for a server of its own: no DATABASE_URL, and the
+    metrics endpoint on a free port so that servers never compete for one."""
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env["METRICS_ADDR"] = "127.0.0.1:0"
+    return env
 
 
 # Requests written straight on the wire, past what a generated client would send.

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_server.api.servicer import LambdaServicer, add_to_server
+from lambda_server.auth import Authenticator
 from lambda_server.config import ConfigError, Settings
 from lambda_server.domain import Limits
 from lambda_server.errors import LambdaError
@@ -162,7 +163,7 @@ async def build_server(settings: Settings, database_url: str | None = None) -> t
             ("grpc.max_send_message_length", 4 * 1024 * 1024),
         ]
     )
-    add_to_server(LambdaServicer(service), grpc_server)
+    add_to_server(LambdaServicer(service, Authenticator(settings.auth)), grpc_server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

@@ -73,6 +73,31 @@ class SandboxSettings:
 
 
 @dataclass(frozen=True)
+class AuthSettings:
+    """Who may call: JWT bearer tokens, and how often (per user, token bucket)."""
+
+    mode: str = "none"  # none | jwt
+    jwt_secret: str | None = None  # HS256
+    jwt_public_key: str | None = None  # RS256, PEM
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    # Executions a minute; 0 turns the limit off. Anonymous callers (AUTH_MODE=none)
+    # are counted by their address.
+    rate_limit_per_minute: int = 100
+    anonymous_rate_limit_per_minute: int = 10
+
+
+@dataclass(frozen=True)
+class RequestLogSettings:
+    """The batched writer of public.request_logs and public.error_logs."""
+
+    enabled: bool = True
+    queue_size: int = 10000
+    batch_size: int = 500
+    flush_interval_seconds: float = 0.2
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the service is configured with."""
 
@@ -81,9 +106,18 @@ class Settings:
     shutdown_grace_seconds: float = 10.0
     health_interval_seconds: float = 1.0
     log_level: str = "INFO"
+    log_format: str = "text"  # text | json
+    # host:port of the Prometheus /metrics endpoint; None turns it off.
+    metrics_addr: str | None = "127.0.0.1:9090"
+    result_cache_bytes: int = 64 * MIB
+    # Expired sessions: marked and, after the retention, deleted by one replica at a time.
+    cleanup_interval_seconds: float = 60.0
+    session_retention_seconds: int = 7 * 24 * 3600
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
     sandbox: SandboxSettings = field(default_factory=SandboxSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    request_log: RequestLogSettings = field(default_factory=RequestLogSettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -128,8 +162,38 @@ class Settings:
             raise ConfigError("SANDBOX_MEMORY_MB is over SANDBOX_MAX_MEMORY_MB")
         if sandbox.max_processes > sandbox.max_max_processes:
             raise ConfigError("SANDBOX_MAX_PROCESSES is over SANDBOX_PROCESS_CEILING")
+        auth = AuthSettings(
+            mode=reader.get("AUTH_MODE", _choice("none", "jwt"), "none"),
+            jwt_secret=reader.get("JWT_SECRET", str, None),
+            jwt_public_key=reader.get("JWT_PUBLIC_KEY", str, None)
+            or reader.get("JWT_PUBLIC_KEY_FILE", _file_text, None),
+            jwt_audience=reader.get("JWT_AUDIENCE", str, None),
+            jwt_issuer=reader.get("JWT_ISSUER", str, None),
+            rate_limit_per_minute=reader.get("RATE_LIMIT_PER_MINUTE", _non_negative_int, 100),
+            anonymous_rate_limit_per_minute=reader.get(
+                "RATE_LIMIT_ANONYMOUS_PER_MINUTE", _non_negative_int, 10
+            ),
+        )
+        if auth.mode == "jwt" and not (auth.jwt_secret or auth.jwt_public_key):
+            raise ConfigError("AUTH_MODE=jwt needs JWT_SECRET (HS256) or JWT_PUBLIC_KEY[_FILE] (RS256)")
+        request_log = RequestLogSettings(
+            enabled=reader.get("REQUEST_LOGS", _on_off, True),
+            queue_size=reader.get("REQUEST_LOG_QUEUE_SIZE", _positive_int, 10000),
+            batch_size=reader.get("REQUEST_LOG_BATCH_SIZE", _positive_int, 500),
+            flush_interval_seconds=reader.get("REQUEST_LOG_FLUSH_INTERVAL_SECONDS", _positive_float, 0.2),
+        )
+        metrics = reader.get("METRICS_ADDR", str, "127.0.0.1:9090")
         return cls(
             listen_addr=reader.get("LISTEN_ADDR", _address, "127.0.0.1:50051"),
+            log_format=reader.get("LOG_FORMAT", _choice("text", "json"), "text"),
+            metrics_addr=None if metrics.lower() == "off" else _checked(_address, "METRICS_ADDR", metrics),
+            result_cache_bytes=reader.get("RESULT_CACHE_BYTES", _non_negative_int, 64 * MIB),
+            cleanup_interval_seconds=reader.get("CLEANUP_INTERVAL_SECONDS", _positive_float, 60.0),
+            session_retention_seconds=reader.get(
+                "SESSION_RETENTION_SECONDS", _non_negative_int, 7 * 24 * 3600
+            ),
+            auth=auth,
+            request_log=request_log,
             session_expiry_seconds=reader.get("SESSION_EXPIRY_SECONDS", _positive_int, 3600),
             shutdown_grace_seconds=reader.get("SHUTDOWN_GRACE_SECONDS", _non_negative_float, 10.0),
             health_interval_seconds=reader.get("HEALTH_INTERVAL_SECONDS", _positive_float, 1.0),
@@ -196,6 +260,30 @@ def _address(raw: str) -> str:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:50051 or [::]:50051")
     return raw
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.lower()
+        if value not in allowed:
+            raise ValueError(f"must be {' or '.join(allowed)}")
+        return value
+
+    return parse
+
+
+def _file_text(raw: str) -> str:
+    try:
+        return Path(raw).read_text()
+    except OSError as exc:
+        raise ValueError(f"cannot read it: {exc.strerror}") from None
+
+
+def _checked(parse: Callable[[str], T], name: str, raw: str) -> T:
+    try:
+        return parse(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name}={raw!r} is invalid: {exc}") from None
 
 
 def _sandbox_mode(raw: str) -> str:

@@ -31,6 +31,22 @@ class Deadline:
         return seconds if remaining is None else max(0.0, min(seconds, remaining))
 
 
+@dataclass(frozen=True)
+class Caller:
+    """Who makes a call: a JWT's subject and scopes, or anonymous (AUTH_MODE=none).
+
+    `address` is the peer's address, what anonymous callers are counted by.
+    """
+
+    user_id: str | None
+    scopes: frozenset[str]
+    address: str = ""
+
+    @property
+    def anonymous(self) -> bool:
+        return self.user_id is None
+
+
 class SessionStatus(enum.Enum):
     ACTIVE = "active"
     EXPIRED = "expired"

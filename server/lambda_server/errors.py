@@ -4,11 +4,16 @@
     ├── InvalidRequest              INVALID_REQUEST
     │   ├── UnknownLanguage
     │   ├── ScriptTooLarge
-    │   └── ScriptSyntaxError       (line, column)
+    │   ├── ScriptSyntaxError       (line, column)
+    │   └── InvalidParams           INVALID_PARAMS    (params against the function's schema)
     ├── SessionConflict             INVALID_REQUEST   (same request_id, other script)
     ├── RuntimeNotAvailable         UNAVAILABLE       (known language, runtime missing)
-    ├── SessionNotFound             NOT_FOUND
+    ├── Unauthenticated             UNAUTHORIZED      (no token, or a bad one)
+    ├── Forbidden                   FORBIDDEN         (a scope is missing)
+    ├── RateLimited                 RATE_LIMITED      (retry_after seconds)
+    ├── SessionNotFound             NOT_FOUND         (also another user's session)
     │   └── SessionExpired          SESSION_EXPIRED
+    ├── FunctionNotFound            NOT_FOUND
     ├── Unavailable                 UNAVAILABLE
     │   ├── DatabaseUnavailable
     │   └── RuntimeBusy
@@ -56,6 +61,12 @@ class ScriptSyntaxError(InvalidRequest):
         self.column = column
 
 
+class InvalidParams(InvalidRequest):
+    """Execute's params do not match the function's JSON schema."""
+
+    reason = "INVALID_PARAMS"
+
+
 class SessionConflict(InvalidRequest):
     """A session with this request_id exists with another script."""
 
@@ -64,6 +75,28 @@ class RuntimeNotAvailable(LambdaError):
     """The language is known but its runtime is not available here."""
 
     reason = "UNAVAILABLE"
+
+
+class Unauthenticated(LambdaError):
+    """The call carries no valid credentials."""
+
+    reason = "UNAUTHORIZED"
+
+
+class Forbidden(LambdaError):
+    """The caller is known but lacks the scope this call needs."""
+
+    reason = "FORBIDDEN"
+
+
+class RateLimited(LambdaError):
+    """The caller used up its executions for now; retry after `retry_after` seconds."""
+
+    reason = "RATE_LIMITED"
+
+    def __init__(self, message: str, retry_after: float, **metadata: str) -> None:
+        super().__init__(message, **metadata)
+        self.retry_after = retry_after
 
 
 class SessionNotFound(LambdaError):
@@ -76,6 +109,12 @@ class SessionExpired(SessionNotFound):
     """The session exists but has expired (by the database clock)."""
 
     reason = "SESSION_EXPIRED"
+
+
+class FunctionNotFound(LambdaError):
+    """No function of the catalog has this language_title."""
+
+    reason = "NOT_FOUND"
 
 
 class Unavailable(LambdaError):

@@ -7,9 +7,11 @@ import uuid
 from typing import Protocol
 
 from lambda_server import __version__
+from lambda_server.auth import require_execute
 from lambda_server.config import Settings
 from lambda_server.domain import (
     JSON,
+    Caller,
     Deadline,
     ExecutionOutcome,
     ExecutionResult,
@@ -71,10 +73,11 @@ class LambdaService:
         script: str,
         context: dict[str, JSON],
         request_id: str | None,
-        user_id: str | None,
+        caller: Caller,
         deadline: Deadline,
     ) -> SessionRecord:
         runtime = self._registry.resolve(language_title)
+        require_execute(caller, runtime.name)
         size = len(script.encode())
         if size > self._settings.runtime.max_script_size:
             raise ScriptTooLarge(
@@ -92,7 +95,7 @@ class LambdaService:
         new = NewSession(
             request_id=session_id,
             language_title=language_title,
-            user_id=user_id,
+            user_id=caller.user_id,
             context=context,
             script_content=script,
             script_hash=hashlib.sha256(script.encode()).hexdigest(),
@@ -100,10 +103,13 @@ class LambdaService:
         )
         return await self._sessions.create(new, deadline)
 
-    async def execute(self, request_id: str, params: dict[str, JSON], deadline: Deadline) -> ExecutionResult:
+    async def execute(
+        self, request_id: str, params: dict[str, JSON], caller: Caller, deadline: Deadline
+    ) -> ExecutionResult:
         session_id = parse_request_id(request_id)
-        session = await self._sessions.claim(session_id, deadline)
+        session = await self._sessions.claim(session_id, caller.user_id, deadline)
         runtime = self._registry.resolve(session.language_title)
+        require_execute(caller, runtime.name)
         script = await self._sessions.script(session, deadline)
         job = Job(
             runtime=runtime,
@@ -117,8 +123,8 @@ class LambdaService:
         outcome = await self._engine.execute(job, deadline)
         return ExecutionResult(session_id, session.language_title, outcome)
 
-    async def get_session(self, request_id: str, deadline: Deadline) -> SessionRecord:
-        return await self._sessions.get(parse_request_id(request_id), deadline)
+    async def get_session(self, request_id: str, caller: Caller, deadline: Deadline) -> SessionRecord:
+        return await self._sessions.get(parse_request_id(request_id), caller.user_id, deadline)
 
     def health(self) -> HealthReport:
         components = {"postgres": self._database.description, **self._engine.status()}

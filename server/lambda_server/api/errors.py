@@ -25,7 +25,11 @@ STATUS_CODES: dict[type[errors.LambdaError], grpc.StatusCode] = {
     errors.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     errors.SessionConflict: grpc.StatusCode.ALREADY_EXISTS,
     errors.RuntimeNotAvailable: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.Forbidden: grpc.StatusCode.PERMISSION_DENIED,
+    errors.RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.SessionNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.FunctionNotFound: grpc.StatusCode.NOT_FOUND,
     errors.RuntimeBusy: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -47,7 +51,13 @@ def to_status(error: errors.LambdaError) -> grpc.Status:
     )
     detail = any_pb2.Any()
     detail.Pack(info)
-    message = status_pb2.Status(code=getattr(code_pb2, code.name), message=error.message, details=[detail])
+    details = [detail]
+    if isinstance(error, errors.RateLimited):
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromNanoseconds(int(error.retry_after * 1e9))
+        details.append(any_pb2.Any())
+        details[-1].Pack(retry)
+    message = status_pb2.Status(code=getattr(code_pb2, code.name), message=error.message, details=details)
     return rpc_status.to_status(message)
 
 

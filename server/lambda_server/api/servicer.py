@@ -13,16 +13,23 @@ from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_microservice.v1 import lambda_service_pb2_grpc as pb_grpc
 from lambda_server.api import convert
 from lambda_server.api.errors import Context, Undecodable, reports_errors
-from lambda_server.domain import Deadline
+from lambda_server.auth import Authenticator
+from lambda_server.domain import Caller, Deadline
 from lambda_server.service import LambdaService
 
 LANGUAGE_TITLE_HEADER = "language-title"
+AUTHORIZATION_HEADER = "authorization"
 RESPONSE_MARGIN = 0.05  # seconds
 
 
 class LambdaServicer(pb_grpc.LambdaServiceServicer):
-    def __init__(self, service: LambdaService) -> None:
+    def __init__(self, service: LambdaService, authenticator: Authenticator) -> None:
         self._service = service
+        self._auth = authenticator
+
+    def _caller(self, context: Context) -> Caller:
+        """Who calls, from the `authorization` metadata; Unauthenticated when it does not hold."""
+        return self._auth.authenticate(_metadata(context, AUTHORIZATION_HEADER) or None, _address(context))
 
     @reports_errors
     async def Initialize(self, request: pb.InitializeRequest, context: Context) -> pb.InitializeResponse:
@@ -32,7 +39,7 @@ class LambdaServicer(pb_grpc.LambdaServiceServicer):
             script=request.script_content,
             context=convert.struct_to_dict(request.context),
             request_id=request.request_id or None,
-            user_id=None,
+            caller=self._caller(context),
             deadline=_deadline(context),
         )
         return pb.InitializeResponse(
@@ -44,7 +51,10 @@ class LambdaServicer(pb_grpc.LambdaServiceServicer):
     @reports_errors
     async def Execute(self, request: pb.ExecuteRequest, context: Context) -> pb.ExecuteResponse:
         execution = await self._service.execute(
-            request.request_id, convert.struct_to_dict(request.params), _deadline(context)
+            request.request_id,
+            convert.struct_to_dict(request.params),
+            self._caller(context),
+            _deadline(context),
         )
         return convert.execute_response(execution)
 
@@ -56,7 +66,9 @@ class LambdaServicer(pb_grpc.LambdaServiceServicer):
 
     @reports_errors
     async def GetSession(self, request: pb.GetSessionRequest, context: Context) -> pb.GetSessionResponse:
-        record = await self._service.get_session(request.request_id, _deadline(context))
+        record = await self._service.get_session(
+            request.request_id, self._caller(context), _deadline(context)
+        )
         return pb.GetSessionResponse(session=convert.session_message(record))
 
     @reports_errors
@@ -74,6 +86,17 @@ def _deadline(context: Context) -> Deadline:
     """The caller's deadline, less a margin so that our own answer (TIMEOUT, UNAVAILABLE) arrives in time."""
     remaining = context.time_remaining()
     return Deadline.after(None if remaining is None else max(0.0, remaining - RESPONSE_MARGIN))
+
+
+def _address(context: Context) -> str:
+    """The peer's address without its port: `ipv4:127.0.0.1:5000` -> `127.0.0.1`."""
+    peer = context.peer() or ""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv6":
+        return rest.rpartition(":")[0].strip("[]")
+    if kind == "ipv4":
+        return rest.rpartition(":")[0]
+    return peer
 
 
 def _metadata(context: Context, name: str) -> str:

@@ -37,7 +37,7 @@ FROM meta.sessions WHERE request_id = $1
 _CLAIM = """
 UPDATE meta.sessions
 SET execution_count = execution_count + 1, last_executed_at = now()
-WHERE request_id = $1 AND status = 'active' AND expires_at > now()
+WHERE request_id = $1 AND user_id IS NOT DISTINCT FROM $2 AND status = 'active' AND expires_at > now()
 RETURNING language_title, user_id, script_hash, context
 """
 
@@ -106,11 +106,11 @@ class SessionStore:
         self._scripts.put(new.script_hash, new.script_content)
         return _record(row)
 
-    async def claim(self, request_id: str, deadline: Deadline) -> ClaimedSession:
-        """Find an active session and count one execution of it, in one statement."""
-        row = await self._db.fetchrow(deadline, _CLAIM, request_id)
+    async def claim(self, request_id: str, user_id: str | None, deadline: Deadline) -> ClaimedSession:
+        """Find an active session of `user_id` and count one execution of it, in one statement."""
+        row = await self._db.fetchrow(deadline, _CLAIM, request_id, user_id)
         if row is None:
-            raise await self._why_not_found(request_id, deadline)
+            raise await self._why_not_found(request_id, user_id, deadline)
         return ClaimedSession(
             request_id=request_id,
             language_title=row["language_title"],
@@ -130,15 +130,18 @@ class SessionStore:
             self._scripts.put(session.script_hash, script)
         return script
 
-    async def get(self, request_id: str, deadline: Deadline) -> SessionRecord:
+    async def get(self, request_id: str, user_id: str | None, deadline: Deadline) -> SessionRecord:
+        """A session of `user_id`; another user's session is not found, as if it did not exist."""
         row = await self._db.fetchrow(deadline, _SELECT, request_id)
-        if row is None:
+        if row is None or row["user_id"] != user_id:
             raise SessionNotFound(f"session {request_id} not found", request_id=request_id)
         return _record(row)
 
-    async def _why_not_found(self, request_id: str, deadline: Deadline) -> SessionNotFound:
+    async def _why_not_found(
+        self, request_id: str, user_id: str | None, deadline: Deadline
+    ) -> SessionNotFound:
         row = await self._db.fetchrow(deadline, _SELECT, request_id)
-        if row is None:
+        if row is None or row["user_id"] != user_id:
             return SessionNotFound(f"session {request_id} not found", request_id=request_id)
         return SessionExpired(
             f"session {request_id} expired at {row['expires_at'].isoformat()}",
