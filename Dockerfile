@@ -31,10 +31,13 @@ RUN pip install --no-cache-dir --no-index /wheels/*.whl && rm -rf /wheels
 # Run with `docker run --privileged`, or `securityContext.privileged: true`;
 # SANDBOX_MODE=strict makes the server refuse to start when a layer is missing.
 WORKDIR /var/lib/lambda
+# Prometheus scrapes /metrics on 9090; logs are JSON lines for the log collector.
 ENV LISTEN_ADDR=0.0.0.0:50051 \
+    METRICS_ADDR=0.0.0.0:9090 \
+    LOG_FORMAT=json \
     SANDBOX_MODE=strict \
     PYTHONUNBUFFERED=1
-EXPOSE 50051
+EXPOSE 50051 9090
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 \
     CMD ["lambda-cli", "--target", "127.0.0.1:50051", "--timeout", "3", "health"]

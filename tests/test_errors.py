@@ -12,7 +12,6 @@ from lambda_microservice import (
     InvalidArgumentError,
     LambdaClient,
     NotFoundError,
-    UnimplementedError,
 )
 from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_microservice.v1 import lambda_service_pb2_grpc as pb_grpc
@@ -102,13 +101,6 @@ def test_a_bad_timeout_ms_is_invalid_argument(client: LambdaClient, timeout_ms: 
     with pytest.raises(InvalidArgumentError) as caught:
         client.initialize("python-x", "result = 1", context={"timeout_ms": timeout_ms})
     assert "timeout_ms" in caught.value.message
-
-
-def test_catalog_rpcs_answer_unimplemented_for_now(client: LambdaClient) -> None:
-    with pytest.raises(UnimplementedError):
-        client.list_functions()
-    with pytest.raises(UnimplementedError):
-        client.get_function("nodejs-calculator")
 
 
 @pytest.mark.parametrize(

@@ -210,6 +210,7 @@ def test_the_server_wheel_the_image_installs_carries_migrations_and_workers(
             timeout=120,
         )
         assert result.returncode == 0, result.stdout + result.stderr
-        assert "applied 1 migration(s)" in result.stdout
+        shipped = sorted(path.name for path in (ROOT / "migrations").glob("*.sql"))
+        assert f"applied {len(shipped)} migration(s): {', '.join(shipped)}" in result.stdout
     finally:
         run_sync(drop_database(admin_url, name))

@@ -77,6 +77,14 @@ def _execute_request(
     return pb.ExecuteRequest(request_id=request_id, params=to_struct(params), cache_control=cache_control)
 
 
+def _list_functions_request(
+    language: str, function_type: pb.FunctionType.ValueType, page_size: int, page_token: str
+) -> pb.ListFunctionsRequest:
+    return pb.ListFunctionsRequest(
+        language=language, function_type=function_type, page_size=page_size, page_token=page_token
+    )
+
+
 class LambdaClient:
     """A blocking client. Use as a context manager, or call `close()`.
 
@@ -162,16 +170,24 @@ class LambdaClient:
         self,
         *,
         language: str = "",
+        function_type: pb.FunctionType.ValueType = pb.FUNCTION_TYPE_UNSPECIFIED,
         page_size: int = 0,
         page_token: str = "",
         timeout: float | None = None,
     ) -> pb.ListFunctionsResponse:
-        """One page of the function catalog."""
-        request = pb.ListFunctionsRequest(language=language, page_size=page_size, page_token=page_token)
+        """One page of the function catalog, ordered by language_title.
+
+        Filter by `language` (e.g. "python") and `function_type`
+        (`pb.FUNCTION_TYPE_PREDEFINED` or `pb.FUNCTION_TYPE_DYNAMIC`). `page_size`
+        is 20 when 0 and at most 100; pass `next_page_token` of the previous page,
+        with the same filters, as `page_token` for the next one.
+        """
+        request = _list_functions_request(language, function_type, page_size, page_token)
         return self._call(self._stub.ListFunctions, request, timeout)
 
     def get_function(self, language_title: str, *, timeout: float | None = None) -> pb.Function:
-        """One function of the catalog."""
+        """One function of the catalog: description, params and result schemas, examples;
+        the script too for a dynamic function. NotFoundError when there is none."""
         request = pb.GetFunctionRequest(language_title=language_title)
         return self._call(self._stub.GetFunction, request, timeout).function
 
@@ -256,15 +272,23 @@ class AsyncLambdaClient:
         self,
         *,
         language: str = "",
+        function_type: pb.FunctionType.ValueType = pb.FUNCTION_TYPE_UNSPECIFIED,
         page_size: int = 0,
         page_token: str = "",
         timeout: float | None = None,
     ) -> pb.ListFunctionsResponse:
-        """One page of the function catalog."""
-        request = pb.ListFunctionsRequest(language=language, page_size=page_size, page_token=page_token)
+        """One page of the function catalog, ordered by language_title.
+
+        Filter by `language` (e.g. "python") and `function_type`
+        (`pb.FUNCTION_TYPE_PREDEFINED` or `pb.FUNCTION_TYPE_DYNAMIC`). `page_size`
+        is 20 when 0 and at most 100; pass `next_page_token` of the previous page,
+        with the same filters, as `page_token` for the next one.
+        """
+        request = _list_functions_request(language, function_type, page_size, page_token)
         return await self._call(self._stub.ListFunctions, request, timeout)
 
     async def get_function(self, language_title: str, *, timeout: float | None = None) -> pb.Function:
-        """One function of the catalog."""
+        """One function of the catalog: description, params and result schemas, examples;
+        the script too for a dynamic function. NotFoundError when there is none."""
         request = pb.GetFunctionRequest(language_title=language_title)
         return (await self._call(self._stub.GetFunction, request, timeout)).function

@@ -35,12 +35,15 @@ class LambdaError(Exception):
         message: str,
         reason: str = "",
         metadata: Mapping[str, str] | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(f"{code.name}: {message}" + (f" [{reason}]" if reason else ""))
         self.code = code
         self.message = message
         self.reason = reason
         self.metadata: dict[str, str] = dict(metadata or {})
+        #: seconds after which a retry may succeed (google.rpc.RetryInfo), e.g. when RATE_LIMITED
+        self.retry_after = retry_after
 
 
 class InvalidArgumentError(LambdaError):
@@ -111,12 +114,16 @@ def from_rpc_error(error: grpc.RpcError) -> LambdaError:
     code = error.code()
     message = error.details() or ""
     reason, metadata = "", {}
+    retry_after: float | None = None
     trailing: Any = error.trailing_metadata()
     for key, value in trailing or ():
         if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
             status = status_pb2.Status.FromString(value)
             for detail in status.details:
                 info = error_details_pb2.ErrorInfo()
+                retry = error_details_pb2.RetryInfo()
                 if detail.Unpack(info):
                     reason, metadata = info.reason, dict(info.metadata)
-    return ERRORS_BY_CODE.get(code, InternalError)(code, message, reason, metadata)
+                elif detail.Unpack(retry):
+                    retry_after = retry.retry_delay.ToNanoseconds() / 1e9
+    return ERRORS_BY_CODE.get(code, InternalError)(code, message, reason, metadata, retry_after)

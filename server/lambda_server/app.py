@@ -8,6 +8,7 @@ import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -15,18 +16,26 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from lambda_microservice.v1 import lambda_service_pb2 as pb
+from lambda_server import logs
+from lambda_server.api.interceptors import CallInterceptor
 from lambda_server.api.servicer import LambdaServicer, add_to_server
 from lambda_server.auth import Authenticator
 from lambda_server.config import ConfigError, Settings
 from lambda_server.domain import Limits
 from lambda_server.errors import LambdaError
+from lambda_server.limits import RateLimiter
+from lambda_server.metrics import Metrics
+from lambda_server.result_cache import ResultCache
 from lambda_server.runtimes.pool import EnvironmentPool
 from lambda_server.runtimes.registry import RuntimeRegistry
 from lambda_server.sandbox import Sandbox
 from lambda_server.service import LambdaService
 from lambda_server.store import migrations
+from lambda_server.store.catalog import FunctionCatalog
+from lambda_server.store.cleanup import SessionCleanup
 from lambda_server.store.database import Database
 from lambda_server.store.embedded import start_embedded
+from lambda_server.store.request_log import RequestLogWriter
 from lambda_server.store.sessions import SessionStore
 
 log = logging.getLogger("lambda_server")
@@ -110,8 +119,15 @@ class Server:
         sandbox: Sandbox,
         monitor: DatabaseMonitor,
         health_servicer: HealthServicer,
+        cleanup: SessionCleanup,
+        *,
+        metrics: Metrics,
+        request_log: RequestLogWriter,
     ) -> None:
         self.settings = settings
+        self.cleanup = cleanup
+        self.metrics = metrics
+        self._request_log = request_log
         self._grpc = grpc_server
         self._db = db
         self._pool = pool
@@ -119,20 +135,37 @@ class Server:
         self._monitor = monitor
         self._health = health_servicer
 
+    @property
+    def metrics_port(self) -> int | None:
+        """The port /metrics is served on once started (None when METRICS_ADDR is off)."""
+        return self.metrics.port
+
     async def start(self) -> None:
+        if self.settings.metrics_addr is not None:
+            port = await self.metrics.serve(self.settings.metrics_addr)  # ConfigError when it cannot bind
+            # not "serving ... on": scripts read the gRPC address from that line
+            log.info("metrics at http://%s:%d/metrics", self.settings.metrics_addr.rpartition(":")[0], port)
+        self._request_log.start()
         await self._grpc.start()
         await self._pool.start()
         await self._monitor.check_once()
         self._monitor.start()
+        self.cleanup.start()
 
     async def stop(self, grace: float | None = None) -> None:
         """Health goes NOT_SERVING, in-flight calls get `grace` seconds, then all is closed."""
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
         await self._monitor.stop()
+        await self.cleanup.stop()
         await self._health.enter_graceful_shutdown()
         await self._grpc.stop(grace)
+        # /metrics stops in a thread (up to 0.5 s) while the rest closes
+        metrics_stopped = asyncio.create_task(self.metrics.stop_serving())
+        # after the calls ended, so that their logs are in; before the pool it writes with closes
+        await self._request_log.close()
         await self._pool.close()
         self._sandbox.close()
+        await metrics_stopped
         await self._db.close()
 
     async def wait_for_termination(self) -> None:
@@ -154,16 +187,32 @@ async def build_server(settings: Settings, database_url: str | None = None) -> t
     pool = EnvironmentPool(settings.runtime, registry.specs, sandbox, limits)
     health_servicer = HealthServicer()
     monitor = DatabaseMonitor(db, health_servicer, settings.health_interval_seconds, schema)
-    service = LambdaService(settings, SessionStore(db), pool, registry, monitor, sandbox.describe())
+    metrics = Metrics()
+    cache = ResultCache(settings.result_cache_bytes, metrics)
+    service = LambdaService(
+        settings,
+        SessionStore(db),
+        pool,
+        registry,
+        monitor,
+        sandbox.describe(),
+        cache,
+        FunctionCatalog(db),
+        metrics=metrics,
+    )
+    request_log = RequestLogWriter(db, settings.request_log, metrics)
+    metrics.on_scrape(_scrape_gauges(metrics, pool, db, request_log))
 
     grpc_server = grpc.aio.server(
+        interceptors=[CallInterceptor(metrics, request_log if settings.request_log.enabled else None)],
         options=[
             ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", 4 * 1024 * 1024),
             ("grpc.max_send_message_length", 4 * 1024 * 1024),
-        ]
+        ],
     )
-    add_to_server(LambdaServicer(service, Authenticator(settings.auth)), grpc_server)
+    limiter = RateLimiter(settings.auth, metrics)
+    add_to_server(LambdaServicer(service, Authenticator(settings.auth), limiter), grpc_server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -174,7 +223,39 @@ async def build_server(settings: Settings, database_url: str | None = None) -> t
     port = grpc_server.add_insecure_port(settings.listen_addr)
     if port == 0:
         raise ConfigError(f"LISTEN_ADDR={settings.listen_addr!r}: cannot listen there")
-    return Server(settings, grpc_server, db, pool, sandbox, monitor, health_servicer), port
+    cleanup = SessionCleanup(
+        db, settings.cleanup_interval_seconds, settings.session_retention_seconds, metrics
+    )
+    server = Server(
+        settings,
+        grpc_server,
+        db,
+        pool,
+        sandbox,
+        monitor,
+        health_servicer,
+        cleanup,
+        metrics=metrics,
+        request_log=request_log,
+    )
+    return server, port
+
+
+def _scrape_gauges(
+    metrics: Metrics, pool: EnvironmentPool, db: Database, request_log: RequestLogWriter
+) -> Callable[[], None]:
+    """Sets the gauges of the service's state, run before each scrape."""
+
+    def refresh() -> None:
+        for runtime, counts in pool.counts().items():
+            for state, count in counts.items():
+                metrics.environments.labels(runtime, state).set(count)
+        in_use, idle = db.connections()
+        metrics.db_connections.labels("in_use").set(in_use)
+        metrics.db_connections.labels("idle").set(idle)
+        metrics.log_queue_depth.set(request_log.depth)
+
+    return refresh
 
 
 async def serve(settings: Settings, database_url: str) -> None:
@@ -211,17 +292,25 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         print(f"lambda-server: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(settings.log_level, settings.log_format)
     try:
         url = settings.database.url or start_embedded(settings.database.embedded_dir)
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
             runner.run(serve(settings, url) if args.command == "serve" else migrate(settings, url))
     except ConfigError as exc:
-        print(f"lambda-server: configuration error: {exc}", file=sys.stderr)
+        _fatal(settings, f"configuration error: {exc}")
         raise SystemExit(2) from None
     except LambdaError as exc:
-        print(f"lambda-server: {exc.message}", file=sys.stderr)
+        _fatal(settings, exc.message)
         raise SystemExit(1) from None
+
+
+def _fatal(settings: Settings, message: str) -> None:
+    """Why the server stops: a log record when logs are JSON (every stderr line one object)."""
+    if settings.log_format == "json":
+        log.critical("%s", message)
+    else:
+        print(f"lambda-server: {message}", file=sys.stderr)
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

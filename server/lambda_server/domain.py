@@ -79,6 +79,9 @@ class NewSession:
     script_content: str
     script_hash: str
     expiry_seconds: int
+    # Stored in meta.sessions.metadata: where the script came from (a catalog
+    # function) and the JSON schema its params must match. None for a script sent in.
+    metadata: dict[str, JSON] | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,7 @@ class ClaimedSession:
     user_id: str | None
     script_hash: str
     context: dict[str, JSON]
+    metadata: dict[str, JSON] | None = None  # as given in NewSession.metadata
 
 
 @dataclass(frozen=True)
@@ -147,6 +151,7 @@ class ExecutionResult:
     request_id: str
     language_title: str
     outcome: ExecutionOutcome
+    cached: bool = False
 
 
 @dataclass(frozen=True)
@@ -154,3 +159,76 @@ class HealthReport:
     serving: bool
     version: str
     components: dict[str, str]
+
+
+@dataclass(frozen=True)
+class ErrorLogEntry:
+    """Why a logged call failed: an ExecutionError code, or a refused call's ErrorInfo reason."""
+
+    code: str
+    message: str
+    stack_trace: str = ""
+    context: dict[str, JSON] | None = None
+
+
+@dataclass(frozen=True)
+class RequestLogEntry:
+    """One answered Execute, as public.request_logs (and error_logs) keep it.
+
+    `status_code` is the HTTP equivalent of the gRPC status, 500 for a script
+    that failed in an OK answer; `size` estimates the bytes the entry holds, so
+    that the writer's queue is bounded in bytes as well as in entries.
+    """
+
+    request_id: str | None
+    language_title: str
+    timestamp: datetime
+    client_ip: str | None
+    user_id: str | None
+    request_headers: dict[str, str]
+    request_payload: JSON
+    response_payload: JSON
+    status_code: int
+    grpc_code: str
+    duration_ms: int
+    cached: bool
+    error_details: dict[str, JSON] | None
+    runtime_metrics: dict[str, JSON] | None
+    error: ErrorLogEntry | None
+    size: int = 0
+
+
+class FunctionType(enum.Enum):
+    """A catalog function shipped with the service, or one registered at run time."""
+
+    PREDEFINED = "predefined"
+    DYNAMIC = "dynamic"
+
+
+@dataclass(frozen=True)
+class FunctionDefinition:
+    """A registered function of the catalog (meta.functions)."""
+
+    id: str
+    language_title: str
+    language: str
+    title: str
+    description: str
+    function_type: FunctionType
+    params_schema: dict[str, JSON] | None  # the JSON schema Execute's params must match
+    result_schema: dict[str, JSON] | None
+    examples: list[JSON]
+    tags: tuple[str, ...]
+    version: str
+    created_at: datetime
+    updated_at: datetime
+    script: str | None = None  # filled when asked for (GetFunction of a dynamic function, Initialize)
+    available: bool = True  # whether this server has the function's runtime
+
+
+@dataclass(frozen=True)
+class FunctionPage:
+    """One page of the catalog; `next_page_token` is empty on the last page."""
+
+    functions: list[FunctionDefinition]
+    next_page_token: str

@@ -2,11 +2,33 @@
 
 A registry per server (not prometheus-client's global one) keeps two servers in
 one process, as in the tests, from adding into each other's counters.
+
+/metrics is served by prometheus-client's own HTTP server, in a thread. Gauges
+that describe a state (environments, database connections, the log queue) are
+set just before each scrape by callbacks (`on_scrape`), run on the server's
+event loop so that they read its state between two steps, never during one.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import asyncio
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from lambda_server.config import ConfigError
+from lambda_server.domain import EnvironmentState, ExecutionOutcome
+
+log = logging.getLogger(__name__)
+
+# How long a scrape waits for the event loop to run the callbacks; past it the
+# gauges keep their last values (a loop that busy has other problems to show).
+REFRESH_TIMEOUT = 1.0
 
 # Execution latencies reach from a millisecond (warm) to the maximum timeout.
 _SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -17,6 +39,11 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        # Registered first: a registry collects in the order of registration, so the
+        # gauges the callbacks set are read after they ran.
+        self._before_scrape = _BeforeScrape()
+        self.registry.register(self._before_scrape)
+        self._http: tuple[WSGIServer, threading.Thread] | None = None
         r = self.registry
         self.rpcs = Counter(
             "lambda_rpc_requests",
@@ -91,3 +118,83 @@ class Metrics:
             ["action"],
             registry=r,
         )
+
+    def executed(self, runtime: str, outcome: ExecutionOutcome) -> None:
+        """One execution that ran in an environment (a cache hit is counted by the cache)."""
+        label = "ok" if outcome.failure is None else outcome.failure.code.value
+        self.executions.labels(runtime, label).inc()
+        self.execution_seconds.labels(runtime).observe(outcome.duration)
+        state = outcome.environment
+        if state is not None and state is not EnvironmentState.WARM:  # prewarmed or cold
+            self.environment_starts.labels(runtime, state.value).inc()
+
+    def on_scrape(self, refresh: Callable[[], None]) -> None:
+        """Call `refresh` (on the event loop that serves) before each scrape, to set gauges."""
+        self._before_scrape.callbacks.append(refresh)
+
+    @property
+    def port(self) -> int | None:
+        """The port /metrics is served on, once `serve` has bound it."""
+        return None if self._http is None else int(self._http[0].server_port)
+
+    async def serve(self, address: str) -> int:
+        """Serve /metrics on `address` (HOST:PORT, port 0 picks one); return the port bound."""
+        host, _, port = address.rpartition(":")
+        self._before_scrape.loop = asyncio.get_running_loop()
+        try:
+            # resolving and binding are blocking calls: off the event loop
+            self._http = await asyncio.to_thread(
+                start_http_server, int(port), host.strip("[]"), self.registry
+            )
+        except OSError as exc:
+            raise ConfigError(f"METRICS_ADDR={address!r}: cannot listen there: {exc}") from None
+        return int(self._http[0].server_port)
+
+    async def stop_serving(self) -> None:
+        if self._http is None:
+            return
+        (server, thread), self._http = self._http, None
+        await asyncio.to_thread(server.shutdown)  # waits for the serving loop to notice (< 0.5 s)
+        server.server_close()
+        await asyncio.to_thread(thread.join, 5.0)
+
+
+class _BeforeScrape(Collector):
+    """Runs the `on_scrape` callbacks before the registry's metrics are read; yields none itself."""
+
+    def __init__(self) -> None:
+        self.callbacks: list[Callable[[], None]] = []
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def collect(self) -> Iterable[Metric]:
+        loop = self.loop
+        if loop is None or _running_loop() is loop:
+            self._refresh()
+            return []
+        try:
+            future = asyncio.run_coroutine_threadsafe(self._refresh_on_loop(), loop)
+        except RuntimeError:  # the loop is closed: the server is gone
+            return []
+        try:
+            future.result(REFRESH_TIMEOUT)
+        except TimeoutError:
+            future.cancel()
+            log.warning("metrics: the event loop did not refresh the gauges within %.1f s", REFRESH_TIMEOUT)
+        return []
+
+    async def _refresh_on_loop(self) -> None:
+        self._refresh()
+
+    def _refresh(self) -> None:
+        for refresh in self.callbacks:
+            try:
+                refresh()
+            except Exception:  # a broken gauge must not cost the whole scrape
+                log.exception("metrics: a scrape-time refresh failed")
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

@@ -1,13 +1,14 @@
-"""The use cases: Initialize, Execute, GetSession and Health, free of gRPC and SQL."""
+"""The use cases: Initialize, Execute, GetSession, Health and the catalog, free of gRPC and SQL."""
 
 from __future__ import annotations
 
 import hashlib
 import uuid
+from dataclasses import replace
 from typing import Protocol
 
 from lambda_server import __version__
-from lambda_server.auth import require_execute
+from lambda_server.auth import require_execute, require_read_functions
 from lambda_server.config import Settings
 from lambda_server.domain import (
     JSON,
@@ -15,15 +16,27 @@ from lambda_server.domain import (
     Deadline,
     ExecutionOutcome,
     ExecutionResult,
+    FunctionDefinition,
+    FunctionPage,
+    FunctionType,
     HealthReport,
     Limits,
     NewSession,
     SessionRecord,
 )
-from lambda_server.errors import InvalidRequest, ScriptTooLarge
+from lambda_server.errors import (
+    InvalidRequest,
+    RuntimeNotAvailable,
+    ScriptTooLarge,
+    UnknownLanguage,
+)
+from lambda_server.metrics import Metrics
+from lambda_server.result_cache import ResultCache, cache_key, parse_policy, session_ttl
 from lambda_server.runtimes.pool import Job
 from lambda_server.runtimes.registry import RuntimeRegistry, RuntimeSpec
+from lambda_server.store.catalog import FunctionCatalog
 from lambda_server.store.sessions import SessionStore
+from lambda_server.validation import ParamsValidator
 
 ANONYMOUS = "anonymous"
 
@@ -59,7 +72,14 @@ class LambdaService:
         registry: RuntimeRegistry,
         database: DatabaseState,
         sandbox_description: str,
+        cache: ResultCache,
+        catalog: FunctionCatalog,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics or Metrics()
+        self._catalog = catalog
+        self._params = ParamsValidator()
+        self._cache = cache
         self._settings = settings
         self._sessions = sessions
         self._engine = engine
@@ -76,8 +96,20 @@ class LambdaService:
         caller: Caller,
         deadline: Deadline,
     ) -> SessionRecord:
+        """Check a script and store a session for it.
+
+        With no script_content, a function of the catalog with this title runs its
+        registered script, and Execute checks params against its schema; with none
+        registered, script_content is required. A script sent with a registered
+        title is allowed: it runs as a dynamic script of the caller's, without the
+        catalog's schema (the catalog names what its own script expects, not what
+        any script under that title does).
+        """
         runtime = self._registry.resolve(language_title)
         require_execute(caller, runtime.name)
+        metadata: dict[str, JSON] | None = None
+        if not script.strip():
+            script, metadata = await self._registered_script(language_title, deadline)
         size = len(script.encode())
         if size > self._settings.runtime.max_script_size:
             raise ScriptTooLarge(
@@ -86,10 +118,9 @@ class LambdaService:
                 size=str(size),
                 limit=str(self._settings.runtime.max_script_size),
             )
-        if not script.strip():
-            raise InvalidRequest("script_content is required")
         self._timeout(context)  # reject bad limits now, not at every Execute
         self._limits(context)
+        session_ttl(context)
         session_id = parse_request_id(request_id) if request_id else str(uuid.uuid4())
         await self._engine.check(runtime, script, deadline)
         new = NewSession(
@@ -100,20 +131,38 @@ class LambdaService:
             script_content=script,
             script_hash=hashlib.sha256(script.encode()).hexdigest(),
             expiry_seconds=self._settings.session_expiry_seconds,
+            metadata=metadata,
         )
         return await self._sessions.create(new, deadline)
 
     async def execute(
-        self, request_id: str, params: dict[str, JSON], caller: Caller, deadline: Deadline
+        self,
+        request_id: str,
+        params: dict[str, JSON],
+        caller: Caller,
+        deadline: Deadline,
+        cache_control: str = "",
     ) -> ExecutionResult:
+        """Run the session's script with params; a hit of the result cache is counted as an
+        execution of the session too (it was asked for and answered), without a runtime."""
         session_id = parse_request_id(request_id)
         session = await self._sessions.claim(session_id, caller.user_id, deadline)
         runtime = self._registry.resolve(session.language_title)
         require_execute(caller, runtime.name)
+        self._check_params(session.metadata, params)
+        owner = session.user_id or ANONYMOUS
+        policy = parse_policy(cache_control, session_ttl(session.context))
+        key = cache_key(owner, session.script_hash, session.context, params) if policy.active else b""
+        if policy.read_max_age > 0:
+            hit, result = self._cache.get(key, policy.read_max_age)
+            if hit:
+                self._metrics.executions.labels(runtime.name, "cached").inc()
+                outcome = ExecutionOutcome(result, None, 0.0, "")
+                return ExecutionResult(session_id, session.language_title, outcome, cached=True)
         script = await self._sessions.script(session, deadline)
         job = Job(
             runtime=runtime,
-            owner=session.user_id or ANONYMOUS,
+            owner=owner,
             script_hash=session.script_hash,
             script=script,
             event={"params": params, "context": session.context, "request_id": session_id},
@@ -121,10 +170,81 @@ class LambdaService:
             limits=self._limits(session.context),
         )
         outcome = await self._engine.execute(job, deadline)
+        self._metrics.executed(runtime.name, outcome)
+        if policy.keep_for > 0 and outcome.failure is None:
+            self._cache.put(key, outcome.result, policy.keep_for)
         return ExecutionResult(session_id, session.language_title, outcome)
 
     async def get_session(self, request_id: str, caller: Caller, deadline: Deadline) -> SessionRecord:
         return await self._sessions.get(parse_request_id(request_id), caller.user_id, deadline)
+
+    async def list_functions(
+        self,
+        language: str,
+        function_type: FunctionType | None,
+        page_size: int,
+        page_token: str,
+        caller: Caller,
+        deadline: Deadline,
+    ) -> FunctionPage:
+        """A page of the catalog (see FunctionCatalog.list for paging); never with scripts."""
+        require_read_functions(caller)
+        _refuse_nul(language, "language")
+        page = await self._catalog.list(language or None, function_type, page_size, page_token, deadline)
+        return FunctionPage([self._shown(f, False) for f in page.functions], page.next_page_token)
+
+    async def get_function(
+        self, language_title: str, caller: Caller, deadline: Deadline
+    ) -> FunctionDefinition:
+        """A function of the catalog; its script is shown for a dynamic function only."""
+        require_read_functions(caller)
+        if not language_title:
+            raise InvalidRequest("language_title is required", field="language_title")
+        _refuse_nul(language_title, "language_title")
+        function = await self._catalog.get(language_title, deadline)
+        return self._shown(function, function.function_type is FunctionType.DYNAMIC)
+
+    def _shown(self, function: FunctionDefinition, with_script: bool) -> FunctionDefinition:
+        try:
+            self._registry.resolve(function.language_title)
+            available = True
+        except (RuntimeNotAvailable, UnknownLanguage):
+            available = False
+        return replace(function, script=function.script if with_script else None, available=available)
+
+    async def _registered_script(
+        self, language_title: str, deadline: Deadline
+    ) -> tuple[str, dict[str, JSON]]:
+        """The catalog function's script, and the session metadata naming it and its params schema."""
+        function = None
+        if "\x00" not in language_title:
+            function = await self._catalog.find(language_title, deadline)
+        script = function.script if function is not None else None
+        if function is None or script is None or not script.strip():
+            raise InvalidRequest(
+                f"script_content is required: no function of the catalog is named {language_title[:128]!r}",
+                field="script_content",
+            )
+        metadata: dict[str, JSON] = {
+            "function": {
+                "id": function.id,
+                "language_title": function.language_title,
+                "version": function.version,
+            }
+        }
+        if function.params_schema is not None:
+            metadata["params_schema"] = function.params_schema
+            metadata["params_schema_key"] = self._params.prepare(function.params_schema)
+        return script, metadata
+
+    def _check_params(self, metadata: dict[str, JSON] | None, params: dict[str, JSON]) -> None:
+        """InvalidParams unless params fit the session's schema; a session without one takes any."""
+        if not metadata:
+            return
+        schema = metadata.get("params_schema")
+        if isinstance(schema, dict):
+            key = metadata.get("params_schema_key")
+            self._params.check(params, schema, key if isinstance(key, str) else None)
 
     def health(self) -> HealthReport:
         components = {"postgres": self._database.description, **self._engine.status()}
@@ -161,6 +281,12 @@ def _bounded(context: dict[str, JSON], name: str, default: int, low: int, high: 
             f"context.{name} must be an integer from {low} to {high}, not {raw!r}", field=name
         )
     return raw
+
+
+def _refuse_nul(value: str, field: str) -> None:
+    """PostgreSQL text cannot hold NUL: refuse it here rather than fail in the database."""
+    if "\x00" in value:
+        raise InvalidRequest(f"{field} must not contain NUL characters", field=field)
 
 
 def parse_request_id(raw: str) -> str:

@@ -139,6 +139,30 @@ HEALTH_STATUS_NOT_SERVING: HealthStatus.ValueType  # 2
 """A required component does not answer, or the server is shutting down."""
 Global___HealthStatus: _TypeAlias = HealthStatus  # noqa: Y015
 
+class _FunctionType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FunctionTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FunctionType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FUNCTION_TYPE_UNSPECIFIED: _FunctionType.ValueType  # 0
+    """Not set: in a ListFunctionsRequest, functions of every type."""
+    FUNCTION_TYPE_PREDEFINED: _FunctionType.ValueType  # 1
+    """Shipped with the service (by a migration); its script is not shown."""
+    FUNCTION_TYPE_DYNAMIC: _FunctionType.ValueType  # 2
+    """Registered at run time; GetFunction shows its script."""
+
+class FunctionType(_FunctionType, metaclass=_FunctionTypeEnumTypeWrapper):
+    """FunctionType says where a function of the catalog comes from."""
+
+FUNCTION_TYPE_UNSPECIFIED: FunctionType.ValueType  # 0
+"""Not set: in a ListFunctionsRequest, functions of every type."""
+FUNCTION_TYPE_PREDEFINED: FunctionType.ValueType  # 1
+"""Shipped with the service (by a migration); its script is not shown."""
+FUNCTION_TYPE_DYNAMIC: FunctionType.ValueType  # 2
+"""Registered at run time; GetFunction shows its script."""
+Global___FunctionType: _TypeAlias = FunctionType  # noqa: Y015
+
 @_typing.final
 class InitializeRequest(_message.Message):
     """InitializeRequest creates a session."""
@@ -534,25 +558,94 @@ Global___GetSessionResponse: _TypeAlias = GetSessionResponse  # noqa: Y015
 
 @_typing.final
 class Function(_message.Message):
-    """Function is a registered function of the catalog."""
+    """Function is a registered function of the catalog. Initialize with its
+    language_title and an empty script_content runs its registered script, and
+    Execute then checks params against params_schema (INVALID_ARGUMENT with reason
+    INVALID_PARAMS naming the field when they do not match).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     LANGUAGE_TITLE_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    LANGUAGE_FIELD_NUMBER: _builtins.int
+    TITLE_FIELD_NUMBER: _builtins.int
+    FUNCTION_TYPE_FIELD_NUMBER: _builtins.int
+    PARAMS_SCHEMA_FIELD_NUMBER: _builtins.int
+    RESULT_SCHEMA_FIELD_NUMBER: _builtins.int
+    EXAMPLES_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    SCRIPT_FIELD_NUMBER: _builtins.int
+    IS_AVAILABLE_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
     language_title: _builtins.str
-    """The function's `<language>-<title>`."""
+    """The function's `<language>-<title>`, e.g. `nodejs-calculator`."""
     description: _builtins.str
     """What the function does."""
+    language: _builtins.str
+    """The function's language, e.g. `nodejs`, `python` or `rust`."""
+    title: _builtins.str
+    """The function's title, e.g. `calculator`."""
+    function_type: Global___FunctionType.ValueType
+    """Whether the function is predefined or dynamic."""
+    version: _builtins.str
+    """The function's version, e.g. `1.0.0`."""
+    script: _builtins.str
+    """The registered script: set by GetFunction for a dynamic function only,
+    never in ListFunctions.
+    """
+    is_available: _builtins.bool
+    """Whether this server has the function's runtime; false for a `rust-`
+    function until the Rust runtime exists (Initialize then fails
+    FAILED_PRECONDITION).
+    """
+    @_builtins.property
+    def params_schema(self) -> _struct_pb2.Struct:
+        """The JSON schema that Execute's params must match; unset when any params do."""
+
+    @_builtins.property
+    def result_schema(self) -> _struct_pb2.Struct:
+        """The JSON schema of the function's result; unset when not described."""
+
+    @_builtins.property
+    def examples(self) -> _containers.RepeatedCompositeFieldContainer[_struct_pb2.Struct]:
+        """Example calls, each an object with `params` and the `result` they give."""
+
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Free-form labels, e.g. `math`."""
+
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When the function was registered."""
+
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp:
+        """When the function was last changed."""
+
     def __init__(
         self,
         *,
         language_title: _builtins.str = ...,
         description: _builtins.str = ...,
+        language: _builtins.str = ...,
+        title: _builtins.str = ...,
+        function_type: Global___FunctionType.ValueType = ...,
+        params_schema: _struct_pb2.Struct | None = ...,
+        result_schema: _struct_pb2.Struct | None = ...,
+        examples: _abc.Iterable[_struct_pb2.Struct] | None = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
+        version: _builtins.str = ...,
+        script: _builtins.str = ...,
+        is_available: _builtins.bool = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "params_schema", b"params_schema", "result_schema", b"result_schema", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "language_title", b"language_title"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "description", b"description", "examples", b"examples", "function_type", b"function_type", "is_available", b"is_available", "language", b"language", "language_title", b"language_title", "params_schema", b"params_schema", "result_schema", b"result_schema", "script", b"script", "tags", b"tags", "title", b"title", "updated_at", b"updated_at", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -560,29 +653,39 @@ Global___Function: _TypeAlias = Function  # noqa: Y015
 
 @_typing.final
 class ListFunctionsRequest(_message.Message):
-    """ListFunctionsRequest filters and pages the catalog."""
+    """ListFunctionsRequest filters and pages the catalog's active functions,
+    ordered by language_title.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     LANGUAGE_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    FUNCTION_TYPE_FIELD_NUMBER: _builtins.int
     language: _builtins.str
     """Only functions of this language (e.g. `python`), when set."""
     page_size: _builtins.int
-    """At most this many functions a page (at most 100)."""
+    """At most this many functions a page: 20 when 0, and 100 when more is asked
+    for. A negative size is INVALID_ARGUMENT.
+    """
     page_token: _builtins.str
-    """The next_page_token of a previous response, for the next page."""
+    """The next_page_token of a previous response, for the next page; sent with
+    the same filters (other filters are INVALID_ARGUMENT).
+    """
+    function_type: Global___FunctionType.ValueType
+    """Only functions of this type, when set."""
     def __init__(
         self,
         *,
         language: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        function_type: Global___FunctionType.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["language", b"language", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["function_type", b"function_type", "language", b"language", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -15,7 +15,16 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from lambda_microservice.v1 import lambda_service_pb2 as pb
-from lambda_server.domain import JSON, EnvironmentState, ExecutionResult, SessionRecord, SessionStatus
+from lambda_server.domain import (
+    JSON,
+    EnvironmentState,
+    ExecutionResult,
+    FunctionDefinition,
+    FunctionType,
+    SessionRecord,
+    SessionStatus,
+)
+from lambda_server.errors import InvalidRequest
 
 _MAX_SAFE = 2**53
 
@@ -30,6 +39,12 @@ SESSION_STATUS = {
     SessionStatus.ACTIVE: pb.SESSION_STATUS_ACTIVE,
     SessionStatus.EXPIRED: pb.SESSION_STATUS_EXPIRED,
 }
+
+FUNCTION_TYPE = {
+    FunctionType.PREDEFINED: pb.FUNCTION_TYPE_PREDEFINED,
+    FunctionType.DYNAMIC: pb.FUNCTION_TYPE_DYNAMIC,
+}
+_FUNCTION_TYPE_FILTER: dict[int, FunctionType] = {int(value): key for key, value in FUNCTION_TYPE.items()}
 
 
 # Recursion is bounded: protobuf refuses messages nested deeper than 100 levels
@@ -123,7 +138,7 @@ def execute_response(execution: ExecutionResult) -> pb.ExecuteResponse:
         request_id=execution.request_id,
         language_title=execution.language_title,
         execution_time=duration,
-        cached=False,
+        cached=execution.cached,
         logs=outcome.logs,
         environment_state=ENVIRONMENT_STATE[outcome.environment],
         cpu_time=cpu_time,
@@ -143,3 +158,37 @@ def execute_response(execution: ExecutionResult) -> pb.ExecuteResponse:
             )
         )
     return response
+
+
+def function_type_filter(value: int) -> FunctionType | None:
+    """ListFunctionsRequest.function_type: None for UNSPECIFIED (every type)."""
+    if value == pb.FUNCTION_TYPE_UNSPECIFIED:
+        return None
+    found = _FUNCTION_TYPE_FILTER.get(value)
+    if found is None:
+        raise InvalidRequest(f"function_type {value} is not a FunctionType", field="function_type")
+    return found
+
+
+def function_message(function: FunctionDefinition) -> pb.Function:
+    message = pb.Function(
+        language_title=function.language_title,
+        description=function.description,
+        language=function.language,
+        title=function.title,
+        function_type=FUNCTION_TYPE[function.function_type],
+        tags=function.tags,
+        version=function.version,
+        script=function.script or "",
+        is_available=function.available,
+        created_at=timestamp(function.created_at),
+        updated_at=timestamp(function.updated_at),
+    )
+    if function.params_schema is not None:
+        message.params_schema.CopyFrom(dict_to_struct(function.params_schema))
+    if function.result_schema is not None:
+        message.result_schema.CopyFrom(dict_to_struct(function.result_schema))
+    for example in function.examples:
+        if isinstance(example, dict):  # the column allows any JSON; the contract shows objects
+            message.examples.append(dict_to_struct(example))
+    return message

@@ -15,21 +15,29 @@ from lambda_server.api import convert
 from lambda_server.api.errors import Context, Undecodable, reports_errors
 from lambda_server.auth import Authenticator
 from lambda_server.domain import Caller, Deadline
+from lambda_server.limits import RateLimiter
+from lambda_server.logs import note_user
 from lambda_server.service import LambdaService
 
 LANGUAGE_TITLE_HEADER = "language-title"
 AUTHORIZATION_HEADER = "authorization"
+# The caller's executions a minute and what is left of them, in Execute's trailing metadata.
+RATE_LIMIT_HEADER = "x-ratelimit-limit"
+RATE_REMAINING_HEADER = "x-ratelimit-remaining"
 RESPONSE_MARGIN = 0.05  # seconds
 
 
 class LambdaServicer(pb_grpc.LambdaServiceServicer):
-    def __init__(self, service: LambdaService, authenticator: Authenticator) -> None:
+    def __init__(self, service: LambdaService, authenticator: Authenticator, limiter: RateLimiter) -> None:
         self._service = service
         self._auth = authenticator
+        self._limiter = limiter
 
     def _caller(self, context: Context) -> Caller:
         """Who calls, from the `authorization` metadata; Unauthenticated when it does not hold."""
-        return self._auth.authenticate(_metadata(context, AUTHORIZATION_HEADER) or None, _address(context))
+        caller = self._auth.authenticate(_metadata(context, AUTHORIZATION_HEADER) or None, _address(context))
+        note_user(caller.user_id)  # for the call's request log
+        return caller
 
     @reports_errors
     async def Initialize(self, request: pb.InitializeRequest, context: Context) -> pb.InitializeResponse:
@@ -50,11 +58,18 @@ class LambdaServicer(pb_grpc.LambdaServiceServicer):
 
     @reports_errors
     async def Execute(self, request: pb.ExecuteRequest, context: Context) -> pb.ExecuteResponse:
+        caller = self._caller(context)
+        quota = self._limiter.admit(caller)  # refused: RetryInfo in the status says when to retry
+        if quota is not None:
+            context.set_trailing_metadata(
+                ((RATE_LIMIT_HEADER, str(quota.limit)), (RATE_REMAINING_HEADER, str(quota.remaining)))
+            )
         execution = await self._service.execute(
             request.request_id,
             convert.struct_to_dict(request.params),
-            self._caller(context),
+            caller,
             _deadline(context),
+            request.cache_control,
         )
         return convert.execute_response(execution)
 
@@ -75,11 +90,25 @@ class LambdaServicer(pb_grpc.LambdaServiceServicer):
     async def ListFunctions(
         self, request: pb.ListFunctionsRequest, context: Context
     ) -> pb.ListFunctionsResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "ListFunctions comes with the catalog")
+        page = await self._service.list_functions(
+            language=request.language,
+            function_type=convert.function_type_filter(request.function_type),
+            page_size=request.page_size,
+            page_token=request.page_token,
+            caller=self._caller(context),
+            deadline=_deadline(context),
+        )
+        return pb.ListFunctionsResponse(
+            functions=[convert.function_message(f) for f in page.functions],
+            next_page_token=page.next_page_token,
+        )
 
     @reports_errors
     async def GetFunction(self, request: pb.GetFunctionRequest, context: Context) -> pb.GetFunctionResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "GetFunction comes with the catalog")
+        function = await self._service.get_function(
+            request.language_title, self._caller(context), _deadline(context)
+        )
+        return pb.GetFunctionResponse(function=convert.function_message(function))
 
 
 def _deadline(context: Context) -> Deadline:

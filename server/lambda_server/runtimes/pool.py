@@ -121,18 +121,26 @@ class EnvironmentPool:
         self._warm.clear()
         await self._launcher.close()
 
-    def status(self) -> dict[str, str]:
-        idle: dict[str, int] = defaultdict(int)
-        busy: dict[str, int] = defaultdict(int)
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Processes of each available runtime: warm (pre-started, unbound), busy, idle (bound)."""
+        counts = {
+            name: {"warm": len(self._warm.get(name, ())), "busy": 0, "idle": 0}
+            for name, spec in self._runtimes.items()
+            if spec.available
+        }
         for key in self._idle.values():
-            idle[key.runtime] += 1
-        for key, count in self._busy.items():
-            busy[key.runtime] += count
+            counts[key.runtime]["idle"] += 1
+        for key, busy in self._busy.items():
+            counts[key.runtime]["busy"] += busy
+        return counts
+
+    def status(self) -> dict[str, str]:
+        counts = self.counts()
         report = {}
         for name, spec in self._runtimes.items():
             if spec.available:
-                warm = len(self._warm[name])
-                report[f"runtime.{name}"] = f"ok (warm={warm}, busy={busy[name]}, idle={idle[name]})"
+                c = counts[name]
+                report[f"runtime.{name}"] = f"ok (warm={c['warm']}, busy={c['busy']}, idle={c['idle']})"
             else:
                 report[f"runtime.{name}"] = f"unavailable: {spec.missing}"
         return report

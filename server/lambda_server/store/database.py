@@ -114,6 +114,19 @@ class Database:
         async with self.connection(deadline) as conn:
             return await conn.fetchrow(query, *args)
 
+    async def fetch(self, deadline: Deadline, query: str, *args: Any) -> list[asyncpg.Record]:
+        """Every row of a query, bounded like fetchrow: keep the query's own LIMIT small."""
+        async with self.connection(deadline) as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(query, *args)
+            return rows
+
+    def connections(self) -> tuple[int, int]:
+        """The pool's open connections: (in use, idle)."""
+        if self._pool is None:
+            return 0, 0
+        size, idle = self._pool.get_size(), self._pool.get_idle_size()
+        return size - idle, idle
+
     async def ping(self, timeout: float) -> None:
         """Raise DatabaseUnavailable unless PostgreSQL answers within `timeout`."""
         async with self.connection(Deadline.after(timeout)) as conn:

@@ -19,8 +19,8 @@ from lambda_server.store.database import Database
 _INSERT = """
 INSERT INTO meta.sessions
     (request_id, language_title, user_id, expires_at, context,
-     script_content, script_hash, compile_status)
-VALUES ($1, $2, $3, now() + make_interval(secs => $4), $5, $6, $7, 'success')
+     script_content, script_hash, compile_status, metadata)
+VALUES ($1, $2, $3, now() + make_interval(secs => $4), $5, $6, $7, 'success', $8)
 ON CONFLICT (request_id) DO NOTHING
 RETURNING request_id, language_title, user_id, created_at, expires_at, last_executed_at,
           execution_count, script_hash, context, true AS live
@@ -38,7 +38,7 @@ _CLAIM = """
 UPDATE meta.sessions
 SET execution_count = execution_count + 1, last_executed_at = now()
 WHERE request_id = $1 AND user_id IS NOT DISTINCT FROM $2 AND status = 'active' AND expires_at > now()
-RETURNING language_title, user_id, script_hash, context
+RETURNING language_title, user_id, script_hash, context, metadata
 """
 
 _SCRIPT = "SELECT script_content FROM meta.sessions WHERE request_id = $1"
@@ -88,6 +88,7 @@ class SessionStore:
             new.context,
             new.script_content,
             new.script_hash,
+            new.metadata,
         )
         if row is None:
             row = await self._db.fetchrow(deadline, _SELECT, new.request_id)
@@ -117,6 +118,7 @@ class SessionStore:
             user_id=row["user_id"],
             script_hash=row["script_hash"],
             context=row["context"],
+            metadata=row["metadata"],
         )
 
     async def script(self, session: ClaimedSession, deadline: Deadline) -> str:

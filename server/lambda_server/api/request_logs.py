@@ -1,0 +1,210 @@
+"""Execute calls as request-log entries: the HTTP status, bounded payloads, no secrets."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Protocol
+
+import grpc
+from google.protobuf import struct_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from lambda_microservice.v1 import lambda_service_pb2 as pb
+from lambda_server.api.errors import Context, Undecodable
+from lambda_server.domain import JSON, ErrorLogEntry, RequestLogEntry
+from lambda_server.logs import CallInfo
+
+# The usual HTTP equivalent of each gRPC status (as grpc-gateway and Google APIs map them).
+HTTP_STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNKNOWN: 500,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DATA_LOSS: 500,
+}
+# An OK answer whose script failed (ExecuteResponse.error): an error for the analytics views.
+SCRIPT_FAILED_STATUS = 500
+
+# Payloads past this (params or result, about their JSON size) are not logged: the
+# column holds {"truncated": true, "limit_bytes": ...} instead. Converting them costs
+# the hot path time, and the writer's queue memory; 64 KiB keeps both small.
+MAX_PAYLOAD_BYTES = 64 * 1024
+# Headers never logged: credentials. Binary (-bin) headers are left out too.
+HIDDEN_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization", "x-api-key"})
+MAX_HEADERS = 32
+MAX_HEADER_CHARS = 1024
+_ENTRY_OVERHEAD = 1024  # bytes an entry holds besides its payloads, roughly
+
+
+class RequestLog(Protocol):
+    """Where request-log entries go (the store's RequestLogWriter)."""
+
+    def record(self, entry: RequestLogEntry) -> None: ...
+
+
+def execute_entry(
+    request: pb.ExecuteRequest | Undecodable,
+    response: pb.ExecuteResponse | None,
+    code: grpc.StatusCode,
+    context: Context,
+    call: CallInfo,
+    started_at: float,
+    duration: float,
+) -> RequestLogEntry:
+    """The entry for one Execute: answered (`response`), or refused with `code`."""
+    request_payload: JSON = None
+    request_size = 0
+    if isinstance(request, pb.ExecuteRequest):
+        request_payload, request_size = _payload(request.params)
+    response_payload: JSON = None
+    response_size = 0
+    runtime_metrics: dict[str, JSON] | None = None
+    error: ErrorLogEntry | None = None
+    error_details: dict[str, JSON] | None = None
+    status = HTTP_STATUS.get(code, 500)
+    if response is not None:
+        runtime_metrics = {
+            "environment_state": _environment_state(response.environment_state),
+            "cpu_time_ms": response.cpu_time.ToNanoseconds() / 1e6,
+            "peak_memory_bytes": response.peak_memory_bytes,
+        }
+        if response.HasField("error"):
+            status = SCRIPT_FAILED_STATUS
+            failure = response.error
+            failure_code = pb.ExecutionErrorCode.Name(failure.code).removeprefix("EXECUTION_ERROR_CODE_")
+            where: dict[str, JSON] = {"line": failure.line, "column": failure.column}
+            error = ErrorLogEntry(failure_code, failure.message, failure.stack_trace, where)
+            error_details = {"code": failure_code, "message": failure.message, **where}
+        elif response.HasField("result"):
+            response_payload, response_size = _payload(response.result)
+    elif code != grpc.StatusCode.OK:
+        reason, metadata = _error_info(context)
+        message = context.details() or ""
+        error = ErrorLogEntry(reason or code.name, message, "", {"grpc_code": code.name, **metadata})
+        error_details = {"reason": reason, "message": message, "metadata": dict(metadata)}
+    request_id = response.request_id if response is not None else (call.request_id or None)
+    return RequestLogEntry(
+        request_id=(request_id or "")[:64] or None,
+        language_title=response.language_title if response is not None else "",
+        timestamp=datetime.fromtimestamp(started_at, UTC),
+        client_ip=client_address(context.peer() or "") or None,
+        user_id=call.user_id,
+        request_headers=_headers(context),
+        request_payload=request_payload,
+        response_payload=response_payload,
+        status_code=status,
+        grpc_code=code.name,
+        duration_ms=round(duration * 1000),
+        cached=response.cached if response is not None else False,
+        error_details=error_details,
+        runtime_metrics=runtime_metrics,
+        error=error,
+        size=_ENTRY_OVERHEAD + request_size + response_size,
+    )
+
+
+def client_address(peer: str) -> str:
+    """The peer's address without its port: `ipv4:127.0.0.1:5000` -> `127.0.0.1`."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv6":
+        return rest.rpartition(":")[0].strip("[]")
+    if kind == "ipv4":
+        return rest.rpartition(":")[0]
+    return peer
+
+
+def _environment_state(state: int) -> str | None:
+    if state == pb.ENVIRONMENT_STATE_UNSPECIFIED:
+        return None
+    return pb.EnvironmentState.Name(state).removeprefix("ENVIRONMENT_STATE_").lower()  # type: ignore[arg-type]
+
+
+def _headers(context: Context) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for key, value in context.invocation_metadata() or ():
+        if len(headers) >= MAX_HEADERS:
+            break
+        if key in HIDDEN_HEADERS or key.endswith("-bin") or not isinstance(value, str):
+            continue
+        headers[key] = value[:MAX_HEADER_CHARS]
+    return headers
+
+
+def _error_info(context: Context) -> tuple[str, dict[str, str]]:
+    """The ErrorInfo reason and metadata of the status the call was aborted with."""
+    for key, value in context.trailing_metadata() or ():
+        if key != "grpc-status-details-bin" or not isinstance(value, bytes):
+            continue
+        status = status_pb2.Status.FromString(value)
+        for detail in status.details:
+            info = error_details_pb2.ErrorInfo()
+            if detail.Unpack(info):
+                return info.reason, dict(info.metadata)
+    return "", {}
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _payload(message: struct_pb2.Struct | struct_pb2.Value) -> tuple[JSON, int]:
+    """`message` as JSON and the bytes it costs, or a note when past MAX_PAYLOAD_BYTES.
+
+    Converting stops as soon as the budget is spent, so a 4 MiB payload costs
+    no more time than a 64 KiB one.
+    """
+    budget = [MAX_PAYLOAD_BYTES]
+    try:
+        if isinstance(message, struct_pb2.Struct):
+            value: JSON = _struct(message, budget)
+        else:
+            value = _value(message, budget)
+    except _TooLarge:
+        return {"truncated": True, "limit_bytes": MAX_PAYLOAD_BYTES}, 0
+    return value, MAX_PAYLOAD_BYTES - budget[0]
+
+
+def _spend(budget: list[int], cost: int) -> None:
+    budget[0] -= cost
+    if budget[0] < 0:
+        raise _TooLarge
+
+
+def _struct(struct: struct_pb2.Struct, budget: list[int]) -> dict[str, JSON]:
+    out: dict[str, JSON] = {}
+    for key, item in struct.fields.items():
+        _spend(budget, len(key) + 4)
+        out[key] = _value(item, budget)
+    return out
+
+
+def _value(value: struct_pb2.Value, budget: list[int]) -> JSON:
+    # as convert.value_to_python, with every value charged to the budget
+    kind = value.WhichOneof("kind")
+    _spend(budget, 8)
+    if kind == "number_value":
+        number = value.number_value
+        return int(number) if number.is_integer() and abs(number) <= 2**53 else number
+    if kind == "string_value":
+        text = value.string_value
+        _spend(budget, len(text))
+        return text
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return _struct(value.struct_value, budget)
+    if kind == "list_value":
+        return [_value(item, budget) for item in value.list_value.values]
+    return None

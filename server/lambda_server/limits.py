@@ -1,0 +1,86 @@
+"""Per-caller rate limits on executions: a token bucket for each user (or anonymous address).
+
+Each replica keeps its own buckets, so N replicas allow up to N times the rate:
+a shared count would cost a PostgreSQL round trip on every Execute. Callers are
+spread over replicas by the load balancer, which makes the per-replica limit a
+fair approximation; set the rate per replica accordingly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from lambda_server.config import AuthSettings
+from lambda_server.domain import Caller
+from lambda_server.errors import RateLimited
+from lambda_server.metrics import Metrics
+
+# Buckets are forgotten once full again; past this many, the full ones are swept.
+_SWEEP_AT = 10_000
+
+
+@dataclass(frozen=True)
+class Quota:
+    """What a caller has left after an execution was admitted."""
+
+    limit: int  # executions a minute
+    remaining: int
+
+
+class _Bucket:
+    __slots__ = ("tokens", "updated")
+
+    def __init__(self, tokens: float, updated: float) -> None:
+        self.tokens = tokens
+        self.updated = updated
+
+
+class RateLimiter:
+    """Admits an execution or raises RateLimited with the delay after which one token is back."""
+
+    def __init__(
+        self, settings: AuthSettings, metrics: Metrics, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._per_user = settings.rate_limit_per_minute
+        self._per_anonymous = settings.anonymous_rate_limit_per_minute
+        self._metrics = metrics
+        self._clock = clock
+        self._buckets: dict[tuple[bool, str], _Bucket] = {}
+
+    def admit(self, caller: Caller) -> Quota | None:
+        """Take one token from the caller's bucket; None when the caller has no limit."""
+        limit = self._per_anonymous if caller.anonymous else self._per_user
+        if limit <= 0:
+            return None
+        now = self._clock()
+        key = (caller.anonymous, caller.address if caller.anonymous else caller.user_id or "")
+        rate = limit / 60.0  # tokens a second; a full bucket is a minute's worth
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= _SWEEP_AT:
+                self._sweep(now)
+            bucket = self._buckets[key] = _Bucket(float(limit), now)
+        else:
+            bucket.tokens = min(float(limit), bucket.tokens + (now - bucket.updated) * rate)
+            bucket.updated = now
+        if bucket.tokens < 1.0:
+            self._metrics.rate_limited.labels("anonymous" if caller.anonymous else "user").inc()
+            wait = (1.0 - bucket.tokens) / rate
+            who = f"address {caller.address}" if caller.anonymous else f"user {caller.user_id}"
+            raise RateLimited(
+                f"{who} may make {limit} executions a minute; retry in {wait:.2f} s",
+                retry_after=wait,
+                limit=str(limit),
+            )
+        bucket.tokens -= 1.0
+        return Quota(limit, math.floor(bucket.tokens))
+
+    def _sweep(self, now: float) -> None:
+        """Forget buckets that have refilled: they hold nothing a new bucket would not."""
+        for key, bucket in list(self._buckets.items()):
+            limit = self._per_anonymous if key[0] else self._per_user
+            if bucket.tokens + (now - bucket.updated) * limit / 60.0 >= limit:
+                del self._buckets[key]

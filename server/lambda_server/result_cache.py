@@ -1,0 +1,135 @@
+"""The opt-in result cache: successful results by (owner, script, context, params), in memory.
+
+A caller opts in per call with `cache_control` (the original's X-Cache-Control):
+`max-age=N` accepts a result at most N seconds old and keeps a fresh one for N
+seconds; `no-cache` runs the script and keeps its result for the session's
+default; `no-store` neither reads nor keeps. With no `cache_control`, the
+session's `context.cache_ttl_seconds` (0 or absent: off) applies as max-age.
+
+Only successful results are kept. The owner is part of the key so one tenant
+never receives a result another tenant's execution produced. The event a script
+sees also holds the session's request_id; a script whose result depends on it
+should not opt in. Each replica has its own cache, bounded by RESULT_CACHE_BYTES,
+the least recently used entry going first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import orjson
+
+from lambda_server.domain import JSON
+from lambda_server.errors import InvalidRequest
+from lambda_server.metrics import Metrics
+
+MAX_TTL_SECONDS = 24 * 3600
+
+
+@dataclass(frozen=True)
+class CachePolicy:
+    """What one Execute may do with the cache."""
+
+    read_max_age: float  # accept an entry at most this old; 0: do not read
+    keep_for: float  # keep a fresh result this long; 0: do not keep
+
+    @property
+    def active(self) -> bool:
+        return self.read_max_age > 0 or self.keep_for > 0
+
+
+OFF = CachePolicy(0.0, 0.0)
+
+
+def parse_policy(cache_control: str, session_ttl: float) -> CachePolicy:
+    """The policy from a call's cache_control and its session's default TTL."""
+    directives = [part.strip().lower() for part in cache_control.split(",") if part.strip()]
+    if not directives:
+        return CachePolicy(session_ttl, session_ttl)
+    read: float | None = None
+    keep: float | None = None
+    for directive in directives:
+        name, _, value = directive.partition("=")
+        if name == "no-store" and not value:
+            return OFF
+        if name == "no-cache" and not value:
+            read = 0.0
+        elif name == "max-age" and value.isdigit():
+            age = float(min(int(value), MAX_TTL_SECONDS))
+            read = age if read is None else min(read, age)
+            keep = age
+        else:
+            raise InvalidRequest(
+                f"cache_control {cache_control[:100]!r} is not understood: "
+                "use no-cache, no-store or max-age=SECONDS",
+                field="cache_control",
+            )
+    return CachePolicy(session_ttl if read is None else read, session_ttl if keep is None else keep)
+
+
+def session_ttl(context: dict[str, JSON]) -> float:
+    """context.cache_ttl_seconds: a number of seconds from 0 to a day (absent: 0, off)."""
+    raw = context.get("cache_ttl_seconds")
+    if raw is None:
+        return 0.0
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or not 0 <= raw <= MAX_TTL_SECONDS:
+        raise InvalidRequest(
+            f"context.cache_ttl_seconds must be a number of seconds from 0 to {MAX_TTL_SECONDS}, not {raw!r}",
+            field="cache_ttl_seconds",
+        )
+    return float(raw)
+
+
+def cache_key(owner: str, script_hash: str, context: dict[str, JSON], params: dict[str, JSON]) -> bytes:
+    """A digest of everything the result may depend on, with object keys in canonical order."""
+    body = orjson.dumps([owner, script_hash, context, params], option=orjson.OPT_SORT_KEYS)
+    return hashlib.blake2b(body, digest_size=20).digest()
+
+
+@dataclass(frozen=True)
+class _Entry:
+    result: JSON
+    stored_at: float
+    expires_at: float
+    size: int
+
+
+class ResultCache:
+    """Results by key, within a total size; the least recently used go first."""
+
+    def __init__(self, max_bytes: int, metrics: Metrics, clock: Callable[[], float] = time.monotonic) -> None:
+        self._max_bytes = max_bytes
+        self._metrics = metrics
+        self._clock = clock
+        self._bytes = 0
+        self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
+
+    def get(self, key: bytes, max_age: float) -> tuple[bool, JSON]:
+        """(True, result) for an entry no older than max_age and unexpired, else (False, None)."""
+        entry = self._entries.get(key)
+        now = self._clock()
+        if entry is None or now >= entry.expires_at or now - entry.stored_at > max_age:
+            self._metrics.cache_requests.labels("miss").inc()
+            return False, None
+        self._entries.move_to_end(key)
+        self._metrics.cache_requests.labels("hit").inc()
+        return True, entry.result
+
+    def put(self, key: bytes, result: JSON, keep_for: float) -> None:
+        size = len(orjson.dumps(result)) + 100  # the entry's own overhead, roughly
+        if size > self._max_bytes or keep_for <= 0:
+            return
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self._bytes -= old.size
+        now = self._clock()
+        self._entries[key] = _Entry(result, now, now + keep_for, size)
+        self._bytes += size
+        while self._bytes > self._max_bytes:
+            _, dropped = self._entries.popitem(last=False)
+            self._bytes -= dropped.size
+        self._metrics.cache_bytes.set(self._bytes)

@@ -1,0 +1,111 @@
+"""Expired sessions: marked `expired`, then deleted after the retention, by one replica at a time.
+
+Each pass works in small batches, each its own short transaction that first
+takes a transaction-level advisory lock with pg_try_advisory_xact_lock: a replica
+that finds it taken skips the batch, so two replicas never clean at once and no
+replica ever waits on another. Rows are picked with FOR UPDATE SKIP LOCKED, so
+a batch never waits on an Execute counting the same session either, and holds
+its row locks only for the milliseconds of its batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from lambda_server.domain import Deadline
+from lambda_server.errors import LambdaError
+from lambda_server.metrics import Metrics
+from lambda_server.store.database import Database
+
+log = logging.getLogger(__name__)
+
+LOCK_ID = 0x6C616D6265  # "lambe": one cleaner at a time across replicas
+BATCH = 1000
+BATCH_SECONDS = 5.0
+
+_MARK = """
+WITH due AS (
+    SELECT request_id FROM meta.sessions
+    WHERE status = 'active' AND expires_at <= now()
+    LIMIT $1 FOR UPDATE SKIP LOCKED
+)
+UPDATE meta.sessions s SET status = 'expired' FROM due WHERE s.request_id = due.request_id
+"""
+
+_DELETE = """
+WITH due AS (
+    SELECT request_id FROM meta.sessions
+    WHERE expires_at <= now() - make_interval(secs => $2)
+    LIMIT $1 FOR UPDATE SKIP LOCKED
+)
+DELETE FROM meta.sessions s USING due WHERE s.request_id = due.request_id
+"""
+
+_ACTIVE = "SELECT count(*) FROM meta.sessions WHERE status = 'active' AND expires_at > now()"
+
+
+class SessionCleanup:
+    """A periodic pass over expired sessions; `run_once` is one pass, for tests and tools."""
+
+    def __init__(self, db: Database, interval: float, retention_seconds: int, metrics: Metrics) -> None:
+        self._db = db
+        self._interval = interval
+        self._retention = float(retention_seconds)
+        self._metrics = metrics
+        self._task: asyncio.Task[None] | None = None
+        # what this replica has done, also in the lambda_sessions_cleaned metric
+        self.done = {"expired": 0, "deleted": 0}
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def run_once(self) -> tuple[int, int] | None:
+        """Mark and delete what is due; (marked, deleted), or None when another replica holds the lock."""
+        totals = []
+        for action, statement, args in (
+            ("expired", _MARK, (BATCH,)),
+            ("deleted", _DELETE, (BATCH, self._retention)),
+        ):
+            total = 0
+            while True:
+                done = await self._batch(statement, *args)
+                if done is None:
+                    return None
+                total += done
+                self.done[action] += done
+                self._metrics.sessions_cleaned.labels(action).inc(done)
+                if done < BATCH:
+                    break
+            totals.append(total)
+        marked, deleted = totals
+        async with self._db.connection(Deadline.after(BATCH_SECONDS)) as conn:
+            self._metrics.active_sessions.set(await conn.fetchval(_ACTIVE))
+        return marked, deleted
+
+    async def _batch(self, statement: str, *args: object) -> int | None:
+        async with self._db.connection(Deadline.after(BATCH_SECONDS)) as conn, conn.transaction():
+            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", LOCK_ID):
+                return None
+            status = await conn.execute(statement, *args)
+        return int(status.rpartition(" ")[2])
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                outcome = await self.run_once()
+            except LambdaError as exc:  # the database is away: the next pass tries again
+                log.warning("session cleanup: %s", exc.message)
+                continue
+            if outcome is None:
+                log.debug("session cleanup: another replica is cleaning")
+            elif any(outcome):
+                log.info("session cleanup: %d marked expired, %d deleted", *outcome)
