@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -223,3 +225,29 @@ def _varint(n: int) -> bytes:
         if not n:
             return out + bytes([low])
         out += bytes([low | 0x80])
+
+
+BUF = ROOT / ".tools" / "node_modules" / ".bin" / "buf"
+
+
+def buf_curl(target: str, method: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Call `lambda_microservice.v1.LambdaService/<method>` with `buf curl`, as the README does."""
+    assert BUF.exists(), "buf is installed by `make lint`"
+    result = subprocess.run(
+        [
+            str(BUF),
+            "curl",
+            "--protocol",
+            "grpc",
+            "--http2-prior-knowledge",
+            "-d",
+            json.dumps(body),
+            f"http://{target}/lambda_microservice.v1.LambdaService/{method}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    answer: dict[str, Any] = json.loads(result.stdout)
+    return answer

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -195,3 +200,23 @@ def test_reading_the_catalog_needs_read_functions(jwt_server: ServerThread) -> N
     with client_for(jwt_server, token(scope="execute:all")) as runner, pytest.raises(LambdaError) as refused:
         runner.list_functions()
     assert (refused.value.code, refused.value.reason) == (grpc.StatusCode.PERMISSION_DENIED, "FORBIDDEN")
+
+
+def test_lambda_cli_sends_its_token_and_runs_a_catalog_function(jwt_server: ServerThread) -> None:
+    cli = Path(sys.executable).parent / "lambda-cli"
+
+    def run(*args: str, bearer: str | None = token("gina")) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "LAMBDA_TARGET": jwt_server.target}
+        env.pop("LAMBDA_TOKEN", None)
+        if bearer is not None:
+            env["LAMBDA_TOKEN"] = bearer
+        return subprocess.run([str(cli), *args], env=env, capture_output=True, text=True, timeout=60)
+
+    listed = run("functions", "--language", "python")
+    assert listed.returncode == 0, listed.stderr
+    assert [f["language_title"] for f in json.loads(listed.stdout)["functions"]] == ["python-text_processor"]
+    session = json.loads(run("init", "--language-title", "nodejs-calculator").stdout)
+    executed = run("exec", session["request_id"], "--params", '{"operation": "multiply", "a": 4, "b": 2}')
+    assert json.loads(executed.stdout)["result"] == {"result": 8}
+    refused = run("functions", bearer=None)
+    assert refused.returncode == 1 and json.loads(refused.stderr)["error"]["code"] == "UNAUTHENTICATED"

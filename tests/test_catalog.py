@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,11 +19,10 @@ from lambda_microservice import (
     to_python,
 )
 from lambda_microservice.v1 import lambda_service_pb2 as pb
-from tests.support import ROOT, ServerThread, run_sync
+from tests.support import ServerThread, buf_curl, run_sync
 
 DEFAULTS = ["nodejs-calculator", "python-text_processor", "rust-data_validator"]
 MARK = "test_catalog"  # created_by of the rows these tests add, and remove again
-BUF = ROOT / ".tools" / "node_modules" / ".bin" / "buf"
 
 
 async def _execute(url: str, query: str, *args: Any) -> None:
@@ -353,24 +351,8 @@ def test_no_script_for_an_unregistered_title_is_still_required(client: LambdaCli
 
 def test_buf_curl_lists_the_catalog(server: ServerThread) -> None:
     """The README's ListFunctions call: schemas come out as plain JSON."""
-    assert BUF.exists(), "buf is installed by `make lint`"
-    result = subprocess.run(
-        [
-            str(BUF),
-            "curl",
-            "--protocol",
-            "grpc",
-            "--http2-prior-knowledge",
-            "-d",
-            json.dumps({"language": "nodejs", "pageSize": 10}),
-            f"http://{server.target}/lambda_microservice.v1.LambdaService/ListFunctions",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    listed = json.loads(result.stdout)["functions"]
+    answer = buf_curl(server.target, "ListFunctions", {"language": "nodejs", "pageSize": 10})
+    listed = answer["functions"]
     assert [f["languageTitle"] for f in listed] == ["nodejs-calculator"]
     assert listed[0]["functionType"] == "FUNCTION_TYPE_PREDEFINED"
     assert listed[0]["paramsSchema"]["required"] == ["operation", "a", "b"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import filecmp
 import inspect
-import json
 import re
 import subprocess
 from pathlib import Path
@@ -17,11 +16,10 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from lambda_microservice import AsyncLambdaClient, LambdaClient
 from lambda_microservice.v1 import lambda_service_pb2 as pb
-from tests.support import ROOT, ServerThread
+from tests.support import BUF, ROOT, ServerThread, buf_curl
 
 SERVICE = "lambda_microservice.v1.LambdaService"
 RPCS = {"Initialize", "Execute", "Health", "GetSession", "ListFunctions", "GetFunction"}
-BUF = ROOT / ".tools" / "node_modules" / ".bin" / "buf"
 
 
 def snake(name: str) -> str:
@@ -94,28 +92,9 @@ def test_regenerating_the_code_changes_nothing(tmp_path: Path) -> None:
 
 def test_buf_curl_initializes_and_executes_through_reflection(server: ServerThread) -> None:
     """The README's first call, as a newcomer would make it."""
-    assert BUF.exists()
-    base = f"http://{server.target}/{SERVICE}"
 
     def curl(method: str, body: dict[str, object]) -> dict[str, object]:
-        result = subprocess.run(
-            [
-                str(BUF),
-                "curl",
-                "--protocol",
-                "grpc",
-                "--http2-prior-knowledge",
-                "-d",
-                json.dumps(body),
-                f"{base}/{method}",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert result.returncode == 0, result.stdout + result.stderr
-        answer: dict[str, object] = json.loads(result.stdout)
-        return answer
+        return buf_curl(server.target, method, body)
 
     session = curl(
         "Initialize",

@@ -24,18 +24,30 @@ def _parser() -> argparse.ArgumentParser:
         help="server address (default: $LAMBDA_TARGET or %(default)s)",
     )
     parser.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds")
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("LAMBDA_TOKEN"),
+        help="a JWT sent as `authorization: Bearer` (default: $LAMBDA_TOKEN)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("health", help="the service's health; exit 1 unless SERVING")
     init = commands.add_parser("init", help="create a session (Initialize)")
     init.add_argument("--language-title", required=True, help="e.g. nodejs-calculator")
-    init.add_argument("--script", required=True, help="the script's file, or - for stdin")
+    init.add_argument(
+        "--script", default=None, help="the script's file, or - for stdin; none: the catalog's function"
+    )
     init.add_argument("--context", default="{}", help="a JSON object")
     init.add_argument("--request-id", default=None, help="a UUID, to make retries safe")
     execute = commands.add_parser("exec", help="run a session's script (Execute)")
     execute.add_argument("request_id")
     execute.add_argument("--params", default="{}", help="a JSON object")
+    execute.add_argument("--cache-control", default="", help="no-cache, no-store or max-age=SECONDS")
     session = commands.add_parser("session", help="show a session (GetSession)")
     session.add_argument("request_id")
+    functions = commands.add_parser("functions", help="list the function catalog (ListFunctions)")
+    functions.add_argument("--language", default="", help="only this language, e.g. python")
+    function = commands.add_parser("function", help="show one function of the catalog (GetFunction)")
+    function.add_argument("language_title")
     return parser
 
 
@@ -55,14 +67,17 @@ def _print(message: Message) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    with LambdaClient(args.target, timeout=args.timeout) as client:
+    metadata = (("authorization", f"Bearer {args.token}"),) if args.token else ()
+    with LambdaClient(args.target, timeout=args.timeout, metadata=metadata) as client:
         try:
             if args.command == "health":
                 health = client.health()
                 _print(health)
                 return 0 if health.status == pb.HEALTH_STATUS_SERVING else 1
             if args.command == "init":
-                if args.script == "-":
+                if args.script is None:
+                    script = ""
+                elif args.script == "-":
                     script = sys.stdin.read()
                 else:
                     with open(args.script, encoding="utf-8") as file:
@@ -76,9 +91,14 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 )
             elif args.command == "exec":
-                _print(client.execute(args.request_id, _json_object(args.params, "--params")))
+                params = _json_object(args.params, "--params")
+                _print(client.execute(args.request_id, params, cache_control=args.cache_control))
             elif args.command == "session":
                 _print(client.get_session(args.request_id))
+            elif args.command == "functions":
+                _print(client.list_functions(language=args.language, page_size=100))
+            elif args.command == "function":
+                _print(client.get_function(args.language_title))
         except LambdaError as error:
             failure = {"code": error.code.name, "reason": error.reason, "message": error.message}
             if error.metadata:

@@ -13,6 +13,7 @@ from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_microservice.v1 import lambda_service_pb2_grpc as pb_grpc
 from lambda_server.api import convert
 from lambda_server.api.errors import Context, Undecodable, reports_errors
+from lambda_server.api.request_logs import client_address
 from lambda_server.auth import Authenticator
 from lambda_server.domain import Caller, Deadline
 from lambda_server.limits import RateLimiter
@@ -35,7 +36,9 @@ class LambdaServicer(pb_grpc.LambdaServiceServicer):
 
     def _caller(self, context: Context) -> Caller:
         """Who calls, from the `authorization` metadata; Unauthenticated when it does not hold."""
-        caller = self._auth.authenticate(_metadata(context, AUTHORIZATION_HEADER) or None, _address(context))
+        caller = self._auth.authenticate(
+            _metadata(context, AUTHORIZATION_HEADER) or None, client_address(context.peer() or "")
+        )
         note_user(caller.user_id)  # for the call's request log
         return caller
 
@@ -115,17 +118,6 @@ def _deadline(context: Context) -> Deadline:
     """The caller's deadline, less a margin so that our own answer (TIMEOUT, UNAVAILABLE) arrives in time."""
     remaining = context.time_remaining()
     return Deadline.after(None if remaining is None else max(0.0, remaining - RESPONSE_MARGIN))
-
-
-def _address(context: Context) -> str:
-    """The peer's address without its port: `ipv4:127.0.0.1:5000` -> `127.0.0.1`."""
-    peer = context.peer() or ""
-    kind, _, rest = peer.partition(":")
-    if kind == "ipv6":
-        return rest.rpartition(":")[0].strip("[]")
-    if kind == "ipv4":
-        return rest.rpartition(":")[0]
-    return peer
 
 
 def _metadata(context: Context, name: str) -> str:
