@@ -24,6 +24,10 @@ from lambda_microservice import LambdaClient, LambdaError, to_python
 from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_microservice.v1 import lambda_service_pb2_grpc as pb_grpc
 from lambda_server.config import AuthSettings
+from lambda_server.domain import Caller
+from lambda_server.errors import RateLimited
+from lambda_server.limits import MAX_BUCKETS, RateLimiter
+from lambda_server.metrics import Metrics
 from tests.support import ServerThread, server_settings
 
 SECRET = "a-test-secret-of-at-least-32-bytes!!"
@@ -156,15 +160,24 @@ def test_the_rate_limit_trips_at_the_configured_rate_and_recovers_after_the_retr
         session = frank.initialize("python-limited", "result = 1")
         stub = pb_grpc.LambdaServiceStub(channel)
         request = pb.ExecuteRequest(request_id=session.request_id)
+        # an admitted call that fails still says what is left
+        with pytest.raises(grpc.RpcError) as unknown:
+            stub.Execute(pb.ExecuteRequest(request_id=str(uuid.uuid4())), metadata=bearer, timeout=10)
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+        assert dict(unknown.value.trailing_metadata())["x-ratelimit-remaining"] == str(RATE - 1)
         remaining = []
-        for _ in range(RATE):
+        for _ in range(RATE - 1):
             _, call = stub.Execute.with_call(request, metadata=bearer, timeout=10)
             trailing = dict(call.trailing_metadata() or ())
             assert trailing["x-ratelimit-limit"] == str(RATE)
             remaining.append(int(trailing["x-ratelimit-remaining"]))
         assert remaining[0] >= RATE - 2 and remaining[-1] <= 2  # refilled a little while running
-        with pytest.raises(LambdaError) as limited:
+        with pytest.raises(grpc.RpcError) as refused:
             for _ in range(10):  # the bucket refills 2 a second: these take far less than that
+                stub.Execute(request, metadata=bearer, timeout=10)
+        assert dict(refused.value.trailing_metadata())["x-ratelimit-remaining"] == "0"
+        with pytest.raises(LambdaError) as limited:
+            for _ in range(10):
                 frank.execute(session.request_id)
         error = limited.value
         assert (error.code, error.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED")
@@ -220,3 +233,15 @@ def test_lambda_cli_sends_its_token_and_runs_a_catalog_function(jwt_server: Serv
     assert json.loads(executed.stdout)["result"] == {"result": 8}
     refused = run("functions", bearer=None)
     assert refused.returncode == 1 and json.loads(refused.stderr)["error"]["code"] == "UNAUTHENTICATED"
+
+
+def test_the_rate_limiter_forgets_the_least_recently_used_past_its_bound() -> None:
+    """Many addresses (spoofed, or IPv6) cannot grow the buckets without end."""
+    limiter = RateLimiter(AuthSettings(anonymous_rate_limit_per_minute=1), Metrics())
+    first = Caller(None, frozenset(), "10.0.0.1")
+    limiter.admit(first)
+    with pytest.raises(RateLimited):
+        limiter.admit(first)
+    for n in range(MAX_BUCKETS):
+        limiter.admit(Caller(None, frozenset(), f"fd00::{n:x}"))
+    assert limiter.admit(first) is not None  # forgotten: a bucket of its own again

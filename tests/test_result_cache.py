@@ -59,7 +59,9 @@ def test_failures_are_never_cached(client: LambdaClient) -> None:
         assert response.HasField("error") and not response.cached
 
 
-@pytest.mark.parametrize("cache_control", ["max-age=soon", "private", "max-age=-1"])
+@pytest.mark.parametrize(
+    "cache_control", ["max-age=soon", "private", "max-age=-1", "max-age=\u00b2", "max-age=" + "9" * 5000]
+)
 def test_a_cache_control_it_does_not_understand_is_invalid_argument(
     client: LambdaClient, cache_control: str
 ) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,8 +19,10 @@ from lambda_server.domain import Caller
 from lambda_server.errors import RateLimited
 from lambda_server.metrics import Metrics
 
-# Buckets are forgotten once full again; past this many, the full ones are swept.
-_SWEEP_AT = 10_000
+# Buckets kept at most; past it the least recently used goes. A bucket untouched for a
+# minute is full again, so forgetting it loses nothing; one used more recently than
+# that only while more callers than this are active at once.
+MAX_BUCKETS = 100_000
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,7 @@ class RateLimiter:
         self._per_anonymous = settings.anonymous_rate_limit_per_minute
         self._metrics = metrics
         self._clock = clock
-        self._buckets: dict[tuple[bool, str], _Bucket] = {}
+        self._buckets: OrderedDict[tuple[bool, str], _Bucket] = OrderedDict()
 
     def admit(self, caller: Caller) -> Quota | None:
         """Take one token from the caller's bucket; None when the caller has no limit."""
@@ -60,10 +63,11 @@ class RateLimiter:
         rate = limit / 60.0  # tokens a second; a full bucket is a minute's worth
         bucket = self._buckets.get(key)
         if bucket is None:
-            if len(self._buckets) >= _SWEEP_AT:
-                self._sweep(now)
+            if len(self._buckets) >= MAX_BUCKETS:
+                self._buckets.popitem(last=False)
             bucket = self._buckets[key] = _Bucket(float(limit), now)
         else:
+            self._buckets.move_to_end(key)
             bucket.tokens = min(float(limit), bucket.tokens + (now - bucket.updated) * rate)
             bucket.updated = now
         if bucket.tokens < 1.0:
@@ -77,10 +81,3 @@ class RateLimiter:
             )
         bucket.tokens -= 1.0
         return Quota(limit, math.floor(bucket.tokens))
-
-    def _sweep(self, now: float) -> None:
-        """Forget buckets that have refilled: they hold nothing a new bucket would not."""
-        for key, bucket in list(self._buckets.items()):
-            limit = self._per_anonymous if key[0] else self._per_user
-            if bucket.tokens + (now - bucket.updated) * limit / 60.0 >= limit:
-                del self._buckets[key]

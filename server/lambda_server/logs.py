@@ -46,10 +46,6 @@ def end_call(token: Token[CallInfo | None]) -> None:
     _current.reset(token)
 
 
-def current_call() -> CallInfo | None:
-    return _current.get()
-
-
 def note_user(user_id: str | None) -> None:
     """Record who makes the current call (for its request log), when there is one."""
     call = _current.get()

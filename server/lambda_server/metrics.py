@@ -128,6 +128,10 @@ class Metrics:
         if state is not None and state is not EnvironmentState.WARM:  # prewarmed or cold
             self.environment_starts.labels(runtime, state.value).inc()
 
+    def cached(self, runtime: str) -> None:
+        """One execution answered from the result cache."""
+        self.executions.labels(runtime, "cached").inc()
+
     def on_scrape(self, refresh: Callable[[], None]) -> None:
         """Call `refresh` (on the event loop that serves) before each scrape, to set gauges."""
         self._before_scrape.callbacks.append(refresh)

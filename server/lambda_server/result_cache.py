@@ -3,7 +3,7 @@
 A caller opts in per call with `cache_control` (the original's X-Cache-Control):
 `max-age=N` accepts a result at most N seconds old and keeps a fresh one for N
 seconds; `no-cache` runs the script and keeps its result for the session's
-default; `no-store` neither reads nor keeps. With no `cache_control`, the
+default (none unless it has one); `no-store` neither reads nor keeps. With no `cache_control`, the
 session's `context.cache_ttl_seconds` (0 or absent: off) applies as max-age.
 
 Only successful results are kept. The owner is part of the key so one tenant
@@ -16,6 +16,7 @@ the least recently used entry going first.
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from lambda_server.errors import InvalidRequest
 from lambda_server.metrics import Metrics
 
 MAX_TTL_SECONDS = 24 * 3600
+_SECONDS = re.compile(r"[0-9]{1,9}")
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,7 @@ def parse_policy(cache_control: str, session_ttl: float) -> CachePolicy:
             return OFF
         if name == "no-cache" and not value:
             read = 0.0
-        elif name == "max-age" and value.isdigit():
+        elif name == "max-age" and _SECONDS.fullmatch(value):
             age = float(min(int(value), MAX_TTL_SECONDS))
             read = age if read is None else min(read, age)
             keep = age
@@ -84,9 +86,11 @@ def session_ttl(context: dict[str, JSON]) -> float:
     return float(raw)
 
 
-def cache_key(owner: str, script_hash: str, context: dict[str, JSON], params: dict[str, JSON]) -> bytes:
+def cache_key(
+    owner: str, runtime: str, script_hash: str, context: dict[str, JSON], params: dict[str, JSON]
+) -> bytes:
     """A digest of everything the result may depend on, with object keys in canonical order."""
-    body = orjson.dumps([owner, script_hash, context, params], option=orjson.OPT_SORT_KEYS)
+    body = orjson.dumps([owner, runtime, script_hash, context, params], option=orjson.OPT_SORT_KEYS)
     return hashlib.blake2b(body, digest_size=20).digest()
 
 

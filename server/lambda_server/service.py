@@ -146,17 +146,22 @@ class LambdaService:
         """Run the session's script with params; a hit of the result cache is counted as an
         execution of the session too (it was asked for and answered), without a runtime."""
         session_id = parse_request_id(request_id)
+        parse_policy(cache_control, 0.0)  # its syntax, before the session counts this call
         session = await self._sessions.claim(session_id, caller.user_id, deadline)
         runtime = self._registry.resolve(session.language_title)
         require_execute(caller, runtime.name)
         self._check_params(session.metadata, params)
         owner = session.user_id or ANONYMOUS
         policy = parse_policy(cache_control, session_ttl(session.context))
-        key = cache_key(owner, session.script_hash, session.context, params) if policy.active else b""
+        key = (
+            cache_key(owner, runtime.name, session.script_hash, session.context, params)
+            if policy.active
+            else b""
+        )
         if policy.read_max_age > 0:
             hit, result = self._cache.get(key, policy.read_max_age)
             if hit:
-                self._metrics.executions.labels(runtime.name, "cached").inc()
+                self._metrics.cached(runtime.name)
                 outcome = ExecutionOutcome(result, None, 0.0, "")
                 return ExecutionResult(session_id, session.language_title, outcome, cached=True)
         script = await self._sessions.script(session, deadline)

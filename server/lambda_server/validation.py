@@ -28,9 +28,9 @@ class ParamsValidator:
         self._max = max_schemas
         self._validators: OrderedDict[str, Any] = OrderedDict()
 
-    def prepare(self, schema: dict[str, JSON], key: str | None = None) -> str:
+    def prepare(self, schema: dict[str, JSON]) -> str:
         """Compile `schema` now (InternalError when it is no valid schema) and return its key."""
-        key = key or schema_key(schema)
+        key = schema_key(schema)
         self._validator(schema, key)
         return key
 

@@ -17,6 +17,7 @@ from lambda_server import errors
 log = logging.getLogger(__name__)
 
 DOMAIN = "lambda-microservice"
+_DETAILS_KEY = "grpc-status-details-bin"
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -94,6 +95,8 @@ def reports_errors(method: Handler) -> Handler:
             log.exception("unexpected error in %s", method.__name__)
             failure = errors.InternalError(f"internal error: {type(exc).__name__}")
         status = to_status(failure)
-        await context.abort(status.code, status.details, status.trailing_metadata)
+        # what the handler set (rate-limit headers) goes out with the error's details
+        kept = tuple((key, value) for key, value in context.trailing_metadata() or () if key != _DETAILS_KEY)
+        await context.abort(status.code, status.details, tuple(status.trailing_metadata) + kept)
 
     return wrapper  # type: ignore[return-value]

@@ -16,6 +16,7 @@ from lambda_server.api.errors import Context, Undecodable, reports_errors
 from lambda_server.api.request_logs import client_address
 from lambda_server.auth import Authenticator
 from lambda_server.domain import Caller, Deadline
+from lambda_server.errors import RateLimited
 from lambda_server.limits import RateLimiter
 from lambda_server.logs import note_user
 from lambda_server.service import LambdaService
@@ -44,13 +45,14 @@ class LambdaServicer(pb_grpc.LambdaServiceServicer):
 
     @reports_errors
     async def Initialize(self, request: pb.InitializeRequest, context: Context) -> pb.InitializeResponse:
+        caller = self._caller(context)  # who calls comes first: a stranger learns nothing else
         title = request.language_title or _metadata(context, LANGUAGE_TITLE_HEADER)
         record = await self._service.initialize(
             language_title=title,
             script=request.script_content,
             context=convert.struct_to_dict(request.context),
             request_id=request.request_id or None,
-            caller=self._caller(context),
+            caller=caller,
             deadline=_deadline(context),
         )
         return pb.InitializeResponse(
@@ -62,7 +64,11 @@ class LambdaServicer(pb_grpc.LambdaServiceServicer):
     @reports_errors
     async def Execute(self, request: pb.ExecuteRequest, context: Context) -> pb.ExecuteResponse:
         caller = self._caller(context)
-        quota = self._limiter.admit(caller)  # refused: RetryInfo in the status says when to retry
+        try:
+            quota = self._limiter.admit(caller)
+        except RateLimited:  # the status's RetryInfo says when to retry
+            context.set_trailing_metadata(((RATE_REMAINING_HEADER, "0"),))
+            raise
         if quota is not None:
             context.set_trailing_metadata(
                 ((RATE_LIMIT_HEADER, str(quota.limit)), (RATE_REMAINING_HEADER, str(quota.remaining)))
@@ -93,12 +99,13 @@ class LambdaServicer(pb_grpc.LambdaServiceServicer):
     async def ListFunctions(
         self, request: pb.ListFunctionsRequest, context: Context
     ) -> pb.ListFunctionsResponse:
+        caller = self._caller(context)
         page = await self._service.list_functions(
             language=request.language,
             function_type=convert.function_type_filter(request.function_type),
             page_size=request.page_size,
             page_token=request.page_token,
-            caller=self._caller(context),
+            caller=caller,
             deadline=_deadline(context),
         )
         return pb.ListFunctionsResponse(

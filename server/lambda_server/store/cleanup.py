@@ -64,7 +64,7 @@ class SessionCleanup:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
 
     async def run_once(self) -> tuple[int, int] | None:
@@ -86,9 +86,12 @@ class SessionCleanup:
                     break
             totals.append(total)
         marked, deleted = totals
+        return marked, deleted
+
+    async def count_active(self) -> None:
+        """Set the active-sessions gauge (each replica exports it, cleaning or not)."""
         async with self._db.connection(Deadline.after(BATCH_SECONDS)) as conn:
             self._metrics.active_sessions.set(await conn.fetchval(_ACTIVE))
-        return marked, deleted
 
     async def _batch(self, statement: str, *args: object) -> int | None:
         async with self._db.connection(Deadline.after(BATCH_SECONDS)) as conn, conn.transaction():
@@ -102,8 +105,12 @@ class SessionCleanup:
             await asyncio.sleep(self._interval)
             try:
                 outcome = await self.run_once()
+                await self.count_active()
             except LambdaError as exc:  # the database is away: the next pass tries again
                 log.warning("session cleanup: %s", exc.message)
+                continue
+            except Exception:  # a bug: say so, and keep cleaning
+                log.exception("session cleanup failed")
                 continue
             if outcome is None:
                 log.debug("session cleanup: another replica is cleaning")

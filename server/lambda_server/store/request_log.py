@@ -44,6 +44,7 @@ from lambda_server.store.database import Database
 log = logging.getLogger(__name__)
 
 MAX_QUEUED_BYTES = 64 * 1024 * 1024
+MAX_BATCH_BYTES = 4 * 1024 * 1024
 RETRY_FIRST = 0.1  # seconds
 RETRY_MAX = 5.0
 WARN_EVERY = 60.0  # seconds between two "dropped" warnings
@@ -153,8 +154,12 @@ class RequestLogWriter:
             await self._wait_for_work()
             if not self._queue:
                 return  # closing, and everything is written
-            count = min(len(self._queue), self._settings.batch_size)
-            self._batch = [self._queue.popleft() for _ in range(count)]
+            self._batch = [self._queue.popleft()]
+            size = self._batch[0].size
+            # bounded in bytes too, so a batch of large payloads fits in a statement's time
+            while self._queue and len(self._batch) < self._settings.batch_size and size < MAX_BATCH_BYTES:
+                size += self._queue[0].size
+                self._batch.append(self._queue.popleft())
             await self._write_until_done()
 
     async def _wait_for_work(self) -> None:

@@ -1,0 +1,136 @@
+"""The server under benchmark: `python -m lambda_server` on a throwaway database, as deployed."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support import (
+    create_database,
+    drop_database,
+    env_without_database,
+    port_answers,
+    run_sync,
+    with_database,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+
+@dataclass(frozen=True)
+class BenchServer:
+    target: str  # host:port of the gRPC server
+    metrics_url: str
+    pid: int
+    database_url: str
+
+    def rss_bytes(self) -> int:
+        """The server process's resident memory, without its runtime processes."""
+        return _rss(self.pid)
+
+    def environments_rss(self) -> tuple[int, int]:
+        """(count, total resident bytes) of the runtime processes below the server."""
+        children = _descendants(self.pid)
+        return len(children), sum(_rss(pid) for pid in children)
+
+    def samples(self, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+        """The current values of one metric, by its labels."""
+        with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
+            text = response.read().decode()
+        values: dict[tuple[tuple[str, str], ...], float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name:
+                    values[tuple(sorted(sample.labels.items()))] = sample.value
+        return values
+
+
+def admin_url() -> str:
+    if os.environ.get("DATABASE_URL"):
+        return os.environ["DATABASE_URL"]
+    if port_answers("127.0.0.1", 5432):
+        return "postgresql://postgres@127.0.0.1:5432/postgres"
+    from lambda_server.store.embedded import start_embedded
+
+    return start_embedded(ROOT / ".data" / "bench-postgres")
+
+
+@contextmanager
+def running_server(**env_overrides: str) -> Iterator[BenchServer]:
+    """The server on a database of its own, anonymous callers unlimited; stopped with SIGTERM."""
+    admin = admin_url()
+    name = run_sync(create_database(admin))
+    url = with_database(admin, name)
+    env = {
+        **env_without_database(),
+        "DATABASE_URL": url,
+        "LISTEN_ADDR": "127.0.0.1:0",
+        "RATE_LIMIT_ANONYMOUS_PER_MINUTE": "0",
+        **env_overrides,
+        "LOG_LEVEL": "INFO",  # the start-up lines read below
+        "LOG_FORMAT": "text",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lambda_server"], env=env, stderr=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    try:
+        assert process.stderr is not None
+        metrics_url = ""
+        for line in process.stderr:
+            found = re.search(r"metrics at (http://\S+)", line)
+            if found:
+                metrics_url = found.group(1)
+            match = re.search(r"serving \S+ on (\S+:\d+)", line)
+            if match:
+                break
+        else:
+            raise RuntimeError("the server exited before serving")
+        # keep reading its log, or a full pipe would stall the server
+        threading.Thread(target=_drain, args=(process.stderr,), daemon=True).start()
+        yield BenchServer(match.group(1), metrics_url, process.pid, url)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(60)
+        run_sync(drop_database(admin, name))
+
+
+def _drain(stream: object) -> None:
+    for _ in stream:  # type: ignore[attr-defined]
+        pass
+
+
+def _rss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _descendants(root: int) -> list[int]:
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    found: set[int] = set()
+    frontier = {root}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return sorted(found)
