@@ -24,11 +24,13 @@ import os
 import signal
 import subprocess
 import time
-from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
+
+
+STDERR_TAIL_BYTES = 16 * 1024
 
 
 def answer_int(value: object, limit: int = 2**31) -> int:
@@ -63,7 +65,9 @@ class WorkerProcess:
         self._unowned: list[PipeEnd] = []
         self._requests: asyncio.StreamWriter | None = None
         self._responses = asyncio.StreamReader()
-        self._stderr: deque[bytes] = deque(maxlen=16)
+        # the last of the worker's stderr, by bytes: a runtime's fatal message comes in
+        # many small writes (V8 prints its out-of-memory line, then a native stack)
+        self._stderr = bytearray()
         self._exited = asyncio.get_running_loop().create_future()
         self._stderr_task: asyncio.Task[None] | None = None
         self.last_used = time.monotonic()
@@ -211,12 +215,14 @@ class WorkerProcess:
         return f"{what}: {tail[-2000:]}" if tail else what
 
     def stderr_tail(self) -> str:
-        return b"".join(self._stderr).decode("utf-8", "replace")
+        return self._stderr.decode("utf-8", "replace")
 
     async def _drain(self, stream: asyncio.StreamReader) -> None:
         with contextlib.suppress(Exception):
             while chunk := await stream.read(4096):
-                self._stderr.append(chunk)
+                self._stderr += chunk
+                if len(self._stderr) > STDERR_TAIL_BYTES:
+                    del self._stderr[: len(self._stderr) - STDERR_TAIL_BYTES]
 
     def alive(self) -> bool:
         return not self._exited.done()
