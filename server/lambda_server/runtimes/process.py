@@ -29,7 +29,6 @@ from typing import Any
 
 import orjson
 
-
 STDERR_TAIL_BYTES = 16 * 1024
 
 
