@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint proto migrate bench venv buf clean
+.PHONY: help run test lint proto migrate bench venv buf clean h2load
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -35,7 +35,7 @@ buf: $(BUF)
 run: $(STAMP) ## serve on LISTEN_ADDR (127.0.0.1:50051); embedded PostgreSQL when DATABASE_URL is unset
 	$(PY) -m lambda_server
 
-test: lint ## lint, then the whole suite against a real PostgreSQL
+test: lint h2load ## lint, then the whole suite against a real PostgreSQL
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP) $(BUF) ## ruff, mypy and buf lint
@@ -52,8 +52,16 @@ proto: $(STAMP) ## regenerate the client's gRPC code from protos/
 migrate: $(STAMP) ## apply the migrations to DATABASE_URL (or the embedded database)
 	$(PY) -m lambda_server migrate
 
-bench: $(STAMP) ## latency benchmarks (bench/README.md); BENCH_ARGS=--quick for a short run
-	$(PY) -m bench.latency $(BENCH_ARGS)
+bench: $(STAMP) h2load ## latency and throughput against the floor (bench/README.md); BENCH_ARGS=--quick
+	$(PY) -m bench $(BENCH_ARGS)
+
+# h2load drives the throughput benchmark: Debian's nghttp2-client, installed when missing.
+h2load:
+	@command -v h2load >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get install -y -q nghttp2-client >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && apt-get install -y -q nghttp2-client >/dev/null; }; \
+	  else echo "h2load is missing: install nghttp2-client (Debian, Ubuntu) or nghttp2 (brew)" >&2; exit 1; fi; }
 
 clean: ## remove the venv, the tools and the embedded database
 	rm -rf $(VENV) $(TOOLS) .data

@@ -41,9 +41,11 @@ class BenchServer:
         return _rss(self.pid)
 
     def environments_rss(self) -> tuple[int, int]:
-        """(count, total resident bytes) of the runtime processes below the server."""
+        """(count, total resident bytes) of the runtime processes below the server: the
+        interpreters, each with the `unshare` that holds its namespaces (counted in its bytes)."""
         children = _descendants(self.pid)
-        return len(children), sum(_rss(pid) for pid in children)
+        runtimes = [pid for pid in children if _name(pid) != "unshare"]
+        return len(runtimes), sum(_rss(pid) for pid in children)
 
     def samples(self, name: str) -> dict[tuple[tuple[str, str], ...], float]:
         """The current values of one metric, by its labels."""
@@ -119,6 +121,13 @@ def _rss(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def _name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def _descendants(root: int) -> list[int]:

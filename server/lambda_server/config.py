@@ -49,7 +49,7 @@ class RuntimeSettings:
     prewarm_per_runtime: int = 2
     idle_ttl_seconds: float = 300.0
     queue_timeout_seconds: float = 10.0
-    max_queued: int = 1000
+    max_queued: int = 10000
     spawn_timeout_seconds: float = 10.0
     mappings_file: Path | None = None
     node_binary: str | None = None
@@ -144,7 +144,7 @@ class Settings:
             prewarm_per_runtime=reader.get("PREWARM_ENVIRONMENTS", _non_negative_int, 2),
             idle_ttl_seconds=reader.get("ENVIRONMENT_IDLE_TTL_SECONDS", _positive_float, 300.0),
             queue_timeout_seconds=reader.get("RUNTIME_QUEUE_TIMEOUT_SECONDS", _positive_float, 10.0),
-            max_queued=reader.get("MAX_QUEUED_EXECUTIONS", _positive_int, 1000),
+            max_queued=reader.get("MAX_QUEUED_EXECUTIONS", _positive_int, 10000),
             mappings_file=reader.get("RUNTIME_MAPPINGS", Path, None),
             node_binary=reader.get("NODE_BINARY", str, None) or None,
         )
