@@ -39,8 +39,8 @@ test: lint h2load ## lint, then the whole suite against a real PostgreSQL
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP) $(BUF) ## ruff, mypy and buf lint
-	$(BIN)/ruff check server client tests
-	$(BIN)/ruff format --check server client tests
+	$(BIN)/ruff check server client tests bench
+	$(BIN)/ruff format --check server client tests bench
 	$(BIN)/mypy
 	$(BUF) lint protos
 
