@@ -110,6 +110,8 @@ class Settings:
     # host:port of the Prometheus /metrics endpoint; None turns it off.
     metrics_addr: str | None = "127.0.0.1:9090"
     result_cache_bytes: int = 64 * MIB
+    # Calls received but not yet taken by a handler; gRPC cancels those past it.
+    max_pending_rpcs: int = 10000
     # Expired sessions: marked and, after the retention, deleted by one replica at a time.
     cleanup_interval_seconds: float = 60.0
     session_retention_seconds: int = 7 * 24 * 3600
@@ -188,6 +190,7 @@ class Settings:
             log_format=reader.get("LOG_FORMAT", _choice("text", "json"), "text"),
             metrics_addr=None if metrics.lower() == "off" else _checked(_address, "METRICS_ADDR", metrics),
             result_cache_bytes=reader.get("RESULT_CACHE_BYTES", _non_negative_int, 64 * MIB),
+            max_pending_rpcs=reader.get("GRPC_MAX_PENDING_RPCS", _positive_int, 10000),
             cleanup_interval_seconds=reader.get("CLEANUP_INTERVAL_SECONDS", _positive_float, 60.0),
             session_retention_seconds=reader.get(
                 "SESSION_RETENTION_SECONDS", _non_negative_int, 7 * 24 * 3600
