@@ -21,6 +21,30 @@ def test_defaults_are_those_of_the_service_we_replace() -> None:
     assert settings.database.url is None
 
 
+def test_the_grpc_server_settings_are_read_and_become_its_options() -> None:
+    from lambda_server.app import grpc_options
+
+    settings = Settings.from_env(
+        {
+            "GRPC_MAX_RECEIVE_MESSAGE_BYTES": "1000",
+            "GRPC_MAX_CONCURRENT_RPCS": "7",
+            "GRPC_KEEPALIVE_TIME_SECONDS": "30",
+            "GRPC_MAX_CONNECTION_AGE_SECONDS": "300",
+            "SHUTDOWN_DRAIN_SECONDS": "5",
+        }
+    )
+    assert settings.grpc.max_concurrent_rpcs == 7
+    assert settings.shutdown_drain_seconds == 5
+    options = dict(grpc_options(settings.grpc))
+    assert options["grpc.max_receive_message_length"] == 1000
+    assert options["grpc.keepalive_time_ms"] == 30_000
+    assert options["grpc.max_connection_age_ms"] == 300_000
+    assert options["grpc.so_reuseport"] == 0
+    defaults = dict(grpc_options(Settings.from_env({}).grpc))
+    assert defaults["grpc.max_send_message_length"] == 4 * 1024 * 1024
+    assert "grpc.max_connection_age_ms" not in defaults  # off unless asked for
+
+
 def test_values_are_read_from_the_environment() -> None:
     settings = Settings.from_env(
         {
@@ -52,6 +76,12 @@ def test_values_are_read_from_the_environment() -> None:
         ("LISTEN_ADDR", "host:99999"),
         ("DATABASE_STATEMENT_CACHE", "maybe"),
         ("LOG_LEVEL", "LOUD"),
+        ("AUTH_MODE", "basic"),
+        ("AUTH_MODE", "jwt"),  # without a key
+        ("GRPC_MAX_CONCURRENT_RPCS", "-1"),
+        ("GRPC_KEEPALIVE_TIME_SECONDS", "0"),
+        ("METRICS_ADDR", "9090"),
+        ("SHUTDOWN_DRAIN_SECONDS", "-1"),
     ],
 )
 def test_an_invalid_value_names_the_variable(name: str, value: str) -> None:

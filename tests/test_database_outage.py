@@ -68,6 +68,7 @@ def test_an_outage_fails_fast_shows_in_health_and_heals_without_restart(
             assert caught.value.reason == "UNAVAILABLE"
         eventually(lambda: health_status(channel) == not_serving, timeout=BOUND)
         assert health_status(channel, "lambda_microservice.v1.LambdaService") == not_serving
+        assert health_status(channel, "liveness") == serving  # the process lives: no restart wanted
         health = client.health()
         assert health.status == pb.HEALTH_STATUS_NOT_SERVING
         assert health.components["postgres"].startswith("unavailable")

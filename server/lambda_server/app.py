@@ -20,7 +20,7 @@ from lambda_server import logs
 from lambda_server.api.interceptors import CallInterceptor
 from lambda_server.api.servicer import LambdaServicer, add_to_server
 from lambda_server.auth import Authenticator
-from lambda_server.config import ConfigError, Settings
+from lambda_server.config import ConfigError, GrpcSettings, Settings
 from lambda_server.domain import Limits
 from lambda_server.errors import LambdaError
 from lambda_server.limits import RateLimiter
@@ -41,6 +41,7 @@ from lambda_server.store.sessions import SessionStore
 log = logging.getLogger("lambda_server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LambdaService"].full_name
+LIVENESS = "liveness"
 
 
 class DatabaseMonitor:
@@ -158,6 +159,9 @@ class Server:
         await self._monitor.stop()
         await self.cleanup.stop()
         await self._health.enter_graceful_shutdown()
+        if self.settings.shutdown_drain_seconds:
+            # still serving, while load balancers see NOT_SERVING and stop sending calls here
+            await asyncio.sleep(self.settings.shutdown_drain_seconds)
         await self._grpc.stop(grace)
         # /metrics stops in a thread (up to 0.5 s) while the rest closes
         metrics_stopped = asyncio.create_task(self.metrics.stop_serving())
@@ -170,6 +174,31 @@ class Server:
 
     async def wait_for_termination(self) -> None:
         await self._grpc.wait_for_termination()
+
+
+def grpc_options(grpc_settings: GrpcSettings) -> list[tuple[str, int]]:
+    """The gRPC server's channel arguments, from GRPC_* settings."""
+    g = grpc_settings
+    options = [
+        ("grpc.so_reuseport", 0),  # a port in use is an error, never shared by accident
+        ("grpc.max_receive_message_length", g.max_receive_message_bytes),
+        ("grpc.max_send_message_length", g.max_send_message_bytes),
+        # calls not yet taken by a handler: past gRPC's defaults (1,000, then 3,000) it
+        # cancels new ones before we see them, so a burst of 2,000 lost a tenth
+        ("grpc.server.max_pending_requests", g.max_pending_rpcs),
+        ("grpc.server.max_pending_requests_hard_limit", g.max_pending_rpcs),
+        ("grpc.keepalive_time_ms", int(g.keepalive_time_seconds * 1000)),
+        ("grpc.keepalive_timeout_ms", int(g.keepalive_timeout_seconds * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", int(g.min_client_ping_interval_seconds * 1000)),
+        ("grpc.http2.max_ping_strikes", 2),
+    ]
+    if g.max_connection_idle_seconds:
+        options.append(("grpc.max_connection_idle_ms", int(g.max_connection_idle_seconds * 1000)))
+    if g.max_connection_age_seconds:
+        options.append(("grpc.max_connection_age_ms", int(g.max_connection_age_seconds * 1000)))
+        options.append(("grpc.max_connection_age_grace_ms", int(g.max_connection_age_grace_seconds * 1000)))
+    return options
 
 
 async def build_server(settings: Settings, database_url: str | None = None) -> tuple[Server, int]:
@@ -205,15 +234,8 @@ async def build_server(settings: Settings, database_url: str | None = None) -> t
 
     grpc_server = grpc.aio.server(
         interceptors=[CallInterceptor(metrics, request_log if settings.request_log.enabled else None)],
-        options=[
-            ("grpc.so_reuseport", 0),
-            ("grpc.max_receive_message_length", 4 * 1024 * 1024),
-            ("grpc.max_send_message_length", 4 * 1024 * 1024),
-            # calls not yet taken by a handler: past gRPC's defaults (1,000, then 3,000)
-            # it cancels new ones before we see them, so a burst of 2,000 lost 10 %
-            ("grpc.server.max_pending_requests", settings.max_pending_rpcs),
-            ("grpc.server.max_pending_requests_hard_limit", settings.max_pending_rpcs),
-        ],
+        options=grpc_options(settings.grpc),
+        maximum_concurrent_rpcs=settings.grpc.max_concurrent_rpcs or None,
     )
     limiter = RateLimiter(settings.auth, metrics)
     add_to_server(LambdaServicer(service, Authenticator(settings.auth), limiter), grpc_server)
@@ -224,6 +246,8 @@ async def build_server(settings: Settings, database_url: str | None = None) -> t
     )
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    # for liveness probes: SERVING while the process lives, whatever PostgreSQL does
+    await health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
     port = grpc_server.add_insecure_port(settings.listen_addr)
     if port == 0:
         raise ConfigError(f"LISTEN_ADDR={settings.listen_addr!r}: cannot listen there")
@@ -272,7 +296,11 @@ async def serve(settings: Settings, database_url: str) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     await stopping.wait()
-    log.info("stopping: health NOT_SERVING, %.1f s grace", settings.shutdown_grace_seconds)
+    log.info(
+        "stopping: health NOT_SERVING, %.1f s drain, %.1f s grace",
+        settings.shutdown_drain_seconds,
+        settings.shutdown_grace_seconds,
+    )
     await server.stop()
     log.info("stopped")
 

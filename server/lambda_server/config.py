@@ -88,6 +88,29 @@ class AuthSettings:
 
 
 @dataclass(frozen=True)
+class GrpcSettings:
+    """The gRPC server's own limits and connection policy."""
+
+    max_receive_message_bytes: int = 4 * MIB
+    max_send_message_bytes: int = 4 * MIB
+    # Calls handled at once; past it gRPC answers RESOURCE_EXHAUSTED. 0: no limit.
+    max_concurrent_rpcs: int = 10000
+    # Calls received but not yet taken by a handler; gRPC cancels those past it.
+    max_pending_rpcs: int = 10000
+    # Ping a connection idle this long, and drop it when no answer comes in the timeout:
+    # half-open connections (a peer gone without a FIN) do not linger.
+    keepalive_time_seconds: float = 60.0
+    keepalive_timeout_seconds: float = 20.0
+    # Clients may ping this often at most (more often: GOAWAY, too_many_pings).
+    min_client_ping_interval_seconds: float = 10.0
+    # Close connections idle this long, and any connection this old (after a grace for
+    # its calls), so clients reconnect and spread over new replicas. 0: never.
+    max_connection_idle_seconds: float = 0.0
+    max_connection_age_seconds: float = 0.0
+    max_connection_age_grace_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
 class RequestLogSettings:
     """The batched writer of public.request_logs and public.error_logs."""
 
@@ -104,14 +127,15 @@ class Settings:
     listen_addr: str = "127.0.0.1:50051"
     session_expiry_seconds: int = 3600
     shutdown_grace_seconds: float = 10.0
+    # On SIGTERM, health turns NOT_SERVING and calls are still taken for this long, so
+    # load balancers see the change before the listener closes (Kubernetes: 5).
+    shutdown_drain_seconds: float = 0.0
     health_interval_seconds: float = 1.0
     log_level: str = "INFO"
     log_format: str = "text"  # text | json
     # host:port of the Prometheus /metrics endpoint; None turns it off.
     metrics_addr: str | None = "127.0.0.1:9090"
     result_cache_bytes: int = 64 * MIB
-    # Calls received but not yet taken by a handler; gRPC cancels those past it.
-    max_pending_rpcs: int = 10000
     # Expired sessions: marked and, after the retention, deleted by one replica at a time.
     cleanup_interval_seconds: float = 60.0
     session_retention_seconds: int = 7 * 24 * 3600
@@ -120,6 +144,7 @@ class Settings:
     sandbox: SandboxSettings = field(default_factory=SandboxSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     request_log: RequestLogSettings = field(default_factory=RequestLogSettings)
+    grpc: GrpcSettings = field(default_factory=GrpcSettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -184,21 +209,42 @@ class Settings:
             batch_size=reader.get("REQUEST_LOG_BATCH_SIZE", _positive_int, 500),
             flush_interval_seconds=reader.get("REQUEST_LOG_FLUSH_INTERVAL_SECONDS", _positive_float, 0.2),
         )
+        grpc = GrpcSettings(
+            max_receive_message_bytes=reader.get("GRPC_MAX_RECEIVE_MESSAGE_BYTES", _positive_int, 4 * MIB),
+            max_send_message_bytes=reader.get("GRPC_MAX_SEND_MESSAGE_BYTES", _positive_int, 4 * MIB),
+            max_concurrent_rpcs=reader.get("GRPC_MAX_CONCURRENT_RPCS", _non_negative_int, 10000),
+            max_pending_rpcs=reader.get("GRPC_MAX_PENDING_RPCS", _positive_int, 10000),
+            keepalive_time_seconds=reader.get("GRPC_KEEPALIVE_TIME_SECONDS", _positive_float, 60.0),
+            keepalive_timeout_seconds=reader.get("GRPC_KEEPALIVE_TIMEOUT_SECONDS", _positive_float, 20.0),
+            min_client_ping_interval_seconds=reader.get(
+                "GRPC_MIN_CLIENT_PING_INTERVAL_SECONDS", _non_negative_float, 10.0
+            ),
+            max_connection_idle_seconds=reader.get(
+                "GRPC_MAX_CONNECTION_IDLE_SECONDS", _non_negative_float, 0.0
+            ),
+            max_connection_age_seconds=reader.get(
+                "GRPC_MAX_CONNECTION_AGE_SECONDS", _non_negative_float, 0.0
+            ),
+            max_connection_age_grace_seconds=reader.get(
+                "GRPC_MAX_CONNECTION_AGE_GRACE_SECONDS", _non_negative_float, 30.0
+            ),
+        )
         metrics = reader.get("METRICS_ADDR", str, "127.0.0.1:9090")
         return cls(
             listen_addr=reader.get("LISTEN_ADDR", _address, "127.0.0.1:50051"),
             log_format=reader.get("LOG_FORMAT", _choice("text", "json"), "text"),
             metrics_addr=None if metrics.lower() == "off" else _checked(_address, "METRICS_ADDR", metrics),
             result_cache_bytes=reader.get("RESULT_CACHE_BYTES", _non_negative_int, 64 * MIB),
-            max_pending_rpcs=reader.get("GRPC_MAX_PENDING_RPCS", _positive_int, 10000),
             cleanup_interval_seconds=reader.get("CLEANUP_INTERVAL_SECONDS", _positive_float, 60.0),
             session_retention_seconds=reader.get(
                 "SESSION_RETENTION_SECONDS", _non_negative_int, 7 * 24 * 3600
             ),
             auth=auth,
             request_log=request_log,
+            grpc=grpc,
             session_expiry_seconds=reader.get("SESSION_EXPIRY_SECONDS", _positive_int, 3600),
             shutdown_grace_seconds=reader.get("SHUTDOWN_GRACE_SECONDS", _non_negative_float, 10.0),
+            shutdown_drain_seconds=reader.get("SHUTDOWN_DRAIN_SECONDS", _non_negative_float, 0.0),
             health_interval_seconds=reader.get("HEALTH_INTERVAL_SECONDS", _positive_float, 1.0),
             log_level=reader.get("LOG_LEVEL", _log_level, "INFO"),
             database=database,
