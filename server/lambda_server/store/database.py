@@ -30,6 +30,9 @@ _UNAVAILABLE = (
     asyncpg.exceptions.LockNotAvailableError,  # lock_timeout
     asyncpg.exceptions.UndefinedTableError,  # migrations not applied yet
     asyncpg.exceptions.InvalidCatalogNameError,  # database does not exist (yet)
+    # A connection PostgreSQL closed (a fast shutdown) whose close asyncpg has not
+    # noticed yet: it is still consuming the error when the next query comes.
+    asyncpg.exceptions.InternalClientError,
 )
 
 
