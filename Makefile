@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint proto migrate bench venv buf clean h2load
+.PHONY: help run test lint proto migrate bench venv buf clean system-packages
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -35,7 +35,7 @@ buf: $(BUF)
 run: $(STAMP) ## serve on LISTEN_ADDR (127.0.0.1:50051); embedded PostgreSQL when DATABASE_URL is unset
 	$(PY) -m lambda_server
 
-test: lint h2load ## lint, then the whole suite against a real PostgreSQL
+test: lint system-packages ## lint, then the whole suite against a real PostgreSQL
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP) $(BUF) ## ruff, mypy and buf lint
@@ -52,16 +52,21 @@ proto: $(STAMP) ## regenerate the client's gRPC code from protos/
 migrate: $(STAMP) ## apply the migrations to DATABASE_URL (or the embedded database)
 	$(PY) -m lambda_server migrate
 
-bench: $(STAMP) h2load ## latency and throughput against the floor (bench/README.md); BENCH_ARGS=--quick
+bench: $(STAMP) system-packages ## latency and throughput against the floor (bench/README.md); BENCH_ARGS=--quick
 	$(PY) -m bench $(BENCH_ARGS)
 
-# h2load drives the throughput benchmark: Debian's nghttp2-client, installed when missing.
-h2load:
-	@command -v h2load >/dev/null || { \
+# Debian packages the tests and the benchmark run: h2load (nghttp2-client) drives the
+# throughput benchmark, pgbouncer stands in front of PostgreSQL in a test.
+DEBIAN_PACKAGES := nghttp2-client:h2load pgbouncer:pgbouncer
+system-packages:
+	@missing=""; for entry in $(DEBIAN_PACKAGES); do \
+	  command -v $${entry#*:} >/dev/null || [ -x /usr/sbin/$${entry#*:} ] || missing="$$missing $${entry%%:*}"; done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get install -y -q nghttp2-client >/dev/null 2>&1 || \
-	    { apt-get update -q >/dev/null && apt-get install -y -q nghttp2-client >/dev/null; }; \
-	  else echo "h2load is missing: install nghttp2-client (Debian, Ubuntu) or nghttp2 (brew)" >&2; exit 1; fi; }
+	    echo "installing$$missing"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; }; \
+	  else echo "missing:$$missing (Debian/Ubuntu packages; brew: nghttp2 pgbouncer)" >&2; exit 1; fi; fi
 
 clean: ## remove the venv, the tools and the embedded database
 	rm -rf $(VENV) $(TOOLS) .data

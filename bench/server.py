@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
-import signal
-import subprocess
-import sys
-import threading
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,9 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.support import (
     create_database,
     drop_database,
-    env_without_database,
     port_answers,
     run_sync,
+    server_process,
     with_database,
 )
 
@@ -75,42 +70,11 @@ def running_server(**env_overrides: str) -> Iterator[BenchServer]:
     admin = admin_url()
     name = run_sync(create_database(admin))
     url = with_database(admin, name)
-    env = {
-        **env_without_database(),
-        "DATABASE_URL": url,
-        "LISTEN_ADDR": "127.0.0.1:0",
-        "RATE_LIMIT_ANONYMOUS_PER_MINUTE": "0",
-        **env_overrides,
-        "LOG_LEVEL": "INFO",  # the start-up lines read below
-        "LOG_FORMAT": "text",
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "lambda_server"], env=env, stderr=subprocess.PIPE, text=True, cwd=ROOT
-    )
     try:
-        assert process.stderr is not None
-        metrics_url = ""
-        for line in process.stderr:
-            found = re.search(r"metrics at (http://\S+)", line)
-            if found:
-                metrics_url = found.group(1)
-            match = re.search(r"serving \S+ on (\S+:\d+)", line)
-            if match:
-                break
-        else:
-            raise RuntimeError("the server exited before serving")
-        # keep reading its log, or a full pipe would stall the server
-        threading.Thread(target=_drain, args=(process.stderr,), daemon=True).start()
-        yield BenchServer(match.group(1), metrics_url, process.pid, url)
+        with server_process(url, **env_overrides) as process:
+            yield BenchServer(process.target, process.metrics_url, process.pid, url)
     finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(60)
         run_sync(drop_database(admin, name))
-
-
-def _drain(stream: object) -> None:
-    for _ in stream:  # type: ignore[attr-defined]
-        pass
 
 
 def _rss(pid: int) -> int:

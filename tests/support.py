@@ -6,13 +6,16 @@ import asyncio
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Coroutine
-from dataclasses import replace
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -251,3 +254,65 @@ def buf_curl(target: str, method: str, body: dict[str, Any]) -> dict[str, Any]:
     assert result.returncode == 0, result.stdout + result.stderr
     answer: dict[str, Any] = json.loads(result.stdout)
     return answer
+
+
+@dataclass(frozen=True)
+class ServerProcess:
+    """`python -m lambda_server` in a process of its own, as deployed."""
+
+    target: str  # host:port of its gRPC server
+    metrics_url: str
+    pid: int
+
+
+@contextmanager
+def server_process(database_url: str, **env_overrides: str) -> Iterator[ServerProcess]:
+    """The server as its own process on `database_url`, anonymous callers unlimited;
+    stopped with SIGTERM (and waited for) at the end."""
+    env = {
+        **env_without_database(),
+        "DATABASE_URL": database_url,
+        "LISTEN_ADDR": "127.0.0.1:0",
+        "RATE_LIMIT_ANONYMOUS_PER_MINUTE": "0",
+        **env_overrides,
+        "LOG_LEVEL": "INFO",  # the start-up lines read below
+        "LOG_FORMAT": "text",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lambda_server"], env=env, stderr=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    drain: threading.Thread | None = None
+    try:
+        assert process.stderr is not None
+        metrics_url = ""
+        lines = []
+        for line in process.stderr:
+            lines.append(line)
+            found = re.search(r"metrics at (http://\S+)", line)
+            if found:
+                metrics_url = found.group(1)
+            match = re.search(r"serving \S+ on (\S+:\d+)", line)
+            if match:
+                break
+        else:
+            raise RuntimeError("the server exited before serving:\n" + "".join(lines[-20:]))
+        # keep reading its log, or a full pipe would stall the server
+        drain = threading.Thread(target=_drain, args=(process.stderr,), daemon=True)
+        drain.start()
+        yield ServerProcess(match.group(1), metrics_url, process.pid)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+        if drain is not None:
+            drain.join(10)  # it ends at the log's end, once the process is gone
+        if process.stderr is not None:
+            process.stderr.close()
+
+
+def _drain(stream: Any) -> None:
+    for _ in stream:
+        pass
