@@ -104,6 +104,34 @@ def test_a_bad_timeout_ms_is_invalid_argument(client: LambdaClient, timeout_ms: 
 
 
 @pytest.mark.parametrize(
+    ("title", "script", "context", "field"),
+    [
+        ("python-x", "result = 1", {"note": "a\x00b"}, "context"),
+        ("python-x", "result = 1", {"key\x00": 1}, "context"),
+        ("python-x", "result = 1", {"deep": [{"x": ["\x00"]}]}, "context"),
+        ("nodejs-x", 'return "\x00";', {}, "script_content"),  # valid JavaScript
+        ("python-a\x00b", "result = 1", {}, "language_title"),
+    ],
+)
+def test_nul_which_postgresql_cannot_store_is_invalid_argument_not_internal(
+    client: LambdaClient, title: str, script: str, context: dict[str, object], field: str
+) -> None:
+    """Found by tests/test_fuzz.py: NUL reached the INSERT, and PostgreSQL's refusal was INTERNAL."""
+    with pytest.raises(InvalidArgumentError) as caught:
+        client.initialize(title, script, context=context)
+    assert caught.value.metadata["field"] == field
+    assert "NUL" in caught.value.message
+
+
+def test_a_context_too_large_to_read_back_is_invalid_argument(client: LambdaClient) -> None:
+    """Found by tests/test_fuzz.py: a context just under 4 MiB was stored, and GetSession's
+    answer, a little larger, could not be sent."""
+    with pytest.raises(InvalidArgumentError) as caught:
+        client.initialize("python-big-context", "result = 1", context={"blob": "x" * (2 * 1024 * 1024)})
+    assert caught.value.metadata["field"] == "context"
+
+
+@pytest.mark.parametrize(
     "body",
     [b"\xff\xff\xff", nested_execute_request(str(uuid.uuid4()), 60)],
     ids=["corrupt", "nested-past-protobuf-limit"],

@@ -7,6 +7,8 @@ import uuid
 from dataclasses import replace
 from typing import Protocol
 
+import orjson
+
 from lambda_server import __version__
 from lambda_server.auth import require_execute, require_read_functions
 from lambda_server.config import Settings
@@ -39,6 +41,9 @@ from lambda_server.store.sessions import SessionStore
 from lambda_server.validation import ParamsValidator
 
 ANONYMOUS = "anonymous"
+# A session is read back whole (GetSession, every Execute's claim): its context stays
+# well under the 4 MiB a message may have.
+MAX_CONTEXT_BYTES = 1024 * 1024
 
 
 class ExecutionEngine(Protocol):
@@ -107,6 +112,9 @@ class LambdaService:
         """
         runtime = self._registry.resolve(language_title)
         require_execute(caller, runtime.name)
+        _refuse_nul(language_title, "language_title")
+        _refuse_nul(script, "script_content")
+        _refuse_nul_in(context, "context")
         metadata: dict[str, JSON] | None = None
         if not script.strip():
             script, metadata = await self._registered_script(language_title, deadline)
@@ -121,6 +129,11 @@ class LambdaService:
         self._timeout(context)  # reject bad limits now, not at every Execute
         self._limits(context)
         session_ttl(context)
+        context_size = len(orjson.dumps(context))
+        if context_size > MAX_CONTEXT_BYTES:  # a session too large to read back whole
+            raise InvalidRequest(
+                f"context is {context_size} bytes as JSON, over {MAX_CONTEXT_BYTES}", field="context"
+            )
         session_id = parse_request_id(request_id) if request_id else str(uuid.uuid4())
         await self._engine.check(runtime, script, deadline)
         new = NewSession(
@@ -292,6 +305,19 @@ def _refuse_nul(value: str, field: str) -> None:
     """PostgreSQL text cannot hold NUL: refuse it here rather than fail in the database."""
     if "\x00" in value:
         raise InvalidRequest(f"{field} must not contain NUL characters", field=field)
+
+
+def _refuse_nul_in(value: JSON, field: str) -> None:
+    """jsonb cannot hold NUL either, in a key or a string; the depth is bounded by protobuf's."""
+    if isinstance(value, str):
+        _refuse_nul(value, field)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_nul(key, field)
+            _refuse_nul_in(item, field)
+    elif isinstance(value, list):
+        for item in value:
+            _refuse_nul_in(item, field)
 
 
 def parse_request_id(raw: str) -> str:
