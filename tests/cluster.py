@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
+
+from tests.support import free_port
 
 BIN = Path("/usr/lib/postgresql/15/bin")
 
@@ -27,7 +28,7 @@ class Cluster:
     def __init__(self) -> None:
         self.directory = Path(tempfile.mkdtemp(prefix="lambda-pg-"))
         self.data = self.directory / "data"
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
         if os.geteuid() == 0:  # PostgreSQL refuses to run as root
             shutil.chown(self.directory, "postgres", "postgres")
@@ -58,10 +59,3 @@ class Cluster:
     def _run(self, *command: str) -> None:
         prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
         subprocess.run([*prefix, *command], check=True, capture_output=True, timeout=120)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port

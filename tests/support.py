@@ -193,7 +193,7 @@ def env_without_database() -> dict[str, str]:
 
 def wire_field(number: int, payload: bytes) -> bytes:
     """A length-delimited protobuf field."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+    return varint(number << 3 | 2) + varint(len(payload)) + payload
 
 
 def nested_execute_request(request_id: str, depth: int) -> bytes:
@@ -221,7 +221,8 @@ def raw_execute_error(target: str, body: bytes) -> grpc.RpcError:
     raise AssertionError("the call succeeded")
 
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
+    """A protobuf base-128 varint."""
     out = b""
     while True:
         low, n = n & 0x7F, n >> 7
@@ -316,3 +317,11 @@ def server_process(database_url: str, **env_overrides: str) -> Iterator[ServerPr
 def _drain(stream: Any) -> None:
     for _ in stream:
         pass
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port

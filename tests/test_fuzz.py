@@ -36,7 +36,7 @@ from hypothesis import strategies as st
 
 from lambda_microservice import LambdaClient, to_python
 from lambda_microservice.v1 import lambda_service_pb2 as pb
-from tests.support import ServerThread, wire_field
+from tests.support import ServerThread, varint, wire_field
 
 # a falsifying example may well be megabytes: hypothesis warns before showing it
 pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
@@ -525,22 +525,13 @@ def test_get_session_fuzzed(wire: Wire, sessions: Sessions) -> None:
     assert_healthy(wire, sessions)
 
 
-def _varint(n: int) -> bytes:
-    out = b""
-    while True:
-        low, n = n & 0x7F, n >> 7
-        if not n:
-            return out + bytes([low])
-        out += bytes([low | 0x80])
-
-
 def unknown_fields() -> st.SearchStrategy[bytes]:
     """Fields a newer client might send: any number, any wire type, all valid protobuf."""
     number = st.integers(1, 2**29 - 1)
     field = st.one_of(
-        st.builds(lambda n, v: _varint(n << 3) + _varint(v), number, st.integers(0, 2**64 - 1)),
-        st.builds(lambda n, v: _varint(n << 3 | 1) + v, number, st.binary(min_size=8, max_size=8)),
-        st.builds(lambda n, v: _varint(n << 3 | 5) + v, number, st.binary(min_size=4, max_size=4)),
+        st.builds(lambda n, v: varint(n << 3) + varint(v), number, st.integers(0, 2**64 - 1)),
+        st.builds(lambda n, v: varint(n << 3 | 1) + v, number, st.binary(min_size=8, max_size=8)),
+        st.builds(lambda n, v: varint(n << 3 | 5) + v, number, st.binary(min_size=4, max_size=4)),
         st.builds(wire_field, number, st.binary(max_size=64)),
     )
     return st.lists(field, max_size=4).map(b"".join)
@@ -654,7 +645,7 @@ def _mutate(body: bytes, position: int, kind: int, noise: bytes) -> bytes:
 
 def _nested_groups(field: int, depth: int) -> bytes:
     """An unknown field of groups nested `depth` deep: protobuf's depth limit applies to it too."""
-    return _varint(field << 3 | 3) * depth + _varint(field << 3 | 4) * depth
+    return varint(field << 3 | 3) * depth + varint(field << 3 | 4) * depth
 
 
 def _nested_struct(field: int, depth: int) -> bytes:

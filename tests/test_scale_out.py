@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from lambda_microservice import LambdaClient, to_python
-from tests.support import port_answers, server_process
+from tests.support import free_port, port_answers, server_process
 
 PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
 IDLE_TIMEOUT = "idle_in_transaction_session_timeout"
@@ -50,7 +50,7 @@ def pgbouncer(database_url: str) -> Iterator[str]:
         pytest.skip("pgbouncer is missing (`make test` installs Debian's pgbouncer)")
     parts = urlsplit(database_url)
     directory = Path(tempfile.mkdtemp(prefix="lambda-pgbouncer-"))
-    port = _free_port()
+    port = free_port()
     (directory / "users.txt").write_text('"postgres" ""\n')
     (directory / "pgbouncer.ini").write_text(
         f"""[databases]
@@ -113,12 +113,3 @@ def test_the_service_works_behind_pgbouncer_in_transaction_mode(pgbouncer: str) 
             assert results == [n + 1 for n in range(100)]
             assert client.get_session(session.request_id).execution_count == 100
             assert client.get_function("nodejs-calculator").language_title == "nodejs-calculator"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
