@@ -29,9 +29,10 @@ def main() -> None:
     if not Path(throughput.H2LOAD).exists():
         raise SystemExit("bench: h2load is missing (`make bench` installs Debian's nghttp2-client)")
     quick = args.quick
-    with running_server() as server:
+    # a second server with no pre-started processes: every new script starts one, sandboxed
+    with running_server() as server, running_server(PREWARM_ENVIRONMENTS="0") as unpooled:
         report: dict[str, Any] = {
-            "latency": latency.run(server, quick),
+            "latency": latency.run(server, quick, unpooled),
             "throughput": throughput.run(server, quick),
             "in_flight": scale.in_flight(server, *((200, 50) if quick else (2000, 500))),
             "memory": scale.memory(server, 5_000 if quick else 100_000),
