@@ -41,6 +41,14 @@ def database_url(admin_url: str) -> Iterator[str]:
     run_sync(drop_database(admin_url, name))
 
 
+@pytest.fixture
+def fresh_database(admin_url: str) -> Iterator[str]:
+    """A database of one test's own, dropped after it: for counts no other test may touch."""
+    name = run_sync(create_database(admin_url))
+    yield with_database(admin_url, name)
+    run_sync(drop_database(admin_url, name))
+
+
 @pytest.fixture(scope="session")
 def server(database_url: str) -> Iterator[ServerThread]:
     running = ServerThread(server_settings(), database_url)

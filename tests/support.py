@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -257,66 +257,88 @@ def buf_curl(target: str, method: str, body: dict[str, Any]) -> dict[str, Any]:
     return answer
 
 
-@dataclass(frozen=True)
 class ServerProcess:
-    """`python -m lambda_server` in a process of its own, as deployed."""
+    """`python -m lambda_server` in a process of its own, as deployed, its stderr kept in `lines`."""
 
-    target: str  # host:port of its gRPC server
-    metrics_url: str
-    pid: int
+    def __init__(
+        self, process: subprocess.Popen[str], target: str, metrics_url: str, lines: list[str]
+    ) -> None:
+        self.process = process
+        self.target = target  # host:port of its gRPC server
+        self.metrics_url = metrics_url
+        self.pid = process.pid
+        self.lines = lines
+        # keep reading its log, or a full pipe would stall the server
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.append(line)
+
+    def stop(self) -> int:
+        """SIGTERM, wait for the exit (SIGKILL past a minute); the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait(10)
+        self._reader.join(10)  # it ends at the log's end, once the process is gone
+        if self.process.stderr is not None:
+            self.process.stderr.close()
+        return code
 
 
 @contextmanager
 def server_process(database_url: str, **env_overrides: str) -> Iterator[ServerProcess]:
-    """The server as its own process on `database_url`, anonymous callers unlimited;
-    stopped with SIGTERM (and waited for) at the end."""
+    """The server as its own process on `database_url`, anonymous callers unlimited, once it
+    serves; stopped at the end. LOG_LEVEL must stay INFO or below: its start-up lines are read."""
     env = {
         **env_without_database(),
         "DATABASE_URL": database_url,
         "LISTEN_ADDR": "127.0.0.1:0",
         "RATE_LIMIT_ANONYMOUS_PER_MINUTE": "0",
-        **env_overrides,
-        "LOG_LEVEL": "INFO",  # the start-up lines read below
+        "LOG_LEVEL": "INFO",
         "LOG_FORMAT": "text",
+        **env_overrides,
     }
     process = subprocess.Popen(
-        [sys.executable, "-m", "lambda_server"], env=env, stderr=subprocess.PIPE, text=True, cwd=ROOT
+        [sys.executable, "-m", "lambda_server"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
     )
-    drain: threading.Thread | None = None
     try:
         assert process.stderr is not None
         metrics_url = ""
-        lines = []
-        for line in process.stderr:
+        lines: list[str] = []
+        for line in process.stderr:  # text or JSON lines alike
             lines.append(line)
-            found = re.search(r"metrics at (http://\S+)", line)
+            found = re.search(r'metrics at (http://[^\s"]+)', line)
             if found:
                 metrics_url = found.group(1)
-            match = re.search(r"serving \S+ on (\S+:\d+)", line)
+            match = re.search(r"serving \S+ on ([^\s\"]+:\d+)", line)
             if match:
                 break
         else:
             raise RuntimeError("the server exited before serving:\n" + "".join(lines[-20:]))
-        # keep reading its log, or a full pipe would stall the server
-        drain = threading.Thread(target=_drain, args=(process.stderr,), daemon=True)
-        drain.start()
-        yield ServerProcess(match.group(1), metrics_url, process.pid)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-        if drain is not None:
-            drain.join(10)  # it ends at the log's end, once the process is gone
+    except BaseException:
+        process.kill()
+        process.wait(10)
         if process.stderr is not None:
             process.stderr.close()
-
-
-def _drain(stream: Any) -> None:
-    for _ in stream:
-        pass
+        raise
+    server = ServerProcess(process, match.group(1), metrics_url, lines)
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def free_port() -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import asyncpg
 import pytest
@@ -12,23 +11,12 @@ from lambda_microservice import LambdaClient, LambdaError
 from lambda_server.store.cleanup import LOCK_ID
 from tests.support import (
     ServerThread,
-    create_database,
-    drop_database,
     eventually,
     run_sync,
     server_settings,
-    with_database,
 )
 
 SESSIONS = 30
-
-
-@pytest.fixture
-def own_database(admin_url: str) -> Iterator[str]:
-    """A database of this test's own: the counts below must see no other test's sessions."""
-    name = run_sync(create_database(admin_url))
-    yield with_database(admin_url, name)
-    run_sync(drop_database(admin_url, name))
 
 
 async def _count(url: str, where: str) -> int:
@@ -66,14 +54,14 @@ class HeldLock:
         self._server.call(self._release())
 
 
-def test_expired_sessions_are_cleaned_by_exactly_one_of_two_servers_at_a_time(own_database: str) -> None:
+def test_expired_sessions_are_cleaned_by_exactly_one_of_two_servers_at_a_time(fresh_database: str) -> None:
     settings = server_settings(
         session_expiry_seconds=1, cleanup_interval_seconds=0.1, session_retention_seconds=0
     )
-    first = ServerThread(settings, own_database)
-    second = ServerThread(settings, own_database)
+    first = ServerThread(settings, fresh_database)
+    second = ServerThread(settings, fresh_database)
     try:
-        lock = HeldLock(own_database, first)
+        lock = HeldLock(fresh_database, first)
         lock.take()  # while a cleaner holds the lock, the other waits for nothing and skips
         with LambdaClient(first.target, timeout=20) as one, LambdaClient(second.target, timeout=20) as two:
             ids = [
@@ -81,12 +69,12 @@ def test_expired_sessions_are_cleaned_by_exactly_one_of_two_servers_at_a_time(ow
                 for i in range(SESSIONS)
             ]
             time.sleep(1.5)  # every session is past its expiry now, and many passes have run
-            assert count(own_database, "status = 'active'") == SESSIONS  # nothing cleaned under the lock
+            assert count(fresh_database, "status = 'active'") == SESSIONS  # nothing cleaned under the lock
             with pytest.raises(LambdaError) as expired:
                 two.execute(ids[0])
             assert expired.value.reason == "SESSION_EXPIRED"  # expiry never waits for the cleanup
             lock.release()
-            eventually(lambda: count(own_database) == 0, timeout=10)
+            eventually(lambda: count(fresh_database) == 0, timeout=10)
             with pytest.raises(LambdaError) as gone:
                 one.execute(ids[1])
             assert gone.value.reason == "NOT_FOUND"
@@ -99,13 +87,13 @@ def test_expired_sessions_are_cleaned_by_exactly_one_of_two_servers_at_a_time(ow
         second.stop()
 
 
-def test_a_session_within_its_retention_is_marked_expired_and_kept(own_database: str) -> None:
+def test_a_session_within_its_retention_is_marked_expired_and_kept(fresh_database: str) -> None:
     settings = server_settings(session_expiry_seconds=1, cleanup_interval_seconds=0.1)  # retention: a week
-    running = ServerThread(settings, own_database)
+    running = ServerThread(settings, fresh_database)
     try:
         with LambdaClient(running.target, timeout=20) as client:
             session = client.initialize("python-kept", "result = 1")
-            eventually(lambda: count(own_database, "status = 'expired'") == 1, timeout=10)
+            eventually(lambda: count(fresh_database, "status = 'expired'") == 1, timeout=10)
             assert client.get_session(session.request_id).execution_count == 0  # still readable
             assert running.server.cleanup.done == {"expired": 1, "deleted": 0}
     finally:

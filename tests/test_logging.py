@@ -5,12 +5,9 @@ from __future__ import annotations
 import io
 import json
 import logging
-import re
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import uuid
 from collections.abc import Iterator
 
@@ -18,73 +15,29 @@ import pytest
 
 from lambda_microservice import InvalidArgumentError, LambdaClient, NotFoundError
 from lambda_server import logs
-from tests.support import ROOT, create_database, drop_database, env_without_database, run_sync, with_database
-
-
-class LoggingServer:
-    """`python -m lambda_server` with its stderr read line by line in a thread."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "lambda_server"],
-            env=env,
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.lines: list[str] = []
-        self.serving = threading.Event()
-        self.target = ""
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.lines.append(line)
-            match = re.search(r"serving \S+ on (\S+:\d+)", line)
-            if match and not self.serving.is_set():
-                self.target = match.group(1)
-                self.serving.set()
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            code = self.process.wait(timeout=30)
-        finally:
-            if self.process.poll() is None:
-                self.process.kill()
-                self.process.wait(10)
-            self._reader.join(10)
-            if self.process.stderr is not None:
-                self.process.stderr.close()
-        return code
+from tests.support import (
+    ROOT,
+    ServerProcess,
+    create_database,
+    drop_database,
+    env_without_database,
+    run_sync,
+    server_process,
+    with_database,
+)
 
 
 @pytest.fixture
-def json_server(admin_url: str) -> Iterator[LoggingServer]:
+def json_server(admin_url: str) -> Iterator[ServerProcess]:
     name = run_sync(create_database(admin_url))
-    env = {
-        **env_without_database(),
-        "DATABASE_URL": with_database(admin_url, name),
-        "LISTEN_ADDR": "127.0.0.1:0",
-        "LOG_FORMAT": "json",
-        "LOG_LEVEL": "DEBUG",
-        "RATE_LIMIT_ANONYMOUS_PER_MINUTE": "0",
-    }
-    server = LoggingServer(env)
     try:
-        yield server
+        with server_process(with_database(admin_url, name), LOG_FORMAT="json", LOG_LEVEL="DEBUG") as server:
+            yield server
     finally:
-        server.stop()
         run_sync(drop_database(admin_url, name))
 
 
-def test_json_lines_and_the_request_id_on_lines_about_a_call(json_server: LoggingServer) -> None:
-    assert json_server.serving.wait(60), "".join(json_server.lines)
+def test_json_lines_and_the_request_id_on_lines_about_a_call(json_server: ServerProcess) -> None:
     unknown = str(uuid.uuid4())
     trace = f"trace-{uuid.uuid4().hex[:8]}"
     with LambdaClient(json_server.target, timeout=20) as client:

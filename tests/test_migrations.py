@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -13,14 +12,7 @@ from lambda_server.config import DatabaseSettings
 from lambda_server.errors import InternalError
 from lambda_server.store import migrations
 from lambda_server.store.database import Database
-from tests.support import create_database, drop_database, run_sync, with_database
-
-
-@pytest.fixture
-def fresh_url(admin_url: str) -> Iterator[str]:
-    name = run_sync(create_database(admin_url))
-    yield with_database(admin_url, name)
-    run_sync(drop_database(admin_url, name))
+from tests.support import run_sync
 
 
 async def _apply_concurrently(url: str, found: list[migrations.Migration], times: int) -> list[list[str]]:
@@ -34,16 +26,16 @@ async def _apply_concurrently(url: str, found: list[migrations.Migration], times
             await db.close()
 
 
-def test_concurrent_starts_apply_each_migration_exactly_once(fresh_url: str) -> None:
+def test_concurrent_starts_apply_each_migration_exactly_once(fresh_database: str) -> None:
     found = migrations.load(migrations.default_directory())
     assert [m.version for m in found] == sorted(m.version for m in found)
-    results = run_sync(_apply_concurrently(fresh_url, found, 4))
+    results = run_sync(_apply_concurrently(fresh_database, found, 4))
     applied = [name for result in results for name in result]
     assert sorted(applied) == sorted(m.name for m in found)  # once, by one of the four
-    assert run_sync(_apply_concurrently(fresh_url, found, 1)) == [[]]
+    assert run_sync(_apply_concurrently(fresh_database, found, 1)) == [[]]
 
     async def recorded() -> list[str]:
-        conn = await asyncpg.connect(fresh_url)
+        conn = await asyncpg.connect(fresh_database)
         try:
             rows = await conn.fetch("SELECT name FROM meta.schema_migrations ORDER BY version")
             return [row["name"] for row in rows]
@@ -60,14 +52,14 @@ def test_a_badly_named_migration_file_is_refused(tmp_path: Path) -> None:
         migrations.load(tmp_path)
 
 
-def test_a_failing_migration_applies_nothing(fresh_url: str, tmp_path: Path) -> None:
+def test_a_failing_migration_applies_nothing(fresh_database: str, tmp_path: Path) -> None:
     (tmp_path / "0001_good.sql").write_text("CREATE TABLE public.good (id int);")
     (tmp_path / "0002_bad.sql").write_text("CREATE TABLE public.bad (id nosuchtype);")
     with pytest.raises(InternalError):
-        run_sync(_apply_concurrently(fresh_url, migrations.load(tmp_path), 1))
+        run_sync(_apply_concurrently(fresh_database, migrations.load(tmp_path), 1))
 
     async def tables() -> set[str]:
-        conn = await asyncpg.connect(fresh_url)
+        conn = await asyncpg.connect(fresh_database)
         try:
             rows = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
             return {row["tablename"] for row in rows}

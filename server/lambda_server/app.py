@@ -136,11 +136,6 @@ class Server:
         self._monitor = monitor
         self._health = health_servicer
 
-    @property
-    def metrics_port(self) -> int | None:
-        """The port /metrics is served on once started (None when METRICS_ADDR is off)."""
-        return self.metrics.port
-
     async def start(self) -> None:
         if self.settings.metrics_addr is not None:
             port = await self.metrics.serve(self.settings.metrics_addr)  # ConfigError when it cannot bind

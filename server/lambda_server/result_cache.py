@@ -44,20 +44,36 @@ class CachePolicy:
         return self.read_max_age > 0 or self.keep_for > 0
 
 
-OFF = CachePolicy(0.0, 0.0)
+@dataclass(frozen=True)
+class CacheControl:
+    """A call's cache_control, parsed; None leaves that part to the session's default TTL."""
+
+    read_max_age: float | None
+    keep_for: float | None
+
+    def policy(self, session_ttl: float) -> CachePolicy:
+        """The policy once the session's default TTL is known."""
+        return CachePolicy(
+            session_ttl if self.read_max_age is None else self.read_max_age,
+            session_ttl if self.keep_for is None else self.keep_for,
+        )
 
 
-def parse_policy(cache_control: str, session_ttl: float) -> CachePolicy:
-    """The policy from a call's cache_control and its session's default TTL."""
+_SESSION_DEFAULT = CacheControl(None, None)
+_NO_STORE = CacheControl(0.0, 0.0)
+
+
+def parse_cache_control(cache_control: str) -> CacheControl:
+    """A call's cache_control; InvalidRequest when it is not understood."""
     directives = [part.strip().lower() for part in cache_control.split(",") if part.strip()]
     if not directives:
-        return CachePolicy(session_ttl, session_ttl)
+        return _SESSION_DEFAULT
     read: float | None = None
     keep: float | None = None
     for directive in directives:
         name, _, value = directive.partition("=")
         if name == "no-store" and not value:
-            return OFF
+            return _NO_STORE
         if name == "no-cache" and not value:
             read = 0.0
         elif name == "max-age" and _SECONDS.fullmatch(value):
@@ -70,7 +86,7 @@ def parse_policy(cache_control: str, session_ttl: float) -> CachePolicy:
                 "use no-cache, no-store or max-age=SECONDS",
                 field="cache_control",
             )
-    return CachePolicy(session_ttl if read is None else read, session_ttl if keep is None else keep)
+    return CacheControl(read, keep)
 
 
 def session_ttl(context: dict[str, JSON]) -> float:

@@ -33,7 +33,7 @@ from lambda_server.errors import (
     UnknownLanguage,
 )
 from lambda_server.metrics import Metrics
-from lambda_server.result_cache import ResultCache, cache_key, parse_policy, session_ttl
+from lambda_server.result_cache import ResultCache, cache_key, parse_cache_control, session_ttl
 from lambda_server.runtimes.pool import Job
 from lambda_server.runtimes.registry import RuntimeRegistry, RuntimeSpec
 from lambda_server.store.catalog import FunctionCatalog
@@ -79,9 +79,9 @@ class LambdaService:
         sandbox_description: str,
         cache: ResultCache,
         catalog: FunctionCatalog,
-        metrics: Metrics | None = None,
+        metrics: Metrics,
     ) -> None:
-        self._metrics = metrics or Metrics()
+        self._metrics = metrics
         self._catalog = catalog
         self._params = ParamsValidator()
         self._cache = cache
@@ -159,13 +159,13 @@ class LambdaService:
         """Run the session's script with params; a hit of the result cache is counted as an
         execution of the session too (it was asked for and answered), without a runtime."""
         session_id = parse_request_id(request_id)
-        parse_policy(cache_control, 0.0)  # its syntax, before the session counts this call
+        requested = parse_cache_control(cache_control)  # before the session counts this call
         session = await self._sessions.claim(session_id, caller.user_id, deadline)
         runtime = self._registry.resolve(session.language_title)
         require_execute(caller, runtime.name)
         self._check_params(session.metadata, params)
         owner = session.user_id or ANONYMOUS
-        policy = parse_policy(cache_control, session_ttl(session.context))
+        policy = requested.policy(session_ttl(session.context))
         key = (
             cache_key(owner, runtime.name, session.script_hash, session.context, params)
             if policy.active
@@ -234,9 +234,7 @@ class LambdaService:
         self, language_title: str, deadline: Deadline
     ) -> tuple[str, dict[str, JSON]]:
         """The catalog function's script, and the session metadata naming it and its params schema."""
-        function = None
-        if "\x00" not in language_title:
-            function = await self._catalog.find(language_title, deadline)
+        function = await self._catalog.find(language_title, deadline)
         script = function.script if function is not None else None
         if function is None or script is None or not script.strip():
             raise InvalidRequest(

@@ -75,6 +75,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         return handler
 
     def _unary(self, name: str, behavior: Unary, logged: bool) -> Unary:
+        """A call that ends in one answer (a unary call, or a stream in and one answer out)."""
         short = name.rpartition("/")[2]
 
         async def serve(request: Any, context: Context) -> Any:
@@ -127,23 +128,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return stream
         if not inspect.iscoroutinefunction(behavior):
             return behavior  # a synchronous handler: none here
-
-        async def serve(request: Any, context: Context) -> Any:
-            started, code = time.perf_counter(), grpc.StatusCode.UNKNOWN
-            try:
-                result = await behavior(request, context)
-                code = _status(context, grpc.StatusCode.OK)
-                return result
-            except grpc.aio.AbortError:
-                code = _status(context, grpc.StatusCode.UNKNOWN)
-                raise
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            finally:
-                self._count(name, code, time.perf_counter() - started)
-
-        return serve
+        return self._unary(name, behavior, logged=False)  # a stream in, one answer out
 
     def _count(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
         self._metrics.rpcs.labels(method, code.name).inc()

@@ -142,13 +142,13 @@ class SessionStore:
     async def _why_not_found(
         self, request_id: str, user_id: str | None, deadline: Deadline
     ) -> SessionNotFound:
-        row = await self._db.fetchrow(deadline, _SELECT, request_id)
-        if row is None or row["user_id"] != user_id:
-            return SessionNotFound(f"session {request_id} not found", request_id=request_id)
+        try:
+            record = await self.get(request_id, user_id, deadline)
+        except SessionNotFound as missing:
+            return missing
+        expired_at = record.expires_at.isoformat()
         return SessionExpired(
-            f"session {request_id} expired at {row['expires_at'].isoformat()}",
-            request_id=request_id,
-            expires_at=row["expires_at"].isoformat(),
+            f"session {request_id} expired at {expired_at}", request_id=request_id, expires_at=expired_at
         )
 
 
