@@ -116,6 +116,7 @@ class Server:
         settings: Settings,
         grpc_server: grpc.aio.Server,
         db: Database,
+        sessions: SessionStore,
         pool: EnvironmentPool,
         sandbox: Sandbox,
         monitor: DatabaseMonitor,
@@ -131,6 +132,7 @@ class Server:
         self._request_log = request_log
         self._grpc = grpc_server
         self._db = db
+        self._sessions = sessions
         self._pool = pool
         self._sandbox = sandbox
         self._monitor = monitor
@@ -165,6 +167,7 @@ class Server:
         await self._pool.close()
         self._sandbox.close()
         await metrics_stopped
+        await self._sessions.close()
         await self._db.close()
 
     async def wait_for_termination(self) -> None:
@@ -213,9 +216,10 @@ async def build_server(settings: Settings, database_url: str | None = None) -> t
     monitor = DatabaseMonitor(db, health_servicer, settings.health_interval_seconds, schema)
     metrics = Metrics()
     cache = ResultCache(settings.result_cache_bytes, metrics)
+    sessions = SessionStore(db, observe_claim_batch=metrics.claim_batch_size.observe)
     service = LambdaService(
         settings,
-        SessionStore(db),
+        sessions,
         pool,
         registry,
         monitor,
@@ -253,6 +257,7 @@ async def build_server(settings: Settings, database_url: str | None = None) -> t
         settings,
         grpc_server,
         db,
+        sessions,
         pool,
         sandbox,
         monitor,

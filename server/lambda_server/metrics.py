@@ -100,6 +100,12 @@ class Metrics:
             ["state"],
             registry=r,
         )
+        self.claim_batch_size = Histogram(
+            "lambda_session_claim_batch_size",
+            "Session claims (one an Execute) sent to PostgreSQL in one statement",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
         self.log_queue_depth = Gauge(
             "lambda_request_log_queue_depth", "Request log records waiting to be written", registry=r
         )

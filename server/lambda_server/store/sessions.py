@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 import asyncpg
 
@@ -14,6 +15,7 @@ from lambda_server.domain import (
     SessionStatus,
 )
 from lambda_server.errors import InternalError, SessionConflict, SessionExpired, SessionNotFound
+from lambda_server.store.claims import ClaimBatcher
 from lambda_server.store.database import Database
 
 _INSERT = """
@@ -33,7 +35,8 @@ SELECT request_id, language_title, user_id, created_at, expires_at, last_execute
 FROM meta.sessions WHERE request_id = $1
 """
 
-# The Execute hot path: found, active, unexpired and counted in one statement.
+# Found, active, unexpired and counted in one statement: a claim that its batch
+# (store/claims.py) could not make, made alone, waits for a row another holds.
 _CLAIM = """
 UPDATE meta.sessions
 SET execution_count = execution_count + 1, last_executed_at = now()
@@ -72,9 +75,19 @@ class ScriptCache:
 class SessionStore:
     """The only place that reads and writes sessions."""
 
-    def __init__(self, db: Database, script_cache_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        db: Database,
+        script_cache_bytes: int = 64 * 1024 * 1024,
+        observe_claim_batch: Callable[[int], None] | None = None,
+    ) -> None:
         self._db = db
         self._scripts = ScriptCache(script_cache_bytes)
+        self._claims = ClaimBatcher(db, db.command_timeout, observe_claim_batch)
+
+    async def close(self) -> None:
+        """Stop the claim batches; before the database closes."""
+        await self._claims.close()
 
     async def create(self, new: NewSession, deadline: Deadline) -> SessionRecord:
         """Store a session; a retry with the same request_id and script returns the first one."""
@@ -108,8 +121,11 @@ class SessionStore:
         return _record(row)
 
     async def claim(self, request_id: str, user_id: str | None, deadline: Deadline) -> ClaimedSession:
-        """Find an active session of `user_id` and count one execution of it, in one statement."""
-        row = await self._db.fetchrow(deadline, _CLAIM, request_id, user_id)
+        """Find an active session of `user_id` and count one execution of it, in one statement
+        (shared with the claims of other calls); alone when the batch did not claim it."""
+        row = await self._claims.claim(request_id, user_id, deadline)
+        if row is None:
+            row = await self._db.fetchrow(deadline, _CLAIM, request_id, user_id)
         if row is None:
             raise await self._why_not_found(request_id, user_id, deadline)
         return ClaimedSession(

