@@ -47,8 +47,8 @@ class Store:
             return value
 
 
-async def _store(url: str) -> AsyncIterator[Store]:
-    settings = DatabaseSettings(command_timeout=5.0, lock_timeout_ms=LOCK_TIMEOUT_MS)
+async def _store(url: str, **settings_overrides: Any) -> AsyncIterator[Store]:
+    settings = DatabaseSettings(command_timeout=5.0, lock_timeout_ms=LOCK_TIMEOUT_MS, **settings_overrides)
     db = Database(settings, url)
     await db.open()
     await migrations.apply(db, migrations.load(migrations.default_directory()))
@@ -61,9 +61,9 @@ async def _store(url: str) -> AsyncIterator[Store]:
         await db.close()
 
 
-def in_store(url: str, test: Callable[[Store], Coroutine[Any, Any, None]]) -> None:
+def in_store(url: str, test: Callable[[Store], Coroutine[Any, Any, None]], **settings: Any) -> None:
     async def body() -> None:
-        async for store in _store(url):
+        async for store in _store(url, **settings):
             await test(store)
 
     run_sync(body())
@@ -169,3 +169,35 @@ def test_a_lost_connection_fails_its_batch_and_the_next_one_reconnects(
         assert claimed.request_id == session.request_id
 
     in_store(fresh_database, test)
+
+
+@pytest.mark.parametrize("synchronous", [False, True])
+def test_claims_wait_for_the_wal_flush_only_when_set_to(fresh_database: str, synchronous: bool) -> None:
+    """DATABASE_CLAIM_SYNCHRONOUS_COMMIT: off, a claim's commit leaves the flush to the WAL writer.
+    A backend reports its WAL statistics when it ends, so each store is closed before reading."""
+
+    async def wal_syncs() -> int:
+        admin = await asyncpg.connect(fresh_database, timeout=5)
+        try:
+            syncs: int = await admin.fetchval("SELECT wal_sync FROM pg_stat_wal")
+            return syncs
+        finally:
+            await admin.close()
+
+    async def body() -> None:
+        async for store in _store(fresh_database, claim_synchronous_commit=synchronous):
+            session = await store.sessions.create(new_session(None), Deadline.after(5))
+        await asyncio.sleep(0.2)  # the backends are gone
+        before = await wal_syncs()
+        async for store in _store(fresh_database, claim_synchronous_commit=synchronous):
+            for _ in range(100):
+                await store.sessions.claim(session.request_id, None, Deadline.after(5))
+            assert await store.count(session.request_id) == 100
+        await asyncio.sleep(0.2)
+        syncs = await wal_syncs() - before
+        if synchronous:
+            assert syncs >= 100, syncs
+        else:
+            assert syncs < 50, syncs
+
+    run_sync(body())

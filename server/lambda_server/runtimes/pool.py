@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict, defaultdict, deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +76,14 @@ class _Slot:
     worker: WorkerProcess | None
 
 
+@dataclass(eq=False)
+class _Waiter:
+    """An execution waiting for a slot; served by the release that makes room for it."""
+
+    key: EnvironmentKey
+    slot: asyncio.Future[_Slot]
+
+
 class EnvironmentPool:
     """Runs jobs in environments; checks scripts in a per-runtime checker process."""
 
@@ -91,11 +99,13 @@ class EnvironmentPool:
         self._default_limits = default_limits
         self._launcher = Launcher(settings, sandbox)
         self._checker = ScriptChecker(self._launcher, default_limits)
-        self._changed = asyncio.Condition()
         self._idle: OrderedDict[WorkerProcess, EnvironmentKey] = OrderedDict()  # least recent first
+        self._idle_by_key: dict[EnvironmentKey, list[WorkerProcess]] = defaultdict(list)  # most recent last
         self._busy: dict[EnvironmentKey, int] = defaultdict(int)
         self._bound = 0  # idle + busy-or-binding environments
-        self._queued = 0
+        # executions waiting for a slot, first come first served; none can be served while
+        # they wait (every change that frees room serves them, in _serve_waiting)
+        self._waiting: deque[_Waiter] = deque()
         self._warm: dict[str, list[WorkerProcess]] = defaultdict(list)
         self._refills: dict[str, asyncio.Task[None]] = {}
         self._reaper: asyncio.Task[None] | None = None
@@ -118,6 +128,7 @@ class EnvironmentPool:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._idle.clear()
+        self._idle_by_key.clear()
         self._warm.clear()
         await self._launcher.close()
 
@@ -153,64 +164,88 @@ class EnvironmentPool:
 
     async def execute(self, job: Job, deadline: Deadline) -> ExecutionOutcome:
         key = EnvironmentKey(job.owner, job.runtime.name, job.script_hash, job.limits)
-        slot = await self._acquire(key, deadline)
+        slot = self._try_acquire(key) or await self._wait_for_slot(key, deadline)
         try:
             return await self._run(slot, job, deadline)
         finally:
-            await self._release(slot)
+            self._release(slot)
 
-    async def _acquire(self, key: EnvironmentKey, deadline: Deadline) -> _Slot:
-        if self._queued >= self._settings.max_queued:
-            raise RuntimeBusy(f"{self._queued} executions are already waiting for an environment")
-        self._queued += 1
+    async def _wait_for_slot(self, key: EnvironmentKey, deadline: Deadline) -> _Slot:
+        if len(self._waiting) >= self._settings.max_queued:
+            raise RuntimeBusy(f"{len(self._waiting)} executions are already waiting for an environment")
+        waiter = _Waiter(key, asyncio.get_running_loop().create_future())
+        self._waiting.append(waiter)
         try:
-            async with asyncio.timeout(deadline.cap(self._settings.queue_timeout_seconds)), self._changed:
-                while (slot := self._try_acquire(key)) is None:
-                    await self._changed.wait()
-                return slot
-        except TimeoutError:
-            raise RuntimeBusy(
-                f"no environment for this script became free within the queue bound "
-                f"({self._settings.max_environments_per_key} per script, "
-                f"{self._settings.max_environments} in all)"
-            ) from None
-        finally:
-            self._queued -= 1
+            async with asyncio.timeout(deadline.cap(self._settings.queue_timeout_seconds)):
+                return await waiter.slot
+        except BaseException as exc:
+            if waiter.slot.done() and not waiter.slot.cancelled():
+                self._release(waiter.slot.result())  # served as it gave up: the slot goes back
+            else:
+                self._waiting.remove(waiter)
+            if isinstance(exc, TimeoutError):
+                raise RuntimeBusy(
+                    f"no environment for this script became free within the queue bound "
+                    f"({self._settings.max_environments_per_key} per script, "
+                    f"{self._settings.max_environments} in all)"
+                ) from None
+            raise
+
+    def _serve_waiting(self) -> None:
+        """Hand the room just freed to the executions waiting, in their order."""
+        for waiter in list(self._waiting):
+            if self._bound >= self._settings.max_environments and not self._idle:
+                return  # no room for any key
+            slot = self._try_acquire(waiter.key)
+            if slot is not None:
+                self._waiting.remove(waiter)
+                waiter.slot.set_result(slot)
 
     def _try_acquire(self, key: EnvironmentKey) -> _Slot | None:
-        if self._busy[key] >= self._settings.max_environments_per_key:
+        if self._busy.get(key, 0) >= self._settings.max_environments_per_key:
             return None
-        for worker in reversed(self._idle):  # the most recently used first
-            if self._idle[worker] == key:
-                del self._idle[worker]
-                if worker.alive():
-                    self._busy[key] += 1
-                    return _Slot(key, worker)
-                self._discard(worker)
-                self._bound -= 1
-                return self._try_acquire(key)
+        idle = self._idle_by_key.get(key)
+        while idle:
+            worker = idle.pop()  # the most recently used first
+            del self._idle[worker]
+            if not idle:
+                del self._idle_by_key[key]
+            if worker.alive():
+                self._busy[key] += 1
+                return _Slot(key, worker)
+            self._discard(worker)
+            self._bound -= 1
         if self._bound >= self._settings.max_environments:
             if not self._idle:
                 return None
-            victim, _ = self._idle.popitem(last=False)  # least recently used makes room
+            victim, victim_key = self._idle.popitem(last=False)  # least recently used makes room
+            self._forget_idle(victim, victim_key)
             self._discard(victim)
             self._bound -= 1
         self._bound += 1
         self._busy[key] += 1
         return _Slot(key, None)
 
-    async def _release(self, slot: _Slot) -> None:
-        async with self._changed:
-            self._busy[slot.key] -= 1
-            if self._busy[slot.key] == 0:
-                del self._busy[slot.key]
-            if slot.worker is not None and slot.worker.alive() and not self._closed:
-                self._idle[slot.worker] = slot.key
-            else:
-                if slot.worker is not None:
-                    self._discard(slot.worker)
-                self._bound -= 1
-            self._changed.notify_all()
+    def _forget_idle(self, worker: WorkerProcess, key: EnvironmentKey) -> None:
+        """Take `worker` off the per-key list (it is out of self._idle already)."""
+        idle = self._idle_by_key[key]
+        idle.remove(worker)
+        if not idle:
+            del self._idle_by_key[key]
+
+    def _release(self, slot: _Slot) -> None:
+        self._busy[slot.key] -= 1
+        if self._busy[slot.key] == 0:
+            del self._busy[slot.key]
+        if slot.worker is not None and slot.worker.alive() and not self._closed:
+            self._idle[slot.worker] = slot.key
+            self._idle_by_key[slot.key].append(slot.worker)
+        else:
+            if slot.worker is not None:
+                self._discard(slot.worker)
+            self._bound -= 1
+        if self._waiting:
+            self._serve_waiting()
 
     async def _run(self, slot: _Slot, job: Job, deadline: Deadline) -> ExecutionOutcome:
         started = time.perf_counter()
@@ -307,14 +342,14 @@ class EnvironmentPool:
         while True:
             await asyncio.sleep(min(REAP_INTERVAL, self._settings.idle_ttl_seconds))
             limit = time.monotonic() - self._settings.idle_ttl_seconds
-            async with self._changed:
-                expired = [worker for worker in self._idle if worker.last_used < limit]
-                for worker in expired:
-                    del self._idle[worker]
-                    self._discard(worker)
-                    self._bound -= 1
-                if expired:
-                    self._changed.notify_all()
+            expired = [(worker, key) for worker, key in self._idle.items() if worker.last_used < limit]
+            for worker, key in expired:
+                del self._idle[worker]
+                self._forget_idle(worker, key)
+                self._discard(worker)
+                self._bound -= 1
+            if expired and self._waiting:
+                self._serve_waiting()
 
     def _discard(self, worker: WorkerProcess) -> None:
         self._launcher.discard(worker)

@@ -112,7 +112,8 @@ class WorkerProcess:
         worker._unowned = pipes.ours(closes=not _loop_closes_twice(loop))
         try:
             await worker._connect()
-            ready = await worker._receive(timeout)
+            async with asyncio.timeout(timeout):
+                ready = await worker._receive()
             if ready.get("op") != "ready":
                 raise WorkerCrashed(f"worker said {ready!r} instead of ready")
         except BaseException:
@@ -165,8 +166,9 @@ class WorkerProcess:
             body = orjson.dumps({**message, "id": request_id})
             async with asyncio.timeout(timeout):
                 self._requests.write(len(body).to_bytes(4, "big") + body)
-                await self._requests.drain()
-                answer = await self._receive(None)
+                if self._requests.transport.get_write_buffer_size():  # the pipe is full: wait for room
+                    await self._requests.drain()
+                answer = await self._receive()
             if answer.get("id") != request_id:
                 raise WorkerCrashed(f"the worker answered request {answer.get('id')!r}, not {request_id}")
         except TimeoutError:
@@ -181,14 +183,14 @@ class WorkerProcess:
         self.last_used = time.monotonic()
         return answer
 
-    async def _receive(self, timeout: float | None) -> dict[str, Any]:
+    async def _receive(self) -> dict[str, Any]:
+        """The next answer; the caller bounds the wait."""
         try:
-            async with asyncio.timeout(timeout):
-                header = await self._responses.readexactly(4)
-                size = int.from_bytes(header, "big")
-                if size > self._max_frame:
-                    raise FrameTooLarge(f"answer of {size} bytes is over {self._max_frame}")
-                body = await self._responses.readexactly(size)
+            header = await self._responses.readexactly(4)
+            size = int.from_bytes(header, "big")
+            if size > self._max_frame:
+                raise FrameTooLarge(f"answer of {size} bytes is over {self._max_frame}")
+            body = await self._responses.readexactly(size)
         except asyncio.IncompleteReadError:
             # let the exit and the last of stderr (a runtime's fatal message) arrive
             pending: list[asyncio.Future[Any]] = [self._exited]

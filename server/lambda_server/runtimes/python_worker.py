@@ -188,24 +188,36 @@ class Worker:
         return json.dumps({"ok": False, "error": error, "logs": logs.text(), **usage.measure()}).encode()
 
 
+def _open_proc(name: str, flags: int) -> int:
+    try:
+        return os.open(f"/proc/self/{name}", flags)
+    except OSError:
+        return -1  # not permitted here: the peak is then the process's lifetime peak
+
+
+# The /proc files read around every execution, opened once: a read at offset 0
+# makes the kernel write the status anew (3 us a run, against 22 us opening them).
+CLEAR_REFS = _open_proc("clear_refs", os.O_WRONLY)
+STATUS = _open_proc("status", os.O_RDONLY)
+
+
 class Usage:
     """CPU time and peak resident memory of this process over one execution."""
 
     def __init__(self) -> None:
-        try:  # "5" resets the peak RSS (VmHWM) that /proc/self/status reports
-            with open("/proc/self/clear_refs", "w") as refs:
-                refs.write("5")
-        except OSError:
-            pass
+        if CLEAR_REFS >= 0:
+            try:  # "5" resets the peak RSS (VmHWM) that /proc/self/status reports
+                os.write(CLEAR_REFS, b"5")
+            except OSError:
+                pass
         self.cpu = time.process_time()
 
     def measure(self) -> dict[str, Any]:
         peak = 0
         try:
-            with open("/proc/self/status") as status:
-                for line in status:
-                    if line.startswith("VmHWM:"):
-                        peak = int(line.split()[1]) * 1024
+            status = os.pread(STATUS, 8192, 0)
+            start = status.index(b"VmHWM:") + 6
+            peak = int(status[start : status.index(b"kB", start)]) * 1024
         except (OSError, ValueError):
             pass
         return {"cpu": time.process_time() - self.cpu, "peak": peak}

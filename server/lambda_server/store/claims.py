@@ -28,8 +28,29 @@ from lambda_server.store.database import Database
 
 MAX_BATCH = 256
 
+# Each statement sets synchronous_commit for its own transaction ($3): off unless
+# DATABASE_CLAIM_SYNCHRONOUS_COMMIT is on (see DatabaseSettings).
+_RETURNING = """
+RETURNING s.request_id::text AS request_id, s.language_title, s.user_id, s.script_hash,
+          s.context, s.metadata
+"""
+
+_CLAIM_ONE = (
+    """
+UPDATE meta.sessions s
+SET execution_count = s.execution_count + 1, last_executed_at = now()
+WHERE s.request_id = (
+    SELECT request_id FROM meta.sessions
+    WHERE request_id = $1 AND user_id IS NOT DISTINCT FROM $2 AND status = 'active' AND expires_at > now()
+    FOR UPDATE SKIP LOCKED
+) AND set_config('synchronous_commit', $3, true) IS NOT NULL
+"""
+    + _RETURNING
+)
+
 # Counted once per claim: a session named k times in the batch gains k executions.
-_CLAIM_MANY = """
+_CLAIM_MANY = (
+    """
 WITH asked AS (
     SELECT id, owner, count(*)::int AS times
     FROM unnest($1::uuid[], $2::text[]) AS asked(id, owner)
@@ -44,10 +65,10 @@ WITH asked AS (
 UPDATE meta.sessions s
 SET execution_count = s.execution_count + claimable.times, last_executed_at = now()
 FROM claimable
-WHERE s.request_id = claimable.request_id
-RETURNING s.request_id::text AS request_id, s.language_title, s.user_id, s.script_hash,
-          s.context, s.metadata
+WHERE s.request_id = claimable.request_id AND set_config('synchronous_commit', $3, true) IS NOT NULL
 """
+    + _RETURNING
+)
 
 _Claim = tuple[str, str | None, "asyncio.Future[asyncpg.Record | None]"]
 
@@ -55,11 +76,10 @@ _Claim = tuple[str, str | None, "asyncio.Future[asyncpg.Record | None]"]
 class ClaimBatcher:
     """Claims sessions in batches on a connection of its own; one batch in the database at a time."""
 
-    def __init__(
-        self, db: Database, command_timeout: float, observe: Callable[[int], None] | None = None
-    ) -> None:
+    def __init__(self, db: Database, observe: Callable[[int], None] | None = None) -> None:
         self._connection = db.dedicated()
-        self._command_timeout = command_timeout
+        self._command_timeout = db.settings.command_timeout
+        self._commit_mode = "on" if db.settings.claim_synchronous_commit else "off"
         self._observe = observe  # told each batch's size
         self._pending: list[_Claim] = []
         self._sender: asyncio.Task[None] | None = None
@@ -94,12 +114,16 @@ class ClaimBatcher:
         if self._observe is not None:
             self._observe(len(batch))
         try:
-            rows = await self._connection.fetch(
-                self._command_timeout,
-                _CLAIM_MANY,
-                [request_id for request_id, _, _ in batch],
-                [user_id for _, user_id, _ in batch],
-            )
+            if len(batch) == 1:  # the plain statement costs PostgreSQL a quarter less
+                request_id, user_id, _ = batch[0]
+                rows = await self._connection.fetch(
+                    self._command_timeout, _CLAIM_ONE, request_id, user_id, self._commit_mode
+                )
+            else:
+                ids, owners = [claim[0] for claim in batch], [claim[1] for claim in batch]
+                rows = await self._connection.fetch(
+                    self._command_timeout, _CLAIM_MANY, ids, owners, self._commit_mode
+                )
         except Exception as exc:  # our error (UNAVAILABLE, INTERNAL) for every claim of the batch
             for _, _, claimed in batch:
                 if not claimed.done():

@@ -46,8 +46,8 @@ class Database:
         self._dedicated: list[DedicatedConnection] = []
 
     @property
-    def command_timeout(self) -> float:
-        return self._settings.command_timeout
+    def settings(self) -> DatabaseSettings:
+        return self._settings
 
     async def open(self) -> None:
         """Create the pool; it connects on first use, so this never waits for PostgreSQL."""

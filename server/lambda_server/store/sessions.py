@@ -83,7 +83,7 @@ class SessionStore:
     ) -> None:
         self._db = db
         self._scripts = ScriptCache(script_cache_bytes)
-        self._claims = ClaimBatcher(db, db.command_timeout, observe_claim_batch)
+        self._claims = ClaimBatcher(db, observe_claim_batch)
 
     async def close(self) -> None:
         """Stop the claim batches; before the database closes."""
