@@ -12,7 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from lambda_microservice import LambdaClient, NotFoundError
+from lambda_microservice import InvalidArgumentError, LambdaClient, NotFoundError
 from lambda_server.app import build_server
 from lambda_server.config import ConfigError
 from tests.support import ServerThread, eventually, run_sync, server_settings
@@ -96,6 +96,30 @@ def test_rpcs_and_executions_are_counted_by_method_code_runtime_and_outcome(mete
     assert in_use in after
     assert value(after, "lambda_db_pool_connections", state="idle") >= 1
     assert ("lambda_request_log_queue_depth", frozenset()) in after
+
+
+def test_a_script_that_compiled_once_is_not_compiled_again(metered: ServerThread) -> None:
+    """The one-shot pattern (the same script initialized again and again) skips the checker;
+    a script that failed is checked again, each time with its error."""
+    script = f"result = params.get('n', 0) + 1  # {uuid.uuid4()}"
+    broken = f"def broken(:  # {uuid.uuid4()}"
+    before = scrape(metered)
+    with LambdaClient(metered.target, timeout=20.0) as client:
+        sessions = [client.initialize("python-once", script) for _ in range(3)]
+        for session in sessions:
+            assert client.execute(session.request_id, {"n": 1}).result.number_value == 2
+        for _ in range(2):
+            with pytest.raises(InvalidArgumentError, match="SyntaxError"):
+                client.initialize("python-broken", broken)
+    after = scrape(metered)
+    checks = "lambda_script_checks_total"
+    compiled = value(after, checks, runtime="python", how="compiled") - value(
+        before, checks, runtime="python", how="compiled"
+    )
+    known = value(after, checks, runtime="python", how="known") - value(
+        before, checks, runtime="python", how="known"
+    )
+    assert (compiled, known) == (1, 2)
 
 
 def test_the_log_queue_gauge_drains_after_calls(metered: ServerThread) -> None:

@@ -100,6 +100,12 @@ class Metrics:
             ["state"],
             registry=r,
         )
+        self.script_checks = Counter(
+            "lambda_script_checks",
+            "Scripts checked at Initialize, by runtime and how: compiled, or known (compiled before)",
+            ["runtime", "how"],
+            registry=r,
+        )
         self.claim_batch_size = Histogram(
             "lambda_session_claim_batch_size",
             "Session claims (one an Execute) sent to PostgreSQL in one statement",

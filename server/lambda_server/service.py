@@ -49,7 +49,9 @@ MAX_CONTEXT_BYTES = 1024 * 1024
 class ExecutionEngine(Protocol):
     """The seam between the use cases and the runtimes."""
 
-    async def check(self, runtime: RuntimeSpec, script: str, deadline: Deadline) -> None: ...
+    async def check(self, runtime: RuntimeSpec, script: str, script_hash: str, deadline: Deadline) -> bool:
+        """Compile the script (True), or pass one that compiled before (False)."""
+        ...
 
     async def execute(self, job: Job, deadline: Deadline) -> ExecutionOutcome: ...
 
@@ -135,14 +137,16 @@ class LambdaService:
                 f"context is {context_size} bytes as JSON, over {MAX_CONTEXT_BYTES}", field="context"
             )
         session_id = parse_request_id(request_id) if request_id else str(uuid.uuid4())
-        await self._engine.check(runtime, script, deadline)
+        script_hash = hashlib.sha256(script.encode()).hexdigest()
+        compiled = await self._engine.check(runtime, script, script_hash, deadline)
+        self._metrics.script_checks.labels(runtime.name, "compiled" if compiled else "known").inc()
         new = NewSession(
             request_id=session_id,
             language_title=language_title,
             user_id=caller.user_id,
             context=context,
             script_content=script,
-            script_hash=hashlib.sha256(script.encode()).hexdigest(),
+            script_hash=script_hash,
             expiry_seconds=self._settings.session_expiry_seconds,
             metadata=metadata,
         )

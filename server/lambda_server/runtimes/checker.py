@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 
 from lambda_server.domain import Deadline, Limits
 from lambda_server.errors import RuntimeBusy, ScriptSyntaxError, Unavailable
@@ -15,6 +15,9 @@ from lambda_server.runtimes.registry import RuntimeSpec
 log = logging.getLogger(__name__)
 
 CHECK_TIMEOUT = 10.0
+# Scripts that compiled, by runtime and hash: the same script sent again (the
+# one-shot pattern: Initialize, Execute, again and again) is not compiled again.
+MAX_PASSED = 4096
 
 
 class ScriptChecker:
@@ -25,6 +28,7 @@ class ScriptChecker:
         self._limits = limits
         self._workers: dict[str, WorkerProcess] = {}
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._passed: OrderedDict[tuple[str, str], None] = OrderedDict()  # least recent first
 
     async def start(self, runtime: RuntimeSpec, deadline: Deadline) -> None:
         """Start the runtime's checker now, so that the first Initialize is fast."""
@@ -33,8 +37,23 @@ class ScriptChecker:
         except Unavailable as exc:
             log.warning("%s", exc.message)
 
-    async def check(self, runtime: RuntimeSpec, script: str, deadline: Deadline) -> None:
-        """Compile without running; ScriptSyntaxError with line and column when it fails."""
+    async def check(self, runtime: RuntimeSpec, script: str, script_hash: str, deadline: Deadline) -> bool:
+        """Compile without running; ScriptSyntaxError with line and column when it fails.
+
+        `script_hash` is the script's SHA-256: a script that compiled before passes at
+        once. True when it was compiled now, False when it was known.
+        """
+        key = (runtime.name, script_hash)
+        if key in self._passed:
+            self._passed.move_to_end(key)
+            return False
+        await self._compile(runtime, script, deadline)
+        self._passed[key] = None
+        if len(self._passed) > MAX_PASSED:
+            self._passed.popitem(last=False)
+        return True
+
+    async def _compile(self, runtime: RuntimeSpec, script: str, deadline: Deadline) -> None:
         lock = self._locks[runtime.name]
         try:
             async with asyncio.timeout(deadline.cap(CHECK_TIMEOUT)):

@@ -258,13 +258,30 @@ async function handle(message) {
   switch (message.op) {
     case 'check':
       return JSON.stringify(check(message.script));
-    case 'load':
-      return JSON.stringify(load(message.script));
+    case 'load': {
+      // bind the script, then run it with the event
+      const loaded = load(message.script);
+      return loaded.ok ? run(message.event) : JSON.stringify({ ...loaded, loaded: false });
+    }
     case 'run':
       return run(message.event);
     default:
       return JSON.stringify({ ok: false, error: failure('RUNTIME_ERROR', `unknown op ${message.op}`) });
   }
+}
+
+// Before it says ready, the process binds and runs scripts of its own in each style, so
+// that V8 has compiled the paths a first execution takes (about 3 ms of a first Execute).
+// Nothing of them stays: the process is unbound again when it says ready.
+const WARM_UP = ['return event.params.n + 1;', 'module.exports = async (event) => event.params.n + 1;'];
+
+async function warmUp() {
+  for (const script of WARM_UP) {
+    load(script);
+    await run({ params: { n: 1 }, context: {}, request_id: '' });
+  }
+  handler = null;
+  logs = null;
 }
 
 function serve() {
@@ -288,4 +305,4 @@ function serve() {
   send(JSON.stringify({ op: 'ready' }));
 }
 
-serve();
+warmUp().then(serve);

@@ -45,6 +45,7 @@ from lambda_server.sandbox import Sandbox
 log = logging.getLogger(__name__)
 
 REAP_INTERVAL = 5.0
+REFILL_DELAY = 0.02  # seconds: a first execution in a pre-started process takes about 3 ms
 
 
 @dataclass(frozen=True)
@@ -156,9 +157,10 @@ class EnvironmentPool:
                 report[f"runtime.{name}"] = f"unavailable: {spec.missing}"
         return report
 
-    async def check(self, runtime: RuntimeSpec, script: str, deadline: Deadline) -> None:
-        """Compile without running; ScriptSyntaxError with line and column when it fails."""
-        await self._checker.check(runtime, script, deadline)
+    async def check(self, runtime: RuntimeSpec, script: str, script_hash: str, deadline: Deadline) -> bool:
+        """Compile without running (True), or pass a script that compiled before (False);
+        ScriptSyntaxError with line and column when it fails."""
+        return await self._checker.check(runtime, script, script_hash, deadline)
 
     # executing
 
@@ -251,19 +253,20 @@ class EnvironmentPool:
         started = time.perf_counter()
         timeout = deadline.cap(job.timeout)
         state = EnvironmentState.WARM
-        load_cpu = 0.0
         worker = slot.worker
         try:
             if worker is None:
                 worker, state = await self._take_unbound(job.runtime, job.limits, deadline)
                 slot.worker = worker
-                loaded = await worker.request({"op": "load", "script": job.script}, timeout)
-                if not loaded.get("ok"):
-                    self._drop(slot)
-                    return _outcome(loaded, started, state)
-                load_cpu = _float(loaded.get("cpu"))
                 timeout = max(0.0, timeout - (time.perf_counter() - started))
-            answer = await worker.request({"op": "run", "event": job.event}, timeout)
+                # bind and run in one round trip; `loaded` is false when the script did not load
+                bind = {"op": "load", "script": job.script, "event": job.event}
+                answer = await worker.request(bind, timeout)
+                if answer.get("loaded") is False:
+                    self._drop(slot)
+                    return _outcome(answer, started, state)
+            else:
+                answer = await worker.request({"op": "run", "event": job.event}, timeout)
         except WorkerTimeout:
             self._drop(slot)
             message = f"the script ran past its timeout of {job.timeout:g} s"
@@ -283,7 +286,7 @@ class EnvironmentPool:
         except BaseException:  # cancelled, or the runtime could not start
             self._drop(slot)
             raise
-        outcome = _outcome(answer, started, state, load_cpu)
+        outcome = _outcome(answer, started, state)
         if outcome.failure is not None and outcome.failure.code is FailureCode.MEMORY_LIMIT:
             self._drop(slot)  # a process that ran out of memory is not trusted again
         elif self._launcher.has_stragglers(worker):
@@ -308,7 +311,9 @@ class EnvironmentPool:
         warm = self._warm[runtime.name]
         while warm:
             worker = warm.pop()
-            self._refill(runtime)
+            # after the bind this worker is taken for: a start (fork, sandbox set-up) next to
+            # it would take a millisecond of its CPU
+            asyncio.get_running_loop().call_later(REFILL_DELAY, self._refill, runtime)
             if worker.alive():
                 return worker, EnvironmentState.PREWARMED
             self._discard(worker)
@@ -355,12 +360,10 @@ class EnvironmentPool:
         self._launcher.discard(worker)
 
 
-def _outcome(
-    answer: dict[str, Any], started: float, state: EnvironmentState, extra_cpu: float = 0.0
-) -> ExecutionOutcome:
+def _outcome(answer: dict[str, Any], started: float, state: EnvironmentState) -> ExecutionOutcome:
     duration = time.perf_counter() - started
     logs = str(answer.get("logs", ""))
-    cpu = _float(answer.get("cpu")) + extra_cpu
+    cpu = _float(answer.get("cpu"))
     peak = answer_int(answer.get("peak"), limit=2**62)
     if answer.get("ok"):
         return ExecutionOutcome(answer.get("result"), None, duration, logs, state, cpu, peak)
