@@ -42,6 +42,16 @@ class BenchServer:
         runtimes = [pid for pid in children if _name(pid) != "unshare"]
         return len(runtimes), sum(_rss(pid) for pid in children)
 
+    def cpu_seconds(self) -> dict[str, dict[int, float]]:
+        """CPU time used so far by the server, its runtime processes and the local PostgreSQL's
+        processes (every process named postgres on this machine), by pid."""
+        postgres = [pid for pid in _pids() if _name(pid) == "postgres"]
+        return {
+            "server": _cpu_by_pid([self.pid]),
+            "runtimes": _cpu_by_pid(_descendants(self.pid)),
+            "postgres": _cpu_by_pid(postgres),
+        }
+
     def samples(self, name: str) -> dict[tuple[tuple[str, str], ...], float]:
         """The current values of one metric, by its labels."""
         with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
@@ -75,6 +85,34 @@ def running_server(**env_overrides: str) -> Iterator[BenchServer]:
             yield BenchServer(process.target, process.metrics_url, process.pid, url)
     finally:
         run_sync(drop_database(admin, name))
+
+
+def cpu_per_call(
+    before: dict[str, dict[int, float]], after: dict[str, dict[int, float]], calls: float
+) -> dict[str, float]:
+    """Microseconds of CPU a call, by part, over the processes alive at both readings."""
+    return {
+        part: sum(after[part][pid] - used for pid, used in before[part].items() if pid in after[part])
+        / max(1.0, calls)
+        * 1e6
+        for part in before
+    }
+
+
+def _cpu_by_pid(pids: list[int]) -> dict[int, float]:
+    ticks = os.sysconf("SC_CLK_TCK")
+    used = {}
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            used[pid] = (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+        except (OSError, IndexError, ValueError):
+            continue
+    return used
+
+
+def _pids() -> list[int]:
+    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
 
 
 def _rss(pid: int) -> int:

@@ -25,7 +25,7 @@ from google.protobuf.message import Message
 from google.protobuf.struct_pb2 import Struct
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.server import BenchServer
+from bench.server import BenchServer, cpu_per_call
 from lambda_microservice import AsyncLambdaClient, LambdaClient
 from lambda_microservice.v1 import lambda_service_pb2 as pb
 
@@ -115,8 +115,11 @@ def measure(
 ) -> dict[str, Any]:
     """One h2load run, checked against the server's counters."""
     failures_before, ok_before = _failures(server), _ok(server, method)
+    cpu_before = server.cpu_seconds()
     row: dict[str, Any] = h2load(server, f"/{method}", message, load, requests)
+    cpu_after = server.cpu_seconds()
     answered = _ok(server, method) - ok_before
+    row["cpu_us"] = cpu_per_call(cpu_before, cpu_after, answered)
     row["errors"] = int(_failures(server) - failures_before) + row["failed"]
     # warm-up requests are answered but not counted by h2load: the server saw at least as many
     if answered < row["succeeded"]:
@@ -207,11 +210,18 @@ def run(server: BenchServer, quick: bool) -> dict[str, Any]:
 
 
 def print_report(report: dict[str, Any]) -> None:
-    print(f"{'scenario (saturating)':48} {'in flight':>9} {'req/s':>9} {'x floor':>8} {'errors':>7}")
+    print(
+        f"{'scenario (saturating)':48} {'in flight':>9} {'req/s':>9} {'x floor':>8} {'errors':>7}"
+        f"   CPU us a call: {'server':>6} {'runtimes':>8} {'postgres':>8}"
+    )
     for row in report["rows"]:
+        cpu = row.get("cpu_us")
+        parts = (
+            f"   {'':15}{cpu['server']:>6.0f} {cpu['runtimes']:>8.0f} {cpu['postgres']:>8.0f}" if cpu else ""
+        )
         print(
             f"{row['name']:48} {row['in_flight']:>9} {row['rps']:>9.0f} "
-            f"{row['ratio']:>8.2f} {row['errors']:>7}"
+            f"{row['ratio']:>8.2f} {row['errors']:>7}{parts}"
         )
     mib = 1024 * 1024
     total = report["environments_rss_bytes"]
