@@ -198,6 +198,8 @@ class EnvironmentPool:
         for waiter in list(self._waiting):
             if self._bound >= self._settings.max_environments and not self._idle:
                 return  # no room for any key
+            if waiter.slot.done():  # cancelled (it timed out, or its call ended): it leaves itself
+                continue
             slot = self._try_acquire(waiter.key)
             if slot is not None:
                 self._waiting.remove(waiter)
