@@ -4,6 +4,7 @@ held up by a row another transaction holds. Against a real PostgreSQL, through t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -14,7 +15,7 @@ import pytest
 
 from lambda_server.config import DatabaseSettings
 from lambda_server.domain import Deadline, NewSession
-from lambda_server.errors import SessionExpired, SessionNotFound
+from lambda_server.errors import DatabaseUnavailable, SessionExpired, SessionNotFound
 from lambda_server.store import migrations
 from lambda_server.store.database import Database
 from lambda_server.store.sessions import SessionStore
@@ -48,7 +49,12 @@ class Store:
 
 
 async def _store(url: str, **settings_overrides: Any) -> AsyncIterator[Store]:
-    settings = DatabaseSettings(command_timeout=5.0, lock_timeout_ms=LOCK_TIMEOUT_MS, **settings_overrides)
+    options: dict[str, Any] = {
+        "command_timeout": 5.0,
+        "lock_timeout_ms": LOCK_TIMEOUT_MS,
+        **settings_overrides,
+    }
+    settings = DatabaseSettings(**options)
     db = Database(settings, url)
     await db.open()
     await migrations.apply(db, migrations.load(migrations.default_directory()))
@@ -201,3 +207,36 @@ def test_claims_wait_for_the_wal_flush_only_when_set_to(fresh_database: str, syn
             assert syncs < 50, syncs
 
     run_sync(body())
+
+
+def test_a_dropped_connection_goes_back_to_the_pool(fresh_database: str) -> None:
+    """Each lost claim connection is handed back (and replaced), so losing more of them than
+    the pool holds never leaves the pool without room."""
+
+    async def test(store: Store) -> None:
+        session = await store.sessions.create(new_session(None), Deadline.after(5))
+        admin = await asyncpg.connect(fresh_database, timeout=5)
+        started = time.monotonic()
+        try:
+            for _ in range(4):
+                await store.sessions.claim(session.request_id, None, Deadline.after(5))
+                await admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+                with contextlib.suppress(DatabaseUnavailable):  # the batch on the lost connection
+                    await store.sessions.claim(session.request_id, None, Deadline.after(5))
+        finally:
+            await admin.close()
+        claimed = await store.sessions.claim(session.request_id, None, Deadline.after(5))
+        assert claimed.request_id == session.request_id
+        # no claim waited for room in the pool (that wait ends at the 2 s command timeout)
+        assert time.monotonic() - started < 1.9
+        in_use, _ = store.db.connections()
+        assert in_use <= 1, in_use
+        closing = time.monotonic()  # the pool's close waits for every connection handed out
+        await store.sessions.close()
+        await store.db.close()
+        assert time.monotonic() - closing < 1.0
+
+    in_store(fresh_database, test, pool_size=2, command_timeout=2.0)

@@ -176,15 +176,19 @@ class DedicatedConnection:
                 return rows
         except (*_UNAVAILABLE, asyncpg.PostgresError) as exc:
             if isinstance(exc, _UNAVAILABLE):
-                self._drop()
+                await self._drop()
             raise _failure(exc) from exc
         except BaseException:
-            self._drop()
+            await self._drop()
             raise
 
-    def _drop(self) -> None:
+    async def _drop(self) -> None:
+        """Close the connection at once and hand it back: the pool opens a new one when needed
+        (a connection never handed back would take a place in the pool for good)."""
         conn, self._conn = self._conn, None
-        _terminate(conn)
+        if conn is not None:
+            _terminate(conn)
+            await self._db._release(conn)
 
     async def release(self) -> None:
         """Give the connection back to the pool (at shutdown)."""
