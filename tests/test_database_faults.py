@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import asyncpg
 import grpc
@@ -69,11 +70,16 @@ async def _admin(url: str, query: str, *args: object) -> object:
         await conn.close()
 
 
-def backends(url: str) -> list[int]:
-    rows = run_sync(
-        _admin(url, "SELECT pid FROM pg_stat_activity WHERE application_name = 'lambda-microservice'")
-    )
-    return [row["pid"] for row in rows]  # type: ignore[attr-defined]
+def children(parent: int) -> list[int]:
+    """The processes whose parent is `parent`, from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                found.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
 
 
 @dataclass
@@ -199,8 +205,11 @@ def test_a_frozen_server_is_cut_by_the_bounds_and_survived(
     session = client.initialize("python-frozen", "result = 'thawed'")
     client.execute(session.request_id)
     postmaster = int((own_cluster.data / "postmaster.pid").read_text().split()[0])
-    frozen = [postmaster, *backends(own_cluster.url)]
-    for pid in frozen:
+    # the postmaster first, so that no backend starts after the list is read; then every
+    # process it started, including one still starting (not yet in pg_stat_activity)
+    os.kill(postmaster, signal.SIGSTOP)
+    frozen = [postmaster, *children(postmaster)]
+    for pid in frozen[1:]:
         os.kill(pid, signal.SIGSTOP)
     try:
         with grpc.insecure_channel(faulty_server.target) as channel:  # no retries: each call shows
