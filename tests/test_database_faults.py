@@ -9,7 +9,6 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import asyncpg
 import grpc
@@ -21,7 +20,7 @@ from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_microservice.v1 import lambda_service_pb2_grpc as pb_grpc
 from lambda_server.config import DatabaseSettings
 from tests import cluster
-from tests.support import ServerThread, eventually, run_sync, server_settings
+from tests.support import ServerThread, descendants, eventually, run_sync, server_settings
 
 pytestmark = pytest.mark.skipif(cluster.available() is not None, reason=str(cluster.available()))
 
@@ -68,18 +67,6 @@ async def _admin(url: str, query: str, *args: object) -> object:
         return await conn.fetch(query, *args)
     finally:
         await conn.close()
-
-
-def children(parent: int) -> list[int]:
-    """The processes whose parent is `parent`, from /proc."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == parent:
-                found.append(int(stat.parent.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    return found
 
 
 @dataclass
@@ -208,7 +195,7 @@ def test_a_frozen_server_is_cut_by_the_bounds_and_survived(
     # the postmaster first, so that no backend starts after the list is read; then every
     # process it started, including one still starting (not yet in pg_stat_activity)
     os.kill(postmaster, signal.SIGSTOP)
-    frozen = [postmaster, *children(postmaster)]
+    frozen = [postmaster, *descendants(postmaster)]
     for pid in frozen[1:]:
         os.kill(pid, signal.SIGSTOP)
     try:

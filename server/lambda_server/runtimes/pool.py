@@ -101,7 +101,6 @@ class EnvironmentPool:
         self._launcher = Launcher(settings, sandbox)
         self._checker = ScriptChecker(self._launcher, default_limits)
         self._idle: OrderedDict[WorkerProcess, EnvironmentKey] = OrderedDict()  # least recent first
-        self._idle_by_key: dict[EnvironmentKey, list[WorkerProcess]] = defaultdict(list)  # most recent last
         self._busy: dict[EnvironmentKey, int] = defaultdict(int)
         self._bound = 0  # idle + busy-or-binding environments
         # executions waiting for a slot, first come first served; none can be served while
@@ -129,7 +128,6 @@ class EnvironmentPool:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._idle.clear()
-        self._idle_by_key.clear()
         self._warm.clear()
         await self._launcher.close()
 
@@ -208,34 +206,24 @@ class EnvironmentPool:
     def _try_acquire(self, key: EnvironmentKey) -> _Slot | None:
         if self._busy.get(key, 0) >= self._settings.max_environments_per_key:
             return None
-        idle = self._idle_by_key.get(key)
-        while idle:
-            worker = idle.pop()  # the most recently used first
-            del self._idle[worker]
-            if not idle:
-                del self._idle_by_key[key]
-            if worker.alive():
-                self._busy[key] += 1
-                return _Slot(key, worker)
-            self._discard(worker)
-            self._bound -= 1
+        for worker in reversed(self._idle):  # the most recently used first
+            if self._idle[worker] == key:
+                del self._idle[worker]
+                if worker.alive():
+                    self._busy[key] += 1
+                    return _Slot(key, worker)
+                self._discard(worker)
+                self._bound -= 1
+                return self._try_acquire(key)
         if self._bound >= self._settings.max_environments:
             if not self._idle:
                 return None
-            victim, victim_key = self._idle.popitem(last=False)  # least recently used makes room
-            self._forget_idle(victim, victim_key)
+            victim, _ = self._idle.popitem(last=False)  # least recently used makes room
             self._discard(victim)
             self._bound -= 1
         self._bound += 1
         self._busy[key] += 1
         return _Slot(key, None)
-
-    def _forget_idle(self, worker: WorkerProcess, key: EnvironmentKey) -> None:
-        """Take `worker` off the per-key list (it is out of self._idle already)."""
-        idle = self._idle_by_key[key]
-        idle.remove(worker)
-        if not idle:
-            del self._idle_by_key[key]
 
     def _release(self, slot: _Slot) -> None:
         self._busy[slot.key] -= 1
@@ -243,7 +231,6 @@ class EnvironmentPool:
             del self._busy[slot.key]
         if slot.worker is not None and slot.worker.alive() and not self._closed:
             self._idle[slot.worker] = slot.key
-            self._idle_by_key[slot.key].append(slot.worker)
         else:
             if slot.worker is not None:
                 self._discard(slot.worker)
@@ -349,10 +336,9 @@ class EnvironmentPool:
         while True:
             await asyncio.sleep(min(REAP_INTERVAL, self._settings.idle_ttl_seconds))
             limit = time.monotonic() - self._settings.idle_ttl_seconds
-            expired = [(worker, key) for worker, key in self._idle.items() if worker.last_used < limit]
-            for worker, key in expired:
+            expired = [worker for worker in self._idle if worker.last_used < limit]
+            for worker in expired:
                 del self._idle[worker]
-                self._forget_idle(worker, key)
                 self._discard(worker)
                 self._bound -= 1
             if expired and self._waiting:

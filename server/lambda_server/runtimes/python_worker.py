@@ -103,7 +103,6 @@ class Worker:
             self.load(script)
             self.run({"params": {"n": 1}, "context": {}, "request_id": ""})
         self.code = self.handler = None
-        self.handler_takes_params = False
         linecache.cache.pop(SCRIPT_NAME, None)
 
     def serve(self) -> None:
@@ -144,6 +143,7 @@ class Worker:
     def load(self, script: str) -> dict[str, Any]:
         """Compile the script; run its top level now when it defines a handler."""
         linecache.cache[SCRIPT_NAME] = (len(script), None, script.splitlines(True), SCRIPT_NAME)
+        self.handler, self.handler_takes_params = None, False  # a top-level script has none
         logs = LogBuffer(self.max_logs)
         try:
             tree = ast.parse(script, SCRIPT_NAME)

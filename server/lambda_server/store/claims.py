@@ -24,7 +24,7 @@ import asyncpg
 
 from lambda_server.domain import Deadline
 from lambda_server.errors import DatabaseUnavailable, DeadlineExceeded
-from lambda_server.store.database import Database
+from lambda_server.store.database import Database, DedicatedConnection
 
 MAX_BATCH = 256
 
@@ -77,7 +77,7 @@ class ClaimBatcher:
     """Claims sessions in batches on a connection of its own; one batch in the database at a time."""
 
     def __init__(self, db: Database, observe: Callable[[int], None] | None = None) -> None:
-        self._connection = db.dedicated()
+        self._connection = DedicatedConnection(db)
         self._command_timeout = db.settings.command_timeout
         self._commit_mode = "on" if db.settings.claim_synchronous_commit else "off"
         self._observe = observe  # told each batch's size

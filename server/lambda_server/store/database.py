@@ -43,7 +43,6 @@ class Database:
         self._settings = settings
         self._dsn = dsn
         self._pool: asyncpg.Pool | None = None
-        self._dedicated: list[DedicatedConnection] = []
 
     @property
     def settings(self) -> DatabaseSettings:
@@ -73,8 +72,6 @@ class Database:
     async def close(self, timeout: float = 5.0) -> None:
         if self._pool is None:
             return
-        for dedicated in self._dedicated:  # the pool's close waits for every connection handed out
-            await dedicated.release()
         pool, self._pool = self._pool, None
         try:
             await asyncio.wait_for(pool.close(), timeout)
@@ -111,12 +108,6 @@ class Database:
         finally:
             if conn is not None:
                 await self._release(conn)
-
-    def dedicated(self) -> DedicatedConnection:
-        """A connection of the pool held for one user's statements (no acquire per call)."""
-        dedicated = DedicatedConnection(self)
-        self._dedicated.append(dedicated)
-        return dedicated
 
     async def _acquire(self) -> asyncpg.Connection:
         if self._pool is None:
@@ -159,7 +150,8 @@ class DedicatedConnection:
     asyncpg's acquire and release cost more CPU than the statement itself (about
     45 us of 80 here). The connection is taken from the pool on first use and
     after a failure, and dropped (never reused half-used) on any error, timeout
-    or cancellation, as Database.connection does.
+    or cancellation, as Database.connection does. Its owner releases it before
+    the database closes (the pool's close waits for every connection handed out).
     """
 
     def __init__(self, db: Database) -> None:
@@ -185,13 +177,11 @@ class DedicatedConnection:
     async def _drop(self) -> None:
         """Close the connection at once and hand it back: the pool opens a new one when needed
         (a connection never handed back would take a place in the pool for good)."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            _terminate(conn)
-            await self._db._release(conn)
+        _terminate(self._conn)
+        await self.release()
 
     async def release(self) -> None:
-        """Give the connection back to the pool (at shutdown)."""
+        """Give the connection back to the pool (at shutdown, or closed after a failure)."""
         conn, self._conn = self._conn, None
         if conn is not None:
             await self._db._release(conn)
