@@ -62,12 +62,18 @@ def _initialize_request(
     script_content: str,
     context: Mapping[str, Any] | None,
     request_id: str | None,
+    optimization_level: str | None = None,
 ) -> pb.InitializeRequest:
+    levels = {None: pb.OPTIMIZATION_LEVEL_UNSPECIFIED, "debug": pb.OPTIMIZATION_LEVEL_DEBUG}
+    levels["release"] = pb.OPTIMIZATION_LEVEL_RELEASE
+    if optimization_level not in levels:
+        raise ValueError(f"optimization_level must be 'debug' or 'release', not {optimization_level!r}")
     return pb.InitializeRequest(
         language_title=language_title,
         script_content=script_content,
         context=to_struct(context),
         request_id=request_id or "",
+        compile_options=pb.CompileOptions(optimization_level=levels[optimization_level]),
     )
 
 
@@ -138,11 +144,13 @@ class LambdaClient:
         *,
         context: Mapping[str, Any] | None = None,
         request_id: str | None = None,
+        optimization_level: str | None = None,
         timeout: float | None = None,
         metadata: Metadata = (),
     ) -> pb.InitializeResponse:
-        """Create a session for a script; pass `request_id` to make retries return the same one."""
-        request = _initialize_request(language_title, script_content, context, request_id)
+        """Create a session for a script; pass `request_id` to make retries return the same one,
+        and `optimization_level` ("debug" or "release") to say how a Rust script is compiled."""
+        request = _initialize_request(language_title, script_content, context, request_id, optimization_level)
         return self._call(self._stub.Initialize, request, timeout, metadata)
 
     def execute(
@@ -240,11 +248,13 @@ class AsyncLambdaClient:
         *,
         context: Mapping[str, Any] | None = None,
         request_id: str | None = None,
+        optimization_level: str | None = None,
         timeout: float | None = None,
         metadata: Metadata = (),
     ) -> pb.InitializeResponse:
-        """Create a session for a script; pass `request_id` to make retries return the same one."""
-        request = _initialize_request(language_title, script_content, context, request_id)
+        """Create a session for a script; pass `request_id` to make retries return the same one,
+        and `optimization_level` ("debug" or "release") to say how a Rust script is compiled."""
+        request = _initialize_request(language_title, script_content, context, request_id, optimization_level)
         return await self._call(self._stub.Initialize, request, timeout, metadata)
 
     async def execute(

@@ -20,6 +20,7 @@ from lambda_server import logs
 from lambda_server.api.interceptors import CallInterceptor
 from lambda_server.api.servicer import LambdaServicer, add_to_server
 from lambda_server.auth import Authenticator
+from lambda_server.builds import RustBuilds
 from lambda_server.config import ConfigError, GrpcSettings, Settings
 from lambda_server.domain import Limits
 from lambda_server.errors import LambdaError
@@ -28,9 +29,11 @@ from lambda_server.metrics import Metrics
 from lambda_server.result_cache import ResultCache
 from lambda_server.runtimes.pool import EnvironmentPool
 from lambda_server.runtimes.registry import RuntimeRegistry
+from lambda_server.runtimes.rust import RustCompiler, RustToolchain
 from lambda_server.sandbox import Sandbox
 from lambda_server.service import LambdaService
 from lambda_server.store import migrations
+from lambda_server.store.artifacts import ArtifactStore
 from lambda_server.store.catalog import FunctionCatalog
 from lambda_server.store.cleanup import SessionCleanup
 from lambda_server.store.database import Database
@@ -206,10 +209,18 @@ async def build_server(settings: Settings, database_url: str | None = None) -> t
         raise ConfigError("DATABASE_URL is unset (main() starts an embedded PostgreSQL for it)")
     # read once at start: a broken migrations directory stops start-up, not every health probe
     schema = migrations.load(migrations.default_directory())
-    registry = RuntimeRegistry.load(settings.runtime.mappings_file, settings.runtime.node_binary)
+    toolchain = await RustToolchain.detect(settings.runtime.rustc)
+    registry = RuntimeRegistry.load(
+        settings.runtime.mappings_file, settings.runtime.node_binary, toolchain.spec
+    )
     sandbox = await Sandbox.start(settings.sandbox)
     db = Database(settings.database, url)
     await db.open()
+    builds = None
+    if not toolchain.missing:
+        cache_dir = settings.runtime.rust_cache_dir
+        compiler = RustCompiler(toolchain, sandbox, cache_dir, settings.runtime.compile_timeout_seconds)
+        builds = RustBuilds(compiler, ArtifactStore(db), cache_dir)
     limits = Limits(settings.sandbox.memory_mb, settings.sandbox.max_processes)
     pool = EnvironmentPool(settings.runtime, registry.specs, sandbox, limits)
     health_servicer = HealthServicer()
@@ -227,6 +238,7 @@ async def build_server(settings: Settings, database_url: str | None = None) -> t
         cache,
         FunctionCatalog(db),
         metrics=metrics,
+        builds=builds,
     )
     request_log = RequestLogWriter(db, settings.request_log, metrics)
     metrics.on_scrape(_scrape_gauges(metrics, pool, db, request_log))

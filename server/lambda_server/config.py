@@ -57,6 +57,11 @@ class RuntimeSettings:
     spawn_timeout_seconds: float = 10.0
     mappings_file: Path | None = None
     node_binary: str | None = None
+    # Rust: the rustc to use (else the one on PATH), where programs and the built
+    # serde_json are kept, and how long one compile may take
+    rustc: str | None = None
+    rust_cache_dir: Path = Path.home() / ".cache" / "lambda-microservice" / "rust"
+    compile_timeout_seconds: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -179,6 +184,11 @@ class Settings:
             max_queued=reader.get("MAX_QUEUED_EXECUTIONS", _positive_int, 10000),
             mappings_file=reader.get("RUNTIME_MAPPINGS", Path, None),
             node_binary=reader.get("NODE_BINARY", str, None) or None,
+            rustc=reader.get("RUSTC", str, None) or None,
+            rust_cache_dir=reader.get(
+                "RUST_CACHE_DIR", Path, Path.home() / ".cache" / "lambda-microservice" / "rust"
+            ),
+            compile_timeout_seconds=reader.get("RUST_COMPILE_TIMEOUT_SECONDS", _positive_float, 60.0),
         )
         sandbox = SandboxSettings(
             mode=reader.get("SANDBOX_MODE", _sandbox_mode, "auto"),

@@ -52,6 +52,14 @@ class SessionStatus(enum.Enum):
     EXPIRED = "expired"
 
 
+class CompileStatus(enum.Enum):
+    """meta.sessions.compile_status: a Rust script is pending until rustc has answered."""
+
+    PENDING = "pending"
+    SUCCESS = "success"
+    ERROR = "error"
+
+
 @dataclass(frozen=True)
 class SessionRecord:
     """A session as stored, with its state decided by the database clock."""
@@ -82,6 +90,10 @@ class NewSession:
     # Stored in meta.sessions.metadata: where the script came from (a catalog
     # function) and the JSON schema its params must match. None for a script sent in.
     metadata: dict[str, JSON] | None = None
+    # meta.sessions.compile_status and compile_options: a compiled runtime's script
+    # is stored pending, before it compiles; a checked one is stored compiled
+    compile_status: CompileStatus = CompileStatus.SUCCESS
+    compile_options: dict[str, JSON] | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +106,7 @@ class ClaimedSession:
     script_hash: str
     context: dict[str, JSON]
     metadata: dict[str, JSON] | None = None  # as given in NewSession.metadata
+    compile_options: dict[str, JSON] | None = None
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,12 @@ import orjson
 
 from lambda_server import __version__
 from lambda_server.auth import require_execute, require_read_functions
+from lambda_server.builds import RustBuilds
 from lambda_server.config import Settings
 from lambda_server.domain import (
     JSON,
     Caller,
+    CompileStatus,
     Deadline,
     ExecutionOutcome,
     ExecutionResult,
@@ -29,6 +31,7 @@ from lambda_server.domain import (
 from lambda_server.errors import (
     InvalidRequest,
     RuntimeNotAvailable,
+    ScriptSyntaxError,
     ScriptTooLarge,
     UnknownLanguage,
 )
@@ -82,7 +85,9 @@ class LambdaService:
         cache: ResultCache,
         catalog: FunctionCatalog,
         metrics: Metrics,
+        builds: RustBuilds | None = None,
     ) -> None:
+        self._builds = builds
         self._metrics = metrics
         self._catalog = catalog
         self._params = ParamsValidator()
@@ -102,8 +107,13 @@ class LambdaService:
         request_id: str | None,
         caller: Caller,
         deadline: Deadline,
+        optimization: str = "",
     ) -> SessionRecord:
         """Check a script and store a session for it.
+
+        A Rust script is stored pending, then compiled (`optimization`: debug, the
+        default, or release), and its session marked success or error; a program
+        compiled before (here or by another replica) is not compiled again.
 
         With no script_content, a function of the catalog with this title runs its
         registered script, and Execute checks params against its schema; with none
@@ -138,6 +148,18 @@ class LambdaService:
             )
         session_id = parse_request_id(request_id) if request_id else str(uuid.uuid4())
         script_hash = hashlib.sha256(script.encode()).hexdigest()
+        if runtime.compiled:
+            return await self._initialize_compiled(
+                runtime,
+                language_title,
+                script,
+                script_hash,
+                context,
+                session_id,
+                caller,
+                optimization,
+                deadline,
+            )
         compiled = await self._engine.check(runtime, script, script_hash, deadline)
         self._metrics.script_checks.labels(runtime.name, "compiled" if compiled else "known").inc()
         new = NewSession(
@@ -151,6 +173,47 @@ class LambdaService:
             metadata=metadata,
         )
         return await self._sessions.create(new, deadline)
+
+    async def _initialize_compiled(
+        self,
+        runtime: RuntimeSpec,
+        language_title: str,
+        script: str,
+        script_hash: str,
+        context: dict[str, JSON],
+        session_id: str,
+        caller: Caller,
+        optimization: str,
+        deadline: Deadline,
+    ) -> SessionRecord:
+        optimization = optimization or "debug"
+        if optimization not in ("debug", "release"):
+            raise InvalidRequest(
+                f"compile_options.optimization_level {optimization!r} is not debug or release",
+                field="compile_options",
+            )
+        if self._builds is None:
+            raise RuntimeNotAvailable(f"the {runtime.name} runtime is not available", runtime=runtime.name)
+        new = NewSession(
+            request_id=session_id,
+            language_title=language_title,
+            user_id=caller.user_id,
+            context=context,
+            script_content=script,
+            script_hash=script_hash,
+            expiry_seconds=self._settings.session_expiry_seconds,
+            compile_status=CompileStatus.PENDING,
+            compile_options={"optimization_level": optimization},
+        )
+        record = await self._sessions.create(new, deadline)
+        try:
+            compiled = await self._builds.prepare(script, script_hash, optimization, deadline)
+        except ScriptSyntaxError as exc:
+            await self._sessions.compiled(session_id, CompileStatus.ERROR, exc.message, deadline)
+            raise
+        await self._sessions.compiled(session_id, CompileStatus.SUCCESS, None, deadline)
+        self._metrics.script_checks.labels(runtime.name, "compiled" if compiled else "known").inc()
+        return record
 
     async def execute(
         self,
@@ -182,6 +245,11 @@ class LambdaService:
                 outcome = ExecutionOutcome(result, None, 0.0, "")
                 return ExecutionResult(session_id, session.language_title, outcome, cached=True)
         script = await self._sessions.script(session, deadline)
+        program = None
+        if runtime.compiled and self._builds is not None:
+            options = session.compile_options or {}
+            optimization = str(options.get("optimization_level") or "debug")
+            program = await self._builds.program(script, session.script_hash, optimization, deadline)
         job = Job(
             runtime=runtime,
             owner=owner,
@@ -190,6 +258,7 @@ class LambdaService:
             event={"params": params, "context": session.context, "request_id": session_id},
             timeout=self._timeout(session.context),
             limits=self._limits(session.context),
+            program=program,
         )
         outcome = await self._engine.execute(job, deadline)
         self._metrics.executed(runtime.name, outcome)

@@ -51,6 +51,30 @@ SESSION_STATUS_EXPIRED: SessionStatus.ValueType  # 2
 """The session's expires_at has passed (by the database clock)."""
 Global___SessionStatus: _TypeAlias = SessionStatus  # noqa: Y015
 
+class _OptimizationLevel:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OptimizationLevelEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OptimizationLevel.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OPTIMIZATION_LEVEL_UNSPECIFIED: _OptimizationLevel.ValueType  # 0
+    """Not set: DEBUG."""
+    OPTIMIZATION_LEVEL_DEBUG: _OptimizationLevel.ValueType  # 1
+    """No optimization: the fastest compile."""
+    OPTIMIZATION_LEVEL_RELEASE: _OptimizationLevel.ValueType  # 2
+    """Full optimization: the fastest program."""
+
+class OptimizationLevel(_OptimizationLevel, metaclass=_OptimizationLevelEnumTypeWrapper):
+    """OptimizationLevel is rustc's optimization level for a script."""
+
+OPTIMIZATION_LEVEL_UNSPECIFIED: OptimizationLevel.ValueType  # 0
+"""Not set: DEBUG."""
+OPTIMIZATION_LEVEL_DEBUG: OptimizationLevel.ValueType  # 1
+"""No optimization: the fastest compile."""
+OPTIMIZATION_LEVEL_RELEASE: OptimizationLevel.ValueType  # 2
+"""Full optimization: the fastest program."""
+Global___OptimizationLevel: _TypeAlias = OptimizationLevel  # noqa: Y015
+
 class _ExecutionErrorCode:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -173,6 +197,7 @@ class InitializeRequest(_message.Message):
     SCRIPT_CONTENT_FIELD_NUMBER: _builtins.int
     CONTEXT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    COMPILE_OPTIONS_FIELD_NUMBER: _builtins.int
     language_title: _builtins.str
     """The function's `<language>-<title>`, e.g. `nodejs-calculator` or
     `python-text_processor`. The prefix chooses the runtime. When empty, the
@@ -191,6 +216,10 @@ class InitializeRequest(_message.Message):
         understands: `timeout_ms` (the execution timeout, capped by the server).
         """
 
+    @_builtins.property
+    def compile_options(self) -> Global___CompileOptions:
+        """How a compiled language (Rust) compiles the script; ignored by the others."""
+
     def __init__(
         self,
         *,
@@ -198,14 +227,39 @@ class InitializeRequest(_message.Message):
         script_content: _builtins.str = ...,
         context: _struct_pb2.Struct | None = ...,
         request_id: _builtins.str = ...,
+        compile_options: Global___CompileOptions | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["compile_options", b"compile_options", "context", b"context"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "language_title", b"language_title", "request_id", b"request_id", "script_content", b"script_content"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compile_options", b"compile_options", "context", b"context", "language_title", b"language_title", "request_id", b"request_id", "script_content", b"script_content"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InitializeRequest: _TypeAlias = InitializeRequest  # noqa: Y015
+
+@_typing.final
+class CompileOptions(_message.Message):
+    """CompileOptions says how a Rust script is compiled at Initialize."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPTIMIZATION_LEVEL_FIELD_NUMBER: _builtins.int
+    optimization_level: Global___OptimizationLevel.ValueType
+    """DEBUG (rustc -C opt-level=0, the default) compiles faster; RELEASE
+    (opt-level=3) runs faster.
+    """
+    def __init__(
+        self,
+        *,
+        optimization_level: Global___OptimizationLevel.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["optimization_level", b"optimization_level"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompileOptions: _TypeAlias = CompileOptions  # noqa: Y015
 
 @_typing.final
 class InitializeResponse(_message.Message):

@@ -40,6 +40,13 @@ SESSION_STATUS = {
     SessionStatus.EXPIRED: pb.SESSION_STATUS_EXPIRED,
 }
 
+# an unknown number (a newer client's) is refused by the service, as "level <n>"
+OPTIMIZATION_LEVELS: dict[int, str] = {
+    pb.OPTIMIZATION_LEVEL_UNSPECIFIED: "",
+    pb.OPTIMIZATION_LEVEL_DEBUG: "debug",
+    pb.OPTIMIZATION_LEVEL_RELEASE: "release",
+}
+
 FUNCTION_TYPE = {
     FunctionType.PREDEFINED: pb.FUNCTION_TYPE_PREDEFINED,
     FunctionType.DYNAMIC: pb.FUNCTION_TYPE_DYNAMIC,

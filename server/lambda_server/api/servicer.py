@@ -54,6 +54,10 @@ class LambdaServicer(pb_grpc.LambdaServiceServicer):
             request_id=request.request_id or None,
             caller=caller,
             deadline=_deadline(context),
+            optimization=convert.OPTIMIZATION_LEVELS.get(
+                request.compile_options.optimization_level,
+                f"level {request.compile_options.optimization_level}",
+            ),
         )
         return pb.InitializeResponse(
             request_id=record.request_id,

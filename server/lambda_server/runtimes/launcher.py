@@ -28,12 +28,15 @@ class Launcher:
         self._endings: set[asyncio.Task[Any]] = set()
         self._closed = False
 
-    async def start(self, runtime: RuntimeSpec, limits: Limits, deadline: Deadline) -> WorkerProcess:
-        """A worker of `runtime`, ready for requests, inside every active sandbox layer."""
+    async def start(
+        self, runtime: RuntimeSpec, limits: Limits, deadline: Deadline, program: str | None = None
+    ) -> WorkerProcess:
+        """A worker of `runtime` (or a compiled `program` of it), ready for requests,
+        inside every active sandbox layer."""
         if self._closed:
             raise Unavailable("the server is shutting down")
         try:
-            confinement = self._sandbox.confine(runtime, limits)
+            confinement = self._sandbox.confine(runtime, limits, program)
         except SandboxUnavailable as exc:
             raise Unavailable(f"the {runtime.name} runtime could not be confined: {exc.message}") from None
         env = {  # all a worker gets: never the server's own environment
@@ -82,7 +85,8 @@ class Launcher:
         confinement = self._confinements.get(worker)
         if confinement is not None and confinement.memory_exhausted():
             return True
-        return "heap out of memory" in worker.stderr_tail()
+        tail = worker.stderr_tail()  # V8's heap limit, or the Rust worker's failed allocation
+        return "heap out of memory" in tail or "memory allocation failed" in tail
 
     def has_stragglers(self, worker: WorkerProcess) -> bool:
         """Whether the script left processes behind in the worker's environment."""

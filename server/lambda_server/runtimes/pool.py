@@ -67,6 +67,7 @@ class Job:
     event: dict[str, JSON]
     timeout: float
     limits: Limits
+    program: str | None = None  # a compiled runtime's program for the script (Rust)
 
 
 @dataclass
@@ -116,7 +117,7 @@ class EnvironmentPool:
     async def start(self) -> None:
         """Start each runtime's checker and pre-started processes."""
         for spec in self._runtimes.values():
-            if spec.available:
+            if spec.available and not spec.compiled:  # a program of its own per script
                 await self._checker.start(spec, Deadline.after(self._settings.spawn_timeout_seconds))
                 self._refill(spec)
         self._reaper = asyncio.create_task(self._reap_idle())
@@ -150,7 +151,10 @@ class EnvironmentPool:
         for name, spec in self._runtimes.items():
             if spec.available:
                 c = counts[name]
-                report[f"runtime.{name}"] = f"ok (warm={c['warm']}, busy={c['busy']}, idle={c['idle']})"
+                toolchain = f"{spec.version}, " if spec.version else ""
+                report[f"runtime.{name}"] = (
+                    f"ok ({toolchain}warm={c['warm']}, busy={c['busy']}, idle={c['idle']})"
+                )
             else:
                 report[f"runtime.{name}"] = f"unavailable: {spec.missing}"
         return report
@@ -245,7 +249,7 @@ class EnvironmentPool:
         worker = slot.worker
         try:
             if worker is None:
-                worker, state = await self._take_unbound(job.runtime, job.limits, deadline)
+                worker, state = await self._take_unbound(job, deadline)
                 slot.worker = worker
                 timeout = max(0.0, timeout - (time.perf_counter() - started))
                 # bind and run in one round trip; `loaded` is false when the script did not load
@@ -288,13 +292,15 @@ class EnvironmentPool:
             self._discard(slot.worker)
             slot.worker = None
 
-    async def _take_unbound(
-        self, runtime: RuntimeSpec, limits: Limits, deadline: Deadline
-    ) -> tuple[WorkerProcess, EnvironmentState]:
+    async def _take_unbound(self, job: Job, deadline: Deadline) -> tuple[WorkerProcess, EnvironmentState]:
         """A pre-started process of the runtime, or a new one when none is ready.
 
-        Pre-started processes have the default limits; other limits start a process.
+        Pre-started processes have the default limits; other limits start a process,
+        and so does a compiled program (its script is bound when it starts).
         """
+        runtime, limits = job.runtime, job.limits
+        if job.program is not None:
+            return await self._launcher.start(runtime, limits, deadline, job.program), EnvironmentState.COLD
         if limits != self._default_limits:
             return await self._launcher.start(runtime, limits, deadline), EnvironmentState.COLD
         warm = self._warm[runtime.name]

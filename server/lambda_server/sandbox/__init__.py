@@ -148,22 +148,60 @@ class Sandbox:
         if self._cgroups is not None:
             self._cgroups.close()
 
-    def confine(self, runtime: RuntimeSpec, limits: Limits) -> Confinement:
-        """The command that starts `runtime` inside every active layer."""
-        rlimits = {
+    def confine(self, runtime: RuntimeSpec, limits: Limits, program: str | None = None) -> Confinement:
+        """The command that starts `runtime` inside every active layer; `program` is the
+        compiled program a compiled runtime (Rust) runs, in place of its worker."""
+        worker_path = Path(program) if program else runtime.worker
+        rlimits = self._rlimits()
+        if runtime.name in ("python", "rust"):  # Node cannot start under a small RLIMIT_AS
+            rlimits["as"] = (limits.memory_mb + 256) * 1024 * 1024
+        worker = f"{WORKER_DIR}/{worker_path.name}"
+        return self._confine(
+            runtime.argv(worker, limits.memory_mb),
+            runtime.argv(str(worker_path), limits.memory_mb),
+            [*SYSTEM_BINDS, *runtime.binds],
+            {str(worker_path): worker},
+            limits,
+            rlimits,
+        )
+
+    def confine_command(
+        self, argv: list[str], binds: list[str], work: str, limits: Limits, fsize_mb: int
+    ) -> Confinement:
+        """A one-shot command (a compiler) inside every active layer: `binds` read-only and
+        the folder `work` writable, each at its host path."""
+        rlimits = {**self._rlimits(), "fsize": fsize_mb * 1024 * 1024}
+        confinement = self._confine(argv, argv, [*SYSTEM_BINDS, *binds], {}, limits, rlimits, writable=[work])
+        if confinement.uid is not None:  # the build runs as the environment's own uid
+            for folder, dirs, files in os.walk(work):
+                for name in [folder, *(os.path.join(folder, n) for n in dirs + files)]:
+                    os.chown(name, confinement.uid, confinement.uid)
+        return confinement
+
+    def _rlimits(self) -> dict[str, int]:
+        return {
             "nofile": self._settings.open_files,
             "fsize": self._settings.scratch_mb * 1024 * 1024,
             "core": 0,
             "cpu": self._settings.cpu_seconds,
         }
-        if runtime.name == "python":  # Node cannot start under a small RLIMIT_AS
-            rlimits["as"] = (limits.memory_mb + 256) * 1024 * 1024
+
+    def _confine(
+        self,
+        inside: list[str],
+        outside: list[str],
+        binds: list[str],
+        files: dict[str, str],
+        limits: Limits,
+        rlimits: dict[str, int],
+        writable: list[str] | None = None,
+    ) -> Confinement:
+        """`inside` is the command as the jail sees it, `outside` as the host does."""
         if self._unshare is None:
             if self._settings.mode == "off":
-                return Confinement(runtime.argv(str(runtime.worker), limits.memory_mb), None, None, self)
+                return Confinement(outside, None, None, self)
             prlimit = [f"--{name}={value}" for name, value in rlimits.items()]
-            argv = ["prlimit", *prlimit, "--", *runtime.argv(str(runtime.worker), limits.memory_mb)]
-            return Confinement(argv, None, None, self)
+            return Confinement(["prlimit", *prlimit, "--", *outside], None, None, self)
         uid = self._allocate_uid()
         rlimits["nproc"] = limits.max_processes  # per uid, and each environment has its own
         cgroup = None
@@ -175,11 +213,11 @@ class Sandbox:
         except (OSError, CgroupUnavailable) as exc:
             self._uids.discard(uid)
             raise SandboxUnavailable(f"cannot create the environment's cgroup: {exc}") from None
-        worker = f"{WORKER_DIR}/{runtime.worker.name}"
         config = {
             "root": str(self._root),
-            "binds": [*SYSTEM_BINDS, *runtime.binds],
-            "files": {str(runtime.worker): worker},
+            "binds": binds,
+            "files": files,
+            "writable": writable or [],
             "scratch_mb": self._settings.scratch_mb,
             "shm_mb": self._settings.shm_mb,
             "cgroups": cgroup.procs_files if cgroup else [],
@@ -201,7 +239,7 @@ class Sandbox:
             str(JAIL),
             json.dumps(config, separators=(",", ":")),
             "--",
-            *runtime.argv(worker, limits.memory_mb),
+            *inside,
         ]
         return Confinement(argv, uid, cgroup, self)
 

@@ -110,6 +110,8 @@ def build_root(config: dict[str, Any]) -> None:
     for name, size in (("/tmp", config["scratch_mb"]), ("/dev/shm", config["shm_mb"])):
         os.makedirs(root + name, exist_ok=True)
         mount("tmpfs", root + name, "tmpfs", MS_NOSUID | MS_NODEV, f"size={size}m,mode=1777")
+    for path in config.get("writable", []):  # a build's own work folder, at its host path (after /tmp)
+        bind(path, root + path, writable=True)
     os.makedirs(root + "/proc", exist_ok=True)
     os.makedirs(root + "/etc", exist_ok=True)
     os.chdir(root)

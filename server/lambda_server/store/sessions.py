@@ -9,6 +9,7 @@ import asyncpg
 
 from lambda_server.domain import (
     ClaimedSession,
+    CompileStatus,
     Deadline,
     NewSession,
     SessionRecord,
@@ -21,8 +22,8 @@ from lambda_server.store.database import Database
 _INSERT = """
 INSERT INTO meta.sessions
     (request_id, language_title, user_id, expires_at, context,
-     script_content, script_hash, compile_status, metadata)
-VALUES ($1, $2, $3, now() + make_interval(secs => $4), $5, $6, $7, 'success', $8)
+     script_content, script_hash, compile_status, metadata, compile_options)
+VALUES ($1, $2, $3, now() + make_interval(secs => $4), $5, $6, $7, $9, $8, $10)
 ON CONFLICT (request_id) DO NOTHING
 RETURNING request_id, language_title, user_id, created_at, expires_at, last_executed_at,
           execution_count, script_hash, context, true AS live
@@ -41,7 +42,11 @@ _CLAIM = """
 UPDATE meta.sessions
 SET execution_count = execution_count + 1, last_executed_at = now()
 WHERE request_id = $1 AND user_id IS NOT DISTINCT FROM $2 AND status = 'active' AND expires_at > now()
-RETURNING language_title, user_id, script_hash, context, metadata
+RETURNING language_title, user_id, script_hash, context, metadata, compile_options
+"""
+
+_COMPILED = """
+UPDATE meta.sessions SET compile_status = $2, compile_error = $3 WHERE request_id = $1
 """
 
 _SCRIPT = "SELECT script_content FROM meta.sessions WHERE request_id = $1"
@@ -102,6 +107,8 @@ class SessionStore:
             new.script_content,
             new.script_hash,
             new.metadata,
+            new.compile_status.value,
+            new.compile_options,
         )
         if row is None:
             row = await self._db.fetchrow(deadline, _SELECT, new.request_id)
@@ -120,6 +127,12 @@ class SessionStore:
         self._scripts.put(new.script_hash, new.script_content)
         return _record(row)
 
+    async def compiled(
+        self, request_id: str, status: CompileStatus, error: str | None, deadline: Deadline
+    ) -> None:
+        """Record how the session's compilation ended (success or error)."""
+        await self._db.fetchrow(deadline, _COMPILED, request_id, status.value, error)
+
     async def claim(self, request_id: str, user_id: str | None, deadline: Deadline) -> ClaimedSession:
         """Find an active session of `user_id` and count one execution of it, in one statement
         (shared with the claims of other calls); alone when the batch did not claim it."""
@@ -135,6 +148,7 @@ class SessionStore:
             script_hash=row["script_hash"],
             context=row["context"],
             metadata=row["metadata"],
+            compile_options=row["compile_options"],
         )
 
     async def script(self, session: ClaimedSession, deadline: Deadline) -> str:

@@ -1,0 +1,252 @@
+"""The Rust toolchain: found on this machine, it compiles scripts into programs, sandboxed.
+
+A script is compiled with rustc alone (no cargo, so no build scripts and no
+procedural macros of the script's) into rust_worker.rs, which serves its
+`handler` over the workers' pipe protocol. The one crate a script may use,
+serde_json, comes from Debian's packaged sources (librust-serde-json-dev) and is
+built once per toolchain by cargo, offline, into a shared folder that every
+later compile links against. Both builds run inside the sandbox, with time and
+memory limits, writing only to a work folder of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from lambda_server.domain import Deadline, Limits
+from lambda_server.errors import ScriptSyntaxError, Unavailable
+from lambda_server.runtimes.process import WorkerTimeout, run_command
+from lambda_server.runtimes.registry import RuntimeSpec
+from lambda_server.sandbox import Sandbox, SandboxUnavailable
+
+log = logging.getLogger(__name__)
+
+_HERE = Path(__file__).resolve().parent
+WORKER = _HERE / "rust_worker.rs"
+DEBIAN_REGISTRY = Path("/usr/share/cargo/registry")
+OPTIMIZATION_LEVELS = {"debug": "0", "release": "3"}
+DEPENDENCIES_TIMEOUT = 600.0
+# rustc runs a few threads, and the linker (cc, collect2, ld) beside them
+COMPILE_LIMITS = Limits(memory_mb=1536, max_processes=64)
+PROGRAM_MAX_MB = 256
+
+
+@dataclass(frozen=True)
+class RustToolchain:
+    """rustc and cargo of one sysroot, and the crate sources scripts may use."""
+
+    rustc: str = ""
+    cargo: str = ""
+    sysroot: str = ""
+    version: str = ""  # `rustc --version`, part of every artifact's key
+    registry: str = ""
+    missing: str = ""
+
+    @classmethod
+    async def detect(cls, rustc: str | None, registry: Path = DEBIAN_REGISTRY) -> RustToolchain:
+        """The toolchain of `rustc` (else the one on PATH), or why there is none."""
+        rustc = shutil.which(rustc or "rustc")
+        if rustc is None:
+            return cls(missing="rustc is not installed (RUSTC, or on PATH)")
+        try:
+            # the server's own environment: a rustup proxy finds its toolchain through it
+            env = dict(os.environ)
+            code, out, _ = await run_command([rustc, "--print", "sysroot"], env, "/", 10.0)
+            sysroot = out.decode().strip()
+            code2, version, _ = await run_command([rustc, "--version"], env, "/", 10.0)
+        except (OSError, WorkerTimeout) as exc:
+            return cls(missing=f"rustc did not answer: {exc}")
+        if code or code2 or not sysroot:
+            return cls(missing="rustc --print sysroot failed")
+        real_rustc, cargo = Path(sysroot, "bin", "rustc"), Path(sysroot, "bin", "cargo")
+        missing = await asyncio.to_thread(_missing_files, cargo, registry)
+        if missing:
+            return cls(missing=missing)
+        return cls(str(real_rustc), str(cargo), sysroot, version.decode().strip(), str(registry))
+
+    @property
+    def spec(self) -> RuntimeSpec:
+        if self.missing:
+            return RuntimeSpec("rust", missing=self.missing)
+        return RuntimeSpec("rust", self.rustc, WORKER, (), version=self.version)
+
+    @property
+    def identity(self) -> str:
+        """A short stable name of this toolchain, for artifact keys and cache folders."""
+        return hashlib.sha256(self.version.encode()).hexdigest()[:16]
+
+
+class RustCompiler:
+    """Compiles scripts into programs; builds the shared dependencies once."""
+
+    def __init__(
+        self, toolchain: RustToolchain, sandbox: Sandbox, cache_dir: Path, timeout: float, jobs: int = 2
+    ) -> None:
+        self._toolchain = toolchain
+        self._sandbox = sandbox
+        self._cache = cache_dir
+        self._timeout = timeout
+        self._slots = asyncio.Semaphore(jobs)
+        self._dependencies_lock = asyncio.Lock()
+
+    @property
+    def toolchain(self) -> RustToolchain:
+        return self._toolchain
+
+    async def compile(self, script: str, optimization: str, deadline: Deadline) -> bytes:
+        """The program of a script; ScriptSyntaxError with rustc's message, line and column."""
+        # bound in the jail at its real path: a symlink's target would not be there
+        dependencies = Path(os.path.realpath(await self._dependencies(deadline)))
+        serde_json = next(dependencies.glob("libserde_json-*.rlib"))
+        async with self._slots:
+            work = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="compile-", dir=self._cache))
+            try:
+                (work / "src").mkdir()
+                (work / "src" / "main.rs").write_bytes(WORKER.read_bytes())
+                (work / "src" / "script.rs").write_text(script)
+                argv = [
+                    self._toolchain.rustc,
+                    "--edition=2021",
+                    "--crate-type=bin",
+                    "--crate-name=handler",
+                    "--error-format=json",
+                    "--cap-lints=allow",
+                    f"-Copt-level={OPTIMIZATION_LEVELS[optimization]}",
+                    "-Cstrip=debuginfo",
+                    f"-Ldependency={dependencies}",
+                    f"--extern=serde_json={serde_json}",
+                    "-o",
+                    str(work / "handler"),
+                    str(work / "src" / "main.rs"),  # the jail starts in /tmp
+                ]
+                code, _, err = await self._run(argv, work, [str(dependencies)], deadline.cap(self._timeout))
+                if code != 0:
+                    raise _compile_error(err)
+                return await asyncio.to_thread((work / "handler").read_bytes)
+            finally:
+                await asyncio.to_thread(shutil.rmtree, work, True)
+
+    async def _dependencies(self, deadline: Deadline) -> Path:
+        """The folder of serde_json's built crates for this toolchain, built on first use."""
+        folder = self._cache / f"deps-{self._toolchain.identity}"
+        if (folder / "ready").exists():
+            return folder
+        async with self._dependencies_lock:
+            if (folder / "ready").exists():
+                return folder
+            log.info("building serde_json for %s (once per toolchain)", self._toolchain.version)
+            work = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="deps-", dir=self._cache))
+            try:
+                _write_dependencies_project(work, self._toolchain.registry)
+                argv = [
+                    self._toolchain.cargo,
+                    "build",
+                    "--release",
+                    "--offline",
+                    "--quiet",
+                    "--manifest-path",
+                ]
+                argv.append(str(work / "Cargo.toml"))
+                binds = [self._toolchain.registry]
+                code, _, err = await self._run(argv, work, binds, deadline.cap(DEPENDENCIES_TIMEOUT))
+                if code != 0:
+                    raise Unavailable(f"serde_json did not build: {err.decode(errors='replace')[-2000:]}")
+                built = work / "target" / "release" / "deps"
+                staged = self._cache / f".{folder.name}-{os.getpid()}"
+                await asyncio.to_thread(shutil.rmtree, staged, True)
+                await asyncio.to_thread(shutil.copytree, built, staged)
+                (staged / "ready").write_text(self._toolchain.version)
+                try:
+                    staged.rename(folder)
+                except OSError:  # another server built it meanwhile
+                    await asyncio.to_thread(shutil.rmtree, staged, True)
+            finally:
+                await asyncio.to_thread(shutil.rmtree, work, True)
+        return folder
+
+    async def _run(
+        self, argv: list[str], work: Path, binds: list[str], timeout: float
+    ) -> tuple[int, bytes, bytes]:
+        try:
+            confinement = self._sandbox.confine_command(
+                argv, [self._toolchain.sysroot, *binds], str(work), COMPILE_LIMITS, PROGRAM_MAX_MB
+            )
+        except SandboxUnavailable as exc:
+            raise Unavailable(f"the Rust compiler could not be confined: {exc.message}") from None
+        try:
+            env = {**_env(str(work)), "RUSTC": self._toolchain.rustc}
+            return await run_command(confinement.argv, env, str(work), timeout)
+        except WorkerTimeout:
+            if confinement.memory_exhausted():
+                raise ScriptSyntaxError(
+                    f"compilation went past {COMPILE_LIMITS.memory_mb} MiB", 0, 0
+                ) from None
+            raise ScriptSyntaxError(f"compilation ran past its limit of {timeout:g} s", 0, 0) from None
+        finally:
+            await confinement.release()
+
+
+def _missing_files(cargo: Path, registry: Path) -> str:
+    if not cargo.is_file():
+        return f"cargo is not in {cargo.parent}"
+    if not any(registry.glob("serde_json-1.*")):
+        return f"no serde_json sources in {registry} (Debian: librust-serde-json-dev)"
+    return ""
+
+
+def _env(work: str) -> dict[str, str]:
+    """All a build gets: never the server's own environment."""
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        "HOME": work or "/",
+        "CARGO_HOME": f"{work}/cargo-home",
+        "TMPDIR": f"{work}" if work else "/tmp",
+    }
+
+
+def _write_dependencies_project(work: Path, registry: str) -> None:
+    (work / "src").mkdir()
+    (work / "src" / "lib.rs").write_text("")
+    (work / "Cargo.toml").write_text(
+        '[package]\nname = "lambda-rust-dependencies"\nversion = "0.0.0"\nedition = "2021"\n\n'
+        '[dependencies]\nserde_json = "1"\n'
+    )
+    home = work / "cargo-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        '[source.crates-io]\nreplace-with = "packaged"\n\n'
+        f'[source.packaged]\ndirectory = "{registry}"\n\n[net]\noffline = true\n'
+    )
+
+
+def _compile_error(stderr: bytes) -> ScriptSyntaxError:
+    """The first error rustc reported, placed in the user's script when it is there."""
+    first: dict[str, object] | None = None
+    for entry in stderr.decode(errors="replace").splitlines():
+        try:
+            message = json.loads(entry)
+        except ValueError:
+            continue
+        if isinstance(message, dict) and message.get("level") == "error":
+            first = message
+            break
+    if first is None:
+        tail = stderr.decode(errors="replace").strip()[-2000:]
+        return ScriptSyntaxError(f"compilation failed: {tail or 'rustc exited without a message'}", 0, 0)
+    text = str(first.get("rendered") or first.get("message") or "error")
+    line = column = 0
+    spans = first.get("spans")
+    for span in spans if isinstance(spans, list) else []:
+        if isinstance(span, dict) and str(span.get("file_name", "")).endswith("script.rs"):
+            line, column = int(span.get("line_start", 0)), int(span.get("column_start", 0))
+            break
+    return ScriptSyntaxError(text.strip()[:4000], line, column)
