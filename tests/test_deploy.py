@@ -37,6 +37,8 @@ NOT_DEPLOYED = {
     "EMBEDDED_DATA_DIR": "the image has no embedded PostgreSQL",
     "RUNTIME_MAPPINGS": "the image's built-in prefix rules",
     "NODE_BINARY": "the image's Node.js, found by the server",
+    "RUSTC": "the image's Debian rustc, found on PATH",
+    "RUST_CACHE_DIR": "under the server's home: programs are kept in PostgreSQL, so any folder will do",
     "JWT_PUBLIC_KEY": "RS256 instead of JWT_SECRET: goes in the Secret when used",
     "JWT_PUBLIC_KEY_FILE": "RS256 from a mounted file, when used",
     "JWT_AUDIENCE": "unset by default; set in the ConfigMap to require one",

@@ -8,7 +8,6 @@ import grpc
 import pytest
 
 from lambda_microservice import (
-    FailedPreconditionError,
     InvalidArgumentError,
     LambdaClient,
     NotFoundError,
@@ -90,10 +89,11 @@ def test_a_script_is_checked_without_being_run(client: LambdaClient, tmp_path: o
     assert "ran at Initialize" in response.error.message
 
 
-def test_a_rust_title_is_failed_precondition_until_the_runtime_exists(client: LambdaClient) -> None:
-    with pytest.raises(FailedPreconditionError) as caught:
-        client.initialize("rust-data_validator", "pub fn handler() {}")
-    assert "rust" in caught.value.message
+def test_a_rust_handler_of_another_signature_is_invalid_argument(client: LambdaClient) -> None:
+    with pytest.raises(InvalidArgumentError) as caught:
+        client.initialize("rust-data_validator", "pub fn handler() {}", timeout=120.0)
+    assert caught.value.reason == "INVALID_REQUEST"
+    assert "handler" in caught.value.message
 
 
 @pytest.mark.parametrize("timeout_ms", [-1, 0, "fast", True, [1]])

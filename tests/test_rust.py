@@ -30,6 +30,8 @@ pub fn handler(event: Value) -> Result<Value, String> {
 }
 """
 
+BROKEN_ID = "00000000-0000-4000-8000-00000000e001"
+
 MAP = """use serde_json::{Map, Value};
 
 pub fn handler(context: Map<String, Value>) -> Result<Value, String> {
@@ -75,7 +77,10 @@ def test_an_error_result_is_a_runtime_error(client: LambdaClient) -> None:
 
 
 def test_a_panic_is_a_runtime_error_with_its_message_and_line(client: LambdaClient) -> None:
-    script = 'use serde_json::Value;\n\npub fn handler(_event: Value) -> Result<Value, String> {\n    panic!("the sky fell");\n}\n'
+    script = (
+        "use serde_json::Value;\n\npub fn handler(_event: Value) -> Result<Value, String> {\n"
+        '    panic!("the sky fell");\n}\n'
+    )
     session = client.initialize("rust-test", script, timeout=120.0)
     response = client.execute(session.request_id, {})
     assert response.error.code == RUNTIME_ERROR
@@ -127,11 +132,12 @@ def test_a_memory_bomb_is_a_memory_limit(client: LambdaClient) -> None:
 
 
 def test_a_compile_error_is_invalid_argument_with_its_line(client: LambdaClient, database_url: str) -> None:
-    script = "use serde_json::Value;\n\npub fn handler(event: Value) -> Result<Value, String> {\n    Ok(undefined_name)\n}\n"
+    script = (
+        "use serde_json::Value;\n\npub fn handler(event: Value) -> Result<Value, String> {\n"
+        "    Ok(undefined_name)\n}\n"
+    )
     with pytest.raises(InvalidArgumentError) as caught:
-        client.initialize(
-            "rust-test", script, request_id="00000000-0000-4000-8000-00000000e001", timeout=120.0
-        )
+        client.initialize("rust-test", script, request_id=BROKEN_ID, timeout=120.0)
     assert "undefined_name" in caught.value.message
     assert caught.value.metadata.get("line") == "4"
 
@@ -140,7 +146,7 @@ def test_a_compile_error_is_invalid_argument_with_its_line(client: LambdaClient,
         try:
             row = await conn.fetchrow(
                 "SELECT compile_status, compile_error FROM meta.sessions WHERE request_id = $1",
-                "00000000-0000-4000-8000-00000000e001",
+                BROKEN_ID,
             )
             return row["compile_status"], row["compile_error"]
         finally:
@@ -152,7 +158,10 @@ def test_a_compile_error_is_invalid_argument_with_its_line(client: LambdaClient,
 
 
 def test_a_script_may_not_use_crates_beyond_serde_json(client: LambdaClient) -> None:
-    script = "extern crate itoa;\nuse serde_json::Value;\npub fn handler(e: Value) -> Result<Value, String> { Ok(e) }\n"
+    script = (  # itoa is built beside serde_json, as its dependency: not for scripts
+        "extern crate itoa;\nuse serde_json::Value;\n"
+        "pub fn handler(e: Value) -> Result<Value, String> { Ok(e) }\n"
+    )
     with pytest.raises(InvalidArgumentError):
         client.initialize("rust-test", script, timeout=120.0)
 
@@ -175,7 +184,8 @@ def test_release_is_honoured_and_stored(client: LambdaClient, database_url: str)
         conn = await asyncpg.connect(database_url)
         try:
             rows = await conn.fetch(
-                "SELECT optimization FROM meta.artifacts WHERE script_hash = encode(sha256($1::bytea), 'hex')",
+                "SELECT optimization FROM meta.artifacts"
+                " WHERE script_hash = encode(sha256($1::bytea), 'hex')",
                 script.encode(),
             )
             return [r["optimization"] for r in rows]

@@ -103,15 +103,11 @@ class RustCompiler:
 
     async def compile(self, script: str, optimization: str, deadline: Deadline) -> bytes:
         """The program of a script; ScriptSyntaxError with rustc's message, line and column."""
-        # bound in the jail at its real path: a symlink's target would not be there
-        dependencies = Path(os.path.realpath(await self._dependencies(deadline)))
-        serde_json = next(dependencies.glob("libserde_json-*.rlib"))
+        dependencies, serde_json = await asyncio.to_thread(_built, await self._dependencies(deadline))
         async with self._slots:
             work = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="compile-", dir=self._cache))
             try:
-                (work / "src").mkdir()
-                (work / "src" / "main.rs").write_bytes(WORKER.read_bytes())
-                (work / "src" / "script.rs").write_text(script)
+                await asyncio.to_thread(_stage, work, script)
                 argv = [
                     self._toolchain.rustc,
                     "--edition=2021",
@@ -192,6 +188,20 @@ class RustCompiler:
             raise ScriptSyntaxError(f"compilation ran past its limit of {timeout:g} s", 0, 0) from None
         finally:
             await confinement.release()
+
+
+def _built(folder: Path) -> tuple[Path, Path]:
+    """The dependencies' folder at its real path (a symlink's target would not be in the
+    jail), and serde_json's library in it."""
+    real = Path(os.path.realpath(folder))
+    return real, next(real.glob("libserde_json-*.rlib"))
+
+
+def _stage(work: Path, script: str) -> None:
+    """The crate to compile: the worker as main.rs, the script as its module script.rs."""
+    (work / "src").mkdir()
+    (work / "src" / "main.rs").write_bytes(WORKER.read_bytes())
+    (work / "src" / "script.rs").write_text(script)
 
 
 def _missing_files(cargo: Path, registry: Path) -> str:
