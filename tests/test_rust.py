@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 import urllib.request
 from dataclasses import replace
@@ -180,19 +181,23 @@ def test_release_is_honoured_and_stored(client: LambdaClient, database_url: str)
     response = run(client, script, {"a": 1, "b": 2}, optimization_level="release")
     assert to_python(response.result) == 3
 
-    async def options() -> list[str]:
+    async def stored() -> tuple[list[str], list[tuple[str, object]]]:
         conn = await asyncpg.connect(database_url)
         try:
-            rows = await conn.fetch(
-                "SELECT optimization FROM meta.artifacts"
-                " WHERE script_hash = encode(sha256($1::bytea), 'hex')",
-                script.encode(),
+            digest = hashlib.sha256(script.encode()).hexdigest()
+            artifacts = await conn.fetch(
+                "SELECT optimization FROM meta.artifacts WHERE script_hash = $1", digest
             )
-            return [r["optimization"] for r in rows]
+            sessions = await conn.fetch(
+                "SELECT compile_status, compile_options FROM meta.sessions WHERE script_hash = $1", digest
+            )
+            return [r["optimization"] for r in artifacts], [tuple(r) for r in sessions]
         finally:
             await conn.close()
 
-    assert asyncio.run(options()) == ["release"]
+    artifacts, sessions = asyncio.run(stored())
+    assert artifacts == ["release"]
+    assert sessions == [("success", '{"optimization_level": "release"}')]  # pending, then success
 
 
 def test_a_fresh_server_reuses_the_stored_program(

@@ -148,20 +148,6 @@ class LambdaService:
             )
         session_id = parse_request_id(request_id) if request_id else str(uuid.uuid4())
         script_hash = hashlib.sha256(script.encode()).hexdigest()
-        if runtime.compiled:
-            return await self._initialize_compiled(
-                runtime,
-                language_title,
-                script,
-                script_hash,
-                context,
-                session_id,
-                caller,
-                optimization,
-                deadline,
-            )
-        compiled = await self._engine.check(runtime, script, script_hash, deadline)
-        self._metrics.script_checks.labels(runtime.name, "compiled" if compiled else "known").inc()
         new = NewSession(
             request_id=session_id,
             language_title=language_title,
@@ -172,20 +158,16 @@ class LambdaService:
             expiry_seconds=self._settings.session_expiry_seconds,
             metadata=metadata,
         )
+        if runtime.compiled:
+            return await self._initialize_compiled(runtime, new, optimization, deadline)
+        compiled = await self._engine.check(runtime, script, script_hash, deadline)
+        self._metrics.script_checks.labels(runtime.name, "compiled" if compiled else "known").inc()
         return await self._sessions.create(new, deadline)
 
     async def _initialize_compiled(
-        self,
-        runtime: RuntimeSpec,
-        language_title: str,
-        script: str,
-        script_hash: str,
-        context: dict[str, JSON],
-        session_id: str,
-        caller: Caller,
-        optimization: str,
-        deadline: Deadline,
+        self, runtime: RuntimeSpec, new: NewSession, optimization: str, deadline: Deadline
     ) -> SessionRecord:
+        """Store the session pending, compile (or find) its program, record how that ended."""
         optimization = optimization or "debug"
         if optimization not in ("debug", "release"):
             raise InvalidRequest(
@@ -194,24 +176,16 @@ class LambdaService:
             )
         if self._builds is None:
             raise RuntimeNotAvailable(f"the {runtime.name} runtime is not available", runtime=runtime.name)
-        new = NewSession(
-            request_id=session_id,
-            language_title=language_title,
-            user_id=caller.user_id,
-            context=context,
-            script_content=script,
-            script_hash=script_hash,
-            expiry_seconds=self._settings.session_expiry_seconds,
-            compile_status=CompileStatus.PENDING,
-            compile_options={"optimization_level": optimization},
+        new = replace(
+            new, compile_status=CompileStatus.PENDING, compile_options={"optimization_level": optimization}
         )
         record = await self._sessions.create(new, deadline)
         try:
-            compiled = await self._builds.prepare(script, script_hash, optimization, deadline)
+            compiled = await self._builds.prepare(new.script_content, new.script_hash, optimization, deadline)
         except ScriptSyntaxError as exc:
-            await self._sessions.compiled(session_id, CompileStatus.ERROR, exc.message, deadline)
+            await self._sessions.compiled(new.request_id, CompileStatus.ERROR, exc.message, deadline)
             raise
-        await self._sessions.compiled(session_id, CompileStatus.SUCCESS, None, deadline)
+        await self._sessions.compiled(new.request_id, CompileStatus.SUCCESS, None, deadline)
         self._metrics.script_checks.labels(runtime.name, "compiled" if compiled else "known").inc()
         return record
 
