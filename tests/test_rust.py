@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import shutil
 import time
 import urllib.request
 from dataclasses import replace
@@ -236,13 +237,13 @@ def test_without_a_toolchain_rust_titles_are_failed_precondition(database_url: s
 
 
 def _server_with_cache(factory: pytest.TempPathFactory, database_url: str) -> ServerThread:
-    """A server with a local cache of programs of its own (as another machine has), which
-    shares only the suite's build of serde_json."""
+    """A server with a local cache of its own (as another machine has), holding only a copy
+    of the suite's build of serde_json."""
     settings = server_settings()
     shared = settings.runtime.rust_cache_dir
     cache = factory.mktemp("rust-cache")
-    for built in shared.glob("deps-*"):
-        (cache / built.name).symlink_to(built)
+    for built in shared.glob("deps-*"):  # a copy under the test's /tmp: the jail must see it there
+        shutil.copytree(built, cache / built.name)
     return ServerThread(
         replace(settings, runtime=replace(settings.runtime, rust_cache_dir=cache)), database_url
     )

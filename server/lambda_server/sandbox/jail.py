@@ -94,6 +94,11 @@ def bind(source: str, target: str, writable: bool = False) -> None:
 def build_root(config: dict[str, Any]) -> None:
     root = config["root"]
     mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=4m,mode=0755")
+    # the scratch folders first: a bind of a host path under /tmp (a build's folders)
+    # is then made on them, not hidden under them
+    for name, size in (("/tmp", config["scratch_mb"]), ("/dev/shm", config["shm_mb"])):
+        os.makedirs(root + name, exist_ok=True)
+        mount("tmpfs", root + name, "tmpfs", MS_NOSUID | MS_NODEV, f"size={size}m,mode=1777")
     for path in config["binds"]:
         target = root + path
         if os.path.islink(path):
@@ -107,10 +112,7 @@ def build_root(config: dict[str, Any]) -> None:
     for device in ("null", "zero", "random", "urandom"):
         bind("/dev/" + device, f"{root}/dev/{device}", writable=True)
     os.symlink("/proc/self/fd", root + "/dev/fd")
-    for name, size in (("/tmp", config["scratch_mb"]), ("/dev/shm", config["shm_mb"])):
-        os.makedirs(root + name, exist_ok=True)
-        mount("tmpfs", root + name, "tmpfs", MS_NOSUID | MS_NODEV, f"size={size}m,mode=1777")
-    for path in config.get("writable", []):  # a build's own work folder, at its host path (after /tmp)
+    for path in config.get("writable", []):  # a build's own work folder, at its host path
         bind(path, root + path, writable=True)
     os.makedirs(root + "/proc", exist_ok=True)
     os.makedirs(root + "/etc", exist_ok=True)
