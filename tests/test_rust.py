@@ -260,3 +260,17 @@ def _checks(server: ServerThread) -> dict[str, float]:
             if sample.name == "lambda_script_checks_total" and sample.labels.get("runtime") == "rust":
                 counts[sample.labels["how"]] = sample.value
     return counts
+
+
+def test_each_optimization_level_runs_in_environments_of_its_own(database_url: str) -> None:
+    server = ServerThread(server_settings(), database_url)
+    try:
+        with LambdaClient(server.target, timeout=120.0) as client:
+            script = SUM.replace("adding", "levels")
+            for level in ("debug", "release"):
+                session = client.initialize("rust-test", script, optimization_level=level)
+                assert to_python(client.execute(session.request_id, {"a": 1, "b": 2}).result) == 3
+            status = dict(client.health().components)["runtime.rust"]
+            assert "idle=2" in status, status  # the release session did not reuse the debug program
+    finally:
+        server.stop()

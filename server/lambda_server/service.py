@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import uuid
 from dataclasses import replace
 from typing import Protocol
@@ -227,7 +228,8 @@ class LambdaService:
         job = Job(
             runtime=runtime,
             owner=owner,
-            script_hash=session.script_hash,
+            # a program's environments are its own: one per optimization level
+            script_hash=session.script_hash if program is None else os.path.basename(program),
             script=script,
             event={"params": params, "context": session.context, "request_id": session_id},
             timeout=self._timeout(session.context),
