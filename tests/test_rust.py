@@ -274,3 +274,30 @@ def test_each_optimization_level_runs_in_environments_of_its_own(database_url: s
             assert "idle=2" in status, status  # the release session did not reuse the debug program
     finally:
         server.stop()
+
+
+def test_the_compiler_sees_only_the_jail(client: LambdaClient) -> None:
+    # rustc reads include_str!'s file at compile time: in the jail, /etc holds nothing of the host's
+    script = (
+        "use serde_json::Value;\n"
+        'const HOST: &str = include_str!("/etc/passwd");\n'
+        "pub fn handler(_e: Value) -> Result<Value, String> { Ok(Value::from(HOST)) }\n"
+    )
+    with pytest.raises(InvalidArgumentError) as caught:
+        client.initialize("rust-test", script, timeout=120.0)
+    assert "/etc/passwd" in caught.value.message
+    assert caught.value.metadata.get("line") == "2"
+
+
+def test_a_compile_past_its_time_limit_is_cut(database_url: str) -> None:
+    settings = server_settings()
+    settings = replace(settings, runtime=replace(settings.runtime, compile_timeout_seconds=0.05))
+    server = ServerThread(settings, database_url)
+    try:
+        with LambdaClient(server.target, timeout=60.0) as client:
+            started = time.monotonic()
+            with pytest.raises(InvalidArgumentError, match="ran past its limit"):
+                client.initialize("rust-test", SUM.replace("adding", "slowly"))
+            assert time.monotonic() - started < 10
+    finally:
+        server.stop()
