@@ -94,7 +94,11 @@ def test_rpcs_and_executions_are_counted_by_method_code_runtime_and_outcome(mete
     assert value(after, "lambda_environments", runtime="python", state="busy") == 0
     in_use = ("lambda_db_pool_connections", frozenset({"state": "in_use"}.items()))
     assert in_use in after
-    assert value(after, "lambda_db_pool_connections", state="idle") >= 1
+    # the pool has its connections; which of them are idle at the scrape is a race with the
+    # health monitor's and the log writer's own calls (seen once: the only one was in use)
+    pool = [value(after, "lambda_db_pool_connections", state=state) for state in ("in_use", "idle")]
+    assert ("lambda_db_pool_connections", frozenset({"state": "idle"}.items())) in after
+    assert sum(pool) >= 1
     assert ("lambda_request_log_queue_depth", frozenset()) in after
 
 
