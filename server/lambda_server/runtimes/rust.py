@@ -59,9 +59,11 @@ class RustToolchain:
         try:
             # the server's own environment: a rustup proxy finds its toolchain through it
             env = dict(os.environ)
-            code, out, _ = await run_command([rustc, "--print", "sysroot"], env, "/", 10.0)
+            (code, out, _), (code2, version, _) = await asyncio.gather(
+                run_command([rustc, "--print", "sysroot"], env, "/", 10.0),
+                run_command([rustc, "--version"], env, "/", 10.0),
+            )
             sysroot = out.decode().strip()
-            code2, version, _ = await run_command([rustc, "--version"], env, "/", 10.0)
         except (OSError, WorkerTimeout) as exc:
             return cls(missing=f"rustc did not answer: {exc}")
         if code or code2 or not sysroot:
@@ -96,6 +98,7 @@ class RustCompiler:
         self._timeout = timeout
         self._slots = asyncio.Semaphore(jobs)
         self._dependencies_lock = asyncio.Lock()
+        self._built: tuple[Path, Path] | None = None  # the dependencies' folder, serde_json's rlib
 
     @property
     def toolchain(self) -> RustToolchain:
@@ -103,7 +106,7 @@ class RustCompiler:
 
     async def compile(self, script: str, optimization: str, deadline: Deadline) -> bytes:
         """The program of a script; ScriptSyntaxError with rustc's message, line and column."""
-        dependencies, serde_json = await asyncio.to_thread(_built, await self._dependencies(deadline))
+        dependencies, serde_json = self._built or await self._dependencies(deadline)
         async with self._slots:
             work = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="compile-", dir=self._cache))
             try:
@@ -130,43 +133,52 @@ class RustCompiler:
             finally:
                 await asyncio.to_thread(shutil.rmtree, work, True)
 
-    async def _dependencies(self, deadline: Deadline) -> Path:
-        """The folder of serde_json's built crates for this toolchain, built on first use."""
-        folder = self._cache / f"deps-{self._toolchain.identity}"
-        if (folder / "ready").exists():
-            return folder
+    async def _dependencies(self, deadline: Deadline) -> tuple[Path, Path]:
+        """The folder of serde_json's built crates for this toolchain (built on first use,
+        by this server or another) and serde_json's library in it, found once."""
         async with self._dependencies_lock:
-            if (folder / "ready").exists():
-                return folder
-            log.info("building serde_json for %s (once per toolchain)", self._toolchain.version)
-            work = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="deps-", dir=self._cache))
+            if self._built is None:
+                await self._build_dependencies(deadline)
+                self._built = await asyncio.to_thread(_built, self._dependencies_folder)
+            return self._built
+
+    @property
+    def _dependencies_folder(self) -> Path:
+        return self._cache / f"deps-{self._toolchain.identity}"
+
+    async def _build_dependencies(self, deadline: Deadline) -> None:
+        folder = self._dependencies_folder
+        if await asyncio.to_thread((folder / "ready").exists):
+            return
+        log.info("building serde_json for %s (once per toolchain)", self._toolchain.version)
+        work = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="deps-", dir=self._cache))
+        try:
+            await asyncio.to_thread(_write_dependencies_project, work, self._toolchain.registry)
+            manifest = str(work / "Cargo.toml")
+            argv = [
+                self._toolchain.cargo,
+                "build",
+                "--release",
+                "--offline",
+                "--quiet",
+                "--manifest-path",
+                manifest,
+            ]
+            binds = [self._toolchain.registry]
+            code, _, err = await self._run(argv, work, binds, deadline.cap(DEPENDENCIES_TIMEOUT))
+            if code != 0:
+                raise Unavailable(f"serde_json did not build: {err.decode(errors='replace')[-2000:]}")
+            built = work / "target" / "release" / "deps"
+            staged = self._cache / f".{folder.name}-{os.getpid()}"
+            await asyncio.to_thread(shutil.rmtree, staged, True)
+            await asyncio.to_thread(shutil.copytree, built, staged)
+            (staged / "ready").write_text(self._toolchain.version)
             try:
-                _write_dependencies_project(work, self._toolchain.registry)
-                argv = [
-                    self._toolchain.cargo,
-                    "build",
-                    "--release",
-                    "--offline",
-                    "--quiet",
-                    "--manifest-path",
-                ]
-                argv.append(str(work / "Cargo.toml"))
-                binds = [self._toolchain.registry]
-                code, _, err = await self._run(argv, work, binds, deadline.cap(DEPENDENCIES_TIMEOUT))
-                if code != 0:
-                    raise Unavailable(f"serde_json did not build: {err.decode(errors='replace')[-2000:]}")
-                built = work / "target" / "release" / "deps"
-                staged = self._cache / f".{folder.name}-{os.getpid()}"
+                staged.rename(folder)
+            except OSError:  # another server built it meanwhile
                 await asyncio.to_thread(shutil.rmtree, staged, True)
-                await asyncio.to_thread(shutil.copytree, built, staged)
-                (staged / "ready").write_text(self._toolchain.version)
-                try:
-                    staged.rename(folder)
-                except OSError:  # another server built it meanwhile
-                    await asyncio.to_thread(shutil.rmtree, staged, True)
-            finally:
-                await asyncio.to_thread(shutil.rmtree, work, True)
-        return folder
+        finally:
+            await asyncio.to_thread(shutil.rmtree, work, True)
 
     async def _run(
         self, argv: list[str], work: Path, binds: list[str], timeout: float
@@ -217,9 +229,9 @@ def _env(work: str) -> dict[str, str]:
     return {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
         "LANG": "C.UTF-8",
-        "HOME": work or "/",
+        "HOME": work,
         "CARGO_HOME": f"{work}/cargo-home",
-        "TMPDIR": f"{work}" if work else "/tmp",
+        "TMPDIR": work,
     }
 
 

@@ -129,22 +129,40 @@ fn cpu_seconds() -> f64 {
     spec[0] as f64 + spec[1] as f64 / 1e9
 }
 
-/// Peak resident memory since the last reset, in bytes; 0 when /proc is not readable.
-fn peak_bytes() -> u64 {
-    let mut status = String::new();
-    if File::open("/proc/self/status").and_then(|mut f| f.read_to_string(&mut status)).is_err() {
-        return 0;
-    }
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
+/// The /proc files read around every execution, opened once: a read at offset 0
+/// makes the kernel write the status anew. None where /proc is not readable.
+struct Usage {
+    status: Option<File>,
+    clear_refs: Option<File>,
 }
 
-fn reset_peak() {
-    if let Ok(mut file) = std::fs::OpenOptions::new().write(true).open("/proc/self/clear_refs") {
-        let _ = file.write_all(b"5");
+impl Usage {
+    fn open() -> Usage {
+        Usage {
+            status: File::open("/proc/self/status").ok(),
+            clear_refs: std::fs::OpenOptions::new().write(true).open("/proc/self/clear_refs").ok(),
+        }
+    }
+
+    /// "5" resets the peak resident memory (VmHWM) that the status reports.
+    fn reset_peak(&mut self) {
+        if let Some(file) = self.clear_refs.as_mut() {
+            let _ = file.write_all(b"5");
+        }
+    }
+
+    /// Peak resident memory since the last reset, in bytes; 0 when it cannot be read.
+    fn peak_bytes(&self) -> u64 {
+        let mut buffer = [0u8; 8192];
+        let read = match self.status.as_ref().map(|file| file.read_at(&mut buffer, 0)) {
+            Some(Ok(read)) => read,
+            _ => return 0,
+        };
+        String::from_utf8_lossy(&buffer[..read])
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:").map(str::to_owned))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
     }
 }
 
@@ -158,6 +176,7 @@ struct Worker {
     console: File,
     max_logs: usize,
     max_result: usize,
+    usage: Usage,
 }
 
 impl Worker {
@@ -196,12 +215,12 @@ impl Worker {
     }
 
     fn run(&mut self, event: Value) -> Value {
-        reset_peak();
+        self.usage.reset_peak();
         let cpu = cpu_seconds();
         PANIC.with(|slot| *slot.borrow_mut() = None);
         let outcome = panic::catch_unwind(AssertUnwindSafe(|| invoke(script::handler, event)));
         let logs = self.take_logs();
-        let usage = (cpu_seconds() - cpu, peak_bytes());
+        let usage = (cpu_seconds() - cpu, self.usage.peak_bytes());
         let answer = |ok: bool, field: &str, value: Value| {
             json!({"ok": ok, field: value, "logs": logs, "cpu": usage.0, "peak": usage.1})
         };
@@ -284,6 +303,7 @@ fn main() {
         console,
         max_logs: environment_number("LAMBDA_MAX_LOG_BYTES", 65536),
         max_result: environment_number("LAMBDA_MAX_RESULT_BYTES", 1048576),
+        usage: Usage::open(),
     };
     worker.serve();
 }
