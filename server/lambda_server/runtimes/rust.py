@@ -126,7 +126,15 @@ class RustCompiler:
                     str(work / "handler"),
                     str(work / "src" / "main.rs"),  # the jail starts in /tmp
                 ]
-                code, _, err = await self._run(argv, work, [str(dependencies)], deadline.cap(self._timeout))
+                timeout = deadline.cap(self._timeout)
+                try:
+                    code, err, out_of_memory = await self._run(argv, work, [str(dependencies)], timeout)
+                except WorkerTimeout:
+                    raise ScriptSyntaxError(
+                        f"compilation ran past its limit of {timeout:g} s", 0, 0
+                    ) from None
+                if out_of_memory:
+                    raise ScriptSyntaxError(f"compilation went past {COMPILE_LIMITS.memory_mb} MiB", 0, 0)
                 if code != 0:
                     raise _compile_error(err)
                 return await asyncio.to_thread((work / "handler").read_bytes)
@@ -165,7 +173,10 @@ class RustCompiler:
                 manifest,
             ]
             binds = [self._toolchain.registry]
-            code, _, err = await self._run(argv, work, binds, deadline.cap(DEPENDENCIES_TIMEOUT))
+            try:
+                code, err, _ = await self._run(argv, work, binds, deadline.cap(DEPENDENCIES_TIMEOUT))
+            except WorkerTimeout as exc:  # not the script's fault: the service cannot compile yet
+                raise Unavailable(f"serde_json did not build: {exc}") from None
             if code != 0:
                 raise Unavailable(f"serde_json did not build: {err.decode(errors='replace')[-2000:]}")
             built = work / "target" / "release" / "deps"
@@ -182,7 +193,9 @@ class RustCompiler:
 
     async def _run(
         self, argv: list[str], work: Path, binds: list[str], timeout: float
-    ) -> tuple[int, bytes, bytes]:
+    ) -> tuple[int, bytes, bool]:
+        """Run a build command in the sandbox: its exit status, its stderr, and whether it
+        went past its memory limit; WorkerTimeout past `timeout`."""
         try:
             confinement = self._sandbox.confine_command(
                 argv, [self._toolchain.sysroot, *binds], str(work), COMPILE_LIMITS, PROGRAM_MAX_MB
@@ -191,13 +204,8 @@ class RustCompiler:
             raise Unavailable(f"the Rust compiler could not be confined: {exc.message}") from None
         try:
             env = {**_env(str(work)), "RUSTC": self._toolchain.rustc}
-            return await run_command(confinement.argv, env, str(work), timeout)
-        except WorkerTimeout:
-            if confinement.memory_exhausted():
-                raise ScriptSyntaxError(
-                    f"compilation went past {COMPILE_LIMITS.memory_mb} MiB", 0, 0
-                ) from None
-            raise ScriptSyntaxError(f"compilation ran past its limit of {timeout:g} s", 0, 0) from None
+            code, _, err = await run_command(confinement.argv, env, str(work), timeout)
+            return code, err, confinement.memory_exhausted()
         finally:
             await confinement.release()
 
