@@ -14,28 +14,34 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint proto migrate bench venv buf clean system-packages
+.PHONY: help run test lint proto migrate bench venv buf tools clean runtime-packages test-packages
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
 $(STAMP): client/pyproject.toml server/pyproject.toml requirements-dev.txt
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt -e ./client -e './server[embedded,node]'
-	touch $@
+	@echo "make: installing the Python packages into $(VENV) (the server, the client, Node.js, an embedded PostgreSQL; the first time about 1-2 minutes)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	@$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt -e ./client -e './server[embedded,node]'
+	@touch $@
+	@echo "make: $(VENV) is ready ($(BIN)/lambda-cli and $(BIN)/lambda-server are in it)"
 
 venv: $(STAMP) ## create .venv and install the client, the server and the tools
 
 $(BUF):
-	npm install --silent --no-save --no-audit --no-fund --prefix $(TOOLS) @bufbuild/buf@$(BUF_VERSION)
+	@echo "make: installing buf $(BUF_VERSION) into $(TOOLS) (npm; about 10 s)"
+	@npm install --silent --no-save --no-audit --no-fund --prefix $(TOOLS) @bufbuild/buf@$(BUF_VERSION)
+
+tools: $(BUF) ## install buf into .tools/ (for `buf curl` and `make lint`)
 
 buf: $(BUF)
 
-run: $(STAMP) ## serve on LISTEN_ADDR (127.0.0.1:50051); embedded PostgreSQL when DATABASE_URL is unset
+run: $(STAMP) runtime-packages ## serve on LISTEN_ADDR (127.0.0.1:50051); embedded PostgreSQL when DATABASE_URL is unset
+	@echo "make: starting the server (the first time: the embedded PostgreSQL is created, and Rust's serde_json is built in the background, about 15 s)"
 	$(PY) -m lambda_server
 
-test: lint system-packages ## lint, then the whole suite against a real PostgreSQL
+test: lint test-packages ## lint, then the whole suite against a real PostgreSQL
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP) $(BUF) ## ruff, mypy and buf lint
@@ -52,25 +58,38 @@ proto: $(STAMP) ## regenerate the client's gRPC code from protos/
 migrate: $(STAMP) ## apply the migrations to DATABASE_URL (or the embedded database)
 	$(PY) -m lambda_server migrate
 
-bench: $(STAMP) system-packages ## latency and throughput against the floor (bench/README.md); BENCH_ARGS=--quick
+bench: $(STAMP) test-packages ## latency and throughput against the floor (bench/README.md); BENCH_ARGS=--quick
 	$(PY) -m bench $(BENCH_ARGS)
 
-# Debian packages the tests and the benchmark run, each with the command or file that
-# shows it is there: h2load (nghttp2-client) drives the throughput benchmark, pgbouncer
-# stands in front of PostgreSQL in a test, and librust-serde-json-dev holds the sources of
-# the one crate Rust scripts may use (with rustc and cargo, Debian's where none is installed).
-DEBIAN_PACKAGES := nghttp2-client:h2load pgbouncer:pgbouncer rustc:rustc cargo:cargo \
-	librust-serde-json-dev:/usr/share/cargo/registry/serde_json-1.*
-system-packages:
-	@missing=""; for entry in $(DEBIAN_PACKAGES); do check="$${entry#*:}"; \
+# Debian packages, each with the command or file that shows it is there.
+# Every runtime's: Rust scripts compile with rustc and cargo (Debian's where none is
+# installed) against the sources of serde_json, the one crate they may use.
+RUNTIME_PACKAGES := rustc:rustc cargo:cargo librust-serde-json-dev:/usr/share/cargo/registry/serde_json-1.*
+# The tests' and the benchmark's: h2load (nghttp2-client) drives the throughput
+# benchmark, pgbouncer stands in front of PostgreSQL in a test.
+TEST_PACKAGES := nghttp2-client:h2load pgbouncer:pgbouncer
+
+# $(call debian-packages,ENTRIES,REQUIRED): install the missing ones with apt-get as root;
+# elsewhere name them in one line, and fail only when REQUIRED is yes (without Rust's,
+# `make run` still serves Python and Node.js, and Health says why Rust is missing).
+define debian-packages
+	@missing=""; for entry in $(1); do check="$${entry#*:}"; \
 	  if [ "$${check:0:1}" = / ]; then compgen -G "$$check" >/dev/null || missing="$$missing $${entry%%:*}"; \
 	  else command -v $$check >/dev/null || [ -x /usr/sbin/$$check ] || missing="$$missing $${entry%%:*}"; fi; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "installing$$missing"; \
+	    echo "make: installing Debian packages:$$missing (apt-get; the first time about 1 minute)"; \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null 2>&1 || \
-	    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; }; \
-	  else echo "missing:$$missing (Debian/Ubuntu packages)" >&2; exit 1; fi; fi
+	    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; } || \
+	    { echo "make: apt-get could not install$$missing" >&2; [ "$(2)" != yes ]; }; \
+	  else echo "make: missing Debian packages:$$missing (as root: apt-get install$$missing)" >&2; [ "$(2)" != yes ]; fi; fi
+endef
+
+runtime-packages:
+	$(call debian-packages,$(RUNTIME_PACKAGES),no)
+
+test-packages:
+	$(call debian-packages,$(TEST_PACKAGES) $(RUNTIME_PACKAGES),yes)
 
 clean: ## remove the venv, the tools and the embedded database
 	rm -rf $(VENV) $(TOOLS) .data

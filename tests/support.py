@@ -24,7 +24,7 @@ import asyncpg
 import grpc
 
 from lambda_server.app import Server, build_server, new_event_loop
-from lambda_server.config import AuthSettings, DatabaseSettings, RuntimeSettings, Settings
+from lambda_server.config import DatabaseSettings, RuntimeSettings, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -94,8 +94,6 @@ def server_settings(**overrides: Any) -> Settings:
     settings = Settings(
         listen_addr="127.0.0.1:0",
         metrics_addr="127.0.0.1:0",
-        # anonymous callers unlimited: the suite makes thousands of executions a minute
-        auth=AuthSettings(anonymous_rate_limit_per_minute=0),
         shutdown_grace_seconds=1.0,
         health_interval_seconds=0.2,
         database=database,
@@ -294,13 +292,12 @@ class ServerProcess:
 
 @contextmanager
 def server_process(database_url: str, **env_overrides: str) -> Iterator[ServerProcess]:
-    """The server as its own process on `database_url`, anonymous callers unlimited, once it
-    serves; stopped at the end. LOG_LEVEL must stay INFO or below: its start-up lines are read."""
+    """The server as its own process on `database_url` with the default settings (anonymous
+    callers unlimited), once it serves; stopped at the end. LOG_LEVEL must stay INFO or below: its start-up lines are read."""
     env = {
         **env_without_database(),
         "DATABASE_URL": database_url,
         "LISTEN_ADDR": "127.0.0.1:0",
-        "RATE_LIMIT_ANONYMOUS_PER_MINUTE": "0",
         "LOG_LEVEL": "INFO",
         "LOG_FORMAT": "text",
         **env_overrides,

@@ -7,6 +7,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 
 import asyncpg
 import grpc
@@ -83,7 +84,9 @@ def test_an_outage_fails_fast_shows_in_health_and_heals_without_restart(
 
 def test_a_server_started_while_the_database_is_down_serves_once_it_is_up(proxy: DatabaseProxy) -> None:
     proxy.set_mode("reset")
-    running = ServerThread(server_settings(), proxy.url)
+    # DATABASE_STARTUP_TIMEOUT_SECONDS=0: serve at once, NOT_SERVING until the database answers
+    database = replace(server_settings().database, startup_timeout=0.0)
+    running = ServerThread(server_settings(database=database), proxy.url)
     try:
         with grpc.insecure_channel(running.target) as channel:
             client = LambdaClient(channel=channel)

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lambda_microservice import InvalidArgumentError, LambdaClient, LambdaError, to_python
 from lambda_microservice.v1 import lambda_service_pb2 as pb
-from tests.support import ServerThread, server_settings
+from tests.support import ServerThread, eventually, server_settings
 
 RUNTIME_ERROR = pb.EXECUTION_ERROR_CODE_RUNTIME_ERROR
 TIMEOUT = pb.EXECUTION_ERROR_CODE_TIMEOUT
@@ -232,6 +232,33 @@ def test_without_a_toolchain_rust_titles_are_failed_precondition(database_url: s
             with pytest.raises(LambdaError) as caught:
                 client.initialize("rust-test", SUM)
             assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        server.stop()
+
+
+def test_the_dependency_build_starts_with_the_server_and_no_callers_deadline_ends_it(
+    tmp_path_factory: pytest.TempPathFactory, database_url: str
+) -> None:
+    """serde_json is built in the background from start-up: an Initialize whose deadline
+    ends first fails DEADLINE_EXCEEDED, the build goes on, and a later Initialize compiles."""
+    settings = server_settings()
+    cold = tmp_path_factory.mktemp("rust-cold")  # nothing built: the build starts at start-up
+    server = ServerThread(
+        replace(settings, runtime=replace(settings.runtime, rust_cache_dir=cold)), database_url
+    )
+    try:
+        with LambdaClient(server.target, timeout=120.0) as client:
+            assert "serde_json: building" in client.health().components["runtime.rust"]
+            with pytest.raises(LambdaError) as early:
+                client.initialize("rust-test", SUM.replace("adding", "early"), timeout=0.5)
+            assert early.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            eventually(
+                lambda: "serde_json: ready" in client.health().components["runtime.rust"],
+                timeout=300,
+                interval=0.5,
+                message=lambda: client.health().components["runtime.rust"],
+            )
+            assert to_python(run(client, SUM.replace("adding", "later"), {"a": 1, "b": 1}).result) == 2
     finally:
         server.stop()
 

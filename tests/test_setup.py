@@ -88,7 +88,8 @@ def test_lambda_cli_reports_errors_as_json_with_a_nonzero_exit(
         text=True,
         timeout=60,
     )
-    assert result.returncode == 1
+    assert result.returncode == 3  # the service refused the call
+    assert len(result.stderr.splitlines()) == 1, result.stderr
     error = json.loads(result.stderr)["error"]
     assert error["code"] == "INVALID_ARGUMENT"
     assert error["reason"] == "INVALID_REQUEST"

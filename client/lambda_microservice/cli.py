@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
@@ -15,13 +15,33 @@ from lambda_microservice.client import DEFAULT_TARGET, LambdaClient
 from lambda_microservice.errors import LambdaError
 from lambda_microservice.v1 import lambda_service_pb2 as pb
 
+# What each exit status means; --help shows this too.
+EXIT_CODES = """exit status:
+  0  success
+  1  the script failed (the answer's `error` is set), or health is not SERVING
+  2  bad usage or input (an unknown option, a missing file, JSON that does not parse)
+  3  the service refused or failed the call (a gRPC status; one JSON line on stderr)"""
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported in one line (its own way prints the usage too)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lambda-cli", description=__doc__)
+    parser = _Parser(
+        prog="lambda-cli",
+        description=__doc__,
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
         "--target",
-        default=os.environ.get("LAMBDA_TARGET", DEFAULT_TARGET),
-        help="server address (default: $LAMBDA_TARGET or %(default)s)",
+        default=None,
+        help=f"server address (default: $LAMBDA_TARGET when set, else {DEFAULT_TARGET})",
     )
     parser.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds")
     parser.add_argument(
@@ -51,14 +71,32 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _InputError(Exception):
+    """A mistake in what the user gave lambda-cli: reported in one line, exit 2."""
+
+
 def _json_object(text: str, name: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise SystemExit(f"lambda-cli: {name} is not JSON: {exc}") from None
+        raise _InputError(f"{name} is not JSON: {exc}") from None
     if not isinstance(value, dict):
-        raise SystemExit(f"lambda-cli: {name} must be a JSON object")
+        raise _InputError(f"{name} must be a JSON object")
     return value
+
+
+def _script(path: str | None) -> str:
+    if path is None:
+        return ""
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read()
+    except OSError as exc:
+        raise _InputError(f"cannot read --script {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise _InputError(f"--script {path} is not UTF-8 text") from None
 
 
 def _print(message: Message) -> None:
@@ -66,46 +104,47 @@ def _print(message: Message) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    """Run one command; the exit status is one of EXIT_CODES."""
+    args = _parser().parse_args(argv)  # bad usage: argparse exits 2 with one line
+    target = args.target or os.environ.get("LAMBDA_TARGET") or DEFAULT_TARGET
     metadata = (("authorization", f"Bearer {args.token}"),) if args.token else ()
-    with LambdaClient(args.target, timeout=args.timeout, metadata=metadata) as client:
-        try:
-            if args.command == "health":
-                health = client.health()
-                _print(health)
-                return 0 if health.status == pb.HEALTH_STATUS_SERVING else 1
-            if args.command == "init":
-                if args.script is None:
-                    script = ""
-                elif args.script == "-":
-                    script = sys.stdin.read()
-                else:
-                    with open(args.script, encoding="utf-8") as file:
-                        script = file.read()
-                _print(
-                    client.initialize(
-                        args.language_title,
-                        script,
-                        context=_json_object(args.context, "--context"),
-                        request_id=args.request_id,
-                    )
-                )
-            elif args.command == "exec":
-                params = _json_object(args.params, "--params")
-                _print(client.execute(args.request_id, params, cache_control=args.cache_control))
-            elif args.command == "session":
-                _print(client.get_session(args.request_id))
-            elif args.command == "functions":
-                _print(client.list_functions(language=args.language, page_size=100))
-            elif args.command == "function":
-                _print(client.get_function(args.language_title))
-        except LambdaError as error:
-            failure = {"code": error.code.name, "reason": error.reason, "message": error.message}
-            if error.metadata:
-                failure["metadata"] = error.metadata  # type: ignore[assignment]
-            print(json.dumps({"error": failure}, indent=2), file=sys.stderr)
-            return 1
-    return 0
+    try:
+        with LambdaClient(target, timeout=args.timeout, metadata=metadata) as client:
+            return _run(client, args)
+    except _InputError as error:
+        print(f"lambda-cli: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except LambdaError as error:
+        failure: dict[str, Any] = {"code": error.code.name, "reason": error.reason, "message": error.message}
+        if error.metadata:
+            failure["metadata"] = error.metadata
+        print(json.dumps({"error": failure}), file=sys.stderr)  # one line, for people and scripts
+        return EXIT_REFUSED
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(client: LambdaClient, args: argparse.Namespace) -> int:
+    if args.command == "health":
+        health = client.health()
+        _print(health)
+        return EXIT_OK if health.status == pb.HEALTH_STATUS_SERVING else EXIT_FAILED
+    if args.command == "init":
+        script = _script(args.script)
+        context = _json_object(args.context, "--context")
+        _print(client.initialize(args.language_title, script, context=context, request_id=args.request_id))
+    elif args.command == "exec":
+        params = _json_object(args.params, "--params")
+        response = client.execute(args.request_id, params, cache_control=args.cache_control)
+        _print(response)
+        return EXIT_FAILED if response.HasField("error") else EXIT_OK
+    elif args.command == "session":
+        _print(client.get_session(args.request_id))
+    elif args.command == "functions":
+        _print(client.list_functions(language=args.language, page_size=100))
+    elif args.command == "function":
+        _print(client.get_function(args.language_title))
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import sys
+import time
 from collections.abc import Callable
 
 import grpc
@@ -111,6 +113,10 @@ class DatabaseMonitor:
             await self._health.set(name, status)
 
 
+class StartupError(Exception):
+    """The server cannot start; the message names the cause and the setting that governs it."""
+
+
 class Server:
     """The running service: the gRPC server and everything it owns, stopped in order."""
 
@@ -128,6 +134,7 @@ class Server:
         *,
         metrics: Metrics,
         request_log: RequestLogWriter,
+        builds: RustBuilds | None,
     ) -> None:
         self.settings = settings
         self.cleanup = cleanup
@@ -140,31 +147,65 @@ class Server:
         self._sandbox = sandbox
         self._monitor = monitor
         self._health = health_servicer
+        self._builds = builds
+        self._serving = False
 
     async def start(self) -> None:
+        """Serve; when any step fails, what the steps before it started is stopped again."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop(grace=0.0)
+            raise
+
+    async def _start(self) -> None:
+        if self._builds is not None:
+            self._builds.start()  # the one-time dependency build, in the background from now
         if self.settings.metrics_addr is not None:
             port = await self.metrics.serve(self.settings.metrics_addr)  # ConfigError when it cannot bind
             # not "serving ... on": scripts read the gRPC address from that line
             log.info("metrics at http://%s:%d/metrics", self.settings.metrics_addr.rpartition(":")[0], port)
         self._request_log.start()
         await self._grpc.start()
+        await self._wait_for_database()
         await self._pool.start()
-        await self._monitor.check_once()
         self._monitor.start()
         self.cleanup.start()
+        self._serving = True
+
+    async def _wait_for_database(self) -> None:
+        """PostgreSQL's first answer (and the migrations), for DATABASE_STARTUP_TIMEOUT_SECONDS
+        at most; with 0, one try, and the monitor goes on trying while health is NOT_SERVING."""
+        limit = self.settings.database.startup_timeout
+        until = time.monotonic() + limit
+        await self._monitor.check_once()
+        if not self._monitor.ready and limit:
+            log.info("waiting up to %g s for PostgreSQL: %s", limit, self._monitor.description)
+        while not self._monitor.ready and limit:
+            if time.monotonic() >= until:
+                raise StartupError(
+                    f"PostgreSQL did not answer within {limit:g} s of start-up (DATABASE_URL, "
+                    f"DATABASE_STARTUP_TIMEOUT_SECONDS): {self._monitor.description}"
+                )
+            await asyncio.sleep(min(0.5, max(0.0, until - time.monotonic())))
+            await self._monitor.check_once()
 
     async def stop(self, grace: float | None = None) -> None:
-        """Health goes NOT_SERVING, in-flight calls get `grace` seconds, then all is closed."""
+        """Health goes NOT_SERVING, in-flight calls get `grace` seconds, then all is closed.
+        Safe after a start that failed at any step."""
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
         await self._monitor.stop()
         await self.cleanup.stop()
         await self._health.enter_graceful_shutdown()
-        if self.settings.shutdown_drain_seconds:
+        if self._serving and self.settings.shutdown_drain_seconds:
             # still serving, while load balancers see NOT_SERVING and stop sending calls here
             await asyncio.sleep(self.settings.shutdown_drain_seconds)
+        self._serving = False
         await self._grpc.stop(grace)
         # /metrics stops in a thread (up to 0.5 s) while the rest closes
         metrics_stopped = asyncio.create_task(self.metrics.stop_serving())
+        if self._builds is not None:
+            await self._builds.close()
         # after the calls ended, so that their logs are in; before the pool it writes with closes
         await self._request_log.close()
         await self._pool.close()
@@ -203,7 +244,10 @@ def grpc_options(grpc_settings: GrpcSettings) -> list[tuple[str, int]]:
 
 
 async def build_server(settings: Settings, database_url: str | None = None) -> tuple[Server, int]:
-    """Wire the service and bind its port (0 picks a free one); call `start()` to serve."""
+    """Wire the service and bind its port (0 picks a free one); call `start()` to serve.
+
+    When a step fails, what the steps before it made (the sandbox's cgroups, the
+    pool) is released before the error goes on."""
     url = database_url or settings.database.url
     if url is None:
         raise ConfigError("DATABASE_URL is unset (main() starts an embedded PostgreSQL for it)")
@@ -213,72 +257,110 @@ async def build_server(settings: Settings, database_url: str | None = None) -> t
     registry = RuntimeRegistry.load(
         settings.runtime.mappings_file, settings.runtime.node_binary, toolchain.spec
     )
-    sandbox = await Sandbox.start(settings.sandbox)
-    db = Database(settings.database, url)
-    await db.open()
-    builds = None
-    if not toolchain.missing:
-        cache_dir = settings.runtime.rust_cache_dir
-        compiler = RustCompiler(toolchain, sandbox, cache_dir, settings.runtime.compile_timeout_seconds)
-        builds = RustBuilds(compiler, ArtifactStore(db), cache_dir)
-    limits = Limits(settings.sandbox.memory_mb, settings.sandbox.max_processes)
-    pool = EnvironmentPool(settings.runtime, registry.specs, sandbox, limits)
-    health_servicer = HealthServicer()
-    monitor = DatabaseMonitor(db, health_servicer, settings.health_interval_seconds, schema)
-    metrics = Metrics()
-    cache = ResultCache(settings.result_cache_bytes, metrics)
-    sessions = SessionStore(db, observe_claim_batch=metrics.claim_batch_size.observe)
-    service = LambdaService(
-        settings,
-        sessions,
-        pool,
-        registry,
-        monitor,
-        sandbox.describe(),
-        cache,
-        FunctionCatalog(db),
-        metrics=metrics,
-        builds=builds,
-    )
-    request_log = RequestLogWriter(db, settings.request_log, metrics)
-    metrics.on_scrape(_scrape_gauges(metrics, pool, db, request_log))
+    async with contextlib.AsyncExitStack() as undo:
+        sandbox = await Sandbox.start(settings.sandbox)
+        undo.callback(sandbox.close)
+        db = Database(settings.database, url)
+        await db.open()
+        undo.push_async_callback(db.close)
+        builds = None
+        if not toolchain.missing:
+            cache_dir = settings.runtime.rust_cache_dir
+            compiler = RustCompiler(
+                toolchain,
+                sandbox,
+                cache_dir,
+                settings.runtime.compile_timeout_seconds,
+                settings.runtime.dependencies_timeout_seconds,
+            )
+            builds = RustBuilds(compiler, ArtifactStore(db), cache_dir)
+        limits = Limits(settings.sandbox.memory_mb, settings.sandbox.max_processes)
+        pool = EnvironmentPool(settings.runtime, registry.specs, sandbox, limits)
+        undo.push_async_callback(pool.close)
+        health_servicer = HealthServicer()
+        monitor = DatabaseMonitor(db, health_servicer, settings.health_interval_seconds, schema)
+        metrics = Metrics()
+        cache = ResultCache(settings.result_cache_bytes, metrics)
+        sessions = SessionStore(db, observe_claim_batch=metrics.claim_batch_size.observe)
+        undo.push_async_callback(sessions.close)
+        service = LambdaService(
+            settings,
+            sessions,
+            pool,
+            registry,
+            monitor,
+            sandbox.describe(),
+            cache,
+            FunctionCatalog(db),
+            metrics=metrics,
+            builds=builds,
+        )
+        request_log = RequestLogWriter(db, settings.request_log, metrics)
+        metrics.on_scrape(_scrape_gauges(metrics, pool, db, request_log))
 
-    grpc_server = grpc.aio.server(
-        interceptors=[CallInterceptor(metrics, request_log if settings.request_log.enabled else None)],
-        options=grpc_options(settings.grpc),
-        maximum_concurrent_rpcs=settings.grpc.max_concurrent_rpcs or None,
-    )
-    limiter = RateLimiter(settings.auth, metrics)
-    add_to_server(LambdaServicer(service, Authenticator(settings.auth), limiter), grpc_server)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        grpc_server,
-    )
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    # for liveness probes: SERVING while the process lives, whatever PostgreSQL does
-    await health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
-    port = grpc_server.add_insecure_port(settings.listen_addr)
-    if port == 0:
-        raise ConfigError(f"LISTEN_ADDR={settings.listen_addr!r}: cannot listen there")
-    cleanup = SessionCleanup(
-        db, settings.cleanup_interval_seconds, settings.session_retention_seconds, metrics
-    )
-    server = Server(
-        settings,
-        grpc_server,
-        db,
-        sessions,
-        pool,
-        sandbox,
-        monitor,
-        health_servicer,
-        cleanup,
-        metrics=metrics,
-        request_log=request_log,
-    )
-    return server, port
+        grpc_server = grpc.aio.server(
+            interceptors=[CallInterceptor(metrics, request_log if settings.request_log.enabled else None)],
+            options=grpc_options(settings.grpc),
+            maximum_concurrent_rpcs=settings.grpc.max_concurrent_rpcs or None,
+        )
+        limiter = RateLimiter(settings.auth, metrics)
+        add_to_server(LambdaServicer(service, Authenticator(settings.auth), limiter), grpc_server)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+        reflection.enable_server_reflection(
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            grpc_server,
+        )
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        # for liveness probes: SERVING while the process lives, whatever PostgreSQL does
+        await health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
+        port = await _listen(grpc_server, settings.listen_addr)
+        cleanup = SessionCleanup(
+            db, settings.cleanup_interval_seconds, settings.session_retention_seconds, metrics
+        )
+        server = Server(
+            settings,
+            grpc_server,
+            db,
+            sessions,
+            pool,
+            sandbox,
+            monitor,
+            health_servicer,
+            cleanup,
+            metrics=metrics,
+            request_log=request_log,
+            builds=builds,
+        )
+        undo.pop_all()  # from here the server owns it all, and stops it in order
+        return server, port
+    raise AssertionError("unreachable")  # mypy: the block above returns or raises
+
+
+async def _listen(grpc_server: grpc.aio.Server, address: str) -> int:
+    """Bind the gRPC port; ConfigError naming LISTEN_ADDR and the reason when it cannot."""
+    try:
+        return grpc_server.add_insecure_port(address)
+    except RuntimeError:  # grpcio says only "Failed to bind"; ask the kernel why
+        why = await asyncio.to_thread(_bind_error, address)
+        raise ConfigError(f"LISTEN_ADDR={address!r}: cannot listen there: {why}") from None
+
+
+def _bind_error(address: str) -> str:
+    host, _, port = address.rpartition(":")
+    try:
+        family, kind, proto, _, where = socket.getaddrinfo(
+            host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.bind(where)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return "gRPC could not bind it"
 
 
 def _scrape_gauges(
@@ -328,6 +410,8 @@ async def migrate(settings: Settings, database_url: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Serve (or migrate). A start-up failure prints one line naming its cause and setting,
+    releases what was started, and exits 2."""
     parser = argparse.ArgumentParser(prog="lambda-server", description=__doc__)
     parser.add_argument("command", nargs="?", choices=("serve", "migrate"), default="serve")
     args = parser.parse_args(argv)
@@ -344,9 +428,12 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         _fatal(settings, f"configuration error: {exc}")
         raise SystemExit(2) from None
+    except StartupError as exc:
+        _fatal(settings, str(exc))
+        raise SystemExit(2) from None
     except LambdaError as exc:
         _fatal(settings, exc.message)
-        raise SystemExit(1) from None
+        raise SystemExit(2) from None
 
 
 def _fatal(settings: Settings, message: str) -> None:

@@ -31,6 +31,17 @@ class RustBuilds:
         # database's (a machine's cache outlives a deployment) is stored once more
         self._stored: set[str] = set()
 
+    def start(self) -> None:
+        """Begin the compiler's one-time dependency build in the background."""
+        self._compiler.start()
+
+    async def close(self) -> None:
+        await self._compiler.close()
+
+    @property
+    def dependencies_state(self) -> str:
+        return self._compiler.dependencies_state
+
     def _key(self, script_hash: str, optimization: str) -> str:
         return f"{script_hash}-{optimization}-{self._compiler.toolchain.identity}"
 

@@ -35,6 +35,9 @@ class DatabaseSettings:
     # never a session; the flush is half of what a claim costs PostgreSQL.
     claim_synchronous_commit: bool = False
     embedded_dir: Path = Path(".data/postgres")
+    # How long start-up waits for PostgreSQL's first answer (and the migrations) before
+    # it gives up and exits; 0: serve at once, NOT_SERVING until the database answers.
+    startup_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,9 @@ class RuntimeSettings:
     idle_ttl_seconds: float = 300.0
     queue_timeout_seconds: float = 10.0
     max_queued: int = 10000
-    spawn_timeout_seconds: float = 10.0
+    # A runtime process's start, to its `ready` message: on a loaded machine a Node.js
+    # start took over 10 s
+    spawn_timeout_seconds: float = 30.0
     mappings_file: Path | None = None
     node_binary: str | None = None
     # Rust: the rustc to use (else the one on PATH), where programs and the built
@@ -62,6 +67,9 @@ class RuntimeSettings:
     rustc: str | None = None
     rust_cache_dir: Path = Path.home() / ".cache" / "lambda-microservice" / "rust"
     compile_timeout_seconds: float = 60.0
+    # The one-time build of the crates scripts link against (serde_json), which starts
+    # with the server; about 12 s on 2 cores
+    dependencies_timeout_seconds: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -90,10 +98,11 @@ class AuthSettings:
     jwt_public_key: str | None = None  # RS256, PEM
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
-    # Executions a minute; 0 turns the limit off. Anonymous callers (AUTH_MODE=none)
-    # are counted by their address.
+    # Executions a minute; 0 turns the limit off. Authenticated users (AUTH_MODE=jwt)
+    # are limited unless a deployment says otherwise; anonymous callers (AUTH_MODE=none,
+    # counted by their address) only when one does: whoever ran `make run` is not throttled.
     rate_limit_per_minute: int = 100
-    anonymous_rate_limit_per_minute: int = 10
+    anonymous_rate_limit_per_minute: int = 0
 
 
 @dataclass(frozen=True)
@@ -169,6 +178,7 @@ class Settings:
             statement_cache=reader.get("DATABASE_STATEMENT_CACHE", _on_off, True),
             claim_synchronous_commit=reader.get("DATABASE_CLAIM_SYNCHRONOUS_COMMIT", _on_off, False),
             embedded_dir=reader.get("EMBEDDED_DATA_DIR", Path, Path(".data/postgres")),
+            startup_timeout=reader.get("DATABASE_STARTUP_TIMEOUT_SECONDS", _non_negative_float, 30.0),
         )
         runtime = RuntimeSettings(
             timeout_seconds=reader.get("RUNTIME_TIMEOUT_SECONDS", _positive_float, 30.0),
@@ -182,6 +192,7 @@ class Settings:
             idle_ttl_seconds=reader.get("ENVIRONMENT_IDLE_TTL_SECONDS", _positive_float, 300.0),
             queue_timeout_seconds=reader.get("RUNTIME_QUEUE_TIMEOUT_SECONDS", _positive_float, 10.0),
             max_queued=reader.get("MAX_QUEUED_EXECUTIONS", _positive_int, 10000),
+            spawn_timeout_seconds=reader.get("RUNTIME_START_TIMEOUT_SECONDS", _positive_float, 30.0),
             mappings_file=reader.get("RUNTIME_MAPPINGS", Path, None),
             node_binary=reader.get("NODE_BINARY", str, None) or None,
             rustc=reader.get("RUSTC", str, None) or None,
@@ -189,6 +200,9 @@ class Settings:
                 "RUST_CACHE_DIR", Path, Path.home() / ".cache" / "lambda-microservice" / "rust"
             ),
             compile_timeout_seconds=reader.get("RUST_COMPILE_TIMEOUT_SECONDS", _positive_float, 60.0),
+            dependencies_timeout_seconds=reader.get(
+                "RUST_DEPENDENCIES_TIMEOUT_SECONDS", _positive_float, 600.0
+            ),
         )
         sandbox = SandboxSettings(
             mode=reader.get("SANDBOX_MODE", _sandbox_mode, "auto"),
@@ -213,7 +227,7 @@ class Settings:
             jwt_issuer=reader.get("JWT_ISSUER", str, None),
             rate_limit_per_minute=reader.get("RATE_LIMIT_PER_MINUTE", _non_negative_int, 100),
             anonymous_rate_limit_per_minute=reader.get(
-                "RATE_LIMIT_ANONYMOUS_PER_MINUTE", _non_negative_int, 10
+                "RATE_LIMIT_ANONYMOUS_PER_MINUTE", _non_negative_int, 0
             ),
         )
         if auth.mode == "jwt" and not (auth.jwt_secret or auth.jwt_public_key):

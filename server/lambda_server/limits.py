@@ -73,9 +73,12 @@ class RateLimiter:
         if bucket.tokens < 1.0:
             self._metrics.rate_limited.labels("anonymous" if caller.anonymous else "user").inc()
             wait = (1.0 - bucket.tokens) / rate
-            who = f"address {caller.address}" if caller.anonymous else f"user {caller.user_id}"
+            if caller.anonymous:
+                who, setting = f"address {caller.address}", "RATE_LIMIT_ANONYMOUS_PER_MINUTE"
+            else:
+                who, setting = f"user {caller.user_id}", "RATE_LIMIT_PER_MINUTE"
             raise RateLimited(
-                f"{who} may make {limit} executions a minute; retry in {wait:.2f} s",
+                f"{who} may make {limit} executions a minute ({setting}); retry in {wait:.2f} s",
                 retry_after=wait,
                 limit=str(limit),
             )

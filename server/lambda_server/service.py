@@ -313,6 +313,8 @@ class LambdaService:
 
     def health(self) -> HealthReport:
         components = {"postgres": self._database.description, **self._engine.status()}
+        if self._builds is not None and "runtime.rust" in components:
+            components["runtime.rust"] += f"; serde_json: {self._builds.dependencies_state}"
         components["sandbox"] = self._sandbox_description
         return HealthReport(self._database.ready, __version__, components)
 

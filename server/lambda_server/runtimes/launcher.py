@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import tempfile
 from typing import Any
 
 from lambda_server.config import RuntimeSettings
 from lambda_server.domain import Deadline, Limits
 from lambda_server.errors import Unavailable
-from lambda_server.runtimes.process import WorkerError, WorkerProcess
+from lambda_server.runtimes.process import WorkerError, WorkerProcess, WorkerTimeout
 from lambda_server.runtimes.registry import RuntimeSpec
 from lambda_server.sandbox import Confinement, Sandbox, SandboxUnavailable
-
-log = logging.getLogger(__name__)
 
 
 class Launcher:
@@ -55,9 +52,11 @@ class Launcher:
                 cwd=tempfile.gettempdir(),
             )
         except (OSError, WorkerError) as exc:
-            log.warning("a %s worker did not start", runtime.name, exc_info=True)
             await confinement.release()
-            raise Unavailable(f"the {runtime.name} runtime could not start: {exc}") from None
+            why = str(exc) or type(exc).__name__
+            if isinstance(exc, WorkerTimeout):
+                why += " (RUNTIME_START_TIMEOUT_SECONDS)"
+            raise Unavailable(f"the {runtime.name} runtime could not start: {why}") from None
         except BaseException:
             await confinement.release()
             raise

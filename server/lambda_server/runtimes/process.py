@@ -112,8 +112,11 @@ class WorkerProcess:
         worker._unowned = pipes.ours(closes=not _loop_closes_twice(loop))
         try:
             await worker._connect()
-            async with asyncio.timeout(timeout):
-                ready = await worker._receive()
+            try:
+                async with asyncio.timeout(timeout):
+                    ready = await worker._receive()
+            except TimeoutError:  # its text is empty: say what timed out, after how long
+                raise WorkerTimeout(f"no ready message within {timeout:g} s of its start") from None
             if ready.get("op") != "ready":
                 raise WorkerCrashed(f"worker said {ready!r} instead of ready")
         except BaseException:
@@ -173,7 +176,7 @@ class WorkerProcess:
                 raise WorkerCrashed(f"the worker answered request {answer.get('id')!r}, not {request_id}")
         except TimeoutError:
             await self.kill()
-            raise WorkerTimeout(f"no answer within {timeout:.3f} s") from None
+            raise WorkerTimeout(f"no answer within {timeout:g} s") from None
         except ConnectionError as exc:
             await self.kill()
             raise WorkerCrashed(self._describe_exit(str(exc) or type(exc).__name__)) from None

@@ -12,17 +12,20 @@ memory limits, writing only to a work folder of their own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from lambda_server.domain import Deadline, Limits
-from lambda_server.errors import ScriptSyntaxError, Unavailable
+from lambda_server.errors import DeadlineExceeded, ScriptSyntaxError, Unavailable
 from lambda_server.runtimes.process import WorkerTimeout, run_command
 from lambda_server.runtimes.registry import RuntimeSpec
 from lambda_server.sandbox import Sandbox, SandboxUnavailable
@@ -87,22 +90,65 @@ class RustToolchain:
 
 
 class RustCompiler:
-    """Compiles scripts into programs; builds the shared dependencies once."""
+    """Compiles scripts into programs; builds the shared dependencies once.
+
+    The dependencies' build is the compiler's own task, started with the server
+    (`start`): a compile that comes before it is done waits for it under its own
+    deadline, and no caller's deadline or cancellation ends it. Its bound is
+    RUST_DEPENDENCIES_TIMEOUT_SECONDS; a failed build is tried again by the next
+    compile.
+    """
 
     def __init__(
-        self, toolchain: RustToolchain, sandbox: Sandbox, cache_dir: Path, timeout: float, jobs: int = 2
+        self,
+        toolchain: RustToolchain,
+        sandbox: Sandbox,
+        cache_dir: Path,
+        timeout: float,
+        dependencies_timeout: float = DEPENDENCIES_TIMEOUT,
+        jobs: int = 2,
     ) -> None:
         self._toolchain = toolchain
         self._sandbox = sandbox
         self._cache = cache_dir
         self._timeout = timeout
+        self._dependencies_timeout = dependencies_timeout
         self._slots = asyncio.Semaphore(jobs)
-        self._dependencies_lock = asyncio.Lock()
+        self._dependencies_task: asyncio.Task[tuple[Path, Path]] | None = None
         self._built: tuple[Path, Path] | None = None  # the dependencies' folder, serde_json's rlib
 
     @property
     def toolchain(self) -> RustToolchain:
         return self._toolchain
+
+    def start(self) -> None:
+        """Build the dependencies in the background (at once, when a past build left them)."""
+        task = self._dependencies_task
+        if task is None or (task.done() and self._built is None):  # never started, or failed
+            self._dependencies_task = asyncio.create_task(self._prepare_dependencies())
+            self._dependencies_task.add_done_callback(self._dependencies_done)
+
+    async def close(self) -> None:
+        """Stop a build still running (its sandboxed cargo is killed)."""
+        task, self._dependencies_task = self._dependencies_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    @property
+    def dependencies_state(self) -> str:
+        """`ready`, `building`, `not started`, or `failed: <why>` (tried again by the next
+        compile)."""
+        task = self._dependencies_task
+        if self._built is not None:
+            return "ready"
+        if task is None:
+            return "not started"
+        if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
+            error = task.exception()
+            return f"failed: {error.message if isinstance(error, Unavailable) else error}"
+        return "building"
 
     async def compile(self, script: str, optimization: str, deadline: Deadline) -> bytes:
         """The program of a script; ScriptSyntaxError with rustc's message, line and column."""
@@ -142,23 +188,71 @@ class RustCompiler:
                 await asyncio.to_thread(shutil.rmtree, work, True)
 
     async def _dependencies(self, deadline: Deadline) -> tuple[Path, Path]:
-        """The folder of serde_json's built crates for this toolchain (built on first use,
-        by this server or another) and serde_json's library in it, found once."""
-        async with self._dependencies_lock:
-            if self._built is None:
-                await self._build_dependencies(deadline)
-                self._built = await asyncio.to_thread(_built, self._dependencies_folder)
-            return self._built
+        """The folder of serde_json's built crates for this toolchain and serde_json's
+        library in it, waited for within the caller's deadline."""
+        self.start()
+        task = self._dependencies_task
+        assert task is not None
+        try:
+            async with asyncio.timeout(deadline.remaining()):
+                return await asyncio.shield(task)  # the build is the compiler's, not this caller's
+        except TimeoutError:
+            raise DeadlineExceeded(
+                "the call's deadline passed while serde_json was being built "
+                "(once per toolchain, when the server starts; try again shortly)"
+            ) from None
+
+    async def _prepare_dependencies(self) -> tuple[Path, Path]:
+        await self._build_dependencies()
+        self._built = await asyncio.to_thread(_built, self._dependencies_folder)
+        return self._built
+
+    def _dependencies_done(self, task: asyncio.Task[tuple[Path, Path]]) -> None:
+        if task.cancelled():
+            return
+        error = task.exception()  # retrieved here, so a build no caller waited for is still seen
+        if error is not None:
+            why = error.message if isinstance(error, Unavailable) else repr(error)
+            log.warning("Rust dependencies: %s", why)
 
     @property
     def _dependencies_folder(self) -> Path:
         return self._cache / f"deps-{self._toolchain.identity}"
 
-    async def _build_dependencies(self, deadline: Deadline) -> None:
+    async def _build_dependencies(self) -> None:
+        """Build them unless they are built; one build at a time per cache folder, across
+        servers and processes (a file lock), the others waiting for its end."""
         folder = self._dependencies_folder
-        if await asyncio.to_thread((folder / "ready").exists):
-            return
-        log.info("building serde_json for %s (once per toolchain)", self._toolchain.version)
+        limit = self._dependencies_timeout
+        until = time.monotonic() + limit
+        lock_path = str(self._cache / f".{folder.name}.lock")
+        lock = await asyncio.to_thread(os.open, lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            while not await asyncio.to_thread((folder / "ready").exists):
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:  # another server builds them: wait for its end
+                    if time.monotonic() > until:
+                        raise Unavailable(
+                            f"serde_json was being built elsewhere for over {limit:g} s "
+                            f"(RUST_DEPENDENCIES_TIMEOUT_SECONDS; {lock_path})"
+                        ) from None
+                    await asyncio.sleep(0.5)
+                    continue
+                try:
+                    if not await asyncio.to_thread((folder / "ready").exists):
+                        await self._build_into(folder)
+                finally:
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+        finally:
+            os.close(lock)
+
+    async def _build_into(self, folder: Path) -> None:
+        log.info(
+            "building serde_json for %s in the background (once per toolchain; about 12 s on 2 cores)",
+            self._toolchain.version,
+        )
+        started = time.monotonic()
         work = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="deps-", dir=self._cache))
         try:
             await asyncio.to_thread(_write_dependencies_project, work, self._toolchain.registry)
@@ -173,10 +267,13 @@ class RustCompiler:
                 manifest,
             ]
             binds = [self._toolchain.registry]
+            limit = self._dependencies_timeout
             try:
-                code, err, _ = await self._run(argv, work, binds, deadline.cap(DEPENDENCIES_TIMEOUT))
-            except WorkerTimeout as exc:  # not the script's fault: the service cannot compile yet
-                raise Unavailable(f"serde_json did not build: {exc}") from None
+                code, err, _ = await self._run(argv, work, binds, limit)
+            except WorkerTimeout:  # not the script's fault: the service cannot compile yet
+                raise Unavailable(
+                    f"serde_json did not build within {limit:g} s (RUST_DEPENDENCIES_TIMEOUT_SECONDS)"
+                ) from None
             if code != 0:
                 raise Unavailable(f"serde_json did not build: {err.decode(errors='replace')[-2000:]}")
             built = work / "target" / "release" / "deps"
@@ -184,10 +281,9 @@ class RustCompiler:
             await asyncio.to_thread(shutil.rmtree, staged, True)
             await asyncio.to_thread(shutil.copytree, built, staged)
             (staged / "ready").write_text(self._toolchain.version)
-            try:
-                staged.rename(folder)
-            except OSError:  # another server built it meanwhile
-                await asyncio.to_thread(shutil.rmtree, staged, True)
+            await asyncio.to_thread(shutil.rmtree, folder, True)  # a build cut short, if any
+            staged.rename(folder)
+            log.info("built serde_json in %.1f s", time.monotonic() - started)
         finally:
             await asyncio.to_thread(shutil.rmtree, work, True)
 

@@ -97,7 +97,9 @@ class ClaimBatcher:
             async with asyncio.timeout(seconds):
                 return await claimed
         except TimeoutError:
-            raise DatabaseUnavailable("database unavailable: timed out") from None
+            raise DatabaseUnavailable(
+                f"database unavailable: the session claim had no answer within {seconds:g} s"
+            ) from None
 
     async def _send(self) -> None:
         """Send batches until no claim is waiting."""

@@ -101,7 +101,7 @@ class Database:
         except (*_UNAVAILABLE, asyncpg.PostgresError) as exc:
             if isinstance(exc, _UNAVAILABLE):
                 _terminate(conn)
-            raise _failure(exc) from exc
+            raise _failure(exc, seconds) from exc
         except BaseException:
             _terminate(conn)
             raise
@@ -169,7 +169,7 @@ class DedicatedConnection:
         except (*_UNAVAILABLE, asyncpg.PostgresError) as exc:
             if isinstance(exc, _UNAVAILABLE):
                 await self._drop()
-            raise _failure(exc) from exc
+            raise _failure(exc, seconds) from exc
         except BaseException:
             await self._drop()
             raise
@@ -187,11 +187,12 @@ class DedicatedConnection:
             await self._db._release(conn)
 
 
-def _failure(exc: BaseException) -> DatabaseUnavailable | InternalError:
-    """Our error for an asyncpg or socket failure: UNAVAILABLE when it may pass, else a bug."""
+def _failure(exc: BaseException, seconds: float) -> DatabaseUnavailable | InternalError:
+    """Our error for an asyncpg or socket failure within a bound of `seconds`: UNAVAILABLE
+    when it may pass, else a bug."""
     if isinstance(exc, _UNAVAILABLE):
-        return DatabaseUnavailable(f"database unavailable: {_describe(exc)}")
-    return InternalError(f"database error: {_describe(exc)}")
+        return DatabaseUnavailable(f"database unavailable: {_describe(exc, seconds)}")
+    return InternalError(f"database error: {_describe(exc, seconds)}")
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
@@ -220,8 +221,8 @@ def _terminate(conn: asyncpg.Connection | None) -> None:
             conn.terminate()
 
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timed out"
+def _describe(exc: BaseException, seconds: float) -> str:
+    if isinstance(exc, TimeoutError):  # connecting and the statements shared the bound
+        return f"no answer within {seconds:g} s (DATABASE_COMMAND_TIMEOUT_SECONDS, or the call's deadline)"
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -23,9 +23,16 @@ def start_embedded(data_dir: Path) -> str:
             "DATABASE_URL is unset and the embedded PostgreSQL is not installed: "
             "set DATABASE_URL or install lambda-microservice-server[embedded]"
         ) from exc
-    data_dir.mkdir(parents=True, exist_ok=True)
-    get_server = pgserver.get_server  # type: ignore[attr-defined]
-    server = get_server(str(data_dir.resolve()), cleanup_mode="stop")
-    url = str(server.get_uri())
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        get_server = pgserver.get_server  # type: ignore[attr-defined]
+        server = get_server(str(data_dir.resolve()), cleanup_mode="stop")
+        url = str(server.get_uri())
+    except Exception as exc:  # pgserver's own errors, or the folder's: one line for the operator
+        why = " ".join(str(exc).split())[:500] or type(exc).__name__
+        raise ConfigError(
+            f"the embedded PostgreSQL in {data_dir} (EMBEDDED_DATA_DIR) did not start: {why}; "
+            "or set DATABASE_URL"
+        ) from None
     log.info("embedded PostgreSQL in %s", data_dir)
     return url
