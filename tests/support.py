@@ -293,7 +293,8 @@ class ServerProcess:
 @contextmanager
 def server_process(database_url: str, **env_overrides: str) -> Iterator[ServerProcess]:
     """The server as its own process on `database_url` with the default settings (anonymous
-    callers unlimited), once it serves; stopped at the end. LOG_LEVEL must stay INFO or below: its start-up lines are read."""
+    callers unlimited), once it serves; stopped at the end. LOG_LEVEL must stay INFO or
+    below: its start-up lines are read."""
     env = {
         **env_without_database(),
         "DATABASE_URL": database_url,

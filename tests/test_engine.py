@@ -159,13 +159,13 @@ def test_beyond_the_per_script_cap_calls_queue_then_fail_resource_exhausted(
 
         async def main() -> tuple[object, BaseException | object]:
             async with AsyncLambdaClient(engine_server.target) as aclient:
-                slow = asyncio.create_task(aclient.execute(session.request_id, {"s": 2}))
+                # busy for 10 times the queue bound: the queued call ends first, by that bound
+                slow = asyncio.create_task(aclient.execute(session.request_id, {"s": 5}))
                 await asyncio.to_thread(eventually, lambda: pool_counts(client, "python")["busy"] == 1)
-                started = time.monotonic()
                 queued = await asyncio.gather(
                     aclient.execute(session.request_id, {"s": 0}), return_exceptions=True
                 )
-                assert time.monotonic() - started < 1.5
+                assert not slow.done()
                 return await slow, queued[0]
 
         slow, queued = asyncio.run(main())
@@ -198,7 +198,7 @@ def test_idle_environments_are_killed_after_their_ttl(engine_server: ServerThrea
         assert client.execute(session.request_id).environment_state != pb.ENVIRONMENT_STATE_WARM
 
 
-def test_a_timeout_ends_within_a_second_and_other_sessions_keep_working(client: LambdaClient) -> None:
+def test_a_timeout_ends_the_execution_and_other_sessions_keep_working(client: LambdaClient) -> None:
     spinning = client.initialize(
         "nodejs-spin2", "if (params.spin) { while (true) {} } return 'ok';", context={"timeout_ms": 300}
     )
@@ -206,7 +206,8 @@ def test_a_timeout_ends_within_a_second_and_other_sessions_keep_working(client: 
     started = time.monotonic()
     response = client.execute(spinning.request_id, {"spin": True})
     assert response.error.code == pb.EXECUTION_ERROR_CODE_TIMEOUT
-    assert time.monotonic() - started < 0.3 + 1.0
+    # cut by its own 0.3 s, well before the server's default timeout (5 s) could end it
+    assert time.monotonic() - started < 5.0
     assert to_python(client.execute(spinning.request_id, {"spin": False}).result) == "ok"
     assert to_python(client.execute(other.request_id).result) == "other"
 
@@ -277,7 +278,8 @@ def test_context_timeout_ms_is_capped_by_the_configured_maximum(engine_server: S
         started = time.monotonic()
         response = client.execute(session.request_id)
         assert response.error.code == pb.EXECUTION_ERROR_CODE_TIMEOUT
-        assert 0.5 <= time.monotonic() - started < 1.5
+        # the 0.5 s cap, not the 60 s asked for (nor the script's 30 s)
+        assert 0.5 <= time.monotonic() - started < 10
 
 
 def test_runtime_mappings_come_from_the_configured_file(database_url: str, tmp_path: Path) -> None:
