@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 from lambda_server.config import ConfigError
@@ -23,10 +24,18 @@ def start_embedded(data_dir: Path) -> str:
             "DATABASE_URL is unset and the embedded PostgreSQL is not installed: "
             "set DATABASE_URL or install lambda-microservice-server[embedded]"
         ) from exc
+    # pgserver logs every command it runs, initdb's whole output included, at INFO
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
+    first = not (data_dir / "PG_VERSION").exists()
+    log.info(
+        "starting the embedded PostgreSQL in %s%s", data_dir, " (creating it: a few seconds)" if first else ""
+    )
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
         get_server = pgserver.get_server  # type: ignore[attr-defined]
-        server = get_server(str(data_dir.resolve()), cleanup_mode="stop")
+        with warnings.catch_warnings():  # platformdirs' "XDG_RUNTIME_DIR is not set": harmless here
+            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
+            server = get_server(str(data_dir.resolve()), cleanup_mode="stop")
         url = str(server.get_uri())
     except Exception as exc:  # pgserver's own errors, or the folder's: one line for the operator
         why = " ".join(str(exc).split())[:500] or type(exc).__name__
@@ -34,5 +43,5 @@ def start_embedded(data_dir: Path) -> str:
             f"the embedded PostgreSQL in {data_dir} (EMBEDDED_DATA_DIR) did not start: {why}; "
             "or set DATABASE_URL"
         ) from None
-    log.info("embedded PostgreSQL in %s", data_dir)
+    log.info("embedded PostgreSQL ready in %s", data_dir)
     return url
