@@ -55,11 +55,12 @@ class ScriptChecker:
 
     async def _compile(self, runtime: RuntimeSpec, script: str, deadline: Deadline) -> None:
         lock = self._locks[runtime.name]
+        wait = deadline.cap(CHECK_TIMEOUT)
         try:
-            async with asyncio.timeout(deadline.cap(CHECK_TIMEOUT)):
+            async with asyncio.timeout(wait):
                 await lock.acquire()
         except TimeoutError:
-            raise RuntimeBusy(f"the {runtime.name} checker stayed busy") from None
+            raise RuntimeBusy(f"the {runtime.name} checker stayed busy for {wait:g} s") from None
         try:
             worker = await self._worker(runtime, deadline)
             answer = await worker.request({"op": "check", "script": script}, deadline.cap(CHECK_TIMEOUT))

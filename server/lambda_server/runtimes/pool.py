@@ -179,8 +179,9 @@ class EnvironmentPool:
             raise RuntimeBusy(f"{len(self._waiting)} executions are already waiting for an environment")
         waiter = _Waiter(key, asyncio.get_running_loop().create_future())
         self._waiting.append(waiter)
+        wait = deadline.cap(self._settings.queue_timeout_seconds)
         try:
-            async with asyncio.timeout(deadline.cap(self._settings.queue_timeout_seconds)):
+            async with asyncio.timeout(wait):
                 return await waiter.slot
         except BaseException as exc:
             if waiter.slot.done() and not waiter.slot.cancelled():
@@ -189,8 +190,9 @@ class EnvironmentPool:
                 self._waiting.remove(waiter)
             if isinstance(exc, TimeoutError):
                 raise RuntimeBusy(
-                    f"no environment for this script became free within the queue bound "
-                    f"({self._settings.max_environments_per_key} per script, "
+                    f"no environment for this script became free within {wait:g} s "
+                    f"(RUNTIME_QUEUE_TIMEOUT_SECONDS, or the call's deadline; "
+                    f"{self._settings.max_environments_per_key} per script, "
                     f"{self._settings.max_environments} in all)"
                 ) from None
             raise
