@@ -18,7 +18,9 @@ def start_embedded(data_dir: Path) -> str:
     restarts; the server stops when the last process using it exits.
     """
     try:
-        import pgserver
+        with warnings.catch_warnings():  # platformdirs' "XDG_RUNTIME_DIR is not set": harmless here
+            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
+            import pgserver
     except ImportError as exc:
         raise ConfigError(
             "DATABASE_URL is unset and the embedded PostgreSQL is not installed: "
@@ -33,7 +35,7 @@ def start_embedded(data_dir: Path) -> str:
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
         get_server = pgserver.get_server  # type: ignore[attr-defined]
-        with warnings.catch_warnings():  # platformdirs' "XDG_RUNTIME_DIR is not set": harmless here
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
             server = get_server(str(data_dir.resolve()), cleanup_mode="stop")
         url = str(server.get_uri())
