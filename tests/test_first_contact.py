@@ -192,19 +192,12 @@ def listening() -> Iterator[int]:
         yield taken.getsockname()[1]
 
 
-def test_the_listen_port_in_use_is_one_line_exit_2_and_nothing_left(
-    database_url: str, tmp_path: Path, listening: int
+@pytest.mark.parametrize("setting", ["LISTEN_ADDR", "METRICS_ADDR"])
+def test_a_port_in_use_is_one_line_exit_2_and_nothing_left(
+    database_url: str, tmp_path: Path, listening: int, setting: str
 ) -> None:
-    start = Start(tmp_path, database_url, LISTEN_ADDR=f"127.0.0.1:{listening}")
-    last = assert_failed_cleanly(start, "LISTEN_ADDR", str(listening))
-    assert "in use" in last
-
-
-def test_the_metrics_port_in_use_is_one_line_exit_2_and_nothing_left(
-    database_url: str, tmp_path: Path, listening: int
-) -> None:
-    start = Start(tmp_path, database_url, METRICS_ADDR=f"127.0.0.1:{listening}")
-    last = assert_failed_cleanly(start, "METRICS_ADDR", str(listening))
+    start = Start(tmp_path, database_url, **{setting: f"127.0.0.1:{listening}"})
+    last = assert_failed_cleanly(start, setting, str(listening))
     assert "in use" in last
 
 
