@@ -258,86 +258,100 @@ async def build_server(settings: Settings, database_url: str | None = None) -> t
         settings.runtime.mappings_file, settings.runtime.node_binary, toolchain.spec
     )
     async with contextlib.AsyncExitStack() as undo:
-        sandbox = await Sandbox.start(settings.sandbox)
-        undo.callback(sandbox.close)
-        db = Database(settings.database, url)
-        await db.open()
-        undo.push_async_callback(db.close)
-        builds = None
-        if not toolchain.missing:
-            cache_dir = settings.runtime.rust_cache_dir
-            compiler = RustCompiler(
-                toolchain,
-                sandbox,
-                cache_dir,
-                settings.runtime.compile_timeout_seconds,
-                settings.runtime.dependencies_timeout_seconds,
-            )
-            builds = RustBuilds(compiler, ArtifactStore(db), cache_dir)
-        limits = Limits(settings.sandbox.memory_mb, settings.sandbox.max_processes)
-        pool = EnvironmentPool(settings.runtime, registry.specs, sandbox, limits)
-        undo.push_async_callback(pool.close)
-        health_servicer = HealthServicer()
-        monitor = DatabaseMonitor(db, health_servicer, settings.health_interval_seconds, schema)
-        metrics = Metrics()
-        cache = ResultCache(settings.result_cache_bytes, metrics)
-        sessions = SessionStore(db, observe_claim_batch=metrics.claim_batch_size.observe)
-        undo.push_async_callback(sessions.close)
-        service = LambdaService(
-            settings,
-            sessions,
-            pool,
-            registry,
-            monitor,
-            sandbox.describe(),
-            cache,
-            FunctionCatalog(db),
-            metrics=metrics,
-            builds=builds,
-        )
-        request_log = RequestLogWriter(db, settings.request_log, metrics)
-        metrics.on_scrape(_scrape_gauges(metrics, pool, db, request_log))
-
-        grpc_server = grpc.aio.server(
-            interceptors=[CallInterceptor(metrics, request_log if settings.request_log.enabled else None)],
-            options=grpc_options(settings.grpc),
-            maximum_concurrent_rpcs=settings.grpc.max_concurrent_rpcs or None,
-        )
-        limiter = RateLimiter(settings.auth, metrics)
-        add_to_server(LambdaServicer(service, Authenticator(settings.auth), limiter), grpc_server)
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
-        reflection.enable_server_reflection(
-            (
-                SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            grpc_server,
-        )
-        for name in ("", SERVICE_NAME):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        # for liveness probes: SERVING while the process lives, whatever PostgreSQL does
-        await health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
-        port = await _listen(grpc_server, settings.listen_addr)
-        cleanup = SessionCleanup(
-            db, settings.cleanup_interval_seconds, settings.session_retention_seconds, metrics
-        )
-        server = Server(
-            settings,
-            grpc_server,
-            db,
-            sessions,
-            pool,
-            sandbox,
-            monitor,
-            health_servicer,
-            cleanup,
-            metrics=metrics,
-            request_log=request_log,
-            builds=builds,
-        )
+        server, port = await _wire(settings, url, schema, registry, toolchain, undo)
         undo.pop_all()  # from here the server owns it all, and stops it in order
-        return server, port
+    return server, port
+
+
+async def _wire(
+    settings: Settings,
+    url: str,
+    schema: list[migrations.Migration],
+    registry: RuntimeRegistry,
+    toolchain: RustToolchain,
+    undo: contextlib.AsyncExitStack,
+) -> tuple[Server, int]:
+    """Every part of the server, each registered in `undo` as it is made."""
+    sandbox = await Sandbox.start(settings.sandbox)
+    undo.callback(sandbox.close)
+    db = Database(settings.database, url)
+    await db.open()
+    undo.push_async_callback(db.close)
+    builds = None
+    if not toolchain.missing:
+        cache_dir = settings.runtime.rust_cache_dir
+        compiler = RustCompiler(
+            toolchain,
+            sandbox,
+            cache_dir,
+            settings.runtime.compile_timeout_seconds,
+            settings.runtime.dependencies_timeout_seconds,
+        )
+        builds = RustBuilds(compiler, ArtifactStore(db), cache_dir)
+    limits = Limits(settings.sandbox.memory_mb, settings.sandbox.max_processes)
+    pool = EnvironmentPool(settings.runtime, registry.specs, sandbox, limits)
+    undo.push_async_callback(pool.close)
+    health_servicer = HealthServicer()
+    monitor = DatabaseMonitor(db, health_servicer, settings.health_interval_seconds, schema)
+    metrics = Metrics()
+    cache = ResultCache(settings.result_cache_bytes, metrics)
+    sessions = SessionStore(db, observe_claim_batch=metrics.claim_batch_size.observe)
+    undo.push_async_callback(sessions.close)
+    service = LambdaService(
+        settings,
+        sessions,
+        pool,
+        registry,
+        monitor,
+        sandbox.describe(),
+        cache,
+        FunctionCatalog(db),
+        metrics=metrics,
+        builds=builds,
+    )
+    request_log = RequestLogWriter(db, settings.request_log, metrics)
+    metrics.on_scrape(_scrape_gauges(metrics, pool, db, request_log))
+
+    grpc_server = grpc.aio.server(
+        interceptors=[CallInterceptor(metrics, request_log if settings.request_log.enabled else None)],
+        options=grpc_options(settings.grpc),
+        maximum_concurrent_rpcs=settings.grpc.max_concurrent_rpcs or None,
+    )
+    limiter = RateLimiter(settings.auth, metrics)
+    add_to_server(LambdaServicer(service, Authenticator(settings.auth), limiter), grpc_server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+    reflection.enable_server_reflection(
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        grpc_server,
+    )
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    # for liveness probes: SERVING while the process lives, whatever PostgreSQL does
+    await health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
+    port = await _listen(grpc_server, settings.listen_addr)
+    cleanup = SessionCleanup(
+        db, settings.cleanup_interval_seconds, settings.session_retention_seconds, metrics
+    )
+    server = Server(
+        settings,
+        grpc_server,
+        db,
+        sessions,
+        pool,
+        sandbox,
+        monitor,
+        health_servicer,
+        cleanup,
+        metrics=metrics,
+        request_log=request_log,
+        builds=builds,
+    )
+    undo.pop_all()  # from here the server owns it all, and stops it in order
+    return server, port
     raise AssertionError("unreachable")  # mypy: the block above returns or raises
 
 
