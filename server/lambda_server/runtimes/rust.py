@@ -145,9 +145,8 @@ class RustCompiler:
             return "ready"
         if task is None:
             return "not started"
-        if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
-            error = task.exception()
-            return f"failed: {error.message if isinstance(error, Unavailable) else error}"
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            return f"failed: {_describe(task.exception())}"
         return "building"
 
     async def compile(self, script: str, optimization: str, deadline: Deadline) -> bytes:
@@ -212,8 +211,7 @@ class RustCompiler:
             return
         error = task.exception()  # retrieved here, so a build no caller waited for is still seen
         if error is not None:
-            why = error.message if isinstance(error, Unavailable) else repr(error)
-            log.warning("Rust dependencies: %s", why)
+            log.warning("Rust dependencies: %s", _describe(error))
 
     @property
     def _dependencies_folder(self) -> Path:
@@ -249,7 +247,7 @@ class RustCompiler:
 
     async def _build_into(self, folder: Path) -> None:
         log.info(
-            "building serde_json for %s in the background (once per toolchain; about 12 s on 2 cores)",
+            "building serde_json for %s in the background (once per toolchain; about 5 s on 2 idle cores)",
             self._toolchain.version,
         )
         started = time.monotonic()
@@ -304,6 +302,10 @@ class RustCompiler:
             return code, err, confinement.memory_exhausted()
         finally:
             await confinement.release()
+
+
+def _describe(error: BaseException | None) -> str:
+    return error.message if isinstance(error, Unavailable) else repr(error)
 
 
 def _built(folder: Path) -> tuple[Path, Path]:
