@@ -149,7 +149,9 @@ def test_a_cancelled_call_leaves_the_process_count_where_it_was(engine_server: S
 
 
 @pytest.mark.parametrize(
-    "engine_server", [{"max_environments_per_key": 1, "queue_timeout_seconds": 0.5}], indirect=True
+    "engine_server",
+    [{"max_environments_per_key": 1, "queue_timeout_seconds": 0.5, "timeout_seconds": 30.0}],
+    indirect=True,
 )
 def test_beyond_the_per_script_cap_calls_queue_then_fail_resource_exhausted(
     engine_server: ServerThread,
@@ -159,7 +161,8 @@ def test_beyond_the_per_script_cap_calls_queue_then_fail_resource_exhausted(
 
         async def main() -> tuple[object, BaseException | object]:
             async with AsyncLambdaClient(engine_server.target) as aclient:
-                # busy for 10 times the queue bound: the queued call ends first, by that bound
+                # busy for 10 times the queue bound (within its own 30 s timeout): the queued
+                # call ends first, by that bound
                 slow = asyncio.create_task(aclient.execute(session.request_id, {"s": 5}))
                 await asyncio.to_thread(eventually, lambda: pool_counts(client, "python")["busy"] == 1)
                 queued = await asyncio.gather(
