@@ -121,6 +121,9 @@ def test_a_stop_under_load_fails_no_call_in_flight_and_writes_every_log(database
     during_drain = [o for o in outcomes if stopping[0] < o.started < stopping[0] + 0.4]
     assert during_drain and all(o.code == grpc.StatusCode.OK for o in during_drain)
     refused = {o.code for o in outcomes if o.started > stopping[0] and o.code != grpc.StatusCode.OK}
-    assert refused == {grpc.StatusCode.UNAVAILABLE}
+    # a call that gRPC's core had received but not yet handed to a handler when the listener
+    # closed ends CANCELLED, not UNAVAILABLE (grpc/grpc#41785, open): seen on a loaded machine
+    assert grpc.StatusCode.UNAVAILABLE in refused, refused
+    assert refused <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}, refused
     assert run_sync(_logged(database_url, session.request_id)) == answered  # every answered call logged
     eventually(lambda: descendants() <= before, timeout=5)
