@@ -338,7 +338,8 @@ CASES: list[tuple[str, str, Check]] = [
     (
         "python-300mb-result",
         "result = 'x' * (300 * 1024 * 1024)",
-        lambda r: code(r) in (MEMORY_LIMIT, OUTPUT_LIMIT),
+        # on a loaded machine, filling the 300 MB can outlast the 2 s timeout: contained too
+        lambda r: code(r) in (MEMORY_LIMIT, OUTPUT_LIMIT, TIMEOUT),
     ),
     # escapes that lead nowhere
     (
