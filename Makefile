@@ -38,7 +38,7 @@ tools: $(BUF) ## install buf into .tools/ (for `buf curl` and `make lint`)
 buf: $(BUF)
 
 run: $(STAMP) runtime-packages ## serve on LISTEN_ADDR (127.0.0.1:50051); embedded PostgreSQL when DATABASE_URL is unset
-	@echo "make: starting the server (the first time: the embedded PostgreSQL is created, and Rust's serde_json is built in the background, about 15 s)"
+	@echo "make: starting the server (the first time: the embedded PostgreSQL is created, and Rust's serde_json is built in the background, under 10 s)"
 	$(PY) -m lambda_server
 
 test: lint test-packages ## lint, then the whole suite against a real PostgreSQL
