@@ -68,7 +68,7 @@ class RuntimeSettings:
     rust_cache_dir: Path = Path.home() / ".cache" / "lambda-microservice" / "rust"
     compile_timeout_seconds: float = 60.0
     # The one-time build of the crates scripts link against (serde_json), which starts
-    # with the server; about 12 s on 2 cores
+    # with the server; 4-8 s on 2 idle cores (bench/README)
     dependencies_timeout_seconds: float = 600.0
 
 
