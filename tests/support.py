@@ -102,6 +102,12 @@ def server_settings(**overrides: Any) -> Settings:
     return replace(settings, **overrides)
 
 
+def serving_before_the_database(settings: Settings) -> Settings:
+    """`settings` with DATABASE_STARTUP_TIMEOUT_SECONDS=0: the server serves at once,
+    NOT_SERVING until PostgreSQL answers, instead of waiting for it at start."""
+    return replace(settings, database=replace(settings.database, startup_timeout=0.0))
+
+
 class ServerThread:
     """A real server on its own event loop in a background thread, as in production."""
 

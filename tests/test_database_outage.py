@@ -7,7 +7,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import replace
 
 import asyncpg
 import grpc
@@ -17,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lambda_microservice import LambdaClient, UnavailableError, to_python
 from lambda_microservice.v1 import lambda_service_pb2 as pb
 from tests.proxy import DatabaseProxy
-from tests.support import ServerThread, eventually, server_settings
+from tests.support import ServerThread, eventually, server_settings, serving_before_the_database
 
 BOUND = 5.0  # seconds within which an RPC must fail when the database is gone
 
@@ -84,9 +83,7 @@ def test_an_outage_fails_fast_shows_in_health_and_heals_without_restart(
 
 def test_a_server_started_while_the_database_is_down_serves_once_it_is_up(proxy: DatabaseProxy) -> None:
     proxy.set_mode("reset")
-    # DATABASE_STARTUP_TIMEOUT_SECONDS=0: serve at once, NOT_SERVING until the database answers
-    database = replace(server_settings().database, startup_timeout=0.0)
-    running = ServerThread(server_settings(database=database), proxy.url)
+    running = ServerThread(serving_before_the_database(server_settings()), proxy.url)
     try:
         with grpc.insecure_channel(running.target) as channel:
             client = LambdaClient(channel=channel)

@@ -24,6 +24,7 @@ from tests.support import (
     eventually,
     free_port,
     server_settings,
+    serving_before_the_database,
 )
 
 # --- defaults ---------------------------------------------------------------------------
@@ -101,9 +102,8 @@ def test_lambda_cli_exits_1_when_the_script_fails_and_3_when_the_call_fails(serv
 
 
 def test_lambda_cli_health_exits_1_unless_serving(database_url: str) -> None:
-    # a server whose database is away serves NOT_SERVING (DATABASE_STARTUP_TIMEOUT_SECONDS=0)
-    settings = server_settings()
-    settings = replace(settings, database=replace(settings.database, startup_timeout=0.0))
+    # a server whose database is away serves NOT_SERVING
+    settings = serving_before_the_database(server_settings())
     running = ServerThread(settings, f"postgresql://nobody@127.0.0.1:{free_port()}/none")
     try:
         result = lambda_cli("health", target=running.target)

@@ -439,14 +439,9 @@ def main(argv: list[str] | None = None) -> None:
         url = settings.database.url or start_embedded(settings.database.embedded_dir)
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
             runner.run(serve(settings, url) if args.command == "serve" else migrate(settings, url))
-    except ConfigError as exc:
-        _fatal(settings, f"configuration error: {exc}")
-        raise SystemExit(2) from None
-    except StartupError as exc:
-        _fatal(settings, str(exc))
-        raise SystemExit(2) from None
-    except LambdaError as exc:
-        _fatal(settings, exc.message)
+    except (ConfigError, StartupError, LambdaError) as exc:
+        why = exc.message if isinstance(exc, LambdaError) else str(exc)
+        _fatal(settings, f"configuration error: {why}" if isinstance(exc, ConfigError) else why)
         raise SystemExit(2) from None
 
 

@@ -17,10 +17,14 @@ def start_embedded(data_dir: Path) -> str:
     Blocking: called once before the event loop starts. The data survives
     restarts; the server stops when the last process using it exits.
     """
+    with warnings.catch_warnings():  # platformdirs' "XDG_RUNTIME_DIR is not set": harmless here
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
+        return _start(data_dir)
+
+
+def _start(data_dir: Path) -> str:
     try:
-        with warnings.catch_warnings():  # platformdirs' "XDG_RUNTIME_DIR is not set": harmless here
-            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
-            import pgserver
+        import pgserver
     except ImportError as exc:
         raise ConfigError(
             "DATABASE_URL is unset and the embedded PostgreSQL is not installed: "
@@ -35,10 +39,7 @@ def start_embedded(data_dir: Path) -> str:
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
         get_server = pgserver.get_server  # type: ignore[attr-defined]
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
-            server = get_server(str(data_dir.resolve()), cleanup_mode="stop")
-        url = str(server.get_uri())
+        url = str(get_server(str(data_dir.resolve()), cleanup_mode="stop").get_uri())
     except Exception as exc:  # pgserver's own errors, or the folder's: one line for the operator
         why = " ".join(str(exc).split())[:500] or type(exc).__name__
         raise ConfigError(
