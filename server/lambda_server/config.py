@@ -70,6 +70,25 @@ class RuntimeSettings:
     # The one-time build of the crates scripts link against (serde_json), which starts
     # with the server; 4-8 s on 2 idle cores (bench/README)
     dependencies_timeout_seconds: float = 600.0
+    # Fairness (docs: "Tenants and fairness"). An owner is the authenticated user, or the
+    # caller's address with AUTH_MODE=none. Environments an owner may hold at once (bound
+    # or binding); an owner at its share waits for its own, never evicts another's.
+    max_environments_per_owner: int = 8
+    # Script checkers per runtime (syntax checks at Initialize), checks one owner may run
+    # at once, and how long one check may take (past it: the script's fault).
+    checkers: int = 2
+    checks_per_owner: int = 1
+    check_timeout_seconds: float = 10.0
+    # Rust compiles at once (all owners), per owner, and how long one may wait for a slot.
+    compile_slots: int = 2
+    compiles_per_owner: int = 1
+    compile_queue_timeout_seconds: float = 30.0
+    # A compiled program's size at most, and how long an artifact no live session uses is kept.
+    max_program_bytes: int = 32 * MIB
+    artifact_retention_seconds: float = 86400.0
+    # Params and results: JSON nodes (values) and nesting depth at most.
+    max_json_nodes: int = 100_000
+    max_json_depth: int = 64
 
 
 @dataclass(frozen=True)
@@ -87,6 +106,16 @@ class SandboxSettings:
     # A backstop over an environment's whole life: each execution is bounded by its timeout.
     cpu_seconds: int = 3600
     uid_base: int = 100000
+    # CPU per environment, in cores (a cpu cgroup's quota); its weight is the same for all.
+    cpu_cores: float = 1.0
+    # Memory all environments' limits may add up to; 0: the host's (or container's)
+    # memory less memory_reserve_mb, kept for the server itself.
+    total_memory_mb: int = 0
+    memory_reserve_mb: int = 1024
+    # Where servers on one host claim their uid ranges (a lock file per range), and how
+    # many uids a range holds.
+    uid_dir: Path = Path("/run/lambda-microservice/uids")
+    uid_range_size: int = 1000
 
 
 @dataclass(frozen=True)
@@ -103,6 +132,12 @@ class AuthSettings:
     # counted by their address) only when one does: whoever ran `make run` is not throttled.
     rate_limit_per_minute: int = 100
     anonymous_rate_limit_per_minute: int = 0
+    # Initialize calls a minute, per user and per anonymous address; 0 turns it off.
+    initialize_rate_limit_per_minute: int = 60
+    anonymous_initialize_rate_limit_per_minute: int = 0
+    # Active (unexpired) sessions and their script bytes an owner may hold.
+    max_sessions_per_owner: int = 10_000
+    max_script_bytes_per_owner: int = 256 * MIB
 
 
 @dataclass(frozen=True)
@@ -126,6 +161,9 @@ class GrpcSettings:
     max_connection_idle_seconds: float = 0.0
     max_connection_age_seconds: float = 0.0
     max_connection_age_grace_seconds: float = 30.0
+    # Request bytes held at once by calls received and not yet answered; past it new
+    # calls get RESOURCE_EXHAUSTED.
+    max_inflight_request_bytes: int = 128 * MIB
 
 
 @dataclass(frozen=True)
@@ -203,6 +241,25 @@ class Settings:
             dependencies_timeout_seconds=reader.get(
                 "RUST_DEPENDENCIES_TIMEOUT_SECONDS", _positive_float, 600.0
             ),
+            max_environments_per_owner=reader.get(
+                "MAX_ENVIRONMENTS_PER_OWNER",
+                _positive_int,
+                max(1, reader.get("MAX_ENVIRONMENTS", _positive_int, 16) // 2),
+            ),
+            checkers=reader.get("SCRIPT_CHECKERS", _positive_int, 2),
+            checks_per_owner=reader.get("SCRIPT_CHECKS_PER_OWNER", _positive_int, 1),
+            check_timeout_seconds=reader.get("SCRIPT_CHECK_TIMEOUT_SECONDS", _positive_float, 10.0),
+            compile_slots=reader.get("RUST_COMPILE_SLOTS", _positive_int, 2),
+            compiles_per_owner=reader.get("RUST_COMPILES_PER_OWNER", _positive_int, 1),
+            compile_queue_timeout_seconds=reader.get(
+                "RUST_COMPILE_QUEUE_TIMEOUT_SECONDS", _positive_float, 30.0
+            ),
+            max_program_bytes=reader.get("RUST_MAX_PROGRAM_BYTES", _positive_int, 32 * MIB),
+            artifact_retention_seconds=reader.get(
+                "RUST_ARTIFACT_RETENTION_SECONDS", _non_negative_float, 86400.0
+            ),
+            max_json_nodes=reader.get("MAX_JSON_NODES", _positive_int, 100_000),
+            max_json_depth=reader.get("MAX_JSON_DEPTH", _positive_int, 64),
         )
         sandbox = SandboxSettings(
             mode=reader.get("SANDBOX_MODE", _sandbox_mode, "auto"),
@@ -213,6 +270,11 @@ class Settings:
             scratch_mb=reader.get("SANDBOX_SCRATCH_MB", _positive_int, 64),
             open_files=reader.get("SANDBOX_OPEN_FILES", _positive_int, 256),
             cpu_seconds=reader.get("SANDBOX_CPU_SECONDS", _positive_int, 3600),
+            cpu_cores=reader.get("SANDBOX_CPU_CORES", _positive_float, 1.0),
+            total_memory_mb=reader.get("SANDBOX_TOTAL_MEMORY_MB", _non_negative_int, 0),
+            memory_reserve_mb=reader.get("SERVER_MEMORY_RESERVE_MB", _non_negative_int, 1024),
+            uid_dir=reader.get("SANDBOX_UID_DIR", Path, Path("/run/lambda-microservice/uids")),
+            uid_range_size=reader.get("SANDBOX_UID_RANGE_SIZE", _positive_int, 1000),
         )
         if sandbox.memory_mb > sandbox.max_memory_mb:
             raise ConfigError("SANDBOX_MEMORY_MB is over SANDBOX_MAX_MEMORY_MB")
@@ -229,6 +291,14 @@ class Settings:
             anonymous_rate_limit_per_minute=reader.get(
                 "RATE_LIMIT_ANONYMOUS_PER_MINUTE", _non_negative_int, 0
             ),
+            initialize_rate_limit_per_minute=reader.get(
+                "RATE_LIMIT_INITIALIZE_PER_MINUTE", _non_negative_int, 60
+            ),
+            anonymous_initialize_rate_limit_per_minute=reader.get(
+                "RATE_LIMIT_ANONYMOUS_INITIALIZE_PER_MINUTE", _non_negative_int, 0
+            ),
+            max_sessions_per_owner=reader.get("MAX_SESSIONS_PER_OWNER", _positive_int, 10_000),
+            max_script_bytes_per_owner=reader.get("MAX_SCRIPT_BYTES_PER_OWNER", _positive_int, 256 * MIB),
         )
         if auth.mode == "jwt" and not (auth.jwt_secret or auth.jwt_public_key):
             raise ConfigError("AUTH_MODE=jwt needs JWT_SECRET (HS256) or JWT_PUBLIC_KEY[_FILE] (RS256)")
@@ -257,6 +327,7 @@ class Settings:
             max_connection_age_grace_seconds=reader.get(
                 "GRPC_MAX_CONNECTION_AGE_GRACE_SECONDS", _non_negative_float, 30.0
             ),
+            max_inflight_request_bytes=reader.get("MAX_INFLIGHT_REQUEST_BYTES", _positive_int, 128 * MIB),
         )
         metrics = reader.get("METRICS_ADDR", str, "127.0.0.1:9090")
         return cls(

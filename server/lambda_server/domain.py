@@ -46,6 +46,11 @@ class Caller:
     def anonymous(self) -> bool:
         return self.user_id is None
 
+    @property
+    def owner(self) -> str:
+        """Whom the resources this call uses are billed to: the user, else the address."""
+        return f"user:{self.user_id}" if self.user_id is not None else f"address:{self.address}"
+
 
 class SessionStatus(enum.Enum):
     ACTIVE = "active"

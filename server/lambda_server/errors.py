@@ -5,12 +5,14 @@
     │   ├── UnknownLanguage
     │   ├── ScriptTooLarge
     │   ├── ScriptSyntaxError       (line, column)
-    │   └── InvalidParams           INVALID_PARAMS    (params against the function's schema)
+    │   ├── InvalidParams           INVALID_PARAMS    (params against the function's schema)
+    │   └── ScriptLimitExceeded     SCRIPT_LIMIT_EXCEEDED (a check or compile past its limits)
     ├── SessionConflict             INVALID_REQUEST   (same request_id, other script)
     ├── RuntimeNotAvailable         UNAVAILABLE       (known language, runtime missing)
     ├── Unauthenticated             UNAUTHORIZED      (no token, or a bad one)
     ├── Forbidden                   FORBIDDEN         (a scope is missing)
     ├── RateLimited                 RATE_LIMITED      (retry_after seconds)
+    ├── QuotaExceeded               QUOTA_EXCEEDED    (an owner's share is used up; retry_after)
     ├── SessionNotFound             NOT_FOUND         (also another user's session)
     │   └── SessionExpired          SESSION_EXPIRED
     ├── FunctionNotFound            NOT_FOUND
@@ -61,6 +63,13 @@ class ScriptSyntaxError(InvalidRequest):
         self.column = column
 
 
+class ScriptLimitExceeded(InvalidRequest):
+    """The script could not be checked or compiled within its limits (time, memory, size):
+    the script's fault, not the service's."""
+
+    reason = "SCRIPT_LIMIT_EXCEEDED"
+
+
 class InvalidParams(InvalidRequest):
     """Execute's params do not match the function's JSON schema."""
 
@@ -93,6 +102,17 @@ class RateLimited(LambdaError):
     """The caller used up its executions for now; retry after `retry_after` seconds."""
 
     reason = "RATE_LIMITED"
+
+    def __init__(self, message: str, retry_after: float, **metadata: str) -> None:
+        super().__init__(message, **metadata)
+        self.retry_after = retry_after
+
+
+class QuotaExceeded(LambdaError):
+    """The owner used up a share (sessions, script bytes, Initialize rate, compile slots,
+    request bytes in flight); retry after `retry_after` seconds."""
+
+    reason = "QUOTA_EXCEEDED"
 
     def __init__(self, message: str, retry_after: float, **metadata: str) -> None:
         super().__init__(message, **metadata)

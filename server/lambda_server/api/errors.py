@@ -29,6 +29,7 @@ STATUS_CODES: dict[type[errors.LambdaError], grpc.StatusCode] = {
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.Forbidden: grpc.StatusCode.PERMISSION_DENIED,
     errors.RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.QuotaExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.SessionNotFound: grpc.StatusCode.NOT_FOUND,
     errors.FunctionNotFound: grpc.StatusCode.NOT_FOUND,
     errors.RuntimeBusy: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -53,7 +54,7 @@ def to_status(error: errors.LambdaError) -> grpc.Status:
     detail = any_pb2.Any()
     detail.Pack(info)
     details = [detail]
-    if isinstance(error, errors.RateLimited):
+    if isinstance(error, errors.RateLimited | errors.QuotaExceeded):
         retry = error_details_pb2.RetryInfo()
         retry.retry_delay.FromNanoseconds(int(error.retry_after * 1e9))
         details.append(any_pb2.Any())

@@ -87,6 +87,18 @@ class Launcher:
         tail = worker.stderr_tail()  # V8's heap limit, or the Rust worker's failed allocation
         return "heap out of memory" in tail or "memory allocation failed" in tail
 
+    def park(self, worker: WorkerProcess) -> None:
+        """The worker goes idle: nothing of its script runs until `resume`."""
+        confinement = self._confinements.get(worker)
+        if confinement is not None:
+            confinement.freeze()
+
+    def resume(self, worker: WorkerProcess) -> None:
+        """The worker is about to run an execution."""
+        confinement = self._confinements.get(worker)
+        if confinement is not None:
+            confinement.thaw()
+
     def has_stragglers(self, worker: WorkerProcess) -> bool:
         """Whether the script left processes behind in the worker's environment."""
         confinement = self._confinements.get(worker)

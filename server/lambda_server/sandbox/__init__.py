@@ -58,6 +58,13 @@ class Confinement:
     def memory_exhausted(self) -> bool:
         return self.cgroup is not None and self.cgroup.oom_kills() > 0
 
+    def freeze(self) -> None:
+        """Stop every process of the environment between executions (nothing of a script
+        runs while it is idle). A no-op where no freezer is active."""
+
+    def thaw(self) -> None:
+        """Let the environment's processes run again, before its next execution."""
+
     def has_stragglers(self) -> bool:
         """Whether the script left processes behind (the runtime itself is the only one allowed)."""
         return self.cgroup is not None and self.cgroup.process_count() > 1
