@@ -216,6 +216,7 @@ class EnvironmentPool:
             if self._idle[worker] == key:
                 del self._idle[worker]
                 if worker.alive():
+                    self._launcher.resume(worker)
                     self._busy[key] += 1
                     return _Slot(key, worker)
                 self._discard(worker)
@@ -236,6 +237,7 @@ class EnvironmentPool:
         if self._busy[slot.key] == 0:
             del self._busy[slot.key]
         if slot.worker is not None and slot.worker.alive() and not self._closed:
+            self._launcher.park(slot.worker)
             self._idle[slot.worker] = slot.key
         else:
             if slot.worker is not None:
