@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import asyncpg
@@ -17,6 +19,7 @@ from lambda_server.domain import (
     SessionStatus,
 )
 from lambda_server.errors import (
+    DeadlineExceeded,
     InternalError,
     QuotaExceeded,
     SessionConflict,
@@ -114,6 +117,39 @@ class ScriptCache:
             self._bytes -= len(dropped)
 
 
+class _OwnerTurns:
+    """One create per owner at a time on this replica, waiting here rather than in the
+    database: an owner's burst of Initializes then holds one pooled connection, never
+    the whole pool (the advisory lock orders it against other replicas)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}  # lock, [holders and waiters]
+
+    @asynccontextmanager
+    async def turn(self, owner: str | None, deadline: Deadline) -> AsyncIterator[None]:
+        if owner is None:
+            yield
+            return
+        lock, users = self._locks.setdefault(owner, (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            try:
+                async with asyncio.timeout(deadline.remaining()):
+                    await lock.acquire()
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"the call's deadline passed while {owner}'s other Initializes were stored"
+                ) from None
+            try:
+                yield
+            finally:
+                lock.release()
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._locks[owner]
+
+
 @dataclass(frozen=True)
 class OwnerQuota:
     """What one owner's active (unexpired) sessions may hold: MAX_SESSIONS_PER_OWNER
@@ -136,6 +172,7 @@ class SessionStore:
         """`quota`: each owner's caps; None (tools and tests) caps nobody."""
         self._db = db
         self._quota = quota
+        self._owners = _OwnerTurns()
         self._scripts = ScriptCache(script_cache_bytes)
         self._claims = ClaimBatcher(db, observe_claim_batch)
 
@@ -148,7 +185,11 @@ class SessionStore:
         (not counted again). QuotaExceeded when the owner's active sessions or their bytes
         would pass the store's quota."""
         quota = self._quota if new.owner is not None else None
-        async with self._db.connection(deadline) as conn, conn.transaction():
+        async with (
+            self._owners.turn(new.owner if quota is not None else None, deadline),
+            self._db.connection(deadline) as conn,
+            conn.transaction(),
+        ):
             if quota is not None:
                 await conn.execute(_LOCK_OWNER, OWNER_LOCK_CLASS, new.owner)
             row = await conn.fetchrow(
