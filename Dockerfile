@@ -57,14 +57,16 @@ RUN pip install --no-cache-dir --no-index --no-deps /wheels/app/*.whl && rm -rf 
 # to start when a layer is missing, rather than run scripts unconfined.
 WORKDIR /var/lib/lambda
 # Prometheus scrapes /metrics on 9090; logs are JSON lines for the log collector.
-# The image listens on every interface, so executions are rate-limited: per user
-# with AUTH_MODE=jwt, per address without it (`make run`'s default is no limit).
+# The image listens on every interface, so executions and Initialize calls are
+# rate-limited: per user with AUTH_MODE=jwt, per address without it (`make run`'s
+# default is no limit).
 ENV LISTEN_ADDR=0.0.0.0:50051 \
     METRICS_ADDR=0.0.0.0:9090 \
     LOG_FORMAT=json \
     SANDBOX_MODE=strict \
     RATE_LIMIT_PER_MINUTE=100 \
     RATE_LIMIT_ANONYMOUS_PER_MINUTE=10 \
+    RATE_LIMIT_ANONYMOUS_INITIALIZE_PER_MINUTE=10 \
     PYTHONUNBUFFERED=1
 EXPOSE 50051 9090
 # The server drains on SIGTERM: health NOT_SERVING, then SHUTDOWN_GRACE_SECONDS

@@ -41,7 +41,7 @@ from lambda_server.store.cleanup import SessionCleanup
 from lambda_server.store.database import Database
 from lambda_server.store.embedded import start_embedded
 from lambda_server.store.request_log import RequestLogWriter
-from lambda_server.store.sessions import SessionStore
+from lambda_server.store.sessions import OwnerQuota, SessionStore
 
 log = logging.getLogger("lambda_server")
 
@@ -295,7 +295,8 @@ async def _wire(
     monitor = DatabaseMonitor(db, health_servicer, settings.health_interval_seconds, schema)
     metrics = Metrics()
     cache = ResultCache(settings.result_cache_bytes, metrics)
-    sessions = SessionStore(db, observe_claim_batch=metrics.claim_batch_size.observe)
+    quota = OwnerQuota(settings.auth.max_sessions_per_owner, settings.auth.max_script_bytes_per_owner)
+    sessions = SessionStore(db, observe_claim_batch=metrics.claim_batch_size.observe, quota=quota)
     undo.push_async_callback(sessions.close)
     service = LambdaService(
         settings,

@@ -99,6 +99,9 @@ class NewSession:
     # is stored pending, before it compiles; a checked one is stored compiled
     compile_status: CompileStatus = CompileStatus.SUCCESS
     compile_options: dict[str, JSON] | None = None
+    # Caller.owner, whose session quotas it counts against; None for a session stored
+    # by a tool or test directly, which no quota counts
+    owner: str | None = None
 
 
 @dataclass(frozen=True)

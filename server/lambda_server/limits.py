@@ -1,13 +1,14 @@
-"""Per-caller rate limits on executions: a token bucket for each user (or anonymous address).
+"""Per-owner rate limits on executions and on Initialize: a token bucket for each (call, owner).
 
 Each replica keeps its own buckets, so N replicas allow up to N times the rate:
-a shared count would cost a PostgreSQL round trip on every Execute. Callers are
+a shared count would cost a PostgreSQL round trip on every call. Callers are
 spread over replicas by the load balancer, which makes the per-replica limit a
 fair approximation; set the rate per replica accordingly.
 """
 
 from __future__ import annotations
 
+import enum
 import math
 import time
 from collections import OrderedDict
@@ -25,11 +26,29 @@ from lambda_server.metrics import Metrics
 MAX_BUCKETS = 100_000
 
 
+class LimitedCall(enum.Enum):
+    """What a bucket counts; each has its own rate for users and for anonymous callers."""
+
+    EXECUTE = "execute"
+    INITIALIZE = "initialize"
+
+
+# The settings that name each rate, for the refusal's message: (user, anonymous).
+_SETTINGS = {
+    LimitedCall.EXECUTE: ("RATE_LIMIT_PER_MINUTE", "RATE_LIMIT_ANONYMOUS_PER_MINUTE"),
+    LimitedCall.INITIALIZE: (
+        "RATE_LIMIT_INITIALIZE_PER_MINUTE",
+        "RATE_LIMIT_ANONYMOUS_INITIALIZE_PER_MINUTE",
+    ),
+}
+_NOUNS = {LimitedCall.EXECUTE: "executions", LimitedCall.INITIALIZE: "Initialize calls"}
+
+
 @dataclass(frozen=True)
 class Quota:
-    """What a caller has left after an execution was admitted."""
+    """What a caller has left after a call was admitted."""
 
-    limit: int  # executions a minute
+    limit: int  # calls a minute
     remaining: int
 
 
@@ -42,24 +61,30 @@ class _Bucket:
 
 
 class RateLimiter:
-    """Admits an execution or raises RateLimited with the delay after which one token is back."""
+    """Admits a call or raises RateLimited with the delay after which one token is back."""
 
     def __init__(
         self, settings: AuthSettings, metrics: Metrics, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        self._per_user = settings.rate_limit_per_minute
-        self._per_anonymous = settings.anonymous_rate_limit_per_minute
+        self._rates = {
+            LimitedCall.EXECUTE: (settings.rate_limit_per_minute, settings.anonymous_rate_limit_per_minute),
+            LimitedCall.INITIALIZE: (
+                settings.initialize_rate_limit_per_minute,
+                settings.anonymous_initialize_rate_limit_per_minute,
+            ),
+        }
         self._metrics = metrics
         self._clock = clock
-        self._buckets: OrderedDict[tuple[bool, str], _Bucket] = OrderedDict()
+        self._buckets: OrderedDict[tuple[LimitedCall, str], _Bucket] = OrderedDict()
 
-    def admit(self, caller: Caller) -> Quota | None:
-        """Take one token from the caller's bucket; None when the caller has no limit."""
-        limit = self._per_anonymous if caller.anonymous else self._per_user
+    def admit(self, caller: Caller, call: LimitedCall = LimitedCall.EXECUTE) -> Quota | None:
+        """Take one token from the caller's bucket for `call`; None when the caller has no limit."""
+        user_limit, anonymous_limit = self._rates[call]
+        limit = anonymous_limit if caller.anonymous else user_limit
         if limit <= 0:
             return None
         now = self._clock()
-        key = (caller.anonymous, caller.address if caller.anonymous else caller.user_id or "")
+        key = (call, caller.owner)
         rate = limit / 60.0  # tokens a second; a full bucket is a minute's worth
         bucket = self._buckets.get(key)
         if bucket is None:
@@ -71,16 +96,16 @@ class RateLimiter:
             bucket.tokens = min(float(limit), bucket.tokens + (now - bucket.updated) * rate)
             bucket.updated = now
         if bucket.tokens < 1.0:
-            self._metrics.rate_limited.labels("anonymous" if caller.anonymous else "user").inc()
+            kind = "anonymous" if caller.anonymous else "user"
+            self._metrics.rate_limited.labels(kind, call.value).inc()
             wait = (1.0 - bucket.tokens) / rate
-            if caller.anonymous:
-                who, setting = f"address {caller.address}", "RATE_LIMIT_ANONYMOUS_PER_MINUTE"
-            else:
-                who, setting = f"user {caller.user_id}", "RATE_LIMIT_PER_MINUTE"
+            who = f"address {caller.address}" if caller.anonymous else f"user {caller.user_id}"
+            setting = _SETTINGS[call][1 if caller.anonymous else 0]
             raise RateLimited(
-                f"{who} may make {limit} executions a minute ({setting}); retry in {wait:.2f} s",
+                f"{who} may make {limit} {_NOUNS[call]} a minute ({setting}); retry in {wait:.2f} s",
                 retry_after=wait,
                 limit=str(limit),
+                setting=setting,
             )
         bucket.tokens -= 1.0
         return Quota(limit, math.floor(bucket.tokens))

@@ -90,8 +90,8 @@ class Metrics:
         )
         self.rate_limited = Counter(
             "lambda_rate_limited",
-            "Executions refused by the rate limit, by caller kind",
-            ["caller"],
+            "Calls refused by a rate limit, by caller kind and call (execute, initialize)",
+            ["caller", "call"],
             registry=r,
         )
         self.db_connections = Gauge(

@@ -158,6 +158,7 @@ class LambdaService:
             script_hash=script_hash,
             expiry_seconds=self._settings.session_expiry_seconds,
             metadata=metadata,
+            owner=caller.owner,
         )
         if runtime.compiled:
             return await self._initialize_compiled(runtime, new, optimization, deadline)

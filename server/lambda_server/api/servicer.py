@@ -17,7 +17,7 @@ from lambda_server.api.request_logs import client_address
 from lambda_server.auth import Authenticator
 from lambda_server.domain import Caller, Deadline
 from lambda_server.errors import RateLimited
-from lambda_server.limits import RateLimiter
+from lambda_server.limits import LimitedCall, RateLimiter
 from lambda_server.logs import note_user
 from lambda_server.service import LambdaService
 
@@ -46,6 +46,7 @@ class LambdaServicer(pb_grpc.LambdaServiceServicer):
     @reports_errors
     async def Initialize(self, request: pb.InitializeRequest, context: Context) -> pb.InitializeResponse:
         caller = self._caller(context)  # who calls comes first: a stranger learns nothing else
+        self._limiter.admit(caller, LimitedCall.INITIALIZE)  # before any work: checks cost CPU
         title = request.language_title or _metadata(context, LANGUAGE_TITLE_HEADER)
         record = await self._service.initialize(
             language_title=title,
