@@ -15,14 +15,13 @@ from pathlib import Path
 
 import jwt
 import pytest
+import yaml
 
 from lambda_microservice import LambdaClient, to_python
-from lambda_server.config import AuthSettings, SandboxSettings
+from lambda_server.config import AuthSettings, SandboxSettings, Settings
 from lambda_server.sandbox import Sandbox, SandboxUnavailable
-from tests.support import ServerThread, eventually, server_settings
+from tests.support import ROOT, ServerThread, eventually, server_settings
 from tests.test_sandbox import as_root
-
-pytestmark = as_root
 
 SECRET = "a-test-secret-of-at-least-32-bytes!!"
 UID_BASE = 400000
@@ -170,11 +169,11 @@ def token(sub: str) -> str:
     return jwt.encode({"sub": sub, "scope": "execute:all", "exp": 2**31 - 1}, SECRET, algorithm="HS256")
 
 
-def settings(uid_dir: Path, **sandbox: object) -> object:
+def settings(uid_dir: Path) -> Settings:
     auth = AuthSettings(mode="jwt", jwt_secret=SECRET, rate_limit_per_minute=0)
     base = server_settings(auth=auth)
     runtime = replace(base.runtime, prewarm_per_runtime=0, timeout_seconds=30.0)
-    box = SandboxSettings(mode="strict", uid_dir=uid_dir, uid_base=UID_BASE, **sandbox)  # type: ignore[arg-type]
+    box = SandboxSettings(mode="strict", uid_dir=uid_dir, uid_base=UID_BASE)
     return replace(base, runtime=runtime, sandbox=box)
 
 
@@ -185,9 +184,9 @@ def uid_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def servers(database_url: str, uid_dir: Path) -> Iterator[tuple[ServerThread, ServerThread]]:
-    first = ServerThread(settings(uid_dir), database_url)  # type: ignore[arg-type]
+    first = ServerThread(settings(uid_dir), database_url)
     try:
-        second = ServerThread(settings(uid_dir), database_url)  # type: ignore[arg-type]
+        second = ServerThread(settings(uid_dir), database_url)
     except BaseException:
         first.stop()
         raise
@@ -203,6 +202,7 @@ def tenant(server: ServerThread, name: str) -> LambdaClient:
 # finding 9: the seccomp filter
 
 
+@as_root
 def test_health_lists_the_seccomp_layer_and_the_servers_uid_range(
     servers: tuple[ServerThread, ServerThread],
 ) -> None:
@@ -216,6 +216,7 @@ def test_health_lists_the_seccomp_layer_and_the_servers_uid_range(
     assert f"uid-per-environment({UID_BASE + 1000}-{UID_BASE + 1999})" in texts[1]
 
 
+@as_root
 def test_python_syscall_attacks_fail_while_another_tenants_calls_are_served(
     servers: tuple[ServerThread, ServerThread],
 ) -> None:
@@ -237,6 +238,7 @@ def test_python_syscall_attacks_fail_while_another_tenants_calls_are_served(
         assert result == PYTHON_EXPECTED
 
 
+@as_root
 def test_node_and_its_worker_threads_run_under_the_filter(servers: tuple[ServerThread, ServerThread]) -> None:
     with tenant(servers[0], "attacker") as client:
         session = client.initialize("nodejs-attack", NODE_ATTACK)
@@ -251,6 +253,7 @@ def test_node_and_its_worker_threads_run_under_the_filter(servers: tuple[ServerT
     }
 
 
+@as_root
 def test_rust_compiles_and_runs_under_the_filter(servers: tuple[ServerThread, ServerThread]) -> None:
     with tenant(servers[0], "attacker") as client:
         if not client.health().components["runtime.rust"].startswith("ok"):
@@ -285,6 +288,7 @@ def uid_tasks(uid: int) -> int:
     return count
 
 
+@as_root
 def test_a_tenant_at_its_process_cap_on_one_server_leaves_the_other_servers_tenants_theirs(
     servers: tuple[ServerThread, ServerThread],
 ) -> None:
@@ -310,6 +314,7 @@ def test_a_tenant_at_its_process_cap_on_one_server_leaves_the_other_servers_tena
     assert outcome and 0 < outcome[0]["spawned"] < CAP  # type: ignore[index]
 
 
+@as_root
 def test_sandboxes_sharing_a_uid_folder_claim_disjoint_ranges_until_closed(tmp_path: Path) -> None:
     # two ranges of 30000 in the 60000 sandbox uids
     box = SandboxSettings(mode="strict", uid_dir=tmp_path / "uids", uid_base=UID_BASE, uid_range_size=30000)
@@ -331,3 +336,17 @@ def test_sandboxes_sharing_a_uid_folder_claim_disjoint_ranges_until_closed(tmp_p
             second.close()
 
     asyncio.run(scenario())
+
+
+def test_replicas_on_one_host_claim_their_uid_ranges_in_one_folder() -> None:
+    folder = str(SandboxSettings().uid_dir)
+    compose = yaml.safe_load((ROOT / "deploy" / "docker-compose.yml").read_text())
+    servers = [service for service in compose["services"].values() if service.get("privileged")]
+    assert len(servers) >= 2
+    for server in servers:  # one named volume, the same for every server
+        assert f"uids:{folder}" in server["volumes"] and "uids" in compose["volumes"]
+    deployment = yaml.safe_load((ROOT / "deploy" / "k8s" / "deployment.yaml").read_text())
+    pod = deployment["spec"]["template"]["spec"]
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == folder]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["hostPath"]["path"] == folder  # the node's folder: every replica on it sees it
