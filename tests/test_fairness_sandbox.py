@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -136,6 +137,9 @@ extern "C" {
     fn unshare(flags: i32) -> i32;
 }
 
+// rustc's own status, read by rustc as it compiles this (the compiler is filtered too)
+const RUSTC_STATUS: &str = include_str!("/proc/self/status");
+
 pub fn handler(_event: Value) -> Result<Value, String> {
     let status = std::fs::read_to_string("/proc/self/status").map_err(|e| e.to_string())?;
     let seccomp = status.lines().find(|l| l.starts_with("Seccomp:")).unwrap_or("").to_string();
@@ -144,7 +148,8 @@ pub fn handler(_event: Value) -> Result<Value, String> {
     let thread = std::thread::spawn(|| 6 * 7).join().map_err(|_| "no thread")?;
     let child = std::process::Command::new("/bin/true").status().map_err(|e| e.to_string())?.success();
     Ok(serde_json::json!({
-        "status": seccomp, "refused": refused, "errno": errno, "thread": thread, "child": child
+        "status": seccomp, "refused": refused, "errno": errno, "thread": thread, "child": child,
+        "rustc": RUSTC_STATUS.lines().find(|l| l.starts_with("Seccomp:")).unwrap_or(""),
     }))
 }
 """
@@ -260,7 +265,9 @@ def test_rust_compiles_and_runs_under_the_filter(servers: tuple[ServerThread, Se
             pytest.fail(
                 f"the Rust runtime is not available here: {client.health().components['runtime.rust']}"
             )
-        session = client.initialize("rust-attack", RUST_ATTACK, timeout=180.0)
+        # a program of its own each run (a comment), so that it is compiled, not found built
+        script = f"// {uuid.uuid4()}\n{RUST_ATTACK}"
+        session = client.initialize("rust-attack", script, timeout=180.0)
         response = client.execute(session.request_id, timeout=60.0)
     assert not response.HasField("error"), response.error
     assert to_python(response.result) == {
@@ -269,6 +276,7 @@ def test_rust_compiles_and_runs_under_the_filter(servers: tuple[ServerThread, Se
         "errno": 1,  # EPERM
         "thread": 42,
         "child": True,
+        "rustc": "Seccomp:\t2",
     }
 
 
