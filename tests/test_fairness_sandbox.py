@@ -8,6 +8,8 @@ test runs on this machine may use) with a lock folder of this module's own.
 from __future__ import annotations
 
 import asyncio
+import logging
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -344,6 +346,25 @@ def test_sandboxes_sharing_a_uid_folder_claim_disjoint_ranges_until_closed(tmp_p
             second.close()
 
     asyncio.run(scenario())
+
+
+@as_root
+def test_without_pyseccomp_strict_refuses_to_start_and_auto_warns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setitem(sys.modules, "pyseccomp", None)  # as if it were not installed
+    box = SandboxSettings(mode="strict", uid_dir=tmp_path, uid_base=UID_BASE, uid_range_size=30000)
+    with pytest.raises(SandboxUnavailable, match="seccomp: pyseccomp or libseccomp is missing"):
+        asyncio.run(Sandbox.start(box))
+    with caplog.at_level(logging.WARNING):
+        sandbox = asyncio.run(Sandbox.start(replace(box, mode="auto")))
+    try:
+        assert "seccomp" in sandbox.missing and "seccomp" not in sandbox.layers
+        assert any("sandbox layer seccomp is not active" in r.message for r in caplog.records)
+        # the refused start released its uid range: auto took the first one again
+        assert f"({UID_BASE}-{UID_BASE + 29999})" in sandbox.describe()
+    finally:
+        sandbox.close()
 
 
 def test_replicas_on_one_host_claim_their_uid_ranges_in_one_folder() -> None:
