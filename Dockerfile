@@ -26,14 +26,16 @@ RUN pip wheel --no-deps --wheel-dir /wheels/app ./client ./server
 
 FROM python:3.11-slim-bookworm AS runtime
 # util-linux's `unshare` starts each environment in its own namespaces (and
-# `prlimit` sets rlimits); rustc and cargo compile Rust scripts, against the
-# sources of serde_json that Debian packages (no network at build or run time);
-# tini is PID 1, so that the server gets SIGTERM and
-# processes orphaned by a killed environment are reaped, not left as zombies.
+# `prlimit` sets rlimits); libseccomp2 builds the syscall filter every
+# environment runs under (through the server's pyseccomp dependency); rustc and
+# cargo compile Rust scripts, against the sources of serde_json that Debian
+# packages (no network at build or run time); tini is PID 1, so that the server
+# gets SIGTERM and processes orphaned by a killed environment are reaped, not left
+# as zombies.
 # Debian's stable archive takes only security fixes, so these are not pinned.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends tini util-linux \
+    && apt-get install -y --no-install-recommends tini util-linux libseccomp2 \
         rustc cargo librust-serde-json-dev \
     && rm -rf /var/lib/apt/lists/*
 # Python runs the server and the Python scripts; Node.js (the server's `node`
@@ -51,7 +53,12 @@ RUN pip install --no-cache-dir --no-index --no-deps /wheels/app/*.whl && rm -rf 
 # writes the cgroup filesystem (memory and pids controllers; it must be mounted
 # read-write). So the image has no USER: a non-root server cannot create
 # namespaces and cgroups. Scripts never run as root: each environment drops to a
-# uid of its own (from 100000), with no capabilities and no_new_privs.
+# uid of its own, with no capabilities, no_new_privs and a seccomp filter. A
+# server takes its uids from a range no other server on the host holds (from
+# 100000, claimed by a lock file in SANDBOX_UID_DIR, /run/lambda-microservice/uids):
+# servers in several containers on one host must share that folder (compose: a
+# named volume; Kubernetes: a hostPath), or they would share their uids'
+# process caps.
 # Run it with `docker run --privileged` (compose: `privileged: true`; Kubernetes:
 # `securityContext.privileged: true`). SANDBOX_MODE=strict makes the server refuse
 # to start when a layer is missing, rather than run scripts unconfined.

@@ -37,6 +37,7 @@ def test_strict_mode_starts_with_every_layer_and_health_lists_them(strict_server
         "namespaces(pid,net,mount,ipc,uts)",
         "uid-per-environment",
         "no-new-privs",
+        "seccomp",
         "cgroup-v",
         "rlimits",
     ):
@@ -57,9 +58,9 @@ def test_auto_mode_warns_for_each_missing_layer_and_keeps_rlimits(
     with caplog.at_level(logging.WARNING):
         sandbox = asyncio.run(Sandbox.start(SandboxSettings(mode="auto")))
     assert sandbox.layers == ["rlimits"]
-    assert "namespaces" in sandbox.missing and "cgroups" in sandbox.missing
-    assert "missing: cgroups, namespaces" in sandbox.describe()
-    assert sum("sandbox layer" in record.message for record in caplog.records) == 2
+    assert {"namespaces", "cgroups", "seccomp"} <= set(sandbox.missing)
+    assert "missing: cgroups, namespaces, seccomp" in sandbox.describe()
+    assert sum("sandbox layer" in record.message for record in caplog.records) == 3
 
 
 def test_without_namespaces_rlimits_still_apply_through_prlimit() -> None:

@@ -5,8 +5,10 @@ PID, network (nothing but a down `lo`), mount, IPC and UTS namespaces, then by
 `jail.py`, which joins the environment's cgroups (memory, pids), pivots into a
 fresh root of read-only binds with a size-bounded scratch /tmp, sets rlimits,
 drops every capability and switches to a uid of the environment's own, with
-no_new_privs and a parent-death signal. Killing the namespace's first process
-ends every process of the environment.
+no_new_privs and a parent-death signal, and last loads the seccomp filter
+(seccomp.py: the syscalls no script may make). Killing the namespace's first
+process ends every process of the environment. Each server draws its uids from a
+range no other server on the host holds (uids.py).
 
 `SANDBOX_MODE=strict` refuses to start without every layer; `auto` uses what
 this machine allows and logs the rest; `off` runs workers unconfined (tests of
@@ -31,7 +33,9 @@ from lambda_server.config import SandboxSettings
 from lambda_server.domain import Limits
 from lambda_server.errors import LambdaError
 from lambda_server.runtimes.registry import RuntimeSpec
+from lambda_server.sandbox import seccomp
 from lambda_server.sandbox.cgroups import Cgroups, CgroupUnavailable, EnvironmentCgroup
+from lambda_server.sandbox.uids import UidRange, UidRangeUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +43,6 @@ JAIL = Path(__file__).resolve().parent / "jail.py"
 WORKER_DIR = "/opt/lambda"
 SYSTEM_BINDS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc/alternatives")
 NAMESPACES = ("--pid", "--net", "--ipc", "--uts", "--mount")
-UID_RANGE = 60000
 
 
 class SandboxUnavailable(LambdaError):
@@ -90,12 +93,16 @@ class Sandbox:
         missing: dict[str, str],
         unshare: str | None = None,
         cgroups: Cgroups | None = None,
+        uid_range: UidRange | None = None,
+        seccomp_filter: Path | None = None,
     ) -> None:
         self._settings = settings
         self.layers = layers
         self.missing = missing
         self._unshare = unshare
         self._cgroups = cgroups
+        self._uid_range = uid_range
+        self._seccomp_filter = seccomp_filter  # the BPF program every jail loads
         self._uids: set[int] = set()
         self._next = 0
         self._root = Path(tempfile.gettempdir()) / "lambda-sandbox-root"
@@ -109,6 +116,8 @@ class Sandbox:
         missing: dict[str, str] = {}
         unshare = shutil.which("unshare")
         cgroups = None
+        uid_range = None
+        seccomp_filter = None
         if os.geteuid() != 0:
             missing["namespaces"] = "the server does not run as root"
         elif unshare is None:
@@ -117,13 +126,25 @@ class Sandbox:
             missing["namespaces"] = "the kernel refused new namespaces"
             unshare = None
         if unshare is not None and "namespaces" not in missing:
+            try:  # without a range of its own, no environment may start: uids would be shared
+                uid_range = UidRange.claim(settings.uid_dir, settings.uid_base, settings.uid_range_size)
+            except UidRangeUnavailable as exc:
+                raise SandboxUnavailable(str(exc)) from None
             layers += [
                 "namespaces(pid,net,mount,ipc,uts)",
                 "fresh-root",
                 "scratch-tmpfs",
-                "uid-per-environment",
+                f"uid-per-environment({uid_range.first}-{uid_range.last})",
             ]
             layers += ["no-capabilities", "no-new-privs"]
+            seccomp_filter = _seccomp_filter_path()
+            try:
+                seccomp.build(seccomp_filter)
+                layers.append("seccomp")
+            except seccomp.SeccompUnavailable as exc:
+                missing["seccomp"] = str(exc)
+                seccomp_filter.unlink(missing_ok=True)
+                seccomp_filter = None
             try:
                 # one group per server instance: a process may run several (tests do)
                 cgroups = Cgroups.detect(f"lambda-{os.getpid()}-{uuid.uuid4().hex[:8]}")
@@ -133,15 +154,17 @@ class Sandbox:
         else:
             unshare = None
             missing.setdefault("cgroups", "needs the namespaces layer")
+            missing.setdefault("seccomp", "needs the namespaces layer (the jail loads the filter)")
         layers.append("rlimits")
+        sandbox = cls(settings, layers, missing, unshare, cgroups, uid_range, seccomp_filter)
         if settings.mode == "strict" and missing:
+            sandbox.close()
             raise SandboxUnavailable(
                 "SANDBOX_MODE=strict, but these layers cannot be applied: "
                 + "; ".join(f"{name}: {why}" for name, why in missing.items())
             )
         for name, why in missing.items():
             log.warning("sandbox layer %s is not active: %s", name, why)
-        sandbox = cls(settings, layers, missing, unshare, cgroups)
         sandbox._root.mkdir(exist_ok=True)
         return sandbox
 
@@ -154,6 +177,12 @@ class Sandbox:
     def close(self) -> None:
         if self._cgroups is not None:
             self._cgroups.close()
+        if self._uid_range is not None:  # another server may claim the range now
+            self._uid_range.close()
+            self._uid_range = None
+        if self._seccomp_filter is not None:
+            self._seccomp_filter.unlink(missing_ok=True)
+            self._seccomp_filter = None
 
     def confine(self, runtime: RuntimeSpec, limits: Limits, program: str | None = None) -> Confinement:
         """The command that starts `runtime` inside every active layer; `program` is the
@@ -231,6 +260,7 @@ class Sandbox:
             "rlimits": rlimits,
             "uid": uid,
             "gid": uid,
+            "seccomp": str(self._seccomp_filter) if self._seccomp_filter else None,
         }
         argv = [
             self._unshare,
@@ -251,13 +281,27 @@ class Sandbox:
         return Confinement(argv, uid, cgroup, self)
 
     def _allocate_uid(self) -> int:
-        for _ in range(UID_RANGE):
-            uid = self._settings.uid_base + self._next
-            self._next = (self._next + 1) % UID_RANGE
+        """A free uid of this server's own range (never one another server may use)."""
+        if self._uid_range is None:
+            raise SandboxUnavailable("the sandbox holds no uid range (it is closed)")
+        first, size = self._uid_range.first, self._uid_range.size
+        for _ in range(size):
+            uid = first + self._next
+            self._next = (self._next + 1) % size
             if uid not in self._uids:
                 self._uids.add(uid)
                 return uid
-        raise SandboxUnavailable("every sandbox uid is in use")
+        raise SandboxUnavailable(
+            f"every uid of this server's range ({first}-{first + size - 1}) is in use: "
+            "raise SANDBOX_UID_RANGE_SIZE"
+        )
+
+
+def _seccomp_filter_path() -> Path:
+    """A file of this sandbox's own for the BPF program (several may run in one process)."""
+    descriptor, path = tempfile.mkstemp(prefix="lambda-seccomp-", suffix=".bpf")
+    os.close(descriptor)
+    return Path(path)
 
 
 def _python() -> str:

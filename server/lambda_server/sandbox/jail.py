@@ -12,7 +12,9 @@ server (only the standard library) and, in order:
 3. sets rlimits, drops every capability from the bounding set, switches to the
    environment's own unprivileged uid and gid, sets no_new_privs and a
    parent-death signal;
-4. execs COMMAND with the environment the server passed (no secrets).
+4. loads the seccomp filter the server built (a BPF program in a file, read
+   before the pivot hides it), so that only COMMAND runs under it;
+5. execs COMMAND with the environment the server passed (no secrets).
 
 The config holds paths, ids and limits only: nothing secret is ever in argv.
 """
@@ -40,6 +42,9 @@ MNT_DETACH = 0x2
 PR_SET_PDEATHSIG = 1
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
+BPF_INSTRUCTION_BYTES = 8  # struct sock_filter: u16 code, u8 jt, u8 jf, u32 k
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
 
 RLIMITS = {
@@ -139,9 +144,36 @@ def drop_privileges(config: dict[str, Any]) -> None:
     check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")
 
 
+class SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def load_seccomp(program: bytes) -> None:
+    """Install the BPF program as this process's seccomp filter (kept across execve,
+    inherited by every process and thread it starts). Needs no_new_privs, set before."""
+    if not program or len(program) % BPF_INSTRUCTION_BYTES:
+        raise JailError(f"the seccomp filter is not a BPF program ({len(program)} bytes)")
+    buffer = ctypes.create_string_buffer(program, len(program))
+    fprog = SockFprog(len(program) // BPF_INSTRUCTION_BYTES, ctypes.addressof(buffer))
+    check(
+        libc.prctl(
+            PR_SET_SECCOMP,
+            ctypes.c_ulong(SECCOMP_MODE_FILTER),
+            ctypes.byref(fprog),
+            ctypes.c_ulong(0),
+            ctypes.c_ulong(0),
+        ),
+        "seccomp",
+    )
+
+
 def main() -> None:
     config = json.loads(sys.argv[1])
     command = sys.argv[sys.argv.index("--") + 1 :]
+    seccomp = None
+    if config.get("seccomp"):
+        with open(config["seccomp"], "rb") as file:
+            seccomp = file.read()
     for procs in config["cgroups"]:
         with open(procs, "w") as file:
             file.write("0")  # this process, and so everything it starts
@@ -150,6 +182,8 @@ def main() -> None:
     build_root(config)
     drop_privileges(config)
     os.chdir("/tmp")
+    if seccomp is not None:
+        load_seccomp(seccomp)
     os.execv(command[0], command)
 
 
