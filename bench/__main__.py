@@ -2,6 +2,7 @@
 
     make bench                      # the full run (about 4 minutes): the figures in bench/README.md
     make bench BENCH_ARGS=--quick   # seconds: checks that everything runs and counts no errors
+    make bench BENCH_ARGS=--layers  # only the fairness layers' cost, on against off
 
 Writes bench/results/report.json and, on a full run, the chart bench/chart.png.
 """
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench import latency, scale, throughput
+from bench import latency, layers, scale, throughput
 from bench.server import RESULTS, ROOT, running_server
 
 CHART = ROOT / "bench" / "chart.png"
@@ -25,10 +26,16 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="a few seconds: checks that it all runs")
+    parser.add_argument("--layers", action="store_true", help="only the fairness layers' A/B")
     args = parser.parse_args()
     if not Path(throughput.H2LOAD).exists():
         raise SystemExit("bench: h2load is missing (`make bench` installs Debian's nghttp2-client)")
     quick = args.quick
+    if args.layers:
+        layers_report = layers.run(quick)
+        layers.print_report(layers_report)
+        print(f"errors: {layers_report['errors']}")
+        sys.exit(1 if layers_report["errors"] else 0)
     # a second server with no pre-started processes: every new script starts one, sandboxed
     with running_server() as server, running_server(PREWARM_ENVIRONMENTS="0") as unpooled:
         report: dict[str, Any] = {
@@ -38,17 +45,21 @@ def main() -> None:
             "memory": scale.memory(server, 5_000 if quick else 100_000),
             "large_table": scale.large_table(server, *((10_000, 1) if quick else (1_000_000, 8))),
         }
+    report["layers"] = layers.run(quick)
     latency.print_report(report["latency"])
     print()
     throughput.print_report(report["throughput"])
     print()
     print_scale(report)
+    print()
+    layers.print_report(report["layers"])
     errors = (
         report["latency"]["errors"]
         + sum(row["errors"] for row in report["throughput"]["rows"])
         + report["in_flight"]["errors"]
         + report["memory"]["errors"]
         + report["large_table"]["errors"]
+        + report["layers"]["errors"]
     )
     print(f"errors: {errors}")
     RESULTS.mkdir(parents=True, exist_ok=True)

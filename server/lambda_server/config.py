@@ -106,8 +106,14 @@ class SandboxSettings:
     # A backstop over an environment's whole life: each execution is bounded by its timeout.
     cpu_seconds: int = 3600
     uid_base: int = 100000
-    # CPU per environment, in cores (a cpu cgroup's quota); its weight is the same for all.
+    # CPU per environment (and compiler command), in cores: a cpu cgroup's CFS quota over a
+    # 100 ms period; its weight is the same for all. 0: no cpu cgroup (CPU unlimited).
     cpu_cores: float = 1.0
+    # What keeps a script from running between its executions: `freeze` (the idle
+    # environment's freezer cgroup; `recycle` where there is no freezer), `recycle` (an
+    # environment whose thread count grew past its start's is ended after the execution),
+    # or `off`.
+    idle: str = "freeze"
     # Memory all environments' limits may add up to; 0: the host's (or container's)
     # memory less memory_reserve_mb, kept for the server itself.
     total_memory_mb: int = 0
@@ -270,7 +276,8 @@ class Settings:
             scratch_mb=reader.get("SANDBOX_SCRATCH_MB", _positive_int, 64),
             open_files=reader.get("SANDBOX_OPEN_FILES", _positive_int, 256),
             cpu_seconds=reader.get("SANDBOX_CPU_SECONDS", _positive_int, 3600),
-            cpu_cores=reader.get("SANDBOX_CPU_CORES", _positive_float, 1.0),
+            cpu_cores=reader.get("SANDBOX_CPU_CORES", _non_negative_float, 1.0),
+            idle=reader.get("SANDBOX_IDLE", _choice("freeze", "recycle", "off"), "freeze"),
             total_memory_mb=reader.get("SANDBOX_TOTAL_MEMORY_MB", _non_negative_int, 0),
             memory_reserve_mb=reader.get("SERVER_MEMORY_RESERVE_MB", _non_negative_int, 1024),
             uid_dir=reader.get("SANDBOX_UID_DIR", Path, Path("/run/lambda-microservice/uids")),

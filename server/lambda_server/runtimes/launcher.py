@@ -60,6 +60,7 @@ class Launcher:
         except BaseException:
             await confinement.release()
             raise
+        confinement.started()
         self._confinements[worker] = confinement
         if self._closed:
             await self.end(worker)

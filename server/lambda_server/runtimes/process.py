@@ -30,6 +30,10 @@ from typing import Any
 import orjson
 
 STDERR_TAIL_BYTES = 16 * 1024
+# What the server reads of a worker's stderr per request: past it, reading stops until
+# the next request, the pipe fills and the writer blocks (its script then runs into its
+# timeout). A flood costs the event loop this much a request, not as much as it can write.
+STDERR_BYTES_PER_REQUEST = 256 * 1024
 
 
 def answer_int(value: object, limit: int = 2**31) -> int:
@@ -69,6 +73,8 @@ class WorkerProcess:
         self._stderr = bytearray()
         self._exited = asyncio.get_running_loop().create_future()
         self._stderr_task: asyncio.Task[None] | None = None
+        self._stderr_budget = STDERR_BYTES_PER_REQUEST
+        self._stderr_refilled = asyncio.Event()
         self.last_used = time.monotonic()
         self._next_id = 0
 
@@ -164,6 +170,9 @@ class WorkerProcess:
         """Send one request and wait for its answer; on any failure the worker is killed."""
         self._next_id += 1
         request_id = self._next_id
+        if self._stderr_budget < STDERR_BYTES_PER_REQUEST:
+            self._stderr_budget = STDERR_BYTES_PER_REQUEST
+            self._stderr_refilled.set()
         try:
             assert self._requests is not None
             body = orjson.dumps({**message, "id": request_id})
@@ -223,10 +232,14 @@ class WorkerProcess:
 
     async def _drain(self, stream: asyncio.StreamReader) -> None:
         with contextlib.suppress(Exception):
-            while chunk := await stream.read(4096):
+            while chunk := await stream.read(STDERR_TAIL_BYTES):
                 self._stderr += chunk
                 if len(self._stderr) > STDERR_TAIL_BYTES:
                     del self._stderr[: len(self._stderr) - STDERR_TAIL_BYTES]
+                self._stderr_budget -= len(chunk)
+                if self._stderr_budget <= 0:  # the stream pauses its pipe once its buffer is full
+                    self._stderr_refilled.clear()
+                    await self._stderr_refilled.wait()
 
     def alive(self) -> bool:
         return not self._exited.done()

@@ -2,13 +2,15 @@
 
 As root, each environment's process is started by util-linux `unshare` in new
 PID, network (nothing but a down `lo`), mount, IPC and UTS namespaces, then by
-`jail.py`, which joins the environment's cgroups (memory, pids), pivots into a
+`jail.py`, which joins the environment's cgroups (memory, pids, cpu, freezer), pivots into a
 fresh root of read-only binds with a size-bounded scratch /tmp, sets rlimits,
 drops every capability and switches to a uid of the environment's own, with
 no_new_privs and a parent-death signal, and last loads the seccomp filter
 (seccomp.py: the syscalls no script may make). Killing the namespace's first
 process ends every process of the environment. Each server draws its uids from a
-range no other server on the host holds (uids.py).
+range no other server on the host holds (uids.py). Between its executions an
+environment is frozen (SANDBOX_IDLE=freeze), or ended when its script left threads
+running (SANDBOX_IDLE=recycle, and where there is no freezer).
 
 `SANDBOX_MODE=strict` refuses to start without every layer; `auto` uses what
 this machine allows and logs the rest; `off` runs workers unconfined (tests of
@@ -57,20 +59,35 @@ class Confinement:
     uid: int | None
     cgroup: EnvironmentCgroup | None
     _sandbox: Sandbox
+    _threads: int = 0  # the runtime's own threads at its start (SANDBOX_IDLE=recycle)
 
     def memory_exhausted(self) -> bool:
         return self.cgroup is not None and self.cgroup.oom_kills() > 0
 
+    def started(self) -> None:
+        """The runtime is ready and no script has run in it: count its own threads."""
+        if self.cgroup is not None and self._sandbox.idle == "recycle":
+            self._threads = self.cgroup.thread_count()
+
     def freeze(self) -> None:
         """Stop every process of the environment between executions (nothing of a script
-        runs while it is idle). A no-op where no freezer is active."""
+        runs while it is idle). Returns at once: the kernel freezes the tasks on its own."""
+        if self.cgroup is not None and self._sandbox.idle == "freeze":
+            self.cgroup.freeze()
 
     def thaw(self) -> None:
         """Let the environment's processes run again, before its next execution."""
+        if self.cgroup is not None and self._sandbox.idle == "freeze":
+            self.cgroup.thaw()
 
     def has_stragglers(self) -> bool:
-        """Whether the script left processes behind (the runtime itself is the only one allowed)."""
-        return self.cgroup is not None and self.cgroup.process_count() > 1
+        """Whether the script left processes behind (the runtime itself is the only one
+        allowed) or, under SANDBOX_IDLE=recycle, threads beyond the runtime's own."""
+        if self.cgroup is None:
+            return False
+        if self.cgroup.process_count() > 1:
+            return True
+        return self._sandbox.idle == "recycle" and self.cgroup.thread_count() > self._threads
 
     async def release(self) -> None:
         """After the process is dead: end any straggler, remove the cgroup, free the uid."""
@@ -103,6 +120,10 @@ class Sandbox:
         self._cgroups = cgroups
         self._uid_range = uid_range
         self._seccomp_filter = seccomp_filter  # the BPF program every jail loads
+        # freeze needs a freezer; without one, recycling is what stops leftover threads
+        self.idle = settings.idle
+        if self.idle == "freeze" and (cgroups is None or "freezer" not in cgroups.controllers):
+            self.idle = "recycle" if cgroups is not None else "off"
         self._uids: set[int] = set()
         self._next = 0
         self._root = Path(tempfile.gettempdir()) / "lambda-sandbox-root"
@@ -148,7 +169,9 @@ class Sandbox:
             try:
                 # one group per server instance: a process may run several (tests do)
                 cgroups = Cgroups.detect(f"lambda-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-                layers.append(f"cgroup-v{cgroups.version}(memory,pids)")
+                layers.append(f"cgroup-v{cgroups.version}({','.join(cgroups.controllers)})")
+                if settings.cpu_cores > 0 and "cpu" not in cgroups.controllers:
+                    missing["cpu"] = "no cpu controller to cap each environment's CPU"
             except CgroupUnavailable as exc:
                 missing["cgroups"] = str(exc)
         else:
@@ -157,6 +180,8 @@ class Sandbox:
             missing.setdefault("seccomp", "needs the namespaces layer (the jail loads the filter)")
         layers.append("rlimits")
         sandbox = cls(settings, layers, missing, unshare, cgroups, uid_range, seccomp_filter)
+        if sandbox.idle != "off":
+            layers.append(f"idle-{sandbox.idle}")
         if settings.mode == "strict" and missing:
             sandbox.close()
             raise SandboxUnavailable(
@@ -244,7 +269,10 @@ class Sandbox:
         try:
             if self._cgroups is not None:
                 cgroup = self._cgroups.create(
-                    f"env-{uid}", limits.memory_mb * 1024 * 1024, limits.max_processes
+                    f"env-{uid}",
+                    limits.memory_mb * 1024 * 1024,
+                    limits.max_processes,
+                    self._settings.cpu_cores,
                 )
         except (OSError, CgroupUnavailable) as exc:
             self._uids.discard(uid)
