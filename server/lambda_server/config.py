@@ -109,6 +109,11 @@ class SandboxSettings:
     # CPU per environment (and compiler command), in cores: a cpu cgroup's CFS quota over a
     # 100 ms period; its weight is the same for all. 0: no cpu cgroup (CPU unlimited).
     cpu_cores: float = 1.0
+    # CPU of all one owner's environments together, in cores (a cpu cgroup per owner that
+    # its environments join when they are bound, with the same weight for every owner).
+    # 0: one core less than the server may use, and at least one; so no owner's scripts
+    # take every core from the server and the other owners.
+    cpu_cores_per_owner: float = 0.0
     # What keeps a script from running between its executions: `freeze` (the idle
     # environment's freezer cgroup; `recycle` where there is no freezer), `recycle` (an
     # environment whose thread count grew past its start's is ended after the execution),
@@ -277,6 +282,7 @@ class Settings:
             open_files=reader.get("SANDBOX_OPEN_FILES", _positive_int, 256),
             cpu_seconds=reader.get("SANDBOX_CPU_SECONDS", _positive_int, 3600),
             cpu_cores=reader.get("SANDBOX_CPU_CORES", _non_negative_float, 1.0),
+            cpu_cores_per_owner=reader.get("SANDBOX_CPU_CORES_PER_OWNER", _non_negative_float, 0.0),
             idle=reader.get("SANDBOX_IDLE", _choice("freeze", "recycle", "off"), "freeze"),
             total_memory_mb=reader.get("SANDBOX_TOTAL_MEMORY_MB", _non_negative_int, 0),
             memory_reserve_mb=reader.get("SERVER_MEMORY_RESERVE_MB", _non_negative_int, 1024),

@@ -88,6 +88,12 @@ class Launcher:
         tail = worker.stderr_tail()  # V8's heap limit, or the Rust worker's failed allocation
         return "heap out of memory" in tail or "memory allocation failed" in tail
 
+    def assign(self, worker: WorkerProcess, owner: str) -> None:
+        """The worker is bound to a script of `owner`: its CPU is billed to the owner's share."""
+        confinement = self._confinements.get(worker)
+        if confinement is not None:
+            confinement.join_owner(owner)
+
     def park(self, worker: WorkerProcess) -> None:
         """The worker goes idle: nothing of its script runs until `resume`."""
         confinement = self._confinements.get(worker)

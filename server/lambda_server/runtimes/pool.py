@@ -255,6 +255,7 @@ class EnvironmentPool:
             if worker is None:
                 worker, state = await self._take_unbound(job, deadline)
                 slot.worker = worker
+                self._launcher.assign(worker, job.owner)
                 timeout = max(0.0, timeout - (time.perf_counter() - started))
                 # bind and run in one round trip; `loaded` is false when the script did not load
                 bind = {"op": "load", "script": job.script, "event": job.event}

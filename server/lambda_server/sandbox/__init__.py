@@ -60,6 +60,16 @@ class Confinement:
     cgroup: EnvironmentCgroup | None
     _sandbox: Sandbox
     _threads: int = 0  # the runtime's own threads at its start (SANDBOX_IDLE=recycle)
+    _limits: Limits | None = None
+    _owner: str | None = None  # whose cpu group the environment is in, once bound
+
+    def join_owner(self, owner: str) -> None:
+        """The environment is bound to `owner`'s script: from now on its CPU counts in the
+        owner's share (SANDBOX_CPU_CORES_PER_OWNER), with its other environments."""
+        if self.cgroup is None or self._owner is not None or self._limits is None:
+            return
+        self.cgroup = self._sandbox._join_owner(self.cgroup, owner, self._limits)
+        self._owner = owner
 
     def memory_exhausted(self) -> bool:
         return self.cgroup is not None and self.cgroup.oom_kills() > 0
@@ -95,6 +105,9 @@ class Confinement:
             self.cgroup.kill()
             await self.cgroup.remove()
             self.cgroup = None
+            if self._owner is not None:
+                self._sandbox._leave_owner(self._owner)
+                self._owner = None
         if self.uid is not None:
             self._sandbox._uids.discard(self.uid)
             self.uid = None
@@ -209,6 +222,31 @@ class Sandbox:
             self._seccomp_filter.unlink(missing_ok=True)
             self._seccomp_filter = None
 
+    def _join_owner(self, cgroup: EnvironmentCgroup, owner: str, limits: Limits) -> EnvironmentCgroup:
+        if self._cgroups is None or self._settings.cpu_cores <= 0:
+            return cgroup
+        try:
+            return self._cgroups.join_owner(
+                cgroup,
+                owner,
+                (limits.memory_mb * 1024 * 1024, limits.max_processes, self._settings.cpu_cores),
+                self.cpu_cores_per_owner,
+            )
+        except (OSError, CgroupUnavailable) as exc:  # the environment keeps its own cap
+            log.warning("could not move an environment into its owner's cpu group: %s", exc)
+            return cgroup
+
+    def _leave_owner(self, owner: str) -> None:
+        if self._cgroups is not None:
+            self._cgroups.leave_owner(owner)
+
+    @property
+    def cpu_cores_per_owner(self) -> float:
+        """SANDBOX_CPU_CORES_PER_OWNER, or by default one core less than this server may use."""
+        if self._settings.cpu_cores_per_owner > 0:
+            return self._settings.cpu_cores_per_owner
+        return float(max(1, len(os.sched_getaffinity(0)) - 1))
+
     def confine(self, runtime: RuntimeSpec, limits: Limits, program: str | None = None) -> Confinement:
         """The command that starts `runtime` inside every active layer; `program` is the
         compiled program a compiled runtime (Rust) runs, in place of its worker."""
@@ -306,7 +344,7 @@ class Sandbox:
             "--",
             *inside,
         ]
-        return Confinement(argv, uid, cgroup, self)
+        return Confinement(argv, uid, cgroup, self, _limits=limits)
 
     def _allocate_uid(self) -> int:
         """A free uid of this server's own range (never one another server may use)."""

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
+import hashlib
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,6 +200,7 @@ class Cgroups:
         self._cpu = cpu_base
         self._cpuacct = cpuacct_base
         self._freezer = freezer_base
+        self._owners: Counter[str] = Counter()  # environments in each owner's cpu group
 
     @property
     def controllers(self) -> list[str]:
@@ -284,14 +288,66 @@ class Cgroups:
                 (group.memory / "memory.memsw.limit_in_bytes").write_text(str(memory_bytes))
             (group.pids / "pids.max").write_text(str(max_processes))
         if group.cpu is not None:
-            quota = max(1000, round(cpu_cores * CPU_PERIOD_US))  # the kernel's least quota is 1 ms
             if self.version == 2:
+                quota = max(1000, round(cpu_cores * CPU_PERIOD_US))  # the kernel's least quota is 1 ms
                 (group.cpu / "cpu.weight").write_text(str(CPU_WEIGHT))
                 (group.cpu / "cpu.max").write_text(f"{quota} {CPU_PERIOD_US}")
             else:
-                (group.cpu / "cpu.shares").write_text(str(CPU_SHARES))
-                (group.cpu / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
-                (group.cpu / "cpu.cfs_quota_us").write_text(str(quota))
+                _write_limits_v1(group.cpu, cpu_cores)
+        return group
+
+    def join_owner(
+        self,
+        group: EnvironmentCgroup,
+        owner: str,
+        limits: tuple[int, int, float],
+        owner_cores: float,
+    ) -> EnvironmentCgroup:
+        """Move an environment's processes into its owner's cpu group, where all the owner's
+        environments share `owner_cores` (each still capped at `cores`): the owner's
+        processes compete as one, with one weight, whatever their number. On v1 only the
+        cpu hierarchy changes; on v2, where one group holds every controller, the
+        environment's group is made anew under the owner's, limits and all (memory
+        charged before the move stays with the old group's parent: the runtime's start)."""
+        if self._cpu is None or group.cpu is None:
+            return group
+        parent = self._owner_group(owner, owner_cores)
+        name = group.cpu.name
+        if self.version == 2:
+            moved = _relative(self, parent).create(name, *limits)
+        else:
+            target = parent / name
+            _make(target)
+            _write_limits_v1(target, limits[2])
+            moved = dataclasses.replace(group, cpu=target)
+        assert moved.cpu is not None
+        for pid in (_read(group.cpu / "cgroup.procs") or "").split():
+            _write(str(moved.cpu / "cgroup.procs"), pid.encode())
+        with contextlib.suppress(OSError):
+            group.cpu.rmdir()
+        self._owners[owner] += 1
+        return moved
+
+    def leave_owner(self, owner: str) -> None:
+        """An environment of the owner was removed: its group goes with its last one."""
+        self._owners[owner] -= 1
+        if self._owners[owner] <= 0:
+            del self._owners[owner]
+            if self._cpu is not None:
+                with contextlib.suppress(OSError):
+                    (self._cpu / _owner_name(owner)).rmdir()
+
+    def _owner_group(self, owner: str, cores: float) -> Path:
+        assert self._cpu is not None
+        group = self._cpu / _owner_name(owner)
+        if not group.exists():
+            _make(group)
+            if self.version == 2:
+                (group / "cgroup.subtree_control").write_text("+memory +pids +cpu")
+                (group / "cpu.weight").write_text(str(CPU_WEIGHT))
+                (group / "cpu.max").write_text(f"{max(1000, round(cores * CPU_PERIOD_US))} {CPU_PERIOD_US}")
+            else:
+                _write_limits_v1(group, cores)
         return group
 
     def close(self) -> None:
@@ -303,6 +359,30 @@ class Cgroups:
             if base is not None:
                 with contextlib.suppress(OSError):
                     base.rmdir()
+
+
+def _write_limits_v1(directory: Path, cores: float) -> None:
+    """A v1 cpu group's weight and CFS quota (the kernel's least quota is 1 ms)."""
+    (directory / "cpu.shares").write_text(str(CPU_SHARES))
+    (directory / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
+    (directory / "cpu.cfs_quota_us").write_text(str(max(1000, round(cores * CPU_PERIOD_US))))
+
+
+def _owner_name(owner: str) -> str:
+    """An owner's group name: a digest, so that no owner's text reaches a path."""
+    return "owner-" + hashlib.sha256(owner.encode()).hexdigest()[:16]
+
+
+def _relative(cgroups: Cgroups, parent: Path) -> Cgroups:
+    """v2: the same tree's controllers, with groups made under `parent`."""
+    return Cgroups(parent, parent, 2, parent, parent, parent if cgroups._freezer is not None else None)
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
 
 
 def _own_paths() -> dict[str, str]:
