@@ -138,6 +138,9 @@ class EnvironmentPool:
         self._warm: dict[str, list[WorkerProcess]] = defaultdict(list)
         self._refills: dict[str, asyncio.Task[None]] = {}
         self._refill_paused = False
+        # an execution found the budget short since the waiters were last served: what
+        # memory is given back goes to them, not to pre-starting processes
+        self._short_of_memory = False
         self._reaper: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -276,6 +279,7 @@ class EnvironmentPool:
             waiter.slot.set_result(slot)
             return True
 
+        self._short_of_memory = False
         self._waiting.serve(take)
 
     def _try_acquire(self, key: EnvironmentKey) -> _Slot | None:
@@ -367,6 +371,8 @@ class EnvironmentPool:
                 break
             chosen.append(worker)
             missing_memory -= self._default_limits.memory_mb
+        if missing_memory > 0:
+            self._short_of_memory = True
         return chosen if missing_count <= 0 and missing_memory <= 0 else None
 
     def _over_fair_share(self, asking: str) -> Callable[[str], bool]:
@@ -430,7 +436,7 @@ class EnvironmentPool:
 
     def _resume_refills(self) -> None:
         """Pre-start again what a full queue or budget paused, once they have room."""
-        if self._refill_paused and not self._waiting:
+        if self._refill_paused and not (self._waiting and self._short_of_memory):
             self._refill_paused = False
             for spec in self._runtimes.values():
                 if spec.available and not spec.compiled:
@@ -530,8 +536,8 @@ class EnvironmentPool:
         failures = 0
         memory_mb = self._default_limits.memory_mb
         while not self._closed and len(self._warm[runtime.name]) < self._settings.prewarm_per_runtime:
-            if self._waiting or not self._budget.fits(memory_mb):
-                self._refill_paused = True  # waiting executions come first: _resume_refills
+            if (self._waiting and self._short_of_memory) or not self._budget.fits(memory_mb):
+                self._refill_paused = True  # executions waiting come first: _resume_refills
                 return
             self._budget.take(memory_mb)
             try:
