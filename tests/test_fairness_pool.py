@@ -23,6 +23,7 @@ import pytest
 from lambda_microservice import LambdaClient, ResourceExhaustedError, to_python
 from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_server.config import AuthSettings, RuntimeSettings, SandboxSettings
+from lambda_server.runtimes.shares import Held, Shares, Usage
 from tests.support import ServerThread, eventually, pool_counts, server_settings
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox's namespaces and cgroups need root")
@@ -255,3 +256,17 @@ def test_a_kill_by_a_limit_above_the_environment_is_not_the_scripts_memory_limit
             assert over.error.code == E.Value("EXECUTION_ERROR_CODE_MEMORY_LIMIT"), over.error
     finally:
         running.stop()
+
+
+def test_an_owner_at_its_share_only_ever_evicts_its_own() -> None:
+    """The room-making rules alone: A at its share, the pool full of idle environments."""
+    shares = Shares(max_environments=4, per_owner=2, total_memory_mb=None)
+    idle = [Held("b1", "b", 256), Held("a1", "a", 256), Held("b2", "b", 256)]  # least recent first
+    a_full = {"a": Usage(2, 512), "b": Usage(2, 512)}
+    assert shares.room_for("a", 256, 256, 4, None, idle, [], a_full, []).victims == ["a1"]
+    assert shares.room_for("a", 256, 256, 4, None, [idle[0], idle[2]], [], a_full, []).victims is None
+    # under its share, an owner takes the least recently used idle one of an owner over
+    # an equal part (b holds 3 of 4, c none): b's, not c's older one
+    idle = [Held("c1", "c", 256), Held("b1", "b", 256)]
+    usage = {"b": Usage(3, 768), "c": Usage(1, 256)}
+    assert shares.room_for("a", 256, 256, 4, None, idle, [], usage, []).victims == ["b1"]

@@ -24,7 +24,6 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +50,7 @@ from lambda_server.runtimes.process import (
     answer_int,
 )
 from lambda_server.runtimes.registry import RuntimeSpec
+from lambda_server.runtimes.shares import Held, Shares, Usage
 from lambda_server.sandbox import Sandbox
 
 log = logging.getLogger(__name__)
@@ -100,14 +100,6 @@ class _Waiter:
     slot: asyncio.Future[_Slot]
 
 
-@dataclass
-class _Usage:
-    """What one owner holds: environments bound or binding, and their memory limits."""
-
-    environments: int = 0
-    memory_mb: int = 0
-
-
 class EnvironmentPool:
     """Runs jobs in environments; checks scripts in a per-runtime checker process."""
 
@@ -126,12 +118,13 @@ class EnvironmentPool:
         self._budget = MemoryBudget(total_memory_mb)
         self._budget.on_free = self._memory_freed
         self._budget.reclaim = self._reclaim
+        self._shares = Shares(settings.max_environments, settings.max_environments_per_owner, total_memory_mb)
         self._launcher = Launcher(settings, sandbox, self._budget)
         self._checker = ScriptChecker(self._launcher, default_limits)
         self._idle: OrderedDict[WorkerProcess, EnvironmentKey] = OrderedDict()  # least recent first
         self._busy: dict[EnvironmentKey, int] = defaultdict(int)
         self._bound = 0  # idle + busy-or-binding environments
-        self._owners: dict[str, _Usage] = {}  # only owners that hold some
+        self._owners: dict[str, Usage] = {}  # only owners that hold some
         # executions waiting for a slot; none can be served while they wait (every change
         # that frees room serves them, in _serve_waiting)
         self._waiting: FairQueue[_Waiter] = FairQueue()
@@ -216,14 +209,8 @@ class EnvironmentPool:
         finally:
             self._release(slot)
 
-    def _owner_memory_share(self) -> float:
-        total = self._budget.total
-        if total is None:
-            return float("inf")
-        return total * min(1.0, self._settings.max_environments_per_owner / self._settings.max_environments)
-
     def _refuse_what_never_fits(self, key: EnvironmentKey) -> None:
-        share = self._owner_memory_share()
+        share = self._shares.owner_memory_mb
         if key.limits.memory_mb > share:
             raise RuntimeBusy(
                 f"an environment of {key.limits.memory_mb} MiB can never fit in an owner's share "
@@ -300,7 +287,7 @@ class EnvironmentPool:
             return None
         for victim in victims:
             self._evict(victim)
-        usage = self._owners.setdefault(key.owner, _Usage())
+        usage = self._owners.setdefault(key.owner, Usage())
         usage.environments += 1
         usage.memory_mb += key.limits.memory_mb
         self._bound += 1
@@ -326,69 +313,23 @@ class EnvironmentPool:
             self._discard(warm.pop())
         return None
 
-    def _room_for(self, key: EnvironmentKey, memory_mb: int) -> list[WorkerProcess] | None:
+    def _room_for(self, key: EnvironmentKey, budget_need_mb: int) -> list[WorkerProcess] | None:
         """The idle environments (and pre-started processes) to evict so that the key's owner
-        can bind one more environment that needs `memory_mb` more of the budget, or None
-        when there is no such room now.
-
-        Within its own share only an owner's own idle environments make room; for the
-        pool's caps, first its own and those of owners over a fair share of the pool, then
-        anyone's, least recently used first (this owner is within its share by then)."""
-        owner, mb = key.owner, key.limits.memory_mb
-        usage = self._owners.get(owner) or _Usage()
-        idle = list(self._idle.items())  # least recently used first
-        chosen: list[WorkerProcess] = []
-        over_count = usage.environments + 1 - self._settings.max_environments_per_owner
-        over_memory = usage.memory_mb + mb - self._owner_memory_share()
-        for worker, held in idle:
-            if over_count <= 0 and over_memory <= 0:
-                break
-            if held.owner == owner:
-                chosen.append(worker)
-                over_count -= 1
-                over_memory -= held.limits.memory_mb
-        if over_count > 0 or over_memory > 0:
-            return None  # an owner at its share waits for its own environments
-        free = self._budget.free
-        missing_count = self._bound - len(chosen) + 1 - self._settings.max_environments
-        missing_memory = (
-            -1 if free is None else memory_mb - free - sum(self._idle[w].limits.memory_mb for w in chosen)
+        can bind one more environment, `budget_need_mb` of it new to the budget; None when
+        there is no such room now."""
+        room = self._shares.room_for(
+            key.owner,
+            key.limits.memory_mb,
+            budget_need_mb,
+            self._bound,
+            self._budget.free,
+            [Held(w, k.owner, k.limits.memory_mb) for w, k in self._idle.items()],
+            [Held(w, None, self._default_limits.memory_mb) for warm in self._warm.values() for w in warm],
+            self._owners,
+            self._waiting.owners(),
         )
-        if missing_count <= 0 and missing_memory <= 0:
-            return chosen
-        fair = self._over_fair_share(owner)
-        rest = [(w, held) for w, held in idle if w not in chosen]
-        ordered = [p for p in rest if p[1].owner == owner or fair(p[1].owner)]
-        ordered += [p for p in rest if not (p[1].owner == owner or fair(p[1].owner))]
-        for worker, held in ordered:
-            if missing_count <= 0 and missing_memory <= 0:
-                break
-            chosen.append(worker)
-            missing_count -= 1
-            missing_memory -= held.limits.memory_mb
-        for worker in (w for warm in self._warm.values() for w in warm):  # they come back later
-            if missing_memory <= 0:
-                break
-            chosen.append(worker)
-            missing_memory -= self._default_limits.memory_mb
-        if missing_memory > 0:
-            self._short_of_memory = True
-        return chosen if missing_count <= 0 and missing_memory <= 0 else None
-
-    def _over_fair_share(self, asking: str) -> Callable[[str], bool]:
-        """Whether an owner holds more than an equal part of the pool, among the owners
-        that hold environments or wait for one."""
-        owners = len({asking, *self._owners, *self._waiting.owners()})
-        count = self._settings.max_environments / owners
-        memory = (self._budget.total or 0) / owners
-
-        def over(owner: str) -> bool:
-            usage = self._owners.get(owner)
-            return usage is not None and (
-                usage.environments > count or (self._budget.total is not None and usage.memory_mb > memory)
-            )
-
-        return over
+        self._short_of_memory |= room.short_of_memory
+        return room.victims
 
     def _evict(self, worker: WorkerProcess) -> None:
         """End an idle environment or a pre-started process, making room."""
