@@ -215,7 +215,7 @@ class EnvironmentPool:
             raise RuntimeBusy(
                 f"an environment of {key.limits.memory_mb} MiB can never fit in an owner's share "
                 f"({share:.0f} MiB) of the environments' memory budget of {self._budget.total} MiB "
-                f"(SANDBOX_TOTAL_MEMORY_MB × MAX_ENVIRONMENTS_PER_OWNER / MAX_ENVIRONMENTS)"
+                f"(SANDBOX_TOTAL_MEMORY_MB * MAX_ENVIRONMENTS_PER_OWNER / MAX_ENVIRONMENTS)"
             )
 
     async def _wait_for_slot(self, key: EnvironmentKey, deadline: Deadline) -> _Slot:
@@ -251,18 +251,33 @@ class EnvironmentPool:
 
     def _serve_waiting(self) -> None:
         """Hand the room just freed to the executions waiting, owners in turn."""
-        refused: set[EnvironmentKey] = set()  # nothing changes for a key until one is served
+        # Whether a waiter can be served depends on its key (an idle environment of it, the
+        # per-script cap) or else on its owner and limits (room for a new one): one refusal
+        # answers for every waiter alike until someone is served, so that a release costs
+        # little however many one owner has waiting.
+        refused: set[EnvironmentKey] = set()
+        no_room: set[tuple[str, Limits]] = set()
+        idle_keys = set(self._idle.values())
 
         def take(waiter: _Waiter) -> bool:
-            if waiter.slot.done() or waiter.key in refused:  # a done one leaves by itself
+            nonlocal idle_keys
+            key = waiter.key
+            if waiter.slot.done() or key in refused:  # a done one leaves by itself
                 return False
-            if self._bound >= self._settings.max_environments and not self._idle:
-                return False  # no room for any key
-            slot = self._try_acquire(waiter.key)
+            if key not in idle_keys and (
+                (key.owner, key.limits) in no_room
+                or (self._bound >= self._settings.max_environments and not self._idle)
+            ):
+                return False
+            slot = self._try_acquire(key)
             if slot is None:
-                refused.add(waiter.key)
+                refused.add(key)
+                if key not in idle_keys and self._busy.get(key, 0) < self._settings.max_environments_per_key:
+                    no_room.add((key.owner, key.limits))
                 return False
             refused.clear()
+            no_room.clear()
+            idle_keys = set(self._idle.values())
             waiter.slot.set_result(slot)
             return True
 
