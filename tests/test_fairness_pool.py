@@ -24,6 +24,7 @@ from lambda_microservice import LambdaClient, ResourceExhaustedError, to_python
 from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_server.config import AuthSettings, RuntimeSettings, SandboxSettings
 from lambda_server.runtimes.shares import Held, Shares, Usage
+from lambda_server.sandbox.memory import available_memory_mb
 from tests.support import ServerThread, eventually, pool_counts, server_settings
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox's namespaces and cgroups need root")
@@ -270,3 +271,17 @@ def test_an_owner_at_its_share_only_ever_evicts_its_own() -> None:
     idle = [Held("c1", "c", 256), Held("b1", "b", 256)]
     usage = {"b": Usage(3, 768), "c": Usage(1, 256)}
     assert shares.room_for("a", 256, 256, 4, None, idle, [], usage, []).victims == ["b1"]
+
+
+def test_the_memory_budget_is_the_least_of_the_host_and_the_containers_limits(tmp_path: Path) -> None:
+    """SANDBOX_TOTAL_MEMORY_MB=0: a limit on an ancestor of the server's group counts (a pod's)."""
+    proc, root = tmp_path / "proc", tmp_path / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    (proc / "meminfo").write_text("MemTotal:       8388608 kB\n")  # 8 GiB
+    (proc / "self" / "cgroup").write_text("4:memory:/pod/server\n0::/\n")
+    (root / "memory" / "pod" / "server").mkdir(parents=True)
+    (root / "memory" / "pod" / "server" / "memory.limit_in_bytes").write_text(str(2**63 - 4096))
+    (root / "memory" / "pod" / "memory.limit_in_bytes").write_text(str(3 * 1024**3))
+    assert available_memory_mb(root, proc) == 3072
+    (root / "memory" / "pod" / "memory.limit_in_bytes").write_text(str(2**63 - 4096))
+    assert available_memory_mb(root, proc) == 8192
