@@ -33,6 +33,7 @@ from lambda_server.runtimes.pool import EnvironmentPool
 from lambda_server.runtimes.registry import RuntimeRegistry
 from lambda_server.runtimes.rust import RustCompiler, RustToolchain
 from lambda_server.sandbox import Sandbox
+from lambda_server.sandbox.memory import memory_budget_mb
 from lambda_server.service import LambdaService
 from lambda_server.store import migrations
 from lambda_server.store.artifacts import ArtifactStore
@@ -289,7 +290,8 @@ async def _wire(
         )
         builds = RustBuilds(compiler, ArtifactStore(db), cache_dir)
     limits = Limits(settings.sandbox.memory_mb, settings.sandbox.max_processes)
-    pool = EnvironmentPool(settings.runtime, registry.specs, sandbox, limits)
+    total_memory_mb = await memory_budget_mb(settings.sandbox)
+    pool = EnvironmentPool(settings.runtime, registry.specs, sandbox, limits, total_memory_mb)
     undo.push_async_callback(pool.close)
     health_servicer = HealthServicer()
     monitor = DatabaseMonitor(db, health_servicer, settings.health_interval_seconds, schema)

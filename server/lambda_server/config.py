@@ -74,6 +74,9 @@ class RuntimeSettings:
     # caller's address with AUTH_MODE=none. Environments an owner may hold at once (bound
     # or binding); an owner at its share waits for its own, never evicts another's.
     max_environments_per_owner: int = 8
+    # Executions one owner may have waiting for an environment (MAX_QUEUED_EXECUTIONS
+    # bounds all owners'); past it, QUOTA_EXCEEDED.
+    max_queued_per_owner: int = 5000
     # Script checkers per runtime (syntax checks at Initialize), checks one owner may run
     # at once, and how long one check may take (past it: the script's fault).
     checkers: int = 2
@@ -256,6 +259,11 @@ class Settings:
                 "MAX_ENVIRONMENTS_PER_OWNER",
                 _positive_int,
                 max(1, reader.get("MAX_ENVIRONMENTS", _positive_int, 16) // 2),
+            ),
+            max_queued_per_owner=reader.get(
+                "MAX_QUEUED_EXECUTIONS_PER_OWNER",
+                _positive_int,
+                max(1, reader.get("MAX_QUEUED_EXECUTIONS", _positive_int, 10000) // 2),
             ),
             checkers=reader.get("SCRIPT_CHECKERS", _positive_int, 2),
             checks_per_owner=reader.get("SCRIPT_CHECKS_PER_OWNER", _positive_int, 1),

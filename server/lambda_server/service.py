@@ -228,7 +228,7 @@ class LambdaService:
             program = await self._builds.program(script, session.script_hash, optimization, deadline)
         job = Job(
             runtime=runtime,
-            owner=owner,
+            owner=caller.owner,  # whom its environment is billed to
             # a program's environments are its own: one per optimization level
             script_hash=session.script_hash if program is None else os.path.basename(program),
             script=script,

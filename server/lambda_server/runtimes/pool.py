@@ -5,9 +5,17 @@ never shared across owners or scripts, and runs one execution at a time. Each
 runtime keeps a few pre-started, unbound processes, so binding a new script
 costs a `load` message rather than a process start. Executions of one key get
 up to `max_environments_per_key` environments; at most `max_environments` are
-bound at once, the least recently used idle one making room for a new one.
-Beyond those caps an execution waits, for a bounded time, then fails
-RuntimeBusy (RESOURCE_EXHAUSTED). Idle environments past their TTL are killed.
+bound at once, and each owner holds at most its share of them
+(`max_environments_per_owner`) and of the memory budget (the same fraction of
+SANDBOX_TOTAL_MEMORY_MB). Every live process holds its memory limit in the
+budget (runtimes/budget.py).
+
+Room for a new environment is made by evicting idle ones, least recently used
+first: an owner at its share only ever evicts its own; an owner under it evicts
+first its own or those of owners over their fair share, then anyone's. Beyond
+that an execution waits, for a bounded time, then fails RuntimeBusy
+(RESOURCE_EXHAUSTED); waiting executions are served round robin across owners.
+Idle environments past their TTL are killed.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict, defaultdict, deque
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,8 +37,10 @@ from lambda_server.domain import (
     FailureCode,
     Limits,
 )
-from lambda_server.errors import RuntimeBusy, Unavailable
+from lambda_server.errors import QuotaExceeded, RuntimeBusy, Unavailable
+from lambda_server.runtimes.budget import MemoryBudget
 from lambda_server.runtimes.checker import ScriptChecker
+from lambda_server.runtimes.fairqueue import FairQueue
 from lambda_server.runtimes.launcher import Launcher
 from lambda_server.runtimes.process import (
     FrameTooLarge,
@@ -40,6 +50,7 @@ from lambda_server.runtimes.process import (
     answer_int,
 )
 from lambda_server.runtimes.registry import RuntimeSpec
+from lambda_server.runtimes.shares import Held, Shares, Usage
 from lambda_server.sandbox import Sandbox
 
 log = logging.getLogger(__name__)
@@ -72,10 +83,13 @@ class Job:
 
 @dataclass
 class _Slot:
-    """An execution's claim on an environment: an idle one, or room to bind a new one."""
+    """An execution's claim on an environment: an idle one (`loaded`), a pre-started
+    process to bind, or (worker None) room to start one, its memory `reserved`."""
 
     key: EnvironmentKey
     worker: WorkerProcess | None
+    loaded: bool = True
+    reserved: bool = False
 
 
 @dataclass(eq=False)
@@ -95,20 +109,31 @@ class EnvironmentPool:
         runtimes: dict[str, RuntimeSpec],
         sandbox: Sandbox,
         default_limits: Limits,
+        total_memory_mb: int | None = None,
     ) -> None:
+        """`total_memory_mb`: the memory budget (SANDBOX_TOTAL_MEMORY_MB, resolved); None: none."""
         self._settings = settings
         self._runtimes = runtimes
         self._default_limits = default_limits
-        self._launcher = Launcher(settings, sandbox)
+        self._budget = MemoryBudget(total_memory_mb)
+        self._budget.on_free = self._memory_freed
+        self._budget.reclaim = self._reclaim
+        self._shares = Shares(settings.max_environments, settings.max_environments_per_owner, total_memory_mb)
+        self._launcher = Launcher(settings, sandbox, self._budget)
         self._checker = ScriptChecker(self._launcher, default_limits)
         self._idle: OrderedDict[WorkerProcess, EnvironmentKey] = OrderedDict()  # least recent first
         self._busy: dict[EnvironmentKey, int] = defaultdict(int)
         self._bound = 0  # idle + busy-or-binding environments
-        # executions waiting for a slot, first come first served; none can be served while
-        # they wait (every change that frees room serves them, in _serve_waiting)
-        self._waiting: deque[_Waiter] = deque()
+        self._owners: dict[str, Usage] = {}  # only owners that hold some
+        # executions waiting for a slot; none can be served while they wait (every change
+        # that frees room serves them, in _serve_waiting)
+        self._waiting: FairQueue[_Waiter] = FairQueue()
         self._warm: dict[str, list[WorkerProcess]] = defaultdict(list)
         self._refills: dict[str, asyncio.Task[None]] = {}
+        self._refill_paused = False
+        # an execution found the budget short since the waiters were last served: what
+        # memory is given back goes to them, not to pre-starting processes
+        self._short_of_memory = False
         self._reaper: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -145,6 +170,10 @@ class EnvironmentPool:
             counts[key.runtime]["busy"] += busy
         return counts
 
+    def usage(self) -> dict[str, tuple[int, int]]:
+        """Each owner's environments (bound or binding) and the MiB of their limits."""
+        return {owner: (u.environments, u.memory_mb) for owner, u in self._owners.items()}
+
     def status(self) -> dict[str, str]:
         counts = self.counts()
         report = {}
@@ -157,6 +186,11 @@ class EnvironmentPool:
                 )
             else:
                 report[f"runtime.{name}"] = f"unavailable: {spec.missing}"
+        # counts only: owners' names are not for every caller of Health
+        report["environments"] = (
+            f"ok (bound={self._bound}/{self._settings.max_environments}, owners={len(self._owners)}, "
+            f"waiting={len(self._waiting)}, memory={self._budget.describe()})"
+        )
         return report
 
     async def check(self, runtime: RuntimeSpec, script: str, script_hash: str, deadline: Deadline) -> bool:
@@ -168,17 +202,33 @@ class EnvironmentPool:
 
     async def execute(self, job: Job, deadline: Deadline) -> ExecutionOutcome:
         key = EnvironmentKey(job.owner, job.runtime.name, job.script_hash, job.limits)
+        self._refuse_what_never_fits(key)
         slot = self._try_acquire(key) or await self._wait_for_slot(key, deadline)
         try:
             return await self._run(slot, job, deadline)
         finally:
             self._release(slot)
 
+    def _refuse_what_never_fits(self, key: EnvironmentKey) -> None:
+        share = self._shares.owner_memory_mb
+        if key.limits.memory_mb > share:
+            raise RuntimeBusy(
+                f"an environment of {key.limits.memory_mb} MiB can never fit in an owner's share "
+                f"({share:.0f} MiB) of the environments' memory budget of {self._budget.total} MiB "
+                f"(SANDBOX_TOTAL_MEMORY_MB * MAX_ENVIRONMENTS_PER_OWNER / MAX_ENVIRONMENTS)"
+            )
+
     async def _wait_for_slot(self, key: EnvironmentKey, deadline: Deadline) -> _Slot:
         if len(self._waiting) >= self._settings.max_queued:
             raise RuntimeBusy(f"{len(self._waiting)} executions are already waiting for an environment")
+        if self._waiting.waiting(key.owner) >= self._settings.max_queued_per_owner:
+            raise QuotaExceeded(
+                f"{self._waiting.waiting(key.owner)} of this caller's executions are already waiting "
+                f"for an environment (MAX_QUEUED_EXECUTIONS_PER_OWNER)",
+                retry_after=1.0,
+            )
         waiter = _Waiter(key, asyncio.get_running_loop().create_future())
-        self._waiting.append(waiter)
+        self._waiting.push(key.owner, waiter)
         wait = deadline.cap(self._settings.queue_timeout_seconds)
         try:
             async with asyncio.timeout(wait):
@@ -187,64 +237,184 @@ class EnvironmentPool:
             if waiter.slot.done() and not waiter.slot.cancelled():
                 self._release(waiter.slot.result())  # served as it gave up: the slot goes back
             else:
-                self._waiting.remove(waiter)
+                self._waiting.remove(key.owner, waiter)
             if isinstance(exc, TimeoutError):
                 raise RuntimeBusy(
                     f"no environment for this script became free within {wait:g} s "
                     f"(RUNTIME_QUEUE_TIMEOUT_SECONDS, or the call's deadline; "
                     f"{self._settings.max_environments_per_key} per script, "
-                    f"{self._settings.max_environments} in all)"
+                    f"{self._settings.max_environments_per_owner} per caller, "
+                    f"{self._settings.max_environments} in all; memory {self._budget.describe()}, "
+                    f"SANDBOX_TOTAL_MEMORY_MB)"
                 ) from None
             raise
 
     def _serve_waiting(self) -> None:
-        """Hand the room just freed to the executions waiting, in their order."""
-        for waiter in list(self._waiting):
-            if self._bound >= self._settings.max_environments and not self._idle:
-                return  # no room for any key
-            if waiter.slot.done():  # cancelled (it timed out, or its call ended): it leaves itself
-                continue
-            slot = self._try_acquire(waiter.key)
-            if slot is not None:
-                self._waiting.remove(waiter)
-                waiter.slot.set_result(slot)
+        """Hand the room just freed to the executions waiting, owners in turn."""
+        # Whether a waiter can be served depends on its key (an idle environment of it, the
+        # per-script cap) or else on its owner and limits (room for a new one): one refusal
+        # answers for every waiter alike until someone is served, so that a release costs
+        # little however many one owner has waiting.
+        refused: set[EnvironmentKey] = set()
+        no_room: set[tuple[str, Limits]] = set()
+        idle_keys = set(self._idle.values())
+
+        def take(waiter: _Waiter) -> bool:
+            nonlocal idle_keys
+            key = waiter.key
+            if waiter.slot.done() or key in refused:  # a done one leaves by itself
+                return False
+            if key not in idle_keys and (
+                (key.owner, key.limits) in no_room
+                or (self._bound >= self._settings.max_environments and not self._idle)
+            ):
+                return False
+            slot = self._try_acquire(key)
+            if slot is None:
+                refused.add(key)
+                if key not in idle_keys and self._busy.get(key, 0) < self._settings.max_environments_per_key:
+                    no_room.add((key.owner, key.limits))
+                return False
+            refused.clear()
+            no_room.clear()
+            idle_keys = set(self._idle.values())
+            waiter.slot.set_result(slot)
+            return True
+
+        self._short_of_memory = False
+        self._waiting.serve(take)
 
     def _try_acquire(self, key: EnvironmentKey) -> _Slot | None:
         if self._busy.get(key, 0) >= self._settings.max_environments_per_key:
             return None
         for worker in reversed(self._idle):  # the most recently used first
             if self._idle[worker] == key:
-                del self._idle[worker]
                 if worker.alive():
+                    del self._idle[worker]
                     self._launcher.resume(worker)
                     self._busy[key] += 1
                     return _Slot(key, worker)
-                self._discard(worker)
-                self._bound -= 1
+                self._evict(worker)
                 return self._try_acquire(key)
-        if self._bound >= self._settings.max_environments:
-            if not self._idle:
-                return None
-            victim, _ = self._idle.popitem(last=False)  # least recently used makes room
-            self._discard(victim)
-            self._bound -= 1
+        prestarted = self._prestarted(key)
+        victims = self._room_for(key, 0 if prestarted is not None else key.limits.memory_mb)
+        if victims is None:
+            return None
+        for victim in victims:
+            self._evict(victim)
+        usage = self._owners.setdefault(key.owner, Usage())
+        usage.environments += 1
+        usage.memory_mb += key.limits.memory_mb
         self._bound += 1
         self._busy[key] += 1
-        return _Slot(key, None)
+        if prestarted is not None:
+            self._warm[key.runtime].remove(prestarted)
+            # after the bind this worker is taken for: a start (fork, sandbox set-up) next to
+            # it would take a millisecond of its CPU
+            asyncio.get_running_loop().call_later(REFILL_DELAY, self._refill, self._runtimes[key.runtime])
+            return _Slot(key, prestarted, loaded=False)
+        self._budget.take(key.limits.memory_mb)
+        return _Slot(key, None, loaded=False, reserved=True)
+
+    def _prestarted(self, key: EnvironmentKey) -> WorkerProcess | None:
+        """A live pre-started process that can take the key: they have the default limits
+        (its memory is held already); a compiled runtime has none."""
+        if key.limits != self._default_limits:
+            return None
+        warm = self._warm.get(key.runtime)
+        while warm:
+            if warm[-1].alive():
+                return warm[-1]
+            self._discard(warm.pop())
+        return None
+
+    def _room_for(self, key: EnvironmentKey, budget_need_mb: int) -> list[WorkerProcess] | None:
+        """The idle environments (and pre-started processes) to evict so that the key's owner
+        can bind one more environment, `budget_need_mb` of it new to the budget; None when
+        there is no such room now."""
+        room = self._shares.room_for(
+            key.owner,
+            key.limits.memory_mb,
+            budget_need_mb,
+            self._bound,
+            self._budget.free,
+            [Held(w, k.owner, k.limits.memory_mb) for w, k in self._idle.items()],
+            [Held(w, None, self._default_limits.memory_mb) for warm in self._warm.values() for w in warm],
+            self._owners,
+            self._waiting.owners(),
+        )
+        self._short_of_memory |= room.short_of_memory
+        return room.victims
+
+    def _evict(self, worker: WorkerProcess) -> None:
+        """End an idle environment or a pre-started process, making room."""
+        key = self._idle.pop(worker, None)
+        if key is not None:
+            self._unbind(key)
+        else:
+            for warm in self._warm.values():
+                if worker in warm:
+                    warm.remove(worker)
+        self._discard(worker)
+
+    def _unbind(self, key: EnvironmentKey) -> None:
+        self._bound -= 1
+        usage = self._owners[key.owner]
+        usage.environments -= 1
+        usage.memory_mb -= key.limits.memory_mb
+        if usage.environments == 0:
+            del self._owners[key.owner]
+
+    def _reclaim(self, memory_mb: int) -> bool:
+        """For a process the server itself needs (a checker): evict idle environments, least
+        recently used first, and pre-started processes until `memory_mb` fits."""
+        free = self._budget.free
+        if free is None:
+            return True
+        candidates = [*self._idle, *(w for warm in self._warm.values() for w in warm)]
+        for worker in candidates:
+            if free >= memory_mb:
+                break
+            key = self._idle.get(worker)
+            free += key.limits.memory_mb if key is not None else self._default_limits.memory_mb
+        if free < memory_mb:
+            return False
+        for worker in candidates:
+            if self._budget.fits(memory_mb):
+                break
+            self._evict(worker)
+        return True
+
+    def _memory_freed(self) -> None:
+        if not self._closed:
+            self._serve_waiting()
+            self._resume_refills()
+
+    def _resume_refills(self) -> None:
+        """Pre-start again what a full queue or budget paused, once they have room."""
+        if self._refill_paused and not (self._waiting and self._short_of_memory):
+            self._refill_paused = False
+            for spec in self._runtimes.values():
+                if spec.available and not spec.compiled:
+                    self._refill(spec)
 
     def _release(self, slot: _Slot) -> None:
         self._busy[slot.key] -= 1
         if self._busy[slot.key] == 0:
             del self._busy[slot.key]
-        if slot.worker is not None and slot.worker.alive() and not self._closed:
+        if slot.reserved:  # its start never began
+            slot.reserved = False
+            self._budget.give_back(slot.key.limits.memory_mb)
+        if slot.worker is not None and slot.loaded and slot.worker.alive() and not self._closed:
             self._launcher.park(slot.worker)
             self._idle[slot.worker] = slot.key
         else:
             if slot.worker is not None:
                 self._discard(slot.worker)
-            self._bound -= 1
+            self._unbind(slot.key)
         if self._waiting:
             self._serve_waiting()
+        self._resume_refills()
 
     async def _run(self, slot: _Slot, job: Job, deadline: Deadline) -> ExecutionOutcome:
         started = time.perf_counter()
@@ -252,9 +422,15 @@ class EnvironmentPool:
         state = EnvironmentState.WARM
         worker = slot.worker
         try:
-            if worker is None:
-                worker, state = await self._take_unbound(job, deadline)
-                slot.worker = worker
+            if not slot.loaded:
+                if worker is None:
+                    slot.reserved = False  # the launcher holds the memory from here
+                    worker = await self._launcher.start(
+                        job.runtime, job.limits, deadline, job.program, reserved=True
+                    )
+                    slot.worker, state = worker, EnvironmentState.COLD
+                else:
+                    state = EnvironmentState.PREWARMED
                 self._launcher.assign(worker, job.owner)
                 timeout = max(0.0, timeout - (time.perf_counter() - started))
                 # bind and run in one round trip; `loaded` is false when the script did not load
@@ -263,7 +439,9 @@ class EnvironmentPool:
                 if answer.get("loaded") is False:
                     self._drop(slot)
                     return _outcome(answer, started, state)
+                slot.loaded = True
             else:
+                assert worker is not None  # a loaded slot has its environment
                 answer = await worker.request({"op": "run", "event": job.event}, timeout)
         except WorkerTimeout:
             self._drop(slot)
@@ -275,12 +453,18 @@ class EnvironmentPool:
                 FailureCode.OUTPUT_LIMIT, f"the script's output is too large: {exc}", started, state
             )
         except WorkerCrashed as exc:
+            code, message = FailureCode.RUNTIME_ERROR, f"the runtime process crashed: {exc}"
             if worker is not None and self._launcher.out_of_memory(worker):
-                self._drop(slot)
+                code = FailureCode.MEMORY_LIMIT
                 message = f"the script went past its memory limit of {job.limits.memory_mb} MiB"
-                return _failed(FailureCode.MEMORY_LIMIT, message, started, state)
+            elif worker is not None and self._launcher.killed_by_host(worker):
+                message = (
+                    "the runtime process was killed by the host's out-of-memory killer (the host "
+                    "or the server's container ran out of memory, not this environment: its "
+                    f"limit is {job.limits.memory_mb} MiB)"
+                )
             self._drop(slot)
-            return _failed(FailureCode.RUNTIME_ERROR, f"the runtime process crashed: {exc}", started, state)
+            return _failed(code, message, started, state)
         except BaseException:  # cancelled, or the runtime could not start
             self._drop(slot)
             raise
@@ -297,29 +481,6 @@ class EnvironmentPool:
             self._discard(slot.worker)
             slot.worker = None
 
-    async def _take_unbound(self, job: Job, deadline: Deadline) -> tuple[WorkerProcess, EnvironmentState]:
-        """A pre-started process of the runtime, or a new one when none is ready.
-
-        Pre-started processes have the default limits; other limits start a process,
-        and so does a compiled program (its script is bound when it starts).
-        """
-        runtime, limits = job.runtime, job.limits
-        if job.program is not None:
-            return await self._launcher.start(runtime, limits, deadline, job.program), EnvironmentState.COLD
-        if limits != self._default_limits:
-            return await self._launcher.start(runtime, limits, deadline), EnvironmentState.COLD
-        warm = self._warm[runtime.name]
-        while warm:
-            worker = warm.pop()
-            # after the bind this worker is taken for: a start (fork, sandbox set-up) next to
-            # it would take a millisecond of its CPU
-            asyncio.get_running_loop().call_later(REFILL_DELAY, self._refill, runtime)
-            if worker.alive():
-                return worker, EnvironmentState.PREWARMED
-            self._discard(worker)
-        self._refill(runtime)
-        return await self._launcher.start(runtime, limits, deadline), EnvironmentState.COLD
-
     def _refill(self, runtime: RuntimeSpec) -> None:
         """Start processes in the background until the runtime has its pre-started few."""
         task = self._refills.get(runtime.name)
@@ -330,10 +491,15 @@ class EnvironmentPool:
 
     async def _refill_loop(self, runtime: RuntimeSpec) -> None:
         failures = 0
+        memory_mb = self._default_limits.memory_mb
         while not self._closed and len(self._warm[runtime.name]) < self._settings.prewarm_per_runtime:
+            if (self._waiting and self._short_of_memory) or not self._budget.fits(memory_mb):
+                self._refill_paused = True  # executions waiting come first: _resume_refills
+                return
+            self._budget.take(memory_mb)
             try:
                 deadline = Deadline.after(self._settings.spawn_timeout_seconds)
-                worker = await self._launcher.start(runtime, self._default_limits, deadline)
+                worker = await self._launcher.start(runtime, self._default_limits, deadline, reserved=True)
             except Unavailable as exc:
                 failures += 1
                 log.warning("could not pre-start a %s process: %s", runtime.name, exc)
@@ -349,9 +515,7 @@ class EnvironmentPool:
             limit = time.monotonic() - self._settings.idle_ttl_seconds
             expired = [worker for worker in self._idle if worker.last_used < limit]
             for worker in expired:
-                del self._idle[worker]
-                self._discard(worker)
-                self._bound -= 1
+                self._evict(worker)
             if expired and self._waiting:
                 self._serve_waiting()
 

@@ -72,7 +72,8 @@ class Confinement:
         self._owner = owner
 
     def memory_exhausted(self) -> bool:
-        return self.cgroup is not None and self.cgroup.oom_kills() > 0
+        """Whether the environment's own memory limit (not the host's OOM killer) killed it."""
+        return self.cgroup is not None and self.cgroup.oom_kills() > 0 and self.cgroup.limit_reached()
 
     def started(self) -> None:
         """The runtime is ready and no script has run in it: count its own threads."""

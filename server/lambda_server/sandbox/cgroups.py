@@ -146,6 +146,21 @@ class EnvironmentCgroup:
             pass
         return 0
 
+    def limit_reached(self) -> bool:
+        """Whether the environment ever reached its own memory limit. `oom_kills` also
+        counts kills by the host's (or an ancestor group's) OOM killer; this does not:
+        v2's `max` and `oom` events, and v1's fail counts, are charged to the group
+        whose limit refused the memory."""
+        if self.version == 2:
+            events = _counters(self.memory / "memory.events")
+            return events.get("max", 0) > 0 or events.get("oom", 0) > 0
+        # with swap accounting the memory+swap counter (same limit) is charged first
+        if _number(self.memory / "memory.failcnt") or _number(self.memory / "memory.memsw.failcnt"):
+            return True
+        limit = _number(self.memory / "memory.limit_in_bytes")
+        peak = _number(self.memory / "memory.max_usage_in_bytes")
+        return limit > 0 and peak >= limit - max(limit // 32, 1 << 20)
+
     def process_count(self) -> int:
         """Processes (not threads) in the environment; its runtime alone is 1."""
         try:  # after every execution: the os calls on a path made once, at a fifth of pathlib's cost
@@ -422,3 +437,23 @@ def _make(directory: Path) -> None:
         directory.mkdir(exist_ok=True)
     except OSError as exc:
         raise CgroupUnavailable(f"cannot create {directory}: {exc}") from None
+
+
+def _number(path: Path) -> int:
+    """A cgroup file holding one integer; 0 when it is absent or says "max"."""
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return 0
+
+
+def _counters(path: Path) -> dict[str, int]:
+    """A flat-keyed cgroup file ("name value" lines), such as memory.events."""
+    counters = {}
+    try:
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            counters[key] = int(value)
+    except (OSError, ValueError):
+        pass
+    return counters
