@@ -25,6 +25,10 @@ class Launcher:
         self._endings: set[asyncio.Task[Any]] = set()
         self._closed = False
 
+    @property
+    def settings(self) -> RuntimeSettings:
+        return self._settings
+
     async def start(
         self, runtime: RuntimeSpec, limits: Limits, deadline: Deadline, program: str | None = None
     ) -> WorkerProcess:
