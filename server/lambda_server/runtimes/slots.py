@@ -21,9 +21,10 @@ class FairSlots:
     """`total` numbered slots, of which one owner holds `per_owner` at most.
 
     A caller that finds a free slot within its owner's share takes it at once;
-    the others wait in a queue of their owner's. A freed slot goes to the next
-    owner in turn (round robin) that is under its share, so one owner's burst
-    waits behind its own work, never in front of another owner's. Slots are
+    the others wait in a queue of their owner's. A freed slot goes to the waiting
+    owner under its share that was served least recently (round robin by owner;
+    first come first served among equals), so one owner's burst waits behind its
+    own work, never in front of another owner's. Slots are
     numbered so that each can keep a worker of its own; the most recently freed
     is taken first, which keeps warm what is used.
     """
@@ -34,13 +35,9 @@ class FairSlots:
         self._free = list(range(total - 1, -1, -1))  # a stack: slot 0 on top
         self._held: Counter[str] = Counter()
         self._waiting: OrderedDict[str, deque[asyncio.Future[int]]] = OrderedDict()
-
-    def held(self, owner: str) -> int:
-        return self._held[owner]
-
-    @property
-    def waiting(self) -> int:
-        return sum(len(queue) for queue in self._waiting.values())
+        # when each owner that holds or waits last took a slot (a count of slots taken)
+        self._taken = 0
+        self._last: dict[str, int] = {}
 
     @asynccontextmanager
     async def slot(self, owner: str, wait: float) -> AsyncIterator[int]:
@@ -73,24 +70,28 @@ class FairSlots:
         self._held[owner] -= 1
         if self._held[owner] <= 0:
             del self._held[owner]
+            if owner not in self._waiting:
+                self._last.pop(owner, None)
         self._free.append(number)
         self._serve()
 
     def _take(self, owner: str) -> int:
         self._held[owner] += 1
+        self._taken += 1
+        self._last[owner] = self._taken
         return self._free.pop()
 
     def _serve(self) -> None:
         """Give free slots to waiting owners in turn, skipping owners at their share."""
         while self._free:
-            owner = next((o for o in self._waiting if self._held[o] < self.per_owner), None)
-            if owner is None:
+            eligible = [o for o in self._waiting if self._held[o] < self.per_owner]
+            if not eligible:
                 return  # everyone waiting is at its share
+            # min() keeps the first of equals: the owner that has waited longest
+            owner = min(eligible, key=lambda o: self._last.get(o, -1))
             queue = self._waiting[owner]
             future = queue.popleft()
-            if queue:
-                self._waiting.move_to_end(owner)  # its next turn comes after the others'
-            else:
+            if not queue:
                 del self._waiting[owner]
             future.set_result(self._take(owner))
 
@@ -104,3 +105,5 @@ class FairSlots:
             return
         if not queue:
             del self._waiting[owner]
+            if not self._held[owner]:
+                self._last.pop(owner, None)
