@@ -130,7 +130,7 @@ def test_a_check_past_its_time_is_the_scripts_fault_and_another_owner_is_served_
 ) -> None:
     with client_of(checks_server, "attacker") as attacker, client_of(checks_server, "victim") as victim:
         n = iter(range(10**6))  # distinct scripts: each is checked, none passes as known
-        alone = [timed(lambda: victim.initialize("python-victim", f"result = {next(n)}")) for _ in range(40)]
+        alone = [timed(lambda: victim.initialize("python-victim", f"result = {next(n)}")) for _ in range(200)]
         bombs = [
             started(lambda s=s: attacker.initialize("python-bomb", f"{F_STRING_BOMB}\n# {s}")) for s in "ab"
         ]
@@ -264,7 +264,7 @@ def test_a_freed_compile_slot_goes_to_the_owner_served_least_recently(
         server.stop()
 
 
-@pytest.mark.parametrize("megabytes", [4.5, 16])
+@pytest.mark.parametrize("megabytes", [3.5, 16])
 def test_a_program_past_its_size_limit_is_refused_and_another_owner_compiles(
     built: Path, tmp_path_factory: pytest.TempPathFactory, database_url: str, megabytes: float
 ) -> None:

@@ -55,6 +55,9 @@ DEPENDENCIES_MAX_FILE_MB = 256
 # under `-F` is an error, but rustc goes on evaluating the constant regardless.
 CONST_EVAL_LINT = "long_running_const_eval"
 SIGXFSZ_EXIT = 128 + signal.SIGXFSZ  # unshare's report of a write past RLIMIT_FSIZE
+# strsignal(SIGXFSZ), or strerror(EFBIG) where SIGXFSZ is ignored (the jail is Python,
+# which ignores it, and exec keeps that): how rustc reports its linker's cut write
+FSIZE_TEXTS = (b"File size limit exceeded", b"File too large")
 
 
 @dataclass(frozen=True)
@@ -222,7 +225,8 @@ class RustCompiler:
                     f"compilation went past its memory limit of {COMPILE_LIMITS.memory_mb} MiB",
                     limit="compile memory",
                 )
-            cut = code in (SIGXFSZ_EXIT, -signal.SIGXFSZ)  # a write past RLIMIT_FSIZE
+            # a write past RLIMIT_FSIZE: rustc's (killed), or the linker's (rustc says so)
+            cut = code in (SIGXFSZ_EXIT, -signal.SIGXFSZ) or any(text in err for text in FSIZE_TEXTS)
             if code != 0 and (cut or await asyncio.to_thread(_largest_file, work) >= fsize_mb * MIB):
                 raise _too_large(limit)
             if code != 0:
