@@ -223,7 +223,8 @@ def test_an_owners_compiles_beyond_its_share_wait_and_then_are_refused_with_a_re
     """Two slots, one an owner's: the attacker's second compile waits for its own first, and is
     refused past RUST_COMPILE_QUEUE_TIMEOUT_SECONDS, while the victim compiles on the other slot."""
     settings = {"compile_slots": 2, "compiles_per_owner": 1, "compile_queue_timeout_seconds": 2.0}
-    server = rust_server(built, tmp_path_factory, database_url, compile_timeout_seconds=12.0, **settings)
+    server = rust_server(built, tmp_path_factory, database_url, compile_timeout_seconds=60.0, **settings)
+    slow = None
     try:
         with client_of(server, "attacker") as attacker, client_of(server, "victim") as victim:
             slow = started(lambda: attacker.initialize("rust-slow", SLOW))
@@ -235,10 +236,10 @@ def test_an_owners_compiles_beyond_its_share_wait_and_then_are_refused_with_a_re
             assert second.error.metadata.get("limit") == "RUST_COMPILES_PER_OWNER"
             assert victim.initialize("rust-v", RUST_TRIVIAL.format(3)).request_id
             assert slow.is_alive()  # served while the attacker's compile still held its slot
-            slow.join()
-            assert limit_exceeded(slow, "RUST_COMPILE_TIMEOUT_SECONDS"), slow.error
     finally:
-        server.stop()
+        server.stop()  # the slow compile ends with its call
+        if slow is not None:
+            slow.join()
 
 
 def test_a_freed_compile_slot_goes_to_the_owner_served_least_recently(
