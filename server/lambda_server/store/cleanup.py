@@ -85,8 +85,9 @@ class SessionCleanup:
         self._artifact_retention = artifact_retention_seconds
         self._metrics = metrics
         self._task: asyncio.Task[None] | None = None
-        # what this replica has done, also in the lambda_sessions_cleaned metric (sessions)
-        self.done = {"expired": 0, "deleted": 0, "artifacts_deleted": 0}
+        # what this replica has done, also in the lambda_sessions_cleaned metric
+        self.done = {"expired": 0, "deleted": 0}
+        self.artifacts_deleted = 0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop())
@@ -119,7 +120,7 @@ class SessionCleanup:
             done = await self._batch(_DELETE_ARTIFACTS, ARTIFACT_BATCH, self._artifact_retention)
             if done is None:
                 return None
-            self.done["artifacts_deleted"] += done
+            self.artifacts_deleted += done
             if done < ARTIFACT_BATCH:
                 break
         marked, deleted = totals
@@ -140,6 +141,7 @@ class SessionCleanup:
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
+            artifacts = self.artifacts_deleted
             try:
                 outcome = await self.run_once()
                 await self.count_active()
@@ -153,3 +155,5 @@ class SessionCleanup:
                 log.debug("session cleanup: another replica is cleaning")
             elif any(outcome):
                 log.info("session cleanup: %d marked expired, %d deleted", *outcome)
+            if self.artifacts_deleted > artifacts:
+                log.info("cleanup: %d unused programs deleted", self.artifacts_deleted - artifacts)
