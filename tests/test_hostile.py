@@ -22,6 +22,7 @@ import pytest
 
 from lambda_microservice import LambdaClient, LambdaError, to_python
 from lambda_microservice.v1 import lambda_service_pb2 as pb
+from lambda_server.config import RuntimeSettings
 from tests.support import (
     ServerThread,
     descendants,
@@ -141,8 +142,9 @@ def tenant(hostile_server: ServerThread) -> Iterator[Tenant]:
 
 def accounted(client: LambdaClient) -> int:
     """Processes the pool accounts for: each environment and checker is `unshare` plus its runtime."""
-    environments = sum(sum(pool_counts(client, runtime).values()) for runtime in ("python", "nodejs"))
-    checkers = 2
+    runtimes = ("python", "nodejs")
+    environments = sum(sum(pool_counts(client, runtime).values()) for runtime in runtimes)
+    checkers = len(runtimes) * RuntimeSettings().checkers  # SCRIPT_CHECKERS per runtime, started with it
     return 2 * (environments + checkers)
 
 

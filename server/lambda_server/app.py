@@ -281,14 +281,14 @@ async def _wire(
     builds = None
     if not toolchain.missing:
         cache_dir = settings.runtime.rust_cache_dir
-        compiler = RustCompiler(
-            toolchain,
-            sandbox,
+        compiler = RustCompiler(toolchain, sandbox, settings.runtime)
+        builds = RustBuilds(
+            compiler,
+            ArtifactStore(db),
             cache_dir,
-            settings.runtime.compile_timeout_seconds,
-            settings.runtime.dependencies_timeout_seconds,
+            settings.runtime.artifact_retention_seconds,
+            settings.cleanup_interval_seconds,
         )
-        builds = RustBuilds(compiler, ArtifactStore(db), cache_dir)
     limits = Limits(settings.sandbox.memory_mb, settings.sandbox.max_processes)
     total_memory_mb = await memory_budget_mb(settings.sandbox)
     pool = EnvironmentPool(settings.runtime, registry.specs, sandbox, limits, total_memory_mb)
@@ -337,7 +337,11 @@ async def _wire(
     await health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
     port = await _listen(grpc_server, settings.listen_addr)
     cleanup = SessionCleanup(
-        db, settings.cleanup_interval_seconds, settings.session_retention_seconds, metrics
+        db,
+        settings.cleanup_interval_seconds,
+        settings.session_retention_seconds,
+        metrics,
+        settings.runtime.artifact_retention_seconds,
     )
     server = Server(
         settings,

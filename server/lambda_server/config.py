@@ -82,6 +82,9 @@ class RuntimeSettings:
     checkers: int = 2
     checks_per_owner: int = 1
     check_timeout_seconds: float = 10.0
+    # How long a check may wait for a checker (within the call's deadline); past it
+    # RESOURCE_EXHAUSTED (QUOTA_EXCEEDED, with a RetryInfo).
+    check_queue_timeout_seconds: float = 30.0
     # Rust compiles at once (all owners), per owner, and how long one may wait for a slot.
     compile_slots: int = 2
     compiles_per_owner: int = 1
@@ -268,6 +271,9 @@ class Settings:
             checkers=reader.get("SCRIPT_CHECKERS", _positive_int, 2),
             checks_per_owner=reader.get("SCRIPT_CHECKS_PER_OWNER", _positive_int, 1),
             check_timeout_seconds=reader.get("SCRIPT_CHECK_TIMEOUT_SECONDS", _positive_float, 10.0),
+            check_queue_timeout_seconds=reader.get(
+                "SCRIPT_CHECK_QUEUE_TIMEOUT_SECONDS", _positive_float, 30.0
+            ),
             compile_slots=reader.get("RUST_COMPILE_SLOTS", _positive_int, 2),
             compiles_per_owner=reader.get("RUST_COMPILES_PER_OWNER", _positive_int, 1),
             compile_queue_timeout_seconds=reader.get(

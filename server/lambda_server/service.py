@@ -32,6 +32,7 @@ from lambda_server.domain import (
 from lambda_server.errors import (
     InvalidRequest,
     RuntimeNotAvailable,
+    ScriptLimitExceeded,
     ScriptSyntaxError,
     ScriptTooLarge,
     UnknownLanguage,
@@ -53,8 +54,10 @@ MAX_CONTEXT_BYTES = 1024 * 1024
 class ExecutionEngine(Protocol):
     """The seam between the use cases and the runtimes."""
 
-    async def check(self, runtime: RuntimeSpec, script: str, script_hash: str, deadline: Deadline) -> bool:
-        """Compile the script (True), or pass one that compiled before (False)."""
+    async def check(
+        self, runtime: RuntimeSpec, script: str, script_hash: str, deadline: Deadline, owner: str = ""
+    ) -> bool:
+        """Compile the script (True), or pass one that compiled before (False); `owner` pays."""
         ...
 
     async def execute(self, job: Job, deadline: Deadline) -> ExecutionOutcome: ...
@@ -161,13 +164,13 @@ class LambdaService:
             owner=caller.owner,
         )
         if runtime.compiled:
-            return await self._initialize_compiled(runtime, new, optimization, deadline)
-        compiled = await self._engine.check(runtime, script, script_hash, deadline)
+            return await self._initialize_compiled(runtime, new, optimization, caller.owner, deadline)
+        compiled = await self._engine.check(runtime, script, script_hash, deadline, caller.owner)
         self._metrics.script_checks.labels(runtime.name, "compiled" if compiled else "known").inc()
         return await self._sessions.create(new, deadline)
 
     async def _initialize_compiled(
-        self, runtime: RuntimeSpec, new: NewSession, optimization: str, deadline: Deadline
+        self, runtime: RuntimeSpec, new: NewSession, optimization: str, owner: str, deadline: Deadline
     ) -> SessionRecord:
         """Store the session pending, compile (or find) its program, record how that ended."""
         optimization = optimization or "debug"
@@ -183,8 +186,10 @@ class LambdaService:
         )
         record = await self._sessions.create(new, deadline)
         try:
-            compiled = await self._builds.prepare(new.script_content, new.script_hash, optimization, deadline)
-        except ScriptSyntaxError as exc:
+            compiled = await self._builds.prepare(
+                new.script_content, new.script_hash, optimization, deadline, owner
+            )
+        except (ScriptSyntaxError, ScriptLimitExceeded) as exc:
             await self._sessions.compiled(new.request_id, CompileStatus.ERROR, exc.message, deadline)
             raise
         await self._sessions.compiled(new.request_id, CompileStatus.SUCCESS, None, deadline)
@@ -225,7 +230,9 @@ class LambdaService:
         if runtime.compiled and self._builds is not None:
             options = session.compile_options or {}
             optimization = str(options.get("optimization_level") or "debug")
-            program = await self._builds.program(script, session.script_hash, optimization, deadline)
+            program = await self._builds.program(
+                script, session.script_hash, optimization, deadline, caller.owner
+            )
         job = Job(
             runtime=runtime,
             owner=caller.owner,  # whom its environment is billed to

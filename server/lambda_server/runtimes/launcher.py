@@ -34,6 +34,10 @@ class Launcher:
         self._endings: set[asyncio.Task[Any]] = set()
         self._closed = False
 
+    @property
+    def settings(self) -> RuntimeSettings:
+        return self._settings
+
     async def start(
         self,
         runtime: RuntimeSpec,

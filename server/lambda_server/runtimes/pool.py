@@ -193,10 +193,12 @@ class EnvironmentPool:
         )
         return report
 
-    async def check(self, runtime: RuntimeSpec, script: str, script_hash: str, deadline: Deadline) -> bool:
+    async def check(
+        self, runtime: RuntimeSpec, script: str, script_hash: str, deadline: Deadline, owner: str = ""
+    ) -> bool:
         """Compile without running (True), or pass a script that compiled before (False);
-        ScriptSyntaxError with line and column when it fails."""
-        return await self._checker.check(runtime, script, script_hash, deadline)
+        ScriptSyntaxError with line and column when it fails. `owner` is billed for it."""
+        return await self._checker.check(runtime, script, script_hash, deadline, owner)
 
     # executing
 

@@ -136,8 +136,10 @@ class Worker:
             compile(script, SCRIPT_NAME, "exec", dont_inherit=True)
         except (SyntaxError, ValueError) as exc:
             return {"ok": False, "error": syntax_failure(exc)}
-        except (RecursionError, MemoryError) as exc:  # nested too deep for the compiler
+        except RecursionError as exc:  # nested too deep for the compiler
             return {"ok": False, "error": failure("RUNTIME_ERROR", f"{type(exc).__name__}: {exc}")}
+        except MemoryError:  # past the checker's memory limit (RLIMIT_AS): the parent says which
+            return {"ok": False, "limit": "memory"}
         return {"ok": True}
 
     def load(self, script: str) -> dict[str, Any]:

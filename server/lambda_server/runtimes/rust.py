@@ -19,15 +19,24 @@ import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lambda_server.config import MIB, RuntimeSettings
 from lambda_server.domain import Deadline, Limits
-from lambda_server.errors import DeadlineExceeded, ScriptSyntaxError, Unavailable
+from lambda_server.errors import (
+    DeadlineExceeded,
+    QuotaExceeded,
+    ScriptLimitExceeded,
+    ScriptSyntaxError,
+    Unavailable,
+)
 from lambda_server.runtimes.process import WorkerTimeout, run_command
 from lambda_server.runtimes.registry import RuntimeSpec
+from lambda_server.runtimes.slots import FairSlots, SlotWaitTimeout
 from lambda_server.sandbox import Sandbox, SandboxUnavailable
 
 log = logging.getLogger(__name__)
@@ -36,10 +45,19 @@ _HERE = Path(__file__).resolve().parent
 WORKER = _HERE / "rust_worker.rs"
 DEBIAN_REGISTRY = Path("/usr/share/cargo/registry")
 OPTIMIZATION_LEVELS = {"debug": "0", "release": "3"}
-DEPENDENCIES_TIMEOUT = 600.0
 # rustc runs a few threads, and the linker (cc, collect2, ld) beside them
 COMPILE_LIMITS = Limits(memory_mb=1536, max_processes=64)
-PROGRAM_MAX_MB = 256
+# The dependencies' build writes its libraries (a few MiB each)
+DEPENDENCIES_MAX_FILE_MB = 256
+# rustc's deny-by-default lint that ends a runaway const evaluation: it stays on
+# (`-A warnings` silences warnings only, and it is forbidden to allow it), and a
+# script that names it is refused before it is compiled: an `#[allow]` of it
+# under `-F` is an error, but rustc goes on evaluating the constant regardless.
+CONST_EVAL_LINT = "long_running_const_eval"
+SIGXFSZ_EXIT = 128 + signal.SIGXFSZ  # unshare's report of a write past RLIMIT_FSIZE
+# strsignal(SIGXFSZ), or strerror(EFBIG) where SIGXFSZ is ignored (the jail is Python,
+# which ignores it, and exec keeps that): how rustc reports its linker's cut write
+FSIZE_TEXTS = (b"File size limit exceeded", b"File too large")
 
 
 @dataclass(frozen=True)
@@ -99,21 +117,16 @@ class RustCompiler:
     compile.
     """
 
-    def __init__(
-        self,
-        toolchain: RustToolchain,
-        sandbox: Sandbox,
-        cache_dir: Path,
-        timeout: float,
-        dependencies_timeout: float = DEPENDENCIES_TIMEOUT,
-        jobs: int = 2,
-    ) -> None:
+    def __init__(self, toolchain: RustToolchain, sandbox: Sandbox, settings: RuntimeSettings) -> None:
         self._toolchain = toolchain
         self._sandbox = sandbox
-        self._cache = cache_dir
-        self._timeout = timeout
-        self._dependencies_timeout = dependencies_timeout
-        self._slots = asyncio.Semaphore(jobs)
+        self._settings = settings
+        self._cache = settings.rust_cache_dir
+        self._timeout = settings.compile_timeout_seconds
+        self._dependencies_timeout = settings.dependencies_timeout_seconds
+        # RUST_COMPILE_SLOTS at once, RUST_COMPILES_PER_OWNER of them an owner's, waiting
+        # compiles served round robin by owner
+        self._slots = FairSlots(settings.compile_slots, settings.compiles_per_owner)
         self._dependencies_task: asyncio.Task[tuple[Path, Path]] | None = None
         self._built: tuple[Path, Path] | None = None  # the dependencies' folder, serde_json's rlib
 
@@ -149,42 +162,81 @@ class RustCompiler:
             return f"failed: {_describe(task.exception())}"
         return "building"
 
-    async def compile(self, script: str, optimization: str, deadline: Deadline) -> bytes:
-        """The program of a script; ScriptSyntaxError with rustc's message, line and column."""
+    async def compile(self, script: str, optimization: str, deadline: Deadline, owner: str = "") -> bytes:
+        """The program of a script; ScriptSyntaxError with rustc's message, line and column,
+        ScriptLimitExceeded past a compile's time, memory or program size, QuotaExceeded when
+        no compile slot came for `owner` within RUST_COMPILE_QUEUE_TIMEOUT_SECONDS."""
+        _refuse_lint_change(script)
         dependencies, serde_json = self._built or await self._dependencies(deadline)
-        async with self._slots:
-            work = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="compile-", dir=self._cache))
+        wait = deadline.cap(self._settings.compile_queue_timeout_seconds)
+        try:
+            async with self._slots.slot(owner, wait):
+                return await self._compile(script, optimization, deadline, dependencies, serde_json)
+        except SlotWaitTimeout as exc:
+            if exc.own_share:
+                why = f"this caller's {self._slots.per_owner} compiles at once (RUST_COMPILES_PER_OWNER)"
+            else:
+                why = f"every compile slot (RUST_COMPILE_SLOTS: {self._slots.total})"
+            raise QuotaExceeded(
+                f"{why} stayed busy for {wait:g} s "
+                "(RUST_COMPILE_QUEUE_TIMEOUT_SECONDS, or the call's deadline)",
+                retry_after=min(self._timeout, self._settings.compile_queue_timeout_seconds),
+                limit="RUST_COMPILES_PER_OWNER" if exc.own_share else "RUST_COMPILE_SLOTS",
+            ) from None
+
+    async def _compile(
+        self, script: str, optimization: str, deadline: Deadline, dependencies: Path, serde_json: Path
+    ) -> bytes:
+        work = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="compile-", dir=self._cache))
+        try:
+            await asyncio.to_thread(_stage, work, script)
+            argv = [
+                self._toolchain.rustc,
+                "--edition=2021",
+                "--crate-type=bin",
+                "--crate-name=handler",
+                "--error-format=json",
+                "-Awarnings",  # warnings only: deny-by-default lints stay errors
+                f"-F{CONST_EVAL_LINT}",
+                f"-Copt-level={OPTIMIZATION_LEVELS[optimization]}",
+                "-Cstrip=debuginfo",
+                f"-Ldependency={dependencies}",
+                f"--extern=serde_json={serde_json}",
+                "-o",
+                str(work / "handler"),
+                str(work / "src" / "main.rs"),  # the jail starts in /tmp
+            ]
+            timeout = deadline.cap(self._timeout)
+            limit = self._settings.max_program_bytes
+            # a little over the program limit: a program just past it is measured
+            # below, one far past it is cut by the kernel (SIGXFSZ) as it is written
+            fsize_mb = -(-limit // MIB) + 1
             try:
-                await asyncio.to_thread(_stage, work, script)
-                argv = [
-                    self._toolchain.rustc,
-                    "--edition=2021",
-                    "--crate-type=bin",
-                    "--crate-name=handler",
-                    "--error-format=json",
-                    "--cap-lints=allow",
-                    f"-Copt-level={OPTIMIZATION_LEVELS[optimization]}",
-                    "-Cstrip=debuginfo",
-                    f"-Ldependency={dependencies}",
-                    f"--extern=serde_json={serde_json}",
-                    "-o",
-                    str(work / "handler"),
-                    str(work / "src" / "main.rs"),  # the jail starts in /tmp
-                ]
-                timeout = deadline.cap(self._timeout)
-                try:
-                    code, err, out_of_memory = await self._run(argv, work, [str(dependencies)], timeout)
-                except WorkerTimeout:
-                    raise ScriptSyntaxError(
-                        f"compilation ran past its limit of {timeout:g} s", 0, 0
-                    ) from None
-                if out_of_memory:
-                    raise ScriptSyntaxError(f"compilation went past {COMPILE_LIMITS.memory_mb} MiB", 0, 0)
-                if code != 0:
-                    raise _compile_error(err)
-                return await asyncio.to_thread((work / "handler").read_bytes)
-            finally:
-                await asyncio.to_thread(shutil.rmtree, work, True)
+                code, err, out_of_memory = await self._run(argv, work, [str(dependencies)], timeout, fsize_mb)
+            except WorkerTimeout:
+                if timeout < self._timeout:
+                    raise DeadlineExceeded("the call's deadline passed while the script compiled") from None
+                raise ScriptLimitExceeded(
+                    f"compilation ran past its limit of {timeout:g} s (RUST_COMPILE_TIMEOUT_SECONDS)",
+                    limit="RUST_COMPILE_TIMEOUT_SECONDS",
+                ) from None
+            if out_of_memory:
+                raise ScriptLimitExceeded(
+                    f"compilation went past its memory limit of {COMPILE_LIMITS.memory_mb} MiB",
+                    limit="compile memory",
+                )
+            # a write past RLIMIT_FSIZE: rustc's (killed), or the linker's (rustc says so)
+            cut = code in (SIGXFSZ_EXIT, -signal.SIGXFSZ) or any(text in err for text in FSIZE_TEXTS)
+            if code != 0 and (cut or await asyncio.to_thread(_largest_file, work) >= fsize_mb * MIB):
+                raise _too_large(limit)
+            if code != 0:
+                raise _compile_error(err)
+            size = await asyncio.to_thread(lambda: (work / "handler").stat().st_size)
+            if size > limit:
+                raise _too_large(limit, size)
+            return await asyncio.to_thread((work / "handler").read_bytes)
+        finally:
+            await asyncio.to_thread(shutil.rmtree, work, True)
 
     async def _dependencies(self, deadline: Deadline) -> tuple[Path, Path]:
         """The folder of serde_json's built crates for this toolchain and serde_json's
@@ -267,7 +319,7 @@ class RustCompiler:
             binds = [self._toolchain.registry]
             limit = self._dependencies_timeout
             try:
-                code, err, _ = await self._run(argv, work, binds, limit)
+                code, err, _ = await self._run(argv, work, binds, limit, DEPENDENCIES_MAX_FILE_MB)
             except WorkerTimeout:  # not the script's fault: the service cannot compile yet
                 raise Unavailable(
                     f"serde_json did not build within {limit:g} s (RUST_DEPENDENCIES_TIMEOUT_SECONDS)"
@@ -286,13 +338,14 @@ class RustCompiler:
             await asyncio.to_thread(shutil.rmtree, work, True)
 
     async def _run(
-        self, argv: list[str], work: Path, binds: list[str], timeout: float
+        self, argv: list[str], work: Path, binds: list[str], timeout: float, fsize_mb: int
     ) -> tuple[int, bytes, bool]:
-        """Run a build command in the sandbox: its exit status, its stderr, and whether it
-        went past its memory limit; WorkerTimeout past `timeout`."""
+        """Run a build command in the sandbox, writing files of `fsize_mb` at most: its exit
+        status, its stderr, and whether it went past its memory limit; WorkerTimeout past
+        `timeout`."""
         try:
             confinement = self._sandbox.confine_command(
-                argv, [self._toolchain.sysroot, *binds], str(work), COMPILE_LIMITS, PROGRAM_MAX_MB
+                argv, [self._toolchain.sysroot, *binds], str(work), COMPILE_LIMITS, fsize_mb
             )
         except SandboxUnavailable as exc:
             raise Unavailable(f"the Rust compiler could not be confined: {exc.message}") from None
@@ -302,6 +355,39 @@ class RustCompiler:
             return code, err, confinement.memory_exhausted()
         finally:
             await confinement.release()
+
+
+def _refuse_lint_change(script: str) -> None:
+    """A script may not name the lint that ends runaway const evaluation (to allow it)."""
+    at = script.find(CONST_EVAL_LINT)
+    if at >= 0:
+        line = script.count("\n", 0, at) + 1
+        column = at - (script.rfind("\n", 0, at) + 1) + 1
+        raise ScriptSyntaxError(
+            f"a script may not change the level of the lint {CONST_EVAL_LINT}: it ends a "
+            "constant evaluation that does not end",
+            line,
+            column,
+        )
+
+
+def _too_large(limit: int, size: int | None = None) -> ScriptLimitExceeded:
+    what = f"the program is {size} bytes" if size is not None else "the program grew"
+    return ScriptLimitExceeded(
+        f"{what}, over its limit of {limit} bytes (RUST_MAX_PROGRAM_BYTES)",
+        limit="RUST_MAX_PROGRAM_BYTES",
+    )
+
+
+def _largest_file(folder: Path) -> int:
+    """The size of the largest file under `folder`: one the kernel cut at RLIMIT_FSIZE is
+    exactly at the limit."""
+    sizes = [0]
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                sizes.append(os.lstat(os.path.join(root, name)).st_size)
+    return max(sizes)
 
 
 def _describe(error: BaseException | None) -> str:

@@ -11,6 +11,13 @@ INSERT INTO meta.artifacts (artifact_key, script_hash, optimization, toolchain, 
 VALUES ($1, $2, $3, $4, $5)
 ON CONFLICT (artifact_key) DO NOTHING
 """
+# Which of these script hashes an unexpired session uses, at which optimization level
+# (a session without compile options runs the debug program), by the database clock.
+_IN_USE = """
+SELECT DISTINCT script_hash, coalesce(compile_options->>'optimization_level', 'debug') AS optimization
+FROM meta.sessions
+WHERE script_hash = ANY($1::varchar[]) AND status = 'active' AND expires_at > now()
+"""
 
 
 class ArtifactStore:
@@ -34,3 +41,8 @@ class ArtifactStore:
     ) -> None:
         """Keep a program; one stored already under the key (another replica's) stays."""
         await self._db.fetchrow(deadline, _PUT, key, script_hash, optimization, toolchain, program)
+
+    async def in_use(self, script_hashes: list[str], deadline: Deadline) -> set[tuple[str, str]]:
+        """(script hash, optimization level) of these hashes that an unexpired session uses."""
+        rows = await self._db.fetch(deadline, _IN_USE, script_hashes)
+        return {(row["script_hash"], row["optimization"]) for row in rows}

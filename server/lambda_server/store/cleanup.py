@@ -1,5 +1,9 @@
 """Expired sessions: marked `expired`, then deleted after the retention, by one replica at a time.
 
+The same pass removes compiled programs (meta.artifacts) that no unexpired
+session uses and that are older than RUST_ARTIFACT_RETENTION_SECONDS, a few at
+a time (a program may be tens of MiB).
+
 Each pass works in small batches, each its own short transaction that first
 takes a transaction-level advisory lock with pg_try_advisory_xact_lock: a replica
 that finds it taken skips the batch, so two replicas never clean at once and no
@@ -24,6 +28,7 @@ log = logging.getLogger(__name__)
 LOCK_ID = 0x6C616D6265  # "lambe": one cleaner at a time across replicas
 BATCH = 1000
 BATCH_SECONDS = 5.0
+ARTIFACT_BATCH = 20  # programs of up to RUST_MAX_PROGRAM_BYTES each
 
 _MARK = """
 WITH due AS (
@@ -43,20 +48,46 @@ WITH due AS (
 DELETE FROM meta.sessions s USING due WHERE s.request_id = due.request_id
 """
 
+# by script hash and optimization level (a session without compile options runs the
+# debug program); sessions_script_hash_idx makes each look-up an index probe
+_DELETE_ARTIFACTS = """
+WITH due AS (
+    SELECT a.artifact_key FROM meta.artifacts a
+    WHERE a.created_at <= now() - make_interval(secs => $2)
+      AND NOT EXISTS (
+          SELECT 1 FROM meta.sessions s
+          WHERE s.script_hash = a.script_hash
+            AND coalesce(s.compile_options->>'optimization_level', 'debug') = a.optimization
+            AND s.status = 'active' AND s.expires_at > now()
+      )
+    LIMIT $1 FOR UPDATE SKIP LOCKED
+)
+DELETE FROM meta.artifacts a USING due WHERE a.artifact_key = due.artifact_key
+"""
+
 _ACTIVE = "SELECT count(*) FROM meta.sessions WHERE status = 'active' AND expires_at > now()"
 
 
 class SessionCleanup:
     """A periodic pass over expired sessions; `run_once` is one pass, for tests and tools."""
 
-    def __init__(self, db: Database, interval: float, retention_seconds: int, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        db: Database,
+        interval: float,
+        retention_seconds: int,
+        metrics: Metrics,
+        artifact_retention_seconds: float = 86400.0,
+    ) -> None:
         self._db = db
         self._interval = interval
         self._retention = float(retention_seconds)
+        self._artifact_retention = artifact_retention_seconds
         self._metrics = metrics
         self._task: asyncio.Task[None] | None = None
         # what this replica has done, also in the lambda_sessions_cleaned metric
         self.done = {"expired": 0, "deleted": 0}
+        self.artifacts_deleted = 0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop())
@@ -85,6 +116,13 @@ class SessionCleanup:
                 if done < BATCH:
                     break
             totals.append(total)
+        while True:
+            done = await self._batch(_DELETE_ARTIFACTS, ARTIFACT_BATCH, self._artifact_retention)
+            if done is None:
+                return None
+            self.artifacts_deleted += done
+            if done < ARTIFACT_BATCH:
+                break
         marked, deleted = totals
         return marked, deleted
 
@@ -103,6 +141,7 @@ class SessionCleanup:
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
+            artifacts = self.artifacts_deleted
             try:
                 outcome = await self.run_once()
                 await self.count_active()
@@ -116,3 +155,5 @@ class SessionCleanup:
                 log.debug("session cleanup: another replica is cleaning")
             elif any(outcome):
                 log.info("session cleanup: %d marked expired, %d deleted", *outcome)
+            if self.artifacts_deleted > artifacts:
+                log.info("cleanup: %d unused programs deleted", self.artifacts_deleted - artifacts)
