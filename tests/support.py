@@ -351,3 +351,31 @@ def free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
+
+
+def p99(samples: list[float]) -> float:
+    """The 99th percentile of latencies (the largest of fewer than 100)."""
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+
+
+def assert_p99_within(alone: list[float], during: list[float], factor: float = 2.0) -> None:
+    """Issue 14's measure of an attack: the second tenant's p99 under it stays within
+    `factor` times its p99 alone.
+
+    `alone` holds its p99s measured without the attack, before it and after it; the
+    larger counts, since a loaded machine may have grown busier meanwhile. `during`
+    holds the p99s of the windows measured while the attack went on; the best counts.
+    On a loaded 2-core machine the p99 of a few hundred calls moves by up to 2x from
+    one quiet window to the next, while the attacks of issue 14 moved it 3-9x in every
+    window: a sustained starvation fails all of them.
+    """
+    baseline, attacked = max(alone), min(during)
+    print(
+        f"\nsecond tenant's p99: alone {[round(1000 * a, 1) for a in alone]} ms, "
+        f"under attack {[round(1000 * d, 1) for d in during]} ms"
+    )
+    assert attacked <= factor * baseline, (
+        f"the second tenant's p99 under attack, {1000 * attacked:.1f} ms, is over {factor:g}x "
+        f"its p99 alone, {1000 * baseline:.1f} ms"
+    )

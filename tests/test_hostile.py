@@ -28,6 +28,7 @@ from tests.support import (
     descendants,
     eventually,
     nested_execute_request,
+    p99,
     pool_counts,
     quiet_descendants,
     raw_execute_error,
@@ -85,11 +86,6 @@ class Tenant:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(15)
-
-
-def p99(samples: list[float]) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
 
 
 @pytest.fixture(scope="module")
