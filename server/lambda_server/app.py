@@ -318,7 +318,8 @@ async def _wire(
         maximum_concurrent_rpcs=settings.grpc.max_concurrent_rpcs or None,
     )
     limiter = RateLimiter(settings.auth, metrics)
-    add_to_server(LambdaServicer(service, Authenticator(settings.auth), limiter), grpc_server)
+    json_bounds = (settings.runtime.max_json_nodes, settings.runtime.max_json_depth)
+    add_to_server(LambdaServicer(service, Authenticator(settings.auth), limiter, json_bounds), grpc_server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     reflection.enable_server_reflection(
         (

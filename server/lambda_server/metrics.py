@@ -118,6 +118,13 @@ class Metrics:
         self.log_dropped = Counter(
             "lambda_request_log_dropped", "Request log records dropped because the queue was full", registry=r
         )
+        self.log_unloggable = Counter(
+            "lambda_request_log_unloggable",
+            "Request log records whose params or result could not be converted (past "
+            "MAX_JSON_NODES or MAX_JSON_DEPTH, or not JSON): logged as a marker, by payload",
+            ["payload"],
+            registry=r,
+        )
         self.log_written = Counter(
             "lambda_request_log_written", "Request log records written to PostgreSQL", registry=r
         )

@@ -13,7 +13,7 @@ import grpc
 
 from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_server.api.errors import Context
-from lambda_server.api.request_logs import RequestLog, execute_entry
+from lambda_server.api.request_logs import RequestLog, execute_entry, fallback_entry, is_unloggable
 from lambda_server.logs import CallInfo, begin_call, end_call
 from lambda_server.metrics import Metrics
 
@@ -101,7 +101,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 elapsed = time.perf_counter() - started
                 self._count(name, code, elapsed)
                 if logged and self._request_log is not None:
-                    self._log(request, response, code, context, call, started_at, elapsed)
+                    self._log(response, code, context, call, started_at, elapsed)
                 end_call(token)
 
         return serve
@@ -136,7 +136,6 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     def _log(
         self,
-        request: Any,
         response: Any,
         code: grpc.StatusCode,
         context: Context,
@@ -144,13 +143,20 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         started_at: float,
         elapsed: float,
     ) -> None:
+        """Every Execute gets its entry, whatever it answered; nothing raises out of here."""
         assert self._request_log is not None
         try:
-            entry = execute_entry(request, response, code, context, call, started_at, elapsed)
-        except Exception:  # a bug here must not fail the call it describes
-            log.exception("could not make the request log entry")
-            return
-        self._request_log.record(entry)
+            try:
+                entry = execute_entry(response, code, context, call, started_at, elapsed)
+            except Exception as exc:  # a bug: the call still gets an entry, with markers
+                log.exception("could not make the request log entry; logging a marker")
+                entry = fallback_entry(code, call, started_at, elapsed, f"{type(exc).__name__}: {exc}")
+            for which, payload in (("params", entry.request_payload), ("result", entry.response_payload)):
+                if is_unloggable(payload):
+                    self._metrics.log_unloggable.labels(which).inc()
+            self._request_log.record(entry)
+        except Exception:  # the call it describes is answered already: never fail it
+            log.exception("could not log the request")
 
 
 def _status(context: Context, default: grpc.StatusCode) -> grpc.StatusCode:
