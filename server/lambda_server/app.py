@@ -313,7 +313,13 @@ async def _wire(
     metrics.on_scrape(_scrape_gauges(metrics, pool, db, request_log))
 
     grpc_server = grpc.aio.server(
-        interceptors=[CallInterceptor(metrics, request_log if settings.request_log.enabled else None)],
+        interceptors=[
+            CallInterceptor(
+                metrics,
+                request_log if settings.request_log.enabled else None,
+                settings.grpc.max_inflight_request_bytes,
+            )
+        ],
         options=grpc_options(settings.grpc),
         maximum_concurrent_rpcs=settings.grpc.max_concurrent_rpcs or None,
     )
