@@ -39,6 +39,7 @@ class SlowProxy:
         self._rate = rate
         self._next_send = 0.0
         self._server: asyncio.Server | None = None
+        self._pumps: set[asyncio.Task[Any]] = set()
         self.port = 0
 
     async def start(self) -> None:
@@ -48,14 +49,19 @@ class SlowProxy:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+        for task in self._pumps:
+            task.cancel()
+        await asyncio.gather(*self._pumps, return_exceptions=True)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection(self._host, self._port)
-        await asyncio.gather(
-            self._pump(reader, up_writer, slow=True),
-            self._pump(up_reader, writer, slow=False),
-            return_exceptions=True,
-        )
+        pumps = [
+            asyncio.ensure_future(self._pump(reader, up_writer, slow=True)),
+            asyncio.ensure_future(self._pump(up_reader, writer, slow=False)),
+        ]
+        self._pumps.update(pumps)
+        await asyncio.gather(*pumps, return_exceptions=True)
+        self._pumps.difference_update(pumps)
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, slow: bool) -> None:
         try:
@@ -66,6 +72,8 @@ class SlowProxy:
                     await asyncio.sleep(self._next_send - now)
                 writer.write(chunk)
                 await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
         finally:
             writer.close()
 
@@ -91,42 +99,61 @@ def sampling_rss(read: Any, interval: float = 0.05) -> Iterator[list[int]]:
         samples.append(read())
 
 
-async def flood(target: str, streams: int, size: int, rate: float, timeout: float) -> Counter[str]:
-    """`streams` concurrent Initialize calls of `size`-byte scripts through a SlowProxy;
-    how many ended with each status code."""
+async def flood(
+    target: str,
+    streams: int,
+    connections: int,
+    size: int,
+    rate: float,
+    timeout: float,
+    metadata: tuple[tuple[str, str], ...] = (),
+    errors: list[grpc.aio.AioRpcError] | None = None,
+) -> Counter[str]:
+    """`streams` concurrent Initialize calls of `size`-byte scripts, over `connections`
+    connections, through a SlowProxy; how many ended with each status code."""
     proxy = SlowProxy(target, rate)
     await proxy.start()
     codes: Counter[str] = Counter()
+    options = [("grpc.max_send_message_length", 8 << 20), ("grpc.use_local_subchannel_pool", 1)]
+    channels = [
+        grpc.aio.insecure_channel(f"127.0.0.1:{proxy.port}", options=options) for _ in range(connections)
+    ]
     try:
-        async with grpc.aio.insecure_channel(
-            f"127.0.0.1:{proxy.port}", options=[("grpc.max_send_message_length", 8 << 20)]
-        ) as channel:
-            call = channel.unary_unary(INITIALIZE, lambda raw: raw, pb.InitializeResponse.FromString)
+        calls = [
+            c.unary_unary(INITIALIZE, lambda raw: raw, pb.InitializeResponse.FromString) for c in channels
+        ]
 
-            async def one(n: int) -> None:
-                # a script of its own each (a known script is not checked again): a comment
-                script = f"result = {n}\n#" + "x" * (size - 16)
-                body = pb.InitializeRequest(language_title="python-flood", script_content=script)
-                try:
-                    await call(body.SerializeToString(), timeout=timeout)
-                    codes["OK"] += 1
-                except grpc.aio.AioRpcError as error:
-                    codes[error.code().name] += 1
+        async def one(n: int) -> None:
+            # a script of its own each (a known script is not checked again): a comment
+            script = f"result = {n}\n#" + "x" * (size - 16)
+            body = pb.InitializeRequest(language_title="python-flood", script_content=script)
+            try:
+                await calls[n % connections](body.SerializeToString(), timeout=timeout, metadata=metadata)
+                codes["OK"] += 1
+            except grpc.aio.AioRpcError as error:
+                codes[error.code().name] += 1
+                if errors is not None:
+                    errors.append(error)
 
-            await asyncio.gather(*(one(n) for n in range(streams)))
+        await asyncio.gather(*(one(n) for n in range(streams)))
     finally:
+        for channel in channels:
+            await channel.close()
         await proxy.close()
     return codes
 
 
-def run(streams: int, size: int, rate: float, timeout: float, env: dict[str, str]) -> dict[str, Any]:
+def run(
+    streams: int, connections: int, size: int, rate: float, timeout: float, env: dict[str, str]
+) -> dict[str, Any]:
     with running_server(**env) as server:
         before = server.rss_bytes()
         started = time.monotonic()
         with sampling_rss(server.rss_bytes) as samples:
-            codes = asyncio.run(flood(server.target, streams, size, rate, timeout))
+            codes = asyncio.run(flood(server.target, streams, connections, size, rate, timeout))
         return {
             "streams": streams,
+            "connections": connections,
             "script_bytes": size,
             "rate_bytes_per_second": rate,
             "env": env,
@@ -143,13 +170,15 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--streams", type=int, default=500)
+    parser.add_argument("--connections", type=int, default=0, help="0: one a stream")
     parser.add_argument("--size", type=int, default=900_000, help="script bytes per call")
     parser.add_argument("--rate", type=float, default=40e6, help="bytes a second the proxy forwards")
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the server")
     args = parser.parse_args()
     env = dict(item.split("=", 1) for item in args.env)
-    print(json.dumps(run(args.streams, args.size, args.rate, args.timeout, env), indent=2))
+    connections = args.connections or args.streams
+    print(json.dumps(run(args.streams, connections, args.size, args.rate, args.timeout, env), indent=2))
 
 
 if __name__ == "__main__":
