@@ -395,7 +395,7 @@ def test_params_nested_3000_deep_or_of_20_mb_get_a_clear_status(
     session = attacker.initialize("python-params", "result = 1")
     error = raw_execute_error(hostile_server.target, nested_execute_request(session.request_id, 3000))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "Exceeded" in (error.details() or "")  # protobuf's depth limit, not a corrupt message
+    assert "past MAX_JSON_DEPTH" in (error.details() or "")  # the depth bound, not a corrupt message
     with pytest.raises(LambdaError) as too_big:
         attacker.execute(session.request_id, {"blob": "x" * (20 * 1024 * 1024)})
     assert too_big.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -316,12 +316,19 @@ async def _wire(
     metrics.on_scrape(_scrape_gauges(metrics, pool, db, request_log))
 
     grpc_server = grpc.aio.server(
-        interceptors=[CallInterceptor(metrics, request_log if settings.request_log.enabled else None)],
+        interceptors=[
+            CallInterceptor(
+                metrics,
+                request_log if settings.request_log.enabled else None,
+                settings.grpc.max_inflight_request_bytes,
+            )
+        ],
         options=grpc_options(settings.grpc),
         maximum_concurrent_rpcs=settings.grpc.max_concurrent_rpcs or None,
     )
     limiter = RateLimiter(settings.auth, metrics)
-    add_to_server(LambdaServicer(service, Authenticator(settings.auth), limiter), grpc_server)
+    json_bounds = (settings.runtime.max_json_nodes, settings.runtime.max_json_depth)
+    add_to_server(LambdaServicer(service, Authenticator(settings.auth), limiter, json_bounds), grpc_server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     reflection.enable_server_reflection(
         (

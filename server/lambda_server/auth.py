@@ -18,6 +18,9 @@ EXECUTE_ALL = "execute:all"
 READ_FUNCTIONS = "read:functions"
 # What an anonymous caller may do when authentication is off: everything.
 _EVERYTHING = frozenset({EXECUTE_ALL, READ_FUNCTIONS})
+# A subject is stored with what it owns (user_id columns are varchar(255), text cannot
+# hold NUL): one that cannot be is refused here, at the door, never by PostgreSQL.
+MAX_SUBJECT_CHARS = 255
 
 
 class Authenticator:
@@ -60,7 +63,25 @@ class Authenticator:
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject:
             raise Unauthenticated("the token's `sub` must name the user")
+        if "\x00" in subject:
+            raise Unauthenticated("the token's `sub` contains a NUL character", problem="sub_nul")
+        if not subject.isprintable() and not _encodable(subject):
+            raise Unauthenticated("the token's `sub` is not valid Unicode", problem="sub_not_unicode")
+        if len(subject) > MAX_SUBJECT_CHARS:
+            raise Unauthenticated(
+                f"the token's `sub` is {len(subject)} characters, over {MAX_SUBJECT_CHARS}",
+                problem="sub_too_long",
+                limit=str(MAX_SUBJECT_CHARS),
+            )
         return Caller(subject, _scopes(claims), address)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # a lone surrogate, as JSON's \ud800 decodes to
+        return False
+    return True
 
 
 def _scopes(claims: dict[str, object]) -> frozenset[str]:

@@ -92,9 +92,12 @@ class RuntimeSettings:
     # A compiled program's size at most, and how long an artifact no live session uses is kept.
     max_program_bytes: int = 32 * MIB
     artifact_retention_seconds: float = 86400.0
-    # Params and results: JSON nodes (values) and nesting depth at most.
+    # Params and results: JSON nodes (values) and nesting depth at most. Past them,
+    # params are INVALID_ARGUMENT and a result is INVALID_RESULT. 32 levels is about what
+    # a protobuf client decodes (its limit of 100 message levels is 33 of JSON objects);
+    # at most MAX_JSON_DEPTH_CEILING, which the conversions' recursion stays well within.
     max_json_nodes: int = 100_000
-    max_json_depth: int = 64
+    max_json_depth: int = 32
 
 
 @dataclass(frozen=True)
@@ -284,7 +287,7 @@ class Settings:
                 "RUST_ARTIFACT_RETENTION_SECONDS", _non_negative_float, 86400.0
             ),
             max_json_nodes=reader.get("MAX_JSON_NODES", _positive_int, 100_000),
-            max_json_depth=reader.get("MAX_JSON_DEPTH", _positive_int, 64),
+            max_json_depth=reader.get("MAX_JSON_DEPTH", _json_depth, 32),
         )
         sandbox = SandboxSettings(
             mode=reader.get("SANDBOX_MODE", _sandbox_mode, "auto"),
@@ -399,6 +402,16 @@ def _positive_int(raw: str) -> int:
     if value <= 0:
         raise ValueError("must be a positive integer")
     return value
+
+
+MAX_JSON_DEPTH_CEILING = 200
+
+
+def _json_depth(raw: str) -> int:
+    depth = _positive_int(raw)
+    if depth > MAX_JSON_DEPTH_CEILING:
+        raise ValueError(f"must be at most {MAX_JSON_DEPTH_CEILING}")
+    return depth
 
 
 def _non_negative_int(raw: str) -> int:

@@ -12,7 +12,7 @@ import logging
 import sys
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
-from typing import TextIO
+from typing import Any, TextIO
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -22,17 +22,30 @@ JSON_FIELDS = ("levelname", "name", "message")
 JSON_RENAMED = {"levelname": "level", "name": "logger"}
 
 
+@dataclass(frozen=True)
+class Payload:
+    """A call's params or result as converted by the call, for its request log to reuse:
+    the JSON value and about how many bytes of JSON it is, or why it could not be converted."""
+
+    value: Any
+    size: int
+    unloggable: str = ""
+
+
 @dataclass
 class CallInfo:
     """The call being served: what its log lines and its request log carry.
 
     Mutable: request_id is filled in when the call learns it (Initialize's new
-    session), user_id once the caller is authenticated.
+    session), user_id once the caller is authenticated, params and result once
+    converted.
     """
 
     method: str
     request_id: str = ""
     user_id: str | None = None
+    params: Payload | None = None
+    result: Payload | None = None
 
 
 _current: ContextVar[CallInfo | None] = ContextVar("lambda_server_call", default=None)
@@ -44,6 +57,11 @@ def begin_call(call: CallInfo) -> Token[CallInfo | None]:
 
 def end_call(token: Token[CallInfo | None]) -> None:
     _current.reset(token)
+
+
+def current_call() -> CallInfo | None:
+    """The call being served, if any."""
+    return _current.get()
 
 
 def note_user(user_id: str | None) -> None:

@@ -112,11 +112,29 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
             registry=r,
         )
+        self.inflight_bytes = Gauge(
+            "lambda_inflight_request_bytes",
+            "Request bytes held by calls received and not yet answered",
+            registry=r,
+        )
+        self.inflight_refused = Counter(
+            "lambda_inflight_refused",
+            "Calls refused because their bytes would go past MAX_INFLIGHT_REQUEST_BYTES, by method",
+            ["method"],
+            registry=r,
+        )
         self.log_queue_depth = Gauge(
             "lambda_request_log_queue_depth", "Request log records waiting to be written", registry=r
         )
         self.log_dropped = Counter(
             "lambda_request_log_dropped", "Request log records dropped because the queue was full", registry=r
+        )
+        self.log_unloggable = Counter(
+            "lambda_request_log_unloggable",
+            "Request log records whose params or result could not be converted (past "
+            "MAX_JSON_NODES or MAX_JSON_DEPTH, or not JSON): logged as a marker, by payload",
+            ["payload"],
+            registry=r,
         )
         self.log_written = Counter(
             "lambda_request_log_written", "Request log records written to PostgreSQL", registry=r

@@ -15,6 +15,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from lambda_microservice.v1 import lambda_service_pb2 as pb
+from lambda_server.api import payloads
 from lambda_server.domain import (
     JSON,
     EnvironmentState,
@@ -25,6 +26,7 @@ from lambda_server.domain import (
     SessionStatus,
 )
 from lambda_server.errors import InvalidRequest
+from lambda_server.logs import Payload, current_call
 
 _MAX_SAFE = 2**53
 
@@ -54,8 +56,71 @@ FUNCTION_TYPE = {
 _FUNCTION_TYPE_FILTER: dict[int, FunctionType] = {int(value): key for key, value in FUNCTION_TYPE.items()}
 
 
-# Recursion is bounded: protobuf refuses messages nested deeper than 100 levels
-# (about 33 levels of JSON) before they reach these functions.
+# What Execute's handler receives: an ExecuteRequest whose params are still their wire
+# bytes, for ExecutePayloads to decode (once, bounded, in slices).
+RawExecuteRequest = payloads.raw_twin(pb.ExecuteRequest, "params")
+
+
+class ExecutePayloads:
+    """Execute's params and result, each converted once, within MAX_JSON_NODES and
+    MAX_JSON_DEPTH; the call's request log reuses what was converted (CallInfo)."""
+
+    def __init__(self, max_nodes: int, max_depth: int) -> None:
+        self._max_nodes = max_nodes
+        self._max_depth = max_depth
+        self._pacer = payloads.Pacer()
+
+    async def params(self, data: bytes, owner: str) -> dict[str, JSON]:
+        """The params of an ExecuteRequest (its wire bytes), or InvalidRequest."""
+        tally = payloads.Tally(self._max_nodes, self._max_depth)
+        call = current_call()
+        try:
+            params: dict[str, JSON] = await self._pacer.run(payloads.decode_struct(data, tally), owner)
+        except payloads.PastBound as past:
+            message = f"params: {past.what}, past {past.setting} ({past.limit})"
+            if call is not None:
+                call.params = Payload(None, 0, message)
+            raise InvalidRequest(
+                message, field="params", setting=past.setting, limit=str(past.limit)
+            ) from None
+        except payloads.Malformed as exc:
+            if call is not None:
+                call.params = Payload(None, 0, str(exc))
+            raise InvalidRequest(
+                f"the request is not a valid ExecuteRequest: {exc}", field="params"
+            ) from None
+        if call is not None:
+            call.params = Payload(params, tally.size)
+        return params
+
+    async def response(self, execution: ExecutionResult, owner: str) -> pb.ExecuteResponse:
+        """The answer; a result past the bounds (or not JSON) is an INVALID_RESULT error."""
+        response = execute_response(execution)
+        if execution.outcome.failure is not None:
+            return response
+        tally = payloads.Tally(self._max_nodes, self._max_depth)
+        result = execution.outcome.result
+        call = current_call()
+        try:
+            await self._pacer.run(payloads.fill_value(result, response.result, tally), owner)
+        except (payloads.PastBound, TypeError) as exc:
+            if isinstance(exc, payloads.PastBound):
+                message = f"the result: {exc.what}, past {exc.setting} ({exc.limit})"
+            else:
+                message = f"the result is not JSON: {exc}"
+            response.ClearField("result")
+            code = pb.EXECUTION_ERROR_CODE_INVALID_RESULT
+            response.error.CopyFrom(pb.ExecutionError(code=code, message=message))
+            if call is not None:
+                call.result = Payload(None, 0, message)
+            return response
+        if call is not None:
+            call.result = Payload(result, tally.size)
+        return response
+
+
+# value_to_python's recursion is bounded: protobuf refuses messages nested deeper than
+# 100 levels (about 33 levels of JSON) before they reach it.
 
 
 def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, JSON]:
@@ -136,6 +201,7 @@ def session_message(record: SessionRecord) -> pb.Session:
 
 
 def execute_response(execution: ExecutionResult) -> pb.ExecuteResponse:
+    """The answer, without its result (see ExecutePayloads.response)."""
     outcome = execution.outcome
     duration = Duration()
     duration.FromNanoseconds(int(outcome.duration * 1e9))
@@ -151,9 +217,7 @@ def execute_response(execution: ExecutionResult) -> pb.ExecuteResponse:
         cpu_time=cpu_time,
         peak_memory_bytes=outcome.peak_memory,
     )
-    if outcome.failure is None:
-        python_to_value(outcome.result, response.result)
-    else:
+    if outcome.failure is not None:  # a result is filled by ExecutePayloads.response
         failure = outcome.failure
         response.error.CopyFrom(
             pb.ExecutionError(

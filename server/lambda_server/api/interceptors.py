@@ -12,8 +12,9 @@ from typing import Any
 import grpc
 
 from lambda_microservice.v1 import lambda_service_pb2 as pb
-from lambda_server.api.errors import Context
-from lambda_server.api.request_logs import RequestLog, execute_entry
+from lambda_server.api.errors import Context, to_status
+from lambda_server.api.request_logs import RequestLog, execute_entry, fallback_entry, is_unloggable
+from lambda_server.errors import QuotaExceeded
 from lambda_server.logs import CallInfo, begin_call, end_call
 from lambda_server.metrics import Metrics
 
@@ -25,6 +26,26 @@ EXECUTE = f"/{pb.DESCRIPTOR.services_by_name['LambdaService'].full_name}/Execute
 
 Unary = Callable[[Any, Context], Awaitable[Any]]
 Streaming = Callable[[Any, Context], AsyncIterator[Any]]
+# When a call refused for the bytes in flight may try again: calls end within seconds.
+INFLIGHT_RETRY_AFTER = 1.0
+
+
+class InflightBytes:
+    """The request bytes held by calls received and not yet answered, within a budget
+    (MAX_INFLIGHT_REQUEST_BYTES): what a flood of large requests can make the server hold."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, size: int) -> bool:
+        if self.held + size > self.limit:
+            return False
+        self.held += size
+        return True
+
+    def give_back(self, size: int) -> None:
+        self.held -= size
 
 
 class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
@@ -36,9 +57,13 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     header), and each Execute, answered or refused, goes to the request log.
     """
 
-    def __init__(self, metrics: Metrics, request_log: RequestLog | None = None) -> None:
+    def __init__(
+        self, metrics: Metrics, request_log: RequestLog | None = None, max_inflight_bytes: int = 0
+    ) -> None:
         self._metrics = metrics
         self._request_log = request_log
+        self.inflight = InflightBytes(max_inflight_bytes or 2**62)
+        metrics.on_scrape(lambda: metrics.inflight_bytes.set(self.inflight.held))
         # the wrapped handler of each method, made once: only registered methods get here
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
 
@@ -84,7 +109,11 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             started_at, started = time.time(), time.perf_counter()
             response = None
             code = grpc.StatusCode.UNKNOWN
+            size = _size(request)
+            held = self.inflight.take(size)
             try:
+                if not held:
+                    await self._refuse(short, size, context)
                 response = await behavior(request, context)
                 code = _status(context, grpc.StatusCode.OK)
                 answered = getattr(response, "request_id", "")
@@ -98,10 +127,12 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 code = grpc.StatusCode.CANCELLED
                 raise
             finally:
+                if held:
+                    self.inflight.give_back(size)
                 elapsed = time.perf_counter() - started
                 self._count(name, code, elapsed)
                 if logged and self._request_log is not None:
-                    self._log(request, response, code, context, call, started_at, elapsed)
+                    self._log(response, code, context, call, started_at, elapsed)
                 end_call(token)
 
         return serve
@@ -130,13 +161,27 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return behavior  # a synchronous handler: none here
         return self._unary(name, behavior, logged=False)  # a stream in, one answer out
 
+    async def _refuse(self, method: str, size: int, context: Context) -> None:
+        """RESOURCE_EXHAUSTED: the request's bytes do not fit in the budget now."""
+        self._metrics.inflight_refused.labels(method).inc()
+        inflight = self.inflight
+        status = to_status(
+            QuotaExceeded(
+                f"the server holds {inflight.held} bytes of requests in flight; this one's {size} "
+                f"would go past MAX_INFLIGHT_REQUEST_BYTES ({inflight.limit})",
+                INFLIGHT_RETRY_AFTER,
+                setting="MAX_INFLIGHT_REQUEST_BYTES",
+                limit=str(inflight.limit),
+            )
+        )
+        await context.abort(status.code, status.details, status.trailing_metadata)
+
     def _count(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
         self._metrics.rpcs.labels(method, code.name).inc()
         self._metrics.rpc_seconds.labels(method).observe(seconds)
 
     def _log(
         self,
-        request: Any,
         response: Any,
         code: grpc.StatusCode,
         context: Context,
@@ -144,19 +189,32 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         started_at: float,
         elapsed: float,
     ) -> None:
+        """Every Execute gets its entry, whatever it answered; nothing raises out of here."""
         assert self._request_log is not None
         try:
-            entry = execute_entry(request, response, code, context, call, started_at, elapsed)
-        except Exception:  # a bug here must not fail the call it describes
-            log.exception("could not make the request log entry")
-            return
-        self._request_log.record(entry)
+            try:
+                entry = execute_entry(response, code, context, call, started_at, elapsed)
+            except Exception as exc:  # a bug: the call still gets an entry, with markers
+                log.exception("could not make the request log entry; logging a marker")
+                entry = fallback_entry(code, call, started_at, elapsed, f"{type(exc).__name__}: {exc}")
+            for which, payload in (("params", entry.request_payload), ("result", entry.response_payload)):
+                if is_unloggable(payload):
+                    self._metrics.log_unloggable.labels(which).inc()
+            self._request_log.record(entry)
+        except Exception:  # the call it describes is answered already: never fail it
+            log.exception("could not log the request")
 
 
 def _status(context: Context, default: grpc.StatusCode) -> grpc.StatusCode:
     """The code the call ended with: the one it was aborted with or set, else `default`."""
     code = context.code()
     return code if isinstance(code, grpc.StatusCode) else default
+
+
+def _size(request: Any) -> int:
+    """The bytes a request holds: its encoded size (a decoded message holds about as much)."""
+    byte_size = getattr(request, "ByteSize", None)
+    return byte_size() if callable(byte_size) else 0
 
 
 def _request_id(request: Any, context: Context) -> str:

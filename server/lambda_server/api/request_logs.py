@@ -6,13 +6,12 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 import grpc
-from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from lambda_microservice.v1 import lambda_service_pb2 as pb
-from lambda_server.api.errors import Context, Undecodable
+from lambda_server.api.errors import Context
 from lambda_server.domain import JSON, ErrorLogEntry, RequestLogEntry
-from lambda_server.logs import CallInfo
+from lambda_server.logs import CallInfo, Payload
 
 # The usual HTTP equivalent of each gRPC status (as grpc-gateway and Google APIs map them).
 HTTP_STATUS: dict[grpc.StatusCode, int] = {
@@ -38,8 +37,10 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
 SCRIPT_FAILED_STATUS = 500
 
 # Payloads past this (params or result, about their JSON size) are not logged: the
-# column holds {"truncated": true, "limit_bytes": ...} instead. Converting them costs
-# the hot path time, and the writer's queue memory; 64 KiB keeps both small.
+# column holds {"truncated": true, "limit_bytes": ...} instead. They cost the writer's
+# queue memory, and PostgreSQL's disk; 64 KiB keeps both small. A payload the call could
+# not convert (past MAX_JSON_NODES or MAX_JSON_DEPTH, or not JSON) is logged as
+# {"unloggable": true, "reason": ...}.
 MAX_PAYLOAD_BYTES = 64 * 1024
 # Headers never logged: credentials. Binary (-bin) headers are left out too.
 HIDDEN_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization", "x-api-key"})
@@ -55,7 +56,6 @@ class RequestLog(Protocol):
 
 
 def execute_entry(
-    request: pb.ExecuteRequest | Undecodable,
     response: pb.ExecuteResponse | None,
     code: grpc.StatusCode,
     context: Context,
@@ -63,13 +63,12 @@ def execute_entry(
     started_at: float,
     duration: float,
 ) -> RequestLogEntry:
-    """The entry for one Execute: answered (`response`), or refused with `code`."""
-    request_payload: JSON = None
-    request_size = 0
-    if isinstance(request, pb.ExecuteRequest):
-        request_payload, request_size = _payload(request.params)
-    response_payload: JSON = None
-    response_size = 0
+    """The entry for one Execute: answered (`response`), or refused with `code`.
+
+    Its params and result are the ones the call converted (`call`), never converted again.
+    """
+    request_payload, request_size = _payload(call.params)
+    response_payload, response_size = _payload(call.result)
     runtime_metrics: dict[str, JSON] | None = None
     error: ErrorLogEntry | None = None
     error_details: dict[str, JSON] | None = None
@@ -87,8 +86,6 @@ def execute_entry(
             where: dict[str, JSON] = {"line": failure.line, "column": failure.column}
             error = ErrorLogEntry(failure_code, failure.message, failure.stack_trace, where)
             error_details = {"code": failure_code, "message": failure.message, **where}
-        elif response.HasField("result"):
-            response_payload, response_size = _payload(response.result)
     elif code != grpc.StatusCode.OK:
         reason, metadata = _error_info(context)
         message = context.details() or ""
@@ -112,6 +109,32 @@ def execute_entry(
         runtime_metrics=runtime_metrics,
         error=error,
         size=_ENTRY_OVERHEAD + request_size + response_size,
+    )
+
+
+def fallback_entry(
+    code: grpc.StatusCode, call: CallInfo, started_at: float, duration: float, reason: str
+) -> RequestLogEntry:
+    """The entry for an Execute whose full entry could not be made: who, when, how it
+    ended, and markers in place of its payloads. Made of plain values: it cannot fail."""
+    marker = unloggable(reason)
+    return RequestLogEntry(
+        request_id=call.request_id[:64] or None,
+        language_title="",
+        timestamp=datetime.fromtimestamp(started_at, UTC),
+        client_ip=None,
+        user_id=call.user_id,
+        request_headers={},
+        request_payload=marker,
+        response_payload=marker,
+        status_code=HTTP_STATUS.get(code, 500),
+        grpc_code=code.name,
+        duration_ms=round(duration * 1000),
+        cached=False,
+        error_details=None,
+        runtime_metrics=None,
+        error=None,
+        size=_ENTRY_OVERHEAD,
     )
 
 
@@ -155,56 +178,22 @@ def _error_info(context: Context) -> tuple[str, dict[str, str]]:
     return "", {}
 
 
-class _TooLarge(Exception):
-    pass
-
-
-def _payload(message: struct_pb2.Struct | struct_pb2.Value) -> tuple[JSON, int]:
-    """`message` as JSON and the bytes it costs, or a note when past MAX_PAYLOAD_BYTES.
-
-    Converting stops as soon as the budget is spent, so a 4 MiB payload costs
-    no more time than a 64 KiB one.
-    """
-    budget = [MAX_PAYLOAD_BYTES]
-    try:
-        if isinstance(message, struct_pb2.Struct):
-            value: JSON = _struct(message, budget)
-        else:
-            value = _value(message, budget)
-    except _TooLarge:
+def _payload(payload: Payload | None) -> tuple[JSON, int]:
+    """What the call converted, for the column, and the bytes it costs: a note when it is
+    past MAX_PAYLOAD_BYTES, a marker when it could not be converted."""
+    if payload is None:
+        return None, 0
+    if payload.unloggable:
+        return unloggable(payload.unloggable), 0
+    if payload.size > MAX_PAYLOAD_BYTES:
         return {"truncated": True, "limit_bytes": MAX_PAYLOAD_BYTES}, 0
-    return value, MAX_PAYLOAD_BYTES - budget[0]
+    return payload.value, payload.size
 
 
-def _spend(budget: list[int], cost: int) -> None:
-    budget[0] -= cost
-    if budget[0] < 0:
-        raise _TooLarge
+def unloggable(reason: str) -> dict[str, JSON]:
+    """The marker logged in place of a payload that could not be converted."""
+    return {"unloggable": True, "reason": reason[:MAX_HEADER_CHARS]}
 
 
-def _struct(struct: struct_pb2.Struct, budget: list[int]) -> dict[str, JSON]:
-    out: dict[str, JSON] = {}
-    for key, item in struct.fields.items():
-        _spend(budget, len(key) + 4)
-        out[key] = _value(item, budget)
-    return out
-
-
-def _value(value: struct_pb2.Value, budget: list[int]) -> JSON:
-    # as convert.value_to_python, with every value charged to the budget
-    kind = value.WhichOneof("kind")
-    _spend(budget, 8)
-    if kind == "number_value":
-        number = value.number_value
-        return int(number) if number.is_integer() and abs(number) <= 2**53 else number
-    if kind == "string_value":
-        text = value.string_value
-        _spend(budget, len(text))
-        return text
-    if kind == "bool_value":
-        return value.bool_value
-    if kind == "struct_value":
-        return _struct(value.struct_value, budget)
-    if kind == "list_value":
-        return [_value(item, budget) for item in value.list_value.values]
-    return None
+def is_unloggable(payload: JSON) -> bool:
+    return isinstance(payload, dict) and payload.get("unloggable") is True

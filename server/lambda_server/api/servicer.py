@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -29,11 +29,26 @@ RATE_REMAINING_HEADER = "x-ratelimit-remaining"
 RESPONSE_MARGIN = 0.05  # seconds
 
 
+class RawExecuteRequest(Protocol):
+    """An ExecuteRequest as Execute receives it: params still in their wire bytes."""
+
+    request_id: str
+    params: bytes
+    cache_control: str
+
+
 class LambdaServicer(pb_grpc.LambdaServiceServicer):
-    def __init__(self, service: LambdaService, authenticator: Authenticator, limiter: RateLimiter) -> None:
+    def __init__(
+        self,
+        service: LambdaService,
+        authenticator: Authenticator,
+        limiter: RateLimiter,
+        json_bounds: tuple[int, int],  # MAX_JSON_NODES, MAX_JSON_DEPTH
+    ) -> None:
         self._service = service
         self._auth = authenticator
         self._limiter = limiter
+        self._payloads = convert.ExecutePayloads(*json_bounds)
 
     def _caller(self, context: Context) -> Caller:
         """Who calls, from the `authorization` metadata; Unauthenticated when it does not hold."""
@@ -67,7 +82,7 @@ class LambdaServicer(pb_grpc.LambdaServiceServicer):
         )
 
     @reports_errors
-    async def Execute(self, request: pb.ExecuteRequest, context: Context) -> pb.ExecuteResponse:
+    async def Execute(self, request: RawExecuteRequest, context: Context) -> pb.ExecuteResponse:  # type: ignore[override]
         caller = self._caller(context)
         try:
             quota = self._limiter.admit(caller)
@@ -80,12 +95,12 @@ class LambdaServicer(pb_grpc.LambdaServiceServicer):
             )
         execution = await self._service.execute(
             request.request_id,
-            convert.struct_to_dict(request.params),
+            await self._payloads.params(request.params, caller.owner),
             caller,
             _deadline(context),
             request.cache_control,
         )
-        return convert.execute_response(execution)
+        return await self._payloads.response(execution, caller.owner)
 
     @reports_errors
     async def Health(self, request: pb.HealthRequest, context: Context) -> pb.HealthResponse:
@@ -150,6 +165,8 @@ def add_to_server(servicer: LambdaServicer, server: grpc.aio.Server) -> None:
     handlers = {}
     for method in service.methods:
         request_class = GetMessageClass(method.input_type)
+        if method.name == "Execute":
+            request_class = convert.RawExecuteRequest
         response_class = GetMessageClass(method.output_type)
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
             getattr(servicer, method.name),
