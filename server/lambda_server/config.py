@@ -128,6 +128,9 @@ class SandboxSettings:
     # environment whose thread count grew past its start's is ended after the execution),
     # or `off`.
     idle: str = "freeze"
+    # The syscall filter of every environment and compiler; off only to measure what it
+    # costs (bench/layers.py): SANDBOX_MODE=strict refuses to start without it.
+    seccomp: bool = True
     # Memory all environments' limits may add up to; 0: the host's (or container's)
     # memory less memory_reserve_mb, kept for the server itself.
     total_memory_mb: int = 0
@@ -301,6 +304,7 @@ class Settings:
             cpu_cores=reader.get("SANDBOX_CPU_CORES", _non_negative_float, 1.0),
             cpu_cores_per_owner=reader.get("SANDBOX_CPU_CORES_PER_OWNER", _non_negative_float, 0.0),
             idle=reader.get("SANDBOX_IDLE", _choice("freeze", "recycle", "off"), "freeze"),
+            seccomp=reader.get("SANDBOX_SECCOMP", _on_off, True),
             total_memory_mb=reader.get("SANDBOX_TOTAL_MEMORY_MB", _non_negative_int, 0),
             memory_reserve_mb=reader.get("SERVER_MEMORY_RESERVE_MB", _non_negative_int, 1024),
             uid_dir=reader.get("SANDBOX_UID_DIR", Path, Path("/run/lambda-microservice/uids")),

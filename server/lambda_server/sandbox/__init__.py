@@ -172,14 +172,17 @@ class Sandbox:
                 f"uid-per-environment({uid_range.first}-{uid_range.last})",
             ]
             layers += ["no-capabilities", "no-new-privs"]
-            seccomp_filter = _seccomp_filter_path()
-            try:
-                seccomp.build(seccomp_filter)
-                layers.append("seccomp")
-            except seccomp.SeccompUnavailable as exc:
-                missing["seccomp"] = str(exc)
-                seccomp_filter.unlink(missing_ok=True)
-                seccomp_filter = None
+            if settings.seccomp:
+                seccomp_filter = _seccomp_filter_path()
+                try:
+                    seccomp.build(seccomp_filter)
+                    layers.append("seccomp")
+                except seccomp.SeccompUnavailable as exc:
+                    missing["seccomp"] = str(exc)
+                    seccomp_filter.unlink(missing_ok=True)
+                    seccomp_filter = None
+            else:
+                missing["seccomp"] = "SANDBOX_SECCOMP=off"
             try:
                 # one group per server instance: a process may run several (tests do)
                 cgroups = Cgroups.detect(f"lambda-{os.getpid()}-{uuid.uuid4().hex[:8]}")
