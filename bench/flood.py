@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 
 from bench.server import running_server
+from lambda_microservice import LambdaClient, LambdaError
 from lambda_microservice.v1 import lambda_service_pb2 as pb
 
 INITIALIZE = "/lambda_microservice.v1.LambdaService/Initialize"
@@ -31,12 +32,15 @@ INITIALIZE = "/lambda_microservice.v1.LambdaService/Initialize"
 
 class SlowProxy:
     """127.0.0.1:<port> -> `target`, forwarding what clients send at `rate` bytes a second
-    in all (answers go back at full speed)."""
+    in all (answers go back at full speed). Its connections to `target` come from the
+    address `source` (any 127.x.y.z is this machine's): the server sees one peer, the
+    attacker, apart from a victim calling it from 127.0.0.1."""
 
-    def __init__(self, target: str, rate: float) -> None:
+    def __init__(self, target: str, rate: float, source: str = "127.0.0.2") -> None:
         self._host, _, port = target.rpartition(":")
         self._port = int(port)
         self._rate = rate
+        self._source = source
         self._next_send = 0.0
         self._server: asyncio.Server | None = None
         self._pumps: set[asyncio.Task[Any]] = set()
@@ -54,7 +58,9 @@ class SlowProxy:
         await asyncio.gather(*self._pumps, return_exceptions=True)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(self._host, self._port)
+        up_reader, up_writer = await asyncio.open_connection(
+            self._host, self._port, local_addr=(self._source, 0)
+        )
         pumps = [
             asyncio.ensure_future(self._pump(reader, up_writer, slow=True)),
             asyncio.ensure_future(self._pump(up_reader, writer, slow=False)),
@@ -143,14 +149,45 @@ async def flood(
     return codes
 
 
+@contextmanager
+def victim_calling(target: str) -> Iterator[dict[str, Any]]:
+    """Warm Executes of another caller (127.0.0.1, not through the proxy), one after
+    another meanwhile: how many were served, how many failed, and the slowest."""
+    found: dict[str, Any] = {"served": 0, "failed": Counter(), "slowest_ms": 0.0}
+    done = threading.Event()
+    with LambdaClient(target, timeout=30) as client:
+        session = client.initialize("python-victim", "result = 1").request_id
+
+        def call() -> None:
+            while not done.is_set():
+                started = time.perf_counter()
+                try:
+                    client.execute(session)
+                    found["served"] += 1
+                except LambdaError as error:
+                    found["failed"][type(error).__name__] += 1
+                elapsed = (time.perf_counter() - started) * 1000
+                found["slowest_ms"] = round(max(found["slowest_ms"], elapsed), 1)
+                done.wait(0.05)
+
+        thread = threading.Thread(target=call, daemon=True)
+        thread.start()
+        try:
+            yield found
+        finally:
+            done.set()
+            thread.join(30)
+
+
 def run(
     streams: int, connections: int, size: int, rate: float, timeout: float, env: dict[str, str]
 ) -> dict[str, Any]:
     with running_server(**env) as server:
         before = server.rss_bytes()
         started = time.monotonic()
-        with sampling_rss(server.rss_bytes) as samples:
+        with victim_calling(server.target) as victim, sampling_rss(server.rss_bytes) as samples:
             codes = asyncio.run(flood(server.target, streams, connections, size, rate, timeout))
+        refused = server.samples("lambda_inflight_refused_total")
         return {
             "streams": streams,
             "connections": connections,
@@ -162,6 +199,8 @@ def run(
             "rss_before_mib": round(before / 2**20, 1),
             "rss_peak_mib": round(max(samples) / 2**20, 1),
             "rss_after_mib": round(samples[-1] / 2**20, 1),
+            "refused_by_budget": int(sum(refused.values())),
+            "victim": {**victim, "failed": dict(victim["failed"])},
         }
 
 

@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_server import logs
-from lambda_server.api.interceptors import CallInterceptor
+from lambda_server.api.interceptors import CallInterceptor, inflight_budget
 from lambda_server.api.servicer import LambdaServicer, add_to_server
 from lambda_server.auth import Authenticator
 from lambda_server.builds import RustBuilds
@@ -320,7 +320,7 @@ async def _wire(
             CallInterceptor(
                 metrics,
                 request_log if settings.request_log.enabled else None,
-                settings.grpc.max_inflight_request_bytes,
+                inflight_budget(settings.grpc),
             )
         ],
         options=grpc_options(settings.grpc),

@@ -187,6 +187,13 @@ class GrpcSettings:
     # Request bytes held at once by calls received and not yet answered; past it new
     # calls get RESOURCE_EXHAUSTED.
     max_inflight_request_bytes: int = 128 * MIB
+    # A peer address's share of those bytes (0: half of them), so that one flooding
+    # peer leaves room for the others' calls.
+    max_inflight_request_bytes_per_peer: int = 0
+    # What a call whose message is still arriving counts for: gRPC holds the whole
+    # message before we see its size, so each call is admitted (or refused, its stream
+    # reset before it is read) at its start against this much.
+    inflight_request_reservation_bytes: int = 1 * MIB
 
 
 @dataclass(frozen=True)
@@ -362,6 +369,12 @@ class Settings:
                 "GRPC_MAX_CONNECTION_AGE_GRACE_SECONDS", _non_negative_float, 30.0
             ),
             max_inflight_request_bytes=reader.get("MAX_INFLIGHT_REQUEST_BYTES", _positive_int, 128 * MIB),
+            max_inflight_request_bytes_per_peer=reader.get(
+                "MAX_INFLIGHT_REQUEST_BYTES_PER_PEER", _non_negative_int, 0
+            ),
+            inflight_request_reservation_bytes=reader.get(
+                "INFLIGHT_REQUEST_RESERVATION_BYTES", _positive_int, 1 * MIB
+            ),
         )
         metrics = reader.get("METRICS_ADDR", str, "127.0.0.1:9090")
         return cls(

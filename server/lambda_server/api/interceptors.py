@@ -14,6 +14,7 @@ import grpc
 from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_server.api.errors import Context, to_status
 from lambda_server.api.request_logs import RequestLog, execute_entry, fallback_entry, is_unloggable
+from lambda_server.config import GrpcSettings
 from lambda_server.errors import QuotaExceeded
 from lambda_server.logs import CallInfo, begin_call, end_call
 from lambda_server.metrics import Metrics
@@ -32,20 +33,45 @@ INFLIGHT_RETRY_AFTER = 1.0
 
 class InflightBytes:
     """The request bytes held by calls received and not yet answered, within a budget
-    (MAX_INFLIGHT_REQUEST_BYTES): what a flood of large requests can make the server hold."""
+    (MAX_INFLIGHT_REQUEST_BYTES), and each peer address's part within its share: what a
+    flood of large requests can make the server hold.
 
-    def __init__(self, limit: int) -> None:
+    A call whose message is still arriving holds a reservation (its size is not known
+    until gRPC has the whole message, and gRPC holds all of it meanwhile); once the
+    message is in, its encoded size replaces the reservation."""
+
+    def __init__(self, limit: int, per_peer: int, reservation: int) -> None:
         self.limit = limit
+        self.per_peer = per_peer
+        self.reservation = reservation
         self.held = 0
+        self._by_peer: dict[str, int] = {}
 
-    def take(self, size: int) -> bool:
-        if self.held + size > self.limit:
+    def take(self, peer: str, size: int) -> bool:
+        """Hold `size` more bytes for `peer`, if the budget and its share have room."""
+        mine = self._by_peer.get(peer, 0)
+        if self.held + size > self.limit or mine + size > self.per_peer:
             return False
         self.held += size
+        self._by_peer[peer] = mine + size
         return True
 
-    def give_back(self, size: int) -> None:
+    def of(self, peer: str) -> int:
+        return self._by_peer.get(peer, 0)
+
+    def give_back(self, peer: str, size: int) -> None:
         self.held -= size
+        left = self._by_peer[peer] - size
+        if left:
+            self._by_peer[peer] = left
+        else:
+            del self._by_peer[peer]
+
+
+def inflight_budget(settings: GrpcSettings) -> InflightBytes:
+    limit = settings.max_inflight_request_bytes
+    per_peer = settings.max_inflight_request_bytes_per_peer or limit // 2
+    return InflightBytes(limit, per_peer, settings.inflight_request_reservation_bytes)
 
 
 class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
@@ -58,11 +84,11 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """
 
     def __init__(
-        self, metrics: Metrics, request_log: RequestLog | None = None, max_inflight_bytes: int = 0
+        self, metrics: Metrics, request_log: RequestLog | None = None, inflight: InflightBytes | None = None
     ) -> None:
         self._metrics = metrics
         self._request_log = request_log
-        self.inflight = InflightBytes(max_inflight_bytes or 2**62)
+        self.inflight = inflight or InflightBytes(2**62, 2**62, 0)
         metrics.on_scrape(lambda: metrics.inflight_bytes.set(self.inflight.held))
         # the wrapped handler of each method, made once: only registered methods get here
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
@@ -90,7 +116,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if unary is not None:
             if not inspect.iscoroutinefunction(unary):
                 return handler  # a synchronous handler: none here
-            return grpc.unary_unary_rpc_method_handler(self._unary(name, unary, method == EXECUTE), *io)
+            serve = self._unary(name, unary, method == EXECUTE, reads=True)
+            return grpc.stream_unary_rpc_method_handler(serve, *io)
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(self._streaming(name, handler.unary_stream), *io)
         if handler.stream_unary is not None:
@@ -99,21 +126,42 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return grpc.stream_stream_rpc_method_handler(self._streaming(name, handler.stream_stream), *io)
         return handler
 
-    def _unary(self, name: str, behavior: Unary, logged: bool) -> Unary:
-        """A call that ends in one answer (a unary call, or a stream in and one answer out)."""
+    def _unary(self, name: str, behavior: Any, logged: bool, reads: bool) -> Any:
+        """A call that ends in one answer: a unary call (`reads`: served as a stream in, so
+        that the bytes in flight are reserved before gRPC reads its message), or a stream
+        in and one answer out."""
         short = name.rpartition("/")[2]
+        inflight = self.inflight
 
-        async def serve(request: Any, context: Context) -> Any:
-            call = CallInfo(short, _request_id(request, context))
+        async def serve(requests: Any, context: Context) -> Any:
+            call = CallInfo(short, "")
             token = begin_call(call)
             started_at, started = time.time(), time.perf_counter()
             response = None
             code = grpc.StatusCode.UNKNOWN
-            size = _size(request)
-            held = self.inflight.take(size)
+            peer = _peer_host(context.peer())
+            held = 0
             try:
-                if not held:
-                    await self._refuse(short, size, context)
+                if reads:
+                    # Refused here, the call's stream is reset before its message is read:
+                    # gRPC holds no more of it than its first window, and the client stops.
+                    if not inflight.take(peer, inflight.reservation):
+                        await self._refuse(short, peer, None, context)
+                    held = inflight.reservation
+                    request = await context.read()
+                    if request is grpc.aio.EOF:  # type: ignore[attr-defined]
+                        await context.abort(
+                            grpc.StatusCode.INVALID_ARGUMENT, "the call sent no request message"
+                        )
+                    size = _size(request)
+                    inflight.give_back(peer, held)
+                    held = 0
+                    if not inflight.take(peer, size):
+                        await self._refuse(short, peer, size, context)
+                    held = size
+                    call.request_id = _request_id(request, context)
+                else:
+                    request = requests
                 response = await behavior(request, context)
                 code = _status(context, grpc.StatusCode.OK)
                 answered = getattr(response, "request_id", "")
@@ -128,7 +176,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 raise
             finally:
                 if held:
-                    self.inflight.give_back(size)
+                    inflight.give_back(peer, held)
                 elapsed = time.perf_counter() - started
                 self._count(name, code, elapsed)
                 if logged and self._request_log is not None:
@@ -159,16 +207,19 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return stream
         if not inspect.iscoroutinefunction(behavior):
             return behavior  # a synchronous handler: none here
-        return self._unary(name, behavior, logged=False)  # a stream in, one answer out
+        return self._unary(name, behavior, logged=False, reads=False)  # a stream in, one answer out
 
-    async def _refuse(self, method: str, size: int, context: Context) -> None:
-        """RESOURCE_EXHAUSTED: the request's bytes do not fit in the budget now."""
+    async def _refuse(self, method: str, peer: str, size: int | None, context: Context) -> None:
+        """RESOURCE_EXHAUSTED: the request's bytes (`size`, or a reservation for a message
+        not read yet) do not fit in the budget, or in its peer's share, now."""
         self._metrics.inflight_refused.labels(method).inc()
         inflight = self.inflight
+        this = f"this one's {size}" if size is not None else f"a new call's {inflight.reservation}"
         status = to_status(
             QuotaExceeded(
-                f"the server holds {inflight.held} bytes of requests in flight; this one's {size} "
-                f"would go past MAX_INFLIGHT_REQUEST_BYTES ({inflight.limit})",
+                f"the server holds {inflight.held} bytes of requests in flight, {inflight.of(peer)} of "
+                f"them from {peer}; {this} would go past MAX_INFLIGHT_REQUEST_BYTES ({inflight.limit}) "
+                f"or a peer's share of it ({inflight.per_peer})",
                 INFLIGHT_RETRY_AFTER,
                 setting="MAX_INFLIGHT_REQUEST_BYTES",
                 limit=str(inflight.limit),
@@ -215,6 +266,13 @@ def _size(request: Any) -> int:
     """The bytes a request holds: its encoded size (a decoded message holds about as much)."""
     byte_size = getattr(request, "ByteSize", None)
     return byte_size() if callable(byte_size) else 0
+
+
+def _peer_host(peer: str) -> str:
+    """A call's peer without its port: "ipv4:10.0.0.7:51234" -> "ipv4:10.0.0.7"."""
+    if peer.startswith(("ipv4:", "ipv6:")):
+        return peer.rpartition(":")[0]
+    return peer
 
 
 def _request_id(request: Any, context: Context) -> str:
