@@ -26,12 +26,12 @@ from lambda_server.domain import JSON
 
 # Nodes converted between two pauses: about a millisecond of work (measured 1.5 to 3
 # us a node on a loaded 2-core box; see bench/README, "Event loop").
-SLICE_NODES = 500
+SLICE_NODES = 250
 # A large conversion rests between slices REST_FACTOR times as long as the slice took
 # (up to REST_CEILING): it takes its owner longer, and leaves the loop's thread, and its
 # share of the CPU, to the other calls. Without a rest (sleep(0)), another tenant's
 # Execute took +15 ms under the attack of tests/test_fairness_api.py; with one, +5 ms.
-REST_FACTOR = 1.0
+REST_FACTOR = 3.0
 REST_CEILING = 0.01
 _MAX_SAFE = 2**53
 _DOUBLE = struct.Struct("<d").unpack_from
