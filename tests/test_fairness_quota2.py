@@ -158,3 +158,30 @@ def test_a_create_postgresql_refuses_fails_alone_and_its_batch_is_stored(fresh_d
         ]
 
     in_store(fresh_database, OwnerQuota(max_sessions=10, max_bytes=10**9), test)
+
+
+def test_two_replicas_batching_one_owner_at_once_store_exactly_the_cap(fresh_database: str) -> None:
+    """Two stores on pools of their own (two replicas), each with a batch of the same two
+    owners: the advisory locks order the batches, so each owner ends at its cap."""
+    quota = OwnerQuota(max_sessions=5, max_bytes=10**9)
+
+    async def body() -> None:
+        batches: list[int] = []
+        async with (
+            quota_store(fresh_database, quota, batches) as one,
+            quota_store(fresh_database, quota, batches) as two,
+        ):
+            for store in (one, two):  # connected, so that the two batches meet in PostgreSQL
+                await store.create(new_session("user:warm-up"), Deadline.after(20))
+            for _ in range(3):  # two batches at once may pass each other by chance
+                owners = [f"user:e-{uuid.uuid4().hex[:6]}", f"user:f-{uuid.uuid4().hex[:6]}"]
+                ones, twos = ([new_session(owners[i % 2]) for i in range(20)] for _ in range(2))
+                answers = await asyncio.gather(create_all(one, ones), create_all(two, twos))
+                stored = [a for answer in answers for a in answer if isinstance(a, SessionRecord)]
+                assert len(stored) == 2 * quota.max_sessions
+                for a in answers[0] + answers[1]:
+                    if not isinstance(a, SessionRecord):
+                        refused(a, "MAX_SESSIONS_PER_OWNER")
+        assert sorted(batches) == [1, 1] + [20] * 6
+
+    run_sync(body())
