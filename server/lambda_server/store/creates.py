@@ -164,7 +164,7 @@ class CreateBatcher:
         self._quota = quota
         self._observe = observe  # told each batch's size
         self._pending: dict[str, deque[_Create]] = {}
-        self._senders: dict[str, asyncio.Task[None]] = {}
+        self._senders: dict[str, asyncio.Task[None] | None] = {}  # None: a create stored alone
 
     async def create(self, new: NewSession, deadline: Deadline) -> asyncpg.Record | None:
         """The statement's row for `new`: the stored session and its owner's use (see above);
@@ -172,6 +172,8 @@ class CreateBatcher:
         owner = new.owner
         if self._quota is None or owner is None:
             return await self._db.fetchrow(deadline, _INSERT_ONE, *_columns(new), owner)
+        if owner not in self._senders:  # alone: stored by this call, without a task
+            return await self._alone(owner, new, deadline)
         stored: asyncio.Future[asyncpg.Record] = asyncio.get_running_loop().create_future()
         self._pending.setdefault(owner, deque()).append((new, stored))
         if owner not in self._senders:
@@ -183,6 +185,19 @@ class CreateBatcher:
             raise DeadlineExceeded(
                 f"the call's deadline passed while {owner}'s other Initializes were stored"
             ) from None
+
+    async def _alone(self, owner: str, new: NewSession, deadline: Deadline) -> asyncpg.Record:
+        """A create that found its owner idle; those that come meanwhile wait for a sender,
+        started when this one is stored (or failed, or cancelled)."""
+        self._senders[owner] = None
+        if self._observe is not None:
+            self._observe(1)
+        try:
+            return (await self._store(owner, [new], deadline))[0]
+        finally:
+            del self._senders[owner]
+            if self._pending.get(owner):
+                self._senders[owner] = asyncio.create_task(self._send(owner))
 
     async def _send(self, owner: str) -> None:
         """Send the owner's batches until none of its creates is waiting."""
@@ -221,7 +236,7 @@ class CreateBatcher:
         if self._observe is not None:
             self._observe(len(batch))
         try:
-            rows = await self._store(owner, [new for new, _ in batch])
+            rows = await self._store(owner, [new for new, _ in batch], Deadline.after(None))
         except InternalError as exc:
             if len(batch) == 1:
                 _fail(batch, exc)
@@ -242,11 +257,14 @@ class CreateBatcher:
             if not stored.done():
                 stored.set_result(row)
 
-    async def _store(self, owner: str, creates: Sequence[NewSession]) -> list[asyncpg.Record]:
+    async def _store(
+        self, owner: str, creates: Sequence[NewSession], deadline: Deadline
+    ) -> list[asyncpg.Record]:
+        """Within the command timeout and `deadline` (none for a batch: each caller waits
+        for it within its own)."""
         assert self._quota is not None
         caps = (owner, self._quota.max_sessions, self._quota.max_bytes)
-        # The command timeout bounds a batch; each caller waits within its own deadline.
-        async with self._db.connection(Deadline.after(None)) as conn, conn.transaction():
+        async with self._db.connection(deadline) as conn, conn.transaction():
             await conn.execute(_LOCK_OWNER, OWNER_LOCK_CLASS, owner)
             rows: list[asyncpg.Record]
             if len(creates) == 1:
@@ -259,6 +277,8 @@ class CreateBatcher:
     async def close(self) -> None:
         """Stop sending (creates waiting are cancelled)."""
         for sender in list(self._senders.values()):
+            if sender is None:  # its caller is cancelled with the server
+                continue
             sender.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sender
