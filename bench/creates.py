@@ -72,7 +72,9 @@ async def rate(
     return done / (time.perf_counter() - started)
 
 
-async def main(seconds: float, rounds: int, mode: str) -> None:
+async def main(
+    seconds: float, rounds: int, mode: str, shapes: tuple[tuple[str, int, int], ...] = SHAPES
+) -> None:
     name = f"lambda_bench_{uuid.uuid4().hex[:10]}"
     admin = await asyncpg.connect(ADMIN_URL, timeout=10)
     await admin.execute(f'CREATE DATABASE "{name}"')
@@ -93,7 +95,7 @@ async def main(seconds: float, rounds: int, mode: str) -> None:
             return await store.create(new, Deadline.after(10))
 
         create = plain if mode == "plain" else stored
-        for label, in_flight, owners in SHAPES:
+        for label, in_flight, owners in shapes:
             rates = [await rate(create, in_flight, owners, seconds) for _ in range(rounds)]
             print(
                 f"{mode:6} {label:10} {in_flight:3} in flight: median {statistics.median(rates):6.0f}/s"
@@ -112,5 +114,9 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--mode", choices=("store", "plain"), default="store")
+    parser.add_argument(
+        "--shape", type=int, choices=range(len(SHAPES)), help="only SHAPES[n], on a fresh table"
+    )
     options = parser.parse_args()
-    asyncio.run(main(options.seconds, options.rounds, options.mode))
+    shapes = SHAPES if options.shape is None else (SHAPES[options.shape],)
+    asyncio.run(main(options.seconds, options.rounds, options.mode, shapes))
