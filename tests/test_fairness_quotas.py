@@ -25,8 +25,9 @@ from lambda_server.config import AuthSettings, DatabaseSettings, Settings
 from lambda_server.domain import Deadline, NewSession
 from lambda_server.errors import QuotaExceeded
 from lambda_server.store import migrations
+from lambda_server.store.creates import _INSERT_MANY
 from lambda_server.store.database import Database
-from lambda_server.store.sessions import _INSERT, OwnerQuota, SessionStore
+from lambda_server.store.sessions import OwnerQuota, SessionStore
 from tests.support import ServerThread, eventually, run_sync, server_settings
 
 SECRET = "a-test-secret-of-at-least-32-bytes!!"
@@ -247,7 +248,7 @@ def test_the_quota_counts_only_the_owners_unexpired_sessions_over_its_index(fres
                 explained = conn.transaction()  # EXPLAIN ANALYZE inserts: rolled back
                 await explained.start()
                 plan = await conn.fetchval(
-                    f"EXPLAIN (ANALYZE, FORMAT JSON) {_INSERT}", *_insert_args("user:many", 10_000)
+                    f"EXPLAIN (ANALYZE, FORMAT JSON) {_INSERT_MANY}", *_insert_args("user:many", 10_000)
                 )
                 await explained.rollback()
             plan = json.loads(plan) if isinstance(plan, str) else plan
@@ -269,9 +270,9 @@ def test_the_quota_counts_only_the_owners_unexpired_sessions_over_its_index(fres
 
 
 def _insert_args(owner: str, max_sessions: int) -> tuple[Any, ...]:
-    """_INSERT's parameters for a small session of `owner`."""
+    """_INSERT_MANY's parameters for a batch of one small session of `owner`."""
     session = (uuid.uuid4(), "python-q", None, 60.0, {}, SCRIPT, "h" * 64, None, "success", None)
-    return (*session, owner, max_sessions, 10**9)
+    return (*([value] for value in session), owner, max_sessions, 10**9)
 
 
 def _nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:

@@ -298,7 +298,12 @@ async def _wire(
     metrics = Metrics()
     cache = ResultCache(settings.result_cache_bytes, metrics)
     quota = OwnerQuota(settings.auth.max_sessions_per_owner, settings.auth.max_script_bytes_per_owner)
-    sessions = SessionStore(db, observe_claim_batch=metrics.claim_batch_size.observe, quota=quota)
+    sessions = SessionStore(
+        db,
+        observe_claim_batch=metrics.claim_batch_size.observe,
+        quota=quota,
+        observe_create_batch=metrics.create_batch_size.observe,
+    )
     undo.push_async_callback(sessions.close)
     service = LambdaService(
         settings,

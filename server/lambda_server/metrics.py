@@ -112,6 +112,12 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
             registry=r,
         )
+        self.create_batch_size = Histogram(
+            "lambda_session_create_batch_size",
+            "Initializes (of one owner or several) stored by PostgreSQL in one statement",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
         self.inflight_bytes = Gauge(
             "lambda_inflight_request_bytes",
             "Request bytes held by calls received and not yet answered",

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import asyncpg
 
@@ -19,7 +16,6 @@ from lambda_server.domain import (
     SessionStatus,
 )
 from lambda_server.errors import (
-    DeadlineExceeded,
     InternalError,
     QuotaExceeded,
     SessionConflict,
@@ -27,47 +23,14 @@ from lambda_server.errors import (
     SessionNotFound,
 )
 from lambda_server.store.claims import ClaimBatcher
+from lambda_server.store.creates import CreateBatcher, OwnerQuota
 from lambda_server.store.database import Database
 
-# An owner's Initializes are taken one at a time (across replicas) by a transaction-level
-# advisory lock, taken in a statement of its own before the insert: in READ COMMITTED
-# each statement sees what committed before it began, so the insert's count includes
-# every session whose transaction held the lock before this one. Locks of this class
-# are two int4 keys, a space apart from the one-bigint keys of migrations and cleanup.
-UNLIMITED = 2**62  # the caps of a session no quota counts
+__all__ = ["OwnerQuota", "ScriptCache", "SessionStore"]
+
 # A refusal's RetryInfo when no session of the owner's expires sooner (the session alone
 # is past the bytes cap, or the oldest expires within the second).
 MIN_RETRY_SECONDS = 1.0
-OWNER_LOCK_CLASS = 0x6F776E72  # "ownr"
-_LOCK_OWNER = "SELECT pg_advisory_xact_lock($1, hashtext($2))"
-
-# Stored only while the owner's unexpired active sessions, this one included, stay within
-# both caps; counted over sessions_owner_active_idx, at most max_sessions entries (the
-# expired ones are outside the scanned range). The use is returned either way, to explain
-# a refusal. Nothing returned from `inserted`: refused, or the request_id exists already.
-_INSERT = """
-WITH used AS (
-    SELECT count(*) AS sessions, coalesce(sum(stored_bytes), 0)::bigint AS bytes,
-           min(expires_at) AS oldest_expires_at
-    FROM meta.sessions
-    WHERE owner = $11 AND status = 'active' AND expires_at > now()
-), new AS (
-    SELECT octet_length($6::text)::bigint + octet_length($5::jsonb::text) AS bytes
-), inserted AS (
-    INSERT INTO meta.sessions
-        (request_id, language_title, user_id, expires_at, context, script_content,
-         script_hash, compile_status, metadata, compile_options, owner, stored_bytes)
-    SELECT $1, $2, $3, now() + make_interval(secs => $4), $5, $6, $7, $9, $8, $10, $11, new.bytes
-    FROM used, new
-    WHERE used.sessions < $12 AND used.bytes + new.bytes <= $13
-    ON CONFLICT (request_id) DO NOTHING
-    RETURNING request_id, language_title, user_id, created_at, expires_at, last_executed_at,
-              execution_count, script_hash, context, true AS live
-)
-SELECT inserted.*, used.sessions AS used_sessions, used.bytes AS used_bytes, new.bytes AS new_bytes,
-       extract(epoch FROM used.oldest_expires_at - now())::float8 AS oldest_expires_in
-FROM used CROSS JOIN new LEFT JOIN inserted ON true
-"""
 
 _SELECT = """
 SELECT request_id, language_title, user_id, created_at, expires_at, last_executed_at,
@@ -117,48 +80,6 @@ class ScriptCache:
             self._bytes -= len(dropped)
 
 
-class _OwnerTurns:
-    """One create per owner at a time on this replica, waiting here rather than in the
-    database: an owner's burst of Initializes then holds one pooled connection, never
-    the whole pool (the advisory lock orders it against other replicas)."""
-
-    def __init__(self) -> None:
-        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}  # lock, [holders and waiters]
-
-    @asynccontextmanager
-    async def turn(self, owner: str | None, deadline: Deadline) -> AsyncIterator[None]:
-        if owner is None:
-            yield
-            return
-        lock, users = self._locks.setdefault(owner, (asyncio.Lock(), [0]))
-        users[0] += 1
-        try:
-            try:
-                async with asyncio.timeout(deadline.remaining()):
-                    await lock.acquire()
-            except TimeoutError:
-                raise DeadlineExceeded(
-                    f"the call's deadline passed while {owner}'s other Initializes were stored"
-                ) from None
-            try:
-                yield
-            finally:
-                lock.release()
-        finally:
-            users[0] -= 1
-            if not users[0]:
-                del self._locks[owner]
-
-
-@dataclass(frozen=True)
-class OwnerQuota:
-    """What one owner's active (unexpired) sessions may hold: MAX_SESSIONS_PER_OWNER
-    sessions, and MAX_SCRIPT_BYTES_PER_OWNER bytes of scripts and contexts."""
-
-    max_sessions: int
-    max_bytes: int
-
-
 class SessionStore:
     """The only place that reads and writes sessions."""
 
@@ -168,16 +89,19 @@ class SessionStore:
         script_cache_bytes: int = 64 * 1024 * 1024,
         observe_claim_batch: Callable[[int], None] | None = None,
         quota: OwnerQuota | None = None,
+        observe_create_batch: Callable[[int], None] | None = None,
     ) -> None:
-        """`quota`: each owner's caps; None (tools and tests) caps nobody."""
+        """`quota`: each owner's caps; None (tools and tests) caps nobody.
+        `observe_*_batch`: told the size of each batch of claims, and of creates."""
         self._db = db
         self._quota = quota
-        self._owners = _OwnerTurns()
+        self._creates = CreateBatcher(db, quota, observe_create_batch)
         self._scripts = ScriptCache(script_cache_bytes)
         self._claims = ClaimBatcher(db, observe_claim_batch)
 
     async def close(self) -> None:
-        """Stop the claim batches; before the database closes."""
+        """Stop the claim and create batches; before the database closes."""
+        await self._creates.close()
         await self._claims.close()
 
     async def create(self, new: NewSession, deadline: Deadline) -> SessionRecord:
@@ -185,33 +109,10 @@ class SessionStore:
         (not counted again). QuotaExceeded when the owner's active sessions or their bytes
         would pass the store's quota."""
         quota = self._quota if new.owner is not None else None
-        async with (
-            self._owners.turn(new.owner if quota is not None else None, deadline),
-            self._db.connection(deadline) as conn,
-            conn.transaction(),
-        ):
-            if quota is not None:
-                await conn.execute(_LOCK_OWNER, OWNER_LOCK_CLASS, new.owner)
-            row = await conn.fetchrow(
-                _INSERT,
-                new.request_id,
-                new.language_title,
-                new.user_id,
-                float(new.expiry_seconds),
-                new.context,
-                new.script_content,
-                new.script_hash,
-                new.metadata,
-                new.compile_status.value,
-                new.compile_options,
-                new.owner,
-                UNLIMITED if quota is None else quota.max_sessions,
-                UNLIMITED if quota is None else quota.max_bytes,
-            )
-        assert row is not None  # `used` has a row, whatever the owner holds
-        if row["request_id"] is None:
+        row = await self._creates.create(new, deadline)
+        if row is None or row["request_id"] is None:
             existing = await self._db.fetchrow(deadline, _SELECT, new.request_id)
-            if existing is None and quota is not None:  # refused: nothing under this request_id
+            if existing is None and quota is not None and row is not None:  # refused
                 raise _refusal(new, row, quota)
             if existing is None:  # inserted and deleted in between: cannot happen today
                 raise InternalError("session vanished while being created")
