@@ -26,13 +26,6 @@ ROOT = Path("/sys/fs/cgroup")
 CPU_PERIOD_US = 100_000  # the kernel's default CFS period
 CPU_SHARES = 1024  # v1: every environment weighs the same (the kernel's default)
 CPU_WEIGHT = 100  # v2: likewise
-# The group of all this server's environments weighs a quarter of one of the server's
-# own threads (v1 shares 256 against 1024; v2 weight 25 against 100): under contention
-# a waking server thread (a call to answer) preempts a script at once, whoever's it is,
-# while idle cores stay anyone's. Without it a victim's p99 went from 2-5 to 10-14 ms
-# while another owner's busy loops used their one core (tests/test_fairness_cpu.py).
-SANDBOX_CPU_SHARES = 256
-SANDBOX_CPU_WEIGHT = 25
 # v1: an empty group of ours that stays frozen. While any group is frozen the kernel's
 # freezer static key stays on; with none, every freeze and every thaw switches it, which
 # patches kernel text on every CPU: about 100 us a write instead of 15-25 (measured here,
@@ -244,8 +237,6 @@ class Cgroups:
                     with contextlib.suppress(CgroupUnavailable):
                         _make(base)
                         optional[controller] = base
-                        if controller == "cpu":
-                            _write(str(base / "cpu.shares"), str(SANDBOX_CPU_SHARES).encode())
             if optional["freezer"] is not None:
                 holder = optional["freezer"] / KEY_HOLDER
                 with contextlib.suppress(CgroupUnavailable):
@@ -273,7 +264,6 @@ class Cgroups:
         if "cpu" in (base / "cgroup.controllers").read_text().split():
             with contextlib.suppress(OSError):
                 (base / "cgroup.subtree_control").write_text("+cpu")
-                (base / "cpu.weight").write_text(str(SANDBOX_CPU_WEIGHT))
                 cpu = base
         freezer = base if (base / "cgroup.freeze").exists() else None  # in every non-root group since 5.2
         return cls(base, base, 2, cpu, cpu, freezer)
