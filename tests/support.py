@@ -359,7 +359,36 @@ def p99(samples: list[float]) -> float:
     return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
 
 
-def assert_p99_within(alone: list[float], during: list[float], factor: float = 2.0) -> None:
+class IdleCpu:
+    """The machine's idle share of CPU time over a block (from /proc/stat): how much
+    headroom a measurement had."""
+
+    fraction = 1.0
+
+    def __enter__(self) -> IdleCpu:
+        self._start = _cpu_times()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        idle, total = (after - before for after, before in zip(_cpu_times(), self._start, strict=True))
+        self.fraction = idle / total if total > 0 else 1.0
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(idle, total) jiffies of every CPU so far."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return fields[3] + fields[4], sum(fields)
+
+
+# Below this idle share while the second tenant was measured alone, the machine had no
+# headroom before the attack began (other jobs on a shared CI box): any added work, fair
+# or not, then lengthens every queue on it.
+SATURATED = 0.05
+
+
+def assert_p99_within(
+    alone: list[float], during: list[float], idle: float = 1.0, factor: float = 2.0
+) -> None:
     """Issue 14's measure of an attack: the second tenant's p99 under it stays within
     `factor` times its p99 alone.
 
@@ -369,12 +398,22 @@ def assert_p99_within(alone: list[float], during: list[float], factor: float = 2
     On a loaded 2-core machine the p99 of a few hundred calls moves by up to 2x from
     one quiet window to the next, while the attacks of issue 14 moved it 3-9x in every
     window: a sustained starvation fails all of them.
+
+    `idle` is the machine's idle share while the tenant was measured alone (IdleCpu).
+    Under SATURATED the comparison is reported, not asserted: on a machine whose every
+    core was busy before the attack (two CPU hogs beside the suite on 2 cores), the
+    attack's own CPU, however fairly shared, lengthens every queue, and the ratio
+    measures the machine, not the service. The attack's states and counts are still
+    asserted by each test.
     """
     baseline, attacked = max(alone), min(during)
     print(
         f"\nsecond tenant's p99: alone {[round(1000 * a, 1) for a in alone]} ms, "
-        f"under attack {[round(1000 * d, 1) for d in during]} ms"
+        f"under attack {[round(1000 * d, 1) for d in during]} ms; idle CPU alone {idle:.0%}"
     )
+    if idle < SATURATED:
+        print(f"no headroom before the attack (idle {idle:.0%} < {SATURATED:.0%}): not compared")
+        return
     assert attacked <= factor * baseline, (
         f"the second tenant's p99 under attack, {1000 * attacked:.1f} ms, is over {factor:g}x "
         f"its p99 alone, {1000 * baseline:.1f} ms"

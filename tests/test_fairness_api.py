@@ -29,6 +29,7 @@ from lambda_microservice import InvalidArgumentError, LambdaClient, LambdaError,
 from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_server.config import AuthSettings, RuntimeSettings
 from tests.support import (
+    IdleCpu,
     ServerThread,
     assert_p99_within,
     eventually,
@@ -245,7 +246,8 @@ def test_large_params_leave_another_tenants_p99_within_twice_its_own(
             under.write_bytes(raw_execute(target, 90_000))
             assert past.stat().st_size < 4 * 2**20
             timed_calls(victim, own, 5)  # warm
-            alone = timed_calls(victim, own, 100)
+            with IdleCpu() as idle:
+                alone = timed_calls(victim, own, 100)
             # at the lowest priority: the attacker's client runs on the server's machine here,
             # not on its own, and what the test measures is the server's cost of the attack
             attacker = subprocess.Popen(
@@ -277,7 +279,7 @@ def test_large_params_leave_another_tenants_p99_within_twice_its_own(
     codes, settings = Counter(found["codes"]), found["settings"]
     assert codes["INVALID_ARGUMENT"] >= 3 and settings == {"MAX_JSON_NODES": codes["INVALID_ARGUMENT"]}
     assert codes["OK"] >= 1  # the calls just under the bound are served
-    assert_p99_within([p99(alone), p99(after)], during)
+    assert_p99_within([p99(alone), p99(after)], during, idle.fraction)
 
 
 # Finding 7 (third bullet): request bytes held in flight are bounded.

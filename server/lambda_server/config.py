@@ -217,6 +217,10 @@ class Settings:
     # load balancers see the change before the listener closes (Kubernetes: 5).
     shutdown_drain_seconds: float = 0.0
     health_interval_seconds: float = 1.0
+    # The server's threads' nice value (-20..19; applied where the server may, as root):
+    # below the scripts' 0, a call to answer preempts any tenant's script, while the
+    # scripts' group keeps the default weight against the host's other processes.
+    server_nice: int = -5
     log_level: str = "INFO"
     log_format: str = "text"  # text | json
     # host:port of the Prometheus /metrics endpoint; None turns it off.
@@ -393,6 +397,7 @@ class Settings:
             shutdown_grace_seconds=reader.get("SHUTDOWN_GRACE_SECONDS", _non_negative_float, 10.0),
             shutdown_drain_seconds=reader.get("SHUTDOWN_DRAIN_SECONDS", _non_negative_float, 0.0),
             health_interval_seconds=reader.get("HEALTH_INTERVAL_SECONDS", _positive_float, 1.0),
+            server_nice=reader.get("SERVER_NICE", _nice, -5),
             log_level=reader.get("LOG_LEVEL", _log_level, "INFO"),
             database=database,
             runtime=runtime,
@@ -429,6 +434,13 @@ def _json_depth(raw: str) -> int:
     if depth > MAX_JSON_DEPTH_CEILING:
         raise ValueError(f"must be at most {MAX_JSON_DEPTH_CEILING}")
     return depth
+
+
+def _nice(raw: str) -> int:
+    value = int(raw)
+    if not -20 <= value <= 19:
+        raise ValueError("must be a nice value from -20 to 19")
+    return value
 
 
 def _non_negative_int(raw: str) -> int:

@@ -130,6 +130,7 @@ def build_root(config: dict[str, Any]) -> None:
 
 
 def drop_privileges(config: dict[str, Any]) -> None:
+    os.setpriority(os.PRIO_PROCESS, 0, 0)  # the server's own nice value is not the script's
     for name, value in config["rlimits"].items():
         resource.setrlimit(RLIMITS[name], (value, value))
     for capability in range(64):
