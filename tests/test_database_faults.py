@@ -124,7 +124,10 @@ def test_a_stop_under_load_ends_every_call_in_its_bound_and_a_start_heals_withou
     names = sorted(code.name for code in codes)
     print(f"{len(calls)} calls, slowest {slowest:.2f} s, codes {names}; served {recovered:.2f} s after start")
     assert slowest < DEADLINE + SLACK  # nothing hung
-    assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}
+    # the server answers UNAVAILABLE 50 ms before the call's deadline; with two CPU hogs
+    # beside the suite, one such answer in a clean-clone run came after it: the caller's
+    # own DEADLINE_EXCEEDED, bounded all the same (never UNKNOWN, INTERNAL, or a hang)
+    assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
     assert grpc.StatusCode.UNAVAILABLE in codes
     assert recovered < 5
     # nothing committed before the stop was lost
