@@ -22,6 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import grpc
+from google.rpc import error_details_pb2, status_pb2
 
 from lambda_server.app import Server, build_server, new_event_loop
 from lambda_server.config import DatabaseSettings, RuntimeSettings, Settings
@@ -351,6 +352,17 @@ def free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
+
+
+def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo:
+    """The google.rpc.ErrorInfo detail of a refused call's status."""
+    for key, value in error.trailing_metadata() or ():  # type: ignore[attr-defined]
+        if key == "grpc-status-details-bin":
+            for detail in status_pb2.Status.FromString(value).details:
+                info = error_details_pb2.ErrorInfo()
+                if detail.Unpack(info):
+                    return info
+    raise AssertionError("no ErrorInfo")
 
 
 def p99(samples: list[float]) -> float:

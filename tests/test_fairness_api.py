@@ -22,7 +22,6 @@ import grpc
 import jwt
 import pytest
 from google.protobuf import struct_pb2
-from google.rpc import error_details_pb2, status_pb2
 
 from bench.flood import flood, sampling_rss
 from lambda_microservice import InvalidArgumentError, LambdaClient, LambdaError, to_python
@@ -32,6 +31,7 @@ from tests.support import (
     IdleCpu,
     ServerThread,
     assert_p99_within,
+    error_info,
     eventually,
     p99,
     run_sync,
@@ -53,16 +53,6 @@ def token(sub: str) -> str:
 
 def client_for(target: str, sub: str) -> LambdaClient:
     return LambdaClient(target, timeout=60, metadata=(("authorization", f"Bearer {token(sub)}"),))
-
-
-def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo:
-    for key, value in error.trailing_metadata() or ():  # type: ignore[attr-defined]
-        if key == "grpc-status-details-bin":
-            for detail in status_pb2.Status.FromString(value).details:
-                info = error_details_pb2.ErrorInfo()
-                if detail.Unpack(info):
-                    return info
-    raise AssertionError("no ErrorInfo")
 
 
 @pytest.fixture(scope="module")

@@ -14,27 +14,16 @@ import asyncio
 import threading
 
 import grpc
-from google.rpc import error_details_pb2, status_pb2
 
 from bench.flood import flood, sampling_rss
 from lambda_microservice import LambdaClient, LambdaError, to_python
-from tests.support import server_process
+from tests.support import error_info, server_process
 from tests.test_fairness_api import rss_bytes
 
 MIB = 2**20
 STREAMS, SIZE = 60, 900_000  # 54 MB offered, through a proxy from 127.0.0.2
 # measured +32 and +34 MiB here; +171 and +177 MiB with the budget checked once messages were in
 GROWTH_BOUND = 96 * MIB
-
-
-def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo:
-    for key, value in error.trailing_metadata() or ():  # type: ignore[attr-defined]
-        if key == "grpc-status-details-bin":
-            for detail in status_pb2.Status.FromString(value).details:
-                info = error_details_pb2.ErrorInfo()
-                if detail.Unpack(info):
-                    return info
-    raise AssertionError("no ErrorInfo")
 
 
 def test_a_slow_flood_is_refused_before_its_messages_are_read(database_url: str) -> None:
