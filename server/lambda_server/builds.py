@@ -57,7 +57,10 @@ class RustBuilds:
         self._building: dict[str, asyncio.Future[bool]] = {}
         # keys this process has seen in meta.artifacts: a local file of another
         # database's (a machine's cache outlives a deployment) is stored once more
-        self._stored: set[str] = set()
+        self._stored: dict[str, float] = {}
+        # when each stored key's file was last seen here (time.monotonic): another server
+        # sharing the folder may sweep it, which is looked for once a sweep interval, not
+        # on every Execute (a thread's round trip each)
 
     def start(self) -> None:
         """Begin the compiler's one-time dependency build, and the local sweep, in the background."""
@@ -112,8 +115,12 @@ class RustBuilds:
         """The path of the script's program, prepared first when it is not here."""
         key = self._key(script_hash, optimization)
         path = self._folder / key
-        if key in self._stored and not await asyncio.to_thread(path.exists):
-            self._stored.discard(key)  # swept (here, or by another server sharing the folder)
+        seen = self._stored.get(key)
+        if seen is not None and time.monotonic() - seen > self._sweep_interval:
+            if await asyncio.to_thread(path.exists):
+                self._stored[key] = time.monotonic()
+            else:
+                del self._stored[key]  # swept by another server sharing the folder
         await self.prepare(script, script_hash, optimization, deadline, owner)
         return str(path)
 
@@ -129,7 +136,7 @@ class RustBuilds:
                 if (script_hash, level) in used or name in self._building:
                     continue
                 if await asyncio.to_thread(_remove_if_older, self._folder / name, self._retention):
-                    self._stored.discard(name)
+                    self._stored.pop(name, None)
                     removed += 1
         return removed
 
@@ -163,7 +170,7 @@ class RustBuilds:
             await self._store.put(key, script_hash, optimization, toolchain, program, deadline)
         if compiled or not await asyncio.to_thread(path.exists):
             await asyncio.to_thread(_write_program, path, program)
-        self._stored.add(key)
+        self._stored[key] = time.monotonic()
         return compiled
 
 

@@ -13,7 +13,13 @@ import grpc
 
 from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_server.api.errors import Context, to_status
-from lambda_server.api.request_logs import RequestLog, execute_entry, fallback_entry, is_unloggable
+from lambda_server.api.request_logs import (
+    RequestLog,
+    client_address,
+    execute_entry,
+    fallback_entry,
+    is_unloggable,
+)
 from lambda_server.config import GrpcSettings
 from lambda_server.errors import QuotaExceeded
 from lambda_server.logs import CallInfo, begin_call, end_call
@@ -139,7 +145,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             started_at, started = time.time(), time.perf_counter()
             response = None
             code = grpc.StatusCode.UNKNOWN
-            peer = _peer_host(context.peer())
+            peer = client_address(context.peer() or "")
             held = 0
             try:
                 if reads:
@@ -266,13 +272,6 @@ def _size(request: Any) -> int:
     """The bytes a request holds: its encoded size (a decoded message holds about as much)."""
     byte_size = getattr(request, "ByteSize", None)
     return byte_size() if callable(byte_size) else 0
-
-
-def _peer_host(peer: str) -> str:
-    """A call's peer without its port: "ipv4:10.0.0.7:51234" -> "ipv4:10.0.0.7"."""
-    if peer.startswith(("ipv4:", "ipv6:")):
-        return peer.rpartition(":")[0]
-    return peer
 
 
 def _request_id(request: Any, context: Context) -> str:

@@ -170,10 +170,6 @@ class EnvironmentPool:
             counts[key.runtime]["busy"] += busy
         return counts
 
-    def usage(self) -> dict[str, tuple[int, int]]:
-        """Each owner's environments (bound or binding) and the MiB of their limits."""
-        return {owner: (u.environments, u.memory_mb) for owner, u in self._owners.items()}
-
     def status(self) -> dict[str, str]:
         counts = self.counts()
         report = {}

@@ -2,8 +2,8 @@
 
 v2 (one unified tree): a `lambda-<pid>` group beside the server's own, with the
 memory, pids and cpu controllers enabled, and one child per environment. v1: the
-same layout under the memory and pids hierarchies, and under cpu (cpuacct beside
-it, for the bill) and freezer where those are mounted. Either way an
+same layout under the memory and pids hierarchies, and under cpu and freezer where
+those are mounted. Either way an
 environment's OOM kills are counted, so MEMORY_LIMIT is told apart from any
 other crash; its CPU is capped by a CFS quota with the same weight for every
 environment; and an idle environment can be frozen (v1 `freezer.state`, v2
@@ -40,13 +40,12 @@ class CgroupUnavailable(Exception):
 @dataclass(frozen=True)
 class EnvironmentCgroup:
     """The cgroup directories of one environment (one on v2, one per hierarchy on v1);
-    cpu, cpuacct and freezer are None where that controller is not in use."""
+    cpu and freezer are None where that controller is not in use."""
 
     memory: Path
     pids: Path
     version: int
     cpu: Path | None = None
-    cpuacct: Path | None = None
     freezer: Path | None = None
 
     @functools.cached_property
@@ -55,7 +54,7 @@ class EnvironmentCgroup:
 
     @property
     def directories(self) -> set[Path]:
-        return {d for d in (self.memory, self.pids, self.cpu, self.cpuacct, self.freezer) if d is not None}
+        return {d for d in (self.memory, self.pids, self.cpu, self.freezer) if d is not None}
 
     @property
     def procs_files(self) -> list[str]:
@@ -78,16 +77,6 @@ class EnvironmentCgroup:
         if self._freeze_file is not None:
             _write(self._freeze_file, b"0" if self.version == 2 else b"THAWED")
 
-    def frozen(self) -> bool:
-        """Whether the environment is frozen (or freezing)."""
-        if self._freeze_file is None:
-            return False
-        try:
-            state = Path(self._freeze_file).read_text().strip()
-        except OSError:
-            return False
-        return state == "1" if self.version == 2 else state in ("FROZEN", "FREEZING")
-
     @functools.cached_property
     def _threads_file(self) -> str:
         return str(self.pids / ("cgroup.threads" if self.version == 2 else "tasks"))
@@ -95,37 +84,6 @@ class EnvironmentCgroup:
     def thread_count(self) -> int:
         """Threads (tasks) of every process in the environment."""
         return _count(self._threads_file)  # after every execution in the recycle mode
-
-    def cpu_quota(self) -> tuple[int, int] | None:
-        """(quota, period) in microseconds as the kernel holds them; None without a cpu group
-        or without a quota."""
-        if self.cpu is None:
-            return None
-        try:
-            if self.version == 2:
-                quota, period = (self.cpu / "cpu.max").read_text().split()
-            else:
-                quota = (self.cpu / "cpu.cfs_quota_us").read_text().strip()
-                period = (self.cpu / "cpu.cfs_period_us").read_text().strip()
-        except (OSError, ValueError):
-            return None
-        if quota in ("max", "-1"):
-            return None
-        return int(quota), int(period)
-
-    def cpu_usage_ns(self) -> int | None:
-        """CPU time the environment's tasks used, in nanoseconds; None without accounting."""
-        try:
-            if self.version == 2 and self.cpu is not None:
-                for line in (self.cpu / "cpu.stat").read_text().splitlines():
-                    key, _, value = line.partition(" ")
-                    if key == "usage_usec":
-                        return int(value) * 1000
-            elif self.cpuacct is not None:
-                return int((self.cpuacct / "cpuacct.usage").read_text())
-        except (OSError, ValueError):
-            pass
-        return None
 
     def oom_kills(self) -> int:
         """How many processes of the environment the kernel killed for memory."""
@@ -192,14 +150,12 @@ class Cgroups:
         pids_base: Path,
         version: int,
         cpu_base: Path | None = None,
-        cpuacct_base: Path | None = None,
         freezer_base: Path | None = None,
     ) -> None:
         self._memory = memory_base
         self._pids = pids_base
         self.version = version
         self._cpu = cpu_base
-        self._cpuacct = cpuacct_base
         self._freezer = freezer_base
         self._owners: Counter[str] = Counter()  # environments in each owner's cpu group
 
@@ -216,7 +172,7 @@ class Cgroups:
     @classmethod
     def detect(cls, name: str) -> Cgroups:
         """Set up `name` groups for this server, on v2 when it has the controllers, else v1."""
-        own = _own_paths()
+        own = own_paths()
         unified = ROOT / "cgroup.controllers"
         if unified.exists() and {"memory", "pids"} <= set(unified.read_text().split()):
             return cls._v2(own.get("", "/"), name)
@@ -226,10 +182,10 @@ class Cgroups:
             pids_base = pids / own.get("pids", "/").lstrip("/") / name
             for base in (memory_base, pids_base):
                 _make(base)
-            # cpu and cpuacct are mounted together (cpu,cpuacct) or apart: found by their mounts
+            # cpu may be mounted alone or with cpuacct (cpu,cpuacct): found by its mount
             mounts = _v1_mounts()
             optional: dict[str, Path | None] = {}
-            for controller in ("cpu", "cpuacct", "freezer"):
+            for controller in ("cpu", "freezer"):
                 mount = mounts.get(controller)
                 optional[controller] = None
                 if mount is not None and controller in own:
@@ -242,7 +198,7 @@ class Cgroups:
                 with contextlib.suppress(CgroupUnavailable):
                     _make(holder)
                     _write(str(holder / "freezer.state"), b"FROZEN")
-            return cls(memory_base, pids_base, 1, optional["cpu"], optional["cpuacct"], optional["freezer"])
+            return cls(memory_base, pids_base, 1, optional["cpu"], optional["freezer"])
         raise CgroupUnavailable(
             "no cgroup v2 with memory and pids controllers, nor v1 memory and pids hierarchies"
         )
@@ -266,16 +222,15 @@ class Cgroups:
                 (base / "cgroup.subtree_control").write_text("+cpu")
                 cpu = base
         freezer = base if (base / "cgroup.freeze").exists() else None  # in every non-root group since 5.2
-        return cls(base, base, 2, cpu, cpu, freezer)
+        return cls(base, base, 2, cpu, freezer)
 
     def create(
         self, name: str, memory_bytes: int, max_processes: int, cpu_cores: float = 0.0
     ) -> EnvironmentCgroup:
         """An environment's group; `cpu_cores` 0 leaves its CPU unlimited (no cpu group)."""
         cpu = self._cpu / name if self._cpu is not None and cpu_cores > 0 else None
-        cpuacct = self._cpuacct / name if self._cpuacct is not None else None
         freezer = self._freezer / name if self._freezer is not None else None
-        group = EnvironmentCgroup(self._memory / name, self._pids / name, self.version, cpu, cpuacct, freezer)
+        group = EnvironmentCgroup(self._memory / name, self._pids / name, self.version, cpu, freezer)
         for directory in group.directories:
             _make(directory)
         if self.version == 2:
@@ -356,7 +311,7 @@ class Cgroups:
             _write(str(self._freezer / KEY_HOLDER / "freezer.state"), b"THAWED")
             with contextlib.suppress(OSError):
                 (self._freezer / KEY_HOLDER).rmdir()
-        for base in {self._memory, self._pids, self._cpu, self._cpuacct, self._freezer}:
+        for base in {self._memory, self._pids, self._cpu, self._freezer}:
             if base is not None:
                 with contextlib.suppress(OSError):
                     base.rmdir()
@@ -376,7 +331,7 @@ def _owner_name(owner: str) -> str:
 
 def _relative(cgroups: Cgroups, parent: Path) -> Cgroups:
     """v2: the same tree's controllers, with groups made under `parent`."""
-    return Cgroups(parent, parent, 2, parent, parent, parent if cgroups._freezer is not None else None)
+    return Cgroups(parent, parent, 2, parent, parent if cgroups._freezer is not None else None)
 
 
 def _read(path: Path) -> str | None:
@@ -386,10 +341,10 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def _own_paths() -> dict[str, str]:
+def own_paths(proc: Path = Path("/proc")) -> dict[str, str]:
     """This process's cgroup path per v1 controller, and under "" for v2."""
     paths = {}
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
+    for line in (proc / "self" / "cgroup").read_text().splitlines():
         _, controllers, path = line.split(":", 2)
         for controller in controllers.split(",") if controllers else [""]:
             paths[controller] = path

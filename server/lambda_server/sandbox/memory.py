@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 from lambda_server.config import SandboxSettings
+from lambda_server.sandbox.cgroups import own_paths
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +45,11 @@ def available_memory_mb(root: Path = ROOT, proc: Path = Path("/proc")) -> int:
     process's cgroup to the root (v2 `memory.max`, v1 `memory.limit_in_bytes`): a
     container's limit sits on an ancestor as often as on the process's own group."""
     limits = [_mem_total(proc)]
-    for line in (proc / "self" / "cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if controllers == "":  # v2, where it is mounted at the root
-            limits += _limits_up(root, path, "memory.max")
-        elif "memory" in controllers.split(","):
-            limits += _limits_up(root / "memory", path, "memory.limit_in_bytes")
+    own = own_paths(proc)
+    if "" in own:  # v2, where it is mounted at the root
+        limits += _limits_up(root, own[""], "memory.max")
+    if "memory" in own:
+        limits += _limits_up(root / "memory", own["memory"], "memory.limit_in_bytes")
     return min(limits) // MIB
 
 
