@@ -44,11 +44,12 @@ run: $(STAMP) runtime-packages ## serve on LISTEN_ADDR (127.0.0.1:50051); embedd
 test: lint test-packages ## lint, then the whole suite against a real PostgreSQL
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
 
-lint: $(STAMP) $(BUF) ## ruff, mypy and buf lint
+lint: $(STAMP) $(BUF) ## ruff, mypy, buf lint and buf breaking (against protos/baseline.binpb)
 	$(BIN)/ruff check server client tests bench
 	$(BIN)/ruff format --check server client tests bench
 	$(BIN)/mypy
 	$(BUF) lint protos
+	$(BUF) breaking protos --against protos/baseline.binpb
 
 proto: $(STAMP) ## regenerate the client's gRPC code from protos/
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) -m grpc_tools.protoc -I protos \

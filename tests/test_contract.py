@@ -71,6 +71,19 @@ def test_buf_lint_is_clean() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_the_contract_only_grows_from_its_baseline() -> None:
+    """protos/baseline.binpb is the contract as of issue 15: a change that would break a
+    generated client built from it (a field renamed, renumbered or retyped) fails here."""
+    result = subprocess.run(
+        [str(BUF), "breaking", "protos", "--against", "protos/baseline.binpb"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_regenerating_the_code_changes_nothing(tmp_path: Path) -> None:
     result = subprocess.run(
         ["make", "-s", "proto", f"PROTO_OUT={tmp_path}"],

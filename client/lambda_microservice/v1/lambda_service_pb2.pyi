@@ -163,6 +163,74 @@ HEALTH_STATUS_NOT_SERVING: HealthStatus.ValueType  # 2
 """A required component does not answer, or the server is shutting down."""
 Global___HealthStatus: _TypeAlias = HealthStatus  # noqa: Y015
 
+class _ComponentStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ComponentStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ComponentStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    COMPONENT_STATUS_UNSPECIFIED: _ComponentStatus.ValueType  # 0
+    """Not set; never returned by the service."""
+    COMPONENT_STATUS_OK: _ComponentStatus.ValueType  # 1
+    """The component works fully."""
+    COMPONENT_STATUS_DEGRADED: _ComponentStatus.ValueType  # 2
+    """The component works, with less than it could (e.g. a sandbox layer this
+    machine lacks, or Rust's crates still building).
+    """
+    COMPONENT_STATUS_UNAVAILABLE: _ComponentStatus.ValueType  # 3
+    """The component does not work (e.g. PostgreSQL does not answer, a runtime is
+    not installed).
+    """
+
+class ComponentStatus(_ComponentStatus, metaclass=_ComponentStatusEnumTypeWrapper):
+    """ComponentStatus is one component's state."""
+
+COMPONENT_STATUS_UNSPECIFIED: ComponentStatus.ValueType  # 0
+"""Not set; never returned by the service."""
+COMPONENT_STATUS_OK: ComponentStatus.ValueType  # 1
+"""The component works fully."""
+COMPONENT_STATUS_DEGRADED: ComponentStatus.ValueType  # 2
+"""The component works, with less than it could (e.g. a sandbox layer this
+machine lacks, or Rust's crates still building).
+"""
+COMPONENT_STATUS_UNAVAILABLE: ComponentStatus.ValueType  # 3
+"""The component does not work (e.g. PostgreSQL does not answer, a runtime is
+not installed).
+"""
+Global___ComponentStatus: _TypeAlias = ComponentStatus  # noqa: Y015
+
+class _CompileStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CompileStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CompileStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    COMPILE_STATUS_UNSPECIFIED: _CompileStatus.ValueType  # 0
+    """Not set: the language is not compiled (Python, JavaScript)."""
+    COMPILE_STATUS_PENDING: _CompileStatus.ValueType  # 1
+    """The compile has not ended yet (it goes on when the Initialize call's
+    deadline passed first).
+    """
+    COMPILE_STATUS_SUCCESS: _CompileStatus.ValueType  # 2
+    """The program was compiled (or found compiled); Execute runs it."""
+    COMPILE_STATUS_ERROR: _CompileStatus.ValueType  # 3
+    """The script did not compile, or the compile failed; compile_error says why."""
+
+class CompileStatus(_CompileStatus, metaclass=_CompileStatusEnumTypeWrapper):
+    """CompileStatus says whether a session's script compiled (Rust)."""
+
+COMPILE_STATUS_UNSPECIFIED: CompileStatus.ValueType  # 0
+"""Not set: the language is not compiled (Python, JavaScript)."""
+COMPILE_STATUS_PENDING: CompileStatus.ValueType  # 1
+"""The compile has not ended yet (it goes on when the Initialize call's
+deadline passed first).
+"""
+COMPILE_STATUS_SUCCESS: CompileStatus.ValueType  # 2
+"""The program was compiled (or found compiled); Execute runs it."""
+COMPILE_STATUS_ERROR: CompileStatus.ValueType  # 3
+"""The script did not compile, or the compile failed; compile_error says why."""
+Global___CompileStatus: _TypeAlias = CompileStatus  # noqa: Y015
+
 class _FunctionType:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -187,6 +255,126 @@ FUNCTION_TYPE_DYNAMIC: FunctionType.ValueType  # 2
 """Registered at run time; GetFunction shows its script."""
 Global___FunctionType: _TypeAlias = FunctionType  # noqa: Y015
 
+class _ErrorReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ERROR_REASON_UNSPECIFIED: _ErrorReason.ValueType  # 0
+    """Not set; never sent."""
+    ERROR_REASON_INVALID_REQUEST: _ErrorReason.ValueType  # 1
+    """INVALID_ARGUMENT: the request is malformed (a field, a script that does not
+    compile: metadata `line` and `column`).
+    """
+    ERROR_REASON_INVALID_PARAMS: _ErrorReason.ValueType  # 2
+    """INVALID_ARGUMENT: params do not match the catalog function's schema."""
+    ERROR_REASON_SCRIPT_LIMIT_EXCEEDED: _ErrorReason.ValueType  # 3
+    """INVALID_ARGUMENT: checking or compiling the script went past a limit (time,
+    memory, program size): the script's fault, not the service's.
+    """
+    ERROR_REASON_UNAUTHORIZED: _ErrorReason.ValueType  # 4
+    """UNAUTHENTICATED: no token, or a token that does not verify."""
+    ERROR_REASON_FORBIDDEN: _ErrorReason.ValueType  # 5
+    """PERMISSION_DENIED: the token lacks the scope this call needs."""
+    ERROR_REASON_NOT_FOUND: _ErrorReason.ValueType  # 6
+    """NOT_FOUND: no such session (also another user's), or no such function."""
+    ERROR_REASON_SESSION_EXPIRED: _ErrorReason.ValueType  # 7
+    """NOT_FOUND: the session exists but has expired."""
+    ERROR_REASON_SESSION_CONFLICT: _ErrorReason.ValueType  # 8
+    """ALREADY_EXISTS: a session with this request_id exists with another script."""
+    ERROR_REASON_RATE_LIMITED: _ErrorReason.ValueType  # 9
+    """RESOURCE_EXHAUSTED: the caller's rate limit; RetryInfo says when to retry."""
+    ERROR_REASON_QUOTA_EXCEEDED: _ErrorReason.ValueType  # 10
+    """RESOURCE_EXHAUSTED: an owner's share (sessions, script bytes, checkers,
+    compilers, queued executions, request bytes) is used up; RetryInfo says when.
+    """
+    ERROR_REASON_RUNTIME_BUSY: _ErrorReason.ValueType  # 11
+    """RESOURCE_EXHAUSTED: every environment for the script stayed busy until the
+    queue's bound (RUNTIME_QUEUE_TIMEOUT_SECONDS).
+    """
+    ERROR_REASON_RUNTIME_NOT_AVAILABLE: _ErrorReason.ValueType  # 12
+    """FAILED_PRECONDITION: the language is known but its runtime is not
+    available on this server.
+    """
+    ERROR_REASON_UNAVAILABLE: _ErrorReason.ValueType  # 13
+    """UNAVAILABLE: a dependency (PostgreSQL) cannot serve now; retry later. For
+    Execute the script may have run: retry only when idempotent.
+    """
+    ERROR_REASON_NOT_STARTED: _ErrorReason.ValueType  # 14
+    """UNAVAILABLE: the call failed before its work began (an Execute's script did
+    not run): safe to retry, Execute included.
+    """
+    ERROR_REASON_SANDBOX_UNAVAILABLE: _ErrorReason.ValueType  # 15
+    """UNAVAILABLE: the sandbox cannot start an environment as SANDBOX_MODE asks."""
+    ERROR_REASON_DEADLINE_EXCEEDED: _ErrorReason.ValueType  # 16
+    """DEADLINE_EXCEEDED: the call's deadline passed before the work finished
+    (work shared with other calls, such as a compile, goes on).
+    """
+    ERROR_REASON_INTERNAL_ERROR: _ErrorReason.ValueType  # 17
+    """INTERNAL: a bug in the service."""
+
+class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
+    """ErrorReason lists every google.rpc.ErrorInfo reason the service sends. The
+    reason string is the value's name without the `ERROR_REASON_` prefix (e.g.
+    `SESSION_EXPIRED`), and each comes with one gRPC status only, given first.
+    ErrorInfo.metadata names the field, setting or limit where one applies.
+    """
+
+ERROR_REASON_UNSPECIFIED: ErrorReason.ValueType  # 0
+"""Not set; never sent."""
+ERROR_REASON_INVALID_REQUEST: ErrorReason.ValueType  # 1
+"""INVALID_ARGUMENT: the request is malformed (a field, a script that does not
+compile: metadata `line` and `column`).
+"""
+ERROR_REASON_INVALID_PARAMS: ErrorReason.ValueType  # 2
+"""INVALID_ARGUMENT: params do not match the catalog function's schema."""
+ERROR_REASON_SCRIPT_LIMIT_EXCEEDED: ErrorReason.ValueType  # 3
+"""INVALID_ARGUMENT: checking or compiling the script went past a limit (time,
+memory, program size): the script's fault, not the service's.
+"""
+ERROR_REASON_UNAUTHORIZED: ErrorReason.ValueType  # 4
+"""UNAUTHENTICATED: no token, or a token that does not verify."""
+ERROR_REASON_FORBIDDEN: ErrorReason.ValueType  # 5
+"""PERMISSION_DENIED: the token lacks the scope this call needs."""
+ERROR_REASON_NOT_FOUND: ErrorReason.ValueType  # 6
+"""NOT_FOUND: no such session (also another user's), or no such function."""
+ERROR_REASON_SESSION_EXPIRED: ErrorReason.ValueType  # 7
+"""NOT_FOUND: the session exists but has expired."""
+ERROR_REASON_SESSION_CONFLICT: ErrorReason.ValueType  # 8
+"""ALREADY_EXISTS: a session with this request_id exists with another script."""
+ERROR_REASON_RATE_LIMITED: ErrorReason.ValueType  # 9
+"""RESOURCE_EXHAUSTED: the caller's rate limit; RetryInfo says when to retry."""
+ERROR_REASON_QUOTA_EXCEEDED: ErrorReason.ValueType  # 10
+"""RESOURCE_EXHAUSTED: an owner's share (sessions, script bytes, checkers,
+compilers, queued executions, request bytes) is used up; RetryInfo says when.
+"""
+ERROR_REASON_RUNTIME_BUSY: ErrorReason.ValueType  # 11
+"""RESOURCE_EXHAUSTED: every environment for the script stayed busy until the
+queue's bound (RUNTIME_QUEUE_TIMEOUT_SECONDS).
+"""
+ERROR_REASON_RUNTIME_NOT_AVAILABLE: ErrorReason.ValueType  # 12
+"""FAILED_PRECONDITION: the language is known but its runtime is not
+available on this server.
+"""
+ERROR_REASON_UNAVAILABLE: ErrorReason.ValueType  # 13
+"""UNAVAILABLE: a dependency (PostgreSQL) cannot serve now; retry later. For
+Execute the script may have run: retry only when idempotent.
+"""
+ERROR_REASON_NOT_STARTED: ErrorReason.ValueType  # 14
+"""UNAVAILABLE: the call failed before its work began (an Execute's script did
+not run): safe to retry, Execute included.
+"""
+ERROR_REASON_SANDBOX_UNAVAILABLE: ErrorReason.ValueType  # 15
+"""UNAVAILABLE: the sandbox cannot start an environment as SANDBOX_MODE asks."""
+ERROR_REASON_DEADLINE_EXCEEDED: ErrorReason.ValueType  # 16
+"""DEADLINE_EXCEEDED: the call's deadline passed before the work finished
+(work shared with other calls, such as a compile, goes on).
+"""
+ERROR_REASON_INTERNAL_ERROR: ErrorReason.ValueType  # 17
+"""INTERNAL: a bug in the service."""
+Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
+
 @_typing.final
 class InitializeRequest(_message.Message):
     """InitializeRequest creates a session."""
@@ -198,27 +386,40 @@ class InitializeRequest(_message.Message):
     CONTEXT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     COMPILE_OPTIONS_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
     language_title: _builtins.str
     """The function's `<language>-<title>`, e.g. `nodejs-calculator` or
     `python-text_processor`. The prefix chooses the runtime. When empty, the
-    `language-title` request metadata is used.
+    `language-title` request metadata is used; one of the two is required.
     """
     script_content: _builtins.str
-    """The script's source code, at most MAX_SCRIPT_SIZE bytes (UTF-8)."""
+    """The script's source code, at most MAX_SCRIPT_SIZE bytes (UTF-8). When empty,
+    the catalog's function named language_title runs its registered script.
+    """
     request_id: _builtins.str
-    """Optional caller-chosen session id (a UUID), the original's X-Request-ID. A
-    retry with the same id and script returns the same session; the same id with
-    another script is ALREADY_EXISTS. When empty, the service chooses one.
+    """Caller-chosen session id (a UUID), the original's X-Request-ID. A retry with
+    the same id and script returns the same session; the same id with another
+    script is ALREADY_EXISTS (reason SESSION_CONFLICT). When empty, the service
+    chooses one (and a retry creates another session: the client library always
+    sends one).
     """
     @_builtins.property
     def context(self) -> _struct_pb2.Struct:
-        """Free-form context handed to the script as `event.context`. Keys the service
-        understands: `timeout_ms` (the execution timeout, capped by the server).
+        """Free-form context handed to the script as `event.context`. For callers of the
+        original service, the keys `timeout_ms`, `memory_mb`, `max_processes` and
+        `cache_ttl_seconds` are still read as options when `options` leaves them
+        unset; new callers set `options`.
         """
 
     @_builtins.property
     def compile_options(self) -> Global___CompileOptions:
         """How a compiled language (Rust) compiles the script; ignored by the others."""
+
+    @_builtins.property
+    def options(self) -> Global___ExecutionOptions:
+        """How every execution of the session runs; unset fields take the server's
+        defaults. Values outside the server's bounds are INVALID_ARGUMENT.
+        """
 
     def __init__(
         self,
@@ -228,14 +429,71 @@ class InitializeRequest(_message.Message):
         context: _struct_pb2.Struct | None = ...,
         request_id: _builtins.str = ...,
         compile_options: Global___CompileOptions | None = ...,
+        options: Global___ExecutionOptions | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["compile_options", b"compile_options", "context", b"context"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["compile_options", b"compile_options", "context", b"context", "options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compile_options", b"compile_options", "context", b"context", "language_title", b"language_title", "request_id", b"request_id", "script_content", b"script_content"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compile_options", b"compile_options", "context", b"context", "language_title", b"language_title", "options", b"options", "request_id", b"request_id", "script_content", b"script_content"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InitializeRequest: _TypeAlias = InitializeRequest  # noqa: Y015
+
+@_typing.final
+class ExecutionOptions(_message.Message):
+    """ExecutionOptions says how a session's executions run. Each field is optional:
+    unset means the server's default (its setting is named below).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    MEMORY_MB_FIELD_NUMBER: _builtins.int
+    MAX_PROCESSES_FIELD_NUMBER: _builtins.int
+    CACHE_TTL_FIELD_NUMBER: _builtins.int
+    memory_mb: _builtins.int
+    """Memory limit of the session's environments, in MiB: SANDBOX_MEMORY_MB when
+    unset, from 16 to SANDBOX_MAX_MEMORY_MB.
+    """
+    max_processes: _builtins.int
+    """Processes and threads the script may have at once: SANDBOX_MAX_PROCESSES when
+    unset, from 1 to SANDBOX_PROCESS_CEILING.
+    """
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """Wall-clock limit of one execution: RUNTIME_TIMEOUT_SECONDS when unset, at
+        most RUNTIME_MAX_TIMEOUT_SECONDS; must be positive.
+        """
+
+    @_builtins.property
+    def cache_ttl(self) -> _duration_pb2.Duration:
+        """How long a result is kept in the result cache and answered again for the
+        same params: not cached when unset or zero. An ExecuteRequest's
+        cache_control may ask for less (no-cache, max-age).
+        """
+
+    def __init__(
+        self,
+        *,
+        timeout: _duration_pb2.Duration | None = ...,
+        memory_mb: _builtins.int | None = ...,
+        max_processes: _builtins.int | None = ...,
+        cache_ttl: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_processes", b"_max_processes", "_memory_mb", b"_memory_mb", "cache_ttl", b"cache_ttl", "max_processes", b"max_processes", "memory_mb", b"memory_mb", "timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_processes", b"_max_processes", "_memory_mb", b"_memory_mb", "cache_ttl", b"cache_ttl", "max_processes", b"max_processes", "memory_mb", b"memory_mb", "timeout", b"timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_processes: _TypeAlias = _typing.Literal["max_processes"]  # noqa: Y015
+    _WhichOneofArgType__max_processes: _TypeAlias = _typing.Literal["_max_processes", b"_max_processes"]  # noqa: Y015
+    _WhichOneofReturnType__memory_mb: _TypeAlias = _typing.Literal["memory_mb"]  # noqa: Y015
+    _WhichOneofArgType__memory_mb: _TypeAlias = _typing.Literal["_memory_mb", b"_memory_mb"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_processes) -> _WhichOneofReturnType__max_processes | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__memory_mb) -> _WhichOneofReturnType__memory_mb | None: ...
+
+Global___ExecutionOptions: _TypeAlias = ExecutionOptions  # noqa: Y015
 
 @_typing.final
 class CompileOptions(_message.Message):
@@ -302,15 +560,24 @@ class ExecuteRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     PARAMS_FIELD_NUMBER: _builtins.int
     CACHE_CONTROL_FIELD_NUMBER: _builtins.int
+    PARAMS_JSON_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The id returned by Initialize."""
     cache_control: _builtins.str
-    """Cache directive for the result cache (e.g. `no-cache`); reserved for the
-    result cache, ignored for now.
+    """The result cache's directive for this call: `no-cache` (run, and keep the
+    result), `no-store` (run, keep nothing), or `max-age=N` (take a cached result
+    at most N seconds old). Empty: the session's cache_ttl applies.
+    """
+    params_json: _builtins.str
+    """The parameters as the text of a JSON object, kept exactly (integers of any
+    size, integer or float): an alternative to params; setting both is
+    INVALID_ARGUMENT.
     """
     @_builtins.property
     def params(self) -> _struct_pb2.Struct:
-        """Parameters handed to the script as `event.params` (`params` in Python)."""
+        """Parameters handed to the script as `event.params` (`params` in Python). A
+        Struct holds numbers as doubles: send params_json for integers past 2^53.
+        """
 
     def __init__(
         self,
@@ -318,10 +585,11 @@ class ExecuteRequest(_message.Message):
         request_id: _builtins.str = ...,
         params: _struct_pb2.Struct | None = ...,
         cache_control: _builtins.str = ...,
+        params_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_control", b"cache_control", "params", b"params", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_control", b"cache_control", "params", b"params", "params_json", b"params_json", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -381,6 +649,7 @@ class ExecuteResponse(_message.Message):
     ENVIRONMENT_STATE_FIELD_NUMBER: _builtins.int
     CPU_TIME_FIELD_NUMBER: _builtins.int
     PEAK_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    RESULT_JSON_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The session's id."""
     language_title: _builtins.str
@@ -388,16 +657,27 @@ class ExecuteResponse(_message.Message):
     cached: _builtins.bool
     """Whether the result came from the result cache."""
     logs: _builtins.str
-    """The script's captured console output (stdout and stderr), cut at a limit."""
+    """The script's captured console output (stdout and stderr), cut at MAX_LOG_BYTES."""
     environment_state: Global___EnvironmentState.ValueType
     """How the environment that ran the script was found."""
     peak_memory_bytes: _builtins.int
     """Peak resident memory of the runtime process during the execution, in bytes;
     0 when unknown.
     """
+    result_json: _builtins.str
+    """The result as JSON text, exactly as the script returned it: integers of any
+    size, and integers apart from floats (`1` is not `1.0`). Empty when `error`
+    is set. A result nested deeper than MAX_JSON_DEPTH (32 by default, within
+    what protobuf clients decode), a number JSON cannot carry (NaN, infinity, an
+    integer past a double's range) or a string that is not valid Unicode is an
+    error with code INVALID_RESULT instead.
+    """
     @_builtins.property
     def result(self) -> _struct_pb2.Value:
-        """What the script returned: any JSON value. Unset when `error` is set."""
+        """What the script returned, as a google.protobuf.Value (for tools such as
+        grpcurl and buf curl): numbers are doubles here, so an integer past 2^53
+        loses digits; result_json has the exact value. Unset when `error` is set.
+        """
 
     @_builtins.property
     def error(self) -> Global___ExecutionError:
@@ -424,14 +704,75 @@ class ExecuteResponse(_message.Message):
         environment_state: Global___EnvironmentState.ValueType = ...,
         cpu_time: _duration_pb2.Duration | None = ...,
         peak_memory_bytes: _builtins.int = ...,
+        result_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cpu_time", b"cpu_time", "error", b"error", "execution_time", b"execution_time", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached", b"cached", "cpu_time", b"cpu_time", "environment_state", b"environment_state", "error", b"error", "execution_time", b"execution_time", "language_title", b"language_title", "logs", b"logs", "peak_memory_bytes", b"peak_memory_bytes", "request_id", b"request_id", "result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached", b"cached", "cpu_time", b"cpu_time", "environment_state", b"environment_state", "error", b"error", "execution_time", b"execution_time", "language_title", b"language_title", "logs", b"logs", "peak_memory_bytes", b"peak_memory_bytes", "request_id", b"request_id", "result", b"result", "result_json", b"result_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExecuteResponse: _TypeAlias = ExecuteResponse  # noqa: Y015
+
+@_typing.final
+class ComponentHealth(_message.Message):
+    """ComponentHealth is one component's state, for programs to read."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class CountsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    REQUIRED_FIELD_NUMBER: _builtins.int
+    COUNTS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The component's name, e.g. `postgres`, `runtime.python`, `sandbox`."""
+    status: Global___ComponentStatus.ValueType
+    """Its state."""
+    detail: _builtins.str
+    """What a person needs to know about it (the same text as in `components`)."""
+    required: _builtins.bool
+    """Whether the service is NOT_SERVING while this component is UNAVAILABLE."""
+    @_builtins.property
+    def counts(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Counts that describe the component (e.g. `environments.busy`), when it has any."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        status: Global___ComponentStatus.ValueType = ...,
+        detail: _builtins.str = ...,
+        required: _builtins.bool = ...,
+        counts: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "detail", b"detail", "name", b"name", "required", b"required", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ComponentHealth: _TypeAlias = ComponentHealth  # noqa: Y015
 
 @_typing.final
 class HealthRequest(_message.Message):
@@ -479,13 +820,20 @@ class HealthResponse(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     COMPONENTS_FIELD_NUMBER: _builtins.int
+    CHECKS_FIELD_NUMBER: _builtins.int
     status: Global___HealthStatus.ValueType
     """The overall state."""
     version: _builtins.str
     """The server's version."""
     @_builtins.property
     def components(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Each component's state, e.g. `postgres` -> `ok`, `runtime.python` -> `ok`."""
+        """Each component's state as text for people, e.g. `postgres` -> `ok`; programs
+        read `checks`.
+        """
+
+    @_builtins.property
+    def checks(self) -> _containers.RepeatedCompositeFieldContainer[Global___ComponentHealth]:
+        """Each component's state, ordered by name."""
 
     def __init__(
         self,
@@ -493,10 +841,11 @@ class HealthResponse(_message.Message):
         status: Global___HealthStatus.ValueType = ...,
         version: _builtins.str = ...,
         components: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        checks: _abc.Iterable[Global___ComponentHealth] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["components", b"components", "status", b"status", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "components", b"components", "status", b"status", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -539,6 +888,9 @@ class Session(_message.Message):
     EXECUTION_COUNT_FIELD_NUMBER: _builtins.int
     SCRIPT_HASH_FIELD_NUMBER: _builtins.int
     CONTEXT_FIELD_NUMBER: _builtins.int
+    COMPILE_STATUS_FIELD_NUMBER: _builtins.int
+    COMPILE_ERROR_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The session's id, a UUID."""
     language_title: _builtins.str
@@ -549,6 +901,10 @@ class Session(_message.Message):
     """How many times the session was executed."""
     script_hash: _builtins.str
     """The hex SHA-256 of the script."""
+    compile_status: Global___CompileStatus.ValueType
+    """Whether the script compiled: UNSPECIFIED for a language that is not compiled."""
+    compile_error: _builtins.str
+    """Why the compile failed, when compile_status is ERROR."""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
         """When the session was created."""
@@ -565,6 +921,12 @@ class Session(_message.Message):
     def context(self) -> _struct_pb2.Struct:
         """The context given at Initialize."""
 
+    @_builtins.property
+    def options(self) -> Global___ExecutionOptions:
+        """The session's options, as resolved at Initialize (the server's defaults
+        filled in).
+        """
+
     def __init__(
         self,
         *,
@@ -577,10 +939,13 @@ class Session(_message.Message):
         execution_count: _builtins.int = ...,
         script_hash: _builtins.str = ...,
         context: _struct_pb2.Struct | None = ...,
+        compile_status: Global___CompileStatus.ValueType = ...,
+        compile_error: _builtins.str = ...,
+        options: Global___ExecutionOptions | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "created_at", b"created_at", "expires_at", b"expires_at", "last_executed_at", b"last_executed_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "created_at", b"created_at", "expires_at", b"expires_at", "last_executed_at", b"last_executed_at", "options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "created_at", b"created_at", "execution_count", b"execution_count", "expires_at", b"expires_at", "language_title", b"language_title", "last_executed_at", b"last_executed_at", "request_id", b"request_id", "script_hash", b"script_hash", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compile_error", b"compile_error", "compile_status", b"compile_status", "context", b"context", "created_at", b"created_at", "execution_count", b"execution_count", "expires_at", b"expires_at", "language_title", b"language_title", "last_executed_at", b"last_executed_at", "options", b"options", "request_id", b"request_id", "script_hash", b"script_hash", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -651,9 +1016,9 @@ class Function(_message.Message):
     never in ListFunctions.
     """
     is_available: _builtins.bool
-    """Whether this server has the function's runtime; false for a `rust-`
-    function until the Rust runtime exists (Initialize then fails
-    FAILED_PRECONDITION).
+    """Whether this server has the function's runtime (e.g. false for a `rust-`
+    function where no Rust toolchain is installed; Initialize then fails
+    FAILED_PRECONDITION, reason RUNTIME_NOT_AVAILABLE).
     """
     @_builtins.property
     def params_schema(self) -> _struct_pb2.Struct:

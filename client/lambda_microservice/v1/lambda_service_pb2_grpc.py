@@ -30,10 +30,11 @@ class LambdaServiceStub:
     can serve any session.
 
     Request problems are answered with a gRPC status carrying a
-    google.rpc.ErrorInfo detail (domain "lambda-microservice") whose reason is one
-    of INVALID_REQUEST, INVALID_PARAMS, UNAUTHORIZED, FORBIDDEN, NOT_FOUND,
-    SESSION_EXPIRED, RATE_LIMITED, UNAVAILABLE, INTERNAL_ERROR. A script's own
-    failure is an OK status with ExecuteResponse.error set.
+    google.rpc.ErrorInfo detail (domain "lambda-microservice") whose reason is the
+    name of an ErrorReason value without its `ERROR_REASON_` prefix; each reason
+    comes with one gRPC status only (see ErrorReason). RATE_LIMITED and
+    QUOTA_EXCEEDED carry a google.rpc.RetryInfo too. A script's own failure is an
+    OK status with ExecuteResponse.error set.
     """
 
     def __init__(self, channel):
@@ -79,10 +80,11 @@ class LambdaServiceServicer:
     can serve any session.
 
     Request problems are answered with a gRPC status carrying a
-    google.rpc.ErrorInfo detail (domain "lambda-microservice") whose reason is one
-    of INVALID_REQUEST, INVALID_PARAMS, UNAUTHORIZED, FORBIDDEN, NOT_FOUND,
-    SESSION_EXPIRED, RATE_LIMITED, UNAVAILABLE, INTERNAL_ERROR. A script's own
-    failure is an OK status with ExecuteResponse.error set.
+    google.rpc.ErrorInfo detail (domain "lambda-microservice") whose reason is the
+    name of an ErrorReason value without its `ERROR_REASON_` prefix; each reason
+    comes with one gRPC status only (see ErrorReason). RATE_LIMITED and
+    QUOTA_EXCEEDED carry a google.rpc.RetryInfo too. A script's own failure is an
+    OK status with ExecuteResponse.error set.
     """
 
     def Initialize(self, request, context):
@@ -96,7 +98,9 @@ class LambdaServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Execute(self, request, context):
-        """Execute runs the session's script with params and returns its result.
+        """Execute runs the session's script with params and returns its result. Not
+        idempotent (each call counts, and the script may have side effects): safe to
+        retry only when it failed UNAVAILABLE with reason NOT_STARTED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -176,10 +180,11 @@ class LambdaService:
     can serve any session.
 
     Request problems are answered with a gRPC status carrying a
-    google.rpc.ErrorInfo detail (domain "lambda-microservice") whose reason is one
-    of INVALID_REQUEST, INVALID_PARAMS, UNAUTHORIZED, FORBIDDEN, NOT_FOUND,
-    SESSION_EXPIRED, RATE_LIMITED, UNAVAILABLE, INTERNAL_ERROR. A script's own
-    failure is an OK status with ExecuteResponse.error set.
+    google.rpc.ErrorInfo detail (domain "lambda-microservice") whose reason is the
+    name of an ErrorReason value without its `ERROR_REASON_` prefix; each reason
+    comes with one gRPC status only (see ErrorReason). RATE_LIMITED and
+    QUOTA_EXCEEDED carry a google.rpc.RetryInfo too. A script's own failure is an
+    OK status with ExecuteResponse.error set.
     """
 
     @staticmethod

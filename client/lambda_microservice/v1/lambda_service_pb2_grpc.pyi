@@ -36,10 +36,11 @@ class LambdaServiceStub:
     can serve any session.
 
     Request problems are answered with a gRPC status carrying a
-    google.rpc.ErrorInfo detail (domain "lambda-microservice") whose reason is one
-    of INVALID_REQUEST, INVALID_PARAMS, UNAUTHORIZED, FORBIDDEN, NOT_FOUND,
-    SESSION_EXPIRED, RATE_LIMITED, UNAVAILABLE, INTERNAL_ERROR. A script's own
-    failure is an OK status with ExecuteResponse.error set.
+    google.rpc.ErrorInfo detail (domain "lambda-microservice") whose reason is the
+    name of an ErrorReason value without its `ERROR_REASON_` prefix; each reason
+    comes with one gRPC status only (see ErrorReason). RATE_LIMITED and
+    QUOTA_EXCEEDED carry a google.rpc.RetryInfo too. A script's own failure is an
+    OK status with ExecuteResponse.error set.
     """
 
     @_typing.overload
@@ -53,7 +54,10 @@ class LambdaServiceStub:
     Safe to retry when the request carries its own request_id.
     """
     Execute: _grpc.UnaryUnaryMultiCallable[_lambda_service_pb2.ExecuteRequest, _lambda_service_pb2.ExecuteResponse]
-    """Execute runs the session's script with params and returns its result."""
+    """Execute runs the session's script with params and returns its result. Not
+    idempotent (each call counts, and the script may have side effects): safe to
+    retry only when it failed UNAVAILABLE with reason NOT_STARTED.
+    """
     Health: _grpc.UnaryUnaryMultiCallable[_lambda_service_pb2.HealthRequest, _lambda_service_pb2.HealthResponse]
     """Health reports the service and each of its components."""
     GetSession: _grpc.UnaryUnaryMultiCallable[_lambda_service_pb2.GetSessionRequest, _lambda_service_pb2.GetSessionResponse]
@@ -69,10 +73,11 @@ class LambdaServiceAsyncStub(LambdaServiceStub):
     can serve any session.
 
     Request problems are answered with a gRPC status carrying a
-    google.rpc.ErrorInfo detail (domain "lambda-microservice") whose reason is one
-    of INVALID_REQUEST, INVALID_PARAMS, UNAUTHORIZED, FORBIDDEN, NOT_FOUND,
-    SESSION_EXPIRED, RATE_LIMITED, UNAVAILABLE, INTERNAL_ERROR. A script's own
-    failure is an OK status with ExecuteResponse.error set.
+    google.rpc.ErrorInfo detail (domain "lambda-microservice") whose reason is the
+    name of an ErrorReason value without its `ERROR_REASON_` prefix; each reason
+    comes with one gRPC status only (see ErrorReason). RATE_LIMITED and
+    QUOTA_EXCEEDED carry a google.rpc.RetryInfo too. A script's own failure is an
+    OK status with ExecuteResponse.error set.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -83,7 +88,10 @@ class LambdaServiceAsyncStub(LambdaServiceStub):
     Safe to retry when the request carries its own request_id.
     """
     Execute: _aio.UnaryUnaryMultiCallable[_lambda_service_pb2.ExecuteRequest, _lambda_service_pb2.ExecuteResponse]  # type: ignore[assignment]
-    """Execute runs the session's script with params and returns its result."""
+    """Execute runs the session's script with params and returns its result. Not
+    idempotent (each call counts, and the script may have side effects): safe to
+    retry only when it failed UNAVAILABLE with reason NOT_STARTED.
+    """
     Health: _aio.UnaryUnaryMultiCallable[_lambda_service_pb2.HealthRequest, _lambda_service_pb2.HealthResponse]  # type: ignore[assignment]
     """Health reports the service and each of its components."""
     GetSession: _aio.UnaryUnaryMultiCallable[_lambda_service_pb2.GetSessionRequest, _lambda_service_pb2.GetSessionResponse]  # type: ignore[assignment]
@@ -98,10 +106,11 @@ class LambdaServiceServicer(metaclass=_abc_1.ABCMeta):
     can serve any session.
 
     Request problems are answered with a gRPC status carrying a
-    google.rpc.ErrorInfo detail (domain "lambda-microservice") whose reason is one
-    of INVALID_REQUEST, INVALID_PARAMS, UNAUTHORIZED, FORBIDDEN, NOT_FOUND,
-    SESSION_EXPIRED, RATE_LIMITED, UNAVAILABLE, INTERNAL_ERROR. A script's own
-    failure is an OK status with ExecuteResponse.error set.
+    google.rpc.ErrorInfo detail (domain "lambda-microservice") whose reason is the
+    name of an ErrorReason value without its `ERROR_REASON_` prefix; each reason
+    comes with one gRPC status only (see ErrorReason). RATE_LIMITED and
+    QUOTA_EXCEEDED carry a google.rpc.RetryInfo too. A script's own failure is an
+    OK status with ExecuteResponse.error set.
     """
 
     @_abc_1.abstractmethod
@@ -122,7 +131,10 @@ class LambdaServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _lambda_service_pb2.ExecuteRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_lambda_service_pb2.ExecuteResponse, _abc.Awaitable[_lambda_service_pb2.ExecuteResponse]]:
-        """Execute runs the session's script with params and returns its result."""
+        """Execute runs the session's script with params and returns its result. Not
+        idempotent (each call counts, and the script may have side effects): safe to
+        retry only when it failed UNAVAILABLE with reason NOT_STARTED.
+        """
 
     @_abc_1.abstractmethod
     def Health(
