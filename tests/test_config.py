@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+from dataclasses import fields
+from pathlib import Path
 
 import pytest
 
-from lambda_server.config import ConfigError, Settings
+from lambda_server import config
+from lambda_server.config import ConfigError, RuntimeSettings, Settings
 from tests.support import ROOT
 
 
@@ -101,3 +105,79 @@ def test_the_server_refuses_to_start_on_an_invalid_value() -> None:
     assert result.returncode == 2
     assert "SESSION_EXPIRY_SECONDS" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_each_default_is_declared_once_on_its_field() -> None:
+    # from_env passes only the variables that are set: every default is the field's own
+    assert Settings.from_env({}) == Settings()
+    for cls in (Settings, *(f.metadata["group"] for f in fields(Settings) if "group" in f.metadata)):
+        for f in fields(cls):
+            kinds = {"setting", "group", "fixed"} & set(f.metadata)
+            assert len(kinds) == 1, f"{cls.__name__}.{f.name}: declare it with setting, derived or fixed"
+    names = config.variables()
+    assert len(names) == len(set(names)), "a variable read by two fields"
+    assert all(meta.doc for _, meta, _ in config.declared())
+
+
+def test_a_derived_default_follows_the_setting_it_derives_from() -> None:
+    settings = Settings.from_env({"MAX_ENVIRONMENTS": "6", "MAX_QUEUED_EXECUTIONS": "1"})
+    assert settings.runtime.max_environments_per_owner == 3
+    assert settings.runtime.max_queued_per_owner == 1  # at least one
+    # the same rule when a test builds the dataclass itself
+    assert RuntimeSettings(max_environments=6, max_queued=1) == settings.runtime
+    explicit = Settings.from_env({"MAX_ENVIRONMENTS": "6", "MAX_ENVIRONMENTS_PER_OWNER": "6"})
+    assert explicit.runtime.max_environments_per_owner == 6
+
+
+def test_every_documented_default_reads_back_as_the_default() -> None:
+    """The defaults as the table writes them are values the parsers take, and mean the default."""
+    for _, meta, default in config.declared():
+        shown = config.shown_default(meta, default)
+        if meta.shown is not None or default is None:
+            continue  # described in words: found at start, or derived
+        assert Settings.from_env({meta.env: shown.strip("`").replace("~", str(Path.home()), 1)}) == Settings()
+
+
+def readme_settings() -> dict[str, str]:
+    """The README's configuration table: each variable's default cell."""
+    section = (ROOT / "README.md").read_text().split("### Configuration", 1)[1].split("\n### ", 1)[0]
+    documented: dict[str, str] = {}
+    for line in section.splitlines():
+        if not line.startswith("| `"):
+            continue
+        cells = [cell.strip() for cell in line.strip().strip("|").split(" | ")]
+        names = re.findall(r"`([A-Z][A-Z0-9_]+)`", cells[0])
+        defaults = cells[1].split(" / ")
+        defaults *= len(names) if len(defaults) == 1 else 1
+        assert len(defaults) == len(names), f"one default per variable, or one for all: {line}"
+        documented.update(zip(names, defaults, strict=True))
+    return documented
+
+
+def test_the_readme_lists_every_variable_at_its_default_and_no_other() -> None:
+    documented = readme_settings()
+    declared = {
+        name: config.shown_default(meta, default)
+        for _, meta, default in config.declared()
+        for name in (meta.env, *(fallback for fallback, _ in meta.fallbacks))
+    }
+    assert not declared.keys() - documented.keys(), "add to README's configuration table"
+    assert not documented.keys() - declared.keys(), "README documents a variable config.py does not read"
+    wrong = {name: (documented[name], shown) for name, shown in declared.items() if documented[name] != shown}
+    assert not wrong, f"README's default differs from config.py's (README, config): {wrong}"
+
+
+def test_lambda_server_settings_prints_the_table_whatever_the_environment() -> None:
+    env = {**os.environ, "SESSION_EXPIRY_SECONDS": "soon"}
+    result = subprocess.run(
+        [sys.executable, "-m", "lambda_server", "settings"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [line.split(" | ")[0] for line in result.stdout.splitlines() if line.startswith("| `")]
+    assert re.findall(r"`([A-Z][A-Z0-9_]+)`", " ".join(rows)) == config.variables()
+    assert "| `SESSION_EXPIRY_SECONDS` | `3600` |" in result.stdout

@@ -26,7 +26,7 @@ from lambda_server.api.interceptors import CallInterceptor, inflight_budget
 from lambda_server.api.servicer import LambdaServicer, add_to_server
 from lambda_server.auth import Authenticator
 from lambda_server.builds import RustBuilds
-from lambda_server.config import ConfigError, GrpcSettings, Settings
+from lambda_server.config import ConfigError, GrpcSettings, Settings, settings_table
 from lambda_server.domain import Limits
 from lambda_server.errors import LambdaError
 from lambda_server.limits import RateLimiter
@@ -472,8 +472,11 @@ def main(argv: list[str] | None = None) -> None:
     """Serve (or migrate). A start-up failure prints one line naming its cause and setting,
     releases what was started, and exits 2."""
     parser = argparse.ArgumentParser(prog="lambda-server", description=__doc__)
-    parser.add_argument("command", nargs="?", choices=("serve", "migrate"), default="serve")
+    parser.add_argument("command", nargs="?", choices=("serve", "migrate", "settings"), default="serve")
     args = parser.parse_args(argv)
+    if args.command == "settings":  # every variable, its default and meaning: needs no valid environment
+        print(settings_table())
+        return
     try:
         settings = Settings.from_env()
     except ConfigError as exc:

@@ -281,7 +281,11 @@ class RuntimeSettings(_Declared):
         "a runtime process's start, to its ready message",
     )
     mappings_file: Path | None = setting(
-        "RUNTIME_MAPPINGS", Path, None, "a file of language_title prefix rules", shown="the built-in rules"
+        "RUNTIME_MAPPINGS",
+        Path,
+        None,
+        "a JSON file of the rules choosing a title's runtime by its prefix",
+        shown="`server/lambda_server/runtimes/runtime_mappings.json`",
     )
     node_binary: str | None = setting(
         "NODE_BINARY",
