@@ -168,6 +168,7 @@ ERRORS_BY_CODE: dict[grpc.StatusCode, type[LambdaError]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
     grpc.StatusCode.UNIMPLEMENTED: UnimplementedError,
     grpc.StatusCode.CANCELLED: CancelledError,
+    grpc.StatusCode.INTERNAL: InternalError,
 }
 
 # The reasons that name a narrower failure than their status (the contract's ErrorReason,
