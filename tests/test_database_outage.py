@@ -13,7 +13,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from lambda_microservice import NO_RETRY, LambdaClient, NotStartedError, UnavailableError, to_python
+from lambda_microservice import (
+    NO_RETRY,
+    AsyncLambdaClient,
+    LambdaClient,
+    NotStartedError,
+    UnavailableError,
+    to_python,
+)
 from lambda_microservice.v1 import lambda_service_pb2 as pb
 from tests.proxy import DatabaseProxy
 from tests.support import ServerThread, eventually, server_settings, serving_before_the_database
@@ -100,8 +107,9 @@ def test_a_server_started_while_the_database_is_down_serves_once_it_is_up(proxy:
         running.stop()
 
 
+@pytest.mark.parametrize("flavour", ["sync", "async"])
 def test_the_client_retries_unavailable_within_its_deadline(
-    proxy: DatabaseProxy, proxied_server: ServerThread
+    proxy: DatabaseProxy, proxied_server: ServerThread, flavour: str
 ) -> None:
     with LambdaClient(proxied_server.target, timeout=20) as client:
         session = client.initialize("nodejs-retry-outage", "return 2;")
@@ -112,7 +120,16 @@ def test_the_client_retries_unavailable_within_its_deadline(
         timer = threading.Timer(0.05, proxy.set_mode, args=("up",))
         timer.start()
         try:
-            assert to_python(client.execute(session.request_id).result) == 2
+            if flavour == "sync":
+                response = client.execute(session.request_id)
+            else:
+
+                async def execute() -> pb.ExecuteResponse:
+                    async with AsyncLambdaClient(proxied_server.target, timeout=20) as aclient:
+                        return await aclient.execute(session.request_id)
+
+                response = asyncio.run(execute())
+            assert to_python(response.result) == 2
         finally:
             timer.join()
 
