@@ -8,9 +8,6 @@ from lambda_microservice.client import (
     AsyncLambdaClient,
     LambdaClient,
     RetryPolicy,
-    result,
-    to_python,
-    to_struct,
 )
 from lambda_microservice.errors import (
     AlreadyExistsError,
@@ -37,6 +34,7 @@ from lambda_microservice.errors import (
     UnavailableError,
     UnimplementedError,
 )
+from lambda_microservice.values import result, to_python, to_struct
 
 __all__ = [
     "EXECUTE_RETRY",

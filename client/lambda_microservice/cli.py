@@ -11,9 +11,10 @@ from typing import Any, NoReturn
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from lambda_microservice.client import DEFAULT_TARGET, LambdaClient, result
+from lambda_microservice.client import DEFAULT_TARGET, LambdaClient
 from lambda_microservice.errors import LambdaError
 from lambda_microservice.v1 import lambda_service_pb2 as pb
+from lambda_microservice.values import result
 
 # What each exit status means; --help shows this too.
 EXIT_CODES = """exit status:
