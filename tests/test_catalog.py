@@ -3,8 +3,11 @@ params checked against the function's JSON schema."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,6 +15,7 @@ import asyncpg
 import pytest
 
 from lambda_microservice import (
+    AsyncLambdaClient,
     InvalidArgumentError,
     LambdaClient,
     NotFoundError,
@@ -149,6 +153,36 @@ def test_a_page_size_over_100_is_lowered_to_100(client: LambdaClient, catalog_sq
     assert len(titles) == len(set(titles)) == 104
     default_page = client.list_functions()
     assert len(default_page.functions) == 20 and default_page.next_page_token
+
+
+def test_the_pagers_and_lambda_cli_go_through_every_page(
+    server: ServerThread, client: LambdaClient, catalog_sql: Any
+) -> None:
+    catalog_sql(
+        """
+        INSERT INTO meta.functions (language, title, language_title, created_by, function_type)
+        SELECT 'python', 'zz_pager_' || lpad(n::text, 3, '0'), 'python-zz_pager_' || lpad(n::text, 3, '0'),
+               $1, 'dynamic'
+        FROM generate_series(1, 101) AS n
+        """,
+        MARK,
+    )
+    walked = all_titles(client)
+    assert len(walked) == 104
+    assert [f.language_title for f in client.iter_functions(page_size=7)] == walked
+    python = [f.language_title for f in client.iter_functions(language="python", page_size=50)]
+    assert python == [t for t in walked if t.startswith("python-")]
+
+    async def paged() -> list[str]:
+        async with AsyncLambdaClient(server.target) as aclient:
+            return [f.language_title async for f in aclient.iter_functions(page_size=9)]
+
+    assert asyncio.run(paged()) == walked
+    # lambda-cli asks for pages of 100: the catalog's 104 are two
+    cli = [sys.executable, "-m", "lambda_microservice.cli", "--target", server.target, "functions"]
+    listed = subprocess.run(cli, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert listed.returncode == 0, listed.stderr
+    assert [f["language_title"] for f in json.loads(listed.stdout)["functions"]] == walked
 
 
 def test_a_negative_page_size_is_invalid_argument(client: LambdaClient) -> None:

@@ -13,7 +13,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from lambda_microservice import LambdaClient, UnavailableError, to_python
+from lambda_microservice import (
+    NO_RETRY,
+    AsyncLambdaClient,
+    LambdaClient,
+    NotStartedError,
+    UnavailableError,
+    to_python,
+)
 from lambda_microservice.v1 import lambda_service_pb2 as pb
 from tests.proxy import DatabaseProxy
 from tests.support import ServerThread, eventually, server_settings, serving_before_the_database
@@ -47,25 +54,27 @@ def test_an_outage_fails_fast_shows_in_health_and_heals_without_restart(
 ) -> None:
     serving = health_pb2.HealthCheckResponse.SERVING
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-    # No retries on this channel: each call shows what the server answered.
+    # No retries on this channel, nor of Execute: each call shows what the server answered.
     with grpc.insecure_channel(proxied_server.target) as channel:
-        client = LambdaClient(channel=channel, timeout=30)
+        client = LambdaClient(channel=channel, timeout=30, execute_retry=NO_RETRY)
         eventually(lambda: health_status(channel) == serving)
         session = client.initialize("python-outage", "result = params['x'] * 3")
         assert to_python(client.execute(session.request_id, {"x": 2}).result) == 6
 
         proxy.set_mode(outage)
         calls = [
-            lambda: client.initialize("python-outage", "result = 1"),
-            lambda: client.execute(session.request_id, {"x": 2}),
-            lambda: client.get_session(session.request_id),
+            (lambda: client.initialize("python-outage", "result = 1"), "UNAVAILABLE"),
+            # the session could not be claimed: the script did not run, and a retry is safe
+            (lambda: client.execute(session.request_id, {"x": 2}), "NOT_STARTED"),
+            (lambda: client.get_session(session.request_id), "UNAVAILABLE"),
         ]
-        for call in calls:
+        for call, reason in calls:
             started = time.monotonic()
             with pytest.raises(UnavailableError) as caught:
                 call()
             assert time.monotonic() - started < BOUND
-            assert caught.value.reason == "UNAVAILABLE"
+            assert caught.value.reason == reason
+            assert isinstance(caught.value, NotStartedError) == (reason == "NOT_STARTED")
         eventually(lambda: health_status(channel) == not_serving, timeout=BOUND)
         assert health_status(channel, "lambda_microservice.v1.LambdaService") == not_serving
         assert health_status(channel, "liveness") == serving  # the process lives: no restart wanted
@@ -98,18 +107,29 @@ def test_a_server_started_while_the_database_is_down_serves_once_it_is_up(proxy:
         running.stop()
 
 
+@pytest.mark.parametrize("flavour", ["sync", "async"])
 def test_the_client_retries_unavailable_within_its_deadline(
-    proxy: DatabaseProxy, proxied_server: ServerThread
+    proxy: DatabaseProxy, proxied_server: ServerThread, flavour: str
 ) -> None:
     with LambdaClient(proxied_server.target, timeout=20) as client:
         session = client.initialize("nodejs-retry-outage", "return 2;")
         proxy.set_mode("reset")
         eventually(lambda: client.health().status == pb.HEALTH_STATUS_NOT_SERVING)
-        # the database returns while the client is still retrying its call
+        # the database returns while the client is still retrying its call: the session could
+        # not be claimed, so the script did not run (NOT_STARTED), which makes Execute safe to retry
         timer = threading.Timer(0.05, proxy.set_mode, args=("up",))
         timer.start()
         try:
-            assert to_python(client.execute(session.request_id).result) == 2
+            if flavour == "sync":
+                response = client.execute(session.request_id)
+            else:
+
+                async def execute() -> pb.ExecuteResponse:
+                    async with AsyncLambdaClient(proxied_server.target, timeout=20) as aclient:
+                        return await aclient.execute(session.request_id)
+
+                response = asyncio.run(execute())
+            assert to_python(response.result) == 2
         finally:
             timer.join()
 
@@ -129,7 +149,7 @@ def test_a_statement_blocked_by_a_lock_is_cut_and_the_pool_still_works(
                     uuid.UUID(session.request_id),
                 )
                 with grpc.insecure_channel(server.target) as channel:
-                    no_retries = LambdaClient(channel=channel)
+                    no_retries = LambdaClient(channel=channel, execute_retry=NO_RETRY)
                     started = time.monotonic()
                     with pytest.raises(UnavailableError):
                         await asyncio.to_thread(no_retries.execute, session.request_id)

@@ -15,6 +15,7 @@ from lambda_microservice import (
     InvalidArgumentError,
     LambdaClient,
     ResourceExhaustedError,
+    RuntimeBusyError,
     to_python,
 )
 from lambda_microservice.v1 import lambda_service_pb2 as pb
@@ -173,7 +174,8 @@ def test_beyond_the_per_script_cap_calls_queue_then_fail_resource_exhausted(
 
         slow, queued = asyncio.run(main())
         assert to_python(slow.result) == "slept"  # type: ignore[attr-defined]
-        assert isinstance(queued, ResourceExhaustedError)
+        assert isinstance(queued, RuntimeBusyError) and isinstance(queued, ResourceExhaustedError)
+        assert queued.reason == "RUNTIME_BUSY"
         # a call that waits less than the bound gets its turn
         assert to_python(client.execute(session.request_id, {"s": 0}).result) == "slept"
 

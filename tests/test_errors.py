@@ -1,20 +1,162 @@
-"""Bad requests get a clear status with an ErrorInfo reason; a script's failure is an OK response."""
+"""Bad requests get a clear status with an ErrorInfo reason from one table; a script's failure
+is an OK response."""
 
 from __future__ import annotations
 
+import re
 import uuid
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2, status_pb2
 
+import lambda_server.app  # noqa: F401  every module of the server: every error class is defined
 from lambda_microservice import (
     InvalidArgumentError,
     LambdaClient,
     NotFoundError,
 )
+from lambda_microservice.errors import ERRORS_BY_CODE, ERRORS_BY_REASON, error_class
 from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_microservice.v1 import lambda_service_pb2_grpc as pb_grpc
-from tests.support import ServerThread, nested_execute_request, raw_execute_error
+from lambda_server import errors
+from lambda_server.api.errors import DOMAIN, to_status
+from tests.support import ROOT, ServerThread, nested_execute_request, raw_execute_error
+
+# --- the one table: lambda_server.errors --------------------------------------------------------
+
+REASONS = {name.removeprefix("ERROR_REASON_") for name in pb.ErrorReason.keys()} - {"UNSPECIFIED"}
+
+
+def error_classes() -> list[type[errors.LambdaError]]:
+    found, todo = [], [errors.LambdaError]
+    while todo:
+        cls = todo.pop()
+        found.append(cls)
+        todo.extend(cls.__subclasses__())
+    return found
+
+
+def names_another_status(status: str, reason: str) -> bool:
+    """Whether the words of a gRPC status other than `status` appear in `reason`."""
+    words = reason.split("_")
+    for other in grpc.StatusCode.__members__:
+        if other == status:
+            continue
+        part = other.split("_")
+        if any(words[i : i + len(part)] == part for i in range(len(words) - len(part) + 1)):
+            return True
+    return False
+
+
+# a line of the tree: its branch (the depth), the class, and its status and reason, if shown
+TREE_LINE = (
+    r"^ {4}(?P<branch>[│ ]*[├└]── )(?P<name>\w+)" + r"(?: +(?P<status>[A-Z_]{2,}) +(?P<reason>[A-Z_]{2,})\b)?"
+)
+
+
+def tree() -> dict[str, tuple[str, str | None, str | None]]:
+    """The tree in errors.py's docstring: each class's parent (by indentation), and the
+    status and reason its line shows, if any."""
+    lines = (errors.__doc__ or "").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith("LambdaError"))
+    shown: dict[str, tuple[str, str | None, str | None]] = {"LambdaError": ("", None, None)}
+    parents = ["LambdaError"]
+    for line in lines[start + 1 :]:
+        if not line.strip():
+            break
+        match = re.match(TREE_LINE, line)
+        assert match, f"not a line of the tree: {line!r}"
+        depth = len(match["branch"]) // 4
+        parents[depth:] = [match["name"]]
+        shown[match["name"]] = (parents[depth - 1], match["status"], match["reason"])
+    return shown
+
+
+def test_the_check_for_a_reason_naming_another_status_finds_the_old_rows() -> None:
+    assert names_another_status("RESOURCE_EXHAUSTED", "UNAVAILABLE")  # the old RuntimeBusy
+    assert names_another_status("FAILED_PRECONDITION", "UNAVAILABLE")  # the old RuntimeNotAvailable
+    assert names_another_status("ALREADY_EXISTS", "INVALID_REQUEST") is False  # not a status's words
+    assert names_another_status("INTERNAL", "INTERNAL_ERROR") is False
+
+
+@pytest.mark.parametrize("cls", error_classes(), ids=lambda cls: cls.__name__)
+def test_every_error_class_has_a_row_of_the_contract_in_errors_py(cls: type[errors.LambdaError]) -> None:
+    assert cls.__module__ == "lambda_server.errors", "the table is one module: errors.py"
+    assert cls.status in grpc.StatusCode.__members__ and cls.status != "OK", cls.status
+    assert cls.reason in REASONS, f"{cls.reason} is not an ErrorReason of the proto"
+    assert not names_another_status(cls.status, cls.reason), (cls.status, cls.reason)
+
+
+def test_every_reason_of_the_proto_is_a_row_and_comes_with_one_status() -> None:
+    statuses: dict[str, set[str]] = {}
+    for cls in error_classes():
+        statuses.setdefault(cls.reason, set()).add(cls.status)
+    assert set(statuses) == REASONS
+    assert {reason: codes for reason, codes in statuses.items() if len(codes) > 1} == {}
+    for reason, (status,) in statuses.items():  # the proto's comment names the same status
+        comment = _reason_comment(reason)
+        assert comment.startswith(f"{status}:"), (reason, comment)
+
+
+def _reason_comment(reason: str) -> str:
+    """The proto's comment on an ErrorReason value, in one line."""
+    text = (ROOT / "protos/lambda_microservice/v1/lambda_service.proto").read_text()
+    found = re.search(rf"((?:[ \t]*//[^\n]*\n)+)[ \t]*ERROR_REASON_{reason} =", text)
+    assert found, reason
+    return " ".join(line.strip().removeprefix("//").strip() for line in found[1].splitlines())
+
+
+def test_the_tree_in_the_docstring_shows_every_class_its_parent_and_its_own_row() -> None:
+    shown = tree()
+    classes = {cls.__name__: cls for cls in error_classes()}
+    assert set(shown) == set(classes)
+    for name, cls in classes.items():
+        parent, status, reason = shown[name]
+        if cls is errors.LambdaError:
+            continue
+        base = cls.__bases__[0]
+        assert parent == base.__name__, name
+        if (cls.status, cls.reason) != (base.status, base.reason) or status is not None:
+            assert (status, reason) == (cls.status, cls.reason), name
+
+
+def _instance(cls: type[errors.LambdaError]) -> errors.LambdaError:
+    if issubclass(cls, errors.RateLimited | errors.QuotaExceeded):
+        return cls("refused", 2.5)  # type: ignore[call-arg]
+    if issubclass(cls, errors.ScriptSyntaxError):
+        return cls("bad", 1, 2)  # type: ignore[call-arg]
+    return cls("refused")
+
+
+@pytest.mark.parametrize("cls", error_classes(), ids=lambda cls: cls.__name__)
+def test_the_api_answers_each_class_with_its_row_and_the_client_raises_its_class(
+    cls: type[errors.LambdaError],
+) -> None:
+    status = to_status(_instance(cls))
+    assert status.code.name == cls.status
+    details = dict(status.trailing_metadata)["grpc-status-details-bin"]
+    info = error_details_pb2.ErrorInfo()
+    assert status_pb2.Status.FromString(details).details[0].Unpack(info)
+    assert (info.reason, info.domain) == (cls.reason, DOMAIN)
+    raised = error_class(status.code, info.reason)
+    assert issubclass(raised, ERRORS_BY_CODE[status.code])  # code that branches on the status works
+    assert raised is ERRORS_BY_REASON.get(cls.reason, ERRORS_BY_CODE[status.code])
+
+
+def test_the_client_tells_every_reason_of_a_status_apart() -> None:
+    """Under each status, at most one reason is the status's class itself; the others have
+    a subclass of their own (SessionExpiredError, RuntimeBusyError, ...)."""
+    by_status: dict[str, set[str]] = {}
+    for cls in error_classes():
+        by_status.setdefault(cls.status, set()).add(cls.reason)
+    for status, reasons in by_status.items():
+        plain = {reason for reason in reasons if reason not in ERRORS_BY_REASON}
+        assert len(plain) <= 1, (status, plain)
+    assert set(ERRORS_BY_REASON) <= REASONS
+
+
+# --- over the wire ------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("title", ["", "ruby-app", "nodejs-", "python", "x" * 200])

@@ -4,6 +4,7 @@ in one line, exits 2 and leaves nothing behind."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -99,6 +100,19 @@ def test_lambda_cli_exits_1_when_the_script_fails_and_3_when_the_call_fails(serv
     assert len(down.stderr.strip().splitlines()) == 1 and '"UNAVAILABLE"' in down.stderr
     unknown = lambda_cli("session", "00000000-0000-4000-8000-00000000dead", target=server.target)
     assert unknown.returncode == 3 and '"NOT_FOUND"' in unknown.stderr
+
+
+def test_lambda_cli_exec_prints_integers_as_integers(server: ServerThread) -> None:
+    """A newcomer's report: every integer came back as a float (400000.0)."""
+    with LambdaClient(server.target) as client:
+        script = "result = {'n': params['n'] * 1000, 'half': 0.5, 'list': [1, 2]}"
+        session = client.initialize("python-cli_ints", script).request_id
+    executed = lambda_cli("exec", session, "--params", '{"n": 400}', target=server.target)
+    assert executed.returncode == 0, executed.stderr
+    answer = json.loads(executed.stdout)
+    assert answer["result"] == {"n": 400000, "half": 0.5, "list": [1, 2]}
+    assert type(answer["result"]["n"]) is int and "400000.0" not in executed.stdout
+    assert "result_json" not in answer  # the result is shown once, exactly
 
 
 def test_lambda_cli_health_exits_1_unless_serving(database_url: str) -> None:

@@ -13,6 +13,7 @@ from lambda_microservice import (
     AsyncLambdaClient,
     LambdaClient,
     NotFoundError,
+    SessionConflictError,
     to_python,
 )
 from lambda_microservice.v1 import lambda_service_pb2 as pb
@@ -100,9 +101,10 @@ def test_initialize_with_the_same_request_id_is_idempotent(client: LambdaClient)
     again = client.initialize("nodejs-retry", ADD_JS, request_id=request_id)
     assert first.request_id == again.request_id == request_id
     assert first.expires_at == again.expires_at
-    with pytest.raises(AlreadyExistsError) as caught:
+    with pytest.raises(SessionConflictError) as caught:
         client.initialize("nodejs-retry", "return 2;", request_id=request_id)
-    assert caught.value.reason == "INVALID_REQUEST"
+    assert isinstance(caught.value, AlreadyExistsError)
+    assert caught.value.reason == "SESSION_CONFLICT"
     assert request_id in caught.value.message
 
 

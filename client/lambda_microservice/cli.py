@@ -14,6 +14,7 @@ from google.protobuf.message import Message
 from lambda_microservice.client import DEFAULT_TARGET, LambdaClient
 from lambda_microservice.errors import LambdaError
 from lambda_microservice.v1 import lambda_service_pb2 as pb
+from lambda_microservice.values import result
 
 # What each exit status means; --help shows this too.
 EXIT_CODES = """exit status:
@@ -64,7 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     execute.add_argument("--cache-control", default="", help="no-cache, no-store or max-age=SECONDS")
     session = commands.add_parser("session", help="show a session (GetSession)")
     session.add_argument("request_id")
-    functions = commands.add_parser("functions", help="list the function catalog (ListFunctions)")
+    functions = commands.add_parser(
+        "functions", help="list the whole function catalog (ListFunctions, every page)"
+    )
     functions.add_argument("--language", default="", help="only this language, e.g. python")
     function = commands.add_parser("function", help="show one function of the catalog (GetFunction)")
     function.add_argument("language_title")
@@ -103,11 +106,31 @@ def _print(message: Message) -> None:
     print(json_format.MessageToJson(message, preserving_proto_field_name=True, indent=2))
 
 
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def _as_json(message: Message) -> dict[str, Any]:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+def _executed(response: pb.ExecuteResponse) -> dict[str, Any]:
+    """The answer as JSON, its `result` exact (from result_json: integers of any size, `1`
+    apart from `1.0`) where the protobuf Value would print every number as a double."""
+    answer = _as_json(response)
+    answer.pop("result_json", None)
+    if "result" in answer:
+        answer["result"] = result(response)
+    return answer
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; the exit status is one of EXIT_CODES."""
     args = _parser().parse_args(argv)  # bad usage: argparse exits 2 with one line
     target = args.target or os.environ.get("LAMBDA_TARGET") or DEFAULT_TARGET
     metadata = (("authorization", f"Bearer {args.token}"),) if args.token else ()
+    digits = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(0)  # an exact result is printed whole, however long
     try:
         with LambdaClient(target, timeout=args.timeout, metadata=metadata) as client:
             return _run(client, args)
@@ -122,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_REFUSED
     except KeyboardInterrupt:
         return 130
+    finally:
+        sys.set_int_max_str_digits(digits)
 
 
 def _run(client: LambdaClient, args: argparse.Namespace) -> int:
@@ -136,12 +161,13 @@ def _run(client: LambdaClient, args: argparse.Namespace) -> int:
     elif args.command == "exec":
         params = _json_object(args.params, "--params")
         response = client.execute(args.request_id, params, cache_control=args.cache_control)
-        _print(response)
+        _print_json(_executed(response))
         return EXIT_FAILED if response.HasField("error") else EXIT_OK
     elif args.command == "session":
         _print(client.get_session(args.request_id))
     elif args.command == "functions":
-        _print(client.list_functions(language=args.language, page_size=100))
+        functions = client.iter_functions(language=args.language, page_size=100)
+        _print_json({"functions": [_as_json(function) for function in functions]})
     elif args.command == "function":
         _print(client.get_function(args.language_title))
     return EXIT_OK

@@ -2,28 +2,38 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import json_format, struct_pb2
 
-from lambda_microservice.errors import from_rpc_error
+from lambda_microservice.errors import NotStartedError, from_rpc_error
 from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_microservice.v1 import lambda_service_pb2_grpc as pb_grpc
+from lambda_microservice.values import to_struct
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 30.0
 SERVICE = "lambda_microservice.v1.LambdaService"
 
-# Retries on UNAVAILABLE, declared in the channel's service config so that gRPC
-# itself retries, within each call's deadline.
+# The calls that are safe to repeat are retried on UNAVAILABLE by gRPC itself, within each
+# call's deadline, as the channel's service config says: Initialize is among them because
+# the client always sends a request_id (the same id and script return the same session).
+# Execute is not: it counts, and its script may have side effects, so it has no retry
+# policy here and the client retries it only when the server says the script did not run
+# (NotStartedError; see EXECUTE_RETRY).
+RETRIED_METHODS = ("Initialize", "Health", "GetSession", "ListFunctions", "GetFunction")
 SERVICE_CONFIG = json.dumps(
     {
         "methodConfig": [
             {
-                "name": [{"service": SERVICE}],
+                "name": [{"service": SERVICE, "method": method} for method in RETRIED_METHODS],
                 "retryPolicy": {
                     "maxAttempts": 4,
                     "initialBackoff": "0.1s",
@@ -44,17 +54,25 @@ Response = TypeVar("Response")
 Metadata = Sequence[tuple[str, str]]
 
 
-def to_struct(data: Mapping[str, Any] | None) -> struct_pb2.Struct:
-    """A google.protobuf.Struct from a JSON-like mapping."""
-    struct = struct_pb2.Struct()
-    if data:
-        struct.update(data)
-    return struct
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How Execute is retried on NotStartedError: at most `max_attempts` calls in all, the
+    n-th retry after a random delay up to `initial_backoff * multiplier**(n-1)` seconds
+    (at most `max_backoff`), and never past the call's deadline (gRPC's retry rules)."""
+
+    max_attempts: int = 4
+    initial_backoff: float = 0.1
+    max_backoff: float = 2.0
+    multiplier: float = 2.0
+
+    def delay(self, retry: int) -> float:
+        """The delay before the `retry`-th retry (1 for the first)."""
+        ceiling = min(self.initial_backoff * self.multiplier ** (retry - 1), self.max_backoff)
+        return random.uniform(0, ceiling)
 
 
-def to_python(value: struct_pb2.Value | struct_pb2.Struct) -> Any:
-    """The JSON value (dict, list, str, float, bool or None) held by a Value or Struct."""
-    return json_format.MessageToDict(value)
+EXECUTE_RETRY = RetryPolicy()
+NO_RETRY = RetryPolicy(max_attempts=1)
 
 
 def _initialize_request(
@@ -72,7 +90,9 @@ def _initialize_request(
         language_title=language_title,
         script_content=script_content,
         context=to_struct(context),
-        request_id=request_id or "",
+        # a request_id of our own makes the call safe to retry: a retry of a call that
+        # created the session returns the same session rather than another one
+        request_id=request_id or str(uuid.uuid4()),
         compile_options=pb.CompileOptions(optimization_level=levels[optimization_level]),
     )
 
@@ -81,6 +101,15 @@ def _execute_request(
     request_id: str, params: Mapping[str, Any] | None, cache_control: str
 ) -> pb.ExecuteRequest:
     return pb.ExecuteRequest(request_id=request_id, params=to_struct(params), cache_control=cache_control)
+
+
+def _retry_delay(policy: RetryPolicy, attempt: int, left: float) -> float | None:
+    """The delay before retrying an Execute that did not start, after `attempt` calls and
+    with `left` seconds to its deadline; None when it may not be retried."""
+    if attempt >= policy.max_attempts:
+        return None
+    delay = policy.delay(attempt)
+    return delay if delay < left else None
 
 
 def _list_functions_request(
@@ -94,9 +123,11 @@ def _list_functions_request(
 class LambdaClient:
     """A blocking client. Use as a context manager, or call `close()`.
 
-    Every call has a deadline (`timeout` seconds, 30 by default) and is retried
-    on UNAVAILABLE within it. Failures raise `lambda_microservice.errors.LambdaError`
-    subclasses carrying the status code and the ErrorInfo reason.
+    Every call has a deadline (`timeout` seconds, 30 by default) and sends `metadata`
+    (the client's, then the call's). Calls that are safe to repeat are retried on
+    UNAVAILABLE within their deadline; Execute only on NotStartedError (`execute_retry`).
+    Failures raise `lambda_microservice.errors.LambdaError` subclasses carrying the status
+    code and the ErrorInfo reason.
     """
 
     def __init__(
@@ -106,11 +137,13 @@ class LambdaClient:
         timeout: float = DEFAULT_TIMEOUT,
         metadata: Metadata = (),
         channel: grpc.Channel | None = None,
+        execute_retry: RetryPolicy = EXECUTE_RETRY,
     ) -> None:
         self._channel = channel or grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.LambdaServiceStub(self._channel)
         self._timeout = timeout
         self._metadata = tuple(metadata)
+        self._execute_retry = execute_retry
 
     def __enter__(self) -> LambdaClient:
         return self
@@ -148,8 +181,9 @@ class LambdaClient:
         timeout: float | None = None,
         metadata: Metadata = (),
     ) -> pb.InitializeResponse:
-        """Create a session for a script; pass `request_id` to make retries return the same one,
-        and `optimization_level` ("debug" or "release") to say how a Rust script is compiled."""
+        """Create a session for a script; `request_id` (a UUID) names it, and is chosen here
+        when not given, so that a retry returns the same session. `optimization_level`
+        ("debug" or "release") says how a Rust script is compiled."""
         request = _initialize_request(language_title, script_content, context, request_id, optimization_level)
         return self._call(self._stub.Initialize, request, timeout, metadata)
 
@@ -160,19 +194,34 @@ class LambdaClient:
         *,
         cache_control: str = "",
         timeout: float | None = None,
+        metadata: Metadata = (),
     ) -> pb.ExecuteResponse:
-        """Run a session's script with `params`; a script's failure is in `response.error`."""
+        """Run a session's script with `params`; a script's failure is in `response.error`,
+        and `lambda_microservice.result(response)` is its exact result. Retried only when the
+        server says the script did not run (NotStartedError), within the deadline."""
         request = _execute_request(request_id, params, cache_control)
-        return self._call(self._stub.Execute, request, timeout)
+        deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
+        attempt = 1
+        while True:
+            try:
+                return self._call(self._stub.Execute, request, deadline - time.monotonic(), metadata)
+            except NotStartedError:
+                delay = _retry_delay(self._execute_retry, attempt, deadline - time.monotonic())
+                if delay is None:
+                    raise
+            time.sleep(delay)
+            attempt += 1
 
-    def health(self, *, timeout: float | None = None) -> pb.HealthResponse:
+    def health(self, *, timeout: float | None = None, metadata: Metadata = ()) -> pb.HealthResponse:
         """The service's status, version and components."""
-        return self._call(self._stub.Health, pb.HealthRequest(), timeout)
+        return self._call(self._stub.Health, pb.HealthRequest(), timeout, metadata)
 
-    def get_session(self, request_id: str, *, timeout: float | None = None) -> pb.Session:
+    def get_session(
+        self, request_id: str, *, timeout: float | None = None, metadata: Metadata = ()
+    ) -> pb.Session:
         """What is stored about a session."""
         request = pb.GetSessionRequest(request_id=request_id)
-        return self._call(self._stub.GetSession, request, timeout).session
+        return self._call(self._stub.GetSession, request, timeout, metadata).session
 
     def list_functions(
         self,
@@ -182,8 +231,10 @@ class LambdaClient:
         page_size: int = 0,
         page_token: str = "",
         timeout: float | None = None,
+        metadata: Metadata = (),
     ) -> pb.ListFunctionsResponse:
-        """One page of the function catalog, ordered by language_title.
+        """One page of the function catalog, ordered by language_title (`iter_functions`
+        goes through every page).
 
         Filter by `language` (e.g. "python") and `function_type`
         (`pb.FUNCTION_TYPE_PREDEFINED` or `pb.FUNCTION_TYPE_DYNAMIC`). `page_size`
@@ -191,17 +242,46 @@ class LambdaClient:
         with the same filters, as `page_token` for the next one.
         """
         request = _list_functions_request(language, function_type, page_size, page_token)
-        return self._call(self._stub.ListFunctions, request, timeout)
+        return self._call(self._stub.ListFunctions, request, timeout, metadata)
 
-    def get_function(self, language_title: str, *, timeout: float | None = None) -> pb.Function:
+    def iter_functions(
+        self,
+        *,
+        language: str = "",
+        function_type: pb.FunctionType.ValueType = pb.FUNCTION_TYPE_UNSPECIFIED,
+        page_size: int = 0,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+    ) -> Iterator[pb.Function]:
+        """Every function of the catalog that matches the filters (see `list_functions`),
+        page after page, as they are iterated; `timeout` is each page's."""
+        token = ""
+        while True:
+            page = self.list_functions(
+                language=language,
+                function_type=function_type,
+                page_size=page_size,
+                page_token=token,
+                timeout=timeout,
+                metadata=metadata,
+            )
+            yield from page.functions
+            token = page.next_page_token
+            if not token:
+                return
+
+    def get_function(
+        self, language_title: str, *, timeout: float | None = None, metadata: Metadata = ()
+    ) -> pb.Function:
         """One function of the catalog: description, params and result schemas, examples;
         the script too for a dynamic function. NotFoundError when there is none."""
         request = pb.GetFunctionRequest(language_title=language_title)
-        return self._call(self._stub.GetFunction, request, timeout).function
+        return self._call(self._stub.GetFunction, request, timeout, metadata).function
 
 
 class AsyncLambdaClient:
-    """The asyncio client: the same methods as LambdaClient, awaitable."""
+    """The asyncio client: the same methods as LambdaClient, awaitable (`iter_functions` is
+    an async iterator)."""
 
     def __init__(
         self,
@@ -210,11 +290,13 @@ class AsyncLambdaClient:
         timeout: float = DEFAULT_TIMEOUT,
         metadata: Metadata = (),
         channel: grpc.aio.Channel | None = None,
+        execute_retry: RetryPolicy = EXECUTE_RETRY,
     ) -> None:
         self._channel = channel or grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.LambdaServiceStub(self._channel)
         self._timeout = timeout
         self._metadata = tuple(metadata)
+        self._execute_retry = execute_retry
 
     async def __aenter__(self) -> AsyncLambdaClient:
         return self
@@ -252,8 +334,9 @@ class AsyncLambdaClient:
         timeout: float | None = None,
         metadata: Metadata = (),
     ) -> pb.InitializeResponse:
-        """Create a session for a script; pass `request_id` to make retries return the same one,
-        and `optimization_level` ("debug" or "release") to say how a Rust script is compiled."""
+        """Create a session for a script; `request_id` (a UUID) names it, and is chosen here
+        when not given, so that a retry returns the same session. `optimization_level`
+        ("debug" or "release") says how a Rust script is compiled."""
         request = _initialize_request(language_title, script_content, context, request_id, optimization_level)
         return await self._call(self._stub.Initialize, request, timeout, metadata)
 
@@ -264,19 +347,34 @@ class AsyncLambdaClient:
         *,
         cache_control: str = "",
         timeout: float | None = None,
+        metadata: Metadata = (),
     ) -> pb.ExecuteResponse:
-        """Run a session's script with `params`; a script's failure is in `response.error`."""
+        """Run a session's script with `params`; a script's failure is in `response.error`,
+        and `lambda_microservice.result(response)` is its exact result. Retried only when the
+        server says the script did not run (NotStartedError), within the deadline."""
         request = _execute_request(request_id, params, cache_control)
-        return await self._call(self._stub.Execute, request, timeout)
+        deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
+        attempt = 1
+        while True:
+            try:
+                return await self._call(self._stub.Execute, request, deadline - time.monotonic(), metadata)
+            except NotStartedError:
+                delay = _retry_delay(self._execute_retry, attempt, deadline - time.monotonic())
+                if delay is None:
+                    raise
+            await asyncio.sleep(delay)
+            attempt += 1
 
-    async def health(self, *, timeout: float | None = None) -> pb.HealthResponse:
+    async def health(self, *, timeout: float | None = None, metadata: Metadata = ()) -> pb.HealthResponse:
         """The service's status, version and components."""
-        return await self._call(self._stub.Health, pb.HealthRequest(), timeout)
+        return await self._call(self._stub.Health, pb.HealthRequest(), timeout, metadata)
 
-    async def get_session(self, request_id: str, *, timeout: float | None = None) -> pb.Session:
+    async def get_session(
+        self, request_id: str, *, timeout: float | None = None, metadata: Metadata = ()
+    ) -> pb.Session:
         """What is stored about a session."""
         request = pb.GetSessionRequest(request_id=request_id)
-        return (await self._call(self._stub.GetSession, request, timeout)).session
+        return (await self._call(self._stub.GetSession, request, timeout, metadata)).session
 
     async def list_functions(
         self,
@@ -286,8 +384,10 @@ class AsyncLambdaClient:
         page_size: int = 0,
         page_token: str = "",
         timeout: float | None = None,
+        metadata: Metadata = (),
     ) -> pb.ListFunctionsResponse:
-        """One page of the function catalog, ordered by language_title.
+        """One page of the function catalog, ordered by language_title (`iter_functions`
+        goes through every page).
 
         Filter by `language` (e.g. "python") and `function_type`
         (`pb.FUNCTION_TYPE_PREDEFINED` or `pb.FUNCTION_TYPE_DYNAMIC`). `page_size`
@@ -295,10 +395,39 @@ class AsyncLambdaClient:
         with the same filters, as `page_token` for the next one.
         """
         request = _list_functions_request(language, function_type, page_size, page_token)
-        return await self._call(self._stub.ListFunctions, request, timeout)
+        return await self._call(self._stub.ListFunctions, request, timeout, metadata)
 
-    async def get_function(self, language_title: str, *, timeout: float | None = None) -> pb.Function:
+    async def iter_functions(
+        self,
+        *,
+        language: str = "",
+        function_type: pb.FunctionType.ValueType = pb.FUNCTION_TYPE_UNSPECIFIED,
+        page_size: int = 0,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+    ) -> AsyncIterator[pb.Function]:
+        """Every function of the catalog that matches the filters (see `list_functions`),
+        page after page, as they are iterated (`async for`); `timeout` is each page's."""
+        token = ""
+        while True:
+            page = await self.list_functions(
+                language=language,
+                function_type=function_type,
+                page_size=page_size,
+                page_token=token,
+                timeout=timeout,
+                metadata=metadata,
+            )
+            for function in page.functions:
+                yield function
+            token = page.next_page_token
+            if not token:
+                return
+
+    async def get_function(
+        self, language_title: str, *, timeout: float | None = None, metadata: Metadata = ()
+    ) -> pb.Function:
         """One function of the catalog: description, params and result schemas, examples;
         the script too for a dynamic function. NotFoundError when there is none."""
         request = pb.GetFunctionRequest(language_title=language_title)
-        return (await self._call(self._stub.GetFunction, request, timeout)).function
+        return (await self._call(self._stub.GetFunction, request, timeout, metadata)).function

@@ -1,29 +1,47 @@
-"""Errors raised by the client: one class per gRPC status code, carrying the ErrorInfo reason.
+"""Errors raised by the client: a class per gRPC status code, and under it a class per ErrorInfo reason.
 
 LambdaError
-├── InvalidArgumentError        INVALID_ARGUMENT
-├── NotFoundError               NOT_FOUND (reason NOT_FOUND or SESSION_EXPIRED)
-├── AlreadyExistsError          ALREADY_EXISTS
-├── FailedPreconditionError     FAILED_PRECONDITION
-├── UnauthenticatedError        UNAUTHENTICATED
-├── PermissionDeniedError       PERMISSION_DENIED
-├── ResourceExhaustedError      RESOURCE_EXHAUSTED
-├── UnavailableError            UNAVAILABLE
-├── DeadlineExceededError       DEADLINE_EXCEEDED
-├── UnimplementedError          UNIMPLEMENTED
-├── CancelledError              CANCELLED
-└── InternalError               INTERNAL, UNKNOWN and anything else
+├── InvalidArgumentError            INVALID_ARGUMENT    (reason INVALID_REQUEST)
+│   ├── InvalidParamsError                              INVALID_PARAMS
+│   └── ScriptLimitExceededError                        SCRIPT_LIMIT_EXCEEDED
+├── NotFoundError                   NOT_FOUND           (reason NOT_FOUND: no such session or function)
+│   └── SessionExpiredError                             SESSION_EXPIRED
+├── AlreadyExistsError              ALREADY_EXISTS
+│   └── SessionConflictError                            SESSION_CONFLICT
+├── FailedPreconditionError         FAILED_PRECONDITION
+│   └── RuntimeNotAvailableError                        RUNTIME_NOT_AVAILABLE
+├── UnauthenticatedError            UNAUTHENTICATED     (reason UNAUTHORIZED)
+├── PermissionDeniedError           PERMISSION_DENIED   (reason FORBIDDEN)
+├── ResourceExhaustedError          RESOURCE_EXHAUSTED
+│   ├── RateLimitedError                                RATE_LIMITED (retry_after)
+│   ├── QuotaExceededError                              QUOTA_EXCEEDED (retry_after)
+│   └── RuntimeBusyError                                RUNTIME_BUSY
+├── UnavailableError                UNAVAILABLE         (reason UNAVAILABLE: the work may have begun)
+│   ├── NotStartedError                                 NOT_STARTED (safe to retry, Execute included)
+│   └── SandboxUnavailableError                         SANDBOX_UNAVAILABLE
+├── DeadlineExceededError           DEADLINE_EXCEEDED
+├── UnimplementedError              UNIMPLEMENTED
+├── CancelledError                  CANCELLED
+└── InternalError                   INTERNAL (reason INTERNAL_ERROR), UNKNOWN and anything else
+
+Branch on the class: `except SessionExpiredError` for one reason, `except NotFoundError`
+for every failure of that status. Each error carries `code` (the grpc.StatusCode),
+`reason` (the ErrorInfo reason, "" when the status had none), `metadata` and
+`retry_after`. A reason this client does not know yet is raised as its status's class.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import grpc
+from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
-STATUS_DETAILS_KEY = "grpc-status-details-bin"
+#: the ErrorInfo domain of the service's errors
+DOMAIN = "lambda-microservice"
 
 
 class LambdaError(Exception):
@@ -47,14 +65,31 @@ class LambdaError(Exception):
 
 
 class InvalidArgumentError(LambdaError):
-    """The request is malformed (reason INVALID_REQUEST or INVALID_PARAMS)."""
+    """The request is malformed (reason INVALID_REQUEST; a script that does not compile
+    has `line` and `column` in `metadata`)."""
+
+
+class InvalidParamsError(InvalidArgumentError):
+    """Execute's params do not match the catalog function's schema."""
+
+
+class ScriptLimitExceededError(InvalidArgumentError):
+    """Checking or compiling the script went past a limit (time, memory, program size)."""
 
 
 class NotFoundError(LambdaError):
-    """No such session (reason NOT_FOUND), or it expired (reason SESSION_EXPIRED)."""
+    """No such session (also another user's) or function (reason NOT_FOUND)."""
+
+
+class SessionExpiredError(NotFoundError):
+    """The session exists but has expired: Initialize a new one."""
 
 
 class AlreadyExistsError(LambdaError):
+    """Something with this id exists already."""
+
+
+class SessionConflictError(AlreadyExistsError):
     """A session with this request_id exists with another script."""
 
 
@@ -62,20 +97,47 @@ class FailedPreconditionError(LambdaError):
     """The request cannot be served by this server as configured."""
 
 
+class RuntimeNotAvailableError(FailedPreconditionError):
+    """The language is known, but its runtime is not available on this server."""
+
+
 class UnauthenticatedError(LambdaError):
-    """No valid credentials were sent."""
+    """No valid credentials were sent (reason UNAUTHORIZED)."""
 
 
 class PermissionDeniedError(LambdaError):
-    """The credentials do not allow this call."""
+    """The credentials do not allow this call (reason FORBIDDEN)."""
 
 
 class ResourceExhaustedError(LambdaError):
-    """A limit was reached (rate limit, busy environments); retry later."""
+    """A limit was reached; retry later."""
+
+
+class RateLimitedError(ResourceExhaustedError):
+    """The caller's rate limit; `retry_after` says when to retry."""
+
+
+class QuotaExceededError(ResourceExhaustedError):
+    """An owner's share (sessions, script bytes, checkers, compilers, request bytes) is used
+    up; `retry_after` says when to retry."""
+
+
+class RuntimeBusyError(ResourceExhaustedError):
+    """Every environment for the script stayed busy: the service is at its capacity."""
 
 
 class UnavailableError(LambdaError):
-    """The service or its database cannot serve now; retry later."""
+    """The service or its database cannot serve now (reason UNAVAILABLE). The call may
+    have done its work: the client retries it only where that is safe."""
+
+
+class NotStartedError(UnavailableError):
+    """The call failed before its work began (an Execute's script did not run): safe to
+    retry, and the client retries Execute on it within the call's deadline."""
+
+
+class SandboxUnavailableError(UnavailableError):
+    """The server's sandbox cannot start an environment as its SANDBOX_MODE asks."""
 
 
 class DeadlineExceededError(LambdaError):
@@ -91,7 +153,7 @@ class CancelledError(LambdaError):
 
 
 class InternalError(LambdaError):
-    """The server failed unexpectedly."""
+    """The server failed unexpectedly (reason INTERNAL_ERROR)."""
 
 
 ERRORS_BY_CODE: dict[grpc.StatusCode, type[LambdaError]] = {
@@ -106,24 +168,57 @@ ERRORS_BY_CODE: dict[grpc.StatusCode, type[LambdaError]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
     grpc.StatusCode.UNIMPLEMENTED: UnimplementedError,
     grpc.StatusCode.CANCELLED: CancelledError,
+    grpc.StatusCode.INTERNAL: InternalError,
+}
+
+# The reasons that name a narrower failure than their status (the contract's ErrorReason,
+# without its prefix); the others (INVALID_REQUEST, NOT_FOUND, UNAVAILABLE, ...) are
+# their status's class.
+ERRORS_BY_REASON: dict[str, type[LambdaError]] = {
+    "INVALID_PARAMS": InvalidParamsError,
+    "SCRIPT_LIMIT_EXCEEDED": ScriptLimitExceededError,
+    "SESSION_EXPIRED": SessionExpiredError,
+    "SESSION_CONFLICT": SessionConflictError,
+    "RUNTIME_NOT_AVAILABLE": RuntimeNotAvailableError,
+    "RATE_LIMITED": RateLimitedError,
+    "QUOTA_EXCEEDED": QuotaExceededError,
+    "RUNTIME_BUSY": RuntimeBusyError,
+    "NOT_STARTED": NotStartedError,
+    "SANDBOX_UNAVAILABLE": SandboxUnavailableError,
 }
 
 
+def error_class(code: grpc.StatusCode, reason: str) -> type[LambdaError]:
+    """The class for a status and reason: the reason's, when it belongs under the status
+    (a reason sent with another status, by a server of another version, is not trusted
+    over the status), else the status's."""
+    by_code = ERRORS_BY_CODE.get(code, InternalError)
+    by_reason = ERRORS_BY_REASON.get(reason)
+    return by_reason if by_reason is not None and issubclass(by_reason, by_code) else by_code
+
+
 def from_rpc_error(error: grpc.RpcError) -> LambdaError:
-    """The LambdaError for a failed call, with the reason from its ErrorInfo detail."""
-    code = error.code()
-    message = error.details() or ""
+    """The LambdaError for a failed call, with the reason and retry delay of its details."""
+    call: grpc.Call = error  # type: ignore[assignment]  # every RpcError of a call is its Call too
+    code = call.code()
+    message = call.details() or ""
     reason, metadata = "", {}
     retry_after: float | None = None
-    trailing: Any = error.trailing_metadata()
-    for key, value in trailing or ():
-        if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
-            status = status_pb2.Status.FromString(value)
-            for detail in status.details:
-                info = error_details_pb2.ErrorInfo()
-                retry = error_details_pb2.RetryInfo()
-                if detail.Unpack(info):
-                    reason, metadata = info.reason, dict(info.metadata)
-                elif detail.Unpack(retry):
-                    retry_after = retry.retry_delay.ToNanoseconds() / 1e9
-    return ERRORS_BY_CODE.get(code, InternalError)(code, message, reason, metadata, retry_after)
+    for detail in _details(call):
+        info = error_details_pb2.ErrorInfo()
+        retry = error_details_pb2.RetryInfo()
+        if detail.Unpack(info):
+            reason, metadata = info.reason, dict(info.metadata)
+        elif detail.Unpack(retry):
+            retry_after = retry.retry_delay.ToNanoseconds() / 1e9
+    return error_class(code, reason)(code, message, reason, metadata, retry_after)
+
+
+def _details(call: grpc.Call) -> list[any_pb2.Any]:
+    """The status's details (google.protobuf.Any), or none: a status without them (from a
+    proxy, or gRPC itself), or with details that do not match or decode, is its code alone."""
+    try:
+        status: status_pb2.Status | None = rpc_status.from_call(call)
+    except (ValueError, DecodeError):
+        return []
+    return list(status.details) if status is not None else []

@@ -1,29 +1,36 @@
-"""The service's errors, one class per kind of failure.
+"""The service's errors, one class per kind of failure, each with its gRPC status and reason.
 
-    LambdaError                     (reason)
-    ├── InvalidRequest              INVALID_REQUEST
+    LambdaError                     status               reason
+    ├── InvalidRequest              INVALID_ARGUMENT     INVALID_REQUEST
     │   ├── UnknownLanguage
     │   ├── ScriptTooLarge
     │   ├── ScriptSyntaxError       (line, column)
-    │   ├── InvalidParams           INVALID_PARAMS    (params against the function's schema)
-    │   └── ScriptLimitExceeded     SCRIPT_LIMIT_EXCEEDED (a check or compile past its limits)
-    ├── SessionConflict             INVALID_REQUEST   (same request_id, other script)
-    ├── RuntimeNotAvailable         UNAVAILABLE       (known language, runtime missing)
-    ├── Unauthenticated             UNAUTHORIZED      (no token, or a bad one)
-    ├── Forbidden                   FORBIDDEN         (a scope is missing)
-    ├── RateLimited                 RATE_LIMITED      (retry_after seconds)
-    ├── QuotaExceeded               QUOTA_EXCEEDED    (an owner's share is used up; retry_after)
-    ├── SessionNotFound             NOT_FOUND         (also another user's session)
-    │   └── SessionExpired          SESSION_EXPIRED
-    ├── FunctionNotFound            NOT_FOUND
-    ├── Unavailable                 UNAVAILABLE
+    │   ├── InvalidParams           INVALID_ARGUMENT     INVALID_PARAMS (params against the schema)
+    │   └── ScriptLimitExceeded     INVALID_ARGUMENT     SCRIPT_LIMIT_EXCEEDED (a check or compile)
+    ├── SessionConflict             ALREADY_EXISTS       SESSION_CONFLICT (same request_id, other script)
+    ├── RuntimeNotAvailable         FAILED_PRECONDITION  RUNTIME_NOT_AVAILABLE (known language, no runtime)
+    ├── Unauthenticated             UNAUTHENTICATED      UNAUTHORIZED (no token, or a bad one)
+    ├── Forbidden                   PERMISSION_DENIED    FORBIDDEN (a scope is missing)
+    ├── RateLimited                 RESOURCE_EXHAUSTED   RATE_LIMITED (retry_after seconds)
+    ├── QuotaExceeded               RESOURCE_EXHAUSTED   QUOTA_EXCEEDED (an owner's share; retry_after)
+    ├── RuntimeBusy                 RESOURCE_EXHAUSTED   RUNTIME_BUSY (every environment stayed busy)
+    ├── SessionNotFound             NOT_FOUND            NOT_FOUND (also another user's session)
+    │   └── SessionExpired          NOT_FOUND            SESSION_EXPIRED
+    ├── FunctionNotFound            NOT_FOUND            NOT_FOUND
+    ├── Unavailable                 UNAVAILABLE          UNAVAILABLE (the work may have begun)
     │   ├── DatabaseUnavailable
-    │   └── RuntimeBusy
-    ├── DeadlineExceeded            UNAVAILABLE
-    └── InternalError               INTERNAL_ERROR
+    │   ├── NotStarted              UNAVAILABLE          NOT_STARTED (the work did not begin)
+    │   └── SandboxUnavailable      UNAVAILABLE          SANDBOX_UNAVAILABLE (SANDBOX_MODE asks too much)
+    ├── DeadlineExceeded            DEADLINE_EXCEEDED    DEADLINE_EXCEEDED
+    └── InternalError               INTERNAL             INTERNAL_ERROR
 
-The api layer maps each class to a gRPC status code; nothing here knows gRPC.
-A script's own failure is not an error of this tree: it is an ExecutionOutcome.
+This is the one table: each class carries its row as `status` (a gRPC status code's
+name) and `reason` (an ErrorReason of the contract without its `ERROR_REASON_` prefix),
+and a subclass without a row of its own answers with its parent's. A reason never
+names a status other than its own, so a client that branches on the reason and one
+that branches on the status agree. The api layer turns `status` into a gRPC code;
+nothing here imports gRPC. A script's own failure is not an error of this tree: it is
+an ExecutionOutcome.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from __future__ import annotations
 class LambdaError(Exception):
     """Base of every error the service reports to a caller."""
 
+    status = "INTERNAL"
     reason = "INTERNAL_ERROR"
 
     def __init__(self, message: str, **metadata: str) -> None:
@@ -43,6 +51,7 @@ class LambdaError(Exception):
 class InvalidRequest(LambdaError):
     """The request is malformed."""
 
+    status = "INVALID_ARGUMENT"
     reason = "INVALID_REQUEST"
 
 
@@ -76,31 +85,38 @@ class InvalidParams(InvalidRequest):
     reason = "INVALID_PARAMS"
 
 
-class SessionConflict(InvalidRequest):
+class SessionConflict(LambdaError):
     """A session with this request_id exists with another script."""
+
+    status = "ALREADY_EXISTS"
+    reason = "SESSION_CONFLICT"
 
 
 class RuntimeNotAvailable(LambdaError):
     """The language is known but its runtime is not available here."""
 
-    reason = "UNAVAILABLE"
+    status = "FAILED_PRECONDITION"
+    reason = "RUNTIME_NOT_AVAILABLE"
 
 
 class Unauthenticated(LambdaError):
     """The call carries no valid credentials."""
 
+    status = "UNAUTHENTICATED"
     reason = "UNAUTHORIZED"
 
 
 class Forbidden(LambdaError):
     """The caller is known but lacks the scope this call needs."""
 
+    status = "PERMISSION_DENIED"
     reason = "FORBIDDEN"
 
 
 class RateLimited(LambdaError):
     """The caller used up its executions for now; retry after `retry_after` seconds."""
 
+    status = "RESOURCE_EXHAUSTED"
     reason = "RATE_LIMITED"
 
     def __init__(self, message: str, retry_after: float, **metadata: str) -> None:
@@ -112,6 +128,7 @@ class QuotaExceeded(LambdaError):
     """The owner used up a share (sessions, script bytes, Initialize rate, compile slots,
     request bytes in flight); retry after `retry_after` seconds."""
 
+    status = "RESOURCE_EXHAUSTED"
     reason = "QUOTA_EXCEEDED"
 
     def __init__(self, message: str, retry_after: float, **metadata: str) -> None:
@@ -119,9 +136,18 @@ class QuotaExceeded(LambdaError):
         self.retry_after = retry_after
 
 
+class RuntimeBusy(LambdaError):
+    """Every environment for this script stayed busy until the queue's bound, or the
+    environments' memory budget has no room: the service is at its capacity."""
+
+    status = "RESOURCE_EXHAUSTED"
+    reason = "RUNTIME_BUSY"
+
+
 class SessionNotFound(LambdaError):
     """No session has this request_id."""
 
+    status = "NOT_FOUND"
     reason = "NOT_FOUND"
 
 
@@ -134,12 +160,15 @@ class SessionExpired(SessionNotFound):
 class FunctionNotFound(LambdaError):
     """No function of the catalog has this language_title."""
 
+    status = "NOT_FOUND"
     reason = "NOT_FOUND"
 
 
 class Unavailable(LambdaError):
-    """A dependency cannot serve now; retrying later may succeed."""
+    """A dependency cannot serve now; retrying later may succeed. The call's work may
+    have begun (an Execute's script may have run): retry only what is idempotent."""
 
+    status = "UNAVAILABLE"
     reason = "UNAVAILABLE"
 
 
@@ -147,14 +176,24 @@ class DatabaseUnavailable(Unavailable):
     """PostgreSQL did not answer within its bound."""
 
 
-class RuntimeBusy(Unavailable):
-    """Every environment for this script stayed busy until the deadline."""
+class NotStarted(Unavailable):
+    """A dependency could not serve before the call's work began (an Execute's script did
+    not run): safe to retry, Execute included."""
+
+    reason = "NOT_STARTED"
+
+
+class SandboxUnavailable(Unavailable):
+    """SANDBOX_MODE=strict and a layer cannot be applied on this machine."""
+
+    reason = "SANDBOX_UNAVAILABLE"
 
 
 class DeadlineExceeded(LambdaError):
     """The call's deadline passed before the work could finish."""
 
-    reason = "UNAVAILABLE"
+    status = "DEADLINE_EXCEEDED"
+    reason = "DEADLINE_EXCEEDED"
 
 
 class InternalError(LambdaError):

@@ -30,7 +30,9 @@ from lambda_server.domain import (
     SessionRecord,
 )
 from lambda_server.errors import (
+    DatabaseUnavailable,
     InvalidRequest,
+    NotStarted,
     RuntimeNotAvailable,
     ScriptLimitExceeded,
     ScriptSyntaxError,
@@ -208,7 +210,10 @@ class LambdaService:
         execution of the session too (it was asked for and answered), without a runtime."""
         session_id = parse_request_id(request_id)
         requested = parse_cache_control(cache_control)  # before the session counts this call
-        session = await self._sessions.claim(session_id, caller.user_id, deadline)
+        try:
+            session = await self._sessions.claim(session_id, caller.user_id, deadline)
+        except DatabaseUnavailable as exc:  # the script did not run: a retry is safe
+            raise NotStarted(exc.message, **exc.metadata) from exc
         runtime = self._registry.resolve(session.language_title)
         require_execute(caller, runtime.name)
         self._check_params(session.metadata, params)

@@ -21,29 +21,10 @@ _DETAILS_KEY = "grpc-status-details-bin"
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
-# Looked up along the error's class hierarchy: the most specific class wins.
-STATUS_CODES: dict[type[errors.LambdaError], grpc.StatusCode] = {
-    errors.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.SessionConflict: grpc.StatusCode.ALREADY_EXISTS,
-    errors.RuntimeNotAvailable: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    errors.Forbidden: grpc.StatusCode.PERMISSION_DENIED,
-    errors.RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.QuotaExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.SessionNotFound: grpc.StatusCode.NOT_FOUND,
-    errors.FunctionNotFound: grpc.StatusCode.NOT_FOUND,
-    errors.RuntimeBusy: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
-    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    errors.LambdaError: grpc.StatusCode.INTERNAL,
-}
-
 
 def status_code(error: errors.LambdaError) -> grpc.StatusCode:
-    for cls in type(error).__mro__:
-        if cls in STATUS_CODES:
-            return STATUS_CODES[cls]
-    return grpc.StatusCode.INTERNAL
+    """The gRPC code of the error's row in the one table (lambda_server.errors)."""
+    return grpc.StatusCode[error.status]
 
 
 def to_status(error: errors.LambdaError) -> grpc.Status:
@@ -88,7 +69,7 @@ def reports_errors(method: Handler) -> Handler:
             failure = error
             level = (
                 logging.WARNING
-                if isinstance(error, errors.Unavailable | errors.InternalError)
+                if isinstance(error, errors.Unavailable | errors.RuntimeBusy | errors.InternalError)
                 else logging.DEBUG
             )
             log.log(level, "%s failed: %s", method.__name__, error.message)

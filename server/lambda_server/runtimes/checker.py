@@ -29,6 +29,7 @@ from lambda_server.errors import (
     DeadlineExceeded,
     LambdaError,
     QuotaExceeded,
+    RuntimeBusy,
     ScriptLimitExceeded,
     ScriptSyntaxError,
     Unavailable,
@@ -68,7 +69,7 @@ class ScriptChecker:
             async with self._locks[runtime.name][number]:
                 try:
                     await self._worker(runtime, number, deadline)
-                except Unavailable as exc:  # the first check starts it again
+                except (Unavailable, RuntimeBusy) as exc:  # the first check starts it again
                     log.warning("%s", exc.message)
 
         await asyncio.gather(*(start_one(n) for n in range(self._settings.checkers)))

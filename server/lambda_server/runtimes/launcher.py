@@ -8,7 +8,7 @@ from typing import Any
 
 from lambda_server.config import RuntimeSettings
 from lambda_server.domain import Deadline, Limits
-from lambda_server.errors import Unavailable
+from lambda_server.errors import NotStarted
 from lambda_server.runtimes.budget import MemoryBudget
 from lambda_server.runtimes.process import WorkerError, WorkerProcess, WorkerTimeout
 from lambda_server.runtimes.registry import RuntimeSpec
@@ -65,11 +65,12 @@ class Launcher:
         self, runtime: RuntimeSpec, limits: Limits, deadline: Deadline, program: str | None
     ) -> WorkerProcess:
         if self._closed:
-            raise Unavailable("the server is shutting down")
+            raise NotStarted("the server is shutting down")
         try:
             confinement = self._sandbox.confine(runtime, limits, program)
         except SandboxUnavailable as exc:
-            raise Unavailable(f"the {runtime.name} runtime could not be confined: {exc.message}") from None
+            why = exc.message
+            raise SandboxUnavailable(f"the {runtime.name} runtime could not be confined: {why}") from None
         env = {  # all a worker gets: never the server's own environment
             "PATH": "/usr/local/bin:/usr/bin:/bin",
             "LANG": "C.UTF-8",
@@ -90,7 +91,7 @@ class Launcher:
             why = str(exc) or type(exc).__name__
             if isinstance(exc, WorkerTimeout):
                 why += " (RUNTIME_START_TIMEOUT_SECONDS)"
-            raise Unavailable(f"the {runtime.name} runtime could not start: {why}") from None
+            raise NotStarted(f"the {runtime.name} runtime could not start: {why}") from None
         except BaseException:
             await confinement.release()
             raise
@@ -98,7 +99,7 @@ class Launcher:
         if self._closed:
             await worker.kill()
             await confinement.release()
-            raise Unavailable("the server is shutting down")
+            raise NotStarted("the server is shutting down")
         self._confinements[worker] = confinement
         self._held[worker] = limits.memory_mb
         return worker

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from lambda_server.config import SandboxSettings
 from lambda_server.domain import Limits
-from lambda_server.errors import LambdaError
+from lambda_server.errors import SandboxUnavailable as SandboxUnavailable  # raised here, caught by runtimes
 from lambda_server.runtimes.registry import RuntimeSpec
 from lambda_server.sandbox import seccomp
 from lambda_server.sandbox.cgroups import Cgroups, CgroupUnavailable, EnvironmentCgroup
@@ -45,10 +45,6 @@ JAIL = Path(__file__).resolve().parent / "jail.py"
 WORKER_DIR = "/opt/lambda"
 SYSTEM_BINDS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc/alternatives")
 NAMESPACES = ("--pid", "--net", "--ipc", "--uts", "--mount")
-
-
-class SandboxUnavailable(LambdaError):
-    """SANDBOX_MODE=strict and a layer cannot be applied on this machine."""
 
 
 @dataclass

@@ -1,0 +1,61 @@
+"""JSON values in and out of protobuf: params as a Struct, results back as Python, exactly."""
+
+from __future__ import annotations
+
+import decimal
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from google.protobuf import struct_pb2
+
+from lambda_microservice.v1 import lambda_service_pb2 as pb
+
+# Integers longer than this are read through Decimal: int() refuses strings past Python's
+# limit on integer string conversion (4300 digits by default).
+_INT_DIGITS = 4000
+
+
+def to_struct(data: Mapping[str, Any] | None) -> struct_pb2.Struct:
+    """A google.protobuf.Struct from a JSON-like mapping."""
+    struct = struct_pb2.Struct()
+    if data:
+        struct.update(data)
+    return struct
+
+
+def to_python(value: struct_pb2.Value | struct_pb2.Struct | struct_pb2.ListValue) -> Any:
+    """The JSON value (dict, list, str, int, float, bool or None) held by a Value, Struct or
+    ListValue. A number with no fraction is an int: a Value holds only doubles, so `1.0` and
+    `1` both come back as `1`, and integers past 2**53 as the nearest double; `result()`
+    gives an Execute's exact result."""
+    if isinstance(value, struct_pb2.Struct):
+        return {key: to_python(item) for key, item in value.fields.items()}
+    if isinstance(value, struct_pb2.ListValue):
+        return [to_python(item) for item in value.values]
+    kind = value.WhichOneof("kind")
+    if kind == "number_value":
+        number = value.number_value
+        return int(number) if number.is_integer() else number
+    if kind == "string_value":
+        return value.string_value
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return to_python(value.struct_value)
+    if kind == "list_value":
+        return to_python(value.list_value)
+    return None  # null_value, or unset
+
+
+def result(response: pb.ExecuteResponse) -> Any:
+    """The script's result, exactly: parsed from `response.result_json` when the server sent
+    it (integers of any size, `1` apart from `1.0`), else `to_python(response.result)`.
+    None when the script failed (`response.error` is set)."""
+    if response.result_json:
+        return json.loads(response.result_json, parse_int=_exact_int)
+    return to_python(response.result)
+
+
+def _exact_int(digits: str) -> int:
+    return int(digits) if len(digits) <= _INT_DIGITS else int(decimal.Decimal(digits))
