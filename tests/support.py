@@ -173,10 +173,15 @@ def quiet_descendants(settle: float = 0.3) -> set[int]:
     return eventually(stable, timeout=15)[0]
 
 
+def health_check(client: Any, name: str) -> Any:
+    """The component `name` of Health's structured checks (a ComponentHealth)."""
+    checks = {check.name: check for check in client.health().checks}
+    return checks[name]
+
+
 def pool_counts(client: Any, runtime: str) -> dict[str, int]:
-    """warm, busy and idle of a runtime, from the Health components."""
-    text = client.health().components[f"runtime.{runtime}"]
-    return {name: int(value) for name, value in re.findall(r"(\w+)=(\d+)", text)}
+    """warm, busy and idle of a runtime, from the Health checks."""
+    return dict(health_check(client, f"runtime.{runtime}").counts)
 
 
 def settled(client: Any) -> bool:

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from lambda_microservice import AsyncLambdaClient, LambdaClient
 from lambda_microservice.v1 import lambda_service_pb2 as pb
+from lambda_server.config import RuntimeSettings
 from tests.support import BUF, ROOT, ServerThread, buf_curl
 
 SERVICE = "lambda_microservice.v1.LambdaService"
@@ -52,6 +53,34 @@ def test_health_rpc_reports_components(client: LambdaClient) -> None:
     assert health.components["runtime.python"].startswith("ok")
     assert health.components["runtime.nodejs"].startswith("ok")
     assert health.components["runtime.rust"].startswith("ok (rustc ")  # the toolchain's version
+
+
+def test_health_checks_are_structured(client: LambdaClient) -> None:
+    """`checks` holds each component of `components` as values: programs parse no text."""
+    health = client.health()
+    checks = {check.name: check for check in health.checks}
+    assert [check.name for check in health.checks] == sorted(checks)  # ordered by name
+    assert set(checks) == set(health.components)
+    for name, check in checks.items():
+        assert check.detail == health.components[name]
+    assert checks["postgres"].status == pb.COMPONENT_STATUS_OK and checks["postgres"].required
+    # only PostgreSQL makes the service NOT_SERVING
+    assert [name for name, check in checks.items() if check.required] == ["postgres"]
+    for runtime in ("python", "nodejs"):
+        check = checks[f"runtime.{runtime}"]
+        assert check.status == pb.COMPONENT_STATUS_OK
+        assert set(check.counts) == {"warm", "busy", "idle"}
+    environments = checks["environments"].counts
+    assert environments["max_environments"] == RuntimeSettings().max_environments
+    assert {"bound", "owners", "waiting", "memory_mb"} <= set(environments)
+    # the Rust runtime works while its crates build, degraded until they are ready
+    rust = checks["runtime.rust"]
+    ready = rust.detail.endswith("serde_json: ready")
+    assert rust.status == (pb.COMPONENT_STATUS_OK if ready else pb.COMPONENT_STATUS_DEGRADED)
+    sandbox = checks["sandbox"]
+    complete = "missing:" not in sandbox.detail
+    assert sandbox.status == (pb.COMPONENT_STATUS_OK if complete else pb.COMPONENT_STATUS_DEGRADED)
+    assert sandbox.counts["layers"] >= 1  # rlimits at least
 
 
 def test_every_rpc_has_a_client_method() -> None:

@@ -81,6 +81,8 @@ def test_an_outage_fails_fast_shows_in_health_and_heals_without_restart(
         health = client.health()
         assert health.status == pb.HEALTH_STATUS_NOT_SERVING
         assert health.components["postgres"].startswith("unavailable")
+        postgres = {check.name: check for check in health.checks}["postgres"]
+        assert postgres.status == pb.COMPONENT_STATUS_UNAVAILABLE and postgres.required
 
         proxy.set_mode("up")
         eventually(lambda: health_status(channel) == serving, timeout=BOUND)

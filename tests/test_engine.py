@@ -20,8 +20,8 @@ from lambda_microservice import (
 )
 from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_server.config import RuntimeSettings, SandboxSettings
-from lambda_server.domain import Deadline, Limits
-from lambda_server.runtimes.pool import EnvironmentPool, Job
+from lambda_server.domain import Deadline, Job, Limits
+from lambda_server.runtimes.pool import EnvironmentPool
 from lambda_server.runtimes.registry import discover
 from lambda_server.sandbox import Sandbox
 from tests.support import ServerThread, descendants, eventually, pool_counts, server_settings
@@ -263,7 +263,7 @@ def test_node_comes_from_pip_when_none_is_on_path(monkeypatch: pytest.MonkeyPatc
         pool = EnvironmentPool(RuntimeSettings(prewarm_per_runtime=0), {"nodejs": spec}, sandbox, limits)
         try:
             event = {"params": {}, "context": {}}
-            job = Job(spec, "owner", "hash", "return process.version;", event, 10.0, limits)
+            job = Job("nodejs", "owner", "hash", "return process.version;", event, 10.0, limits)
             outcome = await pool.execute(job, Deadline.after(30))
             assert outcome.failure is None, outcome.failure
             return outcome.result

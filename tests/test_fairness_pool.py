@@ -7,7 +7,6 @@ server with a small pool; an attacker floods it while a victim is measured.
 from __future__ import annotations
 
 import os
-import re
 import threading
 import time
 import uuid
@@ -29,6 +28,7 @@ from tests.support import (
     ServerThread,
     assert_p99_within,
     eventually,
+    health_check,
     p99,
     pool_counts,
     server_settings,
@@ -65,11 +65,8 @@ def pool_server(database_url: str, request: pytest.FixtureRequest) -> Iterator[S
 
 
 def environments(client: LambdaClient) -> dict[str, int]:
-    """bound, owners, waiting and memory (used MiB, and total as memory_total) from Health."""
-    text = client.health().components["environments"]
-    counts = {name: int(value) for name, value in re.findall(r"(\w+)=(\d+)", text)}
-    counts["memory_total"] = int(re.findall(r"memory=\d+/(\d+)", text)[0])
-    return counts
+    """bound, owners, waiting, memory_mb and memory_total_mb from Health's checks."""
+    return dict(health_check(client, "environments").counts)
 
 
 def in_threads(calls: list[Callable[[], Any]]) -> list[Callable[[], Any]]:
@@ -201,13 +198,13 @@ def test_an_owner_asking_for_large_memory_cannot_take_anothers(pool_server: Serv
         calls = in_threads([lambda rid=rid: attacker.execute(rid, {"s": 4}) for rid in floods])
         eventually(lambda: environments(victim)["waiting"] == 3)
         counts = environments(victim)
-        assert counts["memory"] <= counts["memory_total"] == 1536
+        assert counts["memory_mb"] <= counts["memory_total_mb"] == 1536
         assert counts["bound"] == 2  # the victim's, and one of 512 MiB: two would pass 768
         # the victim keeps its environment, and a new one of its own fits beside
         measure(victim, own, 5)
         fresh = victim.initialize("python-victim", "result = params['n'] * 2").request_id
         assert to_python(victim.execute(fresh, {"n": 2}).result) == 4
-        assert environments(victim)["memory"] <= 1536
+        assert environments(victim)["memory_mb"] <= 1536
         results = [call() for call in calls]
         assert sum(isinstance(r, pb.ExecuteResponse) for r in results) == 1, results
         assert sum(isinstance(r, ResourceExhaustedError) for r in results) == 3, results

@@ -157,6 +157,16 @@ def test_a_compile_error_is_invalid_argument_with_its_line(client: LambdaClient,
     compile_status, compile_error = asyncio.run(status())
     assert compile_status == "error"
     assert "undefined_name" in compile_error
+    session = client.get_session(BROKEN_ID)  # GetSession says so too
+    assert session.compile_status == pb.COMPILE_STATUS_ERROR
+    assert "undefined_name" in session.compile_error
+
+
+def test_get_session_says_a_script_compiled(client: LambdaClient) -> None:
+    session = client.initialize("rust-test", SUM, timeout=120.0)  # compiled by an earlier test
+    stored = client.get_session(session.request_id)
+    assert stored.compile_status == pb.COMPILE_STATUS_SUCCESS
+    assert stored.compile_error == ""
 
 
 def test_a_script_may_not_use_crates_beyond_serde_json(client: LambdaClient) -> None:

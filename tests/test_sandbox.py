@@ -12,8 +12,8 @@ import pytest
 from lambda_microservice import InvalidArgumentError, LambdaClient, to_python
 from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_server.config import RuntimeSettings, SandboxSettings
-from lambda_server.domain import Deadline, Limits
-from lambda_server.runtimes.pool import EnvironmentPool, Job
+from lambda_server.domain import Deadline, Job, Limits
+from lambda_server.runtimes.pool import EnvironmentPool
 from lambda_server.runtimes.registry import discover
 from lambda_server.sandbox import Sandbox, SandboxUnavailable
 from tests.support import ServerThread, server_settings
@@ -71,7 +71,7 @@ def test_without_namespaces_rlimits_still_apply_through_prlimit() -> None:
     async def run() -> object:
         pool = EnvironmentPool(RuntimeSettings(prewarm_per_runtime=0), specs, sandbox, limits)
         script = "import resource\nresult = resource.getrlimit(resource.RLIMIT_NOFILE)[0]"
-        job = Job(specs["python"], "owner", "hash", script, {"params": {}, "context": {}}, 10.0, limits)
+        job = Job("python", "owner", "hash", script, {"params": {}, "context": {}}, 10.0, limits)
         try:
             outcome = await pool.execute(job, Deadline.after(30))
             assert outcome.failure is None, outcome.failure

@@ -37,7 +37,6 @@ from lambda_server.runtimes.registry import RuntimeRegistry
 from lambda_server.runtimes.rust import RustCompiler, RustToolchain
 from lambda_server.sandbox import Sandbox
 from lambda_server.sandbox.memory import memory_budget_mb
-from lambda_server.service import LambdaService
 from lambda_server.store import migrations
 from lambda_server.store.artifacts import ArtifactStore
 from lambda_server.store.catalog import FunctionCatalog
@@ -46,6 +45,9 @@ from lambda_server.store.database import Database
 from lambda_server.store.embedded import start_embedded
 from lambda_server.store.request_log import RequestLogWriter
 from lambda_server.store.sessions import OwnerQuota, SessionStore
+from lambda_server.usecases import Catalog, Execute, GetSession, Health, Initialize, UseCases
+from lambda_server.usecases.options import SessionOptionsPolicy
+from lambda_server.validation import ParamsValidator
 
 log = logging.getLogger("lambda_server")
 
@@ -309,18 +311,7 @@ async def _wire(
         observe_create_batch=metrics.create_batch_size.observe,
     )
     undo.push_async_callback(sessions.close)
-    service = LambdaService(
-        settings,
-        sessions,
-        pool,
-        registry,
-        monitor,
-        sandbox.describe(),
-        cache,
-        FunctionCatalog(db),
-        metrics=metrics,
-        builds=builds,
-    )
+    usecases = _usecases(settings, sessions, pool, registry, monitor, sandbox, cache, db, metrics, builds)
     request_log = RequestLogWriter(db, settings.request_log, metrics)
     metrics.on_scrape(_scrape_gauges(metrics, pool, db, request_log))
 
@@ -337,7 +328,7 @@ async def _wire(
     )
     limiter = RateLimiter(settings.auth, metrics)
     json_bounds = (settings.runtime.max_json_nodes, settings.runtime.max_json_depth)
-    add_to_server(LambdaServicer(service, Authenticator(settings.auth), limiter, json_bounds), grpc_server)
+    add_to_server(LambdaServicer(usecases, Authenticator(settings.auth), limiter, json_bounds), grpc_server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     reflection.enable_server_reflection(
         (
@@ -376,6 +367,41 @@ async def _wire(
     undo.pop_all()  # from here the server owns it all, and stops it in order
     return server, port
     raise AssertionError("unreachable")  # mypy: the block above returns or raises
+
+
+def _usecases(
+    settings: Settings,
+    sessions: SessionStore,
+    pool: EnvironmentPool,
+    registry: RuntimeRegistry,
+    monitor: DatabaseMonitor,
+    sandbox: Sandbox,
+    cache: ResultCache,
+    db: Database,
+    metrics: Metrics,
+    builds: RustBuilds | None,
+) -> UseCases:
+    """Each use case with what it needs, and no more."""
+    options = SessionOptionsPolicy(settings.runtime, settings.sandbox)
+    params = ParamsValidator()  # one cache of compiled schemas, for Initialize and Execute
+    catalog = Catalog(FunctionCatalog(db), registry, params)
+    return UseCases(
+        initialize=Initialize(
+            registry,
+            sessions,
+            pool,
+            catalog,
+            options,
+            metrics,
+            builds,
+            max_script_size=settings.runtime.max_script_size,
+            expiry_seconds=settings.session_expiry_seconds,
+        ),
+        execute=Execute(sessions, registry, pool, cache, params, options, metrics, builds),
+        get_session=GetSession(sessions, options),
+        catalog=catalog,
+        health=Health(monitor, pool, sandbox.health(), builds),
+    )
 
 
 def _set_priority(nice: int) -> None:

@@ -1,10 +1,11 @@
-"""Values passed between the layers: sessions, deadlines, execution outcomes."""
+"""Values passed between the layers: sessions, options, jobs, deadlines, outcomes, health."""
 
 from __future__ import annotations
 
 import enum
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -65,6 +66,48 @@ class CompileStatus(enum.Enum):
     ERROR = "error"
 
 
+class OptimizationLevel(enum.Enum):
+    """How a compiled runtime (Rust) compiles a script; the value is what meta.sessions
+    and meta.artifacts store."""
+
+    DEBUG = "debug"
+    RELEASE = "release"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one environment may use."""
+
+    memory_mb: int
+    max_processes: int
+
+
+@dataclass(frozen=True)
+class RequestedOptions:
+    """A session's options as Initialize's caller set them: None where unset, which the
+    session's context (the original service's keys), else the server's default, fills."""
+
+    timeout_seconds: float | None = None
+    memory_mb: int | None = None
+    max_processes: int | None = None
+    cache_ttl_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """How every execution of a session runs: resolved once at Initialize (defaults filled
+    in, bounds checked) and stored with the session."""
+
+    timeout_seconds: float
+    memory_mb: int
+    max_processes: int
+    cache_ttl_seconds: float  # the result cache's default for the session; 0: off
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.memory_mb, self.max_processes)
+
+
 @dataclass(frozen=True)
 class SessionRecord:
     """A session as stored, with its state decided by the database clock."""
@@ -79,6 +122,12 @@ class SessionRecord:
     execution_count: int
     script_hash: str
     context: dict[str, JSON]
+    # None for a session stored before options had a column of their own (0007): its
+    # options are its context's keys
+    options: SessionOptions | None = None
+    # None for a runtime that does not compile (the column says 'success' for a checked one)
+    compile_status: CompileStatus | None = None
+    compile_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -92,13 +141,16 @@ class NewSession:
     script_content: str
     script_hash: str
     expiry_seconds: int
+    # Stored in meta.sessions.options; None (a tool's or test's session) is read back
+    # from the context's keys, like a session stored before the column
+    options: SessionOptions | None = None
     # Stored in meta.sessions.metadata: where the script came from (a catalog
     # function) and the JSON schema its params must match. None for a script sent in.
     metadata: dict[str, JSON] | None = None
     # meta.sessions.compile_status and compile_options: a compiled runtime's script
-    # is stored pending, before it compiles; a checked one is stored compiled
+    # is stored pending, before it compiles, with its level; a checked one is stored compiled
     compile_status: CompileStatus = CompileStatus.SUCCESS
-    compile_options: dict[str, JSON] | None = None
+    optimization: OptimizationLevel | None = None
     # Caller.owner, whose session quotas it counts against; None for a session stored
     # by a tool or test directly, which no quota counts
     owner: str | None = None
@@ -114,15 +166,22 @@ class ClaimedSession:
     script_hash: str
     context: dict[str, JSON]
     metadata: dict[str, JSON] | None = None  # as given in NewSession.metadata
-    compile_options: dict[str, JSON] | None = None
+    optimization: OptimizationLevel | None = None  # a compiled runtime's (NewSession's)
+    options: SessionOptions | None = None  # None: stored before 0007 (see SessionRecord)
 
 
 @dataclass(frozen=True)
-class Limits:
-    """What one environment may use."""
+class Job:
+    """One execution to run: the use case's order to the runtimes."""
 
-    memory_mb: int
-    max_processes: int
+    runtime: str  # the runtime's name (RuntimeSpec.name)
+    owner: str  # whom its environment is billed to
+    script_hash: str  # with owner and runtime, which environments may run it
+    script: str
+    event: dict[str, JSON]
+    timeout: float  # seconds
+    limits: Limits
+    program: str | None = None  # a compiled runtime's program for the script (Rust)
 
 
 class FailureCode(enum.Enum):
@@ -175,11 +234,32 @@ class ExecutionResult:
     cached: bool = False
 
 
+class ComponentStatus(enum.Enum):
+    OK = "ok"
+    DEGRADED = "degraded"  # works, with less than it could (a sandbox layer missing)
+    UNAVAILABLE = "unavailable"
+
+
+@dataclass(frozen=True)
+class ComponentHealth:
+    """One component's state: `detail` for people, `counts` for programs."""
+
+    name: str
+    status: ComponentStatus
+    detail: str
+    required: bool = False  # the service is NOT_SERVING while it is UNAVAILABLE
+    counts: Mapping[str, int] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class HealthReport:
     serving: bool
     version: str
-    components: dict[str, str]
+    components: tuple[ComponentHealth, ...]  # ordered by name
+
+    def text(self) -> dict[str, str]:
+        """Each component's detail by name: the human form."""
+        return {component.name: component.detail for component in self.components}
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ A caller opts in per call with `cache_control` (the original's X-Cache-Control):
 `max-age=N` accepts a result at most N seconds old and keeps a fresh one for N
 seconds; `no-cache` runs the script and keeps its result for the session's
 default (none unless it has one); `no-store` neither reads nor keeps. With no `cache_control`, the
-session's `context.cache_ttl_seconds` (0 or absent: off) applies as max-age.
+session's cache TTL (ExecutionOptions.cache_ttl, or the original's
+`context.cache_ttl_seconds`; unset or 0: off) applies as max-age.
 
 Only successful results are kept. The owner is part of the key so one tenant
 never receives a result another tenant's execution produced. The event a script
@@ -87,19 +88,6 @@ def parse_cache_control(cache_control: str) -> CacheControl:
                 field="cache_control",
             )
     return CacheControl(read, keep)
-
-
-def session_ttl(context: dict[str, JSON]) -> float:
-    """context.cache_ttl_seconds: a number of seconds from 0 to a day (absent: 0, off)."""
-    raw = context.get("cache_ttl_seconds")
-    if raw is None:
-        return 0.0
-    if isinstance(raw, bool) or not isinstance(raw, int | float) or not 0 <= raw <= MAX_TTL_SECONDS:
-        raise InvalidRequest(
-            f"context.cache_ttl_seconds must be a number of seconds from 0 to {MAX_TTL_SECONDS}, not {raw!r}",
-            field="cache_ttl_seconds",
-        )
-    return float(raw)
 
 
 def cache_key(

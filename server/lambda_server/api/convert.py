@@ -18,10 +18,16 @@ from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_server.api import payloads
 from lambda_server.domain import (
     JSON,
+    CompileStatus,
+    ComponentStatus,
     EnvironmentState,
     ExecutionResult,
     FunctionDefinition,
     FunctionType,
+    HealthReport,
+    OptimizationLevel,
+    RequestedOptions,
+    SessionOptions,
     SessionRecord,
     SessionStatus,
 )
@@ -42,11 +48,23 @@ SESSION_STATUS = {
     SessionStatus.EXPIRED: pb.SESSION_STATUS_EXPIRED,
 }
 
-# an unknown number (a newer client's) is refused by the service, as "level <n>"
-OPTIMIZATION_LEVELS: dict[int, str] = {
-    pb.OPTIMIZATION_LEVEL_UNSPECIFIED: "",
-    pb.OPTIMIZATION_LEVEL_DEBUG: "debug",
-    pb.OPTIMIZATION_LEVEL_RELEASE: "release",
+OPTIMIZATION_LEVELS: dict[int, OptimizationLevel] = {
+    pb.OPTIMIZATION_LEVEL_UNSPECIFIED: OptimizationLevel.DEBUG,
+    pb.OPTIMIZATION_LEVEL_DEBUG: OptimizationLevel.DEBUG,
+    pb.OPTIMIZATION_LEVEL_RELEASE: OptimizationLevel.RELEASE,
+}
+
+COMPILE_STATUS = {
+    None: pb.COMPILE_STATUS_UNSPECIFIED,
+    CompileStatus.PENDING: pb.COMPILE_STATUS_PENDING,
+    CompileStatus.SUCCESS: pb.COMPILE_STATUS_SUCCESS,
+    CompileStatus.ERROR: pb.COMPILE_STATUS_ERROR,
+}
+
+COMPONENT_STATUS = {
+    ComponentStatus.OK: pb.COMPONENT_STATUS_OK,
+    ComponentStatus.DEGRADED: pb.COMPONENT_STATUS_DEGRADED,
+    ComponentStatus.UNAVAILABLE: pb.COMPONENT_STATUS_UNAVAILABLE,
 }
 
 FUNCTION_TYPE = {
@@ -186,8 +204,49 @@ def dict_to_struct(data: dict[str, JSON]) -> struct_pb2.Struct:
     return struct
 
 
+def optimization_level(value: int) -> OptimizationLevel:
+    """CompileOptions.optimization_level; InvalidRequest for a number this server does not know
+    (a newer client's)."""
+    found = OPTIMIZATION_LEVELS.get(value)
+    if found is None:
+        raise InvalidRequest(
+            f"compile_options.optimization_level {value} is not DEBUG or RELEASE",
+            field="compile_options.optimization_level",
+        )
+    return found
+
+
+def requested_options(options: pb.ExecutionOptions) -> RequestedOptions:
+    """InitializeRequest.options: None for each field the caller left unset."""
+    return RequestedOptions(
+        timeout_seconds=_seconds(options.timeout) if options.HasField("timeout") else None,
+        memory_mb=options.memory_mb if options.HasField("memory_mb") else None,
+        max_processes=options.max_processes if options.HasField("max_processes") else None,
+        cache_ttl_seconds=_seconds(options.cache_ttl) if options.HasField("cache_ttl") else None,
+    )
+
+
+def options_message(options: SessionOptions) -> pb.ExecutionOptions:
+    return pb.ExecutionOptions(
+        timeout=_duration(options.timeout_seconds),
+        memory_mb=options.memory_mb,
+        max_processes=options.max_processes,
+        cache_ttl=_duration(options.cache_ttl_seconds),
+    )
+
+
+def _seconds(duration: Duration) -> float:
+    return duration.seconds + duration.nanos / 1e9
+
+
+def _duration(seconds: float) -> Duration:
+    duration = Duration()
+    duration.FromNanoseconds(round(seconds * 1e9))
+    return duration
+
+
 def session_message(record: SessionRecord) -> pb.Session:
-    return pb.Session(
+    message = pb.Session(
         request_id=record.request_id,
         language_title=record.language_title,
         status=SESSION_STATUS[record.status],
@@ -197,7 +256,28 @@ def session_message(record: SessionRecord) -> pb.Session:
         execution_count=record.execution_count,
         script_hash=record.script_hash,
         context=dict_to_struct(record.context),
+        compile_status=COMPILE_STATUS[record.compile_status],
+        compile_error=record.compile_error or "",
     )
+    if record.options is not None:
+        message.options.CopyFrom(options_message(record.options))
+    return message
+
+
+def health_response(report: HealthReport) -> pb.HealthResponse:
+    """Both forms: `components` (text, for people) and `checks` (values, for programs)."""
+    status = pb.HEALTH_STATUS_SERVING if report.serving else pb.HEALTH_STATUS_NOT_SERVING
+    checks = [
+        pb.ComponentHealth(
+            name=component.name,
+            status=COMPONENT_STATUS[component.status],
+            detail=component.detail,
+            required=component.required,
+            counts=component.counts,
+        )
+        for component in report.components
+    ]
+    return pb.HealthResponse(status=status, version=report.version, components=report.text(), checks=checks)
 
 
 def execute_response(execution: ExecutionResult) -> pb.ExecuteResponse:

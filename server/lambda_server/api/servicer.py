@@ -19,7 +19,7 @@ from lambda_server.domain import Caller, Deadline
 from lambda_server.errors import RateLimited
 from lambda_server.limits import LimitedCall, RateLimiter
 from lambda_server.logs import note_user
-from lambda_server.service import LambdaService
+from lambda_server.usecases import UseCases
 
 LANGUAGE_TITLE_HEADER = "language-title"
 AUTHORIZATION_HEADER = "authorization"
@@ -40,12 +40,12 @@ class RawExecuteRequest(Protocol):
 class LambdaServicer(pb_grpc.LambdaServiceServicer):
     def __init__(
         self,
-        service: LambdaService,
+        usecases: UseCases,
         authenticator: Authenticator,
         limiter: RateLimiter,
         json_bounds: tuple[int, int],  # MAX_JSON_NODES, MAX_JSON_DEPTH
     ) -> None:
-        self._service = service
+        self._usecases = usecases
         self._auth = authenticator
         self._limiter = limiter
         self._payloads = convert.ExecutePayloads(*json_bounds)
@@ -63,17 +63,15 @@ class LambdaServicer(pb_grpc.LambdaServiceServicer):
         caller = self._caller(context)  # who calls comes first: a stranger learns nothing else
         self._limiter.admit(caller, LimitedCall.INITIALIZE)  # before any work: checks cost CPU
         title = request.language_title or _metadata(context, LANGUAGE_TITLE_HEADER)
-        record = await self._service.initialize(
+        record = await self._usecases.initialize(
             language_title=title,
             script=request.script_content,
             context=convert.struct_to_dict(request.context),
             request_id=request.request_id or None,
             caller=caller,
             deadline=_deadline(context),
-            optimization=convert.OPTIMIZATION_LEVELS.get(
-                request.compile_options.optimization_level,
-                f"level {request.compile_options.optimization_level}",
-            ),
+            options=convert.requested_options(request.options),
+            optimization=convert.optimization_level(request.compile_options.optimization_level),
         )
         return pb.InitializeResponse(
             request_id=record.request_id,
@@ -93,7 +91,7 @@ class LambdaServicer(pb_grpc.LambdaServiceServicer):
             context.set_trailing_metadata(
                 ((RATE_LIMIT_HEADER, str(quota.limit)), (RATE_REMAINING_HEADER, str(quota.remaining)))
             )
-        execution = await self._service.execute(
+        execution = await self._usecases.execute(
             request.request_id,
             await self._payloads.params(request.params, caller.owner),
             caller,
@@ -104,13 +102,11 @@ class LambdaServicer(pb_grpc.LambdaServiceServicer):
 
     @reports_errors
     async def Health(self, request: pb.HealthRequest, context: Context) -> pb.HealthResponse:
-        report = self._service.health()
-        status = pb.HEALTH_STATUS_SERVING if report.serving else pb.HEALTH_STATUS_NOT_SERVING
-        return pb.HealthResponse(status=status, version=report.version, components=report.components)
+        return convert.health_response(self._usecases.health())
 
     @reports_errors
     async def GetSession(self, request: pb.GetSessionRequest, context: Context) -> pb.GetSessionResponse:
-        record = await self._service.get_session(
+        record = await self._usecases.get_session(
             request.request_id, self._caller(context), _deadline(context)
         )
         return pb.GetSessionResponse(session=convert.session_message(record))
@@ -120,7 +116,7 @@ class LambdaServicer(pb_grpc.LambdaServiceServicer):
         self, request: pb.ListFunctionsRequest, context: Context
     ) -> pb.ListFunctionsResponse:
         caller = self._caller(context)
-        page = await self._service.list_functions(
+        page = await self._usecases.catalog.list_functions(
             language=request.language,
             function_type=convert.function_type_filter(request.function_type),
             page_size=request.page_size,
@@ -135,7 +131,7 @@ class LambdaServicer(pb_grpc.LambdaServiceServicer):
 
     @reports_errors
     async def GetFunction(self, request: pb.GetFunctionRequest, context: Context) -> pb.GetFunctionResponse:
-        function = await self._service.get_function(
+        function = await self._usecases.catalog.get_function(
             request.language_title, self._caller(context), _deadline(context)
         )
         return pb.GetFunctionResponse(function=convert.function_message(function))

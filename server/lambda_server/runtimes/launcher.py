@@ -12,8 +12,21 @@ from lambda_server.errors import NotStarted
 from lambda_server.runtimes.budget import MemoryBudget
 from lambda_server.runtimes.process import WorkerError, WorkerProcess, WorkerTimeout
 from lambda_server.runtimes.registry import RuntimeSpec
-from lambda_server.sandbox import Confinement, Sandbox, SandboxUnavailable
+from lambda_server.sandbox import Command, Confinement, Sandbox, SandboxUnavailable
 from lambda_server.sandbox.cgroups import EnvironmentCgroup
+
+
+def command(runtime: RuntimeSpec, limits: Limits, program: str | None = None) -> Command:
+    """The sandbox's command for a process of `runtime`: its worker, or the compiled
+    `program` a compiled runtime (Rust) runs in place of one."""
+    worker = str(program or runtime.worker)
+    return Command(
+        tuple(runtime.argv(worker, limits.memory_mb)),
+        limits,
+        files=(worker,),
+        binds=runtime.binds,
+        cap_address_space=runtime.caps_address_space,
+    )
 
 
 class Launcher:
@@ -67,7 +80,7 @@ class Launcher:
         if self._closed:
             raise NotStarted("the server is shutting down")
         try:
-            confinement = self._sandbox.confine(runtime, limits, program)
+            confinement = self._sandbox.confine(command(runtime, limits, program))
         except SandboxUnavailable as exc:
             why = exc.message
             raise SandboxUnavailable(f"the {runtime.name} runtime could not be confined: {why}") from None

@@ -29,15 +29,17 @@ from typing import Any
 
 from lambda_server.config import RuntimeSettings
 from lambda_server.domain import (
-    JSON,
+    ComponentHealth,
+    ComponentStatus,
     Deadline,
     EnvironmentState,
     ExecutionFailure,
     ExecutionOutcome,
     FailureCode,
+    Job,
     Limits,
 )
-from lambda_server.errors import QuotaExceeded, RuntimeBusy, Unavailable
+from lambda_server.errors import QuotaExceeded, RuntimeBusy, RuntimeNotAvailable, Unavailable
 from lambda_server.runtimes.budget import MemoryBudget
 from lambda_server.runtimes.checker import ScriptChecker
 from lambda_server.runtimes.fairqueue import FairQueue
@@ -65,20 +67,6 @@ class EnvironmentKey:
     runtime: str
     script_hash: str
     limits: Limits
-
-
-@dataclass(frozen=True)
-class Job:
-    """One execution to run."""
-
-    runtime: RuntimeSpec
-    owner: str
-    script_hash: str
-    script: str
-    event: dict[str, JSON]
-    timeout: float
-    limits: Limits
-    program: str | None = None  # a compiled runtime's program for the script (Rust)
 
 
 @dataclass
@@ -170,23 +158,34 @@ class EnvironmentPool:
             counts[key.runtime]["busy"] += busy
         return counts
 
-    def status(self) -> dict[str, str]:
+    def status(self) -> list[ComponentHealth]:
+        """Each runtime (its processes' counts) and the environments (bound, owners, waiting,
+        memory); counts only: owners' names are not for every caller of Health."""
         counts = self.counts()
-        report = {}
+        report = []
         for name, spec in self._runtimes.items():
             if spec.available:
                 c = counts[name]
                 toolchain = f"{spec.version}, " if spec.version else ""
-                report[f"runtime.{name}"] = (
-                    f"ok ({toolchain}warm={c['warm']}, busy={c['busy']}, idle={c['idle']})"
-                )
+                detail = f"ok ({toolchain}warm={c['warm']}, busy={c['busy']}, idle={c['idle']})"
+                report.append(ComponentHealth(f"runtime.{name}", ComponentStatus.OK, detail, counts=c))
             else:
-                report[f"runtime.{name}"] = f"unavailable: {spec.missing}"
-        # counts only: owners' names are not for every caller of Health
-        report["environments"] = (
+                detail = f"unavailable: {spec.missing}"
+                report.append(ComponentHealth(f"runtime.{name}", ComponentStatus.UNAVAILABLE, detail))
+        environments = {
+            "bound": self._bound,
+            "max_environments": self._settings.max_environments,
+            "owners": len(self._owners),
+            "waiting": len(self._waiting),
+            "memory_mb": self._budget.used,
+        }
+        if self._budget.total is not None:
+            environments["memory_total_mb"] = self._budget.total
+        detail = (
             f"ok (bound={self._bound}/{self._settings.max_environments}, owners={len(self._owners)}, "
             f"waiting={len(self._waiting)}, memory={self._budget.describe()})"
         )
+        report.append(ComponentHealth("environments", ComponentStatus.OK, detail, counts=environments))
         return report
 
     async def check(
@@ -199,7 +198,9 @@ class EnvironmentPool:
     # executing
 
     async def execute(self, job: Job, deadline: Deadline) -> ExecutionOutcome:
-        key = EnvironmentKey(job.owner, job.runtime.name, job.script_hash, job.limits)
+        if job.runtime not in self._runtimes:  # the use cases resolve titles with our registry
+            raise RuntimeNotAvailable(f"no {job.runtime} runtime in this server", runtime=job.runtime)
+        key = EnvironmentKey(job.owner, job.runtime, job.script_hash, job.limits)
         self._refuse_what_never_fits(key)
         slot = self._try_acquire(key) or await self._wait_for_slot(key, deadline)
         try:
@@ -424,7 +425,7 @@ class EnvironmentPool:
                 if worker is None:
                     slot.reserved = False  # the launcher holds the memory from here
                     worker = await self._launcher.start(
-                        job.runtime, job.limits, deadline, job.program, reserved=True
+                        self._runtimes[job.runtime], job.limits, deadline, job.program, reserved=True
                     )
                     slot.worker, state = worker, EnvironmentState.COLD
                 else:

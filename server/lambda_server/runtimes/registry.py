@@ -56,6 +56,12 @@ class RuntimeSpec:
         pre-started process can bind, rather than loaded by a worker."""
         return self.name == "rust"
 
+    @property
+    def caps_address_space(self) -> bool:
+        """Whether the runtime starts under RLIMIT_AS near its memory limit: Node does not
+        (V8 reserves far more address space than it uses)."""
+        return self.name != "nodejs"
+
     def argv(self, worker: str, memory_mb: int) -> list[str]:
         """The command line, with the worker script at `worker`."""
         if self.name == "nodejs":

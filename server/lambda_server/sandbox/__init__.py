@@ -15,6 +15,9 @@ running (SANDBOX_IDLE=recycle, and where there is no freezer).
 `SANDBOX_MODE=strict` refuses to start without every layer; `auto` uses what
 this machine allows and logs the rest; `off` runs workers unconfined (tests of
 the engine on machines without root).
+
+The sandbox knows no runtime: it runs the Command it is given (runtimes/launcher.py
+makes one from a RuntimeSpec, the Rust compiler one for each build step).
 """
 
 from __future__ import annotations
@@ -32,9 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lambda_server.config import SandboxSettings
-from lambda_server.domain import Limits
+from lambda_server.domain import ComponentHealth, ComponentStatus, Limits
 from lambda_server.errors import SandboxUnavailable as SandboxUnavailable  # raised here, caught by runtimes
-from lambda_server.runtimes.registry import RuntimeSpec
 from lambda_server.sandbox import seccomp
 from lambda_server.sandbox.cgroups import Cgroups, CgroupUnavailable, EnvironmentCgroup
 from lambda_server.sandbox.uids import UidRange, UidRangeUnavailable
@@ -45,6 +47,30 @@ JAIL = Path(__file__).resolve().parent / "jail.py"
 WORKER_DIR = "/opt/lambda"
 SYSTEM_BINDS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc/alternatives")
 NAMESPACES = ("--pid", "--net", "--ipc", "--uts", "--mount")
+ADDRESS_SPACE_MARGIN_MB = 256  # RLIMIT_AS over the memory limit: code and mappings, not heap
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command to run confined, in host terms: what it runs, what it may read and
+    write, and its limits.
+
+    `files` are host files the command runs (a worker script, a compiled program):
+    each is bound read-only at WORKER_DIR/<its name>, and an argument of `argv` that
+    names one is rewritten to that place. `binds` are host folders it reads beyond
+    the system's and `writable` those it writes (a build's work folder, owned by the
+    environment's uid), each at its host path.
+    """
+
+    argv: tuple[str, ...]
+    limits: Limits
+    files: tuple[str, ...] = ()
+    binds: tuple[str, ...] = ()
+    writable: tuple[str, ...] = ()
+    # RLIMIT_AS at the memory limit plus a margin, for programs that start under one
+    # (Node's V8 reserves far more address space than it uses, and does not)
+    cap_address_space: bool = False
+    file_size_mb: int | None = None  # RLIMIT_FSIZE; None: SANDBOX_SCRATCH_MB
 
 
 @dataclass
@@ -212,6 +238,12 @@ class Sandbox:
             text += "; missing: " + ", ".join(sorted(self.missing))
         return text
 
+    def health(self) -> ComponentHealth:
+        """The sandbox as Health shows it: degraded while a layer is missing."""
+        status = ComponentStatus.DEGRADED if self.missing else ComponentStatus.OK
+        counts = {"layers": len(self.layers), "missing": len(self.missing)}
+        return ComponentHealth("sandbox", status, self.describe(), counts=counts)
+
     def close(self) -> None:
         if self._cgroups is not None:
             self._cgroups.close()
@@ -247,35 +279,38 @@ class Sandbox:
             return self._settings.cpu_cores_per_owner
         return float(max(1, len(os.sched_getaffinity(0)) - 1))
 
-    def confine(self, runtime: RuntimeSpec, limits: Limits, program: str | None = None) -> Confinement:
-        """The command that starts `runtime` inside every active layer; `program` is the
-        compiled program a compiled runtime (Rust) runs, in place of its worker."""
-        worker_path = Path(program) if program else runtime.worker
+    def confine(self, command: Command) -> Confinement:
+        """How to start `command` inside every active layer."""
         rlimits = self._rlimits()
-        if runtime.name in ("python", "rust"):  # Node cannot start under a small RLIMIT_AS
-            rlimits["as"] = (limits.memory_mb + 256) * 1024 * 1024
-        worker = f"{WORKER_DIR}/{worker_path.name}"
-        return self._confine(
-            runtime.argv(worker, limits.memory_mb),
-            runtime.argv(str(worker_path), limits.memory_mb),
-            [*SYSTEM_BINDS, *runtime.binds],
-            {str(worker_path): worker},
-            limits,
+        if command.cap_address_space:
+            rlimits["as"] = (command.limits.memory_mb + ADDRESS_SPACE_MARGIN_MB) * 1024 * 1024
+        if command.file_size_mb is not None:
+            rlimits["fsize"] = command.file_size_mb * 1024 * 1024
+        files = {host: f"{WORKER_DIR}/{Path(host).name}" for host in command.files}
+        confinement = self._confine(
+            [files.get(arg, arg) for arg in command.argv],
+            list(command.argv),
+            [*SYSTEM_BINDS, *command.binds],
+            files,
+            command.limits,
             rlimits,
+            writable=list(command.writable),
         )
+        if confinement.uid is not None:  # a build runs as the environment's own uid
+            for work in command.writable:
+                for folder, dirs, names in os.walk(work):
+                    for name in [folder, *(os.path.join(folder, n) for n in dirs + names)]:
+                        os.chown(name, confinement.uid, confinement.uid)
+        return confinement
 
     def confine_command(
         self, argv: list[str], binds: list[str], work: str, limits: Limits, fsize_mb: int
     ) -> Confinement:
         """A one-shot command (a compiler) inside every active layer: `binds` read-only and
         the folder `work` writable, each at its host path."""
-        rlimits = {**self._rlimits(), "fsize": fsize_mb * 1024 * 1024}
-        confinement = self._confine(argv, argv, [*SYSTEM_BINDS, *binds], {}, limits, rlimits, writable=[work])
-        if confinement.uid is not None:  # the build runs as the environment's own uid
-            for folder, dirs, files in os.walk(work):
-                for name in [folder, *(os.path.join(folder, n) for n in dirs + files)]:
-                    os.chown(name, confinement.uid, confinement.uid)
-        return confinement
+        return self.confine(
+            Command(tuple(argv), limits, binds=tuple(binds), writable=(work,), file_size_mb=fsize_mb)
+        )
 
     def _rlimits(self) -> dict[str, int]:
         return {

@@ -32,7 +32,7 @@ MAX_BATCH = 256
 # DATABASE_CLAIM_SYNCHRONOUS_COMMIT is on (see DatabaseSettings).
 _RETURNING = """
 RETURNING s.request_id::text AS request_id, s.language_title, s.user_id, s.script_hash,
-          s.context, s.metadata, s.compile_options
+          s.context, s.metadata, s.compile_options, s.options
 """
 
 _CLAIM_ONE = (

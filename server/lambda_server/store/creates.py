@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from lambda_server.domain import Deadline, NewSession
+from lambda_server.domain import JSON, Deadline, NewSession, SessionOptions
 from lambda_server.errors import DeadlineExceeded, InternalError
 from lambda_server.store.database import Database
 
@@ -59,14 +59,14 @@ WITH RECURSIVE used AS (
     SELECT count(*) AS sessions, coalesce(sum(stored_bytes), 0)::bigint AS bytes,
            min(expires_at) AS oldest_expires_at
     FROM meta.sessions
-    WHERE owner = $11 AND status = 'active' AND expires_at > now()
+    WHERE owner = $12 AND status = 'active' AND expires_at > now()
 ), asked AS MATERIALIZED (
     SELECT a.*, octet_length(a.script_content)::bigint + octet_length(a.context::text) AS bytes,
            EXISTS (SELECT FROM meta.sessions s WHERE s.request_id = a.request_id) AS stored
     FROM unnest($1::uuid[], $2::text[], $3::text[], $4::float8[], $5::jsonb[], $6::text[],
-                $7::text[], $8::jsonb[], $9::text[], $10::jsonb[])
+                $7::text[], $8::jsonb[], $9::text[], $10::jsonb[], $11::jsonb[])
          WITH ORDINALITY AS a(request_id, language_title, user_id, expiry, context, script_content,
-                              script_hash, metadata, compile_status, compile_options, n)
+                              script_hash, metadata, compile_status, compile_options, options, n)
 ), admitted(n, sessions, bytes, admit) AS (
     SELECT 0::bigint, used.sessions, used.bytes, false FROM used
     UNION ALL
@@ -74,21 +74,22 @@ WITH RECURSIVE used AS (
     FROM admitted p
     JOIN asked a ON a.n = p.n + 1
     CROSS JOIN LATERAL (
-        VALUES (NOT a.stored AND p.sessions < $12 AND p.bytes + a.bytes <= $13)
+        VALUES (NOT a.stored AND p.sessions < $13 AND p.bytes + a.bytes <= $14)
     ) AS f(fits)
 ), inserted AS (
     INSERT INTO meta.sessions
         (request_id, language_title, user_id, expires_at, context, script_content,
-         script_hash, compile_status, metadata, compile_options, owner, stored_bytes)
+         script_hash, compile_status, metadata, compile_options, options, owner, stored_bytes)
     SELECT a.request_id, a.language_title, a.user_id, now() + make_interval(secs => a.expiry),
            a.context, a.script_content, a.script_hash, a.compile_status, a.metadata,
-           a.compile_options, $11, a.bytes
+           a.compile_options, a.options, $12, a.bytes
     FROM asked a JOIN admitted USING (n)
     WHERE admitted.admit
     ORDER BY a.n
     ON CONFLICT (request_id) DO NOTHING
     RETURNING request_id, language_title, user_id, created_at, expires_at, last_executed_at,
-              execution_count, script_hash, context, true AS live
+              execution_count, script_hash, context, options, compile_status, compile_error,
+              compile_options, true AS live
 )
 SELECT inserted.*, admitted.sessions AS used_sessions, admitted.bytes AS used_bytes,
        a.bytes AS new_bytes,
@@ -108,20 +109,21 @@ WITH used AS (
     SELECT count(*) AS sessions, coalesce(sum(stored_bytes), 0)::bigint AS bytes,
            min(expires_at) AS oldest_expires_at
     FROM meta.sessions
-    WHERE owner = $11 AND status = 'active' AND expires_at > now()
+    WHERE owner = $12 AND status = 'active' AND expires_at > now()
 ), new AS (
     SELECT octet_length($6::text)::bigint + octet_length($5::jsonb::text) AS bytes,
            EXISTS (SELECT FROM meta.sessions s WHERE s.request_id = $1) AS stored
 ), inserted AS (
     INSERT INTO meta.sessions
         (request_id, language_title, user_id, expires_at, context, script_content,
-         script_hash, compile_status, metadata, compile_options, owner, stored_bytes)
-    SELECT $1, $2, $3, now() + make_interval(secs => $4), $5, $6, $7, $9, $8, $10, $11, new.bytes
+         script_hash, compile_status, metadata, compile_options, options, owner, stored_bytes)
+    SELECT $1, $2, $3, now() + make_interval(secs => $4), $5, $6, $7, $9, $8, $10, $11, $12, new.bytes
     FROM used, new
-    WHERE NOT new.stored AND used.sessions < $12 AND used.bytes + new.bytes <= $13
+    WHERE NOT new.stored AND used.sessions < $13 AND used.bytes + new.bytes <= $14
     ON CONFLICT (request_id) DO NOTHING
     RETURNING request_id, language_title, user_id, created_at, expires_at, last_executed_at,
-              execution_count, script_hash, context, true AS live
+              execution_count, script_hash, context, options, compile_status, compile_error,
+              compile_options, true AS live
 )
 SELECT inserted.*, used.sessions AS used_sessions, used.bytes AS used_bytes, new.bytes AS new_bytes,
        extract(epoch FROM used.oldest_expires_at - now())::float8 AS oldest_expires_in
@@ -132,12 +134,13 @@ FROM used CROSS JOIN new LEFT JOIN inserted ON true
 _INSERT_ONE = """
 INSERT INTO meta.sessions
     (request_id, language_title, user_id, expires_at, context, script_content,
-     script_hash, compile_status, metadata, compile_options, owner, stored_bytes)
-VALUES ($1, $2, $3, now() + make_interval(secs => $4), $5, $6, $7, $9, $8, $10, $11,
+     script_hash, compile_status, metadata, compile_options, options, owner, stored_bytes)
+VALUES ($1, $2, $3, now() + make_interval(secs => $4), $5, $6, $7, $9, $8, $10, $11, $12,
         octet_length($6::text)::bigint + octet_length($5::jsonb::text))
 ON CONFLICT (request_id) DO NOTHING
 RETURNING request_id, language_title, user_id, created_at, expires_at, last_executed_at,
-          execution_count, script_hash, context, true AS live
+          execution_count, script_hash, context, options, compile_status, compile_error,
+          compile_options, true AS live
 """
 
 
@@ -295,7 +298,7 @@ def _fail(batch: list[_Create], exc: Exception) -> None:
 
 
 def _columns(new: NewSession) -> tuple[object, ...]:
-    """A create's values, in the order of the statements' first ten parameters."""
+    """A create's values, in the order of the statements' first eleven parameters."""
     return (
         new.request_id,
         new.language_title,
@@ -306,5 +309,16 @@ def _columns(new: NewSession) -> tuple[object, ...]:
         new.script_hash,
         new.metadata,
         new.compile_status.value,
-        new.compile_options,
+        None if new.optimization is None else {"optimization_level": new.optimization.value},
+        None if new.options is None else options_column(new.options),
     )
+
+
+def options_column(options: SessionOptions) -> dict[str, JSON]:
+    """meta.sessions.options (store/sessions.py reads it back)."""
+    return {
+        "timeout_seconds": options.timeout_seconds,
+        "memory_mb": options.memory_mb,
+        "max_processes": options.max_processes,
+        "cache_ttl_seconds": options.cache_ttl_seconds,
+    }

@@ -8,10 +8,13 @@ from collections.abc import Callable
 import asyncpg
 
 from lambda_server.domain import (
+    JSON,
     ClaimedSession,
     CompileStatus,
     Deadline,
     NewSession,
+    OptimizationLevel,
+    SessionOptions,
     SessionRecord,
     SessionStatus,
 )
@@ -34,7 +37,7 @@ MIN_RETRY_SECONDS = 1.0
 
 _SELECT = """
 SELECT request_id, language_title, user_id, created_at, expires_at, last_executed_at,
-       execution_count, script_hash, context,
+       execution_count, script_hash, context, options, compile_status, compile_error, compile_options,
        (status = 'active' AND expires_at > now()) AS live
 FROM meta.sessions WHERE request_id = $1
 """
@@ -45,7 +48,7 @@ _CLAIM = """
 UPDATE meta.sessions
 SET execution_count = execution_count + 1, last_executed_at = now()
 WHERE request_id = $1 AND user_id IS NOT DISTINCT FROM $2 AND status = 'active' AND expires_at > now()
-RETURNING language_title, user_id, script_hash, context, metadata, compile_options
+RETURNING language_title, user_id, script_hash, context, metadata, compile_options, options
 """
 
 _COMPILED = """
@@ -151,7 +154,8 @@ class SessionStore:
             script_hash=row["script_hash"],
             context=row["context"],
             metadata=row["metadata"],
-            compile_options=row["compile_options"],
+            optimization=_optimization(row["compile_options"]),
+            options=_options(row["options"]),
         )
 
     async def script(self, session: ClaimedSession, deadline: Deadline) -> str:
@@ -222,4 +226,34 @@ def _record(row: asyncpg.Record) -> SessionRecord:
         execution_count=row["execution_count"],
         script_hash=row["script_hash"] or "",
         context=row["context"] or {},
+        options=_options(row["options"]),
+        # a checked (not compiled) script's session has no compile options, and says
+        # 'success': its status is not a compile's
+        compile_status=(
+            CompileStatus(row["compile_status"])
+            if row["compile_options"] is not None and row["compile_status"] is not None
+            else None
+        ),
+        compile_error=row["compile_error"],
+    )
+
+
+def _optimization(compile_options: dict[str, JSON] | None) -> OptimizationLevel | None:
+    """meta.sessions.compile_options, as creates.py writes it; None for a checked script."""
+    if compile_options is None:
+        return None
+    return OptimizationLevel(compile_options.get("optimization_level") or OptimizationLevel.DEBUG.value)
+
+
+def _options(column: dict[str, JSON] | None) -> SessionOptions | None:
+    """meta.sessions.options, as creates.py writes it (options_column); None for a session
+    stored without (before the column, or by a tool), whose options are its context's.
+    Read key by key: a newer replica may store more."""
+    if column is None:
+        return None
+    return SessionOptions(
+        timeout_seconds=float(column["timeout_seconds"]),
+        memory_mb=int(column["memory_mb"]),
+        max_processes=int(column["max_processes"]),
+        cache_ttl_seconds=float(column["cache_ttl_seconds"]),
     )

@@ -1,0 +1,81 @@
+"""The function catalog: ListFunctions, GetFunction, and the registered script Initialize runs."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from lambda_server.auth import require_read_functions
+from lambda_server.domain import JSON, Caller, Deadline, FunctionDefinition, FunctionPage, FunctionType
+from lambda_server.errors import InvalidRequest, RuntimeNotAvailable, UnknownLanguage
+from lambda_server.runtimes.registry import RuntimeRegistry
+from lambda_server.store.catalog import FunctionCatalog
+from lambda_server.usecases.inputs import refuse_nul
+from lambda_server.validation import ParamsValidator
+
+
+class Catalog:
+    """Reads the catalog for callers, and for Initialize."""
+
+    def __init__(
+        self, functions: FunctionCatalog, registry: RuntimeRegistry, params: ParamsValidator
+    ) -> None:
+        self._functions = functions
+        self._registry = registry
+        self._params = params
+
+    async def list_functions(
+        self,
+        language: str,
+        function_type: FunctionType | None,
+        page_size: int,
+        page_token: str,
+        caller: Caller,
+        deadline: Deadline,
+    ) -> FunctionPage:
+        """A page of the catalog (see FunctionCatalog.list for paging); never with scripts."""
+        require_read_functions(caller)
+        refuse_nul(language, "language")
+        page = await self._functions.list(language or None, function_type, page_size, page_token, deadline)
+        return FunctionPage([self._shown(f, False) for f in page.functions], page.next_page_token)
+
+    async def get_function(
+        self, language_title: str, caller: Caller, deadline: Deadline
+    ) -> FunctionDefinition:
+        """A function of the catalog; its script is shown for a dynamic function only."""
+        require_read_functions(caller)
+        if not language_title:
+            raise InvalidRequest("language_title is required", field="language_title")
+        refuse_nul(language_title, "language_title")
+        function = await self._functions.get(language_title, deadline)
+        return self._shown(function, function.function_type is FunctionType.DYNAMIC)
+
+    async def registered_script(self, language_title: str, deadline: Deadline) -> tuple[str, dict[str, JSON]]:
+        """The catalog function's script, and the session metadata naming it and its params
+        schema (compiled now, for Execute to check params against); InvalidRequest when the
+        catalog has no script under this title."""
+        function = await self._functions.find(language_title, deadline)
+        script = function.script if function is not None else None
+        if function is None or script is None or not script.strip():
+            raise InvalidRequest(
+                f"script_content is required: no function of the catalog is named {language_title[:128]!r}",
+                field="script_content",
+            )
+        metadata: dict[str, JSON] = {
+            "function": {
+                "id": function.id,
+                "language_title": function.language_title,
+                "version": function.version,
+            }
+        }
+        if function.params_schema is not None:
+            metadata["params_schema"] = function.params_schema
+            metadata["params_schema_key"] = self._params.prepare(function.params_schema)
+        return script, metadata
+
+    def _shown(self, function: FunctionDefinition, with_script: bool) -> FunctionDefinition:
+        try:
+            self._registry.resolve(function.language_title)
+            available = True
+        except (RuntimeNotAvailable, UnknownLanguage):
+            available = False
+        return replace(function, script=function.script if with_script else None, available=available)

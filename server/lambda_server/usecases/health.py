@@ -1,0 +1,74 @@
+"""Health: the service's state and each component's, for people (text) and programs (values)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Protocol
+
+from lambda_server import __version__
+from lambda_server.domain import ComponentHealth, ComponentStatus, HealthReport
+
+RUST = "runtime.rust"
+
+
+class DatabaseState(Protocol):
+    """What Health needs to know about PostgreSQL; kept up to date by the app."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def description(self) -> str: ...
+
+
+class EngineState(Protocol):
+    """The runtimes' and environments' states (the environment pool)."""
+
+    def status(self) -> Sequence[ComponentHealth]: ...
+
+
+class DependencyState(Protocol):
+    """The Rust builds' one-time dependency build: `ready`, `building`, `failed: ...`."""
+
+    @property
+    def dependencies_state(self) -> str: ...
+
+
+class Health:
+    """Reports the service as serving while PostgreSQL answers, and every component's state."""
+
+    def __init__(
+        self,
+        database: DatabaseState,
+        engine: EngineState,
+        sandbox: ComponentHealth,
+        builds: DependencyState | None,
+    ) -> None:
+        self._database = database
+        self._engine = engine
+        self._sandbox = sandbox  # decided at start
+        self._builds = builds
+
+    def __call__(self) -> HealthReport:
+        database = self._database
+        postgres = ComponentHealth(
+            "postgres",
+            ComponentStatus.OK if database.ready else ComponentStatus.UNAVAILABLE,
+            database.description,
+            required=True,
+        )
+        components = [postgres, self._sandbox]
+        for component in self._engine.status():
+            if component.name == RUST and self._builds is not None:
+                component = self._with_dependencies(component, self._builds.dependencies_state)
+            components.append(component)
+        return HealthReport(database.ready, __version__, tuple(sorted(components, key=lambda c: c.name)))
+
+    @staticmethod
+    def _with_dependencies(rust: ComponentHealth, state: str) -> ComponentHealth:
+        """The Rust runtime works while its crates build, but each compile waits for them."""
+        status = rust.status
+        if status is ComponentStatus.OK and state != "ready":
+            status = ComponentStatus.DEGRADED
+        return replace(rust, status=status, detail=f"{rust.detail}; serde_json: {state}")

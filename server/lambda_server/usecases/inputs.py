@@ -1,0 +1,35 @@
+"""Checks of request fields that every use case shares: request ids, and no NUL for PostgreSQL."""
+
+from __future__ import annotations
+
+import uuid
+
+from lambda_server.domain import JSON
+from lambda_server.errors import InvalidRequest
+
+
+def parse_request_id(raw: str) -> str:
+    """The canonical form of a request_id; InvalidRequest unless it is a UUID."""
+    try:
+        return str(uuid.UUID(raw))
+    except (ValueError, TypeError, AttributeError):
+        raise InvalidRequest(f"request_id {raw[:64]!r} is not a UUID", field="request_id") from None
+
+
+def refuse_nul(value: str, field: str) -> None:
+    """PostgreSQL text cannot hold NUL: refuse it here rather than fail in the database."""
+    if "\x00" in value:
+        raise InvalidRequest(f"{field} must not contain NUL characters", field=field)
+
+
+def refuse_nul_in(value: JSON, field: str) -> None:
+    """jsonb cannot hold NUL either, in a key or a string; the depth is bounded by protobuf's."""
+    if isinstance(value, str):
+        refuse_nul(value, field)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            refuse_nul(key, field)
+            refuse_nul_in(item, field)
+    elif isinstance(value, list):
+        for item in value:
+            refuse_nul_in(item, field)
