@@ -35,6 +35,10 @@ class DatabaseSettings:
     # never a session; the flush is half of what a claim costs PostgreSQL.
     claim_synchronous_commit: bool = False
     embedded_dir: Path = Path(".data/postgres")
+    # The embedded PostgreSQL, when its postmaster dies: restarts tried (0.5 s apart,
+    # doubling to 10 s) before liveness turns NOT_SERVING, and the bound of each start.
+    embedded_restart_attempts: int = 6
+    embedded_start_timeout: float = 30.0
     # How long start-up waits for PostgreSQL's first answer (and the migrations) before
     # it gives up and exits; 0: serve at once, NOT_SERVING until the database answers.
     startup_timeout: float = 30.0
@@ -250,6 +254,8 @@ class Settings:
             statement_cache=reader.get("DATABASE_STATEMENT_CACHE", _on_off, True),
             claim_synchronous_commit=reader.get("DATABASE_CLAIM_SYNCHRONOUS_COMMIT", _on_off, False),
             embedded_dir=reader.get("EMBEDDED_DATA_DIR", Path, Path(".data/postgres")),
+            embedded_restart_attempts=reader.get("EMBEDDED_RESTART_ATTEMPTS", _positive_int, 6),
+            embedded_start_timeout=reader.get("EMBEDDED_START_TIMEOUT_SECONDS", _positive_float, 30.0),
             startup_timeout=reader.get("DATABASE_STARTUP_TIMEOUT_SECONDS", _non_negative_float, 30.0),
         )
         runtime = RuntimeSettings(
