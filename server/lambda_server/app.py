@@ -140,7 +140,6 @@ class Steps:
 
     def __init__(self) -> None:
         self._stack = contextlib.AsyncExitStack()
-        self.failed: list[str] = []
 
     def push(self, name: str, stop: Callable[[], Awaitable[object] | object]) -> None:
         """Register `stop` (a function, sync or async) to run at close, before those pushed earlier."""
@@ -151,7 +150,6 @@ class Steps:
                 if inspect.isawaitable(result):
                     await result
             except Exception:
-                self.failed.append(name)
                 log.exception("stopping: %s failed; stopping the rest", name)
 
         self._stack.push_async_callback(step)
@@ -222,6 +220,9 @@ class Server:
         steps.push("the request-log writer", self.request_log.close)
         await self._grpc.start()
         steps.push("the gRPC server", self._stop_grpc)
+        if self.supervisor is not None:  # from here on: start-up's wait may need a restart too
+            self.supervisor.start()
+            steps.push("the embedded PostgreSQL's supervisor", self.supervisor.stop)
         await self._prepare_database()
         await self.pool.start()  # closed by a step of the wiring
         await self.monitor.check_once()  # health SERVING (or NOT_SERVING, with a reason)
@@ -229,9 +230,6 @@ class Server:
         steps.push("the database monitor", self.monitor.stop)
         self.cleanup.start()
         steps.push("the session cleanup", self.cleanup.stop)
-        if self.supervisor is not None:
-            self.supervisor.start()
-            steps.push("the embedded PostgreSQL's supervisor", self.supervisor.stop)
         steps.push("the drain", self._drain)  # the first step of a stop
 
     async def _prepare_database(self) -> None:
@@ -245,12 +243,16 @@ class Server:
         while True:
             try:
                 await self._db.ping(timeout=ping)
-                # a failing migration (InternalError) ends start-up at once: waiting cannot mend it
-                applied = await self._migrator.run_once()
-                log.info("migrations: %s", ", ".join(applied) or "none needed")
-                return
-            except DatabaseUnavailable as exc:
+            except LambdaError as exc:  # refused, unreachable, or not let in (yet): wait
                 why = exc.message
+            else:
+                try:
+                    applied = await self._migrator.run_once()
+                except DatabaseUnavailable as exc:  # a failing migration (InternalError) ends start-up
+                    why = exc.message
+                else:
+                    log.info("migrations: %s", ", ".join(applied) or "none needed")
+                    return
             if not limit:
                 log.warning("serving without PostgreSQL, NOT_SERVING until it answers: %s", why)
                 return
