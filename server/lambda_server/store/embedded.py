@@ -158,7 +158,9 @@ class EmbeddedPostgres:
         """pg_ctl's complaint, with the last line of the server's own log where it has one."""
         why = _one_line(output)
         try:
-            lines = (self.data_dir / "log").read_text(errors="replace").strip().splitlines()
+            with (self.data_dir / "log").open("rb") as log_file:  # its tail: the log only grows
+                log_file.seek(max(0, log_file.seek(0, os.SEEK_END) - 4096))
+                lines = log_file.read().decode(errors="replace").strip().splitlines()
         except OSError:
             lines = []
         if lines:
