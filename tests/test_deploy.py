@@ -36,6 +36,8 @@ POSTGRES_CONNECTIONS = 100 - 3
 # Settings that a deployment sets in neither the ConfigMap nor the Secret, and why.
 NOT_DEPLOYED = {
     "EMBEDDED_DATA_DIR": "the image has no embedded PostgreSQL",
+    "EMBEDDED_RESTART_ATTEMPTS": "the image has no embedded PostgreSQL",
+    "EMBEDDED_START_TIMEOUT_SECONDS": "the image has no embedded PostgreSQL",
     "RUNTIME_MAPPINGS": "the image's built-in prefix rules",
     "NODE_BINARY": "the image's Node.js, found by the server",
     "RUSTC": "the image's Debian rustc, found on PATH",

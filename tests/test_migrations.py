@@ -1,4 +1,5 @@
-"""Migrations: numbered files applied once each, in order, under an advisory lock, recorded in a table."""
+"""Migrations: numbered files applied once each, in order, under an advisory lock, recorded in a
+table; an explicit step of start-up (before serving) and of `lambda-server migrate`."""
 
 from __future__ import annotations
 
@@ -8,11 +9,15 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from lambda_microservice import LambdaClient, to_python
+from lambda_microservice.v1 import lambda_service_pb2 as pb
+from lambda_server.app import build_server
 from lambda_server.config import DatabaseSettings
 from lambda_server.errors import InternalError
 from lambda_server.store import migrations
 from lambda_server.store.database import Database
-from tests.support import run_sync
+from tests.proxy import DatabaseProxy
+from tests.support import ServerThread, eventually, run_sync, server_settings, serving_before_the_database
 
 
 async def _apply_concurrently(url: str, found: list[migrations.Migration], times: int) -> list[list[str]]:
@@ -67,3 +72,53 @@ def test_a_failing_migration_applies_nothing(fresh_database: str, tmp_path: Path
             await conn.close()
 
     assert "good" not in run_sync(tables())
+
+
+async def _recorded(url: str) -> list[str]:
+    """The migrations recorded in `url`'s database ([] before the first)."""
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        if not await conn.fetchval("SELECT to_regclass('meta.schema_migrations') IS NOT NULL"):
+            return []
+        rows = await conn.fetch("SELECT name FROM meta.schema_migrations ORDER BY version")
+        return [row["name"] for row in rows]
+    finally:
+        await conn.close()
+
+
+def test_start_applies_the_migrations_before_it_serves(fresh_database: str) -> None:
+    shipped = [m.name for m in migrations.load(migrations.default_directory())]
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        server, _ = await build_server(server_settings(), fresh_database)
+        try:
+            wired = await _recorded(fresh_database)  # wiring touches no schema
+            await server.start()
+            return wired, await _recorded(fresh_database)
+        finally:
+            await server.stop(0)
+
+    assert run_sync(scenario()) == ([], shipped)
+
+
+def test_a_server_started_before_its_database_migrates_once_it_answers(fresh_database: str) -> None:
+    """DATABASE_STARTUP_TIMEOUT_SECONDS=0: serving, NOT_SERVING, no schema; once PostgreSQL
+    answers, the monitor applies the migrations (the same step start-up runs), then SERVING."""
+    proxy = DatabaseProxy(fresh_database)
+    proxy.set_mode("reset")
+    try:
+        running = ServerThread(serving_before_the_database(server_settings()), proxy.url)
+        try:
+            with LambdaClient(running.target, timeout=10) as client:
+                assert client.health().status == pb.HEALTH_STATUS_NOT_SERVING
+                assert run_sync(_recorded(fresh_database)) == []
+                proxy.set_mode("up")
+                eventually(lambda: client.health().status == pb.HEALTH_STATUS_SERVING, timeout=20)
+                shipped = [m.name for m in migrations.load(migrations.default_directory())]
+                assert run_sync(_recorded(fresh_database)) == shipped
+                session = client.initialize("python-late", "result = 'migrated'")
+                assert to_python(client.execute(session.request_id).result) == "migrated"
+        finally:
+            running.stop()
+    finally:
+        proxy.close()

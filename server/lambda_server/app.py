@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import inspect
 import logging
 import os
 import signal
@@ -13,7 +14,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -28,7 +29,7 @@ from lambda_server.auth import Authenticator
 from lambda_server.builds import RustBuilds
 from lambda_server.config import ConfigError, GrpcSettings, Settings, settings_table
 from lambda_server.domain import Limits
-from lambda_server.errors import LambdaError
+from lambda_server.errors import DatabaseUnavailable, LambdaError
 from lambda_server.limits import RateLimiter
 from lambda_server.metrics import Metrics
 from lambda_server.result_cache import ResultCache
@@ -42,7 +43,7 @@ from lambda_server.store.artifacts import ArtifactStore
 from lambda_server.store.catalog import FunctionCatalog
 from lambda_server.store.cleanup import SessionCleanup
 from lambda_server.store.database import Database
-from lambda_server.store.embedded import start_embedded
+from lambda_server.store.embedded import EmbeddedPostgres, EmbeddedSupervisor
 from lambda_server.store.request_log import RequestLogWriter
 from lambda_server.store.sessions import OwnerQuota, SessionStore
 from lambda_server.usecases import Catalog, Execute, GetSession, Health, Initialize, UseCases
@@ -56,20 +57,27 @@ LIVENESS = "liveness"
 
 
 class DatabaseMonitor:
-    """Pings PostgreSQL, applies migrations once it answers, and drives the health status."""
+    """Pings PostgreSQL every HEALTH_INTERVAL_SECONDS and drives the health status.
+
+    It runs the migrations step only when start-up went on without PostgreSQL
+    (DATABASE_STARTUP_TIMEOUT_SECONDS=0): once the database answers, before SERVING.
+    `outage` says what is being done about a database that does not answer (the
+    embedded PostgreSQL's supervisor restarting it), when something is.
+    """
 
     def __init__(
         self,
         db: Database,
         health_servicer: HealthServicer,
         interval: float,
-        schema: list[migrations.Migration],
+        migrator: migrations.Migrator,
+        outage: Callable[[], str | None] = lambda: None,
     ) -> None:
         self._db = db
-        self._schema = schema
+        self._migrator = migrator
         self._health = health_servicer
         self._interval = interval
-        self._migrated = False
+        self._outage = outage
         self._ready = False
         self._description = "starting"
         self._task: asyncio.Task[None] | None = None
@@ -84,23 +92,22 @@ class DatabaseMonitor:
 
     async def check_once(self) -> None:
         try:
-            if not self._migrated:
-                await migrations.apply(self._db, self._schema)
-                self._migrated = True
             await self._db.ping(timeout=max(self._interval, 1.0))
+            await self._migrator.run_once()  # nothing to do once start-up did it
         except LambdaError as exc:
-            await self._set(False, f"unavailable: {exc.message}")
+            await self._set(False, self._outage() or f"unavailable: {exc.message}")
         else:
             await self._set(True, "ok")
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._loop())
+        self._task = asyncio.create_task(self._loop(), name="database-monitor")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
         await self._set(False, "shutting down")
 
     async def _loop(self) -> None:
@@ -123,17 +130,47 @@ class StartupError(Exception):
     """The server cannot start; the message names the cause and the setting that governs it."""
 
 
+class Steps:
+    """What start-up started, as one AsyncExitStack of named stop steps.
+
+    Each step of the wiring and of `Server.start` registers how to undo itself as soon as
+    it has started something, so closing releases what was started, in reverse order,
+    wherever start-up stopped. Closing runs every step even when one fails: the failure is
+    logged with the step's name and the rest still run (the pool's close above all, or
+    its workers and cgroups outlive the server).
+    """
+
+    def __init__(self) -> None:
+        self._stack = contextlib.AsyncExitStack()
+
+    def push(self, name: str, stop: Callable[[], Awaitable[object] | object]) -> None:
+        """Register `stop` (a function, sync or async) to run at close, before those pushed earlier."""
+
+        async def step() -> None:
+            try:
+                result = stop()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                log.exception("stopping: %s failed; stopping the rest", name)
+
+        self._stack.push_async_callback(step)
+
+    async def close(self) -> None:
+        """Run every step, last pushed first; a second close finds none left."""
+        await self._stack.aclose()
+
+
 class Server:
     """The running service: the gRPC server and everything it owns, stopped in order."""
 
     def __init__(
         self,
         settings: Settings,
+        steps: Steps,
         grpc_server: grpc.aio.Server,
         db: Database,
-        sessions: SessionStore,
         pool: EnvironmentPool,
-        sandbox: Sandbox,
         monitor: DatabaseMonitor,
         health_servicer: HealthServicer,
         cleanup: SessionCleanup,
@@ -141,23 +178,28 @@ class Server:
         metrics: Metrics,
         request_log: RequestLogWriter,
         builds: RustBuilds | None,
+        migrator: migrations.Migrator,
+        supervisor: EmbeddedSupervisor | None = None,
     ) -> None:
         self.settings = settings
+        # the components start() starts, public as a seam: a test may swap one for one that fails
         self.cleanup = cleanup
         self.metrics = metrics
-        self._request_log = request_log
+        self.pool = pool
+        self.monitor = monitor
+        self.request_log = request_log
+        self.builds = builds
+        self.supervisor = supervisor
+        self._steps = steps
         self._grpc = grpc_server
         self._db = db
-        self._sessions = sessions
-        self._pool = pool
-        self._sandbox = sandbox
-        self._monitor = monitor
         self._health = health_servicer
-        self._builds = builds
-        self._serving = False
+        self._migrator = migrator
+        self._grace = settings.shutdown_grace_seconds
 
     async def start(self) -> None:
-        """Serve; when any step fails, what the steps before it started is stopped again."""
+        """Serve; when any step fails, what the steps before it started is stopped again
+        (in reverse order), and the error goes on."""
         try:
             await self._start()
         except BaseException:
@@ -165,61 +207,83 @@ class Server:
             raise
 
     async def _start(self) -> None:
+        steps = self._steps
         _set_priority(self.settings.server_nice)
-        if self._builds is not None:
-            self._builds.start()  # the one-time dependency build, in the background from now
+        if self.builds is not None:
+            self.builds.start()  # the one-time dependency build, in the background from now
+            steps.push("the Rust builds", self.builds.close)
         if self.settings.metrics_addr is not None:
             port = await self.metrics.serve(self.settings.metrics_addr)  # ConfigError when it cannot bind
+            steps.push("the metrics endpoint", self.metrics.stop_serving)
             # not "serving ... on": scripts read the gRPC address from that line
             log.info("metrics at http://%s:%d/metrics", self.settings.metrics_addr.rpartition(":")[0], port)
-        self._request_log.start()
+        self.request_log.start()
+        # closed after the gRPC server's calls ended, so that their logs are in
+        steps.push("the request-log writer", self.request_log.close)
         await self._grpc.start()
-        await self._wait_for_database()
-        await self._pool.start()
-        self._monitor.start()
+        steps.push("the gRPC server", self._stop_grpc)
+        if self.supervisor is not None:  # from here on: start-up's wait may need a restart too
+            self.supervisor.start()
+            steps.push("the embedded PostgreSQL's supervisor", self.supervisor.stop)
+        await self._prepare_database()
+        await self.pool.start()  # closed by a step of the wiring
+        await self.monitor.check_once()  # health SERVING (or NOT_SERVING, with a reason)
+        self.monitor.start()
+        steps.push("the database monitor", self.monitor.stop)
         self.cleanup.start()
-        self._serving = True
+        steps.push("the session cleanup", self.cleanup.stop)
+        steps.push("the drain", self._drain)  # the first step of a stop
 
-    async def _wait_for_database(self) -> None:
-        """PostgreSQL's first answer (and the migrations), for DATABASE_STARTUP_TIMEOUT_SECONDS
-        at most; with 0, one try, and the monitor goes on trying while health is NOT_SERVING."""
+    async def _prepare_database(self) -> None:
+        """Wait for PostgreSQL's first answer (DATABASE_STARTUP_TIMEOUT_SECONDS at most), then
+        apply the migrations once. With 0: one try; the monitor goes on trying (and migrates
+        once the database answers) while health says NOT_SERVING."""
         limit = self.settings.database.startup_timeout
         until = time.monotonic() + limit
-        await self._monitor.check_once()
-        if not self._monitor.ready and limit:
-            log.info("waiting up to %g s for PostgreSQL: %s", limit, self._monitor.description)
-        while not self._monitor.ready and limit:
+        ping = max(self.settings.health_interval_seconds, 1.0)
+        waiting = False
+        while True:
+            try:
+                await self._db.ping(timeout=ping)
+            except LambdaError as exc:  # refused, unreachable, or not let in (yet): wait
+                why = exc.message
+            else:
+                try:
+                    applied = await self._migrator.run_once()
+                except DatabaseUnavailable as exc:  # a failing migration (InternalError) ends start-up
+                    why = exc.message
+                else:
+                    log.info("migrations: %s", ", ".join(applied) or "none needed")
+                    return
+            if not limit:
+                log.warning("serving without PostgreSQL, NOT_SERVING until it answers: %s", why)
+                return
             if time.monotonic() >= until:
                 raise StartupError(
                     f"PostgreSQL did not answer within {limit:g} s of start-up (DATABASE_URL, "
-                    f"DATABASE_STARTUP_TIMEOUT_SECONDS): {self._monitor.description}"
+                    f"DATABASE_STARTUP_TIMEOUT_SECONDS): {why}"
                 )
+            if not waiting:
+                waiting = True
+                log.info("waiting up to %g s for PostgreSQL: %s", limit, why)
             await asyncio.sleep(min(0.5, max(0.0, until - time.monotonic())))
-            await self._monitor.check_once()
+
+    async def _drain(self) -> None:
+        """Health NOT_SERVING while still serving: load balancers stop sending calls here."""
+        await self._health.enter_graceful_shutdown()
+        if self.settings.shutdown_drain_seconds:
+            await asyncio.sleep(self.settings.shutdown_drain_seconds)
+
+    async def _stop_grpc(self) -> None:
+        await self._health.enter_graceful_shutdown()
+        await self._grpc.stop(self._grace)  # in-flight calls get the grace
 
     async def stop(self, grace: float | None = None) -> None:
-        """Health goes NOT_SERVING, in-flight calls get `grace` seconds, then all is closed.
-        Safe after a start that failed at any step."""
-        grace = self.settings.shutdown_grace_seconds if grace is None else grace
-        await self._monitor.stop()
-        await self.cleanup.stop()
-        await self._health.enter_graceful_shutdown()
-        if self._serving and self.settings.shutdown_drain_seconds:
-            # still serving, while load balancers see NOT_SERVING and stop sending calls here
-            await asyncio.sleep(self.settings.shutdown_drain_seconds)
-        self._serving = False
-        await self._grpc.stop(grace)
-        # /metrics stops in a thread (up to 0.5 s) while the rest closes
-        metrics_stopped = asyncio.create_task(self.metrics.stop_serving())
-        if self._builds is not None:
-            await self._builds.close()
-        # after the calls ended, so that their logs are in; before the pool it writes with closes
-        await self._request_log.close()
-        await self._pool.close()
-        self._sandbox.close()
-        await metrics_stopped
-        await self._sessions.close()
-        await self._db.close()
+        """Health goes NOT_SERVING, in-flight calls get `grace` seconds, then all is closed,
+        every step even when one fails (each failure is logged). Safe after a start that
+        failed at any step, and a second time."""
+        self._grace = self.settings.shutdown_grace_seconds if grace is None else grace
+        await self._steps.close()
 
     async def wait_for_termination(self) -> None:
         await self._grpc.wait_for_termination()
@@ -250,11 +314,14 @@ def grpc_options(grpc_settings: GrpcSettings) -> list[tuple[str, int]]:
     return options
 
 
-async def build_server(settings: Settings, database_url: str | None = None) -> tuple[Server, int]:
+async def build_server(
+    settings: Settings, database_url: str | None = None, *, embedded: EmbeddedPostgres | None = None
+) -> tuple[Server, int]:
     """Wire the service and bind its port (0 picks a free one); call `start()` to serve.
 
-    When a step fails, what the steps before it made (the sandbox's cgroups, the
-    pool) is released before the error goes on."""
+    `embedded`: the embedded PostgreSQL at `database_url`, which the server then supervises.
+    When a step fails, what the steps before it made (the sandbox's cgroups, the pool) is
+    released before the error goes on."""
     url = database_url or settings.database.url
     if url is None:
         raise ConfigError("DATABASE_URL is unset (main() starts an embedded PostgreSQL for it)")
@@ -264,10 +331,12 @@ async def build_server(settings: Settings, database_url: str | None = None) -> t
     registry = RuntimeRegistry.load(
         settings.runtime.mappings_file, settings.runtime.node_binary, toolchain.spec
     )
-    async with contextlib.AsyncExitStack() as undo:
-        server, port = await _wire(settings, url, schema, registry, toolchain, undo)
-        undo.pop_all()  # from here the server owns it all, and stops it in order
-    return server, port
+    steps = Steps()
+    try:
+        return await _wire(settings, url, schema, registry, toolchain, steps, embedded)
+    except BaseException:
+        await steps.close()
+        raise
 
 
 async def _wire(
@@ -276,14 +345,16 @@ async def _wire(
     schema: list[migrations.Migration],
     registry: RuntimeRegistry,
     toolchain: RustToolchain,
-    undo: contextlib.AsyncExitStack,
+    steps: Steps,
+    embedded: EmbeddedPostgres | None,
 ) -> tuple[Server, int]:
-    """Every part of the server, each registered in `undo` as it is made."""
+    """Every part of the server, each that holds something registered in `steps` as it is made."""
     sandbox = await Sandbox.start(settings.sandbox)
-    undo.callback(sandbox.close)
+    steps.push("the sandbox", sandbox.close)
     db = Database(settings.database, url)
     await db.open()
-    undo.push_async_callback(db.close)
+    steps.push("the database pool", db.close)
+    migrator = migrations.Migrator(db, schema)
     builds = None
     if not toolchain.missing:
         cache_dir = settings.runtime.rust_cache_dir
@@ -298,9 +369,29 @@ async def _wire(
     limits = Limits(settings.sandbox.memory_mb, settings.sandbox.max_processes)
     total_memory_mb = await memory_budget_mb(settings.sandbox)
     pool = EnvironmentPool(settings.runtime, registry.specs, sandbox, limits, total_memory_mb)
-    undo.push_async_callback(pool.close)
+    steps.push("the environment pool", pool.close)
     health_servicer = HealthServicer()
-    monitor = DatabaseMonitor(db, health_servicer, settings.health_interval_seconds, schema)
+    supervisor = None
+    if embedded is not None:
+
+        async def liveness(failed: bool) -> None:
+            status = health_pb2.HealthCheckResponse
+            await health_servicer.set(LIVENESS, status.NOT_SERVING if failed else status.SERVING)
+
+        supervisor = EmbeddedSupervisor(
+            embedded,
+            settings.health_interval_seconds,
+            settings.database.embedded_restart_attempts,
+            settings.database.embedded_start_timeout,
+            on_failed=liveness,
+        )
+    monitor = DatabaseMonitor(
+        db,
+        health_servicer,
+        settings.health_interval_seconds,
+        migrator,
+        outage=(lambda: supervisor.status) if supervisor is not None else (lambda: None),
+    )
     metrics = Metrics()
     cache = ResultCache(settings.result_cache_bytes, metrics)
     quota = OwnerQuota(settings.auth.max_sessions_per_owner, settings.auth.max_script_bytes_per_owner)
@@ -310,7 +401,7 @@ async def _wire(
         quota=quota,
         observe_create_batch=metrics.create_batch_size.observe,
     )
-    undo.push_async_callback(sessions.close)
+    steps.push("the session store", sessions.close)
     usecases = _usecases(settings, sessions, pool, registry, monitor, sandbox, cache, db, metrics, builds)
     request_log = RequestLogWriter(db, settings.request_log, metrics)
     metrics.on_scrape(_scrape_gauges(metrics, pool, db, request_log))
@@ -340,9 +431,13 @@ async def _wire(
     )
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    # for liveness probes: SERVING while the process lives, whatever PostgreSQL does
+    # for liveness probes: SERVING while the process lives, whatever PostgreSQL does, but
+    # for an embedded PostgreSQL that cannot be restarted (a new process might fix that)
     await health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
     port = await _listen(grpc_server, settings.listen_addr)
+    # a server bound but never started: its port is released here (a started one is
+    # stopped with its grace by a step of start())
+    steps.push("the gRPC port", lambda: grpc_server.stop(0))
     cleanup = SessionCleanup(
         db,
         settings.cleanup_interval_seconds,
@@ -352,21 +447,20 @@ async def _wire(
     )
     server = Server(
         settings,
+        steps,
         grpc_server,
         db,
-        sessions,
         pool,
-        sandbox,
         monitor,
         health_servicer,
         cleanup,
         metrics=metrics,
         request_log=request_log,
         builds=builds,
+        migrator=migrator,
+        supervisor=supervisor,
     )
-    undo.pop_all()  # from here the server owns it all, and stops it in order
     return server, port
-    raise AssertionError("unreachable")  # mypy: the block above returns or raises
 
 
 def _usecases(
@@ -461,8 +555,8 @@ def _scrape_gauges(
     return refresh
 
 
-async def serve(settings: Settings, database_url: str) -> None:
-    server, port = await build_server(settings, database_url)
+async def serve(settings: Settings, database_url: str, embedded: EmbeddedPostgres | None = None) -> None:
+    server, port = await build_server(settings, database_url, embedded=embedded)
     await server.start()
     # What start-up made (modules, the wiring) lives as long as the server: out of the
     # collector's sight, a full collection walks only what calls make, not all of it.
@@ -488,7 +582,7 @@ async def migrate(settings: Settings, database_url: str) -> None:
     db = Database(settings.database, database_url)
     await db.open()
     try:
-        applied = await migrations.apply(db, migrations.load(migrations.default_directory()))
+        applied = await migrations.Migrator(db, migrations.load(migrations.default_directory())).run_once()
         print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none needed'}")
     finally:
         await db.close()
@@ -510,9 +604,16 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     logs.configure(settings.log_level, settings.log_format)
     try:
-        url = settings.database.url or start_embedded(settings.database.embedded_dir)
+        embedded = None
+        url = settings.database.url
+        if url is None:  # blocking (initdb the first time): before the event loop
+            embedded = EmbeddedPostgres.start(settings.database.embedded_dir)
+            url = embedded.url
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
-            runner.run(serve(settings, url) if args.command == "serve" else migrate(settings, url))
+            if args.command == "serve":
+                runner.run(serve(settings, url, embedded))
+            else:
+                runner.run(migrate(settings, url))
     except (ConfigError, StartupError, LambdaError) as exc:
         why = exc.message if isinstance(exc, LambdaError) else str(exc)
         _fatal(settings, f"configuration error: {why}" if isinstance(exc, ConfigError) else why)

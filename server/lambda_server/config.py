@@ -219,6 +219,20 @@ class DatabaseSettings(_Declared):
     embedded_dir: Path = setting(
         "EMBEDDED_DATA_DIR", Path, Path(".data/postgres"), "the embedded PostgreSQL's data"
     )
+    # The embedded PostgreSQL, when its postmaster dies: restarts tried (0.5 s apart,
+    # doubling to 10 s) before liveness turns NOT_SERVING, and the bound of each start.
+    embedded_restart_attempts: int = setting(
+        "EMBEDDED_RESTART_ATTEMPTS",
+        _positive_int,
+        6,
+        "failed restarts of the embedded PostgreSQL before liveness turns NOT_SERVING",
+    )
+    embedded_start_timeout: float = setting(
+        "EMBEDDED_START_TIMEOUT_SECONDS",
+        _positive_float,
+        30.0,
+        "how long one (re)start of the embedded PostgreSQL may take",
+    )
     # How long start-up waits for PostgreSQL's first answer (and the migrations) before
     # it gives up and exits; 0: serve at once, NOT_SERVING until the database answers.
     startup_timeout: float = setting(

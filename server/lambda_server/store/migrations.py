@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import re
@@ -90,3 +91,32 @@ async def apply(db: Database, migrations: list[Migration], timeout: float = 60.0
     for name in applied:
         log.info("applied migration %s", name)
     return applied
+
+
+class Migrator:
+    """The migrations step, done once per process: by start-up after PostgreSQL's first
+    answer and before serving, or (start-up went on without PostgreSQL,
+    DATABASE_STARTUP_TIMEOUT_SECONDS=0) by the database monitor once it answers, before
+    health turns SERVING. `lambda-server migrate` runs it alone."""
+
+    def __init__(self, db: Database, migrations: list[Migration], timeout: float = 60.0) -> None:
+        self._db = db
+        self._migrations = migrations
+        self._timeout = timeout
+        self._done = False
+        self._lock = asyncio.Lock()  # a monitor's check and start-up's never apply twice
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    async def run_once(self) -> list[str]:
+        """Apply what is not applied yet, unless this process did already; the names applied."""
+        if self._done:
+            return []
+        async with self._lock:
+            if self._done:
+                return []
+            applied = await apply(self._db, self._migrations, self._timeout)
+            self._done = True
+            return applied
