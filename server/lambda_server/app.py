@@ -282,17 +282,6 @@ async def _wire(
     db = Database(settings.database, url)
     await db.open()
     undo.push_async_callback(db.close)
-    builds = None
-    if not toolchain.missing:
-        cache_dir = settings.runtime.rust_cache_dir
-        compiler = RustCompiler(toolchain, sandbox, settings.runtime)
-        builds = RustBuilds(
-            compiler,
-            ArtifactStore(db),
-            cache_dir,
-            settings.runtime.artifact_retention_seconds,
-            settings.cleanup_interval_seconds,
-        )
     limits = Limits(settings.sandbox.memory_mb, settings.sandbox.max_processes)
     total_memory_mb = await memory_budget_mb(settings.sandbox)
     pool = EnvironmentPool(settings.runtime, registry.specs, sandbox, limits, total_memory_mb)
@@ -309,6 +298,17 @@ async def _wire(
         observe_create_batch=metrics.create_batch_size.observe,
     )
     undo.push_async_callback(sessions.close)
+    builds = None
+    if not toolchain.missing:
+        compiler = RustCompiler(toolchain, sandbox, settings.runtime)
+        builds = RustBuilds(  # records compile outcomes on sessions: closed before them (Server.stop)
+            compiler,
+            ArtifactStore(db),
+            sessions,
+            settings.runtime.rust_cache_dir,
+            settings.runtime.artifact_retention_seconds,
+            settings.cleanup_interval_seconds,
+        )
     service = LambdaService(
         settings,
         sessions,

@@ -115,6 +115,9 @@ class ClaimedSession:
     context: dict[str, JSON]
     metadata: dict[str, JSON] | None = None  # as given in NewSession.metadata
     compile_options: dict[str, JSON] | None = None
+    # how its compile last ended (None: a checked runtime's session of before compile
+    # statuses); an Execute of one not yet `success` records how its own compile ends
+    compile_status: CompileStatus | None = None
 
 
 @dataclass(frozen=True)

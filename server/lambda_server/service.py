@@ -17,7 +17,6 @@ from lambda_server.config import Settings
 from lambda_server.domain import (
     JSON,
     Caller,
-    CompileStatus,
     Deadline,
     ExecutionOutcome,
     ExecutionResult,
@@ -32,8 +31,6 @@ from lambda_server.domain import (
 from lambda_server.errors import (
     InvalidRequest,
     RuntimeNotAvailable,
-    ScriptLimitExceeded,
-    ScriptSyntaxError,
     ScriptTooLarge,
     UnknownLanguage,
 )
@@ -164,15 +161,16 @@ class LambdaService:
             owner=caller.owner,
         )
         if runtime.compiled:
-            return await self._initialize_compiled(runtime, new, optimization, caller.owner, deadline)
+            return await self._initialize_compiled(runtime, new, optimization, deadline)
         compiled = await self._engine.check(runtime, script, script_hash, deadline, caller.owner)
         self._metrics.script_checks.labels(runtime.name, "compiled" if compiled else "known").inc()
         return await self._sessions.create(new, deadline)
 
     async def _initialize_compiled(
-        self, runtime: RuntimeSpec, new: NewSession, optimization: str, owner: str, deadline: Deadline
+        self, runtime: RuntimeSpec, new: NewSession, optimization: str, deadline: Deadline
     ) -> SessionRecord:
-        """Store the session pending, compile (or find) its program, record how that ended."""
+        """Store the session pending, compile (or find) its program, record how that ended:
+        RustBuilds.compile_session, whose build records it however this call ends."""
         optimization = optimization or "debug"
         if optimization not in ("debug", "release"):
             raise InvalidRequest(
@@ -181,18 +179,7 @@ class LambdaService:
             )
         if self._builds is None:
             raise RuntimeNotAvailable(f"the {runtime.name} runtime is not available", runtime=runtime.name)
-        new = replace(
-            new, compile_status=CompileStatus.PENDING, compile_options={"optimization_level": optimization}
-        )
-        record = await self._sessions.create(new, deadline)
-        try:
-            compiled = await self._builds.prepare(
-                new.script_content, new.script_hash, optimization, deadline, owner
-            )
-        except (ScriptSyntaxError, ScriptLimitExceeded) as exc:
-            await self._sessions.compiled(new.request_id, CompileStatus.ERROR, exc.message, deadline)
-            raise
-        await self._sessions.compiled(new.request_id, CompileStatus.SUCCESS, None, deadline)
+        record, compiled = await self._builds.compile_session(new, optimization, deadline)
         self._metrics.script_checks.labels(runtime.name, "compiled" if compiled else "known").inc()
         return record
 
@@ -230,9 +217,7 @@ class LambdaService:
         if runtime.compiled and self._builds is not None:
             options = session.compile_options or {}
             optimization = str(options.get("optimization_level") or "debug")
-            program = await self._builds.program(
-                script, session.script_hash, optimization, deadline, caller.owner
-            )
+            program = await self._builds.program(session, script, optimization, deadline, caller.owner)
         job = Job(
             runtime=runtime,
             owner=caller.owner,  # whom its environment is billed to
