@@ -33,7 +33,6 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
         "lambda_server.usecases",
         "lambda_server.api",
         "lambda_server.app",
-        "lambda_server.builds",
         *WIRE,
         *SQL,
     ),
@@ -43,12 +42,9 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
         "lambda_server.usecases",
         "lambda_server.api",
         "lambda_server.app",
-        "lambda_server.builds",
         *WIRE,
     ),
     "lambda_server.usecases": ("lambda_server.api", "lambda_server.app", *WIRE, *SQL),
-    # a use case until it moves into usecases/ (the Rust compile flow)
-    "lambda_server.builds": ("lambda_server.api", "lambda_server.app", *WIRE, *SQL),
     "lambda_server.api": ("lambda_server.store", "lambda_server.runtimes", "lambda_server.sandbox", *SQL),
 }
 # the modules beside the layers (config, errors, auth, limits, metrics, ...) are leaves
@@ -63,7 +59,7 @@ LEAF_FORBIDDEN = (
     *WIRE,
     *SQL,
 )
-NOT_LEAVES = {"lambda_server.app", "lambda_server.builds", "lambda_server.__main__"}
+NOT_LEAVES = {"lambda_server.app", "lambda_server.__main__"}
 
 
 def module_name(path: Path) -> str:

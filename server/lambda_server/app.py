@@ -26,7 +26,6 @@ from lambda_server import logs
 from lambda_server.api.interceptors import CallInterceptor, inflight_budget
 from lambda_server.api.servicer import LambdaServicer, add_to_server
 from lambda_server.auth import Authenticator
-from lambda_server.builds import RustBuilds
 from lambda_server.config import ConfigError, GrpcSettings, Settings, settings_table
 from lambda_server.domain import Limits
 from lambda_server.errors import DatabaseUnavailable, LambdaError
@@ -47,6 +46,7 @@ from lambda_server.store.embedded import EmbeddedPostgres, EmbeddedSupervisor
 from lambda_server.store.request_log import RequestLogWriter
 from lambda_server.store.sessions import OwnerQuota, SessionStore
 from lambda_server.usecases import Catalog, Execute, GetSession, Health, Initialize, UseCases
+from lambda_server.usecases.builds import RustBuilds
 from lambda_server.usecases.options import SessionOptionsPolicy
 from lambda_server.validation import ParamsValidator
 
@@ -355,17 +355,6 @@ async def _wire(
     await db.open()
     steps.push("the database pool", db.close)
     migrator = migrations.Migrator(db, schema)
-    builds = None
-    if not toolchain.missing:
-        cache_dir = settings.runtime.rust_cache_dir
-        compiler = RustCompiler(toolchain, sandbox, settings.runtime)
-        builds = RustBuilds(
-            compiler,
-            ArtifactStore(db),
-            cache_dir,
-            settings.runtime.artifact_retention_seconds,
-            settings.cleanup_interval_seconds,
-        )
     limits = Limits(settings.sandbox.memory_mb, settings.sandbox.max_processes)
     total_memory_mb = await memory_budget_mb(settings.sandbox)
     pool = EnvironmentPool(settings.runtime, registry.specs, sandbox, limits, total_memory_mb)
@@ -402,6 +391,17 @@ async def _wire(
         observe_create_batch=metrics.create_batch_size.observe,
     )
     steps.push("the session store", sessions.close)
+    builds = None
+    if not toolchain.missing:
+        compiler = RustCompiler(toolchain, sandbox, settings.runtime)
+        builds = RustBuilds(  # records compile outcomes on sessions: closed before them (Server.stop)
+            compiler,
+            ArtifactStore(db),
+            sessions,
+            settings.runtime.rust_cache_dir,
+            settings.runtime.artifact_retention_seconds,
+            settings.cleanup_interval_seconds,
+        )
     usecases = _usecases(settings, sessions, pool, registry, monitor, sandbox, cache, db, metrics, builds)
     request_log = RequestLogWriter(db, settings.request_log, metrics)
     metrics.on_scrape(_scrape_gauges(metrics, pool, db, request_log))

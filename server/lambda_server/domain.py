@@ -168,6 +168,9 @@ class ClaimedSession:
     metadata: dict[str, JSON] | None = None  # as given in NewSession.metadata
     optimization: OptimizationLevel | None = None  # a compiled runtime's (NewSession's)
     options: SessionOptions | None = None  # None: stored before 0007 (see SessionRecord)
+    # how its compile last ended (None: a checked runtime's session of before compile
+    # statuses); an Execute of one not yet `success` records how its own compile ends
+    compile_status: CompileStatus | None = None
 
 
 @dataclass(frozen=True)

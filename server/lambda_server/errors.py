@@ -198,3 +198,14 @@ class DeadlineExceeded(LambdaError):
 
 class InternalError(LambdaError):
     """A bug: something that should not happen did."""
+
+
+def copy_of(error: LambdaError) -> LambdaError:
+    """A new instance of `error`: same class, message and metadata, for one of the callers
+    that waited on shared work which failed. Raising one instance in many tasks would chain
+    their tracebacks and contexts into each other's."""
+    copy = type(error).__new__(type(error))
+    Exception.__init__(copy, *error.args)
+    copy.__dict__.update(error.__dict__)
+    copy.metadata = dict(error.metadata)
+    return copy

@@ -26,13 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lambda_server.config import MIB, RuntimeSettings
-from lambda_server.domain import Deadline, Limits
+from lambda_server.domain import Limits
 from lambda_server.errors import (
-    DeadlineExceeded,
+    LambdaError,
     QuotaExceeded,
     ScriptLimitExceeded,
     ScriptSyntaxError,
     Unavailable,
+    copy_of,
 )
 from lambda_server.runtimes.process import WorkerTimeout, run_command
 from lambda_server.runtimes.registry import RuntimeSpec
@@ -111,10 +112,12 @@ class RustCompiler:
     """Compiles scripts into programs; builds the shared dependencies once.
 
     The dependencies' build is the compiler's own task, started with the server
-    (`start`): a compile that comes before it is done waits for it under its own
-    deadline, and no caller's deadline or cancellation ends it. Its bound is
+    (`start`): a compile that comes before it is done waits for it, and no
+    compile's end (nor a caller's, see usecases/builds.py) ends it. Its bound is
     RUST_DEPENDENCIES_TIMEOUT_SECONDS; a failed build is tried again by the next
-    compile.
+    compile. A compile is bounded by the service's settings only (a slot within
+    RUST_COMPILE_QUEUE_TIMEOUT_SECONDS, rustc within RUST_COMPILE_TIMEOUT_SECONDS),
+    never by a caller's deadline: callers wait for it under their own (usecases/builds.py).
     """
 
     def __init__(self, toolchain: RustToolchain, sandbox: Sandbox, settings: RuntimeSettings) -> None:
@@ -162,31 +165,29 @@ class RustCompiler:
             return f"failed: {_describe(task.exception())}"
         return "building"
 
-    async def compile(self, script: str, optimization: str, deadline: Deadline, owner: str = "") -> bytes:
+    async def compile(self, script: str, optimization: str, owner: str = "") -> bytes:
         """The program of a script; ScriptSyntaxError with rustc's message, line and column,
         ScriptLimitExceeded past a compile's time, memory or program size, QuotaExceeded when
-        no compile slot came for `owner` within RUST_COMPILE_QUEUE_TIMEOUT_SECONDS."""
+        no compile slot came for `owner` within RUST_COMPILE_QUEUE_TIMEOUT_SECONDS,
+        Unavailable when serde_json could not be built."""
         _refuse_lint_change(script)
-        dependencies, serde_json = self._built or await self._dependencies(deadline)
-        wait = deadline.cap(self._settings.compile_queue_timeout_seconds)
+        dependencies, serde_json = self._built or await self._dependencies()
+        wait = self._settings.compile_queue_timeout_seconds
         try:
             async with self._slots.slot(owner, wait):
-                return await self._compile(script, optimization, deadline, dependencies, serde_json)
+                return await self._compile(script, optimization, dependencies, serde_json)
         except SlotWaitTimeout as exc:
             if exc.own_share:
                 why = f"this caller's {self._slots.per_owner} compiles at once (RUST_COMPILES_PER_OWNER)"
             else:
                 why = f"every compile slot (RUST_COMPILE_SLOTS: {self._slots.total})"
             raise QuotaExceeded(
-                f"{why} stayed busy for {wait:g} s "
-                "(RUST_COMPILE_QUEUE_TIMEOUT_SECONDS, or the call's deadline)",
+                f"{why} stayed busy for {wait:g} s (RUST_COMPILE_QUEUE_TIMEOUT_SECONDS)",
                 retry_after=min(self._timeout, self._settings.compile_queue_timeout_seconds),
                 limit="RUST_COMPILES_PER_OWNER" if exc.own_share else "RUST_COMPILE_SLOTS",
             ) from None
 
-    async def _compile(
-        self, script: str, optimization: str, deadline: Deadline, dependencies: Path, serde_json: Path
-    ) -> bytes:
+    async def _compile(self, script: str, optimization: str, dependencies: Path, serde_json: Path) -> bytes:
         work = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="compile-", dir=self._cache))
         try:
             await asyncio.to_thread(_stage, work, script)
@@ -206,7 +207,7 @@ class RustCompiler:
                 str(work / "handler"),
                 str(work / "src" / "main.rs"),  # the jail starts in /tmp
             ]
-            timeout = deadline.cap(self._timeout)
+            timeout = self._timeout
             limit = self._settings.max_program_bytes
             # a little over the program limit: a program just past it is measured
             # below, one far past it is cut by the kernel (SIGXFSZ) as it is written
@@ -214,8 +215,6 @@ class RustCompiler:
             try:
                 code, err, out_of_memory = await self._run(argv, work, [str(dependencies)], timeout, fsize_mb)
             except WorkerTimeout:
-                if timeout < self._timeout:
-                    raise DeadlineExceeded("the call's deadline passed while the script compiled") from None
                 raise ScriptLimitExceeded(
                     f"compilation ran past its limit of {timeout:g} s (RUST_COMPILE_TIMEOUT_SECONDS)",
                     limit="RUST_COMPILE_TIMEOUT_SECONDS",
@@ -238,20 +237,21 @@ class RustCompiler:
         finally:
             await asyncio.to_thread(shutil.rmtree, work, True)
 
-    async def _dependencies(self, deadline: Deadline) -> tuple[Path, Path]:
+    async def _dependencies(self) -> tuple[Path, Path]:
         """The folder of serde_json's built crates for this toolchain and serde_json's
-        library in it, waited for within the caller's deadline."""
+        library in it, once the build (bounded by RUST_DEPENDENCIES_TIMEOUT_SECONDS) ends."""
         self.start()
         task = self._dependencies_task
         assert task is not None
-        try:
-            async with asyncio.timeout(deadline.remaining()):
-                return await asyncio.shield(task)  # the build is the compiler's, not this caller's
-        except TimeoutError:
-            raise DeadlineExceeded(
-                "the call's deadline passed while serde_json was being built "
-                "(once per toolchain, when the server starts; try again shortly)"
-            ) from None
+        await asyncio.wait((task,))  # the build is the compiler's: a waiter's end does not end it
+        if task.cancelled():
+            raise Unavailable("the server stopped while serde_json was being built")
+        error = task.exception()
+        if isinstance(error, LambdaError):
+            raise copy_of(error)  # each compile raises its own instance
+        if error is not None:
+            raise Unavailable(f"serde_json did not build: {error!r}")
+        return task.result()
 
     async def _prepare_dependencies(self) -> tuple[Path, Path]:
         await self._build_dependencies()

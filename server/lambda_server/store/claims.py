@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable
 
 import asyncpg
 
 from lambda_server.domain import Deadline
-from lambda_server.errors import DatabaseUnavailable, DeadlineExceeded
+from lambda_server.errors import DatabaseUnavailable, DeadlineExceeded, InternalError, LambdaError, copy_of
 from lambda_server.store.database import Database, DedicatedConnection
+
+log = logging.getLogger(__name__)
 
 MAX_BATCH = 256
 
@@ -32,7 +35,8 @@ MAX_BATCH = 256
 # DATABASE_CLAIM_SYNCHRONOUS_COMMIT is on (see DatabaseSettings).
 _RETURNING = """
 RETURNING s.request_id::text AS request_id, s.language_title, s.user_id, s.script_hash,
-          s.context, s.metadata, s.compile_options, s.options
+          s.context, s.metadata, s.compile_options, s.options,
+          s.compile_status
 """
 
 _CLAIM_ONE = (
@@ -127,9 +131,11 @@ class ClaimBatcher:
                     self._command_timeout, _CLAIM_MANY, ids, owners, self._commit_mode
                 )
         except Exception as exc:  # our error (UNAVAILABLE, INTERNAL) for every claim of the batch
+            if not isinstance(exc, LambdaError):
+                log.exception("a batch of session claims failed")
             for _, _, claimed in batch:
-                if not claimed.done():
-                    claimed.set_exception(exc)
+                if not claimed.done():  # an instance each: one raised in many tasks tangles their tracebacks
+                    claimed.set_exception(_failure(exc))
             return
         except BaseException:  # cancelled at shutdown: the callers are cancelled too
             for _, _, claimed in batch:
@@ -151,3 +157,10 @@ class ClaimBatcher:
             claimed.cancel()
         self._pending.clear()
         await self._connection.release()
+
+
+def _failure(exc: Exception) -> LambdaError:
+    """A claim's own instance of its batch's failure."""
+    if isinstance(exc, LambdaError):
+        return copy_of(exc)
+    return InternalError(f"internal error: {type(exc).__name__}")

@@ -48,11 +48,11 @@ _CLAIM = """
 UPDATE meta.sessions
 SET execution_count = execution_count + 1, last_executed_at = now()
 WHERE request_id = $1 AND user_id IS NOT DISTINCT FROM $2 AND status = 'active' AND expires_at > now()
-RETURNING language_title, user_id, script_hash, context, metadata, compile_options, options
+RETURNING language_title, user_id, script_hash, context, metadata, compile_options, options, compile_status
 """
 
 _COMPILED = """
-UPDATE meta.sessions SET compile_status = $2, compile_error = $3 WHERE request_id = $1
+UPDATE meta.sessions SET compile_status = $2, compile_error = $3 WHERE request_id = ANY($1::uuid[])
 """
 
 _SCRIPT = "SELECT script_content FROM meta.sessions WHERE request_id = $1"
@@ -134,10 +134,10 @@ class SessionStore:
         return _record(row)
 
     async def compiled(
-        self, request_id: str, status: CompileStatus, error: str | None, deadline: Deadline
+        self, request_ids: list[str], status: CompileStatus, error: str | None, deadline: Deadline
     ) -> None:
-        """Record how the session's compilation ended (success or error)."""
-        await self._db.fetchrow(deadline, _COMPILED, request_id, status.value, error)
+        """Record how the compile of these sessions' script ended (success or error)."""
+        await self._db.fetchrow(deadline, _COMPILED, request_ids, status.value, error)
 
     async def claim(self, request_id: str, user_id: str | None, deadline: Deadline) -> ClaimedSession:
         """Find an active session of `user_id` and count one execution of it, in one statement
@@ -156,6 +156,7 @@ class SessionStore:
             metadata=row["metadata"],
             optimization=_optimization(row["compile_options"]),
             options=_options(row["options"]),
+            compile_status=CompileStatus(row["compile_status"]) if row["compile_status"] else None,
         )
 
     async def script(self, session: ClaimedSession, deadline: Deadline) -> str:

@@ -6,7 +6,6 @@ import os
 from typing import Protocol
 
 from lambda_server.auth import require_execute
-from lambda_server.builds import RustBuilds
 from lambda_server.domain import (
     JSON,
     Caller,
@@ -21,6 +20,7 @@ from lambda_server.metrics import Metrics
 from lambda_server.result_cache import ResultCache, cache_key, parse_cache_control
 from lambda_server.runtimes.registry import RuntimeRegistry
 from lambda_server.store.sessions import SessionStore
+from lambda_server.usecases.builds import RustBuilds
 from lambda_server.usecases.inputs import parse_request_id
 from lambda_server.usecases.options import SessionOptionsPolicy
 from lambda_server.validation import ParamsValidator
@@ -96,9 +96,7 @@ class Execute:
         program = None
         if runtime.compiled and self._builds is not None:
             optimization = session.optimization or OptimizationLevel.DEBUG
-            program = await self._builds.program(
-                script, session.script_hash, optimization.value, deadline, caller.owner
-            )
+            program = await self._builds.program(session, script, optimization, deadline, caller.owner)
         job = Job(
             runtime=runtime.name,
             owner=caller.owner,  # whom its environment is billed to

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from dataclasses import replace
 from typing import Protocol
 
 import orjson
 
 from lambda_server.auth import require_execute
-from lambda_server.builds import RustBuilds
 from lambda_server.domain import (
     JSON,
     Caller,
-    CompileStatus,
     Deadline,
     NewSession,
     OptimizationLevel,
@@ -24,13 +21,12 @@ from lambda_server.domain import (
 from lambda_server.errors import (
     InvalidRequest,
     RuntimeNotAvailable,
-    ScriptLimitExceeded,
-    ScriptSyntaxError,
     ScriptTooLarge,
 )
 from lambda_server.metrics import Metrics
 from lambda_server.runtimes.registry import RuntimeRegistry, RuntimeSpec
 from lambda_server.store.sessions import SessionStore
+from lambda_server.usecases.builds import RustBuilds
 from lambda_server.usecases.catalog import Catalog
 from lambda_server.usecases.inputs import parse_request_id, refuse_nul, refuse_nul_in
 from lambda_server.usecases.options import SessionOptionsPolicy
@@ -139,7 +135,7 @@ class Initialize:
             owner=caller.owner,
         )
         if runtime.compiled:
-            return await self._initialize_compiled(runtime, new, optimization, caller.owner, deadline)
+            return await self._initialize_compiled(runtime, new, optimization, deadline)
         compiled = await self._checker.check(runtime, script, script_hash, deadline, caller.owner)
         self._metrics.script_checks.labels(runtime.name, "compiled" if compiled else "known").inc()
         return await self._sessions.create(new, deadline)
@@ -149,21 +145,13 @@ class Initialize:
         runtime: RuntimeSpec,
         new: NewSession,
         optimization: OptimizationLevel,
-        owner: str,
         deadline: Deadline,
     ) -> SessionRecord:
-        """Store the session pending, compile (or find) its program, record how that ended."""
+        """Store the session pending and compile (or find) its program: RustBuilds.compile_session,
+        whose build records `success` or `error` however this call ends."""
         if self._builds is None:
             raise RuntimeNotAvailable(f"the {runtime.name} runtime is not available", runtime=runtime.name)
-        new = replace(new, compile_status=CompileStatus.PENDING, optimization=optimization)
-        record = await self._sessions.create(new, deadline)
-        try:
-            compiled = await self._builds.prepare(
-                new.script_content, new.script_hash, optimization.value, deadline, owner
-            )
-        except (ScriptSyntaxError, ScriptLimitExceeded) as exc:
-            await self._sessions.compiled(new.request_id, CompileStatus.ERROR, exc.message, deadline)
-            raise
-        await self._sessions.compiled(new.request_id, CompileStatus.SUCCESS, None, deadline)
+        # the build, not this call, records how it ended on the session
+        record, compiled = await self._builds.compile_session(new, optimization, deadline)
         self._metrics.script_checks.labels(runtime.name, "compiled" if compiled else "known").inc()
         return record
