@@ -57,7 +57,10 @@ def test_with_jwt_the_per_user_limit_is_on_by_default() -> None:
 # --- lambda-cli ---------------------------------------------------------------------------
 
 
-def lambda_cli(*args: str, target: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+def lambda_cli(
+    *args: str, target: str | None = None, input: str | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """lambda-cli run as a user would, with `input` on its stdin (none: no stdin)."""
     command = [sys.executable, "-m", "lambda_microservice.cli"]
     if target is not None:
         command += ["--target", target]
@@ -67,7 +70,8 @@ def lambda_cli(*args: str, target: str | None = None, **env: str) -> subprocess.
         text=True,
         timeout=120,
         env={**os.environ, **env},
-        stdin=subprocess.DEVNULL,
+        input=input,
+        stdin=subprocess.DEVNULL if input is None else None,
     )
 
 

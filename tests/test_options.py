@@ -205,3 +205,41 @@ def test_a_checked_scripts_session_has_no_compile_status(stub: pb_grpc.LambdaSer
     stored = session(stub, initialize(stub, "result = 1"))
     assert stored.compile_status == pb.COMPILE_STATUS_UNSPECIFIED
     assert stored.compile_error == ""
+
+
+def test_the_client_and_the_cli_send_typed_options(server: ServerThread) -> None:
+    """LambdaClient.initialize(options={...}) in seconds and integers, lambda-cli's --options."""
+    from lambda_microservice import LambdaClient
+    from tests.test_first_contact import lambda_cli
+
+    with LambdaClient(server.target) as client:
+        request_id = client.initialize(
+            "python-options", "result = 1", options={"timeout": 2.5, "memory_mb": 64, "cache_ttl": 30}
+        ).request_id
+        options = client.get_session(request_id).options
+        with pytest.raises(ValueError, match="unknown execution options"):
+            client.initialize("python-options", "result = 1", options={"timeout_ms": 5})
+    assert options.timeout.ToNanoseconds() == 2_500_000_000
+    assert (options.memory_mb, options.cache_ttl.seconds) == (64, 30)
+    created = lambda_cli(
+        "init",
+        "--language-title",
+        "python-options",
+        "--script",
+        "-",
+        "--options",
+        '{"max_processes": 3, "timeout": 1}',
+        target=server.target,
+        input="result = 2",
+    )
+    assert created.returncode == 0, created.stderr
+    assert '"request_id"' in created.stdout or '"requestId"' in created.stdout, created.stdout
+    refused = lambda_cli(
+        "init",
+        "--language-title",
+        "python-options",
+        "--options",
+        '{"memory_mb": "a lot"}',
+        target=server.target,
+    )
+    assert refused.returncode == 2 and "--options" in refused.stderr, refused.stderr

@@ -31,7 +31,7 @@ from lambda_microservice import LambdaClient, LambdaError, to_python
 from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_microservice.v1 import lambda_service_pb2_grpc as pb_grpc
 from lambda_server.config import DatabaseSettings
-from lambda_server.domain import CompileStatus, Deadline, NewSession
+from lambda_server.domain import CompileStatus, Deadline, NewSession, OptimizationLevel
 from lambda_server.errors import DatabaseUnavailable, ScriptLimitExceeded
 from lambda_server.runtimes.rust import RustToolchain
 from lambda_server.store import migrations
@@ -286,7 +286,9 @@ def test_each_caller_of_a_failed_compile_gets_an_error_of_its_own(
         try:
             ids = [str(uuid.uuid4()) for _ in range(3)]
             callers = [
-                asyncio.create_task(builds.compile_session(_new(i, SUM), "debug", Deadline.after(60)))
+                asyncio.create_task(
+                    builds.compile_session(_new(i, SUM), OptimizationLevel.DEBUG, Deadline.after(60))
+                )
                 for i in ids
             ]
             for _ in range(200):  # every caller's session stored, and the compile started

@@ -34,7 +34,7 @@ from lambda_microservice.errors import (
     UnavailableError,
     UnimplementedError,
 )
-from lambda_microservice.values import result, to_python, to_struct
+from lambda_microservice.values import execution_options, result, to_python, to_struct
 
 __all__ = [
     "EXECUTE_RETRY",
@@ -65,6 +65,7 @@ __all__ = [
     "UnauthenticatedError",
     "UnavailableError",
     "UnimplementedError",
+    "execution_options",
     "result",
     "to_python",
     "to_struct",

@@ -14,7 +14,7 @@ from google.protobuf.message import Message
 from lambda_microservice.client import DEFAULT_TARGET, LambdaClient
 from lambda_microservice.errors import LambdaError
 from lambda_microservice.v1 import lambda_service_pb2 as pb
-from lambda_microservice.values import result
+from lambda_microservice.values import execution_options, result
 
 # What each exit status means; --help shows this too.
 EXIT_CODES = """exit status:
@@ -59,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     init.add_argument("--context", default="{}", help="a JSON object")
     init.add_argument("--request-id", default=None, help="a UUID, to make retries safe")
+    init.add_argument(
+        "--options",
+        default=None,
+        help='a JSON object of execution options, e.g. {"timeout": 5, "memory_mb": 128, '
+        '"max_processes": 8, "cache_ttl": 60} (seconds for timeout and cache_ttl)',
+    )
     execute = commands.add_parser("exec", help="run a session's script (Execute)")
     execute.add_argument("request_id")
     execute.add_argument("--params", default="{}", help="a JSON object")
@@ -157,7 +163,20 @@ def _run(client: LambdaClient, args: argparse.Namespace) -> int:
     if args.command == "init":
         script = _script(args.script)
         context = _json_object(args.context, "--context")
-        _print(client.initialize(args.language_title, script, context=context, request_id=args.request_id))
+        options = _json_object(args.options, "--options") if args.options is not None else None
+        try:
+            request_options = execution_options(options)
+        except ValueError as exc:
+            raise _InputError(f"--options: {exc}") from None
+        _print(
+            client.initialize(
+                args.language_title,
+                script,
+                context=context,
+                request_id=args.request_id,
+                options=request_options,
+            )
+        )
     elif args.command == "exec":
         params = _json_object(args.params, "--params")
         response = client.execute(args.request_id, params, cache_control=args.cache_control)

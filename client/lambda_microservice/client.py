@@ -16,7 +16,7 @@ import grpc
 from lambda_microservice.errors import NotStartedError, from_rpc_error
 from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_microservice.v1 import lambda_service_pb2_grpc as pb_grpc
-from lambda_microservice.values import to_struct
+from lambda_microservice.values import execution_options, to_struct
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 30.0
@@ -81,6 +81,7 @@ def _initialize_request(
     context: Mapping[str, Any] | None,
     request_id: str | None,
     optimization_level: str | None = None,
+    options: pb.ExecutionOptions | Mapping[str, Any] | None = None,
 ) -> pb.InitializeRequest:
     levels = {None: pb.OPTIMIZATION_LEVEL_UNSPECIFIED, "debug": pb.OPTIMIZATION_LEVEL_DEBUG}
     levels["release"] = pb.OPTIMIZATION_LEVEL_RELEASE
@@ -94,6 +95,7 @@ def _initialize_request(
         # created the session returns the same session rather than another one
         request_id=request_id or str(uuid.uuid4()),
         compile_options=pb.CompileOptions(optimization_level=levels[optimization_level]),
+        options=execution_options(options),
     )
 
 
@@ -178,13 +180,18 @@ class LambdaClient:
         context: Mapping[str, Any] | None = None,
         request_id: str | None = None,
         optimization_level: str | None = None,
+        options: pb.ExecutionOptions | Mapping[str, Any] | None = None,
         timeout: float | None = None,
         metadata: Metadata = (),
     ) -> pb.InitializeResponse:
         """Create a session for a script; `request_id` (a UUID) names it, and is chosen here
         when not given, so that a retry returns the same session. `optimization_level`
-        ("debug" or "release") says how a Rust script is compiled."""
-        request = _initialize_request(language_title, script_content, context, request_id, optimization_level)
+        ("debug" or "release") says how a Rust script is compiled. `options` says how each
+        execution runs: an ExecutionOptions, or a mapping of `timeout` and `cache_ttl` (seconds),
+        `memory_mb` and `max_processes`; what it leaves out takes the server's defaults."""
+        request = _initialize_request(
+            language_title, script_content, context, request_id, optimization_level, options
+        )
         return self._call(self._stub.Initialize, request, timeout, metadata)
 
     def execute(
@@ -331,13 +338,18 @@ class AsyncLambdaClient:
         context: Mapping[str, Any] | None = None,
         request_id: str | None = None,
         optimization_level: str | None = None,
+        options: pb.ExecutionOptions | Mapping[str, Any] | None = None,
         timeout: float | None = None,
         metadata: Metadata = (),
     ) -> pb.InitializeResponse:
         """Create a session for a script; `request_id` (a UUID) names it, and is chosen here
         when not given, so that a retry returns the same session. `optimization_level`
-        ("debug" or "release") says how a Rust script is compiled."""
-        request = _initialize_request(language_title, script_content, context, request_id, optimization_level)
+        ("debug" or "release") says how a Rust script is compiled. `options` says how each
+        execution runs: an ExecutionOptions, or a mapping of `timeout` and `cache_ttl` (seconds),
+        `memory_mb` and `max_processes`; what it leaves out takes the server's defaults."""
+        request = _initialize_request(
+            language_title, script_content, context, request_id, optimization_level, options
+        )
         return await self._call(self._stub.Initialize, request, timeout, metadata)
 
     async def execute(

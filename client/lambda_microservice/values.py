@@ -59,3 +59,32 @@ def result(response: pb.ExecuteResponse) -> Any:
 
 def _exact_int(digits: str) -> int:
     return int(digits) if len(digits) <= _INT_DIGITS else int(decimal.Decimal(digits))
+
+
+# ExecutionOptions as keyword names a caller writes: seconds for the two Durations.
+OPTION_NAMES = ("timeout", "memory_mb", "max_processes", "cache_ttl")
+
+
+def execution_options(options: pb.ExecutionOptions | Mapping[str, Any] | None) -> pb.ExecutionOptions | None:
+    """An InitializeRequest's `options` from an ExecutionOptions, or from a mapping with any of
+    `timeout` and `cache_ttl` (seconds, a number) and `memory_mb` and `max_processes`
+    (integers); an option left out takes the server's default."""
+    if options is None or isinstance(options, pb.ExecutionOptions):
+        return options
+    unknown = sorted(set(options) - set(OPTION_NAMES))
+    if unknown:
+        raise ValueError(f"unknown execution options {unknown}: use {', '.join(OPTION_NAMES)}")
+    message = pb.ExecutionOptions()
+    for name in ("timeout", "cache_ttl"):
+        seconds = options.get(name)
+        if seconds is not None:
+            if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+                raise ValueError(f"options[{name!r}] must be a number of seconds, not {seconds!r}")
+            getattr(message, name).FromNanoseconds(round(seconds * 1e9))
+    for name in ("memory_mb", "max_processes"):
+        value = options.get(name)
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"options[{name!r}] must be an integer, not {value!r}")
+            setattr(message, name, value)
+    return message
