@@ -11,9 +11,12 @@ import sys
 import uuid
 from collections.abc import Iterator
 
+import grpc
 import pytest
 
-from lambda_microservice import InvalidArgumentError, LambdaClient, NotFoundError
+from lambda_microservice import LambdaClient, NotFoundError
+from lambda_microservice.v1 import lambda_service_pb2 as pb
+from lambda_microservice.v1 import lambda_service_pb2_grpc as pb_grpc
 from lambda_server import logs
 from tests.support import (
     ROOT,
@@ -45,8 +48,15 @@ def test_json_lines_and_the_request_id_on_lines_about_a_call(json_server: Server
         assert client.execute(session.request_id).logs.startswith("from the script")
         with pytest.raises(NotFoundError):
             client.execute(unknown)
-        with pytest.raises(InvalidArgumentError):  # no session: the caller's x-request-id names the call
-            client.initialize("python-logged", "def broken(:", metadata=(("x-request-id", trace),))
+    # no session, and no request_id (the client library always sends one): the caller's
+    # x-request-id names the call
+    with grpc.insecure_channel(json_server.target) as channel:
+        request = pb.InitializeRequest(language_title="python-logged", script_content="def broken(:")
+        with pytest.raises(grpc.RpcError) as refused_call:
+            pb_grpc.LambdaServiceStub(channel).Initialize(
+                request, timeout=20, metadata=(("x-request-id", trace),)
+            )
+        assert refused_call.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert json_server.stop() == 0
 
     records = []
