@@ -3,7 +3,15 @@
 Started by the parent as `python -I -S python_worker.py`; it imports nothing of the
 server. Requests come as frames on stdin, answers go as frames on the file
 descriptor named by LAMBDA_RESPONSE_FD; a frame is a 4-byte big-endian length and
-a UTF-8 JSON body. The script's own stdout and stderr are captured per execution.
+a UTF-8 JSON body, and an answer with a result appends a newline and the result's
+JSON text (see process.py). The script's own stdout and stderr are captured per
+execution.
+
+A result JSON cannot carry is an INVALID_RESULT answer, and the worker goes on:
+NaN and infinities (json's allow_nan=False), an integer past a double's range
+(10**400: no JSON reader but Python's holds it), a string that is not valid
+Unicode (a lone surrogate, "\ud800"). An integer within a double's range is
+written exactly, however large.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import io
 import json
 import linecache
 import os
+import re
 import sys
 import time
 import traceback
@@ -21,6 +30,9 @@ from typing import Any
 
 SCRIPT_NAME = "script.py"
 TRUNCATED = "\n[logs truncated]\n"
+# Every integer of 309 digits or more is at least 10**308: a result whose text has no
+# such run of digits holds no integer past a double's range, and is not walked.
+DOUBLE_DIGITS = re.compile("[0-9]{309}")
 WARM_UP = ("def handler(event):\n    return event['params']['n'] + 1\n", "result = params['n'] + 1\n")
 
 
@@ -92,7 +104,7 @@ class Worker:
             view = view[os.write(self.response_fd, view) :]
 
     def send(self, message: dict[str, Any]) -> None:
-        self.send_raw(json.dumps(message).encode())
+        self.send_raw(encode(message))
 
     # operations
 
@@ -115,19 +127,17 @@ class Worker:
                 return
             op, request_id = message.get("op"), int(message.get("id", 0))
             if op == "check":
-                answer = json.dumps(self.check(message["script"])).encode()
+                answer = encode(self.check(message["script"]))
             elif op == "load":  # bind the script, then run it with the event
                 loaded = self.load(message["script"])
                 if loaded["ok"]:
                     answer = self.run(message["event"])
                 else:
-                    answer = json.dumps({**loaded, "loaded": False}).encode()
+                    answer = encode({**loaded, "loaded": False})
             elif op == "run":
                 answer = self.run(message["event"])
             else:
-                answer = json.dumps(
-                    {"ok": False, "error": failure("RUNTIME_ERROR", f"unknown op {op!r}")}
-                ).encode()
+                answer = encode({"ok": False, "error": failure("RUNTIME_ERROR", f"unknown op {op!r}")})
             # every answer carries its request's id, so a frame the script forged is told apart
             self.send_raw(b'{"id":%d,' % request_id + answer[1:])
 
@@ -176,14 +186,21 @@ class Worker:
             return self.failed(runtime_failure(exc), logs, usage)
         try:
             encoded = json.dumps(result, allow_nan=False, ensure_ascii=False)
+            data = encoded.encode()
+        except UnicodeEncodeError:
+            message = "the result holds a string that is not valid Unicode (a lone surrogate)"
+            return self.failed(failure("INVALID_RESULT", message), logs, usage)
         except (TypeError, ValueError, RecursionError) as exc:
             message = f"the result is not JSON-representable: {exc}"
             return self.failed(failure("INVALID_RESULT", message), logs, usage)
-        if len(encoded.encode()) > self.max_result:
+        if DOUBLE_DIGITS.search(encoded) is not None and past_double(result):
+            message = "the result holds an integer past a double's range, which JSON readers cannot carry"
+            return self.failed(failure("INVALID_RESULT", message), logs, usage)
+        if len(data) > self.max_result:
             message = f"the result is larger than {self.max_result} bytes"
             return self.failed(failure("OUTPUT_LIMIT", message), logs, usage)
-        head = json.dumps({"ok": True, "logs": logs.text(), **usage.measure()})
-        return f'{head[:-1]},"result":{encoded}}}'.encode()
+        head = encode({"ok": True, "logs": logs.text(), **usage.measure()})
+        return head + b"\n" + data
 
     def call(self, event: dict[str, Any]) -> Any:
         if self.handler is not None:
@@ -203,7 +220,30 @@ class Worker:
         return value
 
     def failed(self, error: dict[str, Any], logs: LogBuffer, usage: Usage) -> bytes:
-        return json.dumps({"ok": False, "error": error, "logs": logs.text(), **usage.measure()}).encode()
+        return encode({"ok": False, "error": error, "logs": logs.text(), **usage.measure()})
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    """A message's compact JSON text. A lone surrogate in it (an error's message may quote
+    one) becomes "?": the parent refuses a frame that is not valid Unicode."""
+    return json.dumps(message, ensure_ascii=False).encode("utf-8", "replace")
+
+
+def past_double(value: Any) -> bool:
+    """Whether `value` holds an integer that no double holds (float() overflows)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, int) and not isinstance(item, bool):
+            try:
+                float(item)
+            except OverflowError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return False
 
 
 def _open_proc(name: str, flags: int) -> int:
