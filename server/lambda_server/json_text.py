@@ -2,9 +2,10 @@
 
 orjson is the fast path both ways, but it reads an integer past 64 bits as a
 float (silently: 2**64 comes back as 1.8446744073709552e19) and refuses to
-write one. Text that may hold such an integer (a run of 19 digits or more) is
-read by the standard library instead, and a value orjson will not write is
-written by it.
+write one. Text that may hold such an integer (a run of 19 digits or more,
+found by bytes.translate and find: about 1 ms a MiB, against 10 for a regular
+expression and 5 for orjson's parse) is read by the standard library instead,
+and a value orjson will not write is written by it.
 
 Refused, by both readers: text that is not JSON or not UTF-8; NaN and
 Infinity; a number past a double's range (1e400, 10**400), which no double
@@ -22,10 +23,13 @@ import orjson
 
 from lambda_server.domain import JSON
 
-# 2**63 has 19 digits: a shorter integer is within orjson's 64 bits.
-_LONG_DIGITS = re.compile(r"[0-9]{19}")
+# 2**63 has 19 digits: a shorter integer is within orjson's 64 bits. Digits become "0",
+# everything else " ", and a run of 19 zeros is looked for.
+_LONG_DIGITS = 19
+_DIGITS = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x20 for byte in range(256))
+_DIGIT_RUN = b"0" * _LONG_DIGITS
 # A \u escape of a surrogate: only text holding one may read into a lone surrogate.
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 # Every integer of 309 digits or more is at least 10**308; below that, float() never overflows.
 _DOUBLE_DIGITS = 309
@@ -39,22 +43,28 @@ class TooDeep(Refused):
     """The text is nested deeper than the parser follows (about 1000 levels)."""
 
 
-def loads(text: str) -> JSON:
-    """The value `text` holds, integers exact; Refused (or TooDeep) when it is not carried."""
-    if _LONG_DIGITS.search(text) is None:
+def loads(data: bytes) -> JSON:
+    """The value the UTF-8 JSON text `data` holds, integers exact; Refused (or TooDeep) when it
+    is not carried."""
+    if len(data) < _LONG_DIGITS or data.translate(_DIGITS).find(_DIGIT_RUN) < 0:
         try:
-            return orjson.loads(text)
+            return orjson.loads(data)
         except orjson.JSONDecodeError:
             pass  # not JSON, or past orjson's nesting limit: the standard library says which
     try:
         value = json.loads(
-            text, parse_constant=_no_constant, parse_float=_finite_float, parse_int=_double_int
+            data.decode(),  # strict: bytes that are not UTF-8, or encode a surrogate, are refused
+            parse_constant=_no_constant,
+            parse_float=_finite_float,
+            parse_int=_double_int,
         )
     except RecursionError:
         raise TooDeep("nested too deep to read") from None
+    except UnicodeDecodeError:
+        raise Refused("it is not valid UTF-8") from None
     except ValueError as exc:  # json.JSONDecodeError is one
         raise Refused(str(exc)) from None
-    if _SURROGATE_ESCAPE.search(text) is not None:
+    if _SURROGATE_ESCAPE.search(data) is not None:
         _check_strings(value)
     return value
 

@@ -147,7 +147,7 @@ class ResultCache:
             return None
         self._entries.move_to_end(key)
         self._metrics.cache_requests.labels("hit").inc()
-        return CachedResult(json_text.loads(entry.result_json), entry.result_json)
+        return CachedResult(json_text.loads(entry.result_json.encode()), entry.result_json)
 
     def put(self, key: bytes, result_json: str, keep_for: float) -> None:
         """Keep a result, by its JSON text (as json_text read it once: it reads again)."""

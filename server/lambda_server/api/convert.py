@@ -75,7 +75,12 @@ class ExecuteParams(Protocol):
 
 class ExecutePayloads:
     """Execute's params and result, each converted once, within MAX_JSON_NODES and
-    MAX_JSON_DEPTH; the call's request log reuses what was converted (CallInfo)."""
+    MAX_JSON_DEPTH; the call's request log reuses what was converted (CallInfo).
+
+    MAX_JSON_DEPTH's default, 32, keeps every result within what protobuf clients decode
+    by default: 100 nested messages, and a JSON level costs two (a Value, then its Struct or
+    ListValue), so the project's Python client reads 32 levels and fails at 50
+    (tests/test_exact_json.py reads a result at the limit with it)."""
 
     def __init__(self, max_nodes: int, max_depth: int) -> None:
         self._max_nodes = max_nodes
@@ -87,13 +92,13 @@ class ExecutePayloads:
         `params_json` (the text of a JSON object, read exactly); InvalidRequest when they do not
         hold, or when both are set."""
         text = request.params_json
-        if text and request.HasField("params"):
-            raise InvalidRequest(
-                "params and params_json are both set: send the parameters in one of them",
-                field="params_json",
-            )
-        tally = payloads.Tally(self._max_nodes, self._max_depth)
         call = current_call()
+        if text and request.HasField("params"):
+            message = "params and params_json are both set: send the parameters in one of them"
+            if call is not None:
+                call.params = Payload(None, 0, message)
+            raise InvalidRequest(message, field="params_json")
+        tally = payloads.Tally(self._max_nodes, self._max_depth)
         field = "params_json" if text else "params"
         try:
             if text:
@@ -117,7 +122,7 @@ class ExecutePayloads:
     def _parse(self, text: str, tally: payloads.Tally) -> payloads.Steps:
         """params_json's object, measured against the bounds; Malformed or PastBound."""
         try:
-            params = json_text.loads(text)
+            params = json_text.loads(text.encode())
         except json_text.TooDeep:  # deeper than the parser goes, so past any MAX_JSON_DEPTH
             raise payloads.PastBound(
                 "MAX_JSON_DEPTH", self._max_depth, f"nested more than {self._max_depth} levels deep"

@@ -219,15 +219,14 @@ class WorkerProcess:
             await asyncio.wait(pending, timeout=0.5)
             raise WorkerCrashed(self._describe_exit("the worker closed its pipe")) from None
         newline = body.find(b"\n")
-        view = memoryview(body)
         try:
-            message = orjson.loads(view if newline < 0 else view[:newline])
+            message = orjson.loads(body if newline < 0 else memoryview(body)[:newline])
         except orjson.JSONDecodeError as exc:
             raise WorkerCrashed(f"the worker sent a frame that is not JSON: {exc}") from None
         if not isinstance(message, dict):
             raise WorkerCrashed("the worker sent a frame that is not an object")
         if newline >= 0:
-            _read_result(message, view[newline + 1 :])
+            _read_result(message, body[newline + 1 :])
         elif message.get("ok") and "result" in message:
             # a Rust program compiled before results came as text of their own (programs are
             # stored by script and toolchain): serde_json's numbers are 64-bit, which orjson reads exactly
@@ -279,20 +278,18 @@ class WorkerProcess:
                 await asyncio.get_running_loop().run_in_executor(None, self._popen.wait, 10)
 
 
-def _read_result(answer: dict[str, Any], text: memoryview) -> None:
+def _read_result(answer: dict[str, Any], text: bytes) -> None:
     """Read an answer's result from its JSON text, and keep the text as `result_json`; a
     result JSON cannot carry makes the answer an INVALID_RESULT failure instead."""
     try:
-        result_json = str(text, "utf-8")
-        answer["result"] = json_text.loads(result_json)
-    except (UnicodeDecodeError, json_text.Refused) as exc:
-        problem = "it is not valid UTF-8" if isinstance(exc, UnicodeDecodeError) else str(exc)
+        answer["result"] = json_text.loads(text)
+    except json_text.Refused as exc:
         answer.pop("result", None)
         answer["ok"] = False
-        message = f"the result cannot be carried as JSON: {problem}"
+        message = f"the result cannot be carried as JSON: {exc}"
         answer["error"] = {"code": "INVALID_RESULT", "message": message}
         return
-    answer["result_json"] = result_json
+    answer["result_json"] = text.decode()  # UTF-8: json_text read it
 
 
 async def run_command(

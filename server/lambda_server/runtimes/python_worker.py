@@ -22,7 +22,6 @@ import io
 import json
 import linecache
 import os
-import re
 import sys
 import time
 import traceback
@@ -30,9 +29,11 @@ from typing import Any
 
 SCRIPT_NAME = "script.py"
 TRUNCATED = "\n[logs truncated]\n"
-# Every integer of 309 digits or more is at least 10**308: a result whose text has no
-# such run of digits holds no integer past a double's range, and is not walked.
-DOUBLE_DIGITS = re.compile("[0-9]{309}")
+# An integer past a double's range has 309 digits or more: a result whose text has no such
+# run of digits is not walked. Digits become "0", the rest " ", and find looks for the run
+# (about 1 ms a MiB; a regular expression takes 10).
+DIGITS = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x20 for byte in range(256))
+DOUBLE_DIGITS = b"0" * 309
 WARM_UP = ("def handler(event):\n    return event['params']['n'] + 1\n", "result = params['n'] + 1\n")
 
 
@@ -193,7 +194,11 @@ class Worker:
         except (TypeError, ValueError, RecursionError) as exc:
             message = f"the result is not JSON-representable: {exc}"
             return self.failed(failure("INVALID_RESULT", message), logs, usage)
-        if DOUBLE_DIGITS.search(encoded) is not None and past_double(result):
+        if (
+            len(data) >= len(DOUBLE_DIGITS)
+            and DOUBLE_DIGITS in data.translate(DIGITS)
+            and past_double(result)
+        ):
             message = "the result holds an integer past a double's range, which JSON readers cannot carry"
             return self.failed(failure("INVALID_RESULT", message), logs, usage)
         if len(data) > self.max_result:
