@@ -8,8 +8,8 @@ session's `context.cache_ttl_seconds` (0 or absent: off) applies as max-age.
 
 Only successful results are kept, as their JSON text (result_json): a hit
 answers with the text the execution answered with, and the value read from it
-again (orjson: a small part of building the response's Value). The owner is part of the key so one tenant
-never receives a result another tenant's execution produced. The event a script
+again (orjson: a small part of building the response's Value). The owner is
+part of the key so one tenant never receives a result another tenant's execution produced. The event a script
 sees also holds the session's request_id; a script whose result depends on it
 should not opt in. Each replica has its own cache, bounded by RESULT_CACHE_BYTES,
 the least recently used entry going first.

@@ -121,6 +121,8 @@ class ExecutePayloads:
 
     def _parse(self, text: str, tally: payloads.Tally) -> payloads.Steps:
         """params_json's object, measured against the bounds; Malformed or PastBound."""
+        if len(text) > payloads.PARSED_AT_ONCE:
+            yield  # a large text is parsed in its owner's turn (Pacer.run)
         try:
             params = json_text.loads(text.encode())
         except json_text.TooDeep:  # deeper than the parser goes, so past any MAX_JSON_DEPTH

@@ -4,8 +4,10 @@ Params are read from the wire bytes of their google.protobuf.Struct, here, rathe
 than parsed by protobuf and then walked again: protobuf's parse of a 4 MiB Struct
 (180,000 keys) holds the GIL for about 0.4 s in C, and no thread or slice can
 interrupt it. Params sent as JSON text (params_json) are parsed by json_text
-(orjson: about 10 ms for 4 MiB) and then measured. Results are built into the
-response's Value as before. The walks count nodes and depth as they go (past a
+in one piece, which no slice interrupts either (orjson: about 12 ms a MiB, so up
+to 50 ms for the largest message), and then measured in slices; a text past
+PARSED_AT_ONCE waits for its owner's turn first, as a large Struct does.
+Results are built into the response's Value as before. The walks count nodes and depth as they go (past a
 bound they stop at once), estimate the JSON size for the request log, and yield
 every SLICE_NODES nodes: a caller that awaits between slices keeps each stall of
 the loop to about a millisecond.
@@ -34,6 +36,9 @@ SLICE_NODES = 250
 # share of the CPU, to the other calls. Without a rest (sleep(0)), another tenant's
 # Execute took +15 ms under the attack of tests/test_fairness_api.py; with one, +5 ms.
 REST_FACTOR = 3.0
+# params_json bytes parsed as the first slice (about a millisecond with orjson); a larger
+# text is parsed in its owner's turn, and its owner rests after it.
+PARSED_AT_ONCE = 64 * 1024
 REST_CEILING = 0.01
 _MAX_SAFE = 2**53
 _DOUBLE = struct.Struct("<d").unpack_from
