@@ -225,6 +225,7 @@ class ExecutionOutcome:
     environment: EnvironmentState | None = None
     cpu_time: float = 0.0
     peak_memory: int = 0
+    result_json: str = ""  # the result's JSON text as the script's runtime wrote it (exact)
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,10 @@ default (none unless it has one); `no-store` neither reads nor keeps. With no `c
 session's cache TTL (ExecutionOptions.cache_ttl, or the original's
 `context.cache_ttl_seconds`; unset or 0: off) applies as max-age.
 
-Only successful results are kept. The owner is part of the key so one tenant
-never receives a result another tenant's execution produced. The event a script
+Only successful results are kept, as their JSON text (result_json): a hit
+answers with the text the execution answered with, and the value read from it
+again (orjson: a small part of building the response's Value). The owner is
+part of the key so one tenant never receives a result another tenant's execution produced. The event a script
 sees also holds the session's request_id; a script whose result depends on it
 should not opt in. Each replica has its own cache, bounded by RESULT_CACHE_BYTES,
 the least recently used entry going first.
@@ -23,8 +25,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import orjson
-
+from lambda_server import json_text
 from lambda_server.domain import JSON
 from lambda_server.errors import InvalidRequest
 from lambda_server.metrics import Metrics
@@ -93,14 +94,23 @@ def parse_cache_control(cache_control: str) -> CacheControl:
 def cache_key(
     owner: str, runtime: str, script_hash: str, context: dict[str, JSON], params: dict[str, JSON]
 ) -> bytes:
-    """A digest of everything the result may depend on, with object keys in canonical order."""
-    body = orjson.dumps([owner, runtime, script_hash, context, params], option=orjson.OPT_SORT_KEYS)
+    """A digest of everything the result may depend on, with object keys in canonical order
+    (params read from params_json may hold integers past 64 bits, and 1 is not 1.0)."""
+    body = json_text.dumps([owner, runtime, script_hash, context, params], sort_keys=True)
     return hashlib.blake2b(body, digest_size=20).digest()
 
 
 @dataclass(frozen=True)
-class _Entry:
+class CachedResult:
+    """A kept result: the value and its JSON text, as the execution answered them."""
+
     result: JSON
+    result_json: str
+
+
+@dataclass(frozen=True)
+class _Entry:
+    result_json: str
     stored_at: float
     expires_at: float
     size: int
@@ -116,26 +126,27 @@ class ResultCache:
         self._bytes = 0
         self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
 
-    def get(self, key: bytes, max_age: float) -> tuple[bool, JSON]:
-        """(True, result) for an entry no older than max_age and unexpired, else (False, None)."""
+    def get(self, key: bytes, max_age: float) -> CachedResult | None:
+        """The entry when it is no older than max_age and unexpired, else None."""
         entry = self._entries.get(key)
         now = self._clock()
         if entry is None or now >= entry.expires_at or now - entry.stored_at > max_age:
             self._metrics.cache_requests.labels("miss").inc()
-            return False, None
+            return None
         self._entries.move_to_end(key)
         self._metrics.cache_requests.labels("hit").inc()
-        return True, entry.result
+        return CachedResult(json_text.loads(entry.result_json.encode()), entry.result_json)
 
-    def put(self, key: bytes, result: JSON, keep_for: float) -> None:
-        size = len(orjson.dumps(result)) + 100  # the entry's own overhead, roughly
+    def put(self, key: bytes, result_json: str, keep_for: float) -> None:
+        """Keep a result, by its JSON text (as json_text read it once: it reads again)."""
+        size = len(result_json) + 100  # the entry's own overhead, roughly
         if size > self._max_bytes or keep_for <= 0:
             return
         old = self._entries.pop(key, None)
         if old is not None:
             self._bytes -= old.size
         now = self._clock()
-        self._entries[key] = _Entry(result, now, now + keep_for, size)
+        self._entries[key] = _Entry(result_json, now, now + keep_for, size)
         self._bytes += size
         while self._bytes > self._max_bytes:
             _, dropped = self._entries.popitem(last=False)

@@ -2,19 +2,22 @@
 
 json_format is several times slower on the hot path, and turns every number
 into a float; here an integral number within 2**53 becomes a Python int, so a
-script receives 5 for 5 rather than 5.0.
+script receives 5 for 5 rather than 5.0. Exact JSON travels as text beside the
+Structs and Values: params_json is read by json_text (integers of any size, 1
+apart from 1.0), and result_json is the text the script's runtime wrote.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from google.protobuf import struct_pb2
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from lambda_microservice.v1 import lambda_service_pb2 as pb
+from lambda_server import json_text
 from lambda_server.api import payloads
 from lambda_server.domain import (
     JSON,
@@ -79,36 +82,77 @@ _FUNCTION_TYPE_FILTER: dict[int, FunctionType] = {int(value): key for key, value
 RawExecuteRequest = payloads.raw_twin(pb.ExecuteRequest, "params")
 
 
+class ExecuteParams(Protocol):
+    """The params of an ExecuteRequest as Execute receives it (RawExecuteRequest)."""
+
+    params: bytes  # a google.protobuf.Struct's wire bytes
+    params_json: str
+
+    def HasField(self, field_name: str) -> bool: ...
+
+
 class ExecutePayloads:
     """Execute's params and result, each converted once, within MAX_JSON_NODES and
-    MAX_JSON_DEPTH; the call's request log reuses what was converted (CallInfo)."""
+    MAX_JSON_DEPTH; the call's request log reuses what was converted (CallInfo).
+
+    MAX_JSON_DEPTH's default, 32, keeps every result within what protobuf clients decode
+    by default: 100 nested messages, and a JSON level costs two (a Value, then its Struct or
+    ListValue), so the project's Python client reads 32 levels and fails at 50
+    (tests/test_exact_json.py reads a result at the limit with it)."""
 
     def __init__(self, max_nodes: int, max_depth: int) -> None:
         self._max_nodes = max_nodes
         self._max_depth = max_depth
         self._pacer = payloads.Pacer()
 
-    async def params(self, data: bytes, owner: str) -> dict[str, JSON]:
-        """The params of an ExecuteRequest (its wire bytes), or InvalidRequest."""
-        tally = payloads.Tally(self._max_nodes, self._max_depth)
+    async def params(self, request: ExecuteParams, owner: str) -> dict[str, JSON]:
+        """The params of an ExecuteRequest, from `params` (a Struct's wire bytes) or
+        `params_json` (the text of a JSON object, read exactly); InvalidRequest when they do not
+        hold, or when both are set."""
+        text = request.params_json
         call = current_call()
-        try:
-            params: dict[str, JSON] = await self._pacer.run(payloads.decode_struct(data, tally), owner)
-        except payloads.PastBound as past:
-            message = f"params: {past.what}, past {past.setting} ({past.limit})"
+        if text and request.HasField("params"):
+            message = "params and params_json are both set: send the parameters in one of them"
             if call is not None:
                 call.params = Payload(None, 0, message)
-            raise InvalidRequest(
-                message, field="params", setting=past.setting, limit=str(past.limit)
-            ) from None
+            raise InvalidRequest(message, field="params_json")
+        tally = payloads.Tally(self._max_nodes, self._max_depth)
+        field = "params_json" if text else "params"
+        try:
+            if text:
+                steps = self._parse(text, tally)
+            else:
+                steps = payloads.decode_struct(request.params, tally)
+            params: dict[str, JSON] = await self._pacer.run(steps, owner)
+        except payloads.PastBound as past:
+            message = f"{field}: {past.what}, past {past.setting} ({past.limit})"
+            if call is not None:
+                call.params = Payload(None, 0, message)
+            raise InvalidRequest(message, field=field, setting=past.setting, limit=str(past.limit)) from None
         except payloads.Malformed as exc:
             if call is not None:
                 call.params = Payload(None, 0, str(exc))
-            raise InvalidRequest(
-                f"the request is not a valid ExecuteRequest: {exc}", field="params"
-            ) from None
+            raise InvalidRequest(f"the request is not a valid ExecuteRequest: {exc}", field=field) from None
         if call is not None:
             call.params = Payload(params, tally.size)
+        return params
+
+    def _parse(self, text: str, tally: payloads.Tally) -> payloads.Steps:
+        """params_json's object, measured against the bounds; Malformed or PastBound."""
+        if len(text) > payloads.PARSED_AT_ONCE:
+            yield  # a large text is parsed in its owner's turn (Pacer.run)
+        try:
+            params = json_text.loads(text.encode())
+        except json_text.TooDeep:  # deeper than the parser goes, so past any MAX_JSON_DEPTH
+            raise payloads.PastBound(
+                "MAX_JSON_DEPTH", self._max_depth, f"nested more than {self._max_depth} levels deep"
+            ) from None
+        except json_text.Refused as exc:
+            raise payloads.Malformed(f"params_json is not JSON a script can be given: {exc}") from None
+        if not isinstance(params, dict):
+            raise payloads.Malformed(f"params_json is a JSON {_json_kind(params)}, not an object")
+        yield from payloads.measure(params, tally)
+        tally.size = len(text)
         return params
 
     async def response(self, execution: ExecutionResult, owner: str) -> pb.ExecuteResponse:
@@ -121,20 +165,31 @@ class ExecutePayloads:
         call = current_call()
         try:
             await self._pacer.run(payloads.fill_value(result, response.result, tally), owner)
-        except (payloads.PastBound, TypeError) as exc:
+        except (payloads.PastBound, TypeError, ValueError, OverflowError) as exc:
             if isinstance(exc, payloads.PastBound):
                 message = f"the result: {exc.what}, past {exc.setting} ({exc.limit})"
-            else:
-                message = f"the result is not JSON: {exc}"
+            else:  # what json_text refuses already; a second line
+                message = f"the result cannot be carried as JSON: {exc}"
             response.ClearField("result")
             code = pb.EXECUTION_ERROR_CODE_INVALID_RESULT
             response.error.CopyFrom(pb.ExecutionError(code=code, message=message))
             if call is not None:
                 call.result = Payload(None, 0, message)
             return response
+        response.result_json = execution.outcome.result_json
         if call is not None:
             call.result = Payload(result, tally.size)
         return response
+
+
+def _json_kind(value: JSON) -> str:
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bool):
+        return "boolean"
+    return "null" if value is None else "number"
 
 
 # value_to_python's recursion is bounded: protobuf refuses messages nested deeper than

@@ -3,10 +3,14 @@
 Params are read from the wire bytes of their google.protobuf.Struct, here, rather
 than parsed by protobuf and then walked again: protobuf's parse of a 4 MiB Struct
 (180,000 keys) holds the GIL for about 0.4 s in C, and no thread or slice can
-interrupt it. Results are built into the response's Value as before. Both walks
-count nodes and depth as they go (past a bound they stop at once), estimate the
-JSON size for the request log, and yield every SLICE_NODES nodes: a caller that
-awaits between slices keeps each stall of the loop to about a millisecond.
+interrupt it. Params sent as JSON text (params_json) are parsed by json_text
+in one piece, which no slice interrupts either (orjson: about 12 ms a MiB, so up
+to 50 ms for the largest message), and then measured in slices; a text past
+PARSED_AT_ONCE waits for its owner's turn first, as a large Struct does.
+Results are built into the response's Value as before. The walks count nodes and depth as they go (past a
+bound they stop at once), estimate the JSON size for the request log, and yield
+every SLICE_NODES nodes: a caller that awaits between slices keeps each stall of
+the loop to about a millisecond.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ SLICE_NODES = 250
 # share of the CPU, to the other calls. Without a rest (sleep(0)), another tenant's
 # Execute took +15 ms under the attack of tests/test_fairness_api.py; with one, +5 ms.
 REST_FACTOR = 3.0
+# params_json bytes parsed as the first slice (about a millisecond with orjson); a larger
+# text is parsed in its owner's turn, and its owner rests after it.
+PARSED_AT_ONCE = 64 * 1024
 REST_CEILING = 0.01
 _MAX_SAFE = 2**53
 _DOUBLE = struct.Struct("<d").unpack_from
@@ -126,7 +133,8 @@ class Pacer:
 
 def raw_twin(message_class: type[Message], field: str) -> type[Message]:
     """A message class like `message_class` whose Struct `field` is kept as its wire bytes,
-    for decode_struct; the other fields are parsed by protobuf as usual."""
+    for decode_struct, with presence (HasField says whether it was sent, even empty); the
+    other fields are parsed by protobuf as usual."""
     descriptor = message_class.DESCRIPTOR
     file = descriptor_pb2.FileDescriptorProto(
         name=f"lambda_server/raw/{descriptor.full_name}.proto", package="lambda_server.raw", syntax="proto3"
@@ -139,6 +147,9 @@ def raw_twin(message_class: type[Message], field: str) -> type[Message]:
         if each.name == field:
             each.type = descriptor_pb2.FieldDescriptorProto.TYPE_BYTES
             each.ClearField("type_name")
+            each.proto3_optional = True  # a message field has presence: keep it
+            each.oneof_index = len(message.oneof_decl)
+            message.oneof_decl.add(name=f"_{field}")
     pool = descriptor_pool.DescriptorPool()
     pool.Add(file)
     return GetMessageClass(pool.FindMessageTypeByName(f"lambda_server.raw.{descriptor.name}"))
@@ -281,11 +292,34 @@ def _value(data: bytes, pos: int, end: int, tally: Tally, depth: int) -> Steps:
     return result
 
 
+# Params as JSON text: the parsed value, measured
+
+
+def measure(data: JSON, tally: Tally) -> Steps:
+    """Count a parsed value's nodes and depth against the tally's bounds (PastBound), as
+    decode_struct counts a Struct's: the value itself is a node, and an object at the top is
+    at depth 1."""
+    tally.count()
+    if isinstance(data, dict | list):
+        yield from _measure(data, tally, 1)
+
+
+def _measure(container: dict[str, JSON] | list[JSON], tally: Tally, depth: int) -> Steps:
+    tally.enter(depth)
+    for item in container.values() if isinstance(container, dict) else container:
+        if tally.count():
+            yield
+        if isinstance(item, dict | list):
+            yield from _measure(item, tally, depth + 1)
+
+
 # Results: a JSON value (as decoded from a worker's answer) -> google.protobuf.Value
 
 
 def fill_value(data: JSON, target: struct_pb2.Value, tally: Tally) -> Steps:
-    """Fill `target` with `data`; PastBound, or TypeError for what is not JSON."""
+    """Fill `target` with `data`; PastBound, TypeError for what is not JSON, OverflowError for
+    an integer past a double's range, UnicodeEncodeError for a string that is not valid Unicode
+    (json_text refuses the last two before they get here: these are the second line)."""
     return _fill(data, target, tally, 0)
 
 

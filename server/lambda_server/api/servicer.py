@@ -29,11 +29,10 @@ RATE_REMAINING_HEADER = "x-ratelimit-remaining"
 RESPONSE_MARGIN = 0.05  # seconds
 
 
-class RawExecuteRequest(Protocol):
+class RawExecuteRequest(convert.ExecuteParams, Protocol):
     """An ExecuteRequest as Execute receives it: params still in their wire bytes."""
 
     request_id: str
-    params: bytes
     cache_control: str
 
 
@@ -93,7 +92,7 @@ class LambdaServicer(pb_grpc.LambdaServiceServicer):
             )
         execution = await self._usecases.execute(
             request.request_id,
-            await self._payloads.params(request.params, caller.owner),
+            await self._payloads.params(request, caller.owner),
             caller,
             _deadline(context),
             request.cache_control,

@@ -2,8 +2,14 @@
 //
 // Requests come as frames on stdin, answers go as frames on the file descriptor
 // named by LAMBDA_RESPONSE_FD; a frame is a 4-byte big-endian length and a UTF-8
-// JSON body. vm is used only to compile with a file name and line offset; the
-// isolation boundary is the process, never the interpreter.
+// JSON body, and an answer with a result appends a newline and the result's JSON
+// text (see process.py). vm is used only to compile with a file name and line
+// offset; the isolation boundary is the process, never the interpreter.
+//
+// A result JSON cannot carry is an INVALID_RESULT answer, and the worker goes on:
+// NaN and infinities, a BigInt, and a string that is not valid Unicode (a lone
+// surrogate, "\uD800"). Numbers here are doubles, params' included: an integer
+// past 2^53 in params_json reaches a script rounded.
 'use strict';
 
 const fs = require('fs');
@@ -16,6 +22,9 @@ const TRUNCATED = '\n[logs truncated]\n';
 const RESPONSE_FD = Number(process.env.LAMBDA_RESPONSE_FD);
 const MAX_LOGS = Number(process.env.LAMBDA_MAX_LOG_BYTES || 65536);
 const MAX_RESULT = Number(process.env.LAMBDA_MAX_RESULT_BYTES || 1048576);
+// JSON.stringify writes a lone surrogate as a \u escape (a pair stays as is): an
+// escape of a surrogate that follows an even run of backslashes is one.
+const LONE_SURROGATE = /(?<!\\)(?:\\\\)*\\ud[89a-f]/;
 const MODULE_STYLE = /\bmodule\.exports\b|\bexports\.[A-Za-z_$][\w$]*\s*=/;
 
 let handler = null;
@@ -72,8 +81,14 @@ function send(body) {
   }
 }
 
+// A string with each lone surrogate replaced by U+FFFD: an error's message may quote one,
+// and the parent refuses a frame that is not valid Unicode.
+function wellFormed(text) {
+  return typeof text === 'string' ? Buffer.from(text, 'utf8').toString('utf8') : text;
+}
+
 function failure(code, message, line = 0, column = 0, stack = '') {
-  return { code, message, line, column, stack };
+  return { code, message: wellFormed(message), line, column, stack: wellFormed(stack) };
 }
 
 function position(err) {
@@ -246,12 +261,15 @@ async function run(event) {
     const message = `the result is not JSON-representable: ${err.message}`;
     return answer({ ok: false, error: failure('INVALID_RESULT', message) });
   }
+  if (encoded.includes('\\ud') && LONE_SURROGATE.test(encoded)) {
+    const message = 'the result holds a string that is not valid Unicode (a lone surrogate)';
+    return answer({ ok: false, error: failure('INVALID_RESULT', message) });
+  }
   if (Buffer.byteLength(encoded, 'utf8') > MAX_RESULT) {
     const message = `the result is larger than ${MAX_RESULT} bytes`;
     return answer({ ok: false, error: failure('OUTPUT_LIMIT', message) });
   }
-  const head = answer({ ok: true });
-  return `${head.slice(0, -1)},"result":${encoded}}`;
+  return `${answer({ ok: true })}\n${encoded}`;
 }
 
 async function handle(message) {

@@ -528,7 +528,8 @@ def _outcome(answer: dict[str, Any], started: float, state: EnvironmentState) ->
     cpu = _float(answer.get("cpu"))
     peak = answer_int(answer.get("peak"), limit=2**62)
     if answer.get("ok"):
-        return ExecutionOutcome(answer.get("result"), None, duration, logs, state, cpu, peak)
+        result_json = str(answer.get("result_json", ""))
+        return ExecutionOutcome(answer.get("result"), None, duration, logs, state, cpu, peak, result_json)
     error = answer.get("error") or {}
     try:
         code = FailureCode(error.get("code"))

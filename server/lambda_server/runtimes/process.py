@@ -1,8 +1,14 @@
 """One worker process and the framed protocol spoken with it over pipes.
 
-A frame is a 4-byte big-endian length and a UTF-8 JSON body. Requests go to the
+A frame is a 4-byte big-endian length and a UTF-8 body. Requests go to the
 worker's stdin; answers come on a pipe of their own (LAMBDA_RESPONSE_FD), so
-nothing the script prints can be mistaken for an answer.
+nothing the script prints can be mistaken for an answer. A request's body, and
+an answer's, is a JSON object; an answer that carries a result is that object,
+a newline (which no compact JSON text holds) and the result's JSON text, so
+that the text reaches the caller as the worker wrote it (ExecuteResponse's
+result_json: integers of any size, `1` apart from `1.0`) and is read once. A
+result JSON cannot carry (json_text.Refused) makes the answer an INVALID_RESULT
+failure; the worker is fine, and kept.
 
 Workers are started with subprocess.Popen (fork + exec of async-signal-safe code
 only) in a thread, and their exit is watched through a pidfd. The event loop's
@@ -28,6 +34,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
+
+from lambda_server import json_text
 
 STDERR_TAIL_BYTES = 16 * 1024
 # What the server reads of a worker's stderr per request: past it, reading stops until
@@ -175,7 +183,7 @@ class WorkerProcess:
             self._stderr_refilled.set()
         try:
             assert self._requests is not None
-            body = orjson.dumps({**message, "id": request_id})
+            body = json_text.dumps({**message, "id": request_id})  # params may hold integers past 64 bits
             async with asyncio.timeout(timeout):
                 self._requests.write(len(body).to_bytes(4, "big") + body)
                 if self._requests.transport.get_write_buffer_size():  # the pipe is full: wait for room
@@ -210,12 +218,19 @@ class WorkerProcess:
                 pending.append(self._stderr_task)
             await asyncio.wait(pending, timeout=0.5)
             raise WorkerCrashed(self._describe_exit("the worker closed its pipe")) from None
+        newline = body.find(b"\n")
         try:
-            message = orjson.loads(body)
+            message = orjson.loads(body if newline < 0 else memoryview(body)[:newline])
         except orjson.JSONDecodeError as exc:
             raise WorkerCrashed(f"the worker sent a frame that is not JSON: {exc}") from None
         if not isinstance(message, dict):
             raise WorkerCrashed("the worker sent a frame that is not an object")
+        if newline >= 0:
+            _read_result(message, body[newline + 1 :])
+        elif message.get("ok") and "result" in message:
+            # a Rust program compiled before results came as text of their own (programs are
+            # stored by script and toolchain): serde_json's numbers are 64-bit, which orjson reads exactly
+            message["result_json"] = json_text.dumps(message["result"]).decode()
         return message
 
     def _describe_exit(self, what: str) -> str:
@@ -261,6 +276,20 @@ class WorkerProcess:
         if self._popen.returncode is None:  # no watch, or a slow exit: reap it in a thread
             with contextlib.suppress(subprocess.TimeoutExpired):
                 await asyncio.get_running_loop().run_in_executor(None, self._popen.wait, 10)
+
+
+def _read_result(answer: dict[str, Any], text: bytes) -> None:
+    """Read an answer's result from its JSON text, and keep the text as `result_json`; a
+    result JSON cannot carry makes the answer an INVALID_RESULT failure instead."""
+    try:
+        answer["result"] = json_text.loads(text)
+    except json_text.Refused as exc:
+        answer.pop("result", None)
+        answer["ok"] = False
+        message = f"the result cannot be carried as JSON: {exc}"
+        answer["error"] = {"code": "INVALID_RESULT", "message": message}
+        return
+    answer["result_json"] = text.decode()  # UTF-8: json_text read it
 
 
 async def run_command(

@@ -3,7 +3,15 @@
 Started by the parent as `python -I -S python_worker.py`; it imports nothing of the
 server. Requests come as frames on stdin, answers go as frames on the file
 descriptor named by LAMBDA_RESPONSE_FD; a frame is a 4-byte big-endian length and
-a UTF-8 JSON body. The script's own stdout and stderr are captured per execution.
+a UTF-8 JSON body, and an answer with a result appends a newline and the result's
+JSON text (see process.py). The script's own stdout and stderr are captured per
+execution.
+
+A result JSON cannot carry is an INVALID_RESULT answer, and the worker goes on:
+NaN and infinities (json's allow_nan=False), an integer past a double's range
+(10**400: no JSON reader but Python's holds it), a string that is not valid
+Unicode (a lone surrogate, "\ud800"). An integer within a double's range is
+written exactly, however large.
 """
 
 from __future__ import annotations
@@ -21,6 +29,11 @@ from typing import Any
 
 SCRIPT_NAME = "script.py"
 TRUNCATED = "\n[logs truncated]\n"
+# An integer past a double's range has 309 digits or more: a result whose text has no such
+# run of digits is not walked. Digits become "0", the rest " ", and find looks for the run
+# (about 1 ms a MiB; a regular expression takes 10).
+DIGITS = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x20 for byte in range(256))
+DOUBLE_DIGITS = b"0" * 309
 WARM_UP = ("def handler(event):\n    return event['params']['n'] + 1\n", "result = params['n'] + 1\n")
 
 
@@ -92,7 +105,7 @@ class Worker:
             view = view[os.write(self.response_fd, view) :]
 
     def send(self, message: dict[str, Any]) -> None:
-        self.send_raw(json.dumps(message).encode())
+        self.send_raw(encode(message))
 
     # operations
 
@@ -115,19 +128,17 @@ class Worker:
                 return
             op, request_id = message.get("op"), int(message.get("id", 0))
             if op == "check":
-                answer = json.dumps(self.check(message["script"])).encode()
+                answer = encode(self.check(message["script"]))
             elif op == "load":  # bind the script, then run it with the event
                 loaded = self.load(message["script"])
                 if loaded["ok"]:
                     answer = self.run(message["event"])
                 else:
-                    answer = json.dumps({**loaded, "loaded": False}).encode()
+                    answer = encode({**loaded, "loaded": False})
             elif op == "run":
                 answer = self.run(message["event"])
             else:
-                answer = json.dumps(
-                    {"ok": False, "error": failure("RUNTIME_ERROR", f"unknown op {op!r}")}
-                ).encode()
+                answer = encode({"ok": False, "error": failure("RUNTIME_ERROR", f"unknown op {op!r}")})
             # every answer carries its request's id, so a frame the script forged is told apart
             self.send_raw(b'{"id":%d,' % request_id + answer[1:])
 
@@ -176,14 +187,25 @@ class Worker:
             return self.failed(runtime_failure(exc), logs, usage)
         try:
             encoded = json.dumps(result, allow_nan=False, ensure_ascii=False)
+            data = encoded.encode()
+        except UnicodeEncodeError:
+            message = "the result holds a string that is not valid Unicode (a lone surrogate)"
+            return self.failed(failure("INVALID_RESULT", message), logs, usage)
         except (TypeError, ValueError, RecursionError) as exc:
             message = f"the result is not JSON-representable: {exc}"
             return self.failed(failure("INVALID_RESULT", message), logs, usage)
-        if len(encoded.encode()) > self.max_result:
+        if (
+            len(data) >= len(DOUBLE_DIGITS)
+            and DOUBLE_DIGITS in data.translate(DIGITS)
+            and past_double(result)
+        ):
+            message = "the result holds an integer past a double's range, which JSON readers cannot carry"
+            return self.failed(failure("INVALID_RESULT", message), logs, usage)
+        if len(data) > self.max_result:
             message = f"the result is larger than {self.max_result} bytes"
             return self.failed(failure("OUTPUT_LIMIT", message), logs, usage)
-        head = json.dumps({"ok": True, "logs": logs.text(), **usage.measure()})
-        return f'{head[:-1]},"result":{encoded}}}'.encode()
+        head = encode({"ok": True, "logs": logs.text(), **usage.measure()})
+        return head + b"\n" + data
 
     def call(self, event: dict[str, Any]) -> Any:
         if self.handler is not None:
@@ -203,7 +225,30 @@ class Worker:
         return value
 
     def failed(self, error: dict[str, Any], logs: LogBuffer, usage: Usage) -> bytes:
-        return json.dumps({"ok": False, "error": error, "logs": logs.text(), **usage.measure()}).encode()
+        return encode({"ok": False, "error": error, "logs": logs.text(), **usage.measure()})
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    """A message's compact JSON text. A lone surrogate in it (an error's message may quote
+    one) becomes "?": the parent refuses a frame that is not valid Unicode."""
+    return json.dumps(message, ensure_ascii=False).encode("utf-8", "replace")
+
+
+def past_double(value: Any) -> bool:
+    """Whether `value` holds an integer that no double holds (float() overflows)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, int) and not isinstance(item, bool):
+            try:
+                float(item)
+            except OverflowError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return False
 
 
 def _open_proc(name: str, flags: int) -> int:

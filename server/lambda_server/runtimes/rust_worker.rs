@@ -4,8 +4,14 @@
 //! program serves many executions of its `handler` over the same framed protocol
 //! as the Python and Node.js workers: requests as frames on stdin, answers on the
 //! descriptor named by LAMBDA_RESPONSE_FD, a frame being a 4-byte big-endian
-//! length and a UTF-8 JSON body. The script's stdout and stderr go to a file of
-//! the scratch directory, read back and emptied after each execution.
+//! length and a UTF-8 JSON body; an answer with a result appends a newline and
+//! the result's JSON text (see process.py). The script's stdout and stderr go to
+//! a file of the scratch directory, read back and emptied after each execution.
+//!
+//! serde_json cannot make a result JSON does not carry: its integers are 64-bit
+//! (kept exactly in result_json), its strings are UTF-8, and a float that is NaN
+//! or infinite becomes null (`Value::from(f64::NAN)` is `Value::Null`). Only the
+//! nesting depth is the server's to bound (MAX_JSON_DEPTH).
 //! It uses std and serde_json only; the few libc calls std does not offer are
 //! declared here (std links libc already).
 
@@ -188,8 +194,13 @@ impl Worker {
         serde_json::from_slice(&body).ok()
     }
 
-    fn send(&mut self, answer: &Value) {
-        let body = answer.to_string().into_bytes();
+    /// One answer: its JSON object, then, when it carries one, a newline and the result's text.
+    fn send(&mut self, answer: &Value, result: Option<&str>) {
+        let mut body = answer.to_string().into_bytes();
+        if let Some(text) = result {
+            body.push(b'\n');
+            body.extend_from_slice(text.as_bytes());
+        }
         let mut frame = (body.len() as u32).to_be_bytes().to_vec();
         frame.extend_from_slice(&body);
         if self.responses.write_all(&frame).is_err() {
@@ -214,52 +225,56 @@ impl Worker {
         text
     }
 
-    fn run(&mut self, event: Value) -> Value {
+    /// The answer, and the result's JSON text when the script returned one.
+    fn run(&mut self, event: Value) -> (Value, Option<String>) {
         self.usage.reset_peak();
         let cpu = cpu_seconds();
         PANIC.with(|slot| *slot.borrow_mut() = None);
         let outcome = panic::catch_unwind(AssertUnwindSafe(|| invoke(script::handler, event)));
         let logs = self.take_logs();
         let usage = (cpu_seconds() - cpu, self.usage.peak_bytes());
-        let answer = |ok: bool, field: &str, value: Value| {
-            json!({"ok": ok, field: value, "logs": logs, "cpu": usage.0, "peak": usage.1})
+        let answer = |ok: bool| json!({"ok": ok, "logs": logs, "cpu": usage.0, "peak": usage.1});
+        let failed = |error: Value| {
+            let mut head = answer(false);
+            head["error"] = error;
+            (head, None)
         };
         match outcome {
             Ok(Ok(result)) => {
-                let size = serde_json::to_vec(&result).map_or(0, |bytes| bytes.len());
-                if size > self.max_result {
+                let text = result.to_string();
+                if text.len() > self.max_result {
                     let message = format!("the result is larger than {} bytes", self.max_result);
-                    answer(false, "error", failure("OUTPUT_LIMIT", &message, 0, 0))
+                    failed(failure("OUTPUT_LIMIT", &message, 0, 0))
                 } else {
-                    answer(true, "result", result)
+                    (answer(true), Some(text))
                 }
             }
-            Ok(Err(message)) => answer(false, "error", failure("RUNTIME_ERROR", &message, 0, 0)),
+            Ok(Err(message)) => failed(failure("RUNTIME_ERROR", &message, 0, 0)),
             Err(_) => {
                 let (message, line, column) =
                     PANIC.with(|slot| slot.borrow_mut().take()).unwrap_or((String::from("panic"), 0, 0));
                 let text = format!("panicked: {}", message);
-                answer(false, "error", failure("RUNTIME_ERROR", &text, line, column))
+                failed(failure("RUNTIME_ERROR", &text, line, column))
             }
         }
     }
 
     fn serve(&mut self) {
-        self.send(&json!({"op": "ready"}));
+        self.send(&json!({"op": "ready"}), None);
         while let Some(message) = self.receive() {
             let id = message.get("id").and_then(Value::as_u64).unwrap_or(0);
             let event = message.get("event").cloned().unwrap_or(Value::Null);
-            let mut answer = match message.get("op").and_then(Value::as_str) {
+            let (mut answer, result) = match message.get("op").and_then(Value::as_str) {
                 // the script was bound when it was compiled in: `load` runs it at once
                 Some("load") | Some("run") => self.run(event),
-                Some("check") => json!({"ok": true}),
+                Some("check") => (json!({"ok": true}), None),
                 other => {
                     let text = format!("unknown op {:?}", other);
-                    json!({"ok": false, "error": failure("RUNTIME_ERROR", &text, 0, 0)})
+                    (json!({"ok": false, "error": failure("RUNTIME_ERROR", &text, 0, 0)}), None)
                 }
             };
             answer["id"] = Value::from(id);
-            self.send(&answer);
+            self.send(&answer, result.as_deref());
         }
     }
 }

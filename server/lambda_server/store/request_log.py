@@ -35,6 +35,7 @@ from typing import Any
 
 import orjson
 
+from lambda_server import json_text
 from lambda_server.config import RequestLogSettings
 from lambda_server.domain import JSON, Deadline, RequestLogEntry
 from lambda_server.errors import DeadlineExceeded, LambdaError, Unavailable
@@ -296,8 +297,8 @@ def _json(value: JSON) -> str | None:
     if value is None:
         return None
     try:
-        text = orjson.dumps(value).decode()
-    except TypeError as exc:  # orjson.JSONEncodeError: not JSON (cannot happen for proto values)
+        text = json_text.dumps(value).decode()  # params_json's integers past 64 bits too: jsonb holds them
+    except (TypeError, ValueError) as exc:  # not JSON (cannot happen for what the API converted)
         return orjson.dumps({"unloggable": str(exc)}).decode()
     if "\\u0000" in text:
         text = _NUL_ESCAPE.sub(lambda match: f"{match.group(1)}\\ufffd", text)

@@ -87,10 +87,10 @@ class Execute:
             else b""
         )
         if policy.read_max_age > 0:
-            hit, result = self._cache.get(key, policy.read_max_age)
-            if hit:
+            cached = self._cache.get(key, policy.read_max_age)
+            if cached is not None:
                 self._metrics.cached(runtime.name)
-                outcome = ExecutionOutcome(result, None, 0.0, "")
+                outcome = ExecutionOutcome(cached.result, None, 0.0, "", result_json=cached.result_json)
                 return ExecutionResult(session_id, session.language_title, outcome, cached=True)
         script = await self._sessions.script(session, deadline)
         program = None
@@ -111,7 +111,7 @@ class Execute:
         outcome = await self._executor.execute(job, deadline)
         self._metrics.executed(runtime.name, outcome)
         if policy.keep_for > 0 and outcome.failure is None:
-            self._cache.put(key, outcome.result, policy.keep_for)
+            self._cache.put(key, outcome.result_json, policy.keep_for)
         return ExecutionResult(session_id, session.language_title, outcome)
 
     def _check_params(self, metadata: dict[str, JSON] | None, params: dict[str, JSON]) -> None:
