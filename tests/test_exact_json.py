@@ -129,7 +129,7 @@ pub fn handler(event: Value) -> Result<Value, String> {
 
 @pytest.fixture(scope="module")
 def stub(server: ServerThread) -> Iterator[pb_grpc.LambdaServiceStub]:
-    """The generated stub: the client has no params_json argument yet."""
+    """The generated stub, to send what the client library would not (both params fields)."""
     with grpc.insecure_channel(server.target) as channel:
         yield pb_grpc.LambdaServiceStub(channel)
 
@@ -502,3 +502,21 @@ async def fetch_logs(url: str, request_id: str) -> list[asyncpg.Record]:
         return rows
     finally:
         await conn.close()
+
+
+def test_the_client_sends_big_integers_as_params_json_and_reads_them_back_exactly(
+    client: LambdaClient, python_session: str
+) -> None:
+    """LambdaClient.execute sends params holding an integer past 2**53 as params_json (a
+    Struct would round it), and lambda_microservice.result reads result_json exactly."""
+    from lambda_microservice import result
+    from lambda_microservice.client import _execute_request
+
+    assert not _execute_request(python_session, {"n": 5}, "").params_json
+    sent = _execute_request(python_session, {"kind": "echo", "n": BIG}, "")
+    assert sent.params_json and not sent.HasField("params")
+    response = execute(client, python_session, kind="echo", n=BIG)
+    assert not response.HasField("error"), response.error
+    assert result(response) == {"n": BIG, "type": "int", "next": BIG + 1}
+    small = execute(client, python_session, kind="echo", n=400000)
+    assert result(small) == {"n": 400000, "type": "int", "next": 400001}

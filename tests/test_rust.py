@@ -338,3 +338,17 @@ def test_a_compile_past_its_time_limit_is_cut(database_url: str) -> None:
             assert time.monotonic() - started < 10
     finally:
         server.stop()
+
+
+def test_a_program_is_keyed_by_the_worker_it_is_compiled_into(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A program speaks its worker's protocol: after a change to rust_worker.rs (a new
+    release, or an older replica sharing meta.artifacts and RUST_CACHE_DIR), the same
+    script and toolchain make another artifact, never one of the other protocol."""
+    from lambda_server.runtimes import rust
+
+    toolchain = rust.RustToolchain(version="rustc 1.0.0 (test)")
+    before = toolchain.program_identity
+    assert toolchain.identity != before  # the dependencies' folder is the toolchain's alone
+    monkeypatch.setattr(rust, "WORKER_DIGEST", "0" * 64)
+    assert toolchain.program_identity != before
+    assert toolchain.identity == rust.RustToolchain(version="rustc 1.0.0 (test)").identity

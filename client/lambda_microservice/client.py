@@ -16,7 +16,7 @@ import grpc
 from lambda_microservice.errors import NotStartedError, from_rpc_error
 from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_microservice.v1 import lambda_service_pb2_grpc as pb_grpc
-from lambda_microservice.values import execution_options, to_struct
+from lambda_microservice.values import execution_options, needs_exact_json, to_struct
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 30.0
@@ -102,6 +102,12 @@ def _initialize_request(
 def _execute_request(
     request_id: str, params: Mapping[str, Any] | None, cache_control: str
 ) -> pb.ExecuteRequest:
+    """Params as a Struct, or as exact JSON text (params_json, and no Struct) when they hold
+    an integer a Struct's doubles would round."""
+    if params and needs_exact_json(params):
+        return pb.ExecuteRequest(
+            request_id=request_id, params_json=json.dumps(params), cache_control=cache_control
+        )
     return pb.ExecuteRequest(request_id=request_id, params=to_struct(params), cache_control=cache_control)
 
 

@@ -24,6 +24,23 @@ def to_struct(data: Mapping[str, Any] | None) -> struct_pb2.Struct:
     return struct
 
 
+_EXACT_IN_A_DOUBLE = 2**53
+
+
+def needs_exact_json(value: Any) -> bool:
+    """Whether a JSON-like value holds an integer that a double (a Struct's number) would
+    round: such params go as params_json."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return not -_EXACT_IN_A_DOUBLE <= value <= _EXACT_IN_A_DOUBLE
+    if isinstance(value, Mapping):
+        return any(needs_exact_json(item) for item in value.values())
+    if isinstance(value, list | tuple):
+        return any(needs_exact_json(item) for item in value)
+    return False
+
+
 def to_python(value: struct_pb2.Value | struct_pb2.Struct | struct_pb2.ListValue) -> Any:
     """The JSON value (dict, list, str, int, float, bool or None) held by a Value, Struct or
     ListValue. A number with no fraction is an int: a Value holds only doubles, so `1.0` and

@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 _HERE = Path(__file__).resolve().parent
 WORKER = _HERE / "rust_worker.rs"
+# read once, at import: part of every program's artifact key (RustToolchain.program_identity)
+WORKER_DIGEST = hashlib.sha256(WORKER.read_bytes()).hexdigest()
 DEBIAN_REGISTRY = Path("/usr/share/cargo/registry")
 OPTIMIZATION_LEVELS = {"debug": "0", "release": "3"}
 # rustc runs a few threads, and the linker (cc, collect2, ld) beside them
@@ -104,8 +106,16 @@ class RustToolchain:
 
     @property
     def identity(self) -> str:
-        """A short stable name of this toolchain, for artifact keys and cache folders."""
+        """A short stable name of this toolchain, for the built dependencies' folder."""
         return hashlib.sha256(self.version.encode()).hexdigest()[:16]
+
+    @property
+    def program_identity(self) -> str:
+        """A short stable name of what a program is made of besides its script: this
+        toolchain and the worker it is compiled into. A program compiled with another
+        worker speaks another protocol (an older server's replica, or a newer one's, may
+        share meta.artifacts and RUST_CACHE_DIR), so it is another artifact."""
+        return hashlib.sha256(f"{self.version}\n{WORKER_DIGEST}".encode()).hexdigest()[:16]
 
 
 class RustCompiler:

@@ -145,7 +145,7 @@ class RustBuilds:
         return self._compiler.dependencies_state
 
     def _key(self, script_hash: str, optimization: str) -> str:
-        return f"{script_hash}-{optimization}-{self._compiler.toolchain.identity}"
+        return f"{script_hash}-{optimization}-{self._compiler.toolchain.program_identity}"
 
     async def compile_session(
         self, new: NewSession, level: OptimizationLevel, deadline: Deadline
