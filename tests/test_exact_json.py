@@ -520,3 +520,27 @@ def test_the_client_sends_big_integers_as_params_json_and_reads_them_back_exactl
     assert result(response) == {"n": BIG, "type": "int", "next": BIG + 1}
     small = execute(client, python_session, kind="echo", n=400000)
     assert result(small) == {"n": 400000, "type": "int", "next": 400001}
+
+
+def test_the_deepest_depth_a_setting_allows_is_what_a_protobuf_client_reads() -> None:
+    """MAX_JSON_DEPTH_CEILING: an answer nested that deep decodes with protobuf's default
+    limit (the client's); two levels more do not, so the ceiling is not loose."""
+    from google.protobuf import struct_pb2
+    from google.protobuf.message import DecodeError
+
+    from lambda_server.config import MAX_JSON_DEPTH_CEILING
+
+    def answer(depth: int) -> bytes:
+        """An answer whose result is `depth` lists deep."""
+        value: object = 1
+        for _ in range(depth):
+            value = [value]
+        response = pb.ExecuteResponse(request_id="x")
+        struct = struct_pb2.Struct()
+        struct.update({"v": value})
+        response.result.CopyFrom(struct.fields["v"])
+        return response.SerializeToString()
+
+    assert pb.ExecuteResponse.FromString(answer(MAX_JSON_DEPTH_CEILING)).request_id == "x"
+    with pytest.raises((DecodeError, RecursionError)):
+        pb.ExecuteResponse.FromString(answer(MAX_JSON_DEPTH_CEILING + 2))

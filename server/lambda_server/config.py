@@ -19,7 +19,10 @@ T = TypeVar("T")
 
 KIB = 1024
 MIB = 1024 * KIB
-MAX_JSON_DEPTH_CEILING = 200
+# A result's JSON level costs a protobuf client two nested messages (a Value, then a
+# Struct or ListValue), and protobuf decodes 100 at most by default: the project's Python
+# client fails at 50 levels. No setting may let the service answer what clients cannot read.
+MAX_JSON_DEPTH_CEILING = 48
 
 
 class ConfigError(ValueError):
@@ -378,9 +381,8 @@ class RuntimeSettings(_Declared):
         "how long a program no unexpired session uses is kept",
     )
     # Params and results: JSON nodes (values) and nesting depth at most. Past them,
-    # params are INVALID_ARGUMENT and a result is INVALID_RESULT. 32 levels is about what
-    # a protobuf client decodes (its limit of 100 message levels is 33 of JSON objects);
-    # at most MAX_JSON_DEPTH_CEILING, which the conversions' recursion stays well within.
+    # params are INVALID_ARGUMENT and a result is INVALID_RESULT. 32 levels leave room
+    # within what protobuf clients decode by default; at most MAX_JSON_DEPTH_CEILING.
     max_json_nodes: int = setting(
         "MAX_JSON_NODES", _positive_int, 100_000, "JSON values of params or a result"
     )
