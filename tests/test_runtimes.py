@@ -77,6 +77,11 @@ def test_integers_reach_scripts_as_integers(client: LambdaClient) -> None:
     [
         ("nodejs-logs", "console.log('out', 1); console.error('err'); console.warn({a: 1}); return null;"),
         (
+            "nodejs-streams",
+            "process.stdout.write('out 1\\n'); process.stderr.write(Buffer.from('err\\n'));"
+            " console.log({a: 1}); return null;",
+        ),
+        (
             "python-logs",
             "import sys\nprint('out', 1)\nprint('err', file=sys.stderr)\nprint({'a': 1})\nresult = None",
         ),

@@ -63,6 +63,19 @@ function capture(...args) {
 for (const name of ['log', 'info', 'warn', 'error', 'debug', 'trace']) {
   console[name] = capture;
 }
+// process.stdout.write and process.stderr.write go to the logs too, as Python's print and
+// sys.stderr do: written to the real pipe, a script's flood queued its writes in this
+// process's memory faster than they drained (a MEMORY_LIMIT on a busy machine).
+function captureStream(chunk, encoding, callback) {
+  if (logs !== null) {
+    logs.write(typeof chunk === 'string' ? chunk : Buffer.from(chunk).toString('utf8'));
+  }
+  const done = typeof encoding === 'function' ? encoding : callback;
+  if (typeof done === 'function') process.nextTick(done);
+  return true;
+}
+process.stdout.write = captureStream;
+process.stderr.write = captureStream;
 function uncaught(err) {
   if (failRun !== null) failRun(err);
   else capture('Uncaught', err);
