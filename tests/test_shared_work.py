@@ -37,8 +37,9 @@ from lambda_server.runtimes.rust import RustToolchain
 from lambda_server.store import migrations
 from lambda_server.store.artifacts import ArtifactStore
 from lambda_server.store.claims import ClaimBatcher
+from lambda_server.store.creates import CreateBatcher
 from lambda_server.store.database import Database
-from lambda_server.store.sessions import SessionStore
+from lambda_server.store.sessions import OwnerQuota, SessionStore
 from lambda_server.usecases.builds import RustBuilds
 from tests.support import ServerThread, eventually, run_sync, server_settings
 
@@ -336,6 +337,28 @@ def test_each_claim_of_a_failed_batch_gets_an_error_of_its_own() -> None:
             assert len({error.message for error in errors}) == 1  # type: ignore[union-attr]
         finally:
             await claims.close()
+            await db.close()
+
+    run_sync(body())
+
+
+def test_each_create_of_a_failed_batch_gets_an_error_of_its_own() -> None:
+    async def body() -> None:
+        db = Database(
+            DatabaseSettings(connect_timeout=2.0, command_timeout=2.0), "postgresql://x@127.0.0.1:1/x"
+        )
+        await db.open()
+        batches: list[int] = []
+        creates = CreateBatcher(db, OwnerQuota(100, 2**30), batches.append)
+        try:
+            news = [replace(_new(str(uuid.uuid4()), f"fn a{i}() {{}}"), owner="user:o") for i in range(6)]
+            waiting = [creates.create(new, Deadline.after(10)) for new in news]
+            errors = await asyncio.gather(*waiting, return_exceptions=True)
+            assert batches and max(batches) > 1  # the first alone, then the rest in a batch
+            assert all(isinstance(error, DatabaseUnavailable) for error in errors), errors
+            assert len({id(error) for error in errors}) == len(errors)
+        finally:
+            await creates.close()
             await db.close()
 
     run_sync(body())

@@ -209,3 +209,11 @@ def copy_of(error: LambdaError) -> LambdaError:
     copy.__dict__.update(error.__dict__)
     copy.metadata = dict(error.metadata)
     return copy
+
+
+def own_instance(error: BaseException) -> LambdaError:
+    """A waiter's own instance of shared work's failure: a copy of our error, or an
+    InternalError for anything else (a bug, logged where it happened)."""
+    if isinstance(error, LambdaError):
+        return copy_of(error)
+    return InternalError(f"internal error: {type(error).__name__}")

@@ -24,7 +24,12 @@ from collections.abc import Callable
 import asyncpg
 
 from lambda_server.domain import Deadline
-from lambda_server.errors import DatabaseUnavailable, DeadlineExceeded, InternalError, LambdaError, copy_of
+from lambda_server.errors import (
+    DatabaseUnavailable,
+    DeadlineExceeded,
+    LambdaError,
+    own_instance,
+)
 from lambda_server.store.database import Database, DedicatedConnection
 
 log = logging.getLogger(__name__)
@@ -135,7 +140,7 @@ class ClaimBatcher:
                 log.exception("a batch of session claims failed")
             for _, _, claimed in batch:
                 if not claimed.done():  # an instance each: one raised in many tasks tangles their tracebacks
-                    claimed.set_exception(_failure(exc))
+                    claimed.set_exception(own_instance(exc))
             return
         except BaseException:  # cancelled at shutdown: the callers are cancelled too
             for _, _, claimed in batch:
@@ -157,10 +162,3 @@ class ClaimBatcher:
             claimed.cancel()
         self._pending.clear()
         await self._connection.release()
-
-
-def _failure(exc: Exception) -> LambdaError:
-    """A claim's own instance of its batch's failure."""
-    if isinstance(exc, LambdaError):
-        return copy_of(exc)
-    return InternalError(f"internal error: {type(exc).__name__}")

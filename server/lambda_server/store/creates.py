@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from lambda_server.domain import JSON, Deadline, NewSession, SessionOptions
-from lambda_server.errors import DeadlineExceeded, InternalError
+from lambda_server.errors import DeadlineExceeded, InternalError, own_instance
 from lambda_server.store.database import Database
 
 MAX_BATCH = 256
@@ -292,9 +292,10 @@ class CreateBatcher:
 
 
 def _fail(batch: list[_Create], exc: Exception) -> None:
+    """Each waiting create gets its own instance of the batch's failure."""
     for _, stored in batch:
         if not stored.done():
-            stored.set_exception(exc)
+            stored.set_exception(own_instance(exc))
 
 
 def _columns(new: NewSession) -> tuple[object, ...]:

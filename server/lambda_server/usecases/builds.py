@@ -47,7 +47,7 @@ from lambda_server.domain import (
     OptimizationLevel,
     SessionRecord,
 )
-from lambda_server.errors import DeadlineExceeded, InternalError, LambdaError, Unavailable, copy_of
+from lambda_server.errors import DeadlineExceeded, InternalError, LambdaError, Unavailable, own_instance
 from lambda_server.runtimes.rust import RustCompiler
 from lambda_server.store.artifacts import ArtifactStore
 from lambda_server.store.sessions import SessionStore
@@ -328,10 +328,8 @@ async def _outcome(task: asyncio.Task[T], deadline: Deadline, what: str) -> T:
     if task.cancelled():
         raise Unavailable(STOPPED)
     error = task.exception()
-    if isinstance(error, LambdaError):
-        raise copy_of(error)
     if error is not None:
-        raise InternalError(f"internal error: {type(error).__name__}")
+        raise own_instance(error)
     return task.result()
 
 
