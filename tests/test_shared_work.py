@@ -265,7 +265,7 @@ class HeldCompiler:
         self.release = asyncio.Event()
         self.compiles = 0
 
-    async def compile(self, script: str, optimization: str, owner: str = "") -> bytes:
+    async def compile(self, script: str, optimization: OptimizationLevel, owner: str = "") -> bytes:
         self.compiles += 1
         await self.release.wait()
         raise ScriptLimitExceeded("compilation ran past its limit", limit="RUST_COMPILE_TIMEOUT_SECONDS")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lambda_server.config import MIB, RuntimeSettings
-from lambda_server.domain import Limits
+from lambda_server.domain import Limits, OptimizationLevel
 from lambda_server.errors import (
     LambdaError,
     QuotaExceeded,
@@ -47,7 +47,7 @@ WORKER = _HERE / "rust_worker.rs"
 # read once, at import: part of every program's artifact key (RustToolchain.program_identity)
 WORKER_DIGEST = hashlib.sha256(WORKER.read_bytes()).hexdigest()
 DEBIAN_REGISTRY = Path("/usr/share/cargo/registry")
-OPTIMIZATION_LEVELS = {"debug": "0", "release": "3"}
+OPT_LEVELS = {OptimizationLevel.DEBUG: "0", OptimizationLevel.RELEASE: "3"}  # rustc -Copt-level
 # rustc runs a few threads, and the linker (cc, collect2, ld) beside them
 COMPILE_LIMITS = Limits(memory_mb=1536, max_processes=64)
 # The dependencies' build writes its libraries (a few MiB each)
@@ -175,7 +175,7 @@ class RustCompiler:
             return f"failed: {_describe(task.exception())}"
         return "building"
 
-    async def compile(self, script: str, optimization: str, owner: str = "") -> bytes:
+    async def compile(self, script: str, level: OptimizationLevel, owner: str = "") -> bytes:
         """The program of a script; ScriptSyntaxError with rustc's message, line and column,
         ScriptLimitExceeded past a compile's time, memory or program size, QuotaExceeded when
         no compile slot came for `owner` within RUST_COMPILE_QUEUE_TIMEOUT_SECONDS,
@@ -185,7 +185,7 @@ class RustCompiler:
         wait = self._settings.compile_queue_timeout_seconds
         try:
             async with self._slots.slot(owner, wait):
-                return await self._compile(script, optimization, dependencies, serde_json)
+                return await self._compile(script, level, dependencies, serde_json)
         except SlotWaitTimeout as exc:
             if exc.own_share:
                 why = f"this caller's {self._slots.per_owner} compiles at once (RUST_COMPILES_PER_OWNER)"
@@ -197,7 +197,9 @@ class RustCompiler:
                 limit="RUST_COMPILES_PER_OWNER" if exc.own_share else "RUST_COMPILE_SLOTS",
             ) from None
 
-    async def _compile(self, script: str, optimization: str, dependencies: Path, serde_json: Path) -> bytes:
+    async def _compile(
+        self, script: str, level: OptimizationLevel, dependencies: Path, serde_json: Path
+    ) -> bytes:
         work = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="compile-", dir=self._cache))
         try:
             await asyncio.to_thread(_stage, work, script)
@@ -209,7 +211,7 @@ class RustCompiler:
                 "--error-format=json",
                 "-Awarnings",  # warnings only: deny-by-default lints stay errors
                 f"-F{CONST_EVAL_LINT}",
-                f"-Copt-level={OPTIMIZATION_LEVELS[optimization]}",
+                f"-Copt-level={OPT_LEVELS[level]}",
                 "-Cstrip=debuginfo",
                 f"-Ldependency={dependencies}",
                 f"--extern=serde_json={serde_json}",

@@ -144,13 +144,13 @@ class RustBuilds:
     def dependencies_state(self) -> str:
         return self._compiler.dependencies_state
 
-    def _key(self, script_hash: str, optimization: str) -> str:
-        return f"{script_hash}-{optimization}-{self._compiler.toolchain.program_identity}"
+    def _key(self, script_hash: str, level: OptimizationLevel) -> str:
+        return f"{script_hash}-{level.value}-{self._compiler.toolchain.program_identity}"
 
     async def compile_session(
         self, new: NewSession, level: OptimizationLevel, deadline: Deadline
     ) -> tuple[SessionRecord, bool]:
-        """Store the session `pending`, then find or compile its program (`optimization`:
+        """Store the session `pending`, then find or compile its program (at `level`:
         debug or release); the build records `success` or `error` on the session however
         this call ends. The session, and True when this call started a build that compiled.
         ScriptSyntaxError, ScriptLimitExceeded, QuotaExceeded (no compile slot), Unavailable
@@ -158,9 +158,8 @@ class RustBuilds:
         passed first, while the build goes on and keeps its program for a later call."""
         if self._closing:
             raise Unavailable("the server is stopping")
-        optimization = level.value
         new = replace(new, compile_status=CompileStatus.PENDING, optimization=level)
-        joining = asyncio.create_task(self._store_and_join(new, optimization, deadline))
+        joining = asyncio.create_task(self._store_and_join(new, level, deadline))
         self._joining.add(joining)
         joining.add_done_callback(self._joining.discard)
         joining.add_done_callback(_retrieve)
@@ -180,8 +179,7 @@ class RustBuilds:
         """The path of the session's program, made first when it is not here (waiting for
         the build under way, if any). A session whose compile status is not `success` (its
         build failed, or its outcome was not recorded) has this build's outcome recorded."""
-        optimization = level.value
-        key = self._key(session.script_hash, optimization)
+        key = self._key(session.script_hash, level)
         path = self._folder / key
         seen = self._stored.get(key)
         if seen is not None and time.monotonic() - seen > self._sweep_interval:
@@ -194,23 +192,29 @@ class RustBuilds:
             if self._closing:
                 raise Unavailable("the server is stopping")
             recorded_here = session.request_id if unrecorded else None
-            build, _ = self._join(key, script, session.script_hash, optimization, owner, recorded_here)
+            build, _ = self._join(key, script, session.script_hash, level, owner, recorded_here)
             assert build.task is not None
             await _outcome(build.task, deadline, COMPILING)
         return str(path)
 
     async def _store_and_join(
-        self, new: NewSession, optimization: str, deadline: Deadline
+        self, new: NewSession, level: OptimizationLevel, deadline: Deadline
     ) -> tuple[SessionRecord, _Build, bool]:
         record = await self._sessions.create(new, deadline)
-        key = self._key(new.script_hash, optimization)
+        key = self._key(new.script_hash, level)
         build, started = self._join(
-            key, new.script_content, new.script_hash, optimization, new.owner or "", new.request_id
+            key, new.script_content, new.script_hash, level, new.owner or "", new.request_id
         )
         return record, build, started
 
     def _join(
-        self, key: str, script: str, script_hash: str, optimization: str, owner: str, session: str | None
+        self,
+        key: str,
+        script: str,
+        script_hash: str,
+        level: OptimizationLevel,
+        owner: str,
+        session: str | None,
     ) -> tuple[_Build, bool]:
         """The build of `key` under way, else a new one (billed to `owner`), with `session`
         among those it records; and whether it is new."""
@@ -218,7 +222,7 @@ class RustBuilds:
         started = build is None
         if build is None:
             build = self._building[key] = _Build()
-            making = self._build(key, build, script, script_hash, optimization, owner)
+            making = self._build(key, build, script, script_hash, level, owner)
             build.task = asyncio.create_task(making)
             build.task.add_done_callback(_retrieve)
         if session is not None:
@@ -226,11 +230,11 @@ class RustBuilds:
         return build, started
 
     async def _build(
-        self, key: str, build: _Build, script: str, script_hash: str, optimization: str, owner: str
+        self, key: str, build: _Build, script: str, script_hash: str, level: OptimizationLevel, owner: str
     ) -> bool:
         try:
             try:
-                compiled = await self._make(key, script, script_hash, optimization, owner)
+                compiled = await self._make(key, script, script_hash, level, owner)
             except asyncio.CancelledError:  # close(): the sessions learn why, then the task ends
                 await self._record(build, CompileStatus.ERROR, STOPPED)
                 raise
@@ -296,7 +300,9 @@ class RustBuilds:
             if removed:
                 log.info("program sweep: %d unused programs removed from %s", removed, self._folder)
 
-    async def _make(self, key: str, script: str, script_hash: str, optimization: str, owner: str) -> bool:
+    async def _make(
+        self, key: str, script: str, script_hash: str, level: OptimizationLevel, owner: str
+    ) -> bool:
         if key in self._stored:  # made before: the build only records its sessions
             return False
         path = self._folder / key
@@ -306,10 +312,10 @@ class RustBuilds:
             if await asyncio.to_thread(path.exists):  # kept here, but not in this database
                 program = await asyncio.to_thread(path.read_bytes)
             else:
-                program = await self._compiler.compile(script, optimization, owner)
+                program = await self._compiler.compile(script, level, owner)
                 compiled = True
             toolchain = self._compiler.toolchain.version
-            await self._store.put(key, script_hash, optimization, toolchain, program, _UNBOUNDED)
+            await self._store.put(key, script_hash, level.value, toolchain, program, _UNBOUNDED)
         if compiled or not await asyncio.to_thread(path.exists):
             await asyncio.to_thread(_write_program, path, program)
         self._stored[key] = time.monotonic()
