@@ -118,6 +118,8 @@ def test_a_stop_under_load_fails_no_call_in_flight_and_writes_every_log(database
         assert health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == (
             health_pb2.HealthCheckResponse.NOT_SERVING
         )
+        ours = pb_grpc.LambdaServiceStub(channel).Health(pb.HealthRequest(), timeout=2)
+        assert ours.status == pb.HEALTH_STATUS_NOT_SERVING, ours  # LambdaService.Health agrees
         stopper.join(20)
     for thread in callers:
         thread.join(20)

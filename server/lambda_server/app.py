@@ -269,7 +269,9 @@ class Server:
             await asyncio.sleep(min(0.5, max(0.0, until - time.monotonic())))
 
     async def _drain(self) -> None:
-        """Health NOT_SERVING while still serving: load balancers stop sending calls here."""
+        """Health NOT_SERVING while still serving: load balancers stop sending calls here.
+        The monitor stops first, so that LambdaService.Health says so too ("shutting down")."""
+        await self.monitor.stop()  # safe again as its own step later
         await self._health.enter_graceful_shutdown()
         if self.settings.shutdown_drain_seconds:
             await asyncio.sleep(self.settings.shutdown_drain_seconds)
