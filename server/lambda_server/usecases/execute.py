@@ -15,7 +15,7 @@ from lambda_server.domain import (
     Job,
     OptimizationLevel,
 )
-from lambda_server.errors import DatabaseUnavailable, NotStarted
+from lambda_server.errors import DatabaseUnavailable, NotStarted, Unavailable
 from lambda_server.metrics import Metrics
 from lambda_server.result_cache import ResultCache, cache_key, parse_cache_control
 from lambda_server.runtimes.registry import RuntimeRegistry
@@ -92,11 +92,16 @@ class Execute:
                 self._metrics.cached(runtime.name)
                 outcome = ExecutionOutcome(cached.result, None, 0.0, "", result_json=cached.result_json)
                 return ExecutionResult(session_id, session.language_title, outcome, cached=True)
-        script = await self._sessions.script(session, deadline)
-        program = None
-        if runtime.compiled and self._builds is not None:
-            optimization = session.optimization or OptimizationLevel.DEBUG
-            program = await self._builds.program(session, script, optimization, deadline, caller.owner)
+        try:
+            script = await self._sessions.script(session, deadline)
+            program = None
+            if runtime.compiled and self._builds is not None:
+                optimization = session.optimization or OptimizationLevel.DEBUG
+                program = await self._builds.program(session, script, optimization, deadline, caller.owner)
+        except NotStarted:
+            raise
+        except Unavailable as exc:  # the database, or a build the server stopped: no script ran
+            raise NotStarted(exc.message, **exc.metadata) from exc
         job = Job(
             runtime=runtime.name,
             owner=caller.owner,  # whom its environment is billed to
@@ -110,7 +115,7 @@ class Execute:
         )
         outcome = await self._executor.execute(job, deadline)
         self._metrics.executed(runtime.name, outcome)
-        if policy.keep_for > 0 and outcome.failure is None:
+        if policy.keep_for > 0 and outcome.failure is None and outcome.result_json:
             self._cache.put(key, outcome.result_json, policy.keep_for)
         return ExecutionResult(session_id, session.language_title, outcome)
 
@@ -122,3 +127,4 @@ class Execute:
         if isinstance(schema, dict):
             key = metadata.get("params_schema_key")
             self._params.check(params, schema, key if isinstance(key, str) else None)
+
