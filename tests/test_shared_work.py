@@ -41,7 +41,7 @@ from lambda_server.store.creates import CreateBatcher
 from lambda_server.store.database import Database
 from lambda_server.store.sessions import OwnerQuota, SessionStore
 from lambda_server.usecases.builds import RustBuilds
-from tests.support import ServerThread, eventually, run_sync, server_settings
+from tests.support import ServerThread, eventually, health_check, run_sync, server_settings
 
 SUM = """use serde_json::Value;
 
@@ -60,10 +60,11 @@ def built(database_url: str) -> Path:
     try:
         with LambdaClient(server.target, timeout=30) as client:
             eventually(
-                lambda: "serde_json: ready" in client.health().components["runtime.rust"],
+                # DEGRADED until serde_json is built
+                lambda: health_check(client, "runtime.rust").status == pb.COMPONENT_STATUS_OK,
                 timeout=600,
                 interval=0.5,
-                message=lambda: client.health().components["runtime.rust"],
+                message=lambda: health_check(client, "runtime.rust").detail,
             )
     finally:
         server.stop()
@@ -174,7 +175,8 @@ def test_a_cancelled_caller_ends_neither_the_compile_nor_another_callers_wait(
             staying = initialize(second)  # joins the compile the first call started
             eventually(lambda: compile_status(database_url, second) == "pending", timeout=30)
             # the compile waits for serde_json, which waits for the gate: it is under way
-            assert "serde_json: building" in client.health().components["runtime.rust"]
+            rust = health_check(client, "runtime.rust")
+            assert rust.status == pb.COMPONENT_STATUS_DEGRADED and "building" in rust.detail, rust
             assert leaving.cancel()
             with pytest.raises(grpc.FutureCancelledError):
                 leaving.result()

@@ -290,8 +290,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     compilers, queued executions, request bytes) is used up; RetryInfo says when.
     """
     ERROR_REASON_RUNTIME_BUSY: _ErrorReason.ValueType  # 11
-    """RESOURCE_EXHAUSTED: every environment for the script stayed busy until the
-    queue's bound (RUNTIME_QUEUE_TIMEOUT_SECONDS).
+    """RESOURCE_EXHAUSTED: the service is at its capacity: every environment for
+    the script stayed busy until the queue's bound
+    (RUNTIME_QUEUE_TIMEOUT_SECONDS), too many executions wait already, or the
+    environments' memory budget has no room.
     """
     ERROR_REASON_RUNTIME_NOT_AVAILABLE: _ErrorReason.ValueType  # 12
     """FAILED_PRECONDITION: the language is known but its runtime is not
@@ -350,8 +352,10 @@ ERROR_REASON_QUOTA_EXCEEDED: ErrorReason.ValueType  # 10
 compilers, queued executions, request bytes) is used up; RetryInfo says when.
 """
 ERROR_REASON_RUNTIME_BUSY: ErrorReason.ValueType  # 11
-"""RESOURCE_EXHAUSTED: every environment for the script stayed busy until the
-queue's bound (RUNTIME_QUEUE_TIMEOUT_SECONDS).
+"""RESOURCE_EXHAUSTED: the service is at its capacity: every environment for
+the script stayed busy until the queue's bound
+(RUNTIME_QUEUE_TIMEOUT_SECONDS), too many executions wait already, or the
+environments' memory budget has no room.
 """
 ERROR_REASON_RUNTIME_NOT_AVAILABLE: ErrorReason.ValueType  # 12
 """FAILED_PRECONDITION: the language is known but its runtime is not
@@ -755,7 +759,9 @@ class ComponentHealth(_message.Message):
     """Whether the service is NOT_SERVING while this component is UNAVAILABLE."""
     @_builtins.property
     def counts(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
-        """Counts that describe the component (e.g. `environments.busy`), when it has any."""
+        """Counts that describe the component (e.g. `busy` for `runtime.python`,
+        `bound` for `environments`), when it has any.
+        """
 
     def __init__(
         self,

@@ -89,9 +89,12 @@ class LambdaServiceServicer:
 
     def Initialize(self, request, context):
         """Initialize creates a session for a script and returns its request_id. The
-        script is checked here (syntax for Python and JavaScript), so a broken
-        script fails fast with INVALID_ARGUMENT carrying its line and column.
-        Safe to retry when the request carries its own request_id.
+        script is checked here (syntax for Python and JavaScript; Rust is compiled),
+        so a broken script fails fast with INVALID_ARGUMENT carrying its line and
+        column. A Rust compile is the service's, shared by concurrent callers: a call
+        whose deadline passes first is DEADLINE_EXCEEDED while the compile goes on
+        and records the session's compile_status. Safe to retry when the request
+        carries its own request_id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -49,9 +49,12 @@ class LambdaServiceStub:
     def __new__(cls, channel: _aio.Channel) -> LambdaServiceAsyncStub: ...
     Initialize: _grpc.UnaryUnaryMultiCallable[_lambda_service_pb2.InitializeRequest, _lambda_service_pb2.InitializeResponse]
     """Initialize creates a session for a script and returns its request_id. The
-    script is checked here (syntax for Python and JavaScript), so a broken
-    script fails fast with INVALID_ARGUMENT carrying its line and column.
-    Safe to retry when the request carries its own request_id.
+    script is checked here (syntax for Python and JavaScript; Rust is compiled),
+    so a broken script fails fast with INVALID_ARGUMENT carrying its line and
+    column. A Rust compile is the service's, shared by concurrent callers: a call
+    whose deadline passes first is DEADLINE_EXCEEDED while the compile goes on
+    and records the session's compile_status. Safe to retry when the request
+    carries its own request_id.
     """
     Execute: _grpc.UnaryUnaryMultiCallable[_lambda_service_pb2.ExecuteRequest, _lambda_service_pb2.ExecuteResponse]
     """Execute runs the session's script with params and returns its result. Not
@@ -83,9 +86,12 @@ class LambdaServiceAsyncStub(LambdaServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Initialize: _aio.UnaryUnaryMultiCallable[_lambda_service_pb2.InitializeRequest, _lambda_service_pb2.InitializeResponse]  # type: ignore[assignment]
     """Initialize creates a session for a script and returns its request_id. The
-    script is checked here (syntax for Python and JavaScript), so a broken
-    script fails fast with INVALID_ARGUMENT carrying its line and column.
-    Safe to retry when the request carries its own request_id.
+    script is checked here (syntax for Python and JavaScript; Rust is compiled),
+    so a broken script fails fast with INVALID_ARGUMENT carrying its line and
+    column. A Rust compile is the service's, shared by concurrent callers: a call
+    whose deadline passes first is DEADLINE_EXCEEDED while the compile goes on
+    and records the session's compile_status. Safe to retry when the request
+    carries its own request_id.
     """
     Execute: _aio.UnaryUnaryMultiCallable[_lambda_service_pb2.ExecuteRequest, _lambda_service_pb2.ExecuteResponse]  # type: ignore[assignment]
     """Execute runs the session's script with params and returns its result. Not
@@ -120,9 +126,12 @@ class LambdaServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_lambda_service_pb2.InitializeResponse, _abc.Awaitable[_lambda_service_pb2.InitializeResponse]]:
         """Initialize creates a session for a script and returns its request_id. The
-        script is checked here (syntax for Python and JavaScript), so a broken
-        script fails fast with INVALID_ARGUMENT carrying its line and column.
-        Safe to retry when the request carries its own request_id.
+        script is checked here (syntax for Python and JavaScript; Rust is compiled),
+        so a broken script fails fast with INVALID_ARGUMENT carrying its line and
+        column. A Rust compile is the service's, shared by concurrent callers: a call
+        whose deadline passes first is DEADLINE_EXCEEDED while the compile goes on
+        and records the session's compile_status. Safe to retry when the request
+        carries its own request_id.
         """
 
     @_abc_1.abstractmethod

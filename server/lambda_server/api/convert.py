@@ -97,8 +97,9 @@ class ExecutePayloads:
 
     MAX_JSON_DEPTH's default, 32, keeps every result within what protobuf clients decode
     by default: 100 nested messages, and a JSON level costs two (a Value, then its Struct or
-    ListValue), so the project's Python client reads 32 levels and fails at 50
-    (tests/test_exact_json.py reads a result at the limit with it)."""
+    ListValue), so the project's Python client reads 49 levels and fails at 50
+    (tests/test_exact_json.py reads a result at the limit with it). No setting goes past
+    MAX_JSON_DEPTH_CEILING, 48."""
 
     def __init__(self, max_nodes: int, max_depth: int) -> None:
         self._max_nodes = max_nodes
@@ -193,7 +194,7 @@ def _json_kind(value: JSON) -> str:
 
 
 # value_to_python's recursion is bounded: protobuf refuses messages nested deeper than
-# 100 levels (about 33 levels of JSON) before they reach it.
+# 100 levels (50 levels of JSON) before they reach it.
 
 
 def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, JSON]:

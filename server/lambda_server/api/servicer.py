@@ -29,7 +29,7 @@ RATE_REMAINING_HEADER = "x-ratelimit-remaining"
 RESPONSE_MARGIN = 0.05  # seconds
 
 
-class RawExecuteRequest(convert.ExecuteParams, Protocol):
+class ExecuteRequestView(convert.ExecuteParams, Protocol):
     """An ExecuteRequest as Execute receives it: params still in their wire bytes."""
 
     request_id: str
@@ -79,7 +79,7 @@ class LambdaServicer(pb_grpc.LambdaServiceServicer):
         )
 
     @reports_errors
-    async def Execute(self, request: RawExecuteRequest, context: Context) -> pb.ExecuteResponse:  # type: ignore[override]
+    async def Execute(self, request: ExecuteRequestView, context: Context) -> pb.ExecuteResponse:  # type: ignore[override]
         caller = self._caller(context)
         try:
             quota = self._limiter.admit(caller)

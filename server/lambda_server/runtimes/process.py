@@ -225,12 +225,8 @@ class WorkerProcess:
             raise WorkerCrashed(f"the worker sent a frame that is not JSON: {exc}") from None
         if not isinstance(message, dict):
             raise WorkerCrashed("the worker sent a frame that is not an object")
-        if newline >= 0:
+        if newline >= 0:  # an answer with a result: its JSON text follows, read exactly
             _read_result(message, body[newline + 1 :])
-        elif message.get("ok") and "result" in message:
-            # a Rust program compiled before results came as text of their own (programs are
-            # stored by script and toolchain): serde_json's numbers are 64-bit, which orjson reads exactly
-            message["result_json"] = json_text.dumps(message["result"]).decode()
         return message
 
     def _describe_exit(self, what: str) -> str:

@@ -38,7 +38,7 @@ from lambda_server.errors import (
 from lambda_server.runtimes.process import WorkerTimeout, run_command
 from lambda_server.runtimes.registry import RuntimeSpec
 from lambda_server.runtimes.slots import FairSlots, SlotWaitTimeout
-from lambda_server.sandbox import Sandbox, SandboxUnavailable
+from lambda_server.sandbox import Command, Sandbox, SandboxUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -356,11 +356,17 @@ class RustCompiler:
         status, its stderr, and whether it went past its memory limit; WorkerTimeout past
         `timeout`."""
         try:
-            confinement = self._sandbox.confine_command(
-                argv, [self._toolchain.sysroot, *binds], str(work), COMPILE_LIMITS, fsize_mb
+            # a one-shot command: the toolchain and `binds` read-only, its work folder writable
+            command = Command(
+                tuple(argv),
+                COMPILE_LIMITS,
+                binds=(self._toolchain.sysroot, *binds),
+                writable=(str(work),),
+                file_size_mb=fsize_mb,
             )
+            confinement = self._sandbox.confine(command)
         except SandboxUnavailable as exc:
-            raise Unavailable(f"the Rust compiler could not be confined: {exc.message}") from None
+            raise SandboxUnavailable(f"the Rust compiler could not be confined: {exc.message}") from None
         try:
             env = {**_env(str(work)), "RUSTC": self._toolchain.rustc}
             code, _, err = await run_command(confinement.argv, env, str(work), timeout)

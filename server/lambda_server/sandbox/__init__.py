@@ -67,8 +67,8 @@ class Command:
     files: tuple[str, ...] = ()
     binds: tuple[str, ...] = ()
     writable: tuple[str, ...] = ()
-    # RLIMIT_AS at the memory limit plus a margin, for programs that start under one
-    # (Node's V8 reserves far more address space than it uses, and does not)
+    # RLIMIT_AS at the memory limit plus a margin, for programs that can start under one
+    # (not Node: V8 reserves far more address space than it uses)
     cap_address_space: bool = False
     file_size_mb: int | None = None  # RLIMIT_FSIZE; None: SANDBOX_SCRATCH_MB
 
@@ -302,15 +302,6 @@ class Sandbox:
                     for name in [folder, *(os.path.join(folder, n) for n in dirs + names)]:
                         os.chown(name, confinement.uid, confinement.uid)
         return confinement
-
-    def confine_command(
-        self, argv: list[str], binds: list[str], work: str, limits: Limits, fsize_mb: int
-    ) -> Confinement:
-        """A one-shot command (a compiler) inside every active layer: `binds` read-only and
-        the folder `work` writable, each at its host path."""
-        return self.confine(
-            Command(tuple(argv), limits, binds=tuple(binds), writable=(work,), file_size_mb=fsize_mb)
-        )
 
     def _rlimits(self) -> dict[str, int]:
         return {

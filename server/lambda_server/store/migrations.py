@@ -106,10 +106,6 @@ class Migrator:
         self._done = False
         self._lock = asyncio.Lock()  # a monitor's check and start-up's never apply twice
 
-    @property
-    def done(self) -> bool:
-        return self._done
-
     async def run_once(self) -> list[str]:
         """Apply what is not applied yet, unless this process did already; the names applied."""
         if self._done:

@@ -127,4 +127,3 @@ class Execute:
         if isinstance(schema, dict):
             key = metadata.get("params_schema_key")
             self._params.check(params, schema, key if isinstance(key, str) else None)
-
