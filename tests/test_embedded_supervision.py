@@ -121,14 +121,16 @@ def test_a_killed_postmaster_is_restarted_and_the_service_recovers_without_a_res
             eventually(lambda: load.codes()[("Execute", grpc.StatusCode.OK)] > 20, timeout=30)
             killed = postmaster(data)
             os.kill(killed, signal.SIGKILL)
+            killed_at = time.monotonic()
             # within 10 s a new postmaster, and the service serves on it: no restart of the server
             eventually(lambda: postmaster(data) != killed and serves(server.target), timeout=10)
+            print(f"\nserving again {time.monotonic() - killed_at:.1f} s after the kill")
             served_at = len(load.outcomes)
             eventually(lambda: len(load.outcomes) > served_at + 20, timeout=30)  # the load goes on
         finally:
             load.stop()
         codes = load.codes()
-        print(f"\ncalls under load around the kill: {dict(codes)}")
+        print(f"calls under load around the kill: {dict(codes)}")
         # the outage was seen, as UNAVAILABLE, and never as a hang, UNKNOWN or INTERNAL
         assert codes[("Initialize", grpc.StatusCode.UNAVAILABLE)] > 0, codes
         assert {code for _, code in codes} <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, codes
