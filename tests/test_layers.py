@@ -25,6 +25,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
         "lambda_server.usecases",
         "lambda_server.api",
         "lambda_server.app",
+        "lambda_server.lifecycle",
         *WIRE,
         *SQL,
     ),
@@ -33,6 +34,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
         "lambda_server.usecases",
         "lambda_server.api",
         "lambda_server.app",
+        "lambda_server.lifecycle",
         *WIRE,
         *SQL,
     ),
@@ -42,9 +44,16 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
         "lambda_server.usecases",
         "lambda_server.api",
         "lambda_server.app",
+        "lambda_server.lifecycle",
         *WIRE,
     ),
-    "lambda_server.usecases": ("lambda_server.api", "lambda_server.app", *WIRE, *SQL),
+    "lambda_server.usecases": (
+        "lambda_server.api",
+        "lambda_server.app",
+        "lambda_server.lifecycle",
+        *WIRE,
+        *SQL,
+    ),
     "lambda_server.api": ("lambda_server.store", "lambda_server.runtimes", "lambda_server.sandbox", *SQL),
 }
 # the modules beside the layers (config, errors, auth, limits, metrics, ...) are leaves
@@ -56,10 +65,11 @@ LEAF_FORBIDDEN = (
     "lambda_server.runtimes",
     "lambda_server.sandbox",
     "lambda_server.app",
+    "lambda_server.lifecycle",
     *WIRE,
     *SQL,
 )
-NOT_LEAVES = {"lambda_server.app", "lambda_server.__main__"}
+NOT_LEAVES = {"lambda_server.app", "lambda_server.lifecycle", "lambda_server.__main__"}
 
 
 def module_name(path: Path) -> str:
