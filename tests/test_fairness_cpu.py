@@ -75,6 +75,7 @@ while (Date.now() < end) fs.writeSync(2, chunk);
 return process.getuid();
 """
 VICTIM = "def handler(event):\n    return event['params']['n'] + 1"
+WHERE = "import os\nresult = sorted(os.sched_getaffinity(0))"  # the cores its environment may use
 
 
 def token(sub: str) -> str:
@@ -247,6 +248,9 @@ def busy_attack(server: ServerProcess) -> tuple[list[float], list[float], float]
             eventually(lambda: len(set(uids.values())) == 4, timeout=20)
             during = windows(victim, quiet.request_id, alone)
             pids = [process_of(uid) for uid in set(uids.values())]
+            attacker_cores = {frozenset(os.sched_getaffinity(pid)) for pid in pids}
+            where = victim.initialize("python-where", WHERE)
+            victim_cores = frozenset(to_python(victim.execute(where.request_id).result))
             if Path("/sys/fs/cgroup/cgroup.controllers").exists():
                 quotas = [cgroup_file(pid, "cpu", "cpu.max").read_text().split() for pid in pids]
             else:
@@ -264,6 +268,14 @@ def busy_attack(server: ServerProcess) -> tuple[list[float], list[float], float]
         after = victim_p99(victim, quiet.request_id)
     # the busy environments' quotas, as found (one recycled under load may be gone already)
     assert quotas and all(quota == [str(int(CORES * 100_000)), "100000"] for quota in quotas), quotas
+    # SANDBOX_OWNER_CPUSET: the attacker's environments share cores of their own, all but
+    # one of this machine's, and the victim, placed first, runs where the attacker does not
+    cores = os.sched_getaffinity(0)
+    if len(cores) > 1:
+        assert len(attacker_cores) == 1, attacker_cores
+        (attacker_set,) = attacker_cores
+        assert len(attacker_set) == len(cores) - 1, (attacker_set, cores)
+        assert victim_cores - attacker_set, (victim_cores, attacker_set)
     return [alone, after], during, idle.fraction
 
 
@@ -312,6 +324,6 @@ def test_the_layers_show_in_health_and_switch_off(fair_server: ServerProcess) ->
     SANDBOX_CPU_CORES=0 (the bench's A/B switches) are read."""
     with client_of(fair_server, "victim") as client:
         layers = client.health().components["sandbox"]
-    assert "cpu,freezer)" in layers and "idle-freeze" in layers, layers
+    assert "cpu,freezer" in layers and "idle-freeze" in layers, layers
     settings = Settings.from_env({"SANDBOX_IDLE": "off", "SANDBOX_CPU_CORES": "0"})
     assert settings.sandbox.idle == "off" and settings.sandbox.cpu_cores == 0

@@ -430,6 +430,16 @@ class SandboxSettings(_Declared):
         0.0,
         "CPU of one owner's environments; 0: one core less than the server may use",
     )
+    # Each owner's environments run on cores of their own where the host allows (a
+    # cpuset cgroup): as many as SANDBOX_CPU_CORES_PER_OWNER needs, at most all but one,
+    # those the fewest other owners run on. Two busy owners on two cores then never share
+    # one, and another tenant's call is not queued behind a busy script's time slice.
+    owner_cpuset: bool = setting(
+        "SANDBOX_OWNER_CPUSET",
+        _on_off,
+        True,
+        "place each owner's environments on cores the fewest other owners use (a cpuset)",
+    )
     # What keeps a script from running between its executions: `freeze` (the idle
     # environment's freezer cgroup; `recycle` where there is no freezer), `recycle` (an
     # environment whose thread count grew past its start's is ended after the execution),

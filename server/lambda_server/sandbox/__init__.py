@@ -207,7 +207,10 @@ class Sandbox:
                 missing["seccomp"] = "SANDBOX_SECCOMP=off"
             try:
                 # one group per server instance: a process may run several (tests do)
-                cgroups = Cgroups.detect(f"lambda-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+                cgroups = Cgroups.detect(
+                    f"lambda-{os.getpid()}-{uuid.uuid4().hex[:8]}",
+                    cpuset=settings.owner_cpuset and settings.cpu_cores > 0,
+                )
                 layers.append(f"cgroup-v{cgroups.version}({','.join(cgroups.controllers)})")
                 if settings.cpu_cores > 0 and "cpu" not in cgroups.controllers:
                     missing["cpu"] = "no cpu controller to cap each environment's CPU"
