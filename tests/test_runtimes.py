@@ -262,3 +262,17 @@ def test_an_error_thrown_in_a_callback_ends_the_execution_as_a_runtime_error(cli
     assert time.monotonic() - started < 2.0
     assert response.error.code == RUNTIME_ERROR
     assert "RangeError: late" in response.error.message
+
+
+def test_a_node_script_writing_to_fd_2_is_not_refused_with_eagain(client: LambdaClient) -> None:
+    """fs.writeSync(2, ...) past the pipe's 64 KiB waits for the server to drain it, as on
+    any blocking pipe: the worker's own process.stdout and process.stderr (captured into
+    the logs) never open Node's real ones, which would make fds 1 and 2 non-blocking."""
+    script = (
+        "const fs = require('fs'); const chunk = Buffer.alloc(61440, 120);"
+        " for (let i = 0; i < 4; i++) fs.writeSync(2, chunk);"
+        " process.stdout.write('out'); return 'done';"
+    )
+    response = run(client, "nodejs-fd2", script)
+    assert not response.HasField("error"), response.error
+    assert to_python(response.result) == "done" and "out" in response.logs

@@ -13,6 +13,7 @@
 'use strict';
 
 const fs = require('fs');
+const { Writable } = require('stream');
 const util = require('util');
 const vm = require('vm');
 const { createRequire } = require('module');
@@ -63,19 +64,25 @@ function capture(...args) {
 for (const name of ['log', 'info', 'warn', 'error', 'debug', 'trace']) {
   console[name] = capture;
 }
-// process.stdout.write and process.stderr.write go to the logs too, as Python's print and
-// sys.stderr do: written to the real pipe, a script's flood queued its writes in this
-// process's memory faster than they drained (a MEMORY_LIMIT on a busy machine).
-function captureStream(chunk, encoding, callback) {
-  if (logs !== null) {
-    logs.write(typeof chunk === 'string' ? chunk : Buffer.from(chunk).toString('utf8'));
-  }
-  const done = typeof encoding === 'function' ? encoding : callback;
-  if (typeof done === 'function') process.nextTick(done);
-  return true;
+// process.stdout and process.stderr go to the logs too, as Python's print and sys.stderr
+// do. They are streams of our own: Node's real ones, made on first use, switch fds 1 and
+// 2 to non-blocking, and a script's fs.writeSync(2, ...) then failed EAGAIN on a full pipe.
+function capturingStream(fd) {
+  const stream = new Writable({
+    decodeStrings: false,
+    write(chunk, encoding, done) {
+      if (logs !== null) logs.write(typeof chunk === 'string' ? chunk : Buffer.from(chunk).toString('utf8'));
+      done();
+    },
+  });
+  stream.fd = fd;
+  stream.isTTY = false;
+  return stream;
 }
-process.stdout.write = captureStream;
-process.stderr.write = captureStream;
+const capturedStdout = capturingStream(1);
+const capturedStderr = capturingStream(2);
+Object.defineProperty(process, 'stdout', { configurable: true, get: () => capturedStdout });
+Object.defineProperty(process, 'stderr', { configurable: true, get: () => capturedStderr });
 function uncaught(err) {
   if (failRun !== null) failRun(err);
   else capture('Uncaught', err);
