@@ -26,6 +26,7 @@ from lambda_server.store.cleanup import SessionCleanup
 from lambda_server.store.database import Database
 from lambda_server.store.embedded import EmbeddedSupervisor
 from lambda_server.store.request_log import RequestLogWriter
+from lambda_server.tasks import cancel_and_wait
 from lambda_server.usecases.builds import RustBuilds
 
 log = logging.getLogger("lambda_server")
@@ -83,9 +84,7 @@ class DatabaseMonitor:
     async def stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         await self._set(False, "shutting down")
 
     async def _loop(self) -> None:

@@ -39,6 +39,7 @@ from lambda_server.runtimes.process import WorkerTimeout, run_command
 from lambda_server.runtimes.registry import RuntimeSpec
 from lambda_server.runtimes.slots import FairSlots, SlotWaitTimeout
 from lambda_server.sandbox import Command, Sandbox, SandboxUnavailable
+from lambda_server.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -158,9 +159,7 @@ class RustCompiler:
         """Stop a build still running (its sandboxed cargo is killed)."""
         task, self._dependencies_task = self._dependencies_task, None
         if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
 
     @property
     def dependencies_state(self) -> str:

@@ -166,9 +166,10 @@ class Cgroups:
         self._freezer = freezer_base
         self._owners: Counter[str] = Counter()  # environments in each owner's cpu group
         # owners' cores (SANDBOX_OWNER_CPUSET): none on a single core, where there is no choice
-        self._cpuset = cpuset_base if len(os.sched_getaffinity(0)) > 1 else None
-        self._owner_cpus: dict[str, tuple[int, ...]] = {}
-        self._cpu_owners: Counter[int] = Counter({cpu: 0 for cpu in os.sched_getaffinity(0)})
+        cpus = os.sched_getaffinity(0)
+        self._cpuset = cpuset_base if len(cpus) > 1 else None
+        self._owner_cpus: dict[str, tuple[int, ...]] = {}  # owners with environments, placed
+        self._cpu_owners: Counter[int] = Counter({cpu: 0 for cpu in cpus})
 
     @property
     def controllers(self) -> list[str]:
@@ -289,11 +290,10 @@ class Cgroups:
         if self._cpu is None or group.cpu is None:
             return group
         parent = self._owner_group(owner, owner_cores)
-        placed = False
-        if self._cpuset is not None:
+        if self._cpuset is not None and owner not in self._owner_cpus:  # placed with its first
             with contextlib.suppress(CgroupUnavailable):  # the owner's quota holds all the same
                 self._owner_cpuset(owner, owner_cores)
-                placed = True
+        placed = owner in self._owner_cpus
         name = group.cpu.name
         if self.version == 2:
             moved = _relative(self, parent).create(name, *limits)
@@ -315,35 +315,25 @@ class Cgroups:
         self._owners[owner] += 1
         return moved
 
-    def owner_cpus(self, owner: str) -> tuple[int, ...] | None:
-        """The cores an owner's environments run on; None when they may run on any."""
-        return self._owner_cpus.get(owner)
-
-    def _place(self, owner: str, cores: float) -> tuple[int, ...]:
-        """The cores for an owner's environments: as many as `cores` needs, at most all but
-        one, those the fewest owners run on now (the lowest numbers first among equals)."""
-        placed = self._owner_cpus.get(owner)
-        if placed is None:
-            available = sorted(self._cpu_owners)
-            count = max(1, min(len(available) - 1, math.ceil(cores)))
-            placed = tuple(sorted(sorted(available, key=lambda cpu: (self._cpu_owners[cpu], cpu))[:count]))
-            self._owner_cpus[owner] = placed
-            self._cpu_owners.update(placed)
-        return placed
-
     def _owner_cpuset(self, owner: str, cores: float) -> None:
-        """The owner's cpuset (v1: a group of the cpuset hierarchy; v2: its group's cpuset.cpus)."""
+        """Place a new owner on as many cores as `cores` needs, at most all but one, those the
+        fewest owners run on now (the lowest numbers first among equals), and write its
+        cpuset (v1: a group of the cpuset hierarchy; v2: its group's cpuset.cpus)."""
         assert self._cpuset is not None
-        cpus = ",".join(str(cpu) for cpu in self._place(owner, cores)).encode()
+        available = sorted(self._cpu_owners)
+        count = max(1, min(len(available) - 1, math.ceil(cores)))
+        placed = tuple(sorted(sorted(available, key=lambda cpu: (self._cpu_owners[cpu], cpu))[:count]))
+        cpus = ",".join(str(cpu) for cpu in placed).encode()
         if self.version == 2:
             assert self._cpu is not None
             _write_strict(self._cpu / _owner_name(owner) / "cpuset.cpus", cpus)
-            return
-        group = self._cpuset / _owner_name(owner)
-        if not group.exists():
+        else:
+            group = self._cpuset / _owner_name(owner)
             _make(group)
             _write_strict(group / "cpuset.mems", (_read(self._cpuset / "cpuset.mems") or "0").encode())
             _write_strict(group / "cpuset.cpus", cpus)
+        self._owner_cpus[owner] = placed  # only once its cpuset is written
+        self._cpu_owners.update(placed)
 
     def leave_owner(self, owner: str) -> None:
         """An environment of the owner was removed: its groups, and its hold on its cores,

@@ -17,7 +17,6 @@ one held row never delays the claims of other sessions.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 
@@ -31,6 +30,7 @@ from lambda_server.errors import (
     own_instance,
 )
 from lambda_server.store.database import Database, DedicatedConnection
+from lambda_server.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +155,7 @@ class ClaimBatcher:
     async def close(self) -> None:
         """Stop sending (claims waiting are cancelled) and give the connection back."""
         if self._sender is not None:
-            self._sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sender
+            await cancel_and_wait(self._sender)
         for _, _, claimed in self._pending:
             claimed.cancel()
         self._pending.clear()

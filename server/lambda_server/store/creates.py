@@ -29,7 +29,6 @@ of replicas. The transaction costs four round trips a batch, not a create.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ import asyncpg
 from lambda_server.domain import JSON, Deadline, NewSession, SessionOptions
 from lambda_server.errors import DeadlineExceeded, InternalError, own_instance
 from lambda_server.store.database import Database
+from lambda_server.tasks import cancel_and_wait
 
 MAX_BATCH = 256
 MAX_BATCH_BYTES = 4 * 1024 * 1024  # of scripts; a larger create goes alone
@@ -282,9 +282,7 @@ class CreateBatcher:
         for sender in list(self._senders.values()):
             if sender is None:  # its caller is cancelled with the server
                 continue
-            sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sender
+            await cancel_and_wait(sender)
         for queue in self._pending.values():
             for _, stored in queue:
                 stored.cancel()

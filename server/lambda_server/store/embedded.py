@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lambda_server.config import ConfigError
+from lambda_server.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -228,9 +229,7 @@ class EmbeddedSupervisor:
         """Stop watching; a restart already under way in its thread ends within its bound."""
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
 
     async def _watch(self) -> None:
         while True:

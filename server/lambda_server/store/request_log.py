@@ -41,6 +41,7 @@ from lambda_server.domain import JSON, Deadline, RequestLogEntry
 from lambda_server.errors import DeadlineExceeded, LambdaError, Unavailable
 from lambda_server.metrics import Metrics
 from lambda_server.store.database import Database
+from lambda_server.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +139,7 @@ class RequestLogWriter:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), timeout)
             except TimeoutError:
-                self._task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._task
+                await cancel_and_wait(self._task)
         left = self.depth
         if left:
             self._queue.clear()

@@ -51,6 +51,7 @@ from lambda_server.errors import DeadlineExceeded, InternalError, LambdaError, U
 from lambda_server.runtimes.rust import RustCompiler
 from lambda_server.store.artifacts import ArtifactStore
 from lambda_server.store.sessions import SessionStore
+from lambda_server.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +128,7 @@ class RustBuilds:
         self._closing = True
         sweeper, self._sweeper = self._sweeper, None
         if sweeper is not None:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
+            await cancel_and_wait(sweeper)
         # a session stored by now joins its build (bounded by the database's timeouts),
         # which records it as the build ends
         await asyncio.gather(*self._joining, return_exceptions=True)
