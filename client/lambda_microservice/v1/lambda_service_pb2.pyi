@@ -16,6 +16,7 @@ from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.rpc import status_pb2 as _status_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -110,6 +111,38 @@ EXECUTION_ERROR_CODE_OUTPUT_LIMIT: ExecutionErrorCode.ValueType  # 4
 EXECUTION_ERROR_CODE_INVALID_RESULT: ExecutionErrorCode.ValueType  # 5
 """The script's result cannot be represented as JSON."""
 Global___ExecutionErrorCode: _TypeAlias = ExecutionErrorCode  # noqa: Y015
+
+class _OutputStream:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OutputStreamEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OutputStream.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OUTPUT_STREAM_UNSPECIFIED: _OutputStream.ValueType  # 0
+    """Not set; never returned by the service."""
+    OUTPUT_STREAM_STDOUT: _OutputStream.ValueType  # 1
+    """Standard output: Python's print, Node's console.log and process.stdout,
+    Rust's println!.
+    """
+    OUTPUT_STREAM_STDERR: _OutputStream.ValueType  # 2
+    """Standard error: Python's sys.stderr, Node's console.error and
+    process.stderr, Rust's eprintln!.
+    """
+
+class OutputStream(_OutputStream, metaclass=_OutputStreamEnumTypeWrapper):
+    """OutputStream names the console stream a chunk was written to."""
+
+OUTPUT_STREAM_UNSPECIFIED: OutputStream.ValueType  # 0
+"""Not set; never returned by the service."""
+OUTPUT_STREAM_STDOUT: OutputStream.ValueType  # 1
+"""Standard output: Python's print, Node's console.log and process.stdout,
+Rust's println!.
+"""
+OUTPUT_STREAM_STDERR: OutputStream.ValueType  # 2
+"""Standard error: Python's sys.stderr, Node's console.error and
+process.stderr, Rust's eprintln!.
+"""
+Global___OutputStream: _TypeAlias = OutputStream  # noqa: Y015
 
 class _EnvironmentState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -654,6 +687,8 @@ class ExecuteResponse(_message.Message):
     CPU_TIME_FIELD_NUMBER: _builtins.int
     PEAK_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     RESULT_JSON_FIELD_NUMBER: _builtins.int
+    LOGS_TRUNCATED_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The session's id."""
     language_title: _builtins.str
@@ -676,6 +711,10 @@ class ExecuteResponse(_message.Message):
     integer past a double's range) or a string that is not valid Unicode is an
     error with code INVALID_RESULT instead.
     """
+    logs_truncated: _builtins.bool
+    """Whether the console output went past MAX_LOG_BYTES and was cut: `logs` (and
+    ExecuteStream's chunks) hold the first MAX_LOG_BYTES of it.
+    """
     @_builtins.property
     def result(self) -> _struct_pb2.Value:
         """What the script returned, as a google.protobuf.Value (for tools such as
@@ -695,6 +734,16 @@ class ExecuteResponse(_message.Message):
     def cpu_time(self) -> _duration_pb2.Duration:
         """CPU time (user and system) the execution used in its runtime process."""
 
+    @_builtins.property
+    def status(self) -> _status_pb2.Status:
+        """In ExecuteBatchResponse only: set when this item was not run, with the
+        status and google.rpc.ErrorInfo that an Execute of it alone would have
+        failed with (INVALID_ARGUMENT for params that do not fit the schema,
+        DEADLINE_EXCEEDED for an item the batch's deadline left unstarted,
+        RESOURCE_EXHAUSTED when no environment became free). Unset when the item
+        ran: a script's own failure is `error`.
+        """
+
     def __init__(
         self,
         *,
@@ -709,14 +758,158 @@ class ExecuteResponse(_message.Message):
         cpu_time: _duration_pb2.Duration | None = ...,
         peak_memory_bytes: _builtins.int = ...,
         result_json: _builtins.str = ...,
+        logs_truncated: _builtins.bool = ...,
+        status: _status_pb2.Status | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cpu_time", b"cpu_time", "error", b"error", "execution_time", b"execution_time", "result", b"result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cpu_time", b"cpu_time", "error", b"error", "execution_time", b"execution_time", "result", b"result", "status", b"status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached", b"cached", "cpu_time", b"cpu_time", "environment_state", b"environment_state", "error", b"error", "execution_time", b"execution_time", "language_title", b"language_title", "logs", b"logs", "peak_memory_bytes", b"peak_memory_bytes", "request_id", b"request_id", "result", b"result", "result_json", b"result_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached", b"cached", "cpu_time", b"cpu_time", "environment_state", b"environment_state", "error", b"error", "execution_time", b"execution_time", "language_title", b"language_title", "logs", b"logs", "logs_truncated", b"logs_truncated", "peak_memory_bytes", b"peak_memory_bytes", "request_id", b"request_id", "result", b"result", "result_json", b"result_json", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExecuteResponse: _TypeAlias = ExecuteResponse  # noqa: Y015
+
+@_typing.final
+class ExecuteStreamResponse(_message.Message):
+    """ExecuteStreamResponse is one message of ExecuteStream: a chunk of console
+    output, or the last message, the execution's whole response.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def output(self) -> Global___OutputChunk:
+        """A chunk of the script's console output, as it was written."""
+
+    @_builtins.property
+    def response(self) -> Global___ExecuteResponse:
+        """The last message: the whole ExecuteResponse, as Execute returns it (its
+        `logs` hold the same output as the chunks did).
+        """
+
+    def __init__(
+        self,
+        *,
+        output: Global___OutputChunk | None = ...,
+        response: Global___ExecuteResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "output", b"output", "response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "output", b"output", "response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["output", "response"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___ExecuteStreamResponse: _TypeAlias = ExecuteStreamResponse  # noqa: Y015
+
+@_typing.final
+class OutputChunk(_message.Message):
+    """OutputChunk is a piece of a script's console output: a line, or what a flush
+    wrote. The chunks of one execution, in order, make its ExecuteResponse.logs.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    stream: Global___OutputStream.ValueType
+    """The stream it was written to."""
+    text: _builtins.str
+    """The text written (UTF-8; a character is never split between chunks)."""
+    offset: _builtins.int
+    """Where the chunk starts in the execution's console output (both streams, as
+    `logs` holds them), in bytes of UTF-8.
+    """
+    def __init__(
+        self,
+        *,
+        stream: Global___OutputStream.ValueType = ...,
+        text: _builtins.str = ...,
+        offset: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["offset", b"offset", "stream", b"stream", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OutputChunk: _TypeAlias = OutputChunk  # noqa: Y015
+
+@_typing.final
+class ExecuteBatchRequest(_message.Message):
+    """ExecuteBatchRequest runs a session's script once for each item."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PARAMS_FIELD_NUMBER: _builtins.int
+    CACHE_CONTROL_FIELD_NUMBER: _builtins.int
+    PARAMS_JSON_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """The id returned by Initialize."""
+    cache_control: _builtins.str
+    """The result cache's directive, applied to each item (as
+    ExecuteRequest.cache_control).
+    """
+    @_builtins.property
+    def params(self) -> _containers.RepeatedCompositeFieldContainer[_struct_pb2.Struct]:
+        """The items: params for one execution each (as ExecuteRequest.params), at most
+        MAX_BATCH_SIZE (1,000 by default).
+        """
+
+    @_builtins.property
+    def params_json(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The items as the texts of JSON objects, kept exactly (as
+        ExecuteRequest.params_json): an alternative to params; setting both is
+        INVALID_ARGUMENT.
+        """
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        params: _abc.Iterable[_struct_pb2.Struct] | None = ...,
+        cache_control: _builtins.str = ...,
+        params_json: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_control", b"cache_control", "params", b"params", "params_json", b"params_json", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExecuteBatchRequest: _TypeAlias = ExecuteBatchRequest  # noqa: Y015
+
+@_typing.final
+class ExecuteBatchResponse(_message.Message):
+    """ExecuteBatchResponse holds one answer per item."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExecuteResponse]:
+        """The items' answers, in the order of the request's items: each an
+        ExecuteResponse with its result or `error` (the script failed), or with
+        `status` set (the item did not run).
+        """
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___ExecuteResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExecuteBatchResponse: _TypeAlias = ExecuteBatchResponse  # noqa: Y015
 
 @_typing.final
 class ComponentHealth(_message.Message):

@@ -53,6 +53,16 @@ class LambdaServiceStub:
                 request_serializer=lambda__microservice_dot_v1_dot_lambda__service__pb2.ExecuteRequest.SerializeToString,
                 response_deserializer=lambda__microservice_dot_v1_dot_lambda__service__pb2.ExecuteResponse.FromString,
                 _registered_method=True)
+        self.ExecuteStream = channel.unary_stream(
+                '/lambda_microservice.v1.LambdaService/ExecuteStream',
+                request_serializer=lambda__microservice_dot_v1_dot_lambda__service__pb2.ExecuteRequest.SerializeToString,
+                response_deserializer=lambda__microservice_dot_v1_dot_lambda__service__pb2.ExecuteStreamResponse.FromString,
+                _registered_method=True)
+        self.ExecuteBatch = channel.unary_unary(
+                '/lambda_microservice.v1.LambdaService/ExecuteBatch',
+                request_serializer=lambda__microservice_dot_v1_dot_lambda__service__pb2.ExecuteBatchRequest.SerializeToString,
+                response_deserializer=lambda__microservice_dot_v1_dot_lambda__service__pb2.ExecuteBatchResponse.FromString,
+                _registered_method=True)
         self.Health = channel.unary_unary(
                 '/lambda_microservice.v1.LambdaService/Health',
                 request_serializer=lambda__microservice_dot_v1_dot_lambda__service__pb2.HealthRequest.SerializeToString,
@@ -104,6 +114,34 @@ class LambdaServiceServicer:
         """Execute runs the session's script with params and returns its result. Not
         idempotent (each call counts, and the script may have side effects): safe to
         retry only when it failed UNAVAILABLE with reason NOT_STARTED.
+        ExecuteStream takes the same request:
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExecuteStream(self, request, context):
+        """ExecuteStream runs the session's script like Execute, and streams its console
+        output as the script writes it: OutputChunk messages, in order, then exactly
+        one last message carrying the whole ExecuteResponse. The call's status is
+        that of Execute (a refused call sends no message). A caller that cancels
+        stops the execution, and its environment is replaced. Not idempotent, like
+        Execute.
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExecuteBatch(self, request, context):
+        """ExecuteBatch runs the session's script once for each of many params, in one
+        call: the session is claimed once and counted once per item; items run in
+        parallel on the session's environments, several to a runtime message. Each
+        item has its own answer, in the order given; one item's failure fails no
+        other. The call's deadline bounds the whole batch: items it leaves unstarted
+        are answered with a DEADLINE_EXCEEDED `status`. Not idempotent, like Execute.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -149,6 +187,16 @@ def add_LambdaServiceServicer_to_server(servicer, server):
                     servicer.Execute,
                     request_deserializer=lambda__microservice_dot_v1_dot_lambda__service__pb2.ExecuteRequest.FromString,
                     response_serializer=lambda__microservice_dot_v1_dot_lambda__service__pb2.ExecuteResponse.SerializeToString,
+            ),
+            'ExecuteStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExecuteStream,
+                    request_deserializer=lambda__microservice_dot_v1_dot_lambda__service__pb2.ExecuteRequest.FromString,
+                    response_serializer=lambda__microservice_dot_v1_dot_lambda__service__pb2.ExecuteStreamResponse.SerializeToString,
+            ),
+            'ExecuteBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExecuteBatch,
+                    request_deserializer=lambda__microservice_dot_v1_dot_lambda__service__pb2.ExecuteBatchRequest.FromString,
+                    response_serializer=lambda__microservice_dot_v1_dot_lambda__service__pb2.ExecuteBatchResponse.SerializeToString,
             ),
             'Health': grpc.unary_unary_rpc_method_handler(
                     servicer.Health,
@@ -234,6 +282,60 @@ class LambdaService:
             '/lambda_microservice.v1.LambdaService/Execute',
             lambda__microservice_dot_v1_dot_lambda__service__pb2.ExecuteRequest.SerializeToString,
             lambda__microservice_dot_v1_dot_lambda__service__pb2.ExecuteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExecuteStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/lambda_microservice.v1.LambdaService/ExecuteStream',
+            lambda__microservice_dot_v1_dot_lambda__service__pb2.ExecuteRequest.SerializeToString,
+            lambda__microservice_dot_v1_dot_lambda__service__pb2.ExecuteStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExecuteBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lambda_microservice.v1.LambdaService/ExecuteBatch',
+            lambda__microservice_dot_v1_dot_lambda__service__pb2.ExecuteBatchRequest.SerializeToString,
+            lambda__microservice_dot_v1_dot_lambda__service__pb2.ExecuteBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

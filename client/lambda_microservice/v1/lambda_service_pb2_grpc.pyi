@@ -60,6 +60,26 @@ class LambdaServiceStub:
     """Execute runs the session's script with params and returns its result. Not
     idempotent (each call counts, and the script may have side effects): safe to
     retry only when it failed UNAVAILABLE with reason NOT_STARTED.
+    ExecuteStream takes the same request:
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
+    ExecuteStream: _grpc.UnaryStreamMultiCallable[_lambda_service_pb2.ExecuteRequest, _lambda_service_pb2.ExecuteStreamResponse]
+    """ExecuteStream runs the session's script like Execute, and streams its console
+    output as the script writes it: OutputChunk messages, in order, then exactly
+    one last message carrying the whole ExecuteResponse. The call's status is
+    that of Execute (a refused call sends no message). A caller that cancels
+    stops the execution, and its environment is replaced. Not idempotent, like
+    Execute.
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
+    ExecuteBatch: _grpc.UnaryUnaryMultiCallable[_lambda_service_pb2.ExecuteBatchRequest, _lambda_service_pb2.ExecuteBatchResponse]
+    """ExecuteBatch runs the session's script once for each of many params, in one
+    call: the session is claimed once and counted once per item; items run in
+    parallel on the session's environments, several to a runtime message. Each
+    item has its own answer, in the order given; one item's failure fails no
+    other. The call's deadline bounds the whole batch: items it leaves unstarted
+    are answered with a DEADLINE_EXCEEDED `status`. Not idempotent, like Execute.
     """
     Health: _grpc.UnaryUnaryMultiCallable[_lambda_service_pb2.HealthRequest, _lambda_service_pb2.HealthResponse]
     """Health reports the service and each of its components."""
@@ -97,6 +117,26 @@ class LambdaServiceAsyncStub(LambdaServiceStub):
     """Execute runs the session's script with params and returns its result. Not
     idempotent (each call counts, and the script may have side effects): safe to
     retry only when it failed UNAVAILABLE with reason NOT_STARTED.
+    ExecuteStream takes the same request:
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
+    ExecuteStream: _aio.UnaryStreamMultiCallable[_lambda_service_pb2.ExecuteRequest, _lambda_service_pb2.ExecuteStreamResponse]  # type: ignore[assignment]
+    """ExecuteStream runs the session's script like Execute, and streams its console
+    output as the script writes it: OutputChunk messages, in order, then exactly
+    one last message carrying the whole ExecuteResponse. The call's status is
+    that of Execute (a refused call sends no message). A caller that cancels
+    stops the execution, and its environment is replaced. Not idempotent, like
+    Execute.
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
+    ExecuteBatch: _aio.UnaryUnaryMultiCallable[_lambda_service_pb2.ExecuteBatchRequest, _lambda_service_pb2.ExecuteBatchResponse]  # type: ignore[assignment]
+    """ExecuteBatch runs the session's script once for each of many params, in one
+    call: the session is claimed once and counted once per item; items run in
+    parallel on the session's environments, several to a runtime message. Each
+    item has its own answer, in the order given; one item's failure fails no
+    other. The call's deadline bounds the whole batch: items it leaves unstarted
+    are answered with a DEADLINE_EXCEEDED `status`. Not idempotent, like Execute.
     """
     Health: _aio.UnaryUnaryMultiCallable[_lambda_service_pb2.HealthRequest, _lambda_service_pb2.HealthResponse]  # type: ignore[assignment]
     """Health reports the service and each of its components."""
@@ -143,6 +183,38 @@ class LambdaServiceServicer(metaclass=_abc_1.ABCMeta):
         """Execute runs the session's script with params and returns its result. Not
         idempotent (each call counts, and the script may have side effects): safe to
         retry only when it failed UNAVAILABLE with reason NOT_STARTED.
+        ExecuteStream takes the same request:
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+
+    @_abc_1.abstractmethod
+    def ExecuteStream(
+        self,
+        request: _lambda_service_pb2.ExecuteRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_lambda_service_pb2.ExecuteStreamResponse], _abc.AsyncIterator[_lambda_service_pb2.ExecuteStreamResponse]]:
+        """ExecuteStream runs the session's script like Execute, and streams its console
+        output as the script writes it: OutputChunk messages, in order, then exactly
+        one last message carrying the whole ExecuteResponse. The call's status is
+        that of Execute (a refused call sends no message). A caller that cancels
+        stops the execution, and its environment is replaced. Not idempotent, like
+        Execute.
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+
+    @_abc_1.abstractmethod
+    def ExecuteBatch(
+        self,
+        request: _lambda_service_pb2.ExecuteBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_lambda_service_pb2.ExecuteBatchResponse, _abc.Awaitable[_lambda_service_pb2.ExecuteBatchResponse]]:
+        """ExecuteBatch runs the session's script once for each of many params, in one
+        call: the session is claimed once and counted once per item; items run in
+        parallel on the session's environments, several to a runtime message. Each
+        item has its own answer, in the order given; one item's failure fails no
+        other. The call's deadline bounds the whole batch: items it leaves unstarted
+        are answered with a DEADLINE_EXCEEDED `status`. Not idempotent, like Execute.
         """
 
     @_abc_1.abstractmethod
