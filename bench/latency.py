@@ -21,6 +21,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.server import BenchServer, running_server
 from lambda_microservice import LambdaClient
+from lambda_microservice.v1 import lambda_service_pb2 as pb
+from lambda_microservice.v1 import lambda_service_pb2_grpc as pb_grpc
 
 NODE = os.environ.get("NODE_BINARY") or "node"
 
@@ -31,6 +33,16 @@ SCRIPTS = {
         "use serde_json::Value;\n// {tag}\n"
         "pub fn handler(event: Value) -> Result<Value, String> {{\n"
         '    Ok(Value::from(event["params"]["n"].as_i64().unwrap_or(0) + 1))\n}}\n'
+    ),
+}
+
+
+# ExecuteStream's scripts: a line of output, then 50 ms of work, then the result. The first
+# chunk's latency is what a caller of a long script waits before it sees anything.
+STREAM_SCRIPTS = {
+    "python": "import time\ndef handler(event):\n    print('started')\n    time.sleep(0.05)\n    return 1",
+    "nodejs": (
+        "console.log('started');\nawait new Promise((resolve) => setTimeout(resolve, 50));\nreturn 1;"
     ),
 }
 
@@ -122,12 +134,44 @@ def run(server: BenchServer, quick: bool, unpooled: BenchServer | None = None) -
                     sandboxed_spawns(unpooled, runtime, spawn_n)
                 )
         rust(client, warm_n, cold_n, report)
+        errors += stream(client, server.target, warm_n // 10, report)
     if not quick:
         first_dependency_build(report)
     floor = report["floor: grpc.health.v1 Check"]["p50_ms"]
     for row in report.values():
         row["ratio"] = row["p50_ms"] / floor
     return {"rows": report, "errors": errors}
+
+
+def stream(client: LambdaClient, target: str, count: int, report: dict[str, dict[str, float]]) -> int:
+    """ExecuteStream at concurrency 1: the time to its first output chunk, and to its last
+    message, of a script that prints a line and then works 50 ms. Returns the errors."""
+    errors = 0
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.LambdaServiceStub(channel)
+        for runtime, script in STREAM_SCRIPTS.items():
+            session = client.initialize(f"{runtime}-stream", script)
+            request = pb.ExecuteRequest(request_id=session.request_id)
+            first, last = [], []
+            for i in range(count + count // 10):
+                started = time.perf_counter()
+                first_at = None
+                response = None
+                for message in stub.ExecuteStream(request, timeout=30):
+                    if message.HasField("output") and first_at is None:
+                        first_at = time.perf_counter()
+                    elif message.HasField("response"):
+                        response = message.response
+                ended = time.perf_counter()
+                if first_at is None or response is None or response.HasField("error"):
+                    errors += 1
+                    continue
+                if i >= count // 10:  # the first tenth warms up
+                    first.append(first_at - started)
+                    last.append(ended - started)
+            report[f"{runtime}: ExecuteStream, first chunk (50 ms script)"] = percentiles(first or [0.0])
+            report[f"{runtime}: ExecuteStream, last message (50 ms script)"] = percentiles(last or [0.0])
+    return errors
 
 
 def first_dependency_build(report: dict[str, dict[str, float]]) -> None:

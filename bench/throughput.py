@@ -31,6 +31,7 @@ from lambda_microservice.v1 import lambda_service_pb2 as pb
 
 H2LOAD = os.environ.get("H2LOAD") or shutil.which("h2load") or "/usr/bin/h2load"
 SERVICE = "lambda_microservice.v1.LambdaService"
+BATCH_ITEMS = 100
 SCRIPTS = {
     "python": "def handler(event):\n    return event['params']['n'] + 1",
     "nodejs": "return event.params.n + 1;",
@@ -161,6 +162,22 @@ async def _one_shot(target: str, runtime: str, seconds: float, tasks: int) -> tu
     return rates["one-shot"], rates["floor"], errors
 
 
+def batch(server: BenchServer, client: LambdaClient, runtime: str, load: Load) -> dict[str, Any]:
+    """ExecuteBatch of BATCH_ITEMS items at saturation: its rate in executions a second (calls
+    a second times the items), and its CPU a call per item."""
+    session = client.initialize(f"{runtime}-batch", SCRIPTS[runtime])
+    client.execute(session.request_id, {"n": 41})  # bind an environment first
+    request = pb.ExecuteBatchRequest(request_id=session.request_id)
+    for n in range(BATCH_ITEMS):
+        request.params.add().update({"n": n})
+    name = f"{runtime}: ExecuteBatch of {BATCH_ITEMS}"
+    row = measure(server, name, f"{SERVICE}/ExecuteBatch", request, load)
+    row["rps"] *= BATCH_ITEMS  # executions a second
+    row["items"] = BATCH_ITEMS
+    row["cpu_us"] = {part: value / BATCH_ITEMS for part, value in row["cpu_us"].items()}
+    return row
+
+
 def run(server: BenchServer, quick: bool) -> dict[str, Any]:
     """Every scenario at saturation; rows carry requests/s and the ratio to the floor."""
     load = Load(connections=2, streams=8, seconds=1 if quick else 8)
@@ -181,6 +198,7 @@ def run(server: BenchServer, quick: bool) -> dict[str, Any]:
             params.update({"n": 41})
             request = pb.ExecuteRequest(request_id=session.request_id, params=params)
             rows.append(measure(server, f"{runtime}: warm Execute", f"{SERVICE}/Execute", request, load))
+            rows.append(batch(server, client, runtime, load))
         initialize = pb.InitializeRequest(
             language_title="python-initialize", script_content=SCRIPTS["python"]
         )
@@ -214,6 +232,7 @@ def print_report(report: dict[str, Any]) -> None:
         f"{'scenario (saturating)':48} {'in flight':>9} {'req/s':>9} {'x floor':>8} {'errors':>7}"
         f"   CPU us a call: {'server':>6} {'runtimes':>8} {'postgres':>8}"
     )
+    print("(an ExecuteBatch row counts executions a second, items of all its calls, and CPU an item)")
     for row in report["rows"]:
         cpu = row.get("cpu_us")
         parts = (
