@@ -187,6 +187,15 @@ class Job:
     program: str | None = None  # a compiled runtime's program for the script (Rust)
 
 
+@dataclass(frozen=True)
+class BatchJob:
+    """A batch's items to run, each as `job` with the item's event (job.event is unused)."""
+
+    job: Job
+    events: tuple[dict[str, JSON], ...]  # every item's event, by its index in the batch
+    indices: tuple[int, ...]  # the items to run; the others were answered without running
+
+
 class FailureCode(enum.Enum):
     RUNTIME_ERROR = "RUNTIME_ERROR"
     TIMEOUT = "TIMEOUT"
