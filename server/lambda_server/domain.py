@@ -287,7 +287,7 @@ class ErrorLogEntry:
 
 @dataclass(frozen=True)
 class RequestLogEntry:
-    """One answered Execute, as public.request_logs (and error_logs) keep it.
+    """One answered Execute or ExecuteBatch, as public.request_logs (and error_logs) keep it.
 
     `status_code` is the HTTP equivalent of the gRPC status, 500 for a script
     that failed in an OK answer; `size` estimates the bytes the entry holds, so
@@ -310,6 +310,7 @@ class RequestLogEntry:
     runtime_metrics: dict[str, JSON] | None
     error: ErrorLogEntry | None
     size: int = 0
+    items: int | None = None  # an ExecuteBatch's items (one row per batch); None for an Execute
 
 
 class FunctionType(enum.Enum):
