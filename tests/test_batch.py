@@ -13,6 +13,7 @@ from contextlib import redirect_stdout
 from dataclasses import replace
 from pathlib import Path
 
+import asyncpg
 import grpc
 import jwt
 import pytest
@@ -319,3 +320,49 @@ def test_a_second_tenant_is_not_starved_by_batches(database_url: str) -> None:
             assert during <= 5 * max(alone, after), (alone, during, after)
     finally:
         server.stop()
+
+
+def test_an_item_that_does_not_fit_the_schema_fails_alone(client: LambdaClient) -> None:
+    session = client.initialize("nodejs-calculator", "")
+    items = [
+        {"operation": "add", "a": 1, "b": 2},
+        {"operation": "add", "a": "x", "b": 2},
+        {"operation": "multiply", "a": 3, "b": 4},
+    ]
+    responses = client.execute_batch(session.request_id, items)
+    assert to_python(responses[0].result) == {"result": 3}
+    assert to_python(responses[2].result) == {"result": 12}
+    refused = item_error(responses[1])
+    assert isinstance(refused, InvalidArgumentError) and refused.reason == "INVALID_PARAMS"
+    assert responses[1].status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert client.get_session(session.request_id).execution_count == 3  # as Execute counts it
+
+
+def test_the_request_log_has_one_row_per_batch_with_its_items(database_url: str) -> None:
+    server = ServerThread(server_settings(), database_url)
+    try:
+        with LambdaClient(server.target, timeout=30) as client:
+            session = client.initialize("python-batch", DOUBLE_OR_RAISE)
+            client.execute_batch(session.request_id, [{"n": n} for n in range(10)])  # n = 3 fails
+            client.execute(session.request_id, {"n": 1})
+    finally:
+        server.stop()  # graceful: what is queued is written now
+
+    async def rows() -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(database_url, timeout=10)
+        try:
+            await conn.set_type_codec("jsonb", schema="pg_catalog", encoder=json.dumps, decoder=json.loads)
+            query = 'SELECT * FROM public.request_logs WHERE request_id = $1 ORDER BY "timestamp"'
+            return list(await conn.fetch(query, session.request_id))
+        finally:
+            await conn.close()
+
+    batch, single = asyncio.run(rows())
+    assert batch["items"] == 10 and single["items"] is None
+    assert batch["grpc_code"] == "OK" and batch["status_code"] == 500  # an item failed
+    assert batch["error_details"] == {"items": 10, "failed": 1, "not_run": 0}
+    assert batch["request_payload"] == [{"n": n} for n in range(10)]
+    answers = batch["response_payload"]
+    assert answers[3]["error"]["code"] == "RUNTIME_ERROR"
+    assert [answers[n] for n in range(10) if n != 3] == [2 * n for n in range(10) if n != 3]
+    assert batch["runtime_metrics"]["items"] == 10
