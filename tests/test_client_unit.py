@@ -229,6 +229,20 @@ def test_execute_is_retried_when_the_server_says_it_did_not_start(fake: Fake) ->
     assert first == second
 
 
+def test_execute_batch_is_retried_when_nothing_ran(fake: Fake) -> None:
+    call = fake.call(lambda client: client.execute_batch(SESSION, [{"n": 2**60}, {"n": 1}]))
+    _, first, rpc = fake.take("ExecuteBatch")
+    refuse(rpc, refusal(grpc.StatusCode.UNAVAILABLE, "database unavailable", "NOT_STARTED"))
+    _, second, rpc = fake.take("ExecuteBatch")  # the client's own retry
+    rpc.terminate(
+        pb.ExecuteBatchResponse(results=[pb.ExecuteResponse(result_json="2")]), (), grpc.StatusCode.OK, ""
+    )
+    assert [result(r) for r in call.result(timeout=30)] == [2]
+    assert first == second
+    # an item past 2**53: every item goes as exact JSON text
+    assert list(first.params_json) == ['{"n": 1152921504606846976}', '{"n": 1}'] and not first.params
+
+
 def test_execute_retries_end_after_max_attempts(fake: Fake) -> None:
     call = fake.call(lambda client: client.execute(SESSION))
     for _ in range(FAST.max_attempts):
@@ -273,7 +287,8 @@ def test_the_service_config_lets_grpc_retry_every_method_but_execute() -> None:
         for name in method["name"]
     }
     assert all("method" in name for method in config["methodConfig"] for name in method["name"])
-    assert retried == set(SERVICE.methods_by_name) - {"Execute"}
+    # Execute and its twins count their executions: retried only on NOT_STARTED, by the client
+    assert retried == set(SERVICE.methods_by_name) - {"Execute", "ExecuteStream", "ExecuteBatch"}
 
 
 # --- metadata, pages, results ------------------------------------------------------------------
@@ -281,6 +296,7 @@ def test_the_service_config_lets_grpc_retry_every_method_but_execute() -> None:
 CALLS: dict[str, tuple[Callable[..., Any], Any]] = {
     "Initialize": (lambda c, m: c.initialize("python-x", "result = 1", metadata=m), pb.InitializeResponse()),
     "Execute": (lambda c, m: c.execute(SESSION, metadata=m), pb.ExecuteResponse()),
+    "ExecuteBatch": (lambda c, m: c.execute_batch(SESSION, [{}], metadata=m), pb.ExecuteBatchResponse()),
     "Health": (lambda c, m: c.health(metadata=m), pb.HealthResponse()),
     "GetSession": (lambda c, m: c.get_session(SESSION, metadata=m), pb.GetSessionResponse()),
     "ListFunctions": (lambda c, m: c.list_functions(metadata=m), pb.ListFunctionsResponse()),

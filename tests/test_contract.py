@@ -20,14 +20,23 @@ from lambda_server.config import RuntimeSettings
 from tests.support import BUF, ROOT, ServerThread, buf_curl
 
 SERVICE = "lambda_microservice.v1.LambdaService"
-RPCS = {"Initialize", "Execute", "Health", "GetSession", "ListFunctions", "GetFunction"}
+RPCS = {
+    "Initialize",
+    "Execute",
+    "ExecuteStream",
+    "ExecuteBatch",
+    "Health",
+    "GetSession",
+    "ListFunctions",
+    "GetFunction",
+}
 
 
 def snake(name: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
-def test_reflection_lists_the_service_and_its_six_rpcs(server: ServerThread) -> None:
+def test_reflection_lists_the_service_and_its_rpcs(server: ServerThread) -> None:
     with grpc.insecure_channel(server.target) as channel:
         database = ProtoReflectionDescriptorDatabase(channel)
         assert SERVICE in database.get_services()

@@ -34,7 +34,16 @@ from lambda_microservice.errors import (
     UnavailableError,
     UnimplementedError,
 )
+from lambda_microservice.errors import from_status as _from_status
+from lambda_microservice.v1 import lambda_service_pb2 as _pb
 from lambda_microservice.values import execution_options, result, to_python, to_struct
+
+
+def item_error(response: _pb.ExecuteResponse) -> LambdaError | None:
+    """The error an ExecuteBatch item that did not run stands for (its `status`), or None
+    when it ran (its script's own failure, if any, is `response.error`)."""
+    return _from_status(response.status) if response.HasField("status") else None
+
 
 __all__ = [
     "EXECUTE_RETRY",
@@ -66,6 +75,7 @@ __all__ = [
     "UnavailableError",
     "UnimplementedError",
     "execution_options",
+    "item_error",
     "result",
     "to_python",
     "to_struct",

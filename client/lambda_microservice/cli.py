@@ -12,14 +12,15 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from lambda_microservice.client import DEFAULT_TARGET, LambdaClient
-from lambda_microservice.errors import LambdaError
+from lambda_microservice.errors import LambdaError, from_status
 from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_microservice.values import execution_options, result
 
 # What each exit status means; --help shows this too.
 EXIT_CODES = """exit status:
   0  success
-  1  the script failed (the answer's `error` is set), or health is not SERVING
+  1  the script failed (the answer's `error` is set; for batch: an item's error or
+     status), or health is not SERVING
   2  bad usage or input (an unknown option, a missing file, JSON that does not parse)
   3  the service refused or failed the call (a gRPC status; one JSON line on stderr)"""
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
@@ -69,6 +70,15 @@ def _parser() -> argparse.ArgumentParser:
     execute.add_argument("request_id")
     execute.add_argument("--params", default="{}", help="a JSON object")
     execute.add_argument("--cache-control", default="", help="no-cache, no-store or max-age=SECONDS")
+    batch = commands.add_parser(
+        "batch",
+        help="run a session's script once per line of a file (ExecuteBatch); prints one JSON line per item",
+    )
+    batch.add_argument("request_id")
+    batch.add_argument(
+        "--params-file", required=True, help="one JSON object (an item's params) a line, or - for stdin"
+    )
+    batch.add_argument("--cache-control", default="", help="no-cache, no-store or max-age=SECONDS")
     session = commands.add_parser("session", help="show a session (GetSession)")
     session.add_argument("request_id")
     functions = commands.add_parser(
@@ -106,6 +116,37 @@ def _script(path: str | None) -> str:
         raise _InputError(f"cannot read --script {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise _InputError(f"--script {path} is not UTF-8 text") from None
+
+
+def _items(path: str) -> list[dict[str, Any]]:
+    """The items of --params-file: a JSON object a line (blank lines skipped)."""
+    try:
+        if path == "-":
+            lines = sys.stdin.read().splitlines()
+        else:
+            with open(path, encoding="utf-8") as file:
+                lines = file.read().splitlines()
+    except OSError as exc:
+        raise _InputError(f"cannot read --params-file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise _InputError(f"--params-file {path} is not UTF-8 text") from None
+    return [
+        _json_object(line, f"line {number} of --params-file")
+        for number, line in enumerate(lines, 1)
+        if line.strip()
+    ]
+
+
+def _batch_item(response: pb.ExecuteResponse) -> dict[str, Any]:
+    """One item's line: its answer as `exec` prints it, or, for an item that did not run,
+    its status as lambda-cli prints a refused call (`{"error": {code, reason, message}}`)."""
+    if not response.HasField("status"):
+        return _executed(response)
+    error = from_status(response.status)
+    failure: dict[str, Any] = {"code": error.code.name, "reason": error.reason, "message": error.message}
+    if error.metadata:
+        failure["metadata"] = error.metadata
+    return {"status": failure}
 
 
 def _print(message: Message) -> None:
@@ -182,6 +223,14 @@ def _run(client: LambdaClient, args: argparse.Namespace) -> int:
         response = client.execute(args.request_id, params, cache_control=args.cache_control)
         _print_json(_executed(response))
         return EXIT_FAILED if response.HasField("error") else EXIT_OK
+    elif args.command == "batch":
+        responses = client.execute_batch(
+            args.request_id, _items(args.params_file), cache_control=args.cache_control
+        )
+        for response in responses:
+            print(json.dumps(_batch_item(response), ensure_ascii=False, separators=(",", ":")))
+        failed = any(response.HasField("error") or response.HasField("status") for response in responses)
+        return EXIT_FAILED if failed else EXIT_OK
     elif args.command == "session":
         _print(client.get_session(args.request_id))
     elif args.command == "functions":

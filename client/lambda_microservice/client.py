@@ -27,7 +27,7 @@ SERVICE = "lambda_microservice.v1.LambdaService"
 # the client always sends a request_id (the same id and script return the same session).
 # Execute is not: it counts, and its script may have side effects, so it has no retry
 # policy here and the client retries it only when the server says the script did not run
-# (NotStartedError; see EXECUTE_RETRY).
+# (NotStartedError; see EXECUTE_RETRY). ExecuteBatch likewise.
 RETRIED_METHODS = ("Initialize", "Health", "GetSession", "ListFunctions", "GetFunction")
 SERVICE_CONFIG = json.dumps(
     {
@@ -109,6 +109,18 @@ def _execute_request(
             request_id=request_id, params_json=json.dumps(params), cache_control=cache_control
         )
     return pb.ExecuteRequest(request_id=request_id, params=to_struct(params), cache_control=cache_control)
+
+
+def _execute_batch_request(
+    request_id: str, items: Sequence[Mapping[str, Any] | None], cache_control: str
+) -> pb.ExecuteBatchRequest:
+    """Items as Structs, or all as exact JSON texts (params_json) when one of them holds an
+    integer a Struct's doubles would round: a request carries its items one way only."""
+    if any(item and needs_exact_json(item) for item in items):
+        texts = [json.dumps(dict(item) if item else {}) for item in items]
+        return pb.ExecuteBatchRequest(request_id=request_id, params_json=texts, cache_control=cache_control)
+    structs = [to_struct(item) for item in items]
+    return pb.ExecuteBatchRequest(request_id=request_id, params=structs, cache_control=cache_control)
 
 
 def _retry_delay(policy: RetryPolicy, attempt: int, left: float) -> float | None:
@@ -218,6 +230,36 @@ class LambdaClient:
         while True:
             try:
                 return self._call(self._stub.Execute, request, deadline - time.monotonic(), metadata)
+            except NotStartedError:
+                delay = _retry_delay(self._execute_retry, attempt, deadline - time.monotonic())
+                if delay is None:
+                    raise
+            time.sleep(delay)
+            attempt += 1
+
+    def execute_batch(
+        self,
+        request_id: str,
+        items: Sequence[Mapping[str, Any] | None],
+        *,
+        cache_control: str = "",
+        timeout: float | None = None,
+        metadata: Metadata = (),
+    ) -> list[pb.ExecuteResponse]:
+        """Run a session's script once for each of `items` (params), in one call: a response
+        per item, in order. An item's script failure is in its `error`; an item that did not
+        run (its params did not fit the schema, the deadline came before it started, no
+        environment became free) has its `status` set (`lambda_microservice.item_error` turns
+        it into the error an Execute of it would have raised). The session counts one execution
+        per item. Retried only when the server says nothing ran (NotStartedError), within the
+        deadline: items are not idempotent."""
+        request = _execute_batch_request(request_id, items, cache_control)
+        deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
+        attempt = 1
+        while True:
+            try:
+                response = self._call(self._stub.ExecuteBatch, request, deadline - time.monotonic(), metadata)
+                return list(response.results)
             except NotStartedError:
                 delay = _retry_delay(self._execute_retry, attempt, deadline - time.monotonic())
                 if delay is None:
@@ -376,6 +418,33 @@ class AsyncLambdaClient:
         while True:
             try:
                 return await self._call(self._stub.Execute, request, deadline - time.monotonic(), metadata)
+            except NotStartedError:
+                delay = _retry_delay(self._execute_retry, attempt, deadline - time.monotonic())
+                if delay is None:
+                    raise
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    async def execute_batch(
+        self,
+        request_id: str,
+        items: Sequence[Mapping[str, Any] | None],
+        *,
+        cache_control: str = "",
+        timeout: float | None = None,
+        metadata: Metadata = (),
+    ) -> list[pb.ExecuteResponse]:
+        """Run a session's script once for each of `items`, in one call: a response per item,
+        in order (see LambdaClient.execute_batch)."""
+        request = _execute_batch_request(request_id, items, cache_control)
+        deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
+        attempt = 1
+        while True:
+            try:
+                response = await self._call(
+                    self._stub.ExecuteBatch, request, deadline - time.monotonic(), metadata
+                )
+                return list(response.results)
             except NotStartedError:
                 delay = _retry_delay(self._execute_retry, attempt, deadline - time.monotonic())
                 if delay is None:

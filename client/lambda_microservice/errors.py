@@ -214,6 +214,22 @@ def from_rpc_error(error: grpc.RpcError) -> LambdaError:
     return error_class(code, reason)(code, message, reason, metadata, retry_after)
 
 
+def from_status(status: status_pb2.Status) -> LambdaError:
+    """The LambdaError a google.rpc.Status stands for: an ExecuteBatch item's `status` (the
+    item did not run), as the call would have raised it."""
+    code = next((c for c in grpc.StatusCode if c.value[0] == status.code), grpc.StatusCode.UNKNOWN)
+    reason, metadata = "", {}
+    retry_after: float | None = None
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        retry = error_details_pb2.RetryInfo()
+        if detail.Unpack(info):
+            reason, metadata = info.reason, dict(info.metadata)
+        elif detail.Unpack(retry):
+            retry_after = retry.retry_delay.ToNanoseconds() / 1e9
+    return error_class(code, reason)(code, status.message, reason, metadata, retry_after)
+
+
 def _details(call: grpc.Call) -> list[any_pb2.Any]:
     """The status's details (google.protobuf.Any), or none: a status without them (from a
     proxy, or gRPC itself), or with details that do not match or decode, is its code alone."""

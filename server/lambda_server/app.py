@@ -41,9 +41,10 @@ from lambda_server.store.database import Database
 from lambda_server.store.embedded import EmbeddedPostgres, EmbeddedSupervisor
 from lambda_server.store.request_log import RequestLogWriter
 from lambda_server.store.sessions import OwnerQuota, SessionStore
-from lambda_server.usecases import Catalog, Execute, GetSession, Health, Initialize, UseCases
+from lambda_server.usecases import Catalog, Execute, ExecuteBatch, GetSession, Health, Initialize, UseCases
 from lambda_server.usecases.builds import RustBuilds
 from lambda_server.usecases.options import SessionOptionsPolicy
+from lambda_server.usecases.runs import SessionRuns
 from lambda_server.validation import ParamsValidator
 
 log = logging.getLogger("lambda_server")
@@ -239,6 +240,7 @@ def _usecases(
     options = SessionOptionsPolicy(settings.runtime, settings.sandbox)
     params = ParamsValidator()  # one cache of compiled schemas, for Initialize and Execute
     catalog = Catalog(FunctionCatalog(db), registry, params)
+    runs = SessionRuns(sessions, registry, cache, params, options, metrics, builds)
     return UseCases(
         initialize=Initialize(
             registry,
@@ -251,7 +253,8 @@ def _usecases(
             max_script_size=settings.runtime.max_script_size,
             expiry_seconds=settings.session_expiry_seconds,
         ),
-        execute=Execute(sessions, registry, pool, cache, params, options, metrics, builds),
+        execute=Execute(runs, pool),
+        execute_batch=ExecuteBatch(runs, pool, settings.runtime.max_batch_size),
         get_session=GetSession(sessions, options),
         catalog=catalog,
         health=Health(monitor, pool, sandbox.health(), builds),

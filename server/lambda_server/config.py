@@ -387,6 +387,8 @@ class RuntimeSettings(_Declared):
         "MAX_JSON_NODES", _positive_int, 100_000, "JSON values of params or a result"
     )
     max_json_depth: int = setting("MAX_JSON_DEPTH", _json_depth, 32, "JSON nesting of params or a result")
+    # ExecuteBatch's items at most (each item's params have MAX_JSON_NODES and MAX_JSON_DEPTH)
+    max_batch_size: int = setting("MAX_BATCH_SIZE", _positive_int, 1000, "items of one ExecuteBatch")
 
 
 @dataclass(frozen=True)

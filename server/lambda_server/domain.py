@@ -187,6 +187,15 @@ class Job:
     program: str | None = None  # a compiled runtime's program for the script (Rust)
 
 
+@dataclass(frozen=True)
+class BatchJob:
+    """A batch's items to run, each as `job` with the item's event (job.event is unused)."""
+
+    job: Job
+    events: tuple[dict[str, JSON], ...]  # every item's event, by its index in the batch
+    indices: tuple[int, ...]  # the items to run; the others were answered without running
+
+
 class FailureCode(enum.Enum):
     RUNTIME_ERROR = "RUNTIME_ERROR"
     TIMEOUT = "TIMEOUT"
@@ -278,7 +287,7 @@ class ErrorLogEntry:
 
 @dataclass(frozen=True)
 class RequestLogEntry:
-    """One answered Execute, as public.request_logs (and error_logs) keep it.
+    """One answered Execute or ExecuteBatch, as public.request_logs (and error_logs) keep it.
 
     `status_code` is the HTTP equivalent of the gRPC status, 500 for a script
     that failed in an OK answer; `size` estimates the bytes the entry holds, so
@@ -301,6 +310,7 @@ class RequestLogEntry:
     runtime_metrics: dict[str, JSON] | None
     error: ErrorLogEntry | None
     size: int = 0
+    items: int | None = None  # an ExecuteBatch's items (one row per batch); None for an Execute
 
 
 class FunctionType(enum.Enum):

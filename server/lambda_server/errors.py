@@ -22,6 +22,7 @@
     │   ├── NotStarted              UNAVAILABLE          NOT_STARTED (the work did not begin)
     │   └── SandboxUnavailable      UNAVAILABLE          SANDBOX_UNAVAILABLE (SANDBOX_MODE asks too much)
     ├── DeadlineExceeded            DEADLINE_EXCEEDED    DEADLINE_EXCEEDED
+    │   └── NotStartedByDeadline    (an ExecuteBatch item the batch's deadline left unstarted)
     └── InternalError               INTERNAL             INTERNAL_ERROR
 
 This is the one table: each class carries its row as `status` (a gRPC status code's
@@ -194,6 +195,11 @@ class DeadlineExceeded(LambdaError):
 
     status = "DEADLINE_EXCEEDED"
     reason = "DEADLINE_EXCEEDED"
+
+
+class NotStartedByDeadline(DeadlineExceeded):
+    """An ExecuteBatch item that had not started when the batch's deadline came: it did not
+    run (the item's `status` in the answer; the call itself is answered)."""
 
 
 class InternalError(LambdaError):

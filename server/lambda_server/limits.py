@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from lambda_server.config import AuthSettings
 from lambda_server.domain import Caller
-from lambda_server.errors import RateLimited
+from lambda_server.errors import InvalidRequest, RateLimited
 from lambda_server.metrics import Metrics
 
 # Buckets kept at most; past it the least recently used goes. A bucket untouched for a
@@ -77,12 +77,23 @@ class RateLimiter:
         self._clock = clock
         self._buckets: OrderedDict[tuple[LimitedCall, str], _Bucket] = OrderedDict()
 
-    def admit(self, caller: Caller, call: LimitedCall = LimitedCall.EXECUTE) -> Quota | None:
-        """Take one token from the caller's bucket for `call`; None when the caller has no limit."""
+    def admit(self, caller: Caller, call: LimitedCall = LimitedCall.EXECUTE, count: int = 1) -> Quota | None:
+        """Take `count` tokens (an ExecuteBatch's items) from the caller's bucket for `call`;
+        None when the caller has no limit. InvalidRequest for more than a whole minute's worth:
+        no wait would ever admit it."""
         user_limit, anonymous_limit = self._rates[call]
         limit = anonymous_limit if caller.anonymous else user_limit
         if limit <= 0:
             return None
+        setting = _SETTINGS[call][1 if caller.anonymous else 0]
+        if count > limit:
+            raise InvalidRequest(
+                f"a batch of {count} items takes {count} {_NOUNS[call]}, more than the {limit} a minute "
+                f"this caller may make ({setting}): send at most {limit} items a call",
+                field="params",
+                setting=setting,
+                limit=str(limit),
+            )
         now = self._clock()
         key = (call, caller.owner)
         rate = limit / 60.0  # tokens a second; a full bucket is a minute's worth
@@ -95,17 +106,17 @@ class RateLimiter:
             self._buckets.move_to_end(key)
             bucket.tokens = min(float(limit), bucket.tokens + (now - bucket.updated) * rate)
             bucket.updated = now
-        if bucket.tokens < 1.0:
+        if bucket.tokens < count:
             kind = "anonymous" if caller.anonymous else "user"
             self._metrics.rate_limited.labels(kind, call.value).inc()
-            wait = (1.0 - bucket.tokens) / rate
+            wait = (count - bucket.tokens) / rate
             who = f"address {caller.address}" if caller.anonymous else f"user {caller.user_id}"
-            setting = _SETTINGS[call][1 if caller.anonymous else 0]
+            these = f"; this call takes {count}" if count > 1 else ""
             raise RateLimited(
-                f"{who} may make {limit} {_NOUNS[call]} a minute ({setting}); retry in {wait:.2f} s",
+                f"{who} may make {limit} {_NOUNS[call]} a minute ({setting}){these}; retry in {wait:.2f} s",
                 retry_after=wait,
                 limit=str(limit),
                 setting=setting,
             )
-        bucket.tokens -= 1.0
+        bucket.tokens -= count
         return Quota(limit, math.floor(bucket.tokens))

@@ -46,6 +46,7 @@ class CallInfo:
     user_id: str | None = None
     params: Payload | None = None
     result: Payload | None = None
+    items: int | None = None  # an ExecuteBatch's number of items
 
 
 _current: ContextVar[CallInfo | None] = ContextVar("lambda_server_call", default=None)

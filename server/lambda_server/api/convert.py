@@ -9,6 +9,8 @@ apart from 1.0), and result_json is the text the script's runtime wrote.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -19,6 +21,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_server import json_text
 from lambda_server.api import payloads
+from lambda_server.api.errors import status_message
 from lambda_server.domain import (
     JSON,
     CompileStatus,
@@ -34,7 +37,7 @@ from lambda_server.domain import (
     SessionRecord,
     SessionStatus,
 )
-from lambda_server.errors import InvalidRequest
+from lambda_server.errors import InvalidRequest, LambdaError
 from lambda_server.logs import Payload, current_call
 
 _MAX_SAFE = 2**53
@@ -80,6 +83,9 @@ _FUNCTION_TYPE_FILTER: dict[int, FunctionType] = {int(value): key for key, value
 # What Execute's handler receives: an ExecuteRequest whose params are still their wire
 # bytes, for ExecutePayloads to decode (once, bounded, in slices).
 RawExecuteRequest = payloads.raw_twin(pb.ExecuteRequest, "params")
+RawExecuteBatchRequest = payloads.raw_twin(pb.ExecuteBatchRequest, "params")
+# ExecuteBatch's answers converted between two yields of the event loop
+BATCH_ITEMS_PER_SLICE = 50
 
 
 class ExecuteParams(Protocol):
@@ -89,6 +95,27 @@ class ExecuteParams(Protocol):
     params_json: str
 
     def HasField(self, field_name: str) -> bool: ...
+
+
+class ExecuteBatchParams(Protocol):
+    """The items of an ExecuteBatchRequest as ExecuteBatch receives it (RawExecuteBatchRequest)."""
+
+    @property
+    def params(self) -> Sequence[bytes]: ...  # each a google.protobuf.Struct's wire bytes
+
+    @property
+    def params_json(self) -> Sequence[str]: ...
+
+
+def batch_size(request: ExecuteBatchParams) -> int:
+    """An ExecuteBatchRequest's number of items; InvalidRequest when both fields hold some."""
+    if request.params and request.params_json:
+        message = "params and params_json are both set: send the items in one of them"
+        call = current_call()
+        if call is not None:
+            call.params = Payload(None, 0, message)
+        raise InvalidRequest(message, field="params_json")
+    return len(request.params) or len(request.params_json)
 
 
 class ExecutePayloads:
@@ -117,26 +144,57 @@ class ExecutePayloads:
             if call is not None:
                 call.params = Payload(None, 0, message)
             raise InvalidRequest(message, field="params_json")
-        tally = payloads.Tally(self._max_nodes, self._max_depth)
         field = "params_json" if text else "params"
         try:
-            if text:
-                steps = self._parse(text, tally)
-            else:
-                steps = payloads.decode_struct(request.params, tally)
-            params: dict[str, JSON] = await self._pacer.run(steps, owner)
-        except payloads.PastBound as past:
-            message = f"{field}: {past.what}, past {past.setting} ({past.limit})"
+            params, size = await self._decode(text, request.params, owner)
+        except (payloads.PastBound, payloads.Malformed) as exc:
+            error, reason = _refusal(exc, field, "ExecuteRequest")
+            if call is not None:
+                call.params = Payload(None, 0, reason)
+            raise error from None
+        if call is not None:
+            call.params = Payload(params, size)
+        return params
+
+    async def batch_params(self, request: ExecuteBatchParams, owner: str) -> list[dict[str, JSON]]:
+        """The items of an ExecuteBatchRequest, each decoded as an ExecuteRequest's params (its
+        own MAX_JSON_NODES and MAX_JSON_DEPTH), one at a time with the loop's other work in
+        between; InvalidRequest (the item in its metadata) when one does not hold, or when
+        both fields are set. The call's request log gets the list."""
+        texts, structs = request.params_json, request.params
+        call = current_call()
+        if texts and structs:
+            message = "params and params_json are both set: send the items in one of them"
             if call is not None:
                 call.params = Payload(None, 0, message)
-            raise InvalidRequest(message, field=field, setting=past.setting, limit=str(past.limit)) from None
-        except payloads.Malformed as exc:
-            if call is not None:
-                call.params = Payload(None, 0, str(exc))
-            raise InvalidRequest(f"the request is not a valid ExecuteRequest: {exc}", field=field) from None
+            raise InvalidRequest(message, field="params_json")
+        field = "params_json" if texts else "params"
+        items: list[dict[str, JSON]] = []
+        total = 0
+        for index in range(len(texts) if texts else len(structs)):
+            try:
+                if texts:
+                    params, size = await self._decode(texts[index] or "{}", b"", owner)
+                else:
+                    params, size = await self._decode("", structs[index], owner)
+            except (payloads.PastBound, payloads.Malformed) as exc:
+                error, reason = _refusal(exc, f"{field}[{index}]", "ExecuteBatchRequest")
+                error.metadata["item"] = str(index)
+                if call is not None:
+                    call.params = Payload(None, 0, reason)
+                raise error from None
+            items.append(params)
+            total += size + 2
         if call is not None:
-            call.params = Payload(params, tally.size)
-        return params
+            call.params = Payload(items, total)
+        return items
+
+    async def _decode(self, text: str, struct: bytes, owner: str) -> tuple[dict[str, JSON], int]:
+        """Params from JSON text (when not empty) or a Struct's bytes, and their size about."""
+        tally = payloads.Tally(self._max_nodes, self._max_depth)
+        steps = self._parse(text, tally) if text else payloads.decode_struct(struct, tally)
+        params: dict[str, JSON] = await self._pacer.run(steps, owner)
+        return params, tally.size
 
     def _parse(self, text: str, tally: payloads.Tally) -> payloads.Steps:
         """params_json's object, measured against the bounds; Malformed or PastBound."""
@@ -158,12 +216,57 @@ class ExecutePayloads:
 
     async def response(self, execution: ExecutionResult, owner: str) -> pb.ExecuteResponse:
         """The answer; a result past the bounds (or not JSON) is an INVALID_RESULT error."""
+        response, payload = await self._response(execution, owner)
+        call = current_call()
+        if call is not None and payload is not None:
+            call.result = payload
+        return response
+
+    async def batch_response(
+        self, request_id: str, items: Sequence[ExecutionResult | LambdaError], owner: str
+    ) -> pb.ExecuteBatchResponse:
+        """Each item's answer, in order: converted as Execute's (`response`), or, for an item
+        that did not run, its `status`. The loop's other work runs between items."""
+        results: list[pb.ExecuteResponse] = []
+        logged: list[JSON] = []
+        total = 0
+        title = next((item.language_title for item in items if isinstance(item, ExecutionResult)), "")
+        for index, item in enumerate(items):
+            if isinstance(item, LambdaError):
+                response = pb.ExecuteResponse(request_id=request_id, language_title=title)
+                response.status.CopyFrom(status_message(item))
+                logged.append(
+                    {"status": {"code": item.status, "reason": item.reason, "message": item.message}}
+                )
+                total += 64 + len(item.message)
+            else:
+                response, payload = await self._response(item, owner)
+                if response.HasField("error"):
+                    code = pb.ExecutionErrorCode.Name(response.error.code).removeprefix(
+                        "EXECUTION_ERROR_CODE_"
+                    )
+                    logged.append({"error": {"code": code, "message": response.error.message}})
+                    total += 64 + len(response.error.message)
+                elif payload is not None:
+                    logged.append(payload.value)
+                    total += payload.size
+            results.append(response)
+            if index % BATCH_ITEMS_PER_SLICE == BATCH_ITEMS_PER_SLICE - 1:
+                await asyncio.sleep(0)
+        call = current_call()
+        if call is not None:
+            call.result = Payload(logged, total)
+        return pb.ExecuteBatchResponse(results=results)
+
+    async def _response(
+        self, execution: ExecutionResult, owner: str
+    ) -> tuple[pb.ExecuteResponse, Payload | None]:
+        """The answer, and its result for the request log (None when it failed)."""
         response = execute_response(execution)
         if execution.outcome.failure is not None:
-            return response
+            return response, None
         tally = payloads.Tally(self._max_nodes, self._max_depth)
         result = execution.outcome.result
-        call = current_call()
         try:
             await self._pacer.run(payloads.fill_value(result, response.result, tally), owner)
         except (payloads.PastBound, TypeError, ValueError, OverflowError) as exc:
@@ -174,13 +277,19 @@ class ExecutePayloads:
             response.ClearField("result")
             code = pb.EXECUTION_ERROR_CODE_INVALID_RESULT
             response.error.CopyFrom(pb.ExecutionError(code=code, message=message))
-            if call is not None:
-                call.result = Payload(None, 0, message)
-            return response
+            return response, Payload(None, 0, message)
         response.result_json = execution.outcome.result_json
-        if call is not None:
-            call.result = Payload(result, tally.size)
-        return response
+        return response, Payload(result, tally.size)
+
+
+def _refusal(
+    exc: payloads.PastBound | payloads.Malformed, field: str, message_type: str
+) -> tuple[InvalidRequest, str]:
+    """The InvalidRequest of params that do not hold, and the reason the request log keeps."""
+    if isinstance(exc, payloads.PastBound):
+        message = f"{field}: {exc.what}, past {exc.setting} ({exc.limit})"
+        return InvalidRequest(message, field=field, setting=exc.setting, limit=str(exc.limit)), message
+    return InvalidRequest(f"the request is not a valid {message_type}: {exc}", field=field), str(exc)
 
 
 def _json_kind(value: JSON) -> str:

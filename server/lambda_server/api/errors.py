@@ -28,6 +28,11 @@ def status_code(error: errors.LambdaError) -> grpc.StatusCode:
 
 
 def to_status(error: errors.LambdaError) -> grpc.Status:
+    return rpc_status.to_status(status_message(error))
+
+
+def status_message(error: errors.LambdaError) -> status_pb2.Status:
+    """The google.rpc.Status of the error: its code, message, ErrorInfo (and RetryInfo)."""
     code = status_code(error)
     info = error_details_pb2.ErrorInfo(
         reason=error.reason, domain=DOMAIN, metadata={k: str(v) for k, v in error.metadata.items()}
@@ -40,8 +45,7 @@ def to_status(error: errors.LambdaError) -> grpc.Status:
         retry.retry_delay.FromNanoseconds(int(error.retry_after * 1e9))
         details.append(any_pb2.Any())
         details[-1].Pack(retry)
-    message = status_pb2.Status(code=getattr(code_pb2, code.name), message=error.message, details=details)
-    return rpc_status.to_status(message)
+    return status_pb2.Status(code=getattr(code_pb2, code.name), message=error.message, details=details)
 
 
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])

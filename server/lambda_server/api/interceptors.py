@@ -7,6 +7,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -15,12 +16,14 @@ from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_server.api.errors import Context, to_status
 from lambda_server.api.request_logs import (
     RequestLog,
+    batch_entry,
     client_address,
     execute_entry,
     fallback_entry,
     is_unloggable,
 )
 from lambda_server.config import GrpcSettings
+from lambda_server.domain import RequestLogEntry
 from lambda_server.errors import QuotaExceeded
 from lambda_server.logs import CallInfo, begin_call, end_call
 from lambda_server.metrics import Metrics
@@ -29,7 +32,12 @@ log = logging.getLogger(__name__)
 
 # A caller's own correlation id, used for log lines when the request names no session.
 REQUEST_ID_HEADER = "x-request-id"
-EXECUTE = f"/{pb.DESCRIPTOR.services_by_name['LambdaService'].full_name}/Execute"
+_SERVICE = pb.DESCRIPTOR.services_by_name["LambdaService"].full_name
+EXECUTE = f"/{_SERVICE}/Execute"
+EXECUTE_BATCH = f"/{_SERVICE}/ExecuteBatch"
+# The calls the request log keeps, each with the function making its entry.
+EntryMaker = Callable[[Any, grpc.StatusCode, Context, CallInfo, float, float], RequestLogEntry]
+LOGGED: dict[str, EntryMaker] = {EXECUTE: execute_entry, EXECUTE_BATCH: batch_entry}
 
 Unary = Callable[[Any, Context], Awaitable[Any]]
 Streaming = Callable[[Any, Context], AsyncIterator[Any]]
@@ -86,7 +94,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     Each call is counted by method and status code, with its latency. A unary
     call is also marked for the logs (its method and request_id: the request's
     `request_id`, the answer's for a new session, else the `x-request-id`
-    header), and each Execute, answered or refused, goes to the request log.
+    header), and each Execute and ExecuteBatch, answered or refused, goes to the request
+    log (a batch as one entry with its number of items).
     """
 
     def __init__(
@@ -122,7 +131,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if unary is not None:
             if not inspect.iscoroutinefunction(unary):
                 return handler  # a synchronous handler: none here
-            serve = self._unary(name, unary, method == EXECUTE, reads=True)
+            serve = self._unary(name, unary, LOGGED.get(method), reads=True)
             return grpc.stream_unary_rpc_method_handler(serve, *io)
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(self._streaming(name, handler.unary_stream), *io)
@@ -132,7 +141,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return grpc.stream_stream_rpc_method_handler(self._streaming(name, handler.stream_stream), *io)
         return handler
 
-    def _unary(self, name: str, behavior: Any, logged: bool, reads: bool) -> Any:
+    def _unary(self, name: str, behavior: Any, logged: EntryMaker | None, reads: bool) -> Any:
         """A call that ends in one answer: a unary call (`reads`: served as a stream in, so
         that the bytes in flight are reserved before gRPC reads its message), or a stream
         in and one answer out."""
@@ -185,8 +194,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     inflight.give_back(peer, held)
                 elapsed = time.perf_counter() - started
                 self._count(name, code, elapsed)
-                if logged and self._request_log is not None:
-                    self._log(response, code, context, call, started_at, elapsed)
+                if logged is not None and self._request_log is not None:
+                    self._log(logged, response, code, context, call, started_at, elapsed)
                 end_call(token)
 
         return serve
@@ -213,7 +222,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return stream
         if not inspect.iscoroutinefunction(behavior):
             return behavior  # a synchronous handler: none here
-        return self._unary(name, behavior, logged=False, reads=False)  # a stream in, one answer out
+        return self._unary(name, behavior, logged=None, reads=False)  # a stream in, one answer out
 
     async def _refuse(self, method: str, peer: str, size: int | None, context: Context) -> None:
         """RESOURCE_EXHAUSTED: the request's bytes (`size`, or a reservation for a message
@@ -239,6 +248,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     def _log(
         self,
+        entry_for: EntryMaker,
         response: Any,
         code: grpc.StatusCode,
         context: Context,
@@ -246,14 +256,15 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         started_at: float,
         elapsed: float,
     ) -> None:
-        """Every Execute gets its entry, whatever it answered; nothing raises out of here."""
+        """Every logged call gets its entry, whatever it answered; nothing raises out of here."""
         assert self._request_log is not None
         try:
             try:
-                entry = execute_entry(response, code, context, call, started_at, elapsed)
+                entry = entry_for(response, code, context, call, started_at, elapsed)
             except Exception as exc:  # a bug: the call still gets an entry, with markers
                 log.exception("could not make the request log entry; logging a marker")
                 entry = fallback_entry(code, call, started_at, elapsed, f"{type(exc).__name__}: {exc}")
+                entry = replace(entry, items=call.items)
             for which, payload in (("params", entry.request_payload), ("result", entry.response_payload)):
                 if is_unloggable(payload):
                     self._metrics.log_unloggable.labels(which).inc()

@@ -133,8 +133,9 @@ class Pacer:
 
 def raw_twin(message_class: type[Message], field: str) -> type[Message]:
     """A message class like `message_class` whose Struct `field` is kept as its wire bytes,
-    for decode_struct, with presence (HasField says whether it was sent, even empty); the
-    other fields are parsed by protobuf as usual."""
+    for decode_struct, with presence (HasField says whether it was sent, even empty); a
+    repeated one as a list of each Struct's bytes. The other fields are parsed by protobuf
+    as usual."""
     descriptor = message_class.DESCRIPTOR
     file = descriptor_pb2.FileDescriptorProto(
         name=f"lambda_server/raw/{descriptor.full_name}.proto", package="lambda_server.raw", syntax="proto3"
@@ -144,7 +145,10 @@ def raw_twin(message_class: type[Message], field: str) -> type[Message]:
     for each in message.field:
         if each.type == descriptor_pb2.FieldDescriptorProto.TYPE_MESSAGE and each.name != field:
             raise ValueError(f"{descriptor.full_name}.{each.name}: only {field} may be a message")
-        if each.name == field:
+        if each.name == field and each.label == descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED:
+            each.type = descriptor_pb2.FieldDescriptorProto.TYPE_BYTES
+            each.ClearField("type_name")
+        elif each.name == field:
             each.type = descriptor_pb2.FieldDescriptorProto.TYPE_BYTES
             each.ClearField("type_name")
             each.proto3_optional = True  # a message field has presence: keep it

@@ -1,7 +1,8 @@
-"""Execute calls as request-log entries: the HTTP status, bounded payloads, no secrets."""
+"""Execute and ExecuteBatch calls as request-log entries: the HTTP status, bounded payloads, no secrets."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -109,6 +110,48 @@ def execute_entry(
         runtime_metrics=runtime_metrics,
         error=error,
         size=_ENTRY_OVERHEAD + request_size + response_size,
+    )
+
+
+def batch_entry(
+    response: pb.ExecuteBatchResponse | None,
+    code: grpc.StatusCode,
+    context: Context,
+    call: CallInfo,
+    started_at: float,
+    duration: float,
+) -> RequestLogEntry:
+    """The ONE entry of an ExecuteBatch call (not one per item; migrations/0008): `items`
+    is its number of items, the payloads are the arrays of their params and answers.
+    Answered, it is 200 when every item has a result, else 500 with the counts of items
+    that failed and did not run in error_details; refused, as a refused Execute."""
+    entry = execute_entry(None, code, context, call, started_at, duration)
+    if response is None:
+        return replace(entry, items=call.items)
+    results = response.results
+    failed = sum(1 for item in results if item.HasField("error"))
+    not_run = sum(1 for item in results if item.HasField("status"))
+    cached = sum(1 for item in results if item.cached)
+    metrics: dict[str, JSON] = {
+        "items": len(results),
+        "cached": cached,
+        "cpu_time_ms": sum(item.cpu_time.ToNanoseconds() for item in results) / 1e6,
+        "peak_memory_bytes": max((item.peak_memory_bytes for item in results), default=0),
+    }
+    details: dict[str, JSON] | None = None
+    status = HTTP_STATUS[grpc.StatusCode.OK]
+    if failed or not_run:
+        status = SCRIPT_FAILED_STATUS
+        details = {"items": len(results), "failed": failed, "not_run": not_run}
+    return replace(
+        entry,
+        request_id=response.results[0].request_id[:64] if results else entry.request_id,
+        language_title=next((item.language_title for item in results if item.language_title), ""),
+        status_code=status,
+        cached=bool(results) and cached == len(results),
+        error_details=details,
+        runtime_metrics=metrics,
+        items=len(results),
     )
 
 

@@ -18,12 +18,13 @@ from lambda_server.auth import Authenticator
 from lambda_server.domain import Caller, Deadline
 from lambda_server.errors import RateLimited
 from lambda_server.limits import LimitedCall, RateLimiter
-from lambda_server.logs import note_user
+from lambda_server.logs import current_call, note_user
 from lambda_server.usecases import UseCases
 
 LANGUAGE_TITLE_HEADER = "language-title"
 AUTHORIZATION_HEADER = "authorization"
-# The caller's executions a minute and what is left of them, in Execute's trailing metadata.
+# The caller's executions a minute and what is left of them, in Execute's (and
+# ExecuteBatch's) trailing metadata.
 RATE_LIMIT_HEADER = "x-ratelimit-limit"
 RATE_REMAINING_HEADER = "x-ratelimit-remaining"
 RESPONSE_MARGIN = 0.05  # seconds
@@ -31,6 +32,13 @@ RESPONSE_MARGIN = 0.05  # seconds
 
 class ExecuteRequestView(convert.ExecuteParams, Protocol):
     """An ExecuteRequest as Execute receives it: params still in their wire bytes."""
+
+    request_id: str
+    cache_control: str
+
+
+class ExecuteBatchRequestView(convert.ExecuteBatchParams, Protocol):
+    """An ExecuteBatchRequest as ExecuteBatch receives it: each item's params still in their wire bytes."""
 
     request_id: str
     cache_control: str
@@ -57,6 +65,19 @@ class LambdaServicer(pb_grpc.LambdaServiceServicer):
         note_user(caller.user_id)  # for the call's request log
         return caller
 
+    def _admit(self, caller: Caller, context: Context, count: int = 1) -> None:
+        """Take `count` of the caller's executions (RateLimited when they are not there), and
+        say in the trailing metadata what is left."""
+        try:
+            quota = self._limiter.admit(caller, count=count)
+        except RateLimited:  # the status's RetryInfo says when to retry
+            context.set_trailing_metadata(((RATE_REMAINING_HEADER, "0"),))
+            raise
+        if quota is not None:
+            context.set_trailing_metadata(
+                ((RATE_LIMIT_HEADER, str(quota.limit)), (RATE_REMAINING_HEADER, str(quota.remaining)))
+            )
+
     @reports_errors
     async def Initialize(self, request: pb.InitializeRequest, context: Context) -> pb.InitializeResponse:
         caller = self._caller(context)  # who calls comes first: a stranger learns nothing else
@@ -81,15 +102,7 @@ class LambdaServicer(pb_grpc.LambdaServiceServicer):
     @reports_errors
     async def Execute(self, request: ExecuteRequestView, context: Context) -> pb.ExecuteResponse:  # type: ignore[override]
         caller = self._caller(context)
-        try:
-            quota = self._limiter.admit(caller)
-        except RateLimited:  # the status's RetryInfo says when to retry
-            context.set_trailing_metadata(((RATE_REMAINING_HEADER, "0"),))
-            raise
-        if quota is not None:
-            context.set_trailing_metadata(
-                ((RATE_LIMIT_HEADER, str(quota.limit)), (RATE_REMAINING_HEADER, str(quota.remaining)))
-            )
+        self._admit(caller, context)
         execution = await self._usecases.execute(
             request.request_id,
             await self._payloads.params(request, caller.owner),
@@ -98,6 +111,23 @@ class LambdaServicer(pb_grpc.LambdaServiceServicer):
             request.cache_control,
         )
         return await self._payloads.response(execution, caller.owner)
+
+    @reports_errors
+    async def ExecuteBatch(  # type: ignore[override]
+        self, request: ExecuteBatchRequestView, context: Context
+    ) -> pb.ExecuteBatchResponse:
+        caller = self._caller(context)
+        count = convert.batch_size(request)
+        call = current_call()
+        if call is not None:
+            call.items = count
+        self._usecases.execute_batch.check_size(count)  # before its items cost a token or a decode
+        self._admit(caller, context, count)
+        items = await self._payloads.batch_params(request, caller.owner)
+        answers = await self._usecases.execute_batch(
+            request.request_id, items, caller, _deadline(context), request.cache_control
+        )
+        return await self._payloads.batch_response(request.request_id, answers, caller.owner)
 
     @reports_errors
     async def Health(self, request: pb.HealthRequest, context: Context) -> pb.HealthResponse:
@@ -162,6 +192,8 @@ def add_to_server(servicer: LambdaServicer, server: grpc.aio.Server) -> None:
         request_class = GetMessageClass(method.input_type)
         if method.name == "Execute":
             request_class = convert.RawExecuteRequest
+        elif method.name == "ExecuteBatch":
+            request_class = convert.RawExecuteBatchRequest
         response_class = GetMessageClass(method.output_type)
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
             getattr(servicer, method.name),

@@ -29,6 +29,7 @@ from typing import Any
 
 from lambda_server.config import RuntimeSettings
 from lambda_server.domain import (
+    BatchJob,
     ComponentHealth,
     ComponentStatus,
     Deadline,
@@ -40,6 +41,7 @@ from lambda_server.domain import (
     Limits,
 )
 from lambda_server.errors import QuotaExceeded, RuntimeBusy, RuntimeNotAvailable, Unavailable
+from lambda_server.runtimes.batch import BatchOutcome, BatchRun
 from lambda_server.runtimes.budget import MemoryBudget
 from lambda_server.runtimes.checker import ScriptChecker
 from lambda_server.runtimes.fairqueue import FairQueue
@@ -422,15 +424,7 @@ class EnvironmentPool:
         worker = slot.worker
         try:
             if not slot.loaded:
-                if worker is None:
-                    slot.reserved = False  # the launcher holds the memory from here
-                    worker = await self._launcher.start(
-                        self._runtimes[job.runtime], job.limits, deadline, job.program, reserved=True
-                    )
-                    slot.worker, state = worker, EnvironmentState.COLD
-                else:
-                    state = EnvironmentState.PREWARMED
-                self._launcher.assign(worker, job.owner)
+                worker, state = await self.bind(slot, job, deadline)
                 timeout = max(0.0, timeout - (time.perf_counter() - started))
                 # bind and run in one round trip; `loaded` is false when the script did not load
                 bind = {"op": "load", "script": job.script, "event": job.event}
@@ -442,16 +436,72 @@ class EnvironmentPool:
             else:
                 assert worker is not None  # a loaded slot has its environment
                 answer = await worker.request({"op": "run", "event": job.event}, timeout)
-        except WorkerTimeout:
+        except (WorkerTimeout, FrameTooLarge, WorkerCrashed) as exc:
+            return self.failed(slot, worker, exc, job, started, state)
+        except BaseException:  # cancelled, or the runtime could not start
             self._drop(slot)
-            message = f"the script ran past its timeout of {job.timeout:g} s"
-            return _failed(FailureCode.TIMEOUT, message, started, state)
-        except FrameTooLarge as exc:
-            self._drop(slot)
-            return _failed(
-                FailureCode.OUTPUT_LIMIT, f"the script's output is too large: {exc}", started, state
+            raise
+        outcome = _outcome(answer, started, state)
+        self.settle(slot, worker, outcome)
+        return outcome
+
+    # the parts of a run that a batch (runtimes/batch.py) shares
+
+    def environment_key(self, job: Job) -> EnvironmentKey:
+        """The key of the environments that may run the job; RuntimeBusy when none ever fits."""
+        if job.runtime not in self._runtimes:  # the use cases resolve titles with our registry
+            raise RuntimeNotAvailable(f"no {job.runtime} runtime in this server", runtime=job.runtime)
+        key = EnvironmentKey(job.owner, job.runtime, job.script_hash, job.limits)
+        self._refuse_what_never_fits(key)
+        return key
+
+    def acquire_now(self, key: EnvironmentKey) -> _Slot | None:
+        """A slot if there is room for one now (the per-key cap, the owner's share), else None."""
+        return self._try_acquire(key)
+
+    async def acquire(self, key: EnvironmentKey, deadline: Deadline) -> _Slot:
+        """A slot, waiting in the fair queue (bounded) when there is no room now."""
+        return self._try_acquire(key) or await self._wait_for_slot(key, deadline)
+
+    def release(self, slot: _Slot) -> None:
+        self._release(slot)
+
+    def drop(self, slot: _Slot) -> None:
+        self._drop(slot)
+
+    async def bind(self, slot: _Slot, job: Job, deadline: Deadline) -> tuple[WorkerProcess, EnvironmentState]:
+        """The process of a slot not bound yet: its pre-started one, or one started now (cold),
+        assigned to the job's owner; the caller sends the `load`."""
+        worker = slot.worker
+        if worker is None:
+            slot.reserved = False  # the launcher holds the memory from here
+            worker = await self._launcher.start(
+                self._runtimes[job.runtime], job.limits, deadline, job.program, reserved=True
             )
-        except WorkerCrashed as exc:
+            slot.worker, state = worker, EnvironmentState.COLD
+        else:
+            state = EnvironmentState.PREWARMED
+        self._launcher.assign(worker, job.owner)
+        return worker, state
+
+    def failed(
+        self,
+        slot: _Slot,
+        worker: WorkerProcess | None,
+        exc: WorkerTimeout | FrameTooLarge | WorkerCrashed,
+        job: Job,
+        started: float,
+        state: EnvironmentState,
+        timeout_message: str = "",
+    ) -> ExecutionOutcome:
+        """The outcome of an execution whose worker timed out, answered too much or crashed;
+        the slot's worker is dropped."""
+        if isinstance(exc, WorkerTimeout):
+            code = FailureCode.TIMEOUT
+            message = timeout_message or f"the script ran past its timeout of {job.timeout:g} s"
+        elif isinstance(exc, FrameTooLarge):
+            code, message = FailureCode.OUTPUT_LIMIT, f"the script's output is too large: {exc}"
+        else:
             code, message = FailureCode.RUNTIME_ERROR, f"the runtime process crashed: {exc}"
             if worker is not None and self._launcher.out_of_memory(worker):
                 code = FailureCode.MEMORY_LIMIT
@@ -462,17 +512,27 @@ class EnvironmentPool:
                     "or the server's container ran out of memory, not this environment: its "
                     f"limit is {job.limits.memory_mb} MiB)"
                 )
-            self._drop(slot)
-            return _failed(code, message, started, state)
-        except BaseException:  # cancelled, or the runtime could not start
-            self._drop(slot)
-            raise
-        outcome = _outcome(answer, started, state)
+        self._drop(slot)
+        return _failed(code, message, started, state)
+
+    def settle(self, slot: _Slot, worker: WorkerProcess | None, outcome: ExecutionOutcome) -> bool:
+        """After an answered execution: whether the slot's worker is kept (False: dropped)."""
         if outcome.failure is not None and outcome.failure.code is FailureCode.MEMORY_LIMIT:
             self._drop(slot)  # a process that ran out of memory is not trusted again
-        elif self._launcher.has_stragglers(worker):
+            return False
+        if worker is not None and self._launcher.has_stragglers(worker):
             self._drop(slot)  # processes the script left behind end with their environment
-        return outcome
+            return False
+        return True
+
+    @staticmethod
+    def outcome(answer: dict[str, Any], started: float, state: EnvironmentState) -> ExecutionOutcome:
+        """An execution's outcome from its worker's answer."""
+        return _outcome(answer, started, state)
+
+    async def execute_batch(self, batch: BatchJob, deadline: Deadline) -> BatchOutcome:
+        """Run a batch's items (runtimes/batch.py); the deadline bounds the whole batch."""
+        return await BatchRun(self, batch, deadline, self._settings).run()
 
     def _drop(self, slot: _Slot) -> None:
         """The slot's worker is killed (if it is not dead already) and never used again."""

@@ -10,6 +10,17 @@ result_json: integers of any size, `1` apart from `1.0`) and is read once. A
 result JSON cannot carry (json_text.Refused) makes the answer an INVALID_RESULT
 failure; the worker is fine, and kept.
 
+Requests are `{"op": "load"|"run"|"check", "id": N, ...}`, each answered by ONE
+frame `{"id": N, "ok": ..., "logs": ..., "cpu", "peak", "error"?}` (plus the result's
+text). A batch's items go to a bound worker (after a `load`) several at once:
+`{"op": "many", "id": N, "events": [e0, e1, ...]}` runs the script once per event, in
+order, and answers each item with a frame of its own, `{"id": N, "item": i, ...the
+fields of a run's answer...}`, sent as soon as item i is done (request_many). Each
+item's answer is awaited within the item's timeout (capped by the batch's deadline),
+counted from the answer before it: on a timeout or a crash the worker is killed and
+ManyInterrupted says how many items were answered; the next one was running (its
+TIMEOUT or crash is its outcome) and those after it never started.
+
 Workers are started with subprocess.Popen (fork + exec of async-signal-safe code
 only) in a thread, and their exit is watched through a pidfd. The event loop's
 own subprocess support is not used: uvloop's crashed (SIGSEGV in the child)
@@ -30,7 +41,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -63,6 +74,18 @@ class WorkerCrashed(WorkerError):
 
 class FrameTooLarge(WorkerError):
     """The worker's answer was larger than allowed."""
+
+
+class ManyInterrupted(Exception):
+    """A `many` stopped by a worker failure (`cause`, the worker killed): items before
+    `answered` were answered, item `answered` was running, those after it never started.
+    `capped`: the running item's wait was cut short by the batch's deadline, not its timeout."""
+
+    def __init__(self, cause: WorkerError, answered: int, capped: bool) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.answered = answered
+        self.capped = capped
 
 
 class WorkerProcess:
@@ -202,6 +225,69 @@ class WorkerProcess:
             raise
         self.last_used = time.monotonic()
         return answer
+
+    async def request_many(
+        self,
+        events: Sequence[bytes],
+        item_timeout: float,
+        until: float | None,
+        on_answer: Callable[[int, dict[str, Any]], bool],
+    ) -> int:
+        """Send a `many` of `events` (each an event's JSON text) and hand each item's answer
+        to `on_answer(item, answer)` as it arrives (parsed as a run's, result_json kept).
+        Each wait is bounded by `item_timeout`, and by `until` (a time.monotonic() value).
+        Returns how many items were answered: all, or fewer when `on_answer` returned False
+        (the worker is then killed: the items after it never ran). On a timeout or a crash
+        the worker is killed and ManyInterrupted says where it stopped; on cancellation the
+        worker is killed too."""
+        self._next_id += 1
+        request_id = self._next_id
+        self._refill_stderr()
+        answered = 0
+        wait, capped = item_timeout, False
+        try:
+            assert self._requests is not None
+            body = b'{"op":"many","id":%d,"events":[' % request_id + b",".join(events) + b"]}"
+            self._requests.write(len(body).to_bytes(4, "big") + body)
+            while answered < len(events):
+                wait, capped = item_timeout, False
+                if until is not None and until - time.monotonic() < wait:
+                    wait, capped = max(0.0, until - time.monotonic()), True
+                async with asyncio.timeout(wait):
+                    if answered == 0 and self._requests.transport.get_write_buffer_size():
+                        await self._requests.drain()  # the pipe is full: wait for room
+                    answer = await self._receive()
+                if answer.get("id") != request_id or answer.get("item") != answered:
+                    raise WorkerCrashed(
+                        f"the worker answered request {answer.get('id')!r} item {answer.get('item')!r}, "
+                        f"not {request_id} item {answered}"
+                    )
+                answered += 1
+                self.last_used = time.monotonic()
+                self._refill_stderr()
+                if not on_answer(answered - 1, answer) and answered < len(events):
+                    await self.kill()
+                    return answered
+        except TimeoutError:
+            await self.kill()
+            raise ManyInterrupted(WorkerTimeout(f"no answer within {wait:g} s"), answered, capped) from None
+        except ConnectionError as exc:
+            await self.kill()
+            crashed = WorkerCrashed(self._describe_exit(str(exc) or type(exc).__name__))
+            raise ManyInterrupted(crashed, answered, False) from None
+        except WorkerError as exc:
+            await self.kill()
+            raise ManyInterrupted(exc, answered, False) from None
+        except BaseException:
+            await self.kill()
+            raise
+        return answered
+
+    def _refill_stderr(self) -> None:
+        """A new execution may have the runtime's stderr read again (STDERR_BYTES_PER_REQUEST)."""
+        if self._stderr_budget < STDERR_BYTES_PER_REQUEST:
+            self._stderr_budget = STDERR_BYTES_PER_REQUEST
+            self._stderr_refilled.set()
 
     async def _receive(self) -> dict[str, Any]:
         """The next answer; the caller bounds the wait."""

@@ -137,10 +137,20 @@ class Worker:
                     answer = encode({**loaded, "loaded": False})
             elif op == "run":
                 answer = self.run(message["event"])
+            elif op == "many":
+                self.many(request_id, message["events"])
+                continue
             else:
                 answer = encode({"ok": False, "error": failure("RUNTIME_ERROR", f"unknown op {op!r}")})
             # every answer carries its request's id, so a frame the script forged is told apart
             self.send_raw(b'{"id":%d,' % request_id + answer[1:])
+
+    def many(self, request_id: int, events: list[dict[str, Any]]) -> None:
+        """Run the bound script once per event, in order, each answered as soon as it is done
+        (its frame names the item)."""
+        for item, event in enumerate(events):
+            answer = self.run(event)
+            self.send_raw(b'{"id":%d,"item":%d,' % (request_id, item) + answer[1:])
 
     def check(self, script: str) -> dict[str, Any]:
         try:

@@ -259,10 +259,29 @@ impl Worker {
         }
     }
 
+    /// A `many`: the handler run once per event, in order, each answered as soon as it is
+    /// done (its frame names the item).
+    fn many(&mut self, id: u64, mut message: Value) {
+        let events = match message.get_mut("events").map(Value::take) {
+            Some(Value::Array(events)) => events,
+            _ => Vec::new(),
+        };
+        for (item, event) in events.into_iter().enumerate() {
+            let (mut answer, result) = self.run(event);
+            answer["id"] = Value::from(id);
+            answer["item"] = Value::from(item as u64);
+            self.send(&answer, result.as_deref());
+        }
+    }
+
     fn serve(&mut self) {
         self.send(&json!({"op": "ready"}), None);
         while let Some(message) = self.receive() {
             let id = message.get("id").and_then(Value::as_u64).unwrap_or(0);
+            if message.get("op").and_then(Value::as_str) == Some("many") {
+                self.many(id, message);
+                continue;
+            }
             let event = message.get("event").cloned().unwrap_or(Value::Null);
             let (mut answer, result) = match message.get("op").and_then(Value::as_str) {
                 // the script was bound when it was compiled in: `load` runs it at once

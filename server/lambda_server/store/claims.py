@@ -47,7 +47,7 @@ RETURNING s.request_id::text AS request_id, s.language_title, s.user_id, s.scrip
 _CLAIM_ONE = (
     """
 UPDATE meta.sessions s
-SET execution_count = s.execution_count + 1, last_executed_at = now()
+SET execution_count = s.execution_count + $4, last_executed_at = now()
 WHERE s.request_id = (
     SELECT request_id FROM meta.sessions
     WHERE request_id = $1 AND user_id IS NOT DISTINCT FROM $2 AND status = 'active' AND expires_at > now()
@@ -57,12 +57,13 @@ WHERE s.request_id = (
     + _RETURNING
 )
 
-# Counted once per claim: a session named k times in the batch gains k executions.
+# Counted by each claim's count: a session claimed k times in the batch, for n1 ... nk
+# executions (an ExecuteBatch claims once for its items), gains n1 + ... + nk.
 _CLAIM_MANY = (
     """
 WITH asked AS (
-    SELECT id, owner, count(*)::int AS times
-    FROM unnest($1::uuid[], $2::text[]) AS asked(id, owner)
+    SELECT id, owner, sum(n)::int AS times
+    FROM unnest($1::uuid[], $2::text[], $4::int[]) AS asked(id, owner, n)
     GROUP BY id, owner
 ), claimable AS (
     SELECT s.request_id, asked.times
@@ -79,7 +80,7 @@ WHERE s.request_id = claimable.request_id AND set_config('synchronous_commit', $
     + _RETURNING
 )
 
-_Claim = tuple[str, str | None, "asyncio.Future[asyncpg.Record | None]"]
+_Claim = tuple[str, str | None, int, "asyncio.Future[asyncpg.Record | None]"]
 
 
 class ClaimBatcher:
@@ -93,13 +94,16 @@ class ClaimBatcher:
         self._pending: list[_Claim] = []
         self._sender: asyncio.Task[None] | None = None
 
-    async def claim(self, request_id: str, user_id: str | None, deadline: Deadline) -> asyncpg.Record | None:
-        """The claimed session's row, or None when this batch could not claim it (see above)."""
+    async def claim(
+        self, request_id: str, user_id: str | None, deadline: Deadline, count: int = 1
+    ) -> asyncpg.Record | None:
+        """The claimed session's row, counted `count` executions, or None when this batch could
+        not claim it (see above)."""
         seconds = deadline.cap(self._command_timeout)
         if seconds <= 0:
             raise DeadlineExceeded("the call's deadline passed before reaching the database")
         claimed: asyncio.Future[asyncpg.Record | None] = asyncio.get_running_loop().create_future()
-        self._pending.append((request_id, user_id, claimed))
+        self._pending.append((request_id, user_id, count, claimed))
         if self._sender is None:
             self._sender = asyncio.create_task(self._send())
         try:
@@ -115,7 +119,7 @@ class ClaimBatcher:
         try:
             while self._pending:
                 batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
-                batch = [claim for claim in batch if not claim[2].done()]  # its caller gave up
+                batch = [claim for claim in batch if not claim[3].done()]  # its caller gave up
                 if batch:
                     await self._send_batch(batch)
         finally:
@@ -126,28 +130,29 @@ class ClaimBatcher:
             self._observe(len(batch))
         try:
             if len(batch) == 1:  # the plain statement costs PostgreSQL a quarter less
-                request_id, user_id, _ = batch[0]
+                request_id, user_id, count, _ = batch[0]
                 rows = await self._connection.fetch(
-                    self._command_timeout, _CLAIM_ONE, request_id, user_id, self._commit_mode
+                    self._command_timeout, _CLAIM_ONE, request_id, user_id, self._commit_mode, count
                 )
             else:
                 ids, owners = [claim[0] for claim in batch], [claim[1] for claim in batch]
+                counts = [claim[2] for claim in batch]
                 rows = await self._connection.fetch(
-                    self._command_timeout, _CLAIM_MANY, ids, owners, self._commit_mode
+                    self._command_timeout, _CLAIM_MANY, ids, owners, self._commit_mode, counts
                 )
         except Exception as exc:  # our error (UNAVAILABLE, INTERNAL) for every claim of the batch
             if not isinstance(exc, LambdaError):
                 log.exception("a batch of session claims failed")
-            for _, _, claimed in batch:
+            for *_, claimed in batch:
                 if not claimed.done():  # an instance each: one raised in many tasks tangles their tracebacks
                     claimed.set_exception(own_instance(exc))
             return
         except BaseException:  # cancelled at shutdown: the callers are cancelled too
-            for _, _, claimed in batch:
+            for *_, claimed in batch:
                 claimed.cancel()
             raise
         found = {row["request_id"]: row for row in rows}
-        for request_id, user_id, claimed in batch:
+        for request_id, user_id, _, claimed in batch:
             row = found.get(request_id)
             if not claimed.done():
                 claimed.set_result(row if row is not None and row["user_id"] == user_id else None)
@@ -156,7 +161,7 @@ class ClaimBatcher:
         """Stop sending (claims waiting are cancelled) and give the connection back."""
         if self._sender is not None:
             await cancel_and_wait(self._sender)
-        for _, _, claimed in self._pending:
+        for *_, claimed in self._pending:
             claimed.cancel()
         self._pending.clear()
         await self._connection.release()

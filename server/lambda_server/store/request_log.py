@@ -60,20 +60,20 @@ WITH logged AS (
     INSERT INTO public.request_logs
         (id, request_id, language_title, "timestamp", client_ip, user_id, request_headers,
          request_payload, response_payload, status_code, duration_ms, cached, error_details,
-         runtime_metrics, grpc_code)
+         runtime_metrics, grpc_code, items)
     SELECT id, request_id, language_title, at, client_ip, user_id, headers::jsonb,
            request::jsonb, response::jsonb, status_code, duration_ms, cached, details::jsonb,
-           metrics::jsonb, grpc_code
+           metrics::jsonb, grpc_code, items
     FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[],
                 $7::text[], $8::text[], $9::text[], $10::int[], $11::int[], $12::bool[],
-                $13::text[], $14::text[], $15::text[])
+                $13::text[], $14::text[], $15::text[], $16::int[])
          AS r(id, request_id, language_title, at, client_ip, user_id, headers, request, response,
-              status_code, duration_ms, cached, details, metrics, grpc_code)
+              status_code, duration_ms, cached, details, metrics, grpc_code, items)
 )
 INSERT INTO public.error_logs
     (request_log_id, "timestamp", error_code, error_message, stack_trace, context)
 SELECT request_log_id, at, code, message, stack_trace, context::jsonb
-FROM unnest($16::uuid[], $17::timestamptz[], $18::text[], $19::text[], $20::text[], $21::text[])
+FROM unnest($17::uuid[], $18::timestamptz[], $19::text[], $20::text[], $21::text[], $22::text[])
      AS e(request_log_id, at, code, message, stack_trace, context)
 """
 
@@ -243,8 +243,8 @@ class RequestLogWriter:
 
 
 def _columns(entries: Sequence[RequestLogEntry]) -> list[list[Any]]:
-    """The INSERT's 21 arrays: 15 columns of request_logs, then 6 of error_logs."""
-    request: list[list[Any]] = [[] for _ in range(15)]
+    """The INSERT's 22 arrays: 16 columns of request_logs, then 6 of error_logs."""
+    request: list[list[Any]] = [[] for _ in range(16)]
     error: list[list[Any]] = [[] for _ in range(6)]
     for entry in entries:
         row_id = uuid.uuid4()
@@ -264,6 +264,7 @@ def _columns(entries: Sequence[RequestLogEntry]) -> list[list[Any]]:
             _json(entry.error_details),
             _json(entry.runtime_metrics),
             _text(entry.grpc_code, 32),
+            entry.items,
         )
         for column, value in zip(request, row, strict=True):
             column.append(value)

@@ -46,7 +46,7 @@ FROM meta.sessions WHERE request_id = $1
 # (store/claims.py) could not make, made alone, waits for a row another holds.
 _CLAIM = """
 UPDATE meta.sessions
-SET execution_count = execution_count + 1, last_executed_at = now()
+SET execution_count = execution_count + $3, last_executed_at = now()
 WHERE request_id = $1 AND user_id IS NOT DISTINCT FROM $2 AND status = 'active' AND expires_at > now()
 RETURNING language_title, user_id, script_hash, context, metadata, compile_options, options, compile_status
 """
@@ -139,12 +139,15 @@ class SessionStore:
         """Record how the compile of these sessions' script ended (success or error)."""
         await self._db.fetchrow(deadline, _COMPILED, request_ids, status.value, error)
 
-    async def claim(self, request_id: str, user_id: str | None, deadline: Deadline) -> ClaimedSession:
-        """Find an active session of `user_id` and count one execution of it, in one statement
-        (shared with the claims of other calls); alone when the batch did not claim it."""
-        row = await self._claims.claim(request_id, user_id, deadline)
+    async def claim(
+        self, request_id: str, user_id: str | None, deadline: Deadline, count: int = 1
+    ) -> ClaimedSession:
+        """Find an active session of `user_id` and count `count` executions of it (an
+        ExecuteBatch's items), in one statement (shared with the claims of other calls);
+        alone when the batch did not claim it."""
+        row = await self._claims.claim(request_id, user_id, deadline, count)
         if row is None:
-            row = await self._db.fetchrow(deadline, _CLAIM, request_id, user_id)
+            row = await self._db.fetchrow(deadline, _CLAIM, request_id, user_id, count)
         if row is None:
             raise await self._why_not_found(request_id, user_id, deadline)
         return ClaimedSession(

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lambda_server.usecases.batch import ExecuteBatch
 from lambda_server.usecases.catalog import Catalog
 from lambda_server.usecases.execute import Execute
 from lambda_server.usecases.health import Health
 from lambda_server.usecases.initialize import Initialize
 from lambda_server.usecases.sessions import GetSession
 
-__all__ = ["Catalog", "Execute", "GetSession", "Health", "Initialize", "UseCases"]
+__all__ = ["Catalog", "Execute", "ExecuteBatch", "GetSession", "Health", "Initialize", "UseCases"]
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class UseCases:
 
     initialize: Initialize
     execute: Execute
+    execute_batch: ExecuteBatch
     get_session: GetSession
     catalog: Catalog
     health: Health
