@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 import grpc
@@ -12,21 +12,24 @@ from google.protobuf.message_factory import GetMessageClass
 from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_microservice.v1 import lambda_service_pb2_grpc as pb_grpc
 from lambda_server.api import convert
-from lambda_server.api.errors import Context, Undecodable, reports_errors
+from lambda_server.api.errors import Context, Undecodable, reports_errors, reports_stream_errors
 from lambda_server.api.request_logs import client_address
 from lambda_server.auth import Authenticator
-from lambda_server.domain import Caller, Deadline
+from lambda_server.domain import Caller, Deadline, OutputChunk
 from lambda_server.errors import RateLimited
 from lambda_server.limits import LimitedCall, RateLimiter
 from lambda_server.logs import note_user
 from lambda_server.usecases import UseCases
+from lambda_server.usecases.stream import streamed
 
 LANGUAGE_TITLE_HEADER = "language-title"
 AUTHORIZATION_HEADER = "authorization"
-# The caller's executions a minute and what is left of them, in Execute's trailing metadata.
+# The caller's executions a minute and what is left of them, in Execute's (and
+# ExecuteStream's) trailing metadata.
 RATE_LIMIT_HEADER = "x-ratelimit-limit"
 RATE_REMAINING_HEADER = "x-ratelimit-remaining"
 RESPONSE_MARGIN = 0.05  # seconds
+OUTPUT_STREAM = {"stdout": pb.OUTPUT_STREAM_STDOUT, "stderr": pb.OUTPUT_STREAM_STDERR}
 
 
 class ExecuteRequestView(convert.ExecuteParams, Protocol):
@@ -78,8 +81,8 @@ class LambdaServicer(pb_grpc.LambdaServiceServicer):
             expires_at=convert.timestamp(record.expires_at),
         )
 
-    @reports_errors
-    async def Execute(self, request: ExecuteRequestView, context: Context) -> pb.ExecuteResponse:  # type: ignore[override]
+    def _admit_execution(self, context: Context) -> Caller:
+        """Who calls, admitted by the rate limit; its quota goes in the trailing metadata."""
         caller = self._caller(context)
         try:
             quota = self._limiter.admit(caller)
@@ -90,6 +93,11 @@ class LambdaServicer(pb_grpc.LambdaServiceServicer):
             context.set_trailing_metadata(
                 ((RATE_LIMIT_HEADER, str(quota.limit)), (RATE_REMAINING_HEADER, str(quota.remaining)))
             )
+        return caller
+
+    @reports_errors
+    async def Execute(self, request: ExecuteRequestView, context: Context) -> pb.ExecuteResponse:  # type: ignore[override]
+        caller = self._admit_execution(context)
         execution = await self._usecases.execute(
             request.request_id,
             await self._payloads.params(request, caller.owner),
@@ -98,6 +106,26 @@ class LambdaServicer(pb_grpc.LambdaServiceServicer):
             request.cache_control,
         )
         return await self._payloads.response(execution, caller.owner)
+
+    @reports_stream_errors
+    async def ExecuteStream(  # type: ignore[override]
+        self, request: ExecuteRequestView, context: Context
+    ) -> AsyncIterator[pb.ExecuteStreamResponse]:
+        caller = self._admit_execution(context)
+        params = await self._payloads.params(request, caller.owner)
+        deadline = _deadline(context)
+        execute = self._usecases.execute
+        async for event in streamed(
+            lambda sink: execute(request.request_id, params, caller, deadline, request.cache_control, sink)
+        ):
+            if isinstance(event, OutputChunk):
+                chunk = pb.OutputChunk(
+                    stream=OUTPUT_STREAM[event.stream], text=event.text, offset=event.offset
+                )
+                yield pb.ExecuteStreamResponse(output=chunk)
+            else:
+                response = await self._payloads.response(event, caller.owner)
+                yield pb.ExecuteStreamResponse(response=response)
 
     @reports_errors
     async def Health(self, request: pb.HealthRequest, context: Context) -> pb.HealthResponse:
@@ -160,10 +188,15 @@ def add_to_server(servicer: LambdaServicer, server: grpc.aio.Server) -> None:
     handlers = {}
     for method in service.methods:
         request_class = GetMessageClass(method.input_type)
-        if method.name == "Execute":
+        if method.name in ("Execute", "ExecuteStream"):
             request_class = convert.RawExecuteRequest
         response_class = GetMessageClass(method.output_type)
-        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+        handler = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = handler(
             getattr(servicer, method.name),
             request_deserializer=_forgiving(request_class),
             response_serializer=response_class.SerializeToString,

@@ -14,6 +14,7 @@ from lambda_server.domain import (
     ExecutionResult,
     Job,
     OptimizationLevel,
+    OutputSink,
 )
 from lambda_server.errors import DatabaseUnavailable, NotStarted, Unavailable
 from lambda_server.metrics import Metrics
@@ -31,7 +32,9 @@ ANONYMOUS = "anonymous"  # the result cache's owner of an anonymous caller's ses
 class Executor(Protocol):
     """Runs jobs (the environment pool)."""
 
-    async def execute(self, job: Job, deadline: Deadline) -> ExecutionOutcome: ...
+    async def execute(
+        self, job: Job, deadline: Deadline, output: OutputSink | None = None
+    ) -> ExecutionOutcome: ...
 
 
 class Execute:
@@ -64,10 +67,12 @@ class Execute:
         caller: Caller,
         deadline: Deadline,
         cache_control: str = "",
+        output: OutputSink | None = None,
     ) -> ExecutionResult:
         """Run the session's script with params, under the options stored with the session;
         a hit of the result cache is counted as an execution of the session too (it was asked
-        for and answered), without a runtime."""
+        for and answered), without a runtime. `output` gets the console output as the script
+        writes it (ExecuteStream); a cached result has none."""
         session_id = parse_request_id(request_id)
         requested = parse_cache_control(cache_control)  # before the session counts this call
         try:
@@ -113,7 +118,7 @@ class Execute:
             limits=options.limits,
             program=program,
         )
-        outcome = await self._executor.execute(job, deadline)
+        outcome = await self._executor.execute(job, deadline, output)
         self._metrics.executed(runtime.name, outcome)
         if policy.keep_for > 0 and outcome.failure is None and outcome.result_json:
             self._cache.put(key, outcome.result_json, policy.keep_for)
