@@ -208,9 +208,10 @@ def test_cancelling_mid_stream_kills_the_execution_and_the_next_call_works(clien
     stream.close()  # the caller leaves: the call is cancelled
     # the environment was killed (no orphan), and replaced by a pre-started one
     eventually(lambda: settled(client) and len(descendants()) <= baseline)
-    assert pool_counts(client, "python")["idle"] == 0 or True  # idle ones of other tests may stay
     chunks, _, response = collect(client, quick.request_id)
     assert to_python(response.result) == 2 and [c.text for _, c in chunks] == ["hi\n"]
+    eventually(lambda: settled(client))
+    baseline = len(descendants())  # with the environment `quick` keeps idle
     # and the cancelled session's next call runs in a new environment
     again = client.execute_stream(session.request_id, timeout=30)
     assert next(again).text == "started\n"
@@ -224,11 +225,15 @@ def test_a_deadline_mid_stream_ends_the_execution(client: LambdaClient) -> None:
     eventually(lambda: settled(client))
     baseline = len(descendants())
     seen: list[object] = []
-    with pytest.raises(LambdaError) as ended:
+    try:
         for event in client.execute_stream(session.request_id, timeout=1.5):
             seen.append(event)
-    # the server answers its own TIMEOUT just before the deadline, or the deadline passes first
-    assert ended.value.code == grpc.StatusCode.DEADLINE_EXCEEDED or seen[-1].HasField("error")  # type: ignore[attr-defined]
+    except LambdaError as ended:  # the deadline passed before the server's own answer arrived
+        assert ended.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    else:  # the server answers TIMEOUT just before the caller's deadline
+        final = seen[-1]
+        assert isinstance(final, pb.ExecuteResponse)
+        assert final.error.code == pb.EXECUTION_ERROR_CODE_TIMEOUT
     assert isinstance(seen[0], pb.OutputChunk) and seen[0].text == "started\n"
     eventually(lambda: settled(client) and len(descendants()) <= baseline)
 
@@ -405,7 +410,7 @@ def test_a_forged_flood_of_output_frames_kills_only_its_environment(client: Lamb
 def test_a_flood_of_tiny_lines_costs_a_bounded_number_of_messages_and_spares_a_second_tenant(
     database_url: str,
 ) -> None:
-    auth = AuthSettings(mode="jwt", jwt_secret=SECRET)
+    auth = AuthSettings(mode="jwt", jwt_secret=SECRET, rate_limit_per_minute=1_000_000)
     running = ServerThread(replace(server_settings(), auth=auth), database_url)
     flood = {
         "python": "for i in range(1_000_000):\n    print('x')\nresult = 1\n",
@@ -457,6 +462,7 @@ def test_a_flood_of_tiny_lines_costs_a_bounded_number_of_messages_and_spares_a_s
             alone.append(p99(latencies()))
     finally:
         running.stop()
+    print(f"flood executions (runtime, messages, bytes, cut): {counts}")
     assert {runtime for runtime, *_ in counts} == set(flood)
     for runtime, messages, size, truncated in counts:
         # 256 lines at once, then at most 10 frames a second: never a message per line
@@ -473,7 +479,8 @@ def test_the_async_client_streams_too(server: ServerThread, client: LambdaClient
             return [event async for event in aclient.execute_stream(session.request_id)]
 
     events = asyncio.run(run())
-    assert [e.text for e in events[:-1]] == ["a\n", "b\n"]  # type: ignore[attr-defined]
+    assert all(isinstance(e, pb.OutputChunk) for e in events[:-1])
+    assert "".join(e.text for e in events[:-1]) == "a\nb\n"  # type: ignore[attr-defined]
     assert isinstance(events[-1], pb.ExecuteResponse) and to_python(events[-1].result) == 9
 
 
