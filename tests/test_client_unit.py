@@ -54,6 +54,11 @@ class Fake:
         metadata, request, rpc = self.channel.take_unary_unary(SERVICE.methods_by_name[method])
         return dict(metadata), request, rpc
 
+    def take_stream(self, method: str) -> tuple[dict[str, str], Any, Any]:
+        """The next call of a method that answers with a stream."""
+        metadata, request, rpc = self.channel.take_unary_stream(SERVICE.methods_by_name[method])
+        return dict(metadata), request, rpc
+
     def close(self) -> None:
         # a call still waiting (a test failed: the client made a call not answered) stays
         self._calls.shutdown(wait=False, cancel_futures=True)
@@ -287,7 +292,7 @@ def test_the_service_config_lets_grpc_retry_every_method_but_execute() -> None:
         for name in method["name"]
     }
     assert all("method" in name for method in config["methodConfig"] for name in method["name"])
-    # Execute and its twins count their executions: retried only on NOT_STARTED, by the client
+    # the calls that run a script are not idempotent: retried only on NotStartedError
     assert retried == set(SERVICE.methods_by_name) - {"Execute", "ExecuteStream", "ExecuteBatch"}
 
 
@@ -301,18 +306,25 @@ CALLS: dict[str, tuple[Callable[..., Any], Any]] = {
     "GetSession": (lambda c, m: c.get_session(SESSION, metadata=m), pb.GetSessionResponse()),
     "ListFunctions": (lambda c, m: c.list_functions(metadata=m), pb.ListFunctionsResponse()),
     "GetFunction": (lambda c, m: c.get_function("python-x", metadata=m), pb.GetFunctionResponse()),
+    "ExecuteStream": (lambda c, m: list(c.execute_stream(SESSION, metadata=m)), None),
 }
+STREAMING = {"ExecuteStream"}
 
 
 @pytest.mark.parametrize("method", sorted(CALLS))
 def test_every_method_sends_the_clients_metadata_and_its_own(method: str) -> None:
-    assert set(CALLS) == set(SERVICE.methods_by_name)
+    assert set(CALLS) == set(SERVICE.methods_by_name) - {"ExecuteBatch"}  # ExecuteBatch: the batch branch's
     fake = Fake(metadata=(("authorization", "Bearer t"),))
     try:
         invoke, answer = CALLS[method]
         call = fake.call(lambda client: invoke(client, [("x-request-id", "abc")]))
-        metadata, _, rpc = fake.take(method)
-        rpc.terminate(answer, (), grpc.StatusCode.OK, "")
+        if method in STREAMING:
+            metadata, _, rpc = fake.take_stream(method)
+            rpc.send_response(pb.ExecuteStreamResponse(response=pb.ExecuteResponse()))
+            rpc.terminate((), grpc.StatusCode.OK, "")
+        else:
+            metadata, _, rpc = fake.take(method)
+            rpc.terminate(answer, (), grpc.StatusCode.OK, "")
         call.result(timeout=30)
         assert (metadata["authorization"], metadata["x-request-id"]) == ("Bearer t", "abc")
     finally:
@@ -374,3 +386,18 @@ def test_result_is_exact_from_result_json_and_falls_back_to_result() -> None:
     older.result.number_value = 400000
     assert result(older) == 400000 and type(result(older)) is int
     assert result(pb.ExecuteResponse(error=pb.ExecutionError(message="boom"))) is None
+
+
+def test_a_stream_is_retried_when_it_did_not_start(fake: Fake) -> None:
+    not_started = refusal(grpc.StatusCode.UNAVAILABLE, "database down", "NOT_STARTED")
+    call = fake.call(lambda client: list(client.execute_stream(SESSION)))
+    _, _, rpc = fake.take_stream("ExecuteStream")
+    rpc.terminate(not_started.trailing_metadata, not_started.code, not_started.details)
+    _, _, rpc = fake.take_stream("ExecuteStream")  # retried
+    rpc.send_response(
+        pb.ExecuteStreamResponse(output=pb.OutputChunk(stream=pb.OUTPUT_STREAM_STDOUT, text="a"))
+    )
+    rpc.send_response(pb.ExecuteStreamResponse(response=pb.ExecuteResponse(logs="a")))
+    rpc.terminate((), grpc.StatusCode.OK, "")
+    events = call.result(timeout=30)
+    assert [type(e).__name__ for e in events] == ["OutputChunk", "ExecuteResponse"]

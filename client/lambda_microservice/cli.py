@@ -70,6 +70,12 @@ def _parser() -> argparse.ArgumentParser:
     execute.add_argument("request_id")
     execute.add_argument("--params", default="{}", help="a JSON object")
     execute.add_argument("--cache-control", default="", help="no-cache, no-store or max-age=SECONDS")
+    execute.add_argument(
+        "--follow",
+        action="store_true",
+        help="print the script's output as it comes (ExecuteStream): its stdout on stdout, its "
+        "stderr on stderr; then the answer",
+    )
     batch = commands.add_parser(
         "batch",
         help="run a session's script once per line of a file (ExecuteBatch); prints one JSON line per item",
@@ -171,6 +177,21 @@ def _executed(response: pb.ExecuteResponse) -> dict[str, Any]:
     return answer
 
 
+def _follow(
+    client: LambdaClient, request_id: str, params: dict[str, Any], cache_control: str
+) -> pb.ExecuteResponse:
+    """ExecuteStream: each chunk of output printed, and flushed, as it comes; the response."""
+    response = pb.ExecuteResponse()
+    for event in client.execute_stream(request_id, params, cache_control=cache_control):
+        if isinstance(event, pb.OutputChunk):
+            out = sys.stderr if event.stream == pb.OUTPUT_STREAM_STDERR else sys.stdout
+            out.write(event.text)
+            out.flush()
+        else:
+            response = event
+    return response
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; the exit status is one of EXIT_CODES."""
     args = _parser().parse_args(argv)  # bad usage: argparse exits 2 with one line
@@ -220,7 +241,10 @@ def _run(client: LambdaClient, args: argparse.Namespace) -> int:
         )
     elif args.command == "exec":
         params = _json_object(args.params, "--params")
-        response = client.execute(args.request_id, params, cache_control=args.cache_control)
+        if args.follow:
+            response = _follow(client, args.request_id, params, args.cache_control)
+        else:
+            response = client.execute(args.request_id, params, cache_control=args.cache_control)
         _print_json(_executed(response))
         return EXIT_FAILED if response.HasField("error") else EXIT_OK
     elif args.command == "batch":

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from lambda_microservice.errors import NotStartedError, from_rpc_error
+from lambda_microservice.errors import LambdaError, NotStartedError, from_rpc_error
 from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_microservice.v1 import lambda_service_pb2_grpc as pb_grpc
 from lambda_microservice.values import execution_options, needs_exact_json, to_struct
@@ -52,6 +52,8 @@ CHANNEL_OPTIONS: Sequence[tuple[str, Any]] = (
 
 Response = TypeVar("Response")
 Metadata = Sequence[tuple[str, str]]
+#: what ExecuteStream yields: the output's chunks, as they come, then the response
+StreamEvent = pb.OutputChunk | pb.ExecuteResponse
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,21 @@ def _retry_delay(policy: RetryPolicy, attempt: int, left: float) -> float | None
         return None
     delay = policy.delay(attempt)
     return delay if delay < left else None
+
+
+def _stream_event(message: pb.ExecuteStreamResponse) -> StreamEvent:
+    return message.output if message.HasField("output") else message.response
+
+
+def _stream_retry_delay(
+    policy: RetryPolicy, error: grpc.RpcError, received: bool, attempt: int, left: float
+) -> tuple[LambdaError, float | None]:
+    """The error an ExecuteStream ended with, and the delay before retrying it: only when
+    the server said the script did not run, and before any message arrived."""
+    failure = from_rpc_error(error)
+    if received or not isinstance(failure, NotStartedError):
+        return failure, None
+    return failure, _retry_delay(policy, attempt, left)
 
 
 def _list_functions_request(
@@ -234,6 +251,43 @@ class LambdaClient:
                 delay = _retry_delay(self._execute_retry, attempt, deadline - time.monotonic())
                 if delay is None:
                     raise
+            time.sleep(delay)
+            attempt += 1
+
+    def execute_stream(
+        self,
+        request_id: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        cache_control: str = "",
+        timeout: float | None = None,
+        metadata: Metadata = (),
+    ) -> Iterator[StreamEvent]:
+        """Run a session's script with `params` (ExecuteStream) and iterate over its console
+        output as the script writes it: `pb.OutputChunk` messages (`stream`, `text`, `offset`),
+        then the `pb.ExecuteResponse`, as `execute` returns it. Leaving the loop early (or
+        closing the iterator) cancels the call, and the server stops the execution. Retried
+        like `execute` (NotStartedError), and only before a message arrived."""
+        request = _execute_request(request_id, params, cache_control)
+        deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
+        attempt = 1
+        while True:
+            received = False
+            call = self._stub.ExecuteStream(
+                request, timeout=deadline - time.monotonic(), metadata=self._metadata + tuple(metadata)
+            )
+            try:
+                for message in call:
+                    received = True
+                    yield _stream_event(message)
+                return
+            except grpc.RpcError as error:
+                left = deadline - time.monotonic()
+                failure, delay = _stream_retry_delay(self._execute_retry, error, received, attempt, left)
+                if delay is None:
+                    raise failure from None
+            finally:
+                call.cancel()  # type: ignore[no-untyped-call]  # the caller left early: the server stops
             time.sleep(delay)
             attempt += 1
 
@@ -422,6 +476,42 @@ class AsyncLambdaClient:
                 delay = _retry_delay(self._execute_retry, attempt, deadline - time.monotonic())
                 if delay is None:
                     raise
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    async def execute_stream(
+        self,
+        request_id: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        cache_control: str = "",
+        timeout: float | None = None,
+        metadata: Metadata = (),
+    ) -> AsyncIterator[StreamEvent]:
+        """Run a session's script with `params` (ExecuteStream) and iterate (`async for`) over
+        its console output as the script writes it: `pb.OutputChunk` messages, then the
+        `pb.ExecuteResponse`. Leaving the loop early cancels the call, and the server stops
+        the execution. Retried like `execute`, and only before a message arrived."""
+        request = _execute_request(request_id, params, cache_control)
+        deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
+        attempt = 1
+        while True:
+            received = False
+            call = self._stub.ExecuteStream(
+                request, timeout=deadline - time.monotonic(), metadata=self._metadata + tuple(metadata)
+            )
+            try:
+                async for message in call:
+                    received = True
+                    yield _stream_event(message)
+                return
+            except grpc.RpcError as error:
+                left = deadline - time.monotonic()
+                failure, delay = _stream_retry_delay(self._execute_retry, error, received, attempt, left)
+                if delay is None:
+                    raise failure from None
+            finally:
+                call.cancel()
             await asyncio.sleep(delay)
             attempt += 1
 

@@ -7,7 +7,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 # Any JSON value: what params, contexts and results are.
 JSON = Any
@@ -235,6 +235,24 @@ class ExecutionOutcome:
     cpu_time: float = 0.0
     peak_memory: int = 0
     result_json: str = ""  # the result's JSON text as the script's runtime wrote it (exact)
+    logs_truncated: bool = False  # the console output went past MAX_LOG_BYTES: `logs` is cut
+
+
+@dataclass(frozen=True)
+class OutputChunk:
+    """A piece of an execution's console output, as the script wrote it."""
+
+    stream: str  # "stdout" or "stderr"
+    text: str
+    offset: int  # its first byte's offset (UTF-8) within the execution's console output
+
+
+class OutputSink(Protocol):
+    """Where an execution's console output goes as the script writes it (ExecuteStream):
+    each chunk with its stream ("stdout" or "stderr") and its byte offset (UTF-8) within
+    the execution's console output. Called on the event loop; it must not block."""
+
+    def __call__(self, stream: str, text: str, offset: int) -> None: ...
 
 
 @dataclass(frozen=True)

@@ -461,6 +461,7 @@ def execute_response(execution: ExecutionResult) -> pb.ExecuteResponse:
         environment_state=ENVIRONMENT_STATE[outcome.environment],
         cpu_time=cpu_time,
         peak_memory_bytes=outcome.peak_memory,
+        logs_truncated=outcome.logs_truncated,
     )
     if outcome.failure is not None:  # a result is filled by ExecutePayloads.response
         failure = outcome.failure

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -49,6 +49,7 @@ def status_message(error: errors.LambdaError) -> status_pb2.Status:
 
 
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
+StreamHandler = TypeVar("StreamHandler", bound=Callable[..., AsyncIterator[Any]])
 
 
 class Undecodable:
@@ -69,20 +70,50 @@ def reports_errors(method: Handler) -> Handler:
             return await method(self, request, context)
         except grpc.aio.AbortError:
             raise
-        except errors.LambdaError as error:
-            failure = error
-            level = (
-                logging.WARNING
-                if isinstance(error, errors.Unavailable | errors.RuntimeBusy | errors.InternalError)
-                else logging.DEBUG
-            )
-            log.log(level, "%s failed: %s", method.__name__, error.message)
         except Exception as exc:
-            log.exception("unexpected error in %s", method.__name__)
-            failure = errors.InternalError(f"internal error: {type(exc).__name__}")
-        status = to_status(failure)
-        # what the handler set (rate-limit headers) goes out with the error's details
-        kept = tuple((key, value) for key, value in context.trailing_metadata() or () if key != _DETAILS_KEY)
-        await context.abort(status.code, status.details, tuple(status.trailing_metadata) + kept)
+            failure = _failure(method.__name__, exc)
+        await _abort(context, failure)
 
     return wrapper  # type: ignore[return-value]
+
+
+def reports_stream_errors(method: StreamHandler) -> StreamHandler:
+    """reports_errors for a method that answers with a stream (an async generator): a refused
+    call ends with the same status and ErrorInfo as its unary twin."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: Context) -> AsyncIterator[Any]:
+        try:
+            if isinstance(request, Undecodable):
+                raise request.error
+            async for message in method(self, request, context):
+                yield message
+            return
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            failure = _failure(method.__name__, exc)
+        await _abort(context, failure)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _failure(method: str, exc: Exception) -> errors.LambdaError:
+    """Our error as it is, logged; anything unexpected as an INTERNAL one."""
+    if isinstance(exc, errors.LambdaError):
+        level = (
+            logging.WARNING
+            if isinstance(exc, errors.Unavailable | errors.RuntimeBusy | errors.InternalError)
+            else logging.DEBUG
+        )
+        log.log(level, "%s failed: %s", method, exc.message)
+        return exc
+    log.error("unexpected error in %s", method, exc_info=exc)
+    return errors.InternalError(f"internal error: {type(exc).__name__}")
+
+
+async def _abort(context: Context, failure: errors.LambdaError) -> None:
+    status = to_status(failure)
+    # what the handler set (rate-limit headers) goes out with the error's details
+    kept = tuple((key, value) for key, value in context.trailing_metadata() or () if key != _DETAILS_KEY)
+    await context.abort(status.code, status.details, tuple(status.trailing_metadata) + kept)

@@ -1,8 +1,9 @@
-"""The server interceptor: each call marked for the logs, counted in the metrics, Execute logged."""
+"""The server interceptor: each call marked for the logs, counted in the metrics, executions logged."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
@@ -34,10 +35,16 @@ log = logging.getLogger(__name__)
 REQUEST_ID_HEADER = "x-request-id"
 _SERVICE = pb.DESCRIPTOR.services_by_name["LambdaService"].full_name
 EXECUTE = f"/{_SERVICE}/Execute"
+EXECUTE_STREAM = f"/{_SERVICE}/ExecuteStream"
 EXECUTE_BATCH = f"/{_SERVICE}/ExecuteBatch"
-# The calls the request log keeps, each with the function making its entry.
+# The calls the request log keeps, each with the function making its entry (ExecuteStream's
+# from the ExecuteResponse its last message carried).
 EntryMaker = Callable[[Any, grpc.StatusCode, Context, CallInfo, float, float], RequestLogEntry]
-LOGGED: dict[str, EntryMaker] = {EXECUTE: execute_entry, EXECUTE_BATCH: batch_entry}
+LOGGED: dict[str, EntryMaker] = {
+    EXECUTE: execute_entry,
+    EXECUTE_STREAM: execute_entry,
+    EXECUTE_BATCH: batch_entry,
+}
 
 Unary = Callable[[Any, Context], Awaitable[Any]]
 Streaming = Callable[[Any, Context], AsyncIterator[Any]]
@@ -92,10 +99,11 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Wraps every RPC of the server (ours, health, reflection).
 
     Each call is counted by method and status code, with its latency. A unary
-    call is also marked for the logs (its method and request_id: the request's
-    `request_id`, the answer's for a new session, else the `x-request-id`
-    header), and each Execute and ExecuteBatch, answered or refused, goes to the request
-    log (a batch as one entry with its number of items).
+    call (and ExecuteStream) is also marked for the logs (its method and
+    request_id: the request's `request_id`, the answer's for a new session, else
+    the `x-request-id` header), and each Execute, ExecuteStream and ExecuteBatch,
+    answered, refused or cancelled, goes to the request log (a batch as one entry
+    with its number of items).
     """
 
     def __init__(
@@ -133,6 +141,9 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 return handler  # a synchronous handler: none here
             serve = self._unary(name, unary, LOGGED.get(method), reads=True)
             return grpc.stream_unary_rpc_method_handler(serve, *io)
+        if handler.unary_stream is not None and method == EXECUTE_STREAM:
+            serve = self._execute_stream(name, handler.unary_stream)
+            return grpc.stream_stream_rpc_method_handler(serve, *io)
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(self._streaming(name, handler.unary_stream), *io)
         if handler.stream_unary is not None:
@@ -145,43 +156,18 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         """A call that ends in one answer: a unary call (`reads`: served as a stream in, so
         that the bytes in flight are reserved before gRPC reads its message), or a stream
         in and one answer out."""
-        short = name.rpartition("/")[2]
-        inflight = self.inflight
 
         async def serve(requests: Any, context: Context) -> Any:
-            call = CallInfo(short, "")
-            token = begin_call(call)
-            started_at, started = time.time(), time.perf_counter()
+            call = _Served(self, name, logged, context)
             response = None
             code = grpc.StatusCode.UNKNOWN
-            peer = client_address(context.peer() or "")
-            held = 0
             try:
-                if reads:
-                    # Refused here, the call's stream is reset before its message is read:
-                    # gRPC holds no more of it than its first window, and the client stops.
-                    if not inflight.take(peer, inflight.reservation):
-                        await self._refuse(short, peer, None, context)
-                    held = inflight.reservation
-                    request = await context.read()
-                    if request is grpc.aio.EOF:  # type: ignore[attr-defined]
-                        await context.abort(
-                            grpc.StatusCode.INVALID_ARGUMENT, "the call sent no request message"
-                        )
-                    size = _size(request)
-                    inflight.give_back(peer, held)
-                    held = 0
-                    if not inflight.take(peer, size):
-                        await self._refuse(short, peer, size, context)
-                    held = size
-                    call.request_id = _request_id(request, context)
-                else:
-                    request = requests
+                request = await call.read(context) if reads else requests
                 response = await behavior(request, context)
                 code = _status(context, grpc.StatusCode.OK)
                 answered = getattr(response, "request_id", "")
                 if answered and isinstance(answered, str):
-                    call.request_id = answered  # Initialize's new session
+                    call.info.request_id = answered  # Initialize's new session
                 return response
             except grpc.aio.AbortError:
                 code = _status(context, grpc.StatusCode.UNKNOWN)
@@ -190,13 +176,34 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 code = grpc.StatusCode.CANCELLED
                 raise
             finally:
-                if held:
-                    inflight.give_back(peer, held)
-                elapsed = time.perf_counter() - started
-                self._count(name, code, elapsed)
-                if logged is not None and self._request_log is not None:
-                    self._log(logged, response, code, context, call, started_at, elapsed)
-                end_call(token)
+                call.end(response, code, context)
+
+        return serve
+
+    def _execute_stream(self, name: str, behavior: Any) -> Any:
+        """ExecuteStream: a unary call's life (its request's bytes reserved before gRPC reads
+        it, served as a stream in; counted; logged like Execute, from the ExecuteResponse
+        its last message carried), answered by a stream of messages."""
+
+        async def serve(requests: Any, context: Context) -> AsyncIterator[Any]:
+            call = _Served(self, name, execute_entry, context)
+            response = None
+            code = grpc.StatusCode.UNKNOWN
+            try:
+                request = await call.read(context)
+                async for message in behavior(request, context):
+                    if message.HasField("response"):
+                        response = message.response
+                    yield message
+                code = _status(context, grpc.StatusCode.OK)
+            except grpc.aio.AbortError:
+                code = _status(context, grpc.StatusCode.UNKNOWN)
+                raise
+            except (asyncio.CancelledError, GeneratorExit):
+                code = grpc.StatusCode.CANCELLED
+                raise
+            finally:
+                call.end(response if code == grpc.StatusCode.OK else None, code, context)
 
         return serve
 
@@ -256,7 +263,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         started_at: float,
         elapsed: float,
     ) -> None:
-        """Every logged call gets its entry, whatever it answered; nothing raises out of here."""
+        """Every Execute gets its entry, whatever it answered; nothing raises out of here."""
         assert self._request_log is not None
         try:
             try:
@@ -271,6 +278,58 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             self._request_log.record(entry)
         except Exception:  # the call it describes is answered already: never fail it
             log.exception("could not log the request")
+
+
+class _Served:
+    """One call served as a unary call is: marked for the logs from its start; its request's
+    bytes held in flight (read()); at its end() counted, logged when `logged`, and its
+    bytes given back."""
+
+    def __init__(
+        self, interceptor: CallInterceptor, name: str, logged: EntryMaker | None, context: Context
+    ) -> None:
+        self._interceptor = interceptor
+        self._name = name
+        self._logged = logged
+        self.short = name.rpartition("/")[2]
+        self.info = CallInfo(self.short, "")
+        self._token = begin_call(self.info)
+        self._started_at, self._started = time.time(), time.perf_counter()
+        self._peer = client_address(context.peer() or "")
+        self._held = 0
+
+    async def read(self, context: Context) -> Any:
+        """The call's request message, its bytes held in flight (RESOURCE_EXHAUSTED when
+        they do not fit). Refused before the message is read, the call's stream is reset:
+        gRPC holds no more of it than its first window, and the client stops."""
+        inflight, peer = self._interceptor.inflight, self._peer
+        if not inflight.take(peer, inflight.reservation):
+            await self._interceptor._refuse(self.short, peer, None, context)
+        self._held = inflight.reservation
+        request = await context.read()
+        if request is grpc.aio.EOF:  # type: ignore[attr-defined]
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call sent no request message")
+        size = _size(request)
+        inflight.give_back(peer, self._held)
+        self._held = 0
+        if not inflight.take(peer, size):
+            await self._interceptor._refuse(self.short, peer, size, context)
+        self._held = size
+        self.info.request_id = _request_id(request, context)
+        return request
+
+    def end(self, response: Any, code: grpc.StatusCode, context: Context) -> None:
+        if self._held:
+            self._interceptor.inflight.give_back(self._peer, self._held)
+            self._held = 0
+        elapsed = time.perf_counter() - self._started
+        self._interceptor._count(self._name, code, elapsed)
+        if self._logged is not None and self._interceptor._request_log is not None:
+            self._interceptor._log(
+                self._logged, response, code, context, self.info, self._started_at, elapsed
+            )
+        with contextlib.suppress(ValueError):  # a stream closed from another context (its finalizer)
+            end_call(self._token)
 
 
 def _status(context: Context, default: grpc.StatusCode) -> grpc.StatusCode:

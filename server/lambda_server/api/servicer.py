@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 import grpc
@@ -12,22 +12,24 @@ from google.protobuf.message_factory import GetMessageClass
 from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_microservice.v1 import lambda_service_pb2_grpc as pb_grpc
 from lambda_server.api import convert
-from lambda_server.api.errors import Context, Undecodable, reports_errors
+from lambda_server.api.errors import Context, Undecodable, reports_errors, reports_stream_errors
 from lambda_server.api.request_logs import client_address
 from lambda_server.auth import Authenticator
-from lambda_server.domain import Caller, Deadline
+from lambda_server.domain import Caller, Deadline, OutputChunk
 from lambda_server.errors import RateLimited
 from lambda_server.limits import LimitedCall, RateLimiter
 from lambda_server.logs import current_call, note_user
 from lambda_server.usecases import UseCases
+from lambda_server.usecases.stream import streamed
 
 LANGUAGE_TITLE_HEADER = "language-title"
 AUTHORIZATION_HEADER = "authorization"
 # The caller's executions a minute and what is left of them, in Execute's (and
-# ExecuteBatch's) trailing metadata.
+# ExecuteStream's and ExecuteBatch's) trailing metadata.
 RATE_LIMIT_HEADER = "x-ratelimit-limit"
 RATE_REMAINING_HEADER = "x-ratelimit-remaining"
 RESPONSE_MARGIN = 0.05  # seconds
+OUTPUT_STREAM = {"stdout": pb.OUTPUT_STREAM_STDOUT, "stderr": pb.OUTPUT_STREAM_STDERR}
 
 
 class ExecuteRequestView(convert.ExecuteParams, Protocol):
@@ -112,6 +114,27 @@ class LambdaServicer(pb_grpc.LambdaServiceServicer):
         )
         return await self._payloads.response(execution, caller.owner)
 
+    @reports_stream_errors
+    async def ExecuteStream(  # type: ignore[override]
+        self, request: ExecuteRequestView, context: Context
+    ) -> AsyncIterator[pb.ExecuteStreamResponse]:
+        caller = self._caller(context)
+        self._admit(caller, context)
+        params = await self._payloads.params(request, caller.owner)
+        deadline = _deadline(context)
+        execute = self._usecases.execute
+        async for event in streamed(
+            lambda sink: execute(request.request_id, params, caller, deadline, request.cache_control, sink)
+        ):
+            if isinstance(event, OutputChunk):
+                chunk = pb.OutputChunk(
+                    stream=OUTPUT_STREAM[event.stream], text=event.text, offset=event.offset
+                )
+                yield pb.ExecuteStreamResponse(output=chunk)
+            else:
+                response = await self._payloads.response(event, caller.owner)
+                yield pb.ExecuteStreamResponse(response=response)
+
     @reports_errors
     async def ExecuteBatch(  # type: ignore[override]
         self, request: ExecuteBatchRequestView, context: Context
@@ -190,12 +213,17 @@ def add_to_server(servicer: LambdaServicer, server: grpc.aio.Server) -> None:
     handlers = {}
     for method in service.methods:
         request_class = GetMessageClass(method.input_type)
-        if method.name == "Execute":
+        if method.name in ("Execute", "ExecuteStream"):
             request_class = convert.RawExecuteRequest
         elif method.name == "ExecuteBatch":
             request_class = convert.RawExecuteBatchRequest
         response_class = GetMessageClass(method.output_type)
-        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+        handler = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = handler(
             getattr(servicer, method.name),
             request_deserializer=_forgiving(request_class),
             response_serializer=response_class.SerializeToString,

@@ -98,6 +98,7 @@ class Launcher:
                 timeout=deadline.cap(self._settings.spawn_timeout_seconds),
                 max_frame=self._max_frame,
                 cwd=tempfile.gettempdir(),
+                max_output=self._settings.max_log_bytes,
             )
         except (OSError, WorkerError) as exc:
             await confinement.release()

@@ -28,18 +28,33 @@ const MAX_RESULT = Number(process.env.LAMBDA_MAX_RESULT_BYTES || 1048576);
 const LONE_SURROGATE = /(?<!\\)(?:\\\\)*\\ud[89a-f]/;
 const MODULE_STYLE = /\bmodule\.exports\b|\bexports\.[A-Za-z_$][\w$]*\s*=/;
 
+// Streaming (a request's "stream": true): an execution's first OUTPUT_FREE_FRAMES output
+// frames go as they are written; past them, at most one frame per OUTPUT_INTERVAL_MS, the
+// text written meanwhile held and sent by a timer, or at the end (see process.py).
+const OUTPUT_FREE_FRAMES = 256;
+const OUTPUT_INTERVAL_MS = 100;
+
 let handler = null;
 let logs = null;
+let requestId = 0; // the request under way
+let streaming = false; // it asked for output frames
 let failRun = null; // rejects the execution under way: an error thrown in a callback ends it
 
+// An execution's console output: its two streams keep at most `limit` bytes between them
+// (the logs), and note that they cut; with `stream`, each write also goes as an output frame.
 class LogBuffer {
-  constructor(limit) {
+  constructor(limit, stream = false) {
     this.limit = limit;
-    this.parts = [];
+    this.parts = []; // [stream, text]: the logs, write by write
     this.size = 0;
     this.cut = false;
+    this.stream = stream;
+    this.frames = 0;
+    this.last = 0;
+    this.held = []; // [stream, text] kept back by the frame rate
+    this.timer = null;
   }
-  write(text) {
+  write(text, name = 'stdout') {
     const room = this.limit - this.size;
     if (room <= 0) {
       this.cut = true;
@@ -47,21 +62,78 @@ class LogBuffer {
     }
     let data = Buffer.from(text, 'utf8');
     if (data.length > room) {
-      data = data.subarray(0, room);
+      let end = room;
+      while (end > 0 && (data[end] & 0xc0) === 0x80) end--; // a character cut in two is left out
+      data = data.subarray(0, end);
       this.cut = true;
     }
-    this.parts.push(data.toString('utf8'));
-    this.size += data.length;
+    this.size = this.cut ? this.limit : this.size + data.length;
+    if (data.length === 0) return;
+    text = data.toString('utf8'); // a lone surrogate is U+FFFD from here
+    this.parts.push([name, text]);
+    if (this.stream) {
+      const last = this.held[this.held.length - 1];
+      if (last !== undefined && last[0] === name) last[1] += text;
+      else this.held.push([name, text]);
+      this.release(false);
+    }
+  }
+  release(final) {
+    const now = performance.now();
+    if (!final && this.frames >= OUTPUT_FREE_FRAMES && now - this.last < OUTPUT_INTERVAL_MS) {
+      if (this.timer === null) {
+        this.timer = setTimeout(() => {
+          this.timer = null;
+          if (this.stream) this.release(true);
+        }, OUTPUT_INTERVAL_MS - (now - this.last));
+      }
+      return;
+    }
+    if (this.timer !== null) {
+      clearTimeout(this.timer);
+      this.timer = null;
+    }
+    const held = this.held;
+    this.held = [];
+    for (const [name, text] of held) {
+      sendOutput(name, text);
+      this.frames += 1;
+    }
+    this.last = now;
+  }
+  // The end of the execution: what is held goes, and nothing the script writes later does.
+  finish() {
+    if (this.stream) this.release(true);
+    this.stream = false;
+  }
+  // Send every chunk kept, as output frames (a load that failed: its logs).
+  replay() {
+    for (const [name, text] of this.parts) sendOutput(name, text);
   }
   text() {
-    return this.parts.join('') + (this.cut ? TRUNCATED : '');
+    return this.parts.map((part) => part[1]).join('') + (this.cut ? TRUNCATED : '');
   }
 }
 
-function capture(...args) {
-  if (logs !== null) logs.write(util.format(...args) + '\n');
+function sendOutput(name, text) {
+  send(`{"id":${requestId},"op":"output","stream":"${name}","text":${JSON.stringify(text)}}`);
 }
-for (const name of ['log', 'info', 'warn', 'error', 'debug', 'trace']) {
+
+// An answer's `cut`: present, and true, when the console output went past the limit.
+function cut(buffer) {
+  return buffer.cut ? { cut: true } : {};
+}
+
+function capturing(name) {
+  return (...args) => {
+    if (logs !== null) logs.write(util.format(...args) + '\n', name);
+  };
+}
+const capture = capturing('stderr');
+for (const name of ['log', 'info', 'debug']) {
+  console[name] = capturing('stdout');
+}
+for (const name of ['warn', 'error', 'trace']) {
   console[name] = capture;
 }
 // process.stdout and process.stderr go to the logs too, as Python's print and sys.stderr
@@ -71,7 +143,8 @@ function capturingStream(fd) {
   const stream = new Writable({
     decodeStrings: false,
     write(chunk, encoding, done) {
-      if (logs !== null) logs.write(typeof chunk === 'string' ? chunk : Buffer.from(chunk).toString('utf8'));
+      const text = typeof chunk === 'string' ? chunk : Buffer.from(chunk).toString('utf8');
+      if (logs !== null) logs.write(text, fd === 2 ? 'stderr' : 'stdout');
       done();
     },
   });
@@ -176,7 +249,7 @@ function load(script) {
   try {
     unit = compile(script);
   } catch (err) {
-    return { ok: false, error: syntaxFailure(err), logs: logs.text() };
+    return loadFailed(syntaxFailure(err));
   }
   try {
     const fn = unit.compiled.runInThisContext();
@@ -191,14 +264,20 @@ function load(script) {
         exported = exported.handler;
       }
       if (typeof exported !== 'function') {
-        return { ok: false, error: failure('RUNTIME_ERROR', 'TypeError: module.exports is not a function'), logs: logs.text() };
+        return loadFailed(failure('RUNTIME_ERROR', 'TypeError: module.exports is not a function'));
       }
       handler = exported.length >= 2 ? callbackStyle(exported) : exported;
     }
   } catch (err) {
-    return { ok: false, error: runtimeFailure(err), logs: logs.text() };
+    return loadFailed(runtimeFailure(err));
   }
   return { ok: true, logs: logs.text() };
+}
+
+// A load that failed answers with its top level's logs: streamed too, at the end.
+function loadFailed(error) {
+  if (streaming) logs.replay();
+  return { ok: false, error, logs: logs.text(), ...cut(logs) };
 }
 
 function callbackStyle(fn) {
@@ -260,9 +339,12 @@ function replacer(key, value) {
 }
 
 async function run(event) {
-  logs = new LogBuffer(MAX_LOGS);
+  logs = new LogBuffer(MAX_LOGS, streaming);
   const usage = new Usage();
-  const answer = (fields) => JSON.stringify({ ...fields, logs: logs.text(), ...usage.measure() });
+  const answer = (fields) => {
+    logs.finish();
+    return JSON.stringify({ ...fields, logs: logs.text(), ...usage.measure(), ...cut(logs) });
+  };
   let result;
   try {
     const failed = new Promise((_, reject) => {
@@ -293,6 +375,8 @@ async function run(event) {
 }
 
 async function handle(message) {
+  requestId = Number(message.id);
+  streaming = message.stream === true;
   switch (message.op) {
     case 'check':
       return JSON.stringify(check(message.script));

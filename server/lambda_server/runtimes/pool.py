@@ -39,6 +39,7 @@ from lambda_server.domain import (
     FailureCode,
     Job,
     Limits,
+    OutputSink,
 )
 from lambda_server.errors import QuotaExceeded, RuntimeBusy, RuntimeNotAvailable, Unavailable
 from lambda_server.runtimes.batch import BatchOutcome, BatchRun
@@ -199,14 +200,14 @@ class EnvironmentPool:
 
     # executing
 
-    async def execute(self, job: Job, deadline: Deadline) -> ExecutionOutcome:
-        if job.runtime not in self._runtimes:  # the use cases resolve titles with our registry
-            raise RuntimeNotAvailable(f"no {job.runtime} runtime in this server", runtime=job.runtime)
-        key = EnvironmentKey(job.owner, job.runtime, job.script_hash, job.limits)
-        self._refuse_what_never_fits(key)
-        slot = self._try_acquire(key) or await self._wait_for_slot(key, deadline)
+    async def execute(
+        self, job: Job, deadline: Deadline, output: OutputSink | None = None
+    ) -> ExecutionOutcome:
+        """Run the job; with `output`, its console output goes there too as it is written.
+        A caller cancelled meanwhile (ExecuteStream's) kills the execution's environment."""
+        slot = await self.acquire(self.environment_key(job), deadline)
         try:
-            return await self._run(slot, job, deadline)
+            return await self._run(slot, job, deadline, output)
         finally:
             self._release(slot)
 
@@ -417,7 +418,9 @@ class EnvironmentPool:
             self._serve_waiting()
         self._resume_refills()
 
-    async def _run(self, slot: _Slot, job: Job, deadline: Deadline) -> ExecutionOutcome:
+    async def _run(
+        self, slot: _Slot, job: Job, deadline: Deadline, output: OutputSink | None = None
+    ) -> ExecutionOutcome:
         started = time.perf_counter()
         timeout = deadline.cap(job.timeout)
         state = EnvironmentState.WARM
@@ -428,14 +431,14 @@ class EnvironmentPool:
                 timeout = max(0.0, timeout - (time.perf_counter() - started))
                 # bind and run in one round trip; `loaded` is false when the script did not load
                 bind = {"op": "load", "script": job.script, "event": job.event}
-                answer = await worker.request(bind, timeout)
+                answer = await worker.request(bind, timeout, output)
                 if answer.get("loaded") is False:
                     self._drop(slot)
                     return _outcome(answer, started, state)
                 slot.loaded = True
             else:
                 assert worker is not None  # a loaded slot has its environment
-                answer = await worker.request({"op": "run", "event": job.event}, timeout)
+                answer = await worker.request({"op": "run", "event": job.event}, timeout, output)
         except (WorkerTimeout, FrameTooLarge, WorkerCrashed) as exc:
             return self.failed(slot, worker, exc, job, started, state)
         except BaseException:  # cancelled, or the runtime could not start
@@ -587,9 +590,12 @@ def _outcome(answer: dict[str, Any], started: float, state: EnvironmentState) ->
     logs = str(answer.get("logs", ""))
     cpu = _float(answer.get("cpu"))
     peak = answer_int(answer.get("peak"), limit=2**62)
+    cut = answer.get("cut") is True
     if answer.get("ok"):
         result_json = str(answer.get("result_json", ""))
-        return ExecutionOutcome(answer.get("result"), None, duration, logs, state, cpu, peak, result_json)
+        return ExecutionOutcome(
+            answer.get("result"), None, duration, logs, state, cpu, peak, result_json, cut
+        )
     error = answer.get("error") or {}
     try:
         code = FailureCode(error.get("code"))
@@ -602,7 +608,7 @@ def _outcome(answer: dict[str, Any], started: float, state: EnvironmentState) ->
         column=answer_int(error.get("column")),
         stack_trace=str(error.get("stack", "")),
     )
-    return ExecutionOutcome(None, failure, duration, logs, state, cpu, peak)
+    return ExecutionOutcome(None, failure, duration, logs, state, cpu, peak, logs_truncated=cut)
 
 
 def _failed(code: FailureCode, message: str, started: float, state: EnvironmentState) -> ExecutionOutcome:

@@ -31,6 +31,26 @@ file objects: uvloop closes a pipe's descriptor in libuv and then again through
 the file object it was given (uvloop issue 763), and that second close hit
 whatever file had reused the number meanwhile, in the suite another worker's
 answer pipe.
+
+Streaming: a `load` or `run` request may carry `"stream": true`. While the script
+runs, the worker then sends output frames `{"id": N, "op": "output", "stream":
+"stdout"|"stderr", "text": "..."}` (a line, or what a flush wrote; never a
+character split in two), then the request's answer as usual. The texts of one
+execution's output frames, in order, are exactly the answer's `logs` (without the
+truncation marker). request(on_output=...) hands each to the callback with the
+chunk's offset, counted here: its byte offset (UTF-8) within the execution's
+console output. Output past MAX_LOG_BYTES is never handed on (the worker cuts
+there; a frame that would go past it is trimmed here, and those after it dropped).
+Every answer, streamed or not, of every runtime, carries `"cut": true` when the
+console output went past the limit (ExecuteResponse.logs_truncated).
+
+The flood bound: a worker sends an execution's first 256 output frames as they
+come, then at most one every 100 ms (the text written meanwhile goes with the next
+one, or before the answer), so a run of RUNTIME_MAX_TIMEOUT_SECONDS' default of 300
+s sends fewer than 3,300. Output frames past OUTPUT_FRAMES_PER_REQUEST in one request
+(a script that forges frames on the answer pipe) are a protocol violation: the worker
+is killed (WorkerCrashed), and what it cost the event loop is bounded by the cap.
+Output frames of a request that did not ask for them count too, and are dropped.
 """
 
 from __future__ import annotations
@@ -47,12 +67,16 @@ from typing import Any
 import orjson
 
 from lambda_server import json_text
+from lambda_server.domain import OutputSink
 
 STDERR_TAIL_BYTES = 16 * 1024
 # What the server reads of a worker's stderr per request: past it, reading stops until
 # the next request, the pipe fills and the writer blocks (its script then runs into its
 # timeout). A flood costs the event loop this much a request, not as much as it can write.
 STDERR_BYTES_PER_REQUEST = 256 * 1024
+# Output frames one request may receive (see the module's docstring); past it, the worker is killed.
+OUTPUT_FRAMES_PER_REQUEST = 4096
+STREAMS = frozenset(("stdout", "stderr"))
 
 
 def answer_int(value: object, limit: int = 2**31) -> int:
@@ -91,9 +115,10 @@ class ManyInterrupted(Exception):
 class WorkerProcess:
     """A started worker; one request at a time."""
 
-    def __init__(self, popen: subprocess.Popen[bytes], max_frame: int) -> None:
+    def __init__(self, popen: subprocess.Popen[bytes], max_frame: int, max_output: int = 65536) -> None:
         self._popen = popen
         self._max_frame = max_frame
+        self._max_output = max_output  # MAX_LOG_BYTES: output handed on per request
         self._transports: list[asyncio.BaseTransport] = []
         # our ends of the worker's pipes that no transport owns yet: kill() closes these itself
         self._unowned: list[PipeEnd] = []
@@ -117,6 +142,7 @@ class WorkerProcess:
         timeout: float,
         max_frame: int,
         cwd: str | None = None,
+        max_output: int = 65536,
     ) -> WorkerProcess:
         """Start the worker and wait for its `ready` frame; nothing is left behind on failure."""
         loop = asyncio.get_running_loop()
@@ -145,7 +171,7 @@ class WorkerProcess:
             raise
         finally:
             pipes.close_workers()
-        worker = cls(popen, max_frame)
+        worker = cls(popen, max_frame, max_output)
         worker._unowned = pipes.ours(closes=not _loop_closes_twice(loop))
         try:
             await worker._connect()
@@ -197,21 +223,27 @@ class WorkerProcess:
         if not self._exited.done():
             self._exited.set_result(self._popen.returncode)
 
-    async def request(self, message: Mapping[str, Any], timeout: float) -> dict[str, Any]:
-        """Send one request and wait for its answer; on any failure the worker is killed."""
+    async def request(
+        self, message: Mapping[str, Any], timeout: float, on_output: OutputSink | None = None
+    ) -> dict[str, Any]:
+        """Send one request and wait for its answer; on any failure the worker is killed.
+
+        With `on_output`, the request asks for output frames, handed to it as they come."""
         self._next_id += 1
         request_id = self._next_id
-        if self._stderr_budget < STDERR_BYTES_PER_REQUEST:
-            self._stderr_budget = STDERR_BYTES_PER_REQUEST
-            self._stderr_refilled.set()
+        self._refill_stderr()
         try:
             assert self._requests is not None
+            if on_output is not None:
+                message = {**message, "stream": True}
             body = json_text.dumps({**message, "id": request_id})  # params may hold integers past 64 bits
             async with asyncio.timeout(timeout):
                 self._requests.write(len(body).to_bytes(4, "big") + body)
                 if self._requests.transport.get_write_buffer_size():  # the pipe is full: wait for room
                     await self._requests.drain()
                 answer = await self._receive()
+                if answer.get("op") == "output":
+                    answer = await self._stream(answer, request_id, on_output)
             if answer.get("id") != request_id:
                 raise WorkerCrashed(f"the worker answered request {answer.get('id')!r}, not {request_id}")
         except TimeoutError:
@@ -288,6 +320,31 @@ class WorkerProcess:
         if self._stderr_budget < STDERR_BYTES_PER_REQUEST:
             self._stderr_budget = STDERR_BYTES_PER_REQUEST
             self._stderr_refilled.set()
+
+    async def _stream(
+        self, frame: dict[str, Any], request_id: int, on_output: OutputSink | None
+    ) -> dict[str, Any]:
+        """Hand the request's output frames on, from `frame`, until its answer comes."""
+        offset = frames = 0
+        while frame.get("op") == "output":
+            frames += 1
+            if frames > OUTPUT_FRAMES_PER_REQUEST:
+                raise WorkerCrashed(f"the worker sent more than {OUTPUT_FRAMES_PER_REQUEST} output frames")
+            stream, text = frame.get("stream"), frame.get("text")
+            if frame.get("id") != request_id or stream not in STREAMS or not isinstance(text, str):
+                raise WorkerCrashed(f"the worker sent an output frame that is not one: {str(frame)[:200]}")
+            room = self._max_output - offset
+            if on_output is not None and text and room > 0:
+                data = text.encode()
+                trimmed = len(data) > room
+                if trimmed:
+                    text = data[:room].decode("utf-8", "ignore")
+                    data = text.encode()
+                if text:
+                    on_output(stream, text, offset)
+                offset = self._max_output if trimmed else offset + len(data)
+            frame = await self._receive()
+        return frame
 
     async def _receive(self) -> dict[str, Any]:
         """The next answer; the caller bounds the wait."""

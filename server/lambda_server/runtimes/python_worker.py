@@ -37,14 +37,87 @@ DOUBLE_DIGITS = b"0" * 309
 WARM_UP = ("def handler(event):\n    return event['params']['n'] + 1\n", "result = params['n'] + 1\n")
 
 
-class LogBuffer(io.TextIOBase):
-    """A text stream that keeps at most `limit` bytes and notes that it cut."""
+# Streaming (a request's "stream": true): an execution's first OUTPUT_FREE_FRAMES output
+# frames go as their lines come; past them, at most one frame per OUTPUT_INTERVAL seconds,
+# the text written meanwhile held and sent with the next write past the interval, or at
+# the end. A million tiny lines cost the server a few hundred frames, not a million.
+OUTPUT_FREE_FRAMES = 256
+OUTPUT_INTERVAL = 0.1
+PARTIAL_LINE = 8192  # characters of a line without its newline held before they go anyway
 
-    def __init__(self, limit: int) -> None:
+
+class LogBuffer:
+    """An execution's console output: its two streams, each line-buffered, keep at most
+    `limit` bytes between them (the logs) and note that they cut; with `send`, each chunk
+    (a line, or what a flush wrote) also goes as an output frame."""
+
+    def __init__(self, limit: int, send: Any = None) -> None:
         self.limit = limit
-        self.parts: list[str] = []
+        self.parts: list[tuple[str, str]] = []  # (stream, text): the logs, chunk by chunk
         self.size = 0
         self.cut = False
+        self.send = send
+        self.frames = 0
+        self.last = 0.0
+        self.held: list[list[str]] = []  # [stream, text] kept back by the frame rate
+        self.stdout = ConsoleStream(self, "stdout")
+        self.stderr = ConsoleStream(self, "stderr")
+
+    def add(self, stream: str, text: str) -> None:
+        room = self.limit - self.size
+        if room <= 0:
+            self.cut = True
+            return
+        data = text.encode("utf-8", "replace")
+        if len(data) > room:
+            data = data[:room]
+            self.cut = True
+        text = data.decode("utf-8", "ignore")  # a character cut in two is left out whole
+        self.size = self.limit if self.cut else self.size + len(data)
+        if not text:
+            return
+        self.parts.append((stream, text))
+        if self.send is not None:
+            if self.held and self.held[-1][0] == stream:
+                self.held[-1][1] += text
+            else:
+                self.held.append([stream, text])
+            self.release(False)
+
+    def release(self, final: bool) -> None:
+        now = time.monotonic()
+        if not final and self.frames >= OUTPUT_FREE_FRAMES and now - self.last < OUTPUT_INTERVAL:
+            return
+        held, self.held = self.held, []
+        for stream, text in held:
+            self.send(stream, text)
+            self.frames += 1
+        self.last = now
+
+    def finish(self) -> None:
+        """The end of the execution: each stream's partial line goes, and what is held."""
+        self.stdout.flush()
+        self.stderr.flush()
+        if self.send is not None:
+            self.release(True)
+
+    def replay(self, send: Any) -> None:
+        """Send every chunk kept, as output frames (a load that failed: its logs)."""
+        for stream, text in self.parts:
+            send(stream, text)
+
+    def text(self) -> str:
+        return "".join(text for _, text in self.parts) + (TRUNCATED if self.cut else "")
+
+
+class ConsoleStream(io.TextIOBase):
+    """sys.stdout or sys.stderr during an execution: line-buffered into its LogBuffer."""
+
+    def __init__(self, logs: LogBuffer, name: str) -> None:
+        self.logs = logs
+        self.name = name
+        self.line: list[str] = []
+        self.pending = 0
 
     def writable(self) -> bool:
         return True
@@ -52,20 +125,24 @@ class LogBuffer(io.TextIOBase):
     def write(self, text: str) -> int:
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
-        room = self.limit - self.size
-        if room <= 0:
-            self.cut = True
-            return len(text)
-        data = text.encode("utf-8", "replace")
-        if len(data) > room:
-            data = data[:room]
-            self.cut = True
-        self.parts.append(data.decode("utf-8", "ignore"))
-        self.size += len(data)
+        end = text.rfind("\n")
+        if end < 0:
+            self.line.append(text)
+            self.pending += len(text)
+            if self.pending >= PARTIAL_LINE:
+                self.flush()
+        else:
+            head = "".join(self.line) + text[: end + 1] if self.line else text[: end + 1]
+            rest = text[end + 1 :]
+            self.line, self.pending = ([rest], len(rest)) if rest else ([], 0)
+            self.logs.add(self.name, head)
         return len(text)
 
-    def text(self) -> str:
-        return "".join(self.parts) + (TRUNCATED if self.cut else "")
+    def flush(self) -> None:
+        if self.line:
+            text = "".join(self.line)
+            self.line, self.pending = [], 0
+            self.logs.add(self.name, text)
 
 
 class Worker:
@@ -78,6 +155,8 @@ class Worker:
         self.handler: Any = None
         self.handler_takes_params = False
         self.pid = os.getpid()
+        self.request_id = 0
+        self.streaming = False  # the request under way asked for output frames
 
     # framing
 
@@ -107,6 +186,13 @@ class Worker:
     def send(self, message: dict[str, Any]) -> None:
         self.send_raw(encode(message))
 
+    def send_output(self, stream: str, text: str) -> None:
+        """An output frame of the request under way; none from a process the script forked."""
+        if os.getpid() != self.pid:
+            return
+        head = b'{"id":%d,"op":"output","stream":"%s","text":' % (self.request_id, stream.encode())
+        self.send_raw(head + json.dumps(text, ensure_ascii=False).encode("utf-8", "replace") + b"}")
+
     # operations
 
     def warm_up(self) -> None:
@@ -127,6 +213,7 @@ class Worker:
             except EOFError:
                 return
             op, request_id = message.get("op"), int(message.get("id", 0))
+            self.request_id, self.streaming = request_id, message.get("stream") is True
             if op == "check":
                 answer = encode(self.check(message["script"]))
             elif op == "load":  # bind the script, then run it with the event
@@ -182,13 +269,19 @@ class Worker:
                 self.handler = module[name]
                 self.handler_takes_params = name == "handle"
         except (SyntaxError, ValueError) as exc:
-            return {"ok": False, "error": syntax_failure(exc), "logs": logs.text()}
+            return self.load_failed(syntax_failure(exc), logs)
         except BaseException as exc:  # the script's top level failed
-            return {"ok": False, "error": runtime_failure(exc), "logs": logs.text()}
+            return self.load_failed(runtime_failure(exc), logs)
         return {"ok": True, "logs": logs.text()}
 
+    def load_failed(self, error: dict[str, Any], logs: LogBuffer) -> dict[str, Any]:
+        """A load that failed answers with its top level's logs: streamed too, at the end."""
+        if self.streaming:
+            logs.replay(self.send_output)
+        return {"ok": False, "error": error, "logs": logs.text(), **cut(logs)}
+
     def run(self, event: dict[str, Any]) -> bytes:
-        logs = LogBuffer(self.max_logs)
+        logs = LogBuffer(self.max_logs, self.send_output if self.streaming else None)
         usage = Usage()
         try:
             with Captured(logs):
@@ -214,7 +307,7 @@ class Worker:
         if len(data) > self.max_result:
             message = f"the result is larger than {self.max_result} bytes"
             return self.failed(failure("OUTPUT_LIMIT", message), logs, usage)
-        head = encode({"ok": True, "logs": logs.text(), **usage.measure()})
+        head = encode({"ok": True, "logs": logs.text(), **usage.measure(), **cut(logs)})
         return head + b"\n" + data
 
     def call(self, event: dict[str, Any]) -> Any:
@@ -235,7 +328,12 @@ class Worker:
         return value
 
     def failed(self, error: dict[str, Any], logs: LogBuffer, usage: Usage) -> bytes:
-        return encode({"ok": False, "error": error, "logs": logs.text(), **usage.measure()})
+        return encode({"ok": False, "error": error, "logs": logs.text(), **usage.measure(), **cut(logs)})
+
+
+def cut(logs: LogBuffer) -> dict[str, Any]:
+    """An answer's `cut`: present, and true, when the console output went past the limit."""
+    return {"cut": True} if logs.cut else {}
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -297,17 +395,19 @@ class Usage:
 
 
 class Captured:
-    """Point sys.stdout and sys.stderr at a LogBuffer for the duration."""
+    """Point sys.stdout and sys.stderr at a LogBuffer's streams for the duration; at its
+    end, what they hold goes to the logs."""
 
     def __init__(self, logs: LogBuffer) -> None:
         self.logs = logs
 
     def __enter__(self) -> None:
         self.saved = sys.stdout, sys.stderr
-        sys.stdout = sys.stderr = self.logs
+        sys.stdout, sys.stderr = self.logs.stdout, self.logs.stderr
 
     def __exit__(self, *exc: object) -> None:
         sys.stdout, sys.stderr = self.saved
+        self.logs.finish()
 
 
 def failure(code: str, message: str, line: int = 0, column: int = 0, stack: str = "") -> dict[str, Any]:

@@ -5,8 +5,13 @@
 //! as the Python and Node.js workers: requests as frames on stdin, answers on the
 //! descriptor named by LAMBDA_RESPONSE_FD, a frame being a 4-byte big-endian
 //! length and a UTF-8 JSON body; an answer with a result appends a newline and
-//! the result's JSON text (see process.py). The script's stdout and stderr go to
-//! a file of the scratch directory, read back and emptied after each execution.
+//! the result's JSON text (see process.py). The script's stdout and stderr are two
+//! pipes that a thread of the worker's own reads as they fill (so that a request
+//! with "stream": true gets output frames as the script writes); at the end of an
+//! execution the main thread drains them itself, so that everything written before
+//! the handler returned is in the logs before the answer. Where the thread cannot
+//! start (a max_processes of 1), they go to a file of the scratch directory, read
+//! back and emptied after each execution, and nothing streams.
 //!
 //! serde_json cannot make a result JSON does not carry: its integers are 64-bit
 //! (kept exactly in result_json), its strings are UTF-8, and a float that is NaN
@@ -28,9 +33,20 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::{AsRawFd, FromRawFd};
 use std::panic::{self, AssertUnwindSafe};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 const SCRIPT_FILE: &str = "script.rs";
 const TRUNCATED: &str = "\n[logs truncated]\n";
+// Streaming: an execution's first OUTPUT_FREE_FRAMES output frames go as they are read;
+// past them, at most one per OUTPUT_INTERVAL, what was read meanwhile held (see process.py).
+const OUTPUT_FREE_FRAMES: u32 = 256;
+const OUTPUT_INTERVAL: Duration = Duration::from_millis(100);
+const POLLIN: i16 = 1;
+const F_GETFL: i32 = 3;
+const F_SETFL: i32 = 4;
+const O_NONBLOCK: i32 = 0o4000;
+const STREAM_NAMES: [&str; 2] = ["stdout", "stderr"];
 
 extern "C" {
     fn dup(fd: i32) -> i32;
@@ -38,6 +54,18 @@ extern "C" {
     fn write(fd: i32, buf: *const u8, count: usize) -> isize;
     fn abort() -> !;
     fn clock_gettime(clock: i32, spec: *mut [i64; 2]) -> i32;
+    fn pipe(fds: *mut [i32; 2]) -> i32;
+    fn poll(fds: *mut [PollFd; 2], count: u64, timeout: i32) -> i32;
+    fn fcntl(fd: i32, command: i32, argument: i32) -> i32;
+    fn read(fd: i32, buf: *mut u8, count: usize) -> isize;
+    fn close(fd: i32) -> i32;
+}
+
+#[repr(C)]
+struct PollFd {
+    fd: i32,
+    events: i16,
+    revents: i16,
 }
 
 const CLOCK_PROCESS_CPUTIME_ID: i32 = 2;
@@ -176,9 +204,163 @@ fn failure(code: &str, message: &str, line: u32, column: u32) -> Value {
     json!({"code": code, "message": message, "line": line, "column": column, "stack": ""})
 }
 
+/// The script's console output of the execution under way: the logs (at most `limit`
+/// bytes), and, while a streaming request runs (`request`), the output frames to send.
+struct Console {
+    pipes: [i32; 2], // the read ends of stdout's and stderr's pipes, non-blocking
+    tails: [Vec<u8>; 2], // the start of a character whose end is not read yet
+    limit: usize,
+    logs: String,
+    size: usize,
+    cut: bool,
+    request: Option<u64>,
+    frames: u32,
+    last: Instant,
+    held: Vec<(usize, String)>,
+}
+
+impl Console {
+    /// Read what each pipe holds (called with the lock held); `last`: the end of an execution.
+    fn pump(&mut self, responses: &Mutex<File>, last: bool) {
+        let mut buffer = [0u8; 16384];
+        for which in 0..2 {
+            loop {
+                let count = unsafe { read(self.pipes[which], buffer.as_mut_ptr(), buffer.len()) };
+                if count <= 0 {
+                    break;
+                }
+                if self.cut {
+                    continue; // past the limit: read and drop, so that the script never blocks
+                }
+                self.tails[which].extend_from_slice(&buffer[..count as usize]);
+                let text = decode(&mut self.tails[which]);
+                self.add(which, text);
+            }
+            if last && !self.tails[which].is_empty() {
+                let text = String::from_utf8_lossy(&self.tails[which]).into_owned();
+                self.tails[which].clear();
+                self.add(which, text);
+            }
+        }
+        self.release(responses, last);
+    }
+
+    fn add(&mut self, which: usize, text: String) {
+        let room = self.limit.saturating_sub(self.size);
+        if room == 0 {
+            self.cut = self.cut || !text.is_empty();
+            return;
+        }
+        let mut text = text;
+        if text.len() > room {
+            let mut end = room;
+            while !text.is_char_boundary(end) {
+                end -= 1; // a character cut in two is left out whole
+            }
+            text.truncate(end);
+            self.cut = true;
+        }
+        self.size = if self.cut { self.limit } else { self.size + text.len() };
+        if text.is_empty() {
+            return;
+        }
+        self.logs.push_str(&text);
+        if self.request.is_some() {
+            match self.held.last_mut() {
+                Some((last, held)) if *last == which => held.push_str(&text),
+                _ => self.held.push((which, text)),
+            }
+        }
+    }
+
+    /// Send what is held, unless the frame rate says to wait (not at the end).
+    fn release(&mut self, responses: &Mutex<File>, last: bool) {
+        let request = match self.request {
+            Some(request) => request,
+            None => return,
+        };
+        if self.held.is_empty()
+            || (!last && self.frames >= OUTPUT_FREE_FRAMES && self.last.elapsed() < OUTPUT_INTERVAL)
+        {
+            return;
+        }
+        let mut file = responses.lock().unwrap_or_else(|e| e.into_inner());
+        for (which, text) in self.held.drain(..) {
+            let frame = json!({"id": request, "op": "output", "stream": STREAM_NAMES[which], "text": text});
+            write_frame(&mut file, frame.to_string().as_bytes());
+            self.frames += 1;
+        }
+        self.last = Instant::now();
+    }
+
+    /// How long the reader may wait for output: until held text is due, or for ever (-1).
+    fn wait_ms(&self) -> i32 {
+        if self.request.is_none() || self.held.is_empty() {
+            return -1;
+        }
+        OUTPUT_INTERVAL.saturating_sub(self.last.elapsed()).as_millis() as i32 + 1
+    }
+}
+
+/// The text of the bytes read, invalid sequences as U+FFFD; an incomplete last character's
+/// bytes stay in `bytes` for the next read.
+fn decode(bytes: &mut Vec<u8>) -> String {
+    let mut text = String::new();
+    let mut start = 0;
+    while start < bytes.len() {
+        match std::str::from_utf8(&bytes[start..]) {
+            Ok(valid) => {
+                text.push_str(valid);
+                start = bytes.len();
+            }
+            Err(error) => {
+                let good = start + error.valid_up_to();
+                text.push_str(std::str::from_utf8(&bytes[start..good]).unwrap_or(""));
+                match error.error_len() {
+                    Some(length) => {
+                        text.push('\u{FFFD}');
+                        start = good + length;
+                    }
+                    None => {
+                        start = good;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    bytes.drain(..start);
+    text
+}
+
+fn write_frame(file: &mut File, body: &[u8]) {
+    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(body);
+    if file.write_all(&frame).is_err() {
+        std::process::exit(1);
+    }
+}
+
+/// The reader thread: waits for output on either pipe and reads it as it comes.
+fn read_console(console: Arc<Mutex<Console>>, responses: Arc<Mutex<File>>) {
+    let pipes = console.lock().unwrap_or_else(|e| e.into_inner()).pipes;
+    let mut wait = -1;
+    loop {
+        let mut fds = [
+            PollFd { fd: pipes[0], events: POLLIN, revents: 0 },
+            PollFd { fd: pipes[1], events: POLLIN, revents: 0 },
+        ];
+        unsafe { poll(&mut fds, 2, wait) };
+        let mut state = console.lock().unwrap_or_else(|e| e.into_inner());
+        state.pump(&responses, false);
+        wait = state.wait_ms();
+    }
+}
+
 struct Worker {
     requests: File,
-    responses: File,
+    responses: Arc<Mutex<File>>,
+    piped: Option<Arc<Mutex<Console>>>,
     console: File,
     max_logs: usize,
     max_result: usize,
@@ -201,17 +383,37 @@ impl Worker {
             body.push(b'\n');
             body.extend_from_slice(text.as_bytes());
         }
-        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
-        frame.extend_from_slice(&body);
-        if self.responses.write_all(&frame).is_err() {
-            std::process::exit(1);
+        write_frame(&mut self.responses.lock().unwrap_or_else(|e| e.into_inner()), &body);
+    }
+
+    /// Start an execution's console: its output streams as output frames of `request`.
+    fn begin_logs(&mut self, request: Option<u64>) {
+        if let Some(piped) = self.piped.as_ref() {
+            let mut console = piped.lock().unwrap_or_else(|e| e.into_inner());
+            console.pump(&self.responses, false); // what came between executions goes to this one
+            console.request = request;
+            console.frames = 0;
         }
     }
 
-    /// What the script printed during the execution, cut at the limit; the file is emptied.
-    fn take_logs(&mut self) -> String {
+    /// What the script printed during the execution, cut at the limit, and whether it was
+    /// cut; the console is emptied.
+    fn take_logs(&mut self) -> (String, bool) {
         let _ = std::io::stdout().flush();
         let _ = std::io::stderr().flush();
+        if let Some(piped) = self.piped.as_ref() {
+            let mut console = piped.lock().unwrap_or_else(|e| e.into_inner());
+            console.pump(&self.responses, true);
+            console.request = None;
+            let mut text = std::mem::take(&mut console.logs);
+            let cut = console.cut;
+            if cut {
+                text.push_str(TRUNCATED);
+            }
+            console.size = 0;
+            console.cut = false;
+            return (text, cut);
+        }
         let size = self.console.seek(SeekFrom::End(0)).unwrap_or(0) as usize;
         let mut data = vec![0u8; size.min(self.max_logs)];
         let read = self.console.read_at(&mut data, 0).unwrap_or(0);
@@ -222,18 +424,25 @@ impl Worker {
         if size > self.max_logs {
             text.push_str(TRUNCATED);
         }
-        text
+        (text, size > self.max_logs)
     }
 
     /// The answer, and the result's JSON text when the script returned one.
-    fn run(&mut self, event: Value) -> (Value, Option<String>) {
+    fn run(&mut self, event: Value, stream: Option<u64>) -> (Value, Option<String>) {
+        self.begin_logs(stream);
         self.usage.reset_peak();
         let cpu = cpu_seconds();
         PANIC.with(|slot| *slot.borrow_mut() = None);
         let outcome = panic::catch_unwind(AssertUnwindSafe(|| invoke(script::handler, event)));
-        let logs = self.take_logs();
+        let (logs, cut) = self.take_logs();
         let usage = (cpu_seconds() - cpu, self.usage.peak_bytes());
-        let answer = |ok: bool| json!({"ok": ok, "logs": logs, "cpu": usage.0, "peak": usage.1});
+        let answer = |ok: bool| {
+            let mut head = json!({"ok": ok, "logs": logs, "cpu": usage.0, "peak": usage.1});
+            if cut {
+                head["cut"] = Value::Bool(true);
+            }
+            head
+        };
         let failed = |error: Value| {
             let mut head = answer(false);
             head["error"] = error;
@@ -275,6 +484,17 @@ impl Worker {
     }
 
     fn serve(&mut self) {
+        // the reader starts before `ready`: the sandbox counts the runtime's own threads then
+        if let Some(piped) = self.piped.clone() {
+            let responses = self.responses.clone();
+            let started = std::thread::Builder::new()
+                .name(String::from("console"))
+                .stack_size(64 * 1024)
+                .spawn(move || read_console(piped, responses));
+            if started.is_err() {
+                self.console_to_file();
+            }
+        }
         self.send(&json!({"op": "ready"}), None);
         while let Some(message) = self.receive() {
             let id = message.get("id").and_then(Value::as_u64).unwrap_or(0);
@@ -283,9 +503,10 @@ impl Worker {
                 continue;
             }
             let event = message.get("event").cloned().unwrap_or(Value::Null);
+            let stream = if message.get("stream") == Some(&Value::Bool(true)) { Some(id) } else { None };
             let (mut answer, result) = match message.get("op").and_then(Value::as_str) {
                 // the script was bound when it was compiled in: `load` runs it at once
-                Some("load") | Some("run") => self.run(event),
+                Some("load") | Some("run") => self.run(event, stream),
                 Some("check") => (json!({"ok": true}), None),
                 other => {
                     let text = format!("unknown op {:?}", other);
@@ -296,6 +517,37 @@ impl Worker {
             self.send(&answer, result.as_deref());
         }
     }
+}
+
+impl Worker {
+    /// No reader thread (the process cap allows none): stdout and stderr go to the file.
+    fn console_to_file(&mut self) {
+        if let Some(piped) = self.piped.take() {
+            let console = piped.lock().unwrap_or_else(|e| e.into_inner());
+            unsafe {
+                dup2(self.console.as_raw_fd(), 1);
+                dup2(self.console.as_raw_fd(), 2);
+                close(console.pipes[0]);
+                close(console.pipes[1]);
+            }
+        }
+    }
+}
+
+/// A pipe for the script's `fd` (1 or 2): its write end becomes `fd`, and its read end,
+/// non-blocking, is returned; None when it cannot be made.
+fn console_pipe(fd: i32) -> Option<i32> {
+    let mut ends = [0i32; 2];
+    unsafe {
+        if pipe(&mut ends) != 0 {
+            return None;
+        }
+        dup2(ends[1], fd);
+        close(ends[1]);
+        let flags = fcntl(ends[0], F_GETFL, 0);
+        fcntl(ends[0], F_SETFL, flags | O_NONBLOCK);
+    }
+    Some(ends[0])
 }
 
 fn environment_number(name: &str, default: usize) -> usize {
@@ -331,11 +583,34 @@ fn main() {
         File::from_raw_fd(fd)
     };
     panic::set_hook(Box::new(|info| panic_hook(info.payload(), info.location())));
+    let max_logs = environment_number("LAMBDA_MAX_LOG_BYTES", 65536);
+    let piped = match (console_pipe(1), console_pipe(2)) {
+        (Some(out), Some(err)) => Some(Arc::new(Mutex::new(Console {
+            pipes: [out, err],
+            tails: [Vec::new(), Vec::new()],
+            limit: max_logs,
+            logs: String::new(),
+            size: 0,
+            cut: false,
+            request: None,
+            frames: 0,
+            last: Instant::now(),
+            held: Vec::new(),
+        }))),
+        _ => {
+            unsafe {
+                dup2(console.as_raw_fd(), 1); // the console file, as before: nothing streams
+                dup2(console.as_raw_fd(), 2);
+            }
+            None
+        }
+    };
     let mut worker = Worker {
         requests,
-        responses: unsafe { File::from_raw_fd(response_fd) },
+        responses: Arc::new(Mutex::new(unsafe { File::from_raw_fd(response_fd) })),
+        piped,
         console,
-        max_logs: environment_number("LAMBDA_MAX_LOG_BYTES", 65536),
+        max_logs,
         max_result: environment_number("LAMBDA_MAX_RESULT_BYTES", 1048576),
         usage: Usage::open(),
     };

@@ -13,6 +13,7 @@ from lambda_server.domain import (
     ExecutionOutcome,
     ExecutionResult,
     Job,
+    OutputSink,
 )
 from lambda_server.result_cache import parse_cache_control
 from lambda_server.runtimes.batch import BatchOutcome
@@ -24,7 +25,9 @@ __all__ = ["ANONYMOUS", "Execute", "Executor"]
 class Executor(Protocol):
     """Runs jobs (the environment pool)."""
 
-    async def execute(self, job: Job, deadline: Deadline) -> ExecutionOutcome: ...
+    async def execute(
+        self, job: Job, deadline: Deadline, output: OutputSink | None = None
+    ) -> ExecutionOutcome: ...
 
     async def execute_batch(self, batch: BatchJob, deadline: Deadline) -> BatchOutcome: ...
 
@@ -43,10 +46,12 @@ class Execute:
         caller: Caller,
         deadline: Deadline,
         cache_control: str = "",
+        output: OutputSink | None = None,
     ) -> ExecutionResult:
         """Run the session's script with params, under the options stored with the session;
         a hit of the result cache is counted as an execution of the session too (it was asked
-        for and answered), without a runtime."""
+        for and answered), without a runtime. `output` gets the console output as the script
+        writes it (ExecuteStream); a cached result has none."""
         requested = parse_cache_control(cache_control)  # before the session counts this call
         claimed = await self._runs.claim(request_id, caller, deadline, requested)
         self._runs.check_params(claimed, params)
@@ -57,5 +62,5 @@ class Execute:
         job = replace(
             await self._runs.job(claimed, caller, deadline), event=self._runs.event(claimed, params)
         )
-        outcome = await self._executor.execute(job, deadline)
+        outcome = await self._executor.execute(job, deadline, output)
         return self._runs.ran(claimed, key, outcome)
