@@ -313,7 +313,7 @@ STREAMING = {"ExecuteStream"}
 
 @pytest.mark.parametrize("method", sorted(CALLS))
 def test_every_method_sends_the_clients_metadata_and_its_own(method: str) -> None:
-    assert set(CALLS) == set(SERVICE.methods_by_name) - {"ExecuteBatch"}  # ExecuteBatch: the batch branch's
+    assert set(CALLS) == set(SERVICE.methods_by_name)
     fake = Fake(metadata=(("authorization", "Bearer t"),))
     try:
         invoke, answer = CALLS[method]

@@ -395,6 +395,8 @@ async function handle(message) {
 // A `many`: the bound script run once per event, in order, each answered as soon as it is
 // done (its frame names the item).
 async function many(id, events) {
+  requestId = id;
+  streaming = false; // a batch's items send no output frames
   for (let item = 0; item < events.length; item++) {
     const answer = await run(events[item]);
     send(`{"id":${id},"item":${item},` + answer.slice(1));

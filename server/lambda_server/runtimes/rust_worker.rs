@@ -476,7 +476,7 @@ impl Worker {
             _ => Vec::new(),
         };
         for (item, event) in events.into_iter().enumerate() {
-            let (mut answer, result) = self.run(event);
+            let (mut answer, result) = self.run(event, None);
             answer["id"] = Value::from(id);
             answer["item"] = Value::from(item as u64);
             self.send(&answer, result.as_deref());
