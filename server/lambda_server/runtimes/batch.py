@@ -275,6 +275,13 @@ class BatchRun:
         return await self._many(slot, slot.worker, items)
 
     async def _many(self, slot: Slot, worker: WorkerProcess, items: list[int]) -> bool:
+        """The items on a bound worker in one `many`; whether the environment is kept.
+
+        Accepted: a hostile script can forge the item frames of the items after it (it can
+        write to the answer pipe), so that its worker is put back while it still runs the
+        `many`. Only its owner is hurt (the environment is of that owner and script only):
+        the next execution there gets a stale answer or waits into its timeout, which kills
+        the worker."""
         clock = [time.perf_counter()]  # when the item being awaited started (the last answer)
         last: list[ExecutionOutcome] = []
 
