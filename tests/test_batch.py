@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import redirect_stdout
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import grpc
@@ -32,7 +33,7 @@ from lambda_microservice.errors import DeadlineExceededError
 from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_microservice.v1 import lambda_service_pb2_grpc as pb_grpc
 from lambda_server.config import AuthSettings, RuntimeSettings
-from tests.support import ServerThread, server_settings
+from tests.support import ServerThread, eventually, health_check, pool_counts, server_settings
 
 SECRET = "a-test-secret-of-at-least-32-bytes!!"
 RUNTIME_ERROR = pb.EXECUTION_ERROR_CODE_RUNTIME_ERROR
@@ -306,7 +307,7 @@ def test_a_second_tenant_is_not_starved_by_batches(database_url: str) -> None:
             attacker = threading.Thread(target=attack)
             attacker.start()
             try:
-                time.sleep(0.3)
+                eventually(lambda: pool_counts(victor, "python")["busy"] > 0)  # a batch runs
                 during = statistics.median(latencies(150, batches=3))
             finally:
                 stop.set()
@@ -366,3 +367,173 @@ def test_the_request_log_has_one_row_per_batch_with_its_items(database_url: str)
     assert answers[3]["error"]["code"] == "RUNTIME_ERROR"
     assert [answers[n] for n in range(10) if n != 3] == [2 * n for n in range(10) if n != 3]
     assert batch["runtime_metrics"]["items"] == 10
+
+
+def _request_log_rows(database_url: str, request_id: str) -> list[asyncpg.Record]:
+    async def rows() -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(database_url, timeout=10)
+        try:
+            await conn.set_type_codec("jsonb", schema="pg_catalog", encoder=json.dumps, decoder=json.loads)
+            query = 'SELECT * FROM public.request_logs WHERE request_id = $1 ORDER BY "timestamp"'
+            return list(await conn.fetch(query, request_id))
+        finally:
+            await conn.close()
+
+    return asyncio.run(rows())
+
+
+def test_a_batch_whose_answers_pass_the_send_limit_answers_ok_with_what_fits(database_url: str) -> None:
+    settings = server_settings()
+    limit = settings.grpc.max_send_message_bytes
+    line = settings.runtime.max_log_bytes - 100  # each item prints about MAX_LOG_BYTES
+    server = ServerThread(settings, database_url)
+    try:
+        with LambdaClient(server.target, timeout=60) as client:
+            session = client.initialize("python-batch", f"def handler(event):\n    print('x' * {line})\n")
+            items = 100
+            assert items * line > limit  # the whole answer would not fit
+            responses = client.execute_batch(session.request_id, [{"n": n} for n in range(items)])
+            assert len(responses) == items
+            assert sum(r.ByteSize() for r in responses) <= limit
+            full = [r for r in responses if not r.HasField("error") and not r.HasField("status")]
+            dropped = [r for r in responses if r.HasField("error")]
+            not_run = [r for r in responses if r.HasField("status")]
+            assert len(full) + len(dropped) + len(not_run) == items
+            assert len(full) >= limit // (2 * line)  # most of what fits is kept
+            assert dropped or not_run  # the rest said so
+            assert all(r.logs == "x" * line + "\n" for r in full)
+            for response in dropped:
+                assert response.error.code == pb.EXECUTION_ERROR_CODE_OUTPUT_LIMIT
+                assert "answer is full" in response.error.message
+                assert "GRPC_MAX_SEND_MESSAGE_BYTES" in response.error.message
+                assert response.logs == ""
+            for response in not_run:
+                assert response.status.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+                assert "GRPC_MAX_SEND_MESSAGE_BYTES" in response.status.message
+                error = item_error(response)
+                assert error is not None and error.reason == "QUOTA_EXCEEDED"
+            assert client.get_session(session.request_id).execution_count == items
+    finally:
+        server.stop()
+    (row,) = _request_log_rows(database_url, session.request_id)
+    assert row["grpc_code"] == "OK" and row["items"] == items
+    assert row["error_details"] == {"items": items, "failed": len(dropped), "not_run": len(not_run)}
+
+
+def _failing_starts(server: ServerThread, runtime: str) -> list[int]:
+    """Make every new process of `runtime` fail to start (its worker is missing), and count
+    the starts tried (the list's length)."""
+    pool: Any = server.server.pool
+    pool._runtimes[runtime] = replace(pool._runtimes[runtime], worker=Path("/nonexistent/worker.py"))
+    launcher = pool._launcher
+    starts: list[int] = []
+    real_start = launcher.start
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        starts.append(1)
+        return await real_start(*args, **kwargs)
+
+    launcher.start = counted
+    return starts
+
+
+def test_a_runtime_that_cannot_start_fails_the_batch_once_not_in_a_loop(database_url: str) -> None:
+    runtime = replace(RuntimeSettings(timeout_seconds=5.0), prewarm_per_runtime=0)
+    server = ServerThread(replace(server_settings(), runtime=runtime), database_url)
+    try:
+        with LambdaClient(server.target, timeout=60) as client:
+            session = client.initialize("python-batch", "result = params['n']")
+            starts = _failing_starts(server, "python")
+            responses = client.execute_batch(session.request_id, [{"n": n} for n in range(40)], timeout=30)
+            assert len(starts) <= runtime.max_environments_per_key  # one try a lane, no respawn loop
+            assert all(r.HasField("status") for r in responses)
+            assert {r.status.code for r in responses} == {grpc.StatusCode.UNAVAILABLE.value[0]}
+            assert all("could not start" in r.status.message for r in responses)
+            counts = pool_counts(client, "python")
+            assert counts["busy"] == 0 and counts["idle"] == 0
+    finally:
+        server.stop()
+
+
+def test_batches_cancelled_as_they_start_leave_no_slot_taken(database_url: str) -> None:
+    server = ServerThread(server_settings(), database_url)
+    try:
+        with LambdaClient(server.target, timeout=60) as client:
+            session = client.initialize("python-batch", SLEEPY)
+            stub = pb_grpc.LambdaServiceStub(client._channel)
+            request = pb.ExecuteBatchRequest(request_id=session.request_id)
+            for n in range(64):
+                request.params.add().update({"n": n, "s": 0.01})
+            for attempt in range(30):
+                call = stub.ExecuteBatch.future(request, timeout=60)
+                if attempt % 3:
+                    time.sleep(0.005 * attempt)
+                call.cancel()
+            bound = lambda: health_check(client, "environments").counts["bound"]  # noqa: E731
+            # every slot goes back: nothing busy, every bound environment idle
+            eventually(
+                lambda: (
+                    pool_counts(client, "python")["busy"] == 0
+                    and bound() == pool_counts(client, "python")["idle"]
+                ),
+                timeout=server_settings().runtime.queue_timeout_seconds,
+            )
+            responses = client.execute_batch(session.request_id, [{"n": n, "s": 0} for n in range(8)])
+            assert [result(r) for r in responses] == list(range(8))
+            assert to_python(client.execute(session.request_id, {"n": 9, "s": 0}).result) == 9
+    finally:
+        server.stop()
+
+
+def test_a_one_item_batch_takes_one_environment_and_evicts_nobody(database_url: str) -> None:
+    auth = AuthSettings(mode="jwt", jwt_secret=SECRET, rate_limit_per_minute=0)
+    runtime = replace(RuntimeSettings(timeout_seconds=5.0), max_environments=3, max_environments_per_owner=3)
+    server = ServerThread(replace(server_settings(), auth=auth, runtime=runtime), database_url)
+    try:
+        with client_for(server.target, "alice") as alice, client_for(server.target, "bob") as bob:
+            scripts = [bob.initialize("python-batch", f"result = {n}") for n in range(2)]
+            for session in scripts:
+                assert to_python(bob.execute(session.request_id, {}).result) is not None
+            own = alice.initialize("python-batch", "result = params['n'] * 2")
+            (response,) = alice.execute_batch(own.request_id, [{"n": 21}])
+            assert result(response) == 42
+            counts = pool_counts(alice, "python")
+            assert counts["idle"] == 3 and counts["busy"] == 0  # bob's two and alice's one
+            for session in scripts:  # bob's environments are still there
+                state = bob.execute(session.request_id, {}).environment_state
+                assert state == pb.ENVIRONMENT_STATE_WARM
+    finally:
+        server.stop()
+
+
+def test_a_long_batch_gives_its_environments_to_another_owner_waiting(database_url: str) -> None:
+    auth = AuthSettings(mode="jwt", jwt_secret=SECRET, rate_limit_per_minute=0)
+    runtime = replace(
+        RuntimeSettings(timeout_seconds=5.0, queue_timeout_seconds=2.0),
+        max_environments=2,
+        max_environments_per_owner=2,
+        max_environments_per_key=2,
+    )
+    server = ServerThread(replace(server_settings(), auth=auth, runtime=runtime), database_url)
+    try:
+        with client_for(server.target, "alice") as alice, client_for(server.target, "bob") as bob:
+            # a chunk of items (32 of 20 ms) is well within the queue's bound; the batch is not
+            long = alice.initialize("python-batch", SLEEPY)
+            quick = bob.initialize("python-quick", "result = params['n']")
+            answers: list[list[pb.ExecuteResponse]] = []
+            items = [{"n": n, "s": 0.02} for n in range(1000)]
+            batch = threading.Thread(
+                target=lambda: answers.append(alice.execute_batch(long.request_id, items, timeout=120))
+            )
+            batch.start()
+            try:
+                eventually(lambda: pool_counts(bob, "python")["busy"] == 2)  # the batch holds both
+                for n in range(3):  # each waits at most a chunk, not the whole batch
+                    assert to_python(bob.execute(quick.request_id, {"n": n}).result) == n
+                assert batch.is_alive()  # bob was served while the batch ran
+            finally:
+                batch.join(120)
+            (responses,) = answers
+            assert [result(r) for r in responses] == list(range(1000))
+    finally:
+        server.stop()

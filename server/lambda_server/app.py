@@ -28,6 +28,7 @@ from lambda_server.lifecycle import LIVENESS, SERVICE_NAME, DatabaseMonitor, Ser
 from lambda_server.limits import RateLimiter
 from lambda_server.metrics import Metrics
 from lambda_server.result_cache import ResultCache
+from lambda_server.runtimes.batch import BatchRunner
 from lambda_server.runtimes.pool import EnvironmentPool
 from lambda_server.runtimes.registry import RuntimeRegistry
 from lambda_server.runtimes.rust import RustCompiler, RustToolchain
@@ -180,7 +181,10 @@ async def _wire(
     )
     limiter = RateLimiter(settings.auth, metrics)
     json_bounds = (settings.runtime.max_json_nodes, settings.runtime.max_json_depth)
-    add_to_server(LambdaServicer(usecases, Authenticator(settings.auth), limiter, json_bounds), grpc_server)
+    servicer = LambdaServicer(
+        usecases, Authenticator(settings.auth), limiter, json_bounds, settings.grpc.max_send_message_bytes
+    )
+    add_to_server(servicer, grpc_server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     reflection.enable_server_reflection(
         (
@@ -254,7 +258,12 @@ def _usecases(
             expiry_seconds=settings.session_expiry_seconds,
         ),
         execute=Execute(runs, pool),
-        execute_batch=ExecuteBatch(runs, pool, settings.runtime.max_batch_size),
+        execute_batch=ExecuteBatch(
+            runs,
+            BatchRunner(pool, settings.runtime),
+            settings.runtime.max_batch_size,
+            answer_bytes=settings.grpc.max_send_message_bytes,
+        ),
         get_session=GetSession(sessions, options),
         catalog=catalog,
         health=Health(monitor, pool, sandbox.health(), builds),

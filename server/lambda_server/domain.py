@@ -194,6 +194,18 @@ class BatchJob:
     job: Job
     events: tuple[dict[str, JSON], ...]  # every item's event, by its index in the batch
     indices: tuple[int, ...]  # the items to run; the others were answered without running
+    # what the items that run may add to the answer, in bytes (answer_size); None: no bound
+    answer_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    """Each item's outcome, by index (None: it did not start, or was not to run), and, for
+    an item that did not start for another reason than the batch's deadline, why: a
+    LambdaError (errors.py; domain imports nothing of the package)."""
+
+    outcomes: list[ExecutionOutcome | None]
+    unstarted: dict[int, Exception] = field(default_factory=dict)
 
 
 class FailureCode(enum.Enum):
@@ -236,6 +248,15 @@ class ExecutionOutcome:
     peak_memory: int = 0
     result_json: str = ""  # the result's JSON text as the script's runtime wrote it (exact)
     logs_truncated: bool = False  # the console output went past MAX_LOG_BYTES: `logs` is cut
+
+
+def answer_size(outcome: ExecutionOutcome) -> int:
+    """About what an outcome's payload adds to an answer, in bytes: result_json twice (the
+    answer carries it as the `result` Value too), the logs, the failure's texts."""
+    size = 2 * len(outcome.result_json.encode()) + len(outcome.logs.encode())
+    if outcome.failure is not None:
+        size += len(outcome.failure.message.encode()) + len(outcome.failure.stack_trace.encode())
+    return size
 
 
 @dataclass(frozen=True)

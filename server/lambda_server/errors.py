@@ -14,6 +14,7 @@
     ├── RateLimited                 RESOURCE_EXHAUSTED   RATE_LIMITED (retry_after seconds)
     ├── QuotaExceeded               RESOURCE_EXHAUSTED   QUOTA_EXCEEDED (an owner's share; retry_after)
     ├── RuntimeBusy                 RESOURCE_EXHAUSTED   RUNTIME_BUSY (every environment stayed busy)
+    ├── AnswerFull                  RESOURCE_EXHAUSTED   QUOTA_EXCEEDED (an ExecuteBatch's answer is full)
     ├── SessionNotFound             NOT_FOUND            NOT_FOUND (also another user's session)
     │   └── SessionExpired          NOT_FOUND            SESSION_EXPIRED
     ├── FunctionNotFound            NOT_FOUND            NOT_FOUND
@@ -143,6 +144,14 @@ class RuntimeBusy(LambdaError):
 
     status = "RESOURCE_EXHAUSTED"
     reason = "RUNTIME_BUSY"
+
+
+class AnswerFull(LambdaError):
+    """An ExecuteBatch item that did not start because the batch's answer had no room left
+    for it (GRPC_MAX_SEND_MESSAGE_BYTES): it did not run (the item's `status`)."""
+
+    status = "RESOURCE_EXHAUSTED"
+    reason = "QUOTA_EXCEEDED"
 
 
 class SessionNotFound(LambdaError):

@@ -738,10 +738,14 @@ class ExecuteResponse(_message.Message):
     def status(self) -> _status_pb2.Status:
         """In ExecuteBatchResponse only: set when this item was not run, with the
         status and google.rpc.ErrorInfo that an Execute of it alone would have
-        failed with (INVALID_ARGUMENT for params that do not fit the schema,
-        DEADLINE_EXCEEDED for an item the batch's deadline left unstarted,
-        RESOURCE_EXHAUSTED when no environment became free). Unset when the item
-        ran: a script's own failure is `error`.
+        failed with: INVALID_ARGUMENT (INVALID_PARAMS) for params that do not fit
+        the schema; DEADLINE_EXCEEDED for an item the batch's deadline left
+        unstarted; RESOURCE_EXHAUSTED when no environment became free
+        (RUNTIME_BUSY, QUOTA_EXCEEDED) or when the batch's answer was full
+        (QUOTA_EXCEEDED, naming GRPC_MAX_SEND_MESSAGE_BYTES); UNAVAILABLE when the
+        runtime could not start (NOT_STARTED, SANDBOX_UNAVAILABLE). Unset when the
+        item ran: a script's own failure is `error` (OUTPUT_LIMIT when its result
+        and logs did not fit in what was left of the answer).
         """
 
     def __init__(

@@ -39,6 +39,7 @@ from lambda_server.domain import (
 )
 from lambda_server.errors import InvalidRequest, LambdaError
 from lambda_server.logs import Payload, current_call
+from lambda_server.usecases.batch import ANSWER_OVERHEAD_BYTES, ITEM_OVERHEAD_BYTES
 
 _MAX_SAFE = 2**53
 
@@ -128,9 +129,11 @@ class ExecutePayloads:
     (tests/test_exact_json.py reads a result at the limit with it). No setting goes past
     MAX_JSON_DEPTH_CEILING, 48."""
 
-    def __init__(self, max_nodes: int, max_depth: int) -> None:
+    def __init__(self, max_nodes: int, max_depth: int, answer_bytes: int | None = None) -> None:
+        """`answer_bytes`: GRPC_MAX_SEND_MESSAGE_BYTES, what an ExecuteBatchResponse holds at most."""
         self._max_nodes = max_nodes
         self._max_depth = max_depth
+        self._answer_bytes = answer_bytes
         self._pacer = payloads.Pacer()
 
     async def params(self, request: ExecuteParams, owner: str) -> dict[str, JSON]:
@@ -161,13 +164,9 @@ class ExecutePayloads:
         own MAX_JSON_NODES and MAX_JSON_DEPTH), one at a time with the loop's other work in
         between; InvalidRequest (the item in its metadata) when one does not hold, or when
         both fields are set. The call's request log gets the list."""
+        batch_size(request)  # both fields set: InvalidRequest
         texts, structs = request.params_json, request.params
         call = current_call()
-        if texts and structs:
-            message = "params and params_json are both set: send the items in one of them"
-            if call is not None:
-                call.params = Payload(None, 0, message)
-            raise InvalidRequest(message, field="params_json")
         field = "params_json" if texts else "params"
         items: list[dict[str, JSON]] = []
         total = 0
@@ -226,10 +225,14 @@ class ExecutePayloads:
         self, request_id: str, items: Sequence[ExecutionResult | LambdaError], owner: str
     ) -> pb.ExecuteBatchResponse:
         """Each item's answer, in order: converted as Execute's (`response`), or, for an item
-        that did not run, its `status`. The loop's other work runs between items."""
+        that did not run, its `status`. The loop's other work runs between items. The use case
+        kept the items' payloads within `answer_bytes` (about: answer_size); here the answer
+        is measured exactly, and an item that would take it past the bound (each item after
+        it keeping ITEM_OVERHEAD_BYTES) is answered OUTPUT_LIMIT instead of its result."""
         results: list[pb.ExecuteResponse] = []
         logged: list[JSON] = []
         total = 0
+        spent = ANSWER_OVERHEAD_BYTES
         title = next((item.language_title for item in items if isinstance(item, ExecutionResult)), "")
         for index, item in enumerate(items):
             if isinstance(item, LambdaError):
@@ -241,6 +244,10 @@ class ExecutePayloads:
                 total += 64 + len(item.message)
             else:
                 response, payload = await self._response(item, owner)
+                if self._answer_bytes is not None:
+                    room = self._answer_bytes - spent - ITEM_OVERHEAD_BYTES * (len(items) - index - 1)
+                    if response.ByteSize() + 8 > room:
+                        response, payload = _answer_full(response, self._answer_bytes), None
                 if response.HasField("error"):
                     code = pb.ExecutionErrorCode.Name(response.error.code).removeprefix(
                         "EXECUTION_ERROR_CODE_"
@@ -250,6 +257,7 @@ class ExecutePayloads:
                 elif payload is not None:
                     logged.append(payload.value)
                     total += payload.size
+            spent += response.ByteSize() + 8  # with its field's tag and length
             results.append(response)
             if index % BATCH_ITEMS_PER_SLICE == BATCH_ITEMS_PER_SLICE - 1:
                 await asyncio.sleep(0)
@@ -280,6 +288,20 @@ class ExecutePayloads:
             return response, Payload(None, 0, message)
         response.result_json = execution.outcome.result_json
         return response, Payload(result, tally.size)
+
+
+def _answer_full(response: pb.ExecuteResponse, limit: int) -> pb.ExecuteResponse:
+    """An item's answer without its payload: the batch's answer has no room for it."""
+    full = pb.ExecuteResponse()
+    full.CopyFrom(response)
+    for name in ("result", "result_json", "logs", "logs_truncated"):
+        full.ClearField(name)
+    message = (
+        f"the batch's answer is full: this item's result and logs did not fit in what is left of "
+        f"GRPC_MAX_SEND_MESSAGE_BYTES ({limit}); they were dropped"
+    )
+    full.error.CopyFrom(pb.ExecutionError(code=pb.EXECUTION_ERROR_CODE_OUTPUT_LIMIT, message=message))
+    return full
 
 
 def _refusal(

@@ -53,11 +53,12 @@ class LambdaServicer(pb_grpc.LambdaServiceServicer):
         authenticator: Authenticator,
         limiter: RateLimiter,
         json_bounds: tuple[int, int],  # MAX_JSON_NODES, MAX_JSON_DEPTH
+        answer_bytes: int | None = None,  # GRPC_MAX_SEND_MESSAGE_BYTES
     ) -> None:
         self._usecases = usecases
         self._auth = authenticator
         self._limiter = limiter
-        self._payloads = convert.ExecutePayloads(*json_bounds)
+        self._payloads = convert.ExecutePayloads(*json_bounds, answer_bytes)
 
     def _caller(self, context: Context) -> Caller:
         """Who calls, from the `authorization` metadata; Unauthenticated when it does not hold."""

@@ -10,6 +10,12 @@ MANY_FRAME_BYTES of events, and no more than an even split over the lanes a key 
 have) and sends it to its worker in one `many` frame (process.py); an environment not
 bound yet gets a `load` with the chunk's first item, then a `many` with the rest.
 
+A lane is started with its first chunk (no slot is taken that no chunk needs: a slot
+not used would cost a pre-started process, or evict someone's idle environment), and
+gives its environment back after a chunk when another owner waits for room: the batch
+then waits its turn in the fair queue like any execution. Each slot goes back to the
+pool when its lane's task is done, however it ended (cancelled before it began too).
+
 An item whose worker timed out or crashed gets that outcome (TIMEOUT, RUNTIME_ERROR,
 MEMORY_LIMIT, OUTPUT_LIMIT), the worker is dropped, and the items of its chunk that
 never started go back to the queue: one item's failure fails no other. A script whose
@@ -19,7 +25,13 @@ No chunk starts past the batch's stop time: the deadline less a margin for the
 answer's conversion (stop_margin). An item running at that time is killed (TIMEOUT,
 saying the batch's deadline came); the items left are returned unstarted (None), with
 the error that kept them from starting when it was not the deadline (no environment
-became free: RuntimeBusy or QuotaExceeded; the runtime could not start: Unavailable).
+became free: RuntimeBusy or QuotaExceeded; the runtime could not start: Unavailable,
+NotStarted, SandboxUnavailable; the answer is full: AnswerFull). Once an environment
+was refused (the runtime could not start) no lane starts again: the running ones finish.
+
+The answer is bounded (BatchJob.answer_bytes): each answered item is charged its
+payload (domain.answer_size); the item that does not fit is answered OUTPUT_LIMIT, its
+payload dropped at once, and no chunk starts after it (its worker stops there too).
 """
 
 from __future__ import annotations
@@ -29,19 +41,23 @@ import logging
 import math
 import time
 from collections import deque
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import replace
+from typing import Any
 
 from lambda_server import json_text
 from lambda_server.config import RuntimeSettings
 from lambda_server.domain import (
     BatchJob,
+    BatchOutcome,
     Deadline,
     EnvironmentState,
+    ExecutionFailure,
     ExecutionOutcome,
     FailureCode,
+    answer_size,
 )
-from lambda_server.errors import LambdaError
+from lambda_server.errors import AnswerFull, LambdaError
+from lambda_server.runtimes.pool import EnvironmentKey, EnvironmentPool, Slot
 from lambda_server.runtimes.process import (
     FrameTooLarge,
     ManyInterrupted,
@@ -49,9 +65,6 @@ from lambda_server.runtimes.process import (
     WorkerProcess,
     WorkerTimeout,
 )
-
-if TYPE_CHECKING:
-    from lambda_server.runtimes.pool import EnvironmentKey, EnvironmentPool, _Slot
 
 log = logging.getLogger(__name__)
 
@@ -65,21 +78,25 @@ MANY_FRAME_BYTES = 1024 * 1024
 # times that), never more than a fifth of the time the batch has.
 STOP_MARGIN_BASE = 0.02
 STOP_MARGIN_PER_ITEM = 0.0002
-
-
-@dataclass(frozen=True)
-class BatchOutcome:
-    """Each item's outcome, by index (None: it did not start, or was not to run), and why
-    the items that did not start did not, when it was not the deadline."""
-
-    outcomes: list[ExecutionOutcome | None]
-    refused: LambdaError | None = None
+ANSWER_SETTING = "GRPC_MAX_SEND_MESSAGE_BYTES"
 
 
 def stop_margin(items: int, remaining: float | None) -> float:
     """Seconds before the deadline at which a batch of `items` starts nothing more."""
     margin = STOP_MARGIN_BASE + STOP_MARGIN_PER_ITEM * items
     return margin if remaining is None else min(margin, remaining / 5)
+
+
+class BatchRunner:
+    """Runs batches on the pool's environments (usecases/batch.py's BatchExecutor)."""
+
+    def __init__(self, pool: EnvironmentPool, settings: RuntimeSettings) -> None:
+        self._pool = pool
+        self._settings = settings
+
+    async def execute_batch(self, batch: BatchJob, deadline: Deadline) -> BatchOutcome:
+        """Run a batch's items; the deadline bounds the whole batch."""
+        return await BatchRun(self._pool, batch, deadline, self._settings).run()
 
 
 class BatchRun:
@@ -100,7 +117,9 @@ class BatchRun:
             None if deadline.at is None else deadline.at - stop_margin(len(batch.indices), remaining)
         )
         self._lanes: set[asyncio.Task[None]] = set()
-        self._refused: LambdaError | None = None
+        self._refused: LambdaError | None = None  # an environment could not be had: no lane starts
+        self._budget = batch.answer_bytes  # what answers may still add; None: no bound
+        self._full: AnswerFull | None = None  # the answer is full: no chunk starts
         self._key: EnvironmentKey | None = None
 
     async def run(self) -> BatchOutcome:
@@ -109,7 +128,7 @@ class BatchRun:
         self._key = self._pool.environment_key(self._job)
         try:
             while True:
-                if self._queue and not self._stopped():
+                if self._may_start():
                     self._grow()
                     if not self._lanes:  # the batch's one waiter in the fair queue
                         try:
@@ -117,7 +136,10 @@ class BatchRun:
                         except LambdaError as exc:  # RuntimeBusy, QuotaExceeded: no room in time
                             self._refused = exc
                             break
-                        self._start_lane(slot)
+                        if self._may_start():
+                            self._start_lane(slot)
+                        else:
+                            self._pool.release(slot)
                         continue
                 if not self._lanes:
                     break
@@ -130,40 +152,61 @@ class BatchRun:
                 lane.cancel()
             await asyncio.gather(*self._lanes, return_exceptions=True)
             self._lanes.clear()
-        return BatchOutcome(self._outcomes, self._refused)
+        return BatchOutcome(self._outcomes, self._unstarted())
 
     def _stopped(self) -> bool:
         return self._stop_at is not None and time.monotonic() >= self._stop_at
 
+    def _may_start(self) -> bool:
+        """Whether a chunk may start: items wait, and neither the stop time, a refusal nor a
+        full answer came."""
+        return bool(self._queue) and self._refused is None and self._full is None and not self._stopped()
+
+    def _unstarted(self) -> dict[int, Exception]:
+        """Why the items left did not start, when it was not the deadline."""
+        reason: LambdaError | None = self._full
+        if reason is None and self._refused is not None and not self._stopped():
+            reason = self._refused
+        return {} if reason is None else {index: reason for index in self._queue}
+
     def _grow(self) -> None:
-        """More lanes while items wait that the lanes running will not take, if there is room now."""
+        """More lanes while items wait that the lanes running will not take, if there is room
+        now; each lane takes its first chunk as it is started, so no slot goes unused."""
         assert self._key is not None
-        while self._queue and len(self._lanes) < self._per_key and not self._stopped():
+        while self._may_start() and len(self._lanes) < self._per_key:
             slot = self._pool.acquire_now(self._key)
             if slot is None:
                 return
             self._start_lane(slot)
 
-    def _start_lane(self, slot: _Slot) -> None:
-        self._lanes.add(asyncio.create_task(self._lane(slot)))
+    def _start_lane(self, slot: Slot) -> None:
+        lane = asyncio.create_task(self._lane(slot, self._take_chunk()))
+        # released when the task is done however it ended: a task cancelled before its first
+        # step never runs the coroutine's `finally`
+        lane.add_done_callback(lambda _: self._pool.release(slot))
+        self._lanes.add(lane)
 
-    async def _lane(self, slot: _Slot) -> None:
-        """Chunks on one environment until no item is left, the stop time, or its worker is gone."""
-        try:
-            while self._queue and not self._stopped():
-                chunk = self._take_chunk()
-                try:
-                    kept = await self._run_chunk(slot, chunk)
-                except LambdaError as exc:  # the runtime could not start: the items did not
-                    self._queue.extendleft(reversed([i for i in chunk if self._outcomes[i] is None]))
-                    self._refused = exc
-                    self._pool.drop(slot)
-                    return
-                if not kept:
-                    return
-                self._grow()
-        finally:
-            self._pool.release(slot)
+    async def _lane(self, slot: Slot, chunk: list[int]) -> None:
+        """Chunks on one environment until no item is left, the stop time, a full answer, its
+        worker is gone, or another owner waits for room (the slot is theirs first)."""
+        assert self._key is not None
+        while True:
+            if not self._may_run():
+                self._queue.extendleft(reversed(chunk))
+                return
+            try:
+                kept = await self._run_chunk(slot, chunk)
+            except LambdaError as exc:  # the runtime could not start: the items did not
+                self._queue.extendleft(reversed([i for i in chunk if self._outcomes[i] is None]))
+                self._refused = self._refused or exc
+                return
+            if not kept or not self._may_start() or self._pool.others_waiting(self._key.owner):
+                return
+            chunk = self._take_chunk()
+            self._grow()
+
+    def _may_run(self) -> bool:
+        return self._refused is None and self._full is None and not self._stopped()
 
     def _take_chunk(self) -> list[int]:
         size = max(1, min(MANY_ITEMS, math.ceil(len(self._queue) / self._per_key)))
@@ -183,70 +226,73 @@ class BatchRun:
             data = self._encoded[index] = json_text.dumps(self._events[index])
         return data
 
-    def _item_timeout(self) -> tuple[float, bool]:
-        """An item's wait: its timeout, or less when the stop time comes sooner (True)."""
-        timeout = self._job.timeout
-        if self._stop_at is not None and self._stop_at - time.monotonic() < timeout:
-            return max(0.0, self._stop_at - time.monotonic()), True
-        return timeout, False
+    def _deadline_message(self) -> str:
+        return (
+            f"the batch's deadline came while the item ran (its timeout is {self._job.timeout:g} s); "
+            "it was stopped"
+        )
 
-    def _timeout_message(self, capped: bool) -> str:
-        if capped:
-            return (
-                f"the batch's deadline came while the item ran (its timeout is {self._job.timeout:g} s); "
-                "it was stopped"
-            )
-        return ""
+    def _answer(self, index: int, outcome: ExecutionOutcome) -> ExecutionOutcome:
+        """Keep an item's outcome, charged to the answer's budget: one that does not fit is an
+        OUTPUT_LIMIT failure without its payload, and the answer is full."""
+        if self._budget is not None:
+            size = answer_size(outcome)
+            if size > self._budget:
+                if self._full is None:
+                    self._full = AnswerFull(
+                        f"the batch's answer is full (its size is bounded by {ANSWER_SETTING}): "
+                        "this item did not run",
+                        setting=ANSWER_SETTING,
+                    )
+                message = (
+                    f"the batch's answer is full: this item's result and logs (about {size} bytes) "
+                    f"did not fit in what is left of it ({ANSWER_SETTING}); they were dropped"
+                )
+                failure = ExecutionFailure(FailureCode.OUTPUT_LIMIT, message)
+                outcome = replace(
+                    outcome, result=None, failure=failure, logs="", result_json="", logs_truncated=False
+                )
+            else:
+                self._budget -= size
+        self._outcomes[index] = outcome
+        return outcome
 
-    async def _run_chunk(self, slot: _Slot, chunk: list[int]) -> bool:
+    async def _run_chunk(self, slot: Slot, chunk: list[int]) -> bool:
         """Run the chunk on the slot's environment; whether the environment is kept."""
         items = list(chunk)
-        started = time.perf_counter()
-        state = EnvironmentState.WARM
-        worker = slot.worker
-        if not slot.loaded:
+        if not slot.loaded:  # the first item loads the script, in one round trip
             first = items.pop(0)
             job = replace(self._job, event=self._events[first])
-            timeout, capped = self._item_timeout()
-            try:
-                worker, state = await self._pool.bind(slot, job, Deadline(self._stop_at))
-                load = {"op": "load", "script": job.script, "event": job.event}
-                answer = await worker.request(load, timeout)
-            except (WorkerTimeout, FrameTooLarge, WorkerCrashed) as exc:
-                message = self._timeout_message(capped)
-                self._outcomes[first] = self._pool.failed(slot, worker, exc, job, started, state, message)
-                self._queue.extendleft(reversed(items))
-                return False
-            except BaseException:
-                self._pool.drop(slot)
-                raise
-            outcome = self._pool.outcome(answer, started, state)
-            self._outcomes[first] = outcome
-            if answer.get("loaded") is False:  # its top level failed: so it would for every item
-                self._pool.drop(slot)
+            ran = await self._pool.run(slot, job, Deadline(self._stop_at), None, self._deadline_message())
+            outcome = self._answer(first, ran.outcome)
+            if not ran.loaded:  # its top level failed: so it would for every item
                 self._fail_all(outcome, items)
                 return False
-            slot.loaded = True
-            if not self._pool.settle(slot, worker, outcome):
+            if not ran.kept or not items or not self._may_run():
                 self._queue.extendleft(reversed(items))
-                return False
-            if not items:
-                return True
-            state = EnvironmentState.WARM
-        assert worker is not None
-        return await self._many(slot, worker, items)
+                return ran.kept
+        assert slot.worker is not None
+        return await self._many(slot, slot.worker, items)
 
-    async def _many(self, slot: _Slot, worker: WorkerProcess, items: list[int]) -> bool:
+    async def _many(self, slot: Slot, worker: WorkerProcess, items: list[int]) -> bool:
+        """The items on a bound worker in one `many`; whether the environment is kept.
+
+        Accepted: a hostile script can forge the item frames of the items after it (it can
+        write to the answer pipe), so that its worker is put back while it still runs the
+        `many`. Only its owner is hurt (the environment is of that owner and script only):
+        the next execution there gets a stale answer or waits into its timeout, which kills
+        the worker."""
         clock = [time.perf_counter()]  # when the item being awaited started (the last answer)
         last: list[ExecutionOutcome] = []
 
         def answered(item: int, answer: dict[str, Any]) -> bool:
             outcome = self._pool.outcome(answer, clock[0], EnvironmentState.WARM)
             clock[0] = time.perf_counter()
-            self._outcomes[items[item]] = outcome
-            last[:] = [outcome]
-            # a process that ran out of memory is not trusted again: the items after it wait
-            return outcome.failure is None or outcome.failure.code is not FailureCode.MEMORY_LIMIT
+            last[:] = [self._answer(items[item], outcome)]
+            # a process that ran out of memory is not trusted again: the items after it wait;
+            # after a full answer, none runs
+            memory = outcome.failure is not None and outcome.failure.code is FailureCode.MEMORY_LIMIT
+            return not memory and self._full is None
 
         timeout = self._job.timeout
         try:
@@ -258,16 +304,16 @@ class BatchRun:
             cause = stop.cause
             if not isinstance(cause, WorkerTimeout | FrameTooLarge | WorkerCrashed):
                 cause = WorkerCrashed(str(cause))
-            message = self._timeout_message(stop.capped)
+            message = self._deadline_message() if stop.capped else ""
             job = replace(self._job, event=self._events[items[running]])
             outcome = self._pool.failed(slot, worker, cause, job, clock[0], EnvironmentState.WARM, message)
-            self._outcomes[items[running]] = outcome
+            self._answer(items[running], outcome)
             self._queue.extendleft(reversed(items[running + 1 :]))
             return False
         except BaseException:
             self._pool.drop(slot)
             raise
-        if count < len(items):  # stopped after a MEMORY_LIMIT (the worker is killed)
+        if count < len(items):  # stopped after a MEMORY_LIMIT or a full answer (the worker is killed)
             self._pool.drop(slot)
             self._queue.extendleft(reversed(items[count:]))
             return False
@@ -277,5 +323,5 @@ class BatchRun:
         """The script did not load: every item left fails as its first did, without running."""
         failed = replace(outcome, duration=0.0, cpu_time=0.0, peak_memory=0)
         for index in [*items, *self._queue]:
-            self._outcomes[index] = failed
+            self._answer(index, failed)
         self._queue.clear()

@@ -29,7 +29,6 @@ from typing import Any
 
 from lambda_server.config import RuntimeSettings
 from lambda_server.domain import (
-    BatchJob,
     ComponentHealth,
     ComponentStatus,
     Deadline,
@@ -42,7 +41,6 @@ from lambda_server.domain import (
     OutputSink,
 )
 from lambda_server.errors import QuotaExceeded, RuntimeBusy, RuntimeNotAvailable, Unavailable
-from lambda_server.runtimes.batch import BatchOutcome, BatchRun
 from lambda_server.runtimes.budget import MemoryBudget
 from lambda_server.runtimes.checker import ScriptChecker
 from lambda_server.runtimes.fairqueue import FairQueue
@@ -73,9 +71,10 @@ class EnvironmentKey:
 
 
 @dataclass
-class _Slot:
+class Slot:
     """An execution's claim on an environment: an idle one (`loaded`), a pre-started
-    process to bind, or (worker None) room to start one, its memory `reserved`."""
+    process to bind, or (worker None) room to start one, its memory `reserved`. Outside
+    this module it is read only (runtimes/batch.py: `loaded`, `worker`)."""
 
     key: EnvironmentKey
     worker: WorkerProcess | None
@@ -83,12 +82,23 @@ class _Slot:
     reserved: bool = False
 
 
+@dataclass(frozen=True)
+class Ran:
+    """An execution in a slot's environment (EnvironmentPool.run): its outcome, whether the
+    environment may run more (`kept`; else it was dropped), and whether the script loaded
+    (False: its top level failed, so it would for any event)."""
+
+    outcome: ExecutionOutcome
+    kept: bool
+    loaded: bool = True
+
+
 @dataclass(eq=False)
 class _Waiter:
     """An execution waiting for a slot; served by the release that makes room for it."""
 
     key: EnvironmentKey
-    slot: asyncio.Future[_Slot]
+    slot: asyncio.Future[Slot]
 
 
 class EnvironmentPool:
@@ -207,7 +217,7 @@ class EnvironmentPool:
         A caller cancelled meanwhile (ExecuteStream's) kills the execution's environment."""
         slot = await self.acquire(self.environment_key(job), deadline)
         try:
-            return await self._run(slot, job, deadline, output)
+            return (await self.run(slot, job, deadline, output)).outcome
         finally:
             self._release(slot)
 
@@ -220,7 +230,7 @@ class EnvironmentPool:
                 f"(SANDBOX_TOTAL_MEMORY_MB * MAX_ENVIRONMENTS_PER_OWNER / MAX_ENVIRONMENTS)"
             )
 
-    async def _wait_for_slot(self, key: EnvironmentKey, deadline: Deadline) -> _Slot:
+    async def _wait_for_slot(self, key: EnvironmentKey, deadline: Deadline) -> Slot:
         if len(self._waiting) >= self._settings.max_queued:
             raise RuntimeBusy(f"{len(self._waiting)} executions are already waiting for an environment")
         if self._waiting.waiting(key.owner) >= self._settings.max_queued_per_owner:
@@ -286,7 +296,7 @@ class EnvironmentPool:
         self._short_of_memory = False
         self._waiting.serve(take)
 
-    def _try_acquire(self, key: EnvironmentKey) -> _Slot | None:
+    def _try_acquire(self, key: EnvironmentKey) -> Slot | None:
         if self._busy.get(key, 0) >= self._settings.max_environments_per_key:
             return None
         for worker in reversed(self._idle):  # the most recently used first
@@ -295,7 +305,7 @@ class EnvironmentPool:
                     del self._idle[worker]
                     self._launcher.resume(worker)
                     self._busy[key] += 1
-                    return _Slot(key, worker)
+                    return Slot(key, worker)
                 self._evict(worker)
                 return self._try_acquire(key)
         prestarted = self._prestarted(key)
@@ -314,9 +324,9 @@ class EnvironmentPool:
             # after the bind this worker is taken for: a start (fork, sandbox set-up) next to
             # it would take a millisecond of its CPU
             asyncio.get_running_loop().call_later(REFILL_DELAY, self._refill, self._runtimes[key.runtime])
-            return _Slot(key, prestarted, loaded=False)
+            return Slot(key, prestarted, loaded=False)
         self._budget.take(key.limits.memory_mb)
-        return _Slot(key, None, loaded=False, reserved=True)
+        return Slot(key, None, loaded=False, reserved=True)
 
     def _prestarted(self, key: EnvironmentKey) -> WorkerProcess | None:
         """A live pre-started process that can take the key: they have the default limits
@@ -400,7 +410,7 @@ class EnvironmentPool:
                 if spec.available and not spec.compiled:
                     self._refill(spec)
 
-    def _release(self, slot: _Slot) -> None:
+    def _release(self, slot: Slot) -> None:
         self._busy[slot.key] -= 1
         if self._busy[slot.key] == 0:
             del self._busy[slot.key]
@@ -418,37 +428,54 @@ class EnvironmentPool:
             self._serve_waiting()
         self._resume_refills()
 
-    async def _run(
-        self, slot: _Slot, job: Job, deadline: Deadline, output: OutputSink | None = None
-    ) -> ExecutionOutcome:
+    # what Execute and a batch (runtimes/batch.py) share
+
+    async def run(
+        self,
+        slot: Slot,
+        job: Job,
+        deadline: Deadline,
+        output: OutputSink | None = None,
+        deadline_message: str = "",
+    ) -> Ran:
+        """Run the job in the slot's environment: a bound one runs the job's event (`run`);
+        one not bound yet is bound now (bind) and loads the script with the event in one
+        round trip (`load`). The job's timeout counts from here, the bind included; the wait
+        for the answer is set after the bind, capped by the deadline (a timeout the deadline
+        cut short says `deadline_message`, when given). The slot's worker is dropped when it
+        timed out, answered too much, crashed, ran out of memory or left processes behind,
+        when the script did not load, and when this is cancelled or the runtime could not
+        start (then re-raised: the LambdaError of the launcher)."""
         started = time.perf_counter()
-        timeout = deadline.cap(job.timeout)
         state = EnvironmentState.WARM
         worker = slot.worker
+        capped = False
         try:
             if not slot.loaded:
-                worker, state = await self.bind(slot, job, deadline)
-                timeout = max(0.0, timeout - (time.perf_counter() - started))
+                worker, state = await self._bind(slot, job, deadline)
+                left = max(0.0, job.timeout - (time.perf_counter() - started))
+                timeout = deadline.cap(left)
+                capped = timeout < left
                 # bind and run in one round trip; `loaded` is false when the script did not load
                 bind = {"op": "load", "script": job.script, "event": job.event}
                 answer = await worker.request(bind, timeout, output)
                 if answer.get("loaded") is False:
                     self._drop(slot)
-                    return _outcome(answer, started, state)
+                    return Ran(_outcome(answer, started, state), kept=False, loaded=False)
                 slot.loaded = True
             else:
                 assert worker is not None  # a loaded slot has its environment
+                timeout = deadline.cap(job.timeout)
+                capped = timeout < job.timeout
                 answer = await worker.request({"op": "run", "event": job.event}, timeout, output)
         except (WorkerTimeout, FrameTooLarge, WorkerCrashed) as exc:
-            return self.failed(slot, worker, exc, job, started, state)
+            message = deadline_message if capped else ""
+            return Ran(self.failed(slot, worker, exc, job, started, state, message), kept=False)
         except BaseException:  # cancelled, or the runtime could not start
             self._drop(slot)
             raise
         outcome = _outcome(answer, started, state)
-        self.settle(slot, worker, outcome)
-        return outcome
-
-    # the parts of a run that a batch (runtimes/batch.py) shares
+        return Ran(outcome, self.settle(slot, worker, outcome))
 
     def environment_key(self, job: Job) -> EnvironmentKey:
         """The key of the environments that may run the job; RuntimeBusy when none ever fits."""
@@ -458,23 +485,30 @@ class EnvironmentPool:
         self._refuse_what_never_fits(key)
         return key
 
-    def acquire_now(self, key: EnvironmentKey) -> _Slot | None:
-        """A slot if there is room for one now (the per-key cap, the owner's share), else None."""
+    def acquire_now(self, key: EnvironmentKey) -> Slot | None:
+        """A slot if there is room for one now (the per-key cap, the owner's share) and no
+        other owner waits for room (theirs comes first), else None."""
+        if self.others_waiting(key.owner):
+            return None
         return self._try_acquire(key)
 
-    async def acquire(self, key: EnvironmentKey, deadline: Deadline) -> _Slot:
+    def others_waiting(self, owner: str) -> bool:
+        """Whether executions of another owner wait in the fair queue."""
+        return len(self._waiting) > self._waiting.waiting(owner)
+
+    async def acquire(self, key: EnvironmentKey, deadline: Deadline) -> Slot:
         """A slot, waiting in the fair queue (bounded) when there is no room now."""
         return self._try_acquire(key) or await self._wait_for_slot(key, deadline)
 
-    def release(self, slot: _Slot) -> None:
+    def release(self, slot: Slot) -> None:
         self._release(slot)
 
-    def drop(self, slot: _Slot) -> None:
+    def drop(self, slot: Slot) -> None:
         self._drop(slot)
 
-    async def bind(self, slot: _Slot, job: Job, deadline: Deadline) -> tuple[WorkerProcess, EnvironmentState]:
+    async def _bind(self, slot: Slot, job: Job, deadline: Deadline) -> tuple[WorkerProcess, EnvironmentState]:
         """The process of a slot not bound yet: its pre-started one, or one started now (cold),
-        assigned to the job's owner; the caller sends the `load`."""
+        assigned to the job's owner; the caller sends the `load` (run())."""
         worker = slot.worker
         if worker is None:
             slot.reserved = False  # the launcher holds the memory from here
@@ -489,7 +523,7 @@ class EnvironmentPool:
 
     def failed(
         self,
-        slot: _Slot,
+        slot: Slot,
         worker: WorkerProcess | None,
         exc: WorkerTimeout | FrameTooLarge | WorkerCrashed,
         job: Job,
@@ -518,7 +552,7 @@ class EnvironmentPool:
         self._drop(slot)
         return _failed(code, message, started, state)
 
-    def settle(self, slot: _Slot, worker: WorkerProcess | None, outcome: ExecutionOutcome) -> bool:
+    def settle(self, slot: Slot, worker: WorkerProcess | None, outcome: ExecutionOutcome) -> bool:
         """After an answered execution: whether the slot's worker is kept (False: dropped)."""
         if outcome.failure is not None and outcome.failure.code is FailureCode.MEMORY_LIMIT:
             self._drop(slot)  # a process that ran out of memory is not trusted again
@@ -533,11 +567,7 @@ class EnvironmentPool:
         """An execution's outcome from its worker's answer."""
         return _outcome(answer, started, state)
 
-    async def execute_batch(self, batch: BatchJob, deadline: Deadline) -> BatchOutcome:
-        """Run a batch's items (runtimes/batch.py); the deadline bounds the whole batch."""
-        return await BatchRun(self, batch, deadline, self._settings).run()
-
-    def _drop(self, slot: _Slot) -> None:
+    def _drop(self, slot: Slot) -> None:
         """The slot's worker is killed (if it is not dead already) and never used again."""
         if slot.worker is not None:
             self._discard(slot.worker)

@@ -7,7 +7,6 @@ from typing import Protocol
 
 from lambda_server.domain import (
     JSON,
-    BatchJob,
     Caller,
     Deadline,
     ExecutionOutcome,
@@ -16,7 +15,6 @@ from lambda_server.domain import (
     OutputSink,
 )
 from lambda_server.result_cache import parse_cache_control
-from lambda_server.runtimes.batch import BatchOutcome
 from lambda_server.usecases.runs import ANONYMOUS, SessionRuns
 
 __all__ = ["ANONYMOUS", "Execute", "Executor"]
@@ -28,8 +26,6 @@ class Executor(Protocol):
     async def execute(
         self, job: Job, deadline: Deadline, output: OutputSink | None = None
     ) -> ExecutionOutcome: ...
-
-    async def execute_batch(self, batch: BatchJob, deadline: Deadline) -> BatchOutcome: ...
 
 
 class Execute:

@@ -117,7 +117,8 @@ class SessionRuns:
     async def job(self, claimed: Claimed, caller: Caller, deadline: Deadline) -> Job:
         """The order to the runtimes, without its event (`event()`): the script, and a compiled
         runtime's program (built now when it is not yet). NotStarted when the script or the
-        program could not be had (the database, or a build the server stopped): nothing ran."""
+        program could not be had (the database, or a build the server stopped): nothing ran,
+        but the claim counted the session's executions already (a retry counts them again)."""
         session, runtime = claimed.session, claimed.runtime
         try:
             script = await self._sessions.script(session, deadline)
