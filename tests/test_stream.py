@@ -635,3 +635,33 @@ def test_a_streamed_script_that_crashes_or_floods_then_hangs_answers_its_cut_out
         assert response.logs_truncated and response.logs.endswith("\n[logs truncated]\n")
         assert LIMIT - 3 <= sum(len(c.text.encode()) for _, c in chunks) <= LIMIT
         check_offsets([chunk for _, chunk in chunks], response.logs)
+
+
+LINGERING_THREAD = (
+    "use serde_json::Value;\nuse std::sync::Once;\nuse std::time::Duration;\n\n"
+    "static START: Once = Once::new();\n\n"
+    "pub fn handler(_event: Value) -> Result<Value, String> {\n"
+    "    START.call_once(|| {\n"
+    "        std::thread::spawn(|| loop {\n"
+    '            println!("late");\n'
+    "            std::thread::sleep(Duration::from_millis(1));\n"
+    "        });\n"
+    "    });\n"
+    "    std::thread::sleep(Duration::from_millis(50));\n"
+    '    println!("done");\n'
+    "    Ok(Value::from(1))\n"
+    "}\n"
+)
+
+
+def test_rust_output_written_between_executions_is_in_no_execution(client: LambdaClient) -> None:
+    """A thread the handler left prints all the time, between executions too: what it wrote
+    during an execution is that execution's (streamed and in its logs), what it wrote
+    between them is dropped, never in logs that no chunk carried."""
+    rust_or_fail(client, "rust")
+    session = client.initialize("rust-stream-thread", LINGERING_THREAD, timeout=300)
+    for _ in range(3):
+        chunks, _, response = collect(client, session.request_id)
+        assert not response.HasField("error"), response.error
+        assert "done\n" in response.logs and "late\n" in response.logs
+        check_offsets([chunk for _, chunk in chunks], response.logs)
