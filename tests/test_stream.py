@@ -665,3 +665,22 @@ def test_rust_output_written_between_executions_is_in_no_execution(client: Lambd
         assert not response.HasField("error"), response.error
         assert "done\n" in response.logs and "late\n" in response.logs
         check_offsets([chunk for _, chunk in chunks], response.logs)
+
+
+def test_python_sends_text_held_by_the_frame_rate_with_its_next_write_past_the_interval(
+    client: LambdaClient,
+) -> None:
+    """Past its first 256 frames, Python's worker holds what comes within 100 ms of the last
+    frame; its next write after that goes at once, and takes what was held with it."""
+    script = (
+        "import time\nfor i in range(400):\n    print(i)\ntime.sleep(0.5)\nprint('tick')\n"
+        "time.sleep(1)\nresult = 1\n"
+    )
+    session = client.initialize("python-stream-held", script)
+    chunks, final_at, response = collect(client, session.request_id)
+    assert not response.HasField("error"), response.error
+    check_offsets([chunk for _, chunk in chunks], response.logs)
+    ticked = next(n for n, (_, chunk) in enumerate(chunks) if "tick\n" in chunk.text)
+    lines = "".join(f"{i}\n" for i in range(400))
+    assert "".join(c.text for _, c in chunks[: ticked + 1]) == lines + "tick\n"
+    assert final_at - chunks[ticked][0] >= 0.8  # it came while the script slept, not at its end
