@@ -4,6 +4,7 @@ refused, logged and counted like Execute; a flood of output bounded."""
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import threading
@@ -19,6 +20,7 @@ import pytest
 from lambda_microservice import AsyncLambdaClient, LambdaClient, LambdaError, NotFoundError, to_python
 from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_server.config import AuthSettings, RuntimeSettings
+from lambda_server.runtimes.process import output_frame_cap
 from tests.support import (
     IdleCpu,
     ServerThread,
@@ -219,22 +221,45 @@ def test_cancelling_mid_stream_kills_the_execution_and_the_next_call_works(clien
     eventually(lambda: settled(client) and len(descendants()) <= baseline)
 
 
-def test_a_deadline_mid_stream_ends_the_execution(client: LambdaClient) -> None:
+def test_a_deadline_mid_stream_ends_the_execution(client: LambdaClient, server: ServerThread) -> None:
+    """The server answers the call's deadline itself: its own TIMEOUT (counted before the
+    answer goes, whether or not the answer beats the deadline to the caller) with what was
+    streamed as its logs; the environment is killed at once, and the next call binds a new one."""
     script = "import time\nprint('started', flush=True)\ntime.sleep(60)\nresult = 1\n"
     session = client.initialize("python-stream-deadline", script, context={"timeout_ms": 60_000})
     eventually(lambda: settled(client))
     baseline = len(descendants())
+    before = scrape(server)
     seen: list[object] = []
     try:
         for event in client.execute_stream(session.request_id, timeout=1.5):
             seen.append(event)
-    except LambdaError as ended:  # the deadline passed before the server's own answer arrived
+    except LambdaError as ended:  # the deadline passed before the server's answer arrived
         assert ended.code == grpc.StatusCode.DEADLINE_EXCEEDED
-    else:  # the server answers TIMEOUT just before the caller's deadline
+    else:  # the server's TIMEOUT arrived just before the caller's deadline
         final = seen[-1]
         assert isinstance(final, pb.ExecuteResponse)
         assert final.error.code == pb.EXECUTION_ERROR_CODE_TIMEOUT
+        assert final.logs == "started\n"
     assert isinstance(seen[0], pb.OutputChunk) and seen[0].text == "started\n"
+
+    def timeouts(samples: dict[object, float]) -> float:
+        return value(samples, "lambda_executions_total", runtime="python", outcome="TIMEOUT")
+
+    # the server ended the execution itself (not gRPC's cancellation of the call): TIMEOUT
+    eventually(lambda: timeouts(scrape(server)) - timeouts(before) == 1)
+    # the script (60 s of sleep) was stopped: its environment is gone well before it would end
+    eventually(lambda: settled(client) and len(descendants()) <= baseline, timeout=20)
+    again = client.execute_stream(session.request_id, timeout=30)
+    assert next(again).text == "started\n"
+    again.close()
+    after = scrape(server)
+    binds = sum(
+        value(after, "lambda_environment_binds_total", runtime="python", state=state)
+        - value(before, "lambda_environment_binds_total", runtime="python", state=state)
+        for state in ("prewarmed", "cold")
+    )
+    assert binds == 1  # the deadline's environment was replaced, not reused (WARM)
     eventually(lambda: settled(client) and len(descendants()) <= baseline)
 
 
@@ -386,11 +411,12 @@ def test_a_stream_is_logged_and_counted_like_execute(database_url: str) -> None:
 
 def test_a_forged_flood_of_output_frames_kills_only_its_environment(client: LambdaClient) -> None:
     """A script that writes output frames on the answer pipe itself: past the cap of a
-    request's frames, its worker is killed; the server goes on."""
+    request's frames (output_frame_cap of its timeout, 600 and a few for the default 30 s),
+    its worker is killed; the server goes on."""
     script = (
         "import json, os\n"
         "fd = int(os.environ['LAMBDA_RESPONSE_FD'])\n"
-        "body = json.dumps({'id': params['id'], 'op': 'output', 'stream': 'stdout', 'text': 'x'}).encode()\n"
+        "body = json.dumps({'id': params['id'], 'op': 'output', 'parts': [['stdout', 'x']]}).encode()\n"
         "frame = len(body).to_bytes(4, 'big') + body\n"
         "for _ in range(5000):\n    os.write(fd, frame)\n"
         "result = 1\n"
@@ -400,7 +426,7 @@ def test_a_forged_flood_of_output_frames_kills_only_its_environment(client: Lamb
     outcomes = set()
     for guess in (1, 2):
         chunks, _, response = collect(client, session.request_id, {"id": guess})
-        assert len(chunks) <= 4096
+        assert len(chunks) <= output_frame_cap(30.0)
         outcomes.add(response.error.code)
     assert outcomes == {pb.EXECUTION_ERROR_CODE_RUNTIME_ERROR}
     ok = client.initialize("python-stream-forger", "print('fine')\nresult = 3")
@@ -494,7 +520,6 @@ def test_lambda_cli_exec_follow_prints_output_as_it_comes(server: ServerThread, 
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None and process.stderr is not None
-        started = time.monotonic()
         first = process.stdout.readline()
         first_at = time.monotonic()
         assert first == "out line\n"
@@ -505,5 +530,157 @@ def test_lambda_cli_exec_follow_prints_output_as_it_comes(server: ServerThread, 
         if process.poll() is None:
             process.kill()
     assert process.returncode == 0, err
-    assert ended - first_at >= 0.8 - (first_at - started) * 0  # the line came while it slept
-    assert '"result": 5' in rest and '"logs": "out line\\nerr line\\n"' in rest
+    assert ended - first_at >= 0.8  # the line came while it slept
+    answer = json.loads(rest)  # the output was printed once, as it came: not again in the answer
+    assert answer["result"] == 5 and "logs" not in answer and "error" not in answer
+    plain = subprocess.run(argv[:-1], capture_output=True, text=True, timeout=30, check=True)
+    assert json.loads(plain.stdout)["logs"] == "out line\nerr line\n"  # without --follow: in the answer
+
+
+# thousands of lines, each stream in turn: a frame a part would be 6,000 frames
+ALTERNATING = {
+    "python": "import sys\nfor i in range(3000):\n    print(i)\n    print(i, file=sys.stderr)\nresult = 1\n",
+    "nodejs": "for (let i = 0; i < 3000; i++) { console.log(i); console.error(i); } return 1;",
+    "rust": "use serde_json::Value;\n\npub fn handler(_event: Value) -> Result<Value, String> {\n"
+    '    for i in 0..3000 {\n        println!("{}", i);\n        eprintln!("{}", i);\n    }\n'
+    "    Ok(Value::from(1))\n}\n",
+}
+
+
+@pytest.mark.parametrize("runtime", ["python", "nodejs", "rust"])
+def test_a_script_alternating_its_streams_thousands_of_times_streams_whole(
+    client: LambdaClient, runtime: str
+) -> None:
+    rust_or_fail(client, runtime)
+    session = client.initialize(TITLES[runtime], ALTERNATING[runtime], timeout=300)
+    chunks, _, response = collect(client, session.request_id)
+    assert not response.HasField("error"), response.error
+    assert to_python(response.result) == 1 and not response.logs_truncated
+    check_offsets([chunk for _, chunk in chunks], response.logs)
+    for stream in (STDOUT, STDERR):  # each stream whole, in order
+        text = "".join(chunk.text for _, chunk in chunks if chunk.stream == stream)
+        assert text == "".join(f"{i}\n" for i in range(3000))
+    if runtime != "rust":  # one writer: the two streams interleave as written
+        assert response.logs == "".join(f"{i}\n{i}\n" for i in range(3000))
+
+
+LOGGING = (
+    "import logging\n\n"
+    "def handler(event):\n"
+    "    n = event['params']['n']\n"
+    "    logging.basicConfig(level=logging.INFO, format='log %(message)s')  # its first call only\n"
+    "    logging.info('n=%s', n)\n"
+    "    print('out', n)\n"
+    "    return n\n"
+)
+
+
+def test_a_logging_handler_made_in_one_execution_writes_to_each_later_one(client: LambdaClient) -> None:
+    """logging.basicConfig() keeps the sys.stderr of its first execution: its later records
+    go to the execution under way (streamed or batched), never as output of one that ended."""
+    session = client.initialize("python-stream-logging", LOGGING)
+    chunks, _, first = collect(client, session.request_id, {"n": 1})
+    assert to_python(first.result) == 1 and first.logs == "log n=1\nout 1\n"
+    check_offsets([chunk for _, chunk in chunks], first.logs)
+    items = client.execute_batch(session.request_id, [{"n": n} for n in range(2, 6)])
+    for n, item in zip(range(2, 6), items, strict=True):
+        assert not item.HasField("error") and not item.HasField("status"), (n, item)
+        assert to_python(item.result) == n and item.logs == f"log n={n}\nout {n}\n"
+    for n in (6, 7):
+        chunks, _, response = collect(client, session.request_id, {"n": n})
+        assert to_python(response.result) == n and response.logs == f"log n={n}\nout {n}\n"
+        check_offsets([chunk for _, chunk in chunks], response.logs)
+        got = joined([(c.stream, c.text) for _, c in chunks])
+        assert got == [(STDERR, f"log n={n}\n"), (STDOUT, f"out {n}\n")]
+
+
+HANGING = {
+    "python": "import sys, time\nprint('before')\nprint('err', file=sys.stderr)\ntime.sleep(30)\n",
+    "nodejs": "console.log('before'); console.error('err'); await new Promise((r) => setTimeout(r, 30000));"
+    " return 1;",
+    "rust": "use serde_json::Value;\n\npub fn handler(_event: Value) -> Result<Value, String> {\n"
+    '    println!("before");\n    eprintln!("err");\n'
+    "    std::thread::sleep(std::time::Duration::from_secs(30));\n    Ok(Value::from(1))\n}\n",
+}
+
+
+@pytest.mark.parametrize("runtime", ["python", "nodejs", "rust"])
+def test_a_streamed_script_past_its_timeout_answers_what_it_printed(
+    client: LambdaClient, runtime: str
+) -> None:
+    rust_or_fail(client, runtime)
+    session = client.initialize(TITLES[runtime], HANGING[runtime], options={"timeout": 1}, timeout=300)
+    chunks, _, response = collect(client, session.request_id)
+    assert response.error.code == pb.EXECUTION_ERROR_CODE_TIMEOUT
+    texts = sorted("".join(c.text for _, c in chunks if c.stream == s) for s in (STDOUT, STDERR))
+    assert texts == ["before\n", "err\n"]
+    assert response.logs == "".join(c.text for _, c in chunks) and not response.logs_truncated
+    check_offsets([chunk for _, chunk in chunks], response.logs)
+    assert client.execute(session.request_id).logs == ""  # not streamed: as before, none
+
+
+def test_a_streamed_script_that_crashes_or_floods_then_hangs_answers_its_cut_output(
+    small_logs: ServerThread,
+) -> None:
+    crashing = "import os\nprint('bye', flush=True)\nos._exit(3)\n"
+    flooding = "import time\nfor i in range(40):\n    print('é' * 2047)\ntime.sleep(30)\nresult = 1\n"
+    with LambdaClient(small_logs.target, timeout=60) as client:
+        session = client.initialize("python-stream-crash", crashing)
+        chunks, _, response = collect(client, session.request_id)
+        assert response.error.code == pb.EXECUTION_ERROR_CODE_RUNTIME_ERROR, response.error
+        assert [c.text for _, c in chunks] == ["bye\n"] and response.logs == "bye\n"
+        session = client.initialize("python-stream-flood", flooding, options={"timeout": 1})
+        chunks, _, response = collect(client, session.request_id)
+        assert response.error.code == pb.EXECUTION_ERROR_CODE_TIMEOUT
+        assert response.logs_truncated and response.logs.endswith("\n[logs truncated]\n")
+        assert LIMIT - 3 <= sum(len(c.text.encode()) for _, c in chunks) <= LIMIT
+        check_offsets([chunk for _, chunk in chunks], response.logs)
+
+
+LINGERING_THREAD = (
+    "use serde_json::Value;\nuse std::sync::Once;\nuse std::time::Duration;\n\n"
+    "static START: Once = Once::new();\n\n"
+    "pub fn handler(_event: Value) -> Result<Value, String> {\n"
+    "    START.call_once(|| {\n"
+    "        std::thread::spawn(|| loop {\n"
+    '            println!("late");\n'
+    "            std::thread::sleep(Duration::from_millis(1));\n"
+    "        });\n"
+    "    });\n"
+    "    std::thread::sleep(Duration::from_millis(50));\n"
+    '    println!("done");\n'
+    "    Ok(Value::from(1))\n"
+    "}\n"
+)
+
+
+def test_rust_output_written_between_executions_is_in_no_execution(client: LambdaClient) -> None:
+    """A thread the handler left prints all the time, between executions too: what it wrote
+    during an execution is that execution's (streamed and in its logs), what it wrote
+    between them is dropped, never in logs that no chunk carried."""
+    rust_or_fail(client, "rust")
+    session = client.initialize("rust-stream-thread", LINGERING_THREAD, timeout=300)
+    for _ in range(3):
+        chunks, _, response = collect(client, session.request_id)
+        assert not response.HasField("error"), response.error
+        assert "done\n" in response.logs and "late\n" in response.logs
+        check_offsets([chunk for _, chunk in chunks], response.logs)
+
+
+def test_python_sends_text_held_by_the_frame_rate_with_its_next_write_past_the_interval(
+    client: LambdaClient,
+) -> None:
+    """Past its first 256 frames, Python's worker holds what comes within 100 ms of the last
+    frame; its next write after that goes at once, and takes what was held with it."""
+    script = (
+        "import time\nfor i in range(400):\n    print(i)\ntime.sleep(0.5)\nprint('tick')\n"
+        "time.sleep(1)\nresult = 1\n"
+    )
+    session = client.initialize("python-stream-held", script)
+    chunks, final_at, response = collect(client, session.request_id)
+    assert not response.HasField("error"), response.error
+    check_offsets([chunk for _, chunk in chunks], response.logs)
+    ticked = next(n for n, (_, chunk) in enumerate(chunks) if "tick\n" in chunk.text)
+    lines = "".join(f"{i}\n" for i in range(400))
+    assert "".join(c.text for _, c in chunks[: ticked + 1]) == lines + "tick\n"
+    assert final_at - chunks[ticked][0] >= 0.8  # it came while the script slept, not at its end

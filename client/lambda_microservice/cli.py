@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
         "--follow",
         action="store_true",
         help="print the script's output as it comes (ExecuteStream): its stdout on stdout, its "
-        "stderr on stderr; then the answer",
+        "stderr on stderr; then the answer, without its logs (printed already)",
     )
     batch = commands.add_parser(
         "batch",
@@ -245,7 +245,10 @@ def _run(client: LambdaClient, args: argparse.Namespace) -> int:
             response = _follow(client, args.request_id, params, args.cache_control)
         else:
             response = client.execute(args.request_id, params, cache_control=args.cache_control)
-        _print_json(_executed(response))
+        answer = _executed(response)
+        if args.follow:
+            answer.pop("logs", None)  # the output went out as it came: printed once
+        _print_json(answer)
         return EXIT_FAILED if response.HasField("error") else EXIT_OK
     elif args.command == "batch":
         responses = client.execute_batch(

@@ -696,7 +696,12 @@ class ExecuteResponse(_message.Message):
     cached: _builtins.bool
     """Whether the result came from the result cache."""
     logs: _builtins.str
-    """The script's captured console output (stdout and stderr), cut at MAX_LOG_BYTES."""
+    """The script's captured console output (stdout and stderr), cut at MAX_LOG_BYTES
+    and then followed by "\\n[logs truncated]\\n". In ExecuteStream's last message, the
+    text of its chunks (and the marker when cut), whatever the outcome (TIMEOUT, a
+    crash, OUTPUT_LIMIT included); Execute's is empty when the runtime process did
+    not answer (TIMEOUT, a crash, an answer too large).
+    """
     environment_state: Global___EnvironmentState.ValueType
     """How the environment that ran the script was found."""
     peak_memory_bytes: _builtins.int
@@ -790,7 +795,8 @@ class ExecuteStreamResponse(_message.Message):
     @_builtins.property
     def response(self) -> Global___ExecuteResponse:
         """The last message: the whole ExecuteResponse, as Execute returns it (its
-        `logs` hold the same output as the chunks did).
+        `logs` hold the same output as the chunks did, and the truncation marker
+        when it was cut, whatever the outcome).
         """
 
     def __init__(
@@ -812,7 +818,9 @@ Global___ExecuteStreamResponse: _TypeAlias = ExecuteStreamResponse  # noqa: Y015
 @_typing.final
 class OutputChunk(_message.Message):
     """OutputChunk is a piece of a script's console output: a line, or what a flush
-    wrote. The chunks of one execution, in order, make its ExecuteResponse.logs.
+    wrote. The chunks of one execution, in order, make its ExecuteResponse.logs,
+    without the "\\n[logs truncated]\\n" marker that logs end with when they were cut
+    (no chunk carries it).
     """
 
     DESCRIPTOR: _descriptor.Descriptor

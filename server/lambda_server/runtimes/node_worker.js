@@ -30,7 +30,8 @@ const MODULE_STYLE = /\bmodule\.exports\b|\bexports\.[A-Za-z_$][\w$]*\s*=/;
 
 // Streaming (a request's "stream": true): an execution's first OUTPUT_FREE_FRAMES output
 // frames go as they are written; past them, at most one frame per OUTPUT_INTERVAL_MS, the
-// text written meanwhile held and sent by a timer, or at the end (see process.py).
+// text written meanwhile held and sent by a timer, or at the end (see process.py). A frame
+// carries all that was held, both streams, as its `parts`.
 const OUTPUT_FREE_FRAMES = 256;
 const OUTPUT_INTERVAL_MS = 100;
 
@@ -52,12 +53,16 @@ class LogBuffer {
     this.frames = 0;
     this.last = 0;
     this.held = []; // [stream, text] kept back by the frame rate
+    this.cutSent = false; // a frame said that the output was cut
     this.timer = null;
   }
   write(text, name = 'stdout') {
     const room = this.limit - this.size;
     if (room <= 0) {
-      this.cut = true;
+      if (!this.cut) {
+        this.cut = true;
+        if (this.stream) this.release(false);
+      }
       return;
     }
     let data = Buffer.from(text, 'utf8');
@@ -68,17 +73,20 @@ class LogBuffer {
       this.cut = true;
     }
     this.size = this.cut ? this.limit : this.size + data.length;
-    if (data.length === 0) return;
-    text = data.toString('utf8'); // a lone surrogate is U+FFFD from here
-    this.parts.push([name, text]);
-    if (this.stream) {
-      const last = this.held[this.held.length - 1];
-      if (last !== undefined && last[0] === name) last[1] += text;
-      else this.held.push([name, text]);
-      this.release(false);
+    if (data.length > 0) {
+      text = data.toString('utf8'); // a lone surrogate is U+FFFD from here
+      this.parts.push([name, text]);
+      if (this.stream) {
+        const last = this.held[this.held.length - 1];
+        if (last !== undefined && last[0] === name) last[1] += text;
+        else this.held.push([name, text]);
+      }
     }
+    if (this.stream) this.release(false);
   }
+  // Send what is held, in one frame, unless the frame rate says to wait (not at the end).
   release(final) {
+    if (this.held.length === 0 && (this.cutSent || !this.cut)) return;
     const now = performance.now();
     if (!final && this.frames >= OUTPUT_FREE_FRAMES && now - this.last < OUTPUT_INTERVAL_MS) {
       if (this.timer === null) {
@@ -95,10 +103,9 @@ class LogBuffer {
     }
     const held = this.held;
     this.held = [];
-    for (const [name, text] of held) {
-      sendOutput(name, text);
-      this.frames += 1;
-    }
+    this.cutSent = this.cut;
+    sendOutput(held, this.cut);
+    this.frames += 1;
     this.last = now;
   }
   // The end of the execution: what is held goes, and nothing the script writes later does.
@@ -106,17 +113,19 @@ class LogBuffer {
     if (this.stream) this.release(true);
     this.stream = false;
   }
-  // Send every chunk kept, as output frames (a load that failed: its logs).
+  // Send every chunk kept, in one output frame (a load that failed: its logs).
   replay() {
-    for (const [name, text] of this.parts) sendOutput(name, text);
+    if (this.parts.length > 0 || this.cut) sendOutput(this.parts, this.cut);
   }
   text() {
     return this.parts.map((part) => part[1]).join('') + (this.cut ? TRUNCATED : '');
   }
 }
 
-function sendOutput(name, text) {
-  send(`{"id":${requestId},"op":"output","stream":"${name}","text":${JSON.stringify(text)}}`);
+// An output frame of the request under way: its [stream, text] parts, in order, and whether
+// the output was cut.
+function sendOutput(parts, cut) {
+  send(JSON.stringify({ id: requestId, op: 'output', parts, ...(cut ? { cut: true } : {}) }));
 }
 
 // An answer's `cut`: present, and true, when the console output went past the limit.

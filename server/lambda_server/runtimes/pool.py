@@ -532,7 +532,7 @@ class EnvironmentPool:
         timeout_message: str = "",
     ) -> ExecutionOutcome:
         """The outcome of an execution whose worker timed out, answered too much or crashed;
-        the slot's worker is dropped."""
+        the slot's worker is dropped. Its logs: the output streamed before (WorkerError.logs)."""
         if isinstance(exc, WorkerTimeout):
             code = FailureCode.TIMEOUT
             message = timeout_message or f"the script ran past its timeout of {job.timeout:g} s"
@@ -550,7 +550,7 @@ class EnvironmentPool:
                     f"limit is {job.limits.memory_mb} MiB)"
                 )
         self._drop(slot)
-        return _failed(code, message, started, state)
+        return _failed(code, message, started, state, exc.logs, exc.logs_truncated)
 
     def settle(self, slot: Slot, worker: WorkerProcess | None, outcome: ExecutionOutcome) -> bool:
         """After an answered execution: whether the slot's worker is kept (False: dropped)."""
@@ -641,9 +641,16 @@ def _outcome(answer: dict[str, Any], started: float, state: EnvironmentState) ->
     return ExecutionOutcome(None, failure, duration, logs, state, cpu, peak, logs_truncated=cut)
 
 
-def _failed(code: FailureCode, message: str, started: float, state: EnvironmentState) -> ExecutionOutcome:
+def _failed(
+    code: FailureCode,
+    message: str,
+    started: float,
+    state: EnvironmentState,
+    logs: str = "",
+    cut: bool = False,
+) -> ExecutionOutcome:
     failure = ExecutionFailure(code, message)
-    return ExecutionOutcome(None, failure, time.perf_counter() - started, "", state)
+    return ExecutionOutcome(None, failure, time.perf_counter() - started, logs, state, logs_truncated=cut)
 
 
 def _float(value: object) -> float:

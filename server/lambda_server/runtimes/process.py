@@ -33,24 +33,30 @@ whatever file had reused the number meanwhile, in the suite another worker's
 answer pipe.
 
 Streaming: a `load` or `run` request may carry `"stream": true`. While the script
-runs, the worker then sends output frames `{"id": N, "op": "output", "stream":
-"stdout"|"stderr", "text": "..."}` (a line, or what a flush wrote; never a
-character split in two), then the request's answer as usual. The texts of one
-execution's output frames, in order, are exactly the answer's `logs` (without the
-truncation marker). request(on_output=...) hands each to the callback with the
-chunk's offset, counted here: its byte offset (UTF-8) within the execution's
-console output. Output past MAX_LOG_BYTES is never handed on (the worker cuts
-there; a frame that would go past it is trimmed here, and those after it dropped).
-Every answer, streamed or not, of every runtime, carries `"cut": true` when the
-console output went past the limit (ExecuteResponse.logs_truncated).
+runs, the worker then sends output frames `{"id": N, "op": "output", "parts":
+[["stdout"|"stderr", "text"], ...], "cut"?: true}` (each part a line, or what a flush
+wrote, never empty; never a character split in two; `cut` once the console output
+went past the limit), then the request's answer as usual. The texts of one
+execution's parts, in order, are exactly the answer's `logs` (without the
+truncation marker). request(on_output=...) hands each part to the callback with
+its offset, counted here: its byte offset (UTF-8) within the execution's console
+output. Output past MAX_LOG_BYTES is never handed on (the worker cuts there; a
+part that would go past it is trimmed here, and those after it dropped). Every
+answer, streamed or not, of every runtime, carries `"cut": true` when the console
+output went past the limit (ExecuteResponse.logs_truncated). When a streamed request
+ends without its answer (a timeout, a crash, an answer too large), the WorkerError
+raised carries the output handed on (`logs`, with the truncation marker when it was
+cut, and `logs_truncated`): the chunks the caller got.
 
-The flood bound: a worker sends an execution's first 256 output frames as they
-come, then at most one every 100 ms (the text written meanwhile goes with the next
-one, or before the answer), so a run of RUNTIME_MAX_TIMEOUT_SECONDS' default of 300
-s sends fewer than 3,300. Output frames past OUTPUT_FRAMES_PER_REQUEST in one request
-(a script that forges frames on the answer pipe) are a protocol violation: the worker
-is killed (WorkerCrashed), and what it cost the event loop is bounded by the cap.
-Output frames of a request that did not ask for them count too, and are dropped.
+The flood bound: a worker sends an execution's first OUTPUT_FREE_FRAMES (256) output
+frames as they come, then at most one every OUTPUT_INTERVAL (100 ms; what is written
+meanwhile is held, and goes with one frame: Node's and Rust's by a timer, Python's with
+the first write after the interval), and one at the end. However a script mixes its
+streams, a request of timeout T gets at most 256 + 10 T frames and a few more: past
+output_frame_cap(T), which allows a tenth more, or on a frame without new text (a
+script that forges frames on the answer pipe), the worker is killed (WorkerCrashed),
+and what it cost the event loop is bounded by the cap. Output frames of a request
+that did not ask for them (a `many` included) count too, and are dropped.
 """
 
 from __future__ import annotations
@@ -74,9 +80,18 @@ STDERR_TAIL_BYTES = 16 * 1024
 # the next request, the pipe fills and the writer blocks (its script then runs into its
 # timeout). A flood costs the event loop this much a request, not as much as it can write.
 STDERR_BYTES_PER_REQUEST = 256 * 1024
-# Output frames one request may receive (see the module's docstring); past it, the worker is killed.
-OUTPUT_FRAMES_PER_REQUEST = 4096
+# The workers' frame rate (see the module's docstring): their first frames, then one an interval.
+OUTPUT_FREE_FRAMES = 256
+OUTPUT_INTERVAL = 0.1  # seconds
 STREAMS = frozenset(("stdout", "stderr"))
+LOGS_TRUNCATED = "\n[logs truncated]\n"  # what the workers append to logs they cut
+
+
+def output_frame_cap(timeout: float) -> int:
+    """The output frames a request of `timeout` seconds may receive: the worker's free ones
+    and one an interval, a tenth more for timers that fire early, and the frames that go
+    at the end; past it, the worker is killed."""
+    return OUTPUT_FREE_FRAMES + int(max(0.0, timeout) / OUTPUT_INTERVAL * 1.1) + 16
 
 
 def answer_int(value: object, limit: int = 2**31) -> int:
@@ -85,7 +100,11 @@ def answer_int(value: object, limit: int = 2**31) -> int:
 
 
 class WorkerError(Exception):
-    """The worker cannot be used any more; it has been killed."""
+    """The worker cannot be used any more; it has been killed. `logs`: the console output a
+    streamed request handed on before it (see request), `logs_truncated`: it was cut."""
+
+    logs = ""
+    logs_truncated = False
 
 
 class WorkerTimeout(WorkerError):
@@ -232,6 +251,7 @@ class WorkerProcess:
         self._next_id += 1
         request_id = self._next_id
         self._refill_stderr()
+        output = _Output(self._max_output, on_output, output_frame_cap(timeout))
         try:
             assert self._requests is not None
             if on_output is not None:
@@ -243,15 +263,20 @@ class WorkerProcess:
                     await self._requests.drain()
                 answer = await self._receive()
                 if answer.get("op") == "output":
-                    answer = await self._stream(answer, request_id, on_output)
+                    answer = await self._stream(answer, request_id, output)
             if answer.get("id") != request_id:
                 raise WorkerCrashed(f"the worker answered request {answer.get('id')!r}, not {request_id}")
         except TimeoutError:
             await self.kill()
-            raise WorkerTimeout(f"no answer within {timeout:g} s") from None
+            raise output.carried_by(WorkerTimeout(f"no answer within {timeout:g} s")) from None
         except ConnectionError as exc:
             await self.kill()
-            raise WorkerCrashed(self._describe_exit(str(exc) or type(exc).__name__)) from None
+            crashed = WorkerCrashed(self._describe_exit(str(exc) or type(exc).__name__))
+            raise output.carried_by(crashed) from None
+        except WorkerError as exc:
+            await self.kill()
+            output.carried_by(exc)
+            raise
         except BaseException:
             await self.kill()
             raise
@@ -289,6 +314,9 @@ class WorkerProcess:
                     if answered == 0 and self._requests.transport.get_write_buffer_size():
                         await self._requests.drain()  # the pipe is full: wait for room
                     answer = await self._receive()
+                    if answer.get("op") == "output":  # not asked for: dropped, counted
+                        dropped = _Output(0, None, output_frame_cap(item_timeout))
+                        answer = await self._stream(answer, request_id, dropped)
                 if answer.get("id") != request_id or answer.get("item") != answered:
                     raise WorkerCrashed(
                         f"the worker answered request {answer.get('id')!r} item {answer.get('item')!r}, "
@@ -321,28 +349,10 @@ class WorkerProcess:
             self._stderr_budget = STDERR_BYTES_PER_REQUEST
             self._stderr_refilled.set()
 
-    async def _stream(
-        self, frame: dict[str, Any], request_id: int, on_output: OutputSink | None
-    ) -> dict[str, Any]:
-        """Hand the request's output frames on, from `frame`, until its answer comes."""
-        offset = frames = 0
+    async def _stream(self, frame: dict[str, Any], request_id: int, output: _Output) -> dict[str, Any]:
+        """Take the request's output frames, from `frame`, until its answer comes."""
         while frame.get("op") == "output":
-            frames += 1
-            if frames > OUTPUT_FRAMES_PER_REQUEST:
-                raise WorkerCrashed(f"the worker sent more than {OUTPUT_FRAMES_PER_REQUEST} output frames")
-            stream, text = frame.get("stream"), frame.get("text")
-            if frame.get("id") != request_id or stream not in STREAMS or not isinstance(text, str):
-                raise WorkerCrashed(f"the worker sent an output frame that is not one: {str(frame)[:200]}")
-            room = self._max_output - offset
-            if on_output is not None and text and room > 0:
-                data = text.encode()
-                trimmed = len(data) > room
-                if trimmed:
-                    text = data[:room].decode("utf-8", "ignore")
-                    data = text.encode()
-                if text:
-                    on_output(stream, text, offset)
-                offset = self._max_output if trimmed else offset + len(data)
+            output.take(frame, request_id)
             frame = await self._receive()
         return frame
 
@@ -415,6 +425,69 @@ class WorkerProcess:
         if self._popen.returncode is None:  # no watch, or a slow exit: reap it in a thread
             with contextlib.suppress(subprocess.TimeoutExpired):
                 await asyncio.get_running_loop().run_in_executor(None, self._popen.wait, 10)
+
+
+class _Output:
+    """A request's output frames: counted (at most `cap`), checked, and with a `sink` (a
+    streamed request) their parts handed on, within `limit` bytes, and kept."""
+
+    def __init__(self, limit: int, sink: OutputSink | None, cap: int) -> None:
+        self._limit = limit
+        self._sink = sink
+        self._cap = cap
+        self._frames = 0
+        self._offset = 0
+        self._texts: list[str] = []
+        self._cut = False
+
+    def take(self, frame: dict[str, Any], request_id: int) -> None:
+        self._frames += 1
+        if self._frames > self._cap:
+            raise WorkerCrashed(f"the worker sent more than {self._cap} output frames")
+        parts, cut = frame.get("parts"), frame.get("cut", False)
+        if (
+            frame.get("id") != request_id
+            or not isinstance(parts, list)
+            or not isinstance(cut, bool)
+            or not all(_is_part(part) for part in parts)
+            or not (parts or cut)
+        ):
+            raise WorkerCrashed(f"the worker sent an output frame that is not one: {str(frame)[:200]}")
+        self._cut = self._cut or cut
+        if self._sink is None:
+            return
+        for stream, text in parts:
+            room = self._limit - self._offset
+            if room <= 0:
+                self._cut = True
+                return
+            data = text.encode()
+            trimmed = len(data) > room
+            if trimmed:
+                text = data[:room].decode("utf-8", "ignore")
+                self._cut = True
+            if text:
+                self._sink(stream, text, self._offset)
+                self._texts.append(text)
+            self._offset = self._limit if trimmed else self._offset + len(data)
+
+    def carried_by(self, error: WorkerError) -> WorkerError:
+        """`error`, carrying the output handed on (none when the request was not streamed)."""
+        if self._sink is not None:
+            error.logs = "".join(self._texts) + (LOGS_TRUNCATED if self._cut else "")
+            error.logs_truncated = self._cut
+        return error
+
+
+def _is_part(part: object) -> bool:
+    """An output frame's part: [stream, text], its text not empty."""
+    return (
+        isinstance(part, list)
+        and len(part) == 2
+        and part[0] in STREAMS
+        and isinstance(part[1], str)
+        and part[1] != ""
+    )
 
 
 def _read_result(answer: dict[str, Any], text: bytes) -> None:

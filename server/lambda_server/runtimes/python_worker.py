@@ -38,9 +38,11 @@ WARM_UP = ("def handler(event):\n    return event['params']['n'] + 1\n", "result
 
 
 # Streaming (a request's "stream": true): an execution's first OUTPUT_FREE_FRAMES output
-# frames go as their lines come; past them, at most one frame per OUTPUT_INTERVAL seconds,
-# the text written meanwhile held and sent with the next write past the interval, or at
-# the end. A million tiny lines cost the server a few hundred frames, not a million.
+# frames go as their lines come; past them, a write goes at once when OUTPUT_INTERVAL seconds
+# have passed since the last frame, else it is held, and goes with the first write after the
+# interval, or at the end of the execution (no timer: a thread or a signal would be the
+# script's to meet). One frame carries all that was held, both streams, as its `parts`: a
+# million tiny lines cost the server a few hundred frames, not a million.
 OUTPUT_FREE_FRAMES = 256
 OUTPUT_INTERVAL = 0.1
 PARTIAL_LINE = 8192  # characters of a line without its newline held before they go anyway
@@ -49,7 +51,7 @@ PARTIAL_LINE = 8192  # characters of a line without its newline held before they
 class LogBuffer:
     """An execution's console output: its two streams, each line-buffered, keep at most
     `limit` bytes between them (the logs) and note that they cut; with `send`, each chunk
-    (a line, or what a flush wrote) also goes as an output frame."""
+    (a line, or what a flush wrote) also goes in an output frame."""
 
     def __init__(self, limit: int, send: Any = None) -> None:
         self.limit = limit
@@ -59,14 +61,18 @@ class LogBuffer:
         self.send = send
         self.frames = 0
         self.last = 0.0
-        self.held: list[list[str]] = []  # [stream, text] kept back by the frame rate
+        self.held: list[tuple[str, list[str]]] = []  # (stream, texts) kept back by the frame rate
+        self.cut_sent = False  # a frame said that the output was cut
         self.stdout = ConsoleStream(self, "stdout")
         self.stderr = ConsoleStream(self, "stderr")
 
     def add(self, stream: str, text: str) -> None:
         room = self.limit - self.size
         if room <= 0:
-            self.cut = True
+            if not self.cut:
+                self.cut = True
+                if self.send is not None:
+                    self.release(False)
             return
         data = text.encode("utf-8", "replace")
         if len(data) > room:
@@ -74,44 +80,91 @@ class LogBuffer:
             self.cut = True
         text = data.decode("utf-8", "ignore")  # a character cut in two is left out whole
         self.size = self.limit if self.cut else self.size + len(data)
-        if not text:
-            return
-        self.parts.append((stream, text))
+        if text:
+            self.parts.append((stream, text))
         if self.send is not None:
-            if self.held and self.held[-1][0] == stream:
-                self.held[-1][1] += text
-            else:
-                self.held.append([stream, text])
+            if text and self.held and self.held[-1][0] == stream:
+                self.held[-1][1].append(text)
+            elif text:
+                self.held.append((stream, [text]))
             self.release(False)
 
     def release(self, final: bool) -> None:
+        """Send what is held, in one frame, unless the frame rate says to wait (not at the end)."""
+        if not self.held and (self.cut_sent or not self.cut):
+            return
         now = time.monotonic()
         if not final and self.frames >= OUTPUT_FREE_FRAMES and now - self.last < OUTPUT_INTERVAL:
             return
         held, self.held = self.held, []
-        for stream, text in held:
-            self.send(stream, text)
-            self.frames += 1
+        self.cut_sent = self.cut
+        self.send([[stream, "".join(texts)] for stream, texts in held], self.cut)
+        self.frames += 1
         self.last = now
 
     def finish(self) -> None:
-        """The end of the execution: each stream's partial line goes, and what is held."""
+        """The end of the execution: each stream's partial line goes, and what is held; no
+        frame goes after it, whoever writes to this buffer."""
         self.stdout.flush()
         self.stderr.flush()
         if self.send is not None:
             self.release(True)
+        self.send = None
 
     def replay(self, send: Any) -> None:
-        """Send every chunk kept, as output frames (a load that failed: its logs)."""
-        for stream, text in self.parts:
-            send(stream, text)
+        """Send every chunk kept, in one output frame (a load that failed: its logs)."""
+        if self.parts or self.cut:
+            send([[stream, text] for stream, text in self.parts], self.cut)
 
     def text(self) -> str:
         return "".join(text for _, text in self.parts) + (TRUNCATED if self.cut else "")
 
 
+class Console:
+    """sys.stdout and sys.stderr for good: each write goes to the execution under way (its
+    LogBuffer), and nowhere between executions. A handler that made a logging handler, or
+    started a thread, which holds on to them, writes to the execution of the moment, never
+    to one that has ended."""
+
+    logs: LogBuffer | None = None
+
+    def __init__(self) -> None:
+        self.stdout = RoutedStream(self, "stdout")
+        self.stderr = RoutedStream(self, "stderr")
+
+
+class RoutedStream(io.TextIOBase):
+    """sys.stdout or sys.stderr: writes to the stream of the same name of the current LogBuffer."""
+
+    def __init__(self, console: Console, name: str) -> None:
+        self.console = console
+        self.name = name
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        logs = self.console.logs
+        if logs is None:
+            if not isinstance(text, str):
+                raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+            return len(text)
+        stream: ConsoleStream = getattr(logs, self.name)
+        return stream.write(text)
+
+    def flush(self) -> None:
+        logs = self.console.logs
+        if logs is not None:
+            stream: ConsoleStream = getattr(logs, self.name)
+            stream.flush()
+
+
+CONSOLE = Console()
+
+
 class ConsoleStream(io.TextIOBase):
-    """sys.stdout or sys.stderr during an execution: line-buffered into its LogBuffer."""
+    """One stream of an execution's console (what sys.stdout or sys.stderr writes to while it
+    runs): line-buffered into its LogBuffer."""
 
     def __init__(self, logs: LogBuffer, name: str) -> None:
         self.logs = logs
@@ -186,12 +239,15 @@ class Worker:
     def send(self, message: dict[str, Any]) -> None:
         self.send_raw(encode(message))
 
-    def send_output(self, stream: str, text: str) -> None:
-        """An output frame of the request under way; none from a process the script forked."""
+    def send_output(self, parts: list[list[str]], cut: bool) -> None:
+        """An output frame of the request under way: its [stream, text] parts, in order, and
+        whether the output was cut; none from a process the script forked."""
         if os.getpid() != self.pid:
             return
-        head = b'{"id":%d,"op":"output","stream":"%s","text":' % (self.request_id, stream.encode())
-        self.send_raw(head + json.dumps(text, ensure_ascii=False).encode("utf-8", "replace") + b"}")
+        frame: dict[str, Any] = {"id": self.request_id, "op": "output", "parts": parts}
+        if cut:
+            frame["cut"] = True
+        self.send(frame)
 
     # operations
 
@@ -395,18 +451,20 @@ class Usage:
 
 
 class Captured:
-    """Point sys.stdout and sys.stderr at a LogBuffer's streams for the duration; at its
-    end, what they hold goes to the logs."""
+    """Make a LogBuffer the console's for the duration (sys.stdout and sys.stderr, put back
+    if the script replaced them, write to it); at its end, what its streams hold goes to
+    the logs, and the console writes nowhere until the next execution."""
 
     def __init__(self, logs: LogBuffer) -> None:
         self.logs = logs
 
     def __enter__(self) -> None:
-        self.saved = sys.stdout, sys.stderr
-        sys.stdout, sys.stderr = self.logs.stdout, self.logs.stderr
+        sys.stdout, sys.stderr = CONSOLE.stdout, CONSOLE.stderr
+        CONSOLE.logs = self.logs
 
     def __exit__(self, *exc: object) -> None:
-        sys.stdout, sys.stderr = self.saved
+        sys.stdout, sys.stderr = CONSOLE.stdout, CONSOLE.stderr
+        CONSOLE.logs = None
         self.logs.finish()
 
 
@@ -446,6 +504,7 @@ def main() -> None:
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
+    sys.stdout, sys.stderr = CONSOLE.stdout, CONSOLE.stderr
     Worker(request_fd, response_fd).serve()
 
 

@@ -40,6 +40,7 @@ const SCRIPT_FILE: &str = "script.rs";
 const TRUNCATED: &str = "\n[logs truncated]\n";
 // Streaming: an execution's first OUTPUT_FREE_FRAMES output frames go as they are read;
 // past them, at most one per OUTPUT_INTERVAL, what was read meanwhile held (see process.py).
+// A frame carries all that was held, both streams, as its `parts`.
 const OUTPUT_FREE_FRAMES: u32 = 256;
 const OUTPUT_INTERVAL: Duration = Duration::from_millis(100);
 const POLLIN: i16 = 1;
@@ -206,6 +207,7 @@ fn failure(code: &str, message: &str, line: u32, column: u32) -> Value {
 
 /// The script's console output of the execution under way: the logs (at most `limit`
 /// bytes), and, while a streaming request runs (`request`), the output frames to send.
+/// What is written between executions (a thread the script left) is read and dropped.
 struct Console {
     pipes: [i32; 2], // the read ends of stdout's and stderr's pipes, non-blocking
     tails: [Vec<u8>; 2], // the start of a character whose end is not read yet
@@ -214,9 +216,11 @@ struct Console {
     size: usize,
     cut: bool,
     request: Option<u64>,
+    running: bool, // an execution is under way
     frames: u32,
     last: Instant,
     held: Vec<(usize, String)>,
+    cut_sent: bool, // a frame said that the output was cut
 }
 
 impl Console {
@@ -246,6 +250,9 @@ impl Console {
     }
 
     fn add(&mut self, which: usize, text: String) {
+        if !self.running {
+            return;
+        }
         let room = self.limit.saturating_sub(self.size);
         if room == 0 {
             self.cut = self.cut || !text.is_empty();
@@ -279,23 +286,31 @@ impl Console {
             Some(request) => request,
             None => return,
         };
-        if self.held.is_empty()
+        if !self.pending()
             || (!last && self.frames >= OUTPUT_FREE_FRAMES && self.last.elapsed() < OUTPUT_INTERVAL)
         {
             return;
         }
-        let mut file = responses.lock().unwrap_or_else(|e| e.into_inner());
-        for (which, text) in self.held.drain(..) {
-            let frame = json!({"id": request, "op": "output", "stream": STREAM_NAMES[which], "text": text});
-            write_frame(&mut file, frame.to_string().as_bytes());
-            self.frames += 1;
+        let parts: Vec<Value> =
+            self.held.drain(..).map(|(which, text)| json!([STREAM_NAMES[which], text])).collect();
+        let mut frame = json!({"id": request, "op": "output", "parts": parts});
+        if self.cut {
+            frame["cut"] = Value::Bool(true);
         }
+        self.cut_sent = self.cut;
+        write_frame(&mut responses.lock().unwrap_or_else(|e| e.into_inner()), frame.to_string().as_bytes());
+        self.frames += 1;
         self.last = Instant::now();
+    }
+
+    /// Whether a frame is due: text held, or a cut not said yet.
+    fn pending(&self) -> bool {
+        !self.held.is_empty() || (self.cut && !self.cut_sent)
     }
 
     /// How long the reader may wait for output: until held text is due, or for ever (-1).
     fn wait_ms(&self) -> i32 {
-        if self.request.is_none() || self.held.is_empty() {
+        if self.request.is_none() || !self.pending() {
             return -1;
         }
         OUTPUT_INTERVAL.saturating_sub(self.last.elapsed()).as_millis() as i32 + 1
@@ -390,9 +405,11 @@ impl Worker {
     fn begin_logs(&mut self, request: Option<u64>) {
         if let Some(piped) = self.piped.as_ref() {
             let mut console = piped.lock().unwrap_or_else(|e| e.into_inner());
-            console.pump(&self.responses, false); // what came between executions goes to this one
+            console.pump(&self.responses, false); // what came between executions is dropped
+            console.running = true;
             console.request = request;
             console.frames = 0;
+            console.cut_sent = false;
         }
     }
 
@@ -405,6 +422,8 @@ impl Worker {
             let mut console = piped.lock().unwrap_or_else(|e| e.into_inner());
             console.pump(&self.responses, true);
             console.request = None;
+            console.running = false;
+            console.held.clear();
             let mut text = std::mem::take(&mut console.logs);
             let cut = console.cut;
             if cut {
@@ -593,9 +612,11 @@ fn main() {
             size: 0,
             cut: false,
             request: None,
+            running: false,
             frames: 0,
             last: Instant::now(),
             held: Vec::new(),
+            cut_sent: false,
         }))),
         _ => {
             unsafe {

@@ -18,10 +18,10 @@ async def streamed(
     output it writes to the sink, in order, then its result; its error is raised.
 
     The queue between the two needs no bound of its own: the runtimes hand on at most
-    MAX_LOG_BYTES of output an execution, in at most OUTPUT_FRAMES_PER_REQUEST chunks
-    (runtimes/process.py). Chunks of one stream that queued up while the caller took the
-    previous one go out as one. A caller that stops iterating (cancelled, or past its
-    deadline) cancels the execution, and waits for its end: the pool kills its environment.
+    MAX_LOG_BYTES of output an execution, each chunk a byte of it or more (runtimes/process.py).
+    Chunks of one stream that queued up while the caller took the previous one go out as one.
+    A caller that stops iterating (cancelled, or past its deadline) cancels the execution, and
+    waits for its end: the pool kills its environment.
     """
     queue: asyncio.Queue[OutputChunk] = asyncio.Queue()
 
