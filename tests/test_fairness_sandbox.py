@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import subprocess
 import sys
 import threading
 import uuid
@@ -28,6 +30,9 @@ from tests.test_sandbox import as_root
 
 SECRET = "a-test-secret-of-at-least-32-bytes!!"
 UID_BASE = 400000
+# The sandboxes these tests start on folders of their own: uids apart from the servers'
+# above, whose environments a sandbox claiming their range would take for orphans.
+SOLO_UID_BASE = 500000
 CAP = 8  # the sessions' max_processes: RLIMIT_NPROC, which the kernel counts per uid host-wide
 
 # Each attempt with arguments the kernel itself would refuse with another errno
@@ -327,19 +332,21 @@ def test_a_tenant_at_its_process_cap_on_one_server_leaves_the_other_servers_tena
 @as_root
 def test_sandboxes_sharing_a_uid_folder_claim_disjoint_ranges_until_closed(tmp_path: Path) -> None:
     # two ranges of 30000 in the 60000 sandbox uids
-    box = SandboxSettings(mode="strict", uid_dir=tmp_path / "uids", uid_base=UID_BASE, uid_range_size=30000)
+    box = SandboxSettings(
+        mode="strict", uid_dir=tmp_path / "uids", uid_base=SOLO_UID_BASE, uid_range_size=30000
+    )
 
     async def scenario() -> None:
         first = await Sandbox.start(box)
         second = await Sandbox.start(box)
         try:
-            assert f"({UID_BASE}-{UID_BASE + 29999})" in first.describe()
-            assert f"({UID_BASE + 30000}-{UID_BASE + 59999})" in second.describe()
+            assert f"({SOLO_UID_BASE}-{SOLO_UID_BASE + 29999})" in first.describe()
+            assert f"({SOLO_UID_BASE + 30000}-{SOLO_UID_BASE + 59999})" in second.describe()
             with pytest.raises(SandboxUnavailable, match="held by other servers"):
                 await Sandbox.start(replace(box, mode="auto"))
             first.close()
             third = await Sandbox.start(box)  # the first one's range is free again
-            assert f"({UID_BASE}-{UID_BASE + 29999})" in third.describe()
+            assert f"({SOLO_UID_BASE}-{SOLO_UID_BASE + 29999})" in third.describe()
             third.close()
         finally:
             first.close()
@@ -353,7 +360,7 @@ def test_without_pyseccomp_strict_refuses_to_start_and_auto_warns(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setitem(sys.modules, "pyseccomp", None)  # as if it were not installed
-    box = SandboxSettings(mode="strict", uid_dir=tmp_path, uid_base=UID_BASE, uid_range_size=30000)
+    box = SandboxSettings(mode="strict", uid_dir=tmp_path, uid_base=SOLO_UID_BASE, uid_range_size=30000)
     with pytest.raises(SandboxUnavailable, match="seccomp: pyseccomp or libseccomp is missing"):
         asyncio.run(Sandbox.start(box))
     with caplog.at_level(logging.WARNING):
@@ -362,9 +369,40 @@ def test_without_pyseccomp_strict_refuses_to_start_and_auto_warns(
         assert "seccomp" in sandbox.missing and "seccomp" not in sandbox.layers
         assert any("sandbox layer seccomp is not active" in r.message for r in caplog.records)
         # the refused start released its uid range: auto took the first one again
-        assert f"({UID_BASE}-{UID_BASE + 29999})" in sandbox.describe()
+        assert f"({SOLO_UID_BASE}-{SOLO_UID_BASE + 29999})" in sandbox.describe()
     finally:
         sandbox.close()
+
+
+@as_root
+def test_a_sandbox_ends_the_frozen_orphans_a_dead_server_left_in_its_uid_range(tmp_path: Path) -> None:
+    # A server that died (SIGKILL, a crashed test run) leaves its environments behind, frozen
+    # when idle: they never read their pipes' EOF, and their uids' RLIMIT_NPROC stays taken.
+    freezer = Path("/sys/fs/cgroup/freezer")
+    if not (freezer / "freezer.state").exists() and not (freezer / "tasks").exists():
+        pytest.skip("no v1 freezer here")
+    group = freezer / f"lambda-orphan-test-{uuid.uuid4().hex[:8]}"
+    group.mkdir()
+    orphan = subprocess.Popen(
+        ["/bin/sleep", "300"], user=SOLO_UID_BASE + 5, group=SOLO_UID_BASE + 5, start_new_session=True
+    )
+    bystander = subprocess.Popen(["/bin/sleep", "300"], user=SOLO_UID_BASE + 1005)  # another range's
+    try:
+        (group / "cgroup.procs").write_text(str(orphan.pid))
+        (group / "freezer.state").write_text("FROZEN")
+        eventually(lambda: (group / "freezer.state").read_text().strip() == "FROZEN")
+        box = SandboxSettings(mode="strict", uid_dir=tmp_path, uid_base=SOLO_UID_BASE, uid_range_size=1000)
+        sandbox = asyncio.run(Sandbox.start(box))
+        try:
+            assert orphan.wait(timeout=30) == -signal.SIGKILL
+            assert bystander.poll() is None
+        finally:
+            sandbox.close()
+    finally:
+        for process in (orphan, bystander):
+            process.kill()
+            process.wait()
+        group.rmdir()
 
 
 def test_replicas_on_one_host_claim_their_uid_ranges_in_one_folder() -> None:

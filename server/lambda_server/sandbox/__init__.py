@@ -38,7 +38,7 @@ from lambda_server.config import SandboxSettings
 from lambda_server.domain import ComponentHealth, ComponentStatus, Limits
 from lambda_server.errors import SandboxUnavailable as SandboxUnavailable  # raised here, caught by runtimes
 from lambda_server.sandbox import seccomp
-from lambda_server.sandbox.cgroups import Cgroups, CgroupUnavailable, EnvironmentCgroup
+from lambda_server.sandbox.cgroups import Cgroups, CgroupUnavailable, EnvironmentCgroup, thaw_process
 from lambda_server.sandbox.uids import UidRange, UidRangeUnavailable
 
 log = logging.getLogger(__name__)
@@ -187,6 +187,14 @@ class Sandbox:
                 uid_range = UidRange.claim(settings.uid_dir, settings.uid_base, settings.uid_range_size)
             except UidRangeUnavailable as exc:
                 raise SandboxUnavailable(str(exc)) from None
+            orphans = await asyncio.to_thread(uid_range.end_orphans, thaw_process)
+            if orphans:
+                log.warning(
+                    "ended %d processes of uids %d-%d that a server which held them before left behind",
+                    orphans,
+                    uid_range.first,
+                    uid_range.last,
+                )
             layers += [
                 "namespaces(pid,net,mount,ipc,uts)",
                 "fresh-root",

@@ -373,6 +373,22 @@ class Cgroups:
                     base.rmdir()
 
 
+def thaw_process(pid: int) -> None:
+    """Thaw the freezer group a process is in (v1 `freezer.state`, v2 `cgroup.freeze`), so
+    that a signal sent to it is acted on: a frozen process does not die of SIGKILL until
+    thawed. Blocking (/proc and cgroup files); nothing when it is not frozen or gone."""
+    try:
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError:
+        return
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2
+            _write(str(ROOT / path.lstrip("/") / "cgroup.freeze"), b"0")
+        elif "freezer" in controllers.split(","):
+            _write(str(ROOT / controllers / path.lstrip("/") / "freezer.state"), b"THAWED")
+
+
 def _write_limits_v1(directory: Path, cores: float) -> None:
     """A v1 cpu group's weight and CFS quota (the kernel's least quota is 1 ms)."""
     (directory / "cpu.shares").write_text(str(CPU_SHARES))

@@ -16,8 +16,11 @@ same uid_dir (on Kubernetes: a hostPath volume).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
+import signal
+from collections.abc import Callable
 from pathlib import Path
 
 SPAN = 60000  # uids from uid_base that ranges are cut from
@@ -63,6 +66,30 @@ class UidRange:
             f"all {count} uid ranges of {size} uids from {base} are held by other servers on this "
             f"host (lock files in {folder}); set a smaller SANDBOX_UID_RANGE_SIZE or run fewer servers"
         )
+
+    def end_orphans(self, thaw: Callable[[int], None]) -> int:
+        """Kill the processes of this range's uids: what a server that held the range before
+        left behind when it died without ending its environments (SIGKILL, an OOM kill, a
+        crashed test run; a frozen environment never even reads the EOF of its pipes). Left
+        alive, they count against RLIMIT_NPROC of the uids this server now gives out, and a
+        new environment cannot start a process. `thaw(pid)` first: a frozen process does not
+        die until thawed. Blocking (/proc reads): call it from a thread. Returns how many."""
+        ended = 0
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            pid = int(entry.name)
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+                uid = int(status.split("\nUid:", 1)[1].split()[0])  # the real uid
+            except (OSError, IndexError, ValueError):
+                continue
+            if self.first <= uid <= self.last:
+                thaw(pid)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+                    ended += 1
+        return ended
 
     @property
     def last(self) -> int:
