@@ -32,7 +32,7 @@ for every failure of that status. Each error carries `code` (the grpc.StatusCode
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import grpc
 from google.protobuf import any_pb2
@@ -201,10 +201,21 @@ def from_rpc_error(error: grpc.RpcError) -> LambdaError:
     """The LambdaError for a failed call, with the reason and retry delay of its details."""
     call: grpc.Call = error  # type: ignore[assignment]  # every RpcError of a call is its Call too
     code = call.code()
-    message = call.details() or ""
+    return _error(code, call.details() or "", _details(call))
+
+
+def from_status(status: status_pb2.Status) -> LambdaError:
+    """The LambdaError a google.rpc.Status stands for: an ExecuteBatch item's `status` (the
+    item did not run), as the call would have raised it."""
+    code = next((c for c in grpc.StatusCode if c.value[0] == status.code), grpc.StatusCode.UNKNOWN)
+    return _error(code, status.message, status.details)
+
+
+def _error(code: grpc.StatusCode, message: str, details: Iterable[any_pb2.Any]) -> LambdaError:
+    """The error of a status: its reason and metadata from an ErrorInfo, its delay from a RetryInfo."""
     reason, metadata = "", {}
     retry_after: float | None = None
-    for detail in _details(call):
+    for detail in details:
         info = error_details_pb2.ErrorInfo()
         retry = error_details_pb2.RetryInfo()
         if detail.Unpack(info):
@@ -212,22 +223,6 @@ def from_rpc_error(error: grpc.RpcError) -> LambdaError:
         elif detail.Unpack(retry):
             retry_after = retry.retry_delay.ToNanoseconds() / 1e9
     return error_class(code, reason)(code, message, reason, metadata, retry_after)
-
-
-def from_status(status: status_pb2.Status) -> LambdaError:
-    """The LambdaError a google.rpc.Status stands for: an ExecuteBatch item's `status` (the
-    item did not run), as the call would have raised it."""
-    code = next((c for c in grpc.StatusCode if c.value[0] == status.code), grpc.StatusCode.UNKNOWN)
-    reason, metadata = "", {}
-    retry_after: float | None = None
-    for detail in status.details:
-        info = error_details_pb2.ErrorInfo()
-        retry = error_details_pb2.RetryInfo()
-        if detail.Unpack(info):
-            reason, metadata = info.reason, dict(info.metadata)
-        elif detail.Unpack(retry):
-            retry_after = retry.retry_delay.ToNanoseconds() / 1e9
-    return error_class(code, reason)(code, status.message, reason, metadata, retry_after)
 
 
 def _details(call: grpc.Call) -> list[any_pb2.Any]:
