@@ -113,7 +113,7 @@ def test_buf_lint_is_clean() -> None:
 
 
 def test_the_contract_only_grows_from_its_baseline() -> None:
-    """protos/baseline.binpb is the contract as of issue 15: a change that would break a
+    """protos/baseline.binpb is the contract as of issue 16: a change that would break a
     generated client built from it (a field renamed, renumbered or retyped) fails here."""
     result = subprocess.run(
         [str(BUF), "breaking", "protos", "--against", "protos/baseline.binpb"],
