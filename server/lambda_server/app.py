@@ -151,6 +151,8 @@ async def _wire(
         observe_claim_batch=metrics.claim_batch_size.observe,
         quota=quota,
         observe_create_batch=metrics.create_batch_size.observe,
+        cache_seconds=settings.database.session_cache_seconds,
+        count_flush_ms=settings.database.session_count_flush_ms,
     )
     steps.push("the session store", sessions.close)
     builds = None

@@ -219,6 +219,24 @@ class DatabaseSettings(_Declared):
     claim_synchronous_commit: bool = setting(
         "DATABASE_CLAIM_SYNCHRONOUS_COMMIT", _on_off, False, "an Execute's count waits for the WAL flush"
     )
+    # A session claimed in the last SESSION_CACHE_SECONDS (never past its expires_at by
+    # the database clock) runs without PostgreSQL; its executions are counted in memory
+    # and flushed every SESSION_COUNT_FLUSH_MS. A crash of the server (not a graceful
+    # stop, which flushes) loses at most the counts of its last SESSION_COUNT_FLUSH_MS
+    # (and of a flush that failed, retried each second); an expires_at moved earlier or
+    # a status changed by another writer is seen within SESSION_CACHE_SECONDS.
+    session_cache_seconds: float = setting(
+        "SESSION_CACHE_SECONDS",
+        _non_negative_float,
+        2.0,
+        "how long a replica runs a recently claimed session without PostgreSQL; 0: every Execute claims",
+    )
+    session_count_flush_ms: int = setting(
+        "SESSION_COUNT_FLUSH_MS",
+        _positive_int,
+        5,
+        "how often executions counted in memory are written to PostgreSQL (the loss bound on a crash)",
+    )
     embedded_dir: Path = setting(
         "EMBEDDED_DATA_DIR", Path, Path(".data/postgres"), "the embedded PostgreSQL's data"
     )

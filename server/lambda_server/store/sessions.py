@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -28,6 +29,7 @@ from lambda_server.errors import (
 from lambda_server.store.claims import ClaimBatcher
 from lambda_server.store.creates import CreateBatcher, OwnerQuota
 from lambda_server.store.database import Database
+from lambda_server.store.hot_sessions import CountWriter, SessionCache
 
 __all__ = ["OwnerQuota", "ScriptCache", "SessionStore"]
 
@@ -48,7 +50,8 @@ _CLAIM = """
 UPDATE meta.sessions
 SET execution_count = execution_count + $3, last_executed_at = now()
 WHERE request_id = $1 AND user_id IS NOT DISTINCT FROM $2 AND status = 'active' AND expires_at > now()
-RETURNING language_title, user_id, script_hash, context, metadata, compile_options, options, compile_status
+RETURNING language_title, user_id, script_hash, context, metadata, compile_options, options, compile_status,
+          extract(epoch FROM expires_at - now())::float8 AS expires_in
 """
 
 _COMPILED = """
@@ -93,19 +96,26 @@ class SessionStore:
         observe_claim_batch: Callable[[int], None] | None = None,
         quota: OwnerQuota | None = None,
         observe_create_batch: Callable[[int], None] | None = None,
+        cache_seconds: float = 0.0,
+        count_flush_ms: int = 5,
     ) -> None:
         """`quota`: each owner's caps; None (tools and tests) caps nobody.
-        `observe_*_batch`: told the size of each batch of claims, and of creates."""
+        `observe_*_batch`: told the size of each batch of claims, and of creates.
+        `cache_seconds`: how long a claimed session is kept in memory (store/hot_sessions.py),
+        its executions counted write-behind, flushed every `count_flush_ms`; 0: never."""
         self._db = db
         self._quota = quota
         self._creates = CreateBatcher(db, quota, observe_create_batch)
         self._scripts = ScriptCache(script_cache_bytes)
         self._claims = ClaimBatcher(db, observe_claim_batch)
+        self._cache = SessionCache(cache_seconds) if cache_seconds > 0 else None
+        self._counts = CountWriter(db, count_flush_ms)
 
     async def close(self) -> None:
-        """Stop the claim and create batches; before the database closes."""
+        """Stop the claim and create batches, flush the counts; before the database closes."""
         await self._creates.close()
         await self._claims.close()
+        await self._counts.close()
 
     async def create(self, new: NewSession, deadline: Deadline) -> SessionRecord:
         """Store a session; a retry with the same request_id and script returns the first one
@@ -144,13 +154,20 @@ class SessionStore:
     ) -> ClaimedSession:
         """Find an active session of `user_id` and count `count` executions of it (an
         ExecuteBatch's items), in one statement (shared with the claims of other calls);
-        alone when the batch did not claim it."""
+        alone when the batch did not claim it. A session claimed recently is found in memory,
+        and counted write-behind (store/hot_sessions.py)."""
+        if self._cache is not None:
+            cached = self._cache.get(request_id, user_id)
+            if cached is not None:
+                self._counts.add(request_id, count)
+                return cached
+        sent_at = time.monotonic()
         row = await self._claims.claim(request_id, user_id, deadline, count)
         if row is None:
             row = await self._db.fetchrow(deadline, _CLAIM, request_id, user_id, count)
         if row is None:
             raise await self._why_not_found(request_id, user_id, deadline)
-        return ClaimedSession(
+        session = ClaimedSession(
             request_id=request_id,
             language_title=row["language_title"],
             user_id=row["user_id"],
@@ -161,6 +178,9 @@ class SessionStore:
             options=_options(row["options"]),
             compile_status=CompileStatus(row["compile_status"]) if row["compile_status"] else None,
         )
+        if self._cache is not None:
+            self._cache.put(session, sent_at, row["expires_in"])
+        return session
 
     async def script(self, session: ClaimedSession, deadline: Deadline) -> str:
         """The session's script, from the cache when another session already had it."""

@@ -1,0 +1,180 @@
+"""Sessions validated recently, kept in memory; their executions counted write-behind.
+
+A claim (store/claims.py) finds a session active, unexpired and the caller's, and
+counts it. A replica may keep what the claim returned for SESSION_CACHE_SECONDS
+and, for a call of the same owner in that time, skip PostgreSQL: the execution is
+added to a counter of the session, which a task of its own flushes every
+SESSION_COUNT_FLUSH_MS in one statement for every session counted since the last.
+
+Expiry is by the database's clock: the claim returns how many seconds the session
+had left by PostgreSQL's now(), and the entry lasts, on this replica's monotonic
+clock from before the claim was sent, at most that minus a margin. So an entry
+never outlives `expires_at`, whatever the clocks of the hosts say. What the cache
+cannot see, for at most SESSION_CACHE_SECONDS: a session whose `expires_at` or
+status another writer changed (cleanup only touches sessions past `expires_at`,
+which no entry outlives).
+
+Counts: a counted execution is in PostgreSQL after the next flush. A crash of the
+server (not a graceful stop, which flushes) loses what it counted in its last
+SESSION_COUNT_FLUSH_MS, plus a flush that failed and waits for the next (the
+counts go back and are sent again). A flush sets last_executed_at to its own time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from lambda_server.domain import ClaimedSession, Deadline
+from lambda_server.errors import LambdaError
+from lambda_server.store.database import Database
+from lambda_server.tasks import cancel_and_wait
+
+log = logging.getLogger(__name__)
+
+MAX_ENTRIES = 4096  # sessions kept; the least recently used goes first
+# An entry ends this long before the session's expires_at (by the database clock).
+EXPIRY_MARGIN_SECONDS = 0.25
+RETRY_SECONDS = 1.0  # after a flush that failed
+
+# Rows locked in request_id order: two replicas' flushes of the same sessions wait for
+# each other instead of deadlocking. A session deleted since is skipped (its count with it).
+_FLUSH = """
+WITH counted AS (
+    SELECT id, n FROM unnest($1::uuid[], $2::int[]) AS counted(id, n)
+), locked AS (
+    SELECT s.request_id FROM meta.sessions s JOIN counted ON s.request_id = counted.id
+    ORDER BY s.request_id FOR UPDATE OF s
+)
+UPDATE meta.sessions s
+SET execution_count = s.execution_count + counted.n, last_executed_at = now()
+FROM counted, locked
+WHERE s.request_id = counted.id AND s.request_id = locked.request_id
+  AND set_config('synchronous_commit', $3, true) IS NOT NULL
+"""
+
+
+@dataclass(frozen=True)
+class _Entry:
+    session: ClaimedSession
+    until: float  # monotonic
+
+
+class SessionCache:
+    """Claimed sessions by request_id, each until a monotonic time; bounded in number."""
+
+    def __init__(self, seconds: float, max_entries: int = MAX_ENTRIES) -> None:
+        self._seconds = seconds
+        self._max_entries = max_entries
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+
+    def get(self, request_id: str, user_id: str | None) -> ClaimedSession | None:
+        """The session when kept, still valid, and `user_id`'s; None: ask the database."""
+        entry = self._entries.get(request_id)
+        if entry is None:
+            return None
+        if time.monotonic() >= entry.until:
+            del self._entries[request_id]
+            return None
+        if entry.session.user_id != user_id:  # another user's: the database refuses it
+            return None
+        self._entries.move_to_end(request_id)
+        return entry.session
+
+    def put(self, session: ClaimedSession, sent_at: float, expires_in: float | None) -> None:
+        """Keep a session claimed by a statement sent at `sent_at` (monotonic), which then had
+        `expires_in` seconds left by the database clock."""
+        if expires_in is None:
+            return
+        lasts = min(self._seconds, expires_in - EXPIRY_MARGIN_SECONDS)
+        if lasts <= 0:
+            return
+        self._entries[session.request_id] = _Entry(session, sent_at + lasts)
+        self._entries.move_to_end(session.request_id)
+        while len(self._entries) > self._max_entries:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class CountWriter:
+    """Executions counted in memory, flushed in one statement for many sessions."""
+
+    def __init__(self, db: Database, flush_ms: int) -> None:
+        self._db = db
+        self._interval = flush_ms / 1000
+        self._commit_mode = "on" if db.settings.claim_synchronous_commit else "off"
+        self._pending: dict[str, int] = {}
+        self._sending: dict[str, int] = {}
+        self._lock = asyncio.Lock()  # one flush at a time
+        self._wake = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def add(self, request_id: str, count: int) -> None:
+        """Count `count` executions of a session, in PostgreSQL after the next flush."""
+        self._pending[request_id] = self._pending.get(request_id, 0) + count
+        self._wake.set()
+        if self._flusher is None and not self._closed:
+            self._flusher = asyncio.create_task(self._flush_every_interval())
+
+    def pending(self, request_id: str) -> int:
+        """Executions of a session counted and not yet in PostgreSQL (being sent included)."""
+        return self._pending.get(request_id, 0) + self._sending.get(request_id, 0)
+
+    async def flush_session(self, request_id: str) -> None:
+        """Make a session's counts visible in PostgreSQL (with every other pending one);
+        nothing to do when it has none. DatabaseUnavailable when the flush fails."""
+        if self.pending(request_id):
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Send every pending count, after the flush under way; on failure they go back."""
+        async with self._lock:
+            if not self._pending:
+                return
+            self._sending, self._pending = self._pending, {}
+            ids = sorted(self._sending)
+            counts = [self._sending[request_id] for request_id in ids]
+            try:
+                deadline = Deadline.after(self._db.settings.command_timeout)
+                await self._db.fetch(deadline, _FLUSH, ids, counts, self._commit_mode)
+            except BaseException:
+                for request_id, count in self._sending.items():  # sent again by the next flush
+                    self._pending[request_id] = self._pending.get(request_id, 0) + count
+                raise
+            finally:
+                self._sending = {}
+
+    async def _flush_every_interval(self) -> None:
+        while True:
+            await self._wake.wait()
+            await asyncio.sleep(self._interval)
+            self._wake.clear()
+            try:
+                await self.flush()
+            except Exception as exc:  # the counts wait for the next flush, a second from now
+                if isinstance(exc, LambdaError):
+                    log.warning("execution counts not flushed, %d sessions wait: %s", len(self._pending), exc)
+                else:
+                    log.exception("execution counts not flushed, %d sessions wait", len(self._pending))
+                self._wake.set()
+                await asyncio.sleep(max(self._interval, RETRY_SECONDS))
+
+    async def close(self) -> None:
+        """Stop the task (never in the middle of a flush), then flush what is left; before
+        the database closes. What cannot be flushed is logged, and lost."""
+        self._closed = True
+        if self._flusher is not None:
+            async with self._lock:
+                await cancel_and_wait(self._flusher)
+            self._flusher = None
+        try:
+            await self.flush()
+        except Exception:
+            lost = sum(self._pending.values())
+            log.exception("at stop, %d executions of %d sessions not counted", lost, len(self._pending))
