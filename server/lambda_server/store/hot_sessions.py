@@ -40,20 +40,15 @@ MAX_ENTRIES = 4096  # sessions kept; the least recently used goes first
 EXPIRY_MARGIN_SECONDS = 0.25
 RETRY_SECONDS = 1.0  # after a flush that failed
 
-# Rows locked in request_id order: two replicas' flushes of the same sessions wait for
-# each other instead of deadlocking. A session deleted since is skipped (its count with it).
+# One statement for every session counted since the last flush, sent in request_id order
+# (two replicas' flushes of the same sessions mostly lock them in the same order; a
+# deadlock fails one, whose counts are sent again). A session deleted since is skipped,
+# its count with it.
 _FLUSH = """
-WITH counted AS (
-    SELECT id, n FROM unnest($1::uuid[], $2::int[]) AS counted(id, n)
-), locked AS (
-    SELECT s.request_id FROM meta.sessions s JOIN counted ON s.request_id = counted.id
-    ORDER BY s.request_id FOR UPDATE OF s
-)
 UPDATE meta.sessions s
 SET execution_count = s.execution_count + counted.n, last_executed_at = now()
-FROM counted, locked
-WHERE s.request_id = counted.id AND s.request_id = locked.request_id
-  AND set_config('synchronous_commit', $3, true) IS NOT NULL
+FROM unnest($1::uuid[], $2::int[]) AS counted(id, n)
+WHERE s.request_id = counted.id AND set_config('synchronous_commit', $3, true) IS NOT NULL
 """
 
 

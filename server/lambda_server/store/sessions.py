@@ -194,7 +194,9 @@ class SessionStore:
         return script
 
     async def get(self, request_id: str, user_id: str | None, deadline: Deadline) -> SessionRecord:
-        """A session of `user_id`; another user's session is not found, as if it did not exist."""
+        """A session of `user_id`; another user's session is not found, as if it did not exist.
+        Its executions counted on this replica and not yet written are written first."""
+        await self._counts.flush_session(request_id)
         row = await self._db.fetchrow(deadline, _SELECT, request_id)
         if row is None or row["user_id"] != user_id:
             raise SessionNotFound(f"session {request_id} not found", request_id=request_id)

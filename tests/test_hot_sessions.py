@@ -1,0 +1,179 @@
+"""Sessions kept in memory after a claim (SESSION_CACHE_SECONDS), counted write-behind
+(SESSION_COUNT_FLUSH_MS): exact counts once flushed, never run past their expiry."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from typing import Any
+
+import asyncpg
+import pytest
+
+from lambda_microservice import LambdaClient, SessionExpiredError, to_python
+from tests.support import ServerThread, eventually, run_sync, server_settings
+
+SCRIPT = "def handler(event):\n    return event['params']['n'] + 1"
+NEVER_MS = 600_000  # a flush interval no test waits for: only a GetSession or a stop flushes
+
+
+def hot_settings(cache_seconds: float, flush_ms: int) -> Any:
+    settings = server_settings()
+    database = replace(
+        settings.database, session_cache_seconds=cache_seconds, session_count_flush_ms=flush_ms
+    )
+    return replace(settings, database=database)
+
+
+async def _query(url: str, query: str, *args: Any) -> Any:
+    conn = await asyncpg.connect(url, timeout=5)
+    try:
+        return await conn.fetchval(query, *args)
+    finally:
+        await conn.close()
+
+
+def stored_count(url: str, request_id: str) -> int:
+    """meta.sessions.execution_count, read by the test itself (no server flushes for it)."""
+    query = "SELECT execution_count FROM meta.sessions WHERE request_id = $1::uuid"
+    return int(run_sync(_query(url, query, request_id)))
+
+
+def move_expiry(url: str, request_id: str, interval: str) -> None:
+    """Set the session's expires_at to PostgreSQL's now() plus `interval` (negative: past)."""
+    query = "UPDATE meta.sessions SET expires_at = now() + $2::interval WHERE request_id = $1::uuid"
+    sql(url, query, request_id, interval)
+
+
+def sql(url: str, query: str, *args: Any) -> Any:
+    return run_sync(_query(url, query, *args))
+
+
+@pytest.fixture
+def hot(database_url: str) -> Iterator[ServerThread]:
+    """A server that keeps claimed sessions for 30 s and flushes only when asked or at stop."""
+    running = ServerThread(hot_settings(30.0, NEVER_MS), database_url)
+    yield running
+    running.stop()
+
+
+def test_get_session_right_after_executes_shows_the_exact_count(hot: ServerThread, database_url: str) -> None:
+    with LambdaClient(hot.target, timeout=20) as client:
+        session = client.initialize("python-hot-get", SCRIPT)
+        for n in range(20):
+            assert to_python(client.execute(session.request_id, {"n": n}).result) == n + 1
+        # the first Execute claimed in PostgreSQL; the other 19 ran from memory, not yet written
+        assert stored_count(database_url, session.request_id) == 1
+        assert client.get_session(session.request_id).execution_count == 20
+        assert stored_count(database_url, session.request_id) == 20
+        client.execute(session.request_id, {"n": 0})
+        assert client.get_session(session.request_id).execution_count == 21
+
+
+def test_a_batch_from_memory_counts_each_item(hot: ServerThread, database_url: str) -> None:
+    with LambdaClient(hot.target, timeout=20) as client:
+        session = client.initialize("python-hot-batch", SCRIPT)
+        client.execute(session.request_id, {"n": 0})  # claimed: kept from now on
+        results = client.execute_batch(session.request_id, [{"n": n} for n in range(7)])
+        assert [to_python(item.result) for item in results] == [n + 1 for n in range(7)]
+        assert stored_count(database_url, session.request_id) == 1
+        assert client.get_session(session.request_id).execution_count == 8
+
+
+def test_counts_survive_a_graceful_stop(database_url: str) -> None:
+    running = ServerThread(hot_settings(30.0, NEVER_MS), database_url)
+    try:
+        with LambdaClient(running.target, timeout=20) as client:
+            session = client.initialize("python-hot-stop", SCRIPT)
+            for n in range(10):
+                client.execute(session.request_id, {"n": n})
+        assert stored_count(database_url, session.request_id) == 1
+    finally:
+        running.stop()
+    assert stored_count(database_url, session.request_id) == 10
+
+
+def test_counts_are_exact_across_two_replicas_once_flushed(database_url: str) -> None:
+    first = ServerThread(hot_settings(30.0, 20), database_url)
+    second = ServerThread(hot_settings(30.0, 20), database_url)
+    try:
+        with LambdaClient(first.target, timeout=20) as one, LambdaClient(second.target, timeout=20) as two:
+            session = one.initialize("python-hot-shared", SCRIPT)
+            calls = 300
+            with ThreadPoolExecutor(max_workers=16) as pool:
+                results = list(
+                    pool.map(
+                        lambda n: to_python(
+                            (one if n % 2 else two).execute(session.request_id, {"n": n}).result
+                        ),
+                        range(calls),
+                    )
+                )
+            assert results == [n + 1 for n in range(calls)]
+            # each replica's background flush, every 20 ms, writes the rest
+            eventually(lambda: stored_count(database_url, session.request_id) == calls, timeout=10)
+            assert one.get_session(session.request_id).execution_count == calls
+            assert two.get_session(session.request_id).execution_count == calls
+    finally:
+        first.stop()
+        second.stop()
+    assert stored_count(database_url, session.request_id) == calls
+
+
+def test_an_expired_session_is_refused_within_the_cache_bound(database_url: str) -> None:
+    cache_seconds = 1.0
+    running = ServerThread(hot_settings(cache_seconds, 5), database_url)
+    try:
+        with LambdaClient(running.target, timeout=20) as client:
+            session = client.initialize("python-hot-expiry", SCRIPT)
+            client.execute(session.request_id, {"n": 0})  # claimed and kept
+            move_expiry(database_url, session.request_id, "-1 second")
+            moved = time.monotonic()
+
+            def refused() -> bool:
+                try:
+                    client.execute(session.request_id, {"n": 1})
+                except SessionExpiredError:
+                    return True
+                return False  # ran from memory: within the bound
+
+            eventually(refused, timeout=cache_seconds + 10)
+            # whatever ran from memory until then: no Execute begun past the bound runs
+            time.sleep(max(0.0, moved + cache_seconds - time.monotonic()))
+            for n in range(3):
+                with pytest.raises(SessionExpiredError):
+                    client.execute(session.request_id, {"n": n})
+    finally:
+        running.stop()
+
+
+def test_a_kept_session_never_runs_past_its_expires_at_by_the_database_clock(
+    hot: ServerThread, database_url: str
+) -> None:
+    with LambdaClient(hot.target, timeout=20) as client:
+        session = client.initialize("python-hot-deadline", SCRIPT)
+        move_expiry(database_url, session.request_id, "1.5 seconds")
+        client.execute(session.request_id, {"n": 0})  # claimed with 1.5 s left, kept 30 s at most
+        client.execute(session.request_id, {"n": 0})
+        passed = "SELECT now() > expires_at FROM meta.sessions WHERE request_id = $1::uuid"
+        eventually(lambda: sql(database_url, passed, session.request_id), timeout=10)
+        with pytest.raises(SessionExpiredError):
+            client.execute(session.request_id, {"n": 1})
+        assert client.get_session(session.request_id).execution_count == 2
+
+
+def test_with_the_cache_off_every_execute_claims_in_postgresql(database_url: str) -> None:
+    running = ServerThread(hot_settings(0.0, NEVER_MS), database_url)
+    try:
+        with LambdaClient(running.target, timeout=20) as client:
+            session = client.initialize("python-hot-off", SCRIPT)
+            for n in range(5):
+                client.execute(session.request_id, {"n": n})
+                assert stored_count(database_url, session.request_id) == n + 1
+            move_expiry(database_url, session.request_id, "-1 second")
+            with pytest.raises(SessionExpiredError):
+                client.execute(session.request_id, {"n": 0})
+    finally:
+        running.stop()
