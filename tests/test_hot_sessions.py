@@ -43,7 +43,7 @@ def stored_count(url: str, request_id: str) -> int:
 
 def move_expiry(url: str, request_id: str, interval: str) -> None:
     """Set the session's expires_at to PostgreSQL's now() plus `interval` (negative: past)."""
-    query = "UPDATE meta.sessions SET expires_at = now() + $2::interval WHERE request_id = $1::uuid"
+    query = "UPDATE meta.sessions SET expires_at = now() + $2::text::interval WHERE request_id = $1::uuid"
     sql(url, query, request_id, interval)
 
 
