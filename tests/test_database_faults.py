@@ -40,7 +40,11 @@ def own_cluster() -> Iterator[cluster.Cluster]:
 def faulty_server(own_cluster: cluster.Cluster) -> Iterator[ServerThread]:
     settings = server_settings()
     database = DatabaseSettings(
-        connect_timeout=1.0, command_timeout=1.5, statement_timeout_ms=1000, lock_timeout_ms=500
+        connect_timeout=1.0,
+        command_timeout=1.5,
+        statement_timeout_ms=1000,
+        lock_timeout_ms=500,
+        session_cache_seconds=0.0,  # every Execute meets the fault: none runs from memory
     )
     running = ServerThread(replace(settings, database=database, health_interval_seconds=0.2), own_cluster.url)
     yield running
