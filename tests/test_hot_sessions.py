@@ -10,9 +10,11 @@ from dataclasses import replace
 from typing import Any
 
 import asyncpg
+import jwt
 import pytest
 
-from lambda_microservice import LambdaClient, SessionExpiredError, to_python
+from lambda_microservice import LambdaClient, NotFoundError, SessionExpiredError, to_python
+from lambda_server.config import AuthSettings
 from tests.support import ServerThread, eventually, run_sync, server_settings
 
 SCRIPT = "def handler(event):\n    return event['params']['n'] + 1"
@@ -175,5 +177,30 @@ def test_with_the_cache_off_every_execute_claims_in_postgresql(database_url: str
             move_expiry(database_url, session.request_id, "-1 second")
             with pytest.raises(SessionExpiredError):
                 client.execute(session.request_id, {"n": 0})
+    finally:
+        running.stop()
+
+
+def test_a_kept_session_is_not_found_for_another_user(database_url: str) -> None:
+    secret = "a-test-secret-of-at-least-32-bytes!!"
+    auth = AuthSettings(mode="jwt", jwt_secret=secret, rate_limit_per_minute=0)
+    running = ServerThread(replace(hot_settings(30.0, NEVER_MS), auth=auth), database_url)
+
+    def client_of(sub: str) -> LambdaClient:
+        payload = {"sub": sub, "scope": "execute:all read:functions", "exp": int(time.time()) + 300}
+        bearer = jwt.encode(payload, secret, algorithm="HS256")
+        return LambdaClient(running.target, timeout=20, metadata=(("authorization", f"Bearer {bearer}"),))
+
+    try:
+        with client_of("alice") as alice, client_of("mallory") as mallory:
+            session = alice.initialize("python-hot-owner", SCRIPT)
+            alice.execute(session.request_id, {"n": 0})  # claimed and kept
+            alice.execute(session.request_id, {"n": 0})  # from memory
+            for _ in range(3):
+                with pytest.raises(NotFoundError) as refused:
+                    mallory.execute(session.request_id, {"n": 0})
+                assert not isinstance(refused.value, SessionExpiredError)
+            assert to_python(alice.execute(session.request_id, {"n": 4}).result) == 5
+            assert alice.get_session(session.request_id).execution_count == 3
     finally:
         running.stop()
