@@ -58,6 +58,8 @@ _COMPILED = """
 UPDATE meta.sessions SET compile_status = $2, compile_error = $3 WHERE request_id = ANY($1::uuid[])
 """
 
+_UNSETTLED = (CompileStatus.PENDING, CompileStatus.ERROR)
+
 _SCRIPT = "SELECT script_content FROM meta.sessions WHERE request_id = $1"
 
 
@@ -178,7 +180,9 @@ class SessionStore:
             options=_options(row["options"]),
             compile_status=CompileStatus(row["compile_status"]) if row["compile_status"] else None,
         )
-        if self._cache is not None:
+        # one whose compile is not known to have succeeded is read again: its Execute records
+        # how the compile ends (usecases/builds.py), once
+        if self._cache is not None and session.compile_status not in _UNSETTLED:
             self._cache.put(session, sent_at, row["expires_in"])
         return session
 
