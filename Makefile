@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint proto migrate bench venv buf tools clean runtime-packages test-packages
+.PHONY: help run test lint proto migrate bench flame venv buf tools clean runtime-packages test-packages
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -61,6 +61,9 @@ migrate: $(STAMP) ## apply the migrations to DATABASE_URL (or the embedded datab
 
 bench: $(STAMP) test-packages ## latency and throughput against the floor (bench/README.md); BENCH_ARGS=--quick
 	$(PY) -m bench $(BENCH_ARGS)
+
+flame: $(STAMP) test-packages ## py-spy flame graph of warm Executes at saturation: bench/flame-execute.svg
+	$(PY) -m bench.flame
 
 # Debian packages, each with the command or file that shows it is there.
 # Every runtime's: Rust scripts compile with rustc and cargo (Debian's where none is

@@ -97,14 +97,16 @@ def chart(report: dict[str, Any], path: Path) -> None:
 
     rows = report["throughput"]["rows"]
     latency_rows = report["latency"]["rows"]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(14, 5.5))
-    names = [row["name"] for row in rows]
-    left.barh(names, [row["rps"] for row in rows], color="#4C72B0")
+    figure, (left, right) = plt.subplots(1, 2, figsize=(15, 7.5))
+    names = [f"{row['name']} ({row['in_flight']} in flight)" for row in rows]
+    colors = ["#4C72B0" if row["in_flight"] <= 16 else "#DD8452" for row in rows]
+    left.barh(range(len(rows)), [row["rps"] for row in rows], color=colors)
+    left.set_yticks(range(len(rows)), names, fontsize=8)
     for y, row in enumerate(rows):
-        left.text(row["rps"], y, f" {row['rps']:.0f} ({row['ratio']:.2f}x)", va="center", fontsize=8)
+        left.text(row["rps"], y, f" {row['rps']:.0f} ({row['ratio']:.2f}x)", va="center", fontsize=7)
     left.invert_yaxis()
     left.set_xlabel("requests/s (saturating)")
-    left.set_title("Throughput, and its ratio to the floor")
+    left.set_title("Throughput, and its ratio to the floor at the same concurrency")
     names = list(latency_rows)
     y = range(len(names))
     right.barh([i - 0.2 for i in y], [latency_rows[n]["p50_ms"] for n in names], height=0.4, label="p50")

@@ -5,7 +5,8 @@
 Each server runs as `python -m lambda_server` (the other checkout's with its own venv's
 Python) on a database of its own, with every sandbox layer its code has. Rounds visit
 both in turn: a warm Python Execute's p50 over sequential calls (concurrency 1), then
-h2load's throughput at 16 calls in flight; medians over the rounds, and this checkout's
+h2load's throughput at 16 calls in flight, with the CPU an Execute costs the server and
+PostgreSQL (every postgres process on the machine); medians over the rounds, and this checkout's
 as a ratio to the other's. The other server runs with uids of its own: this one is made
 to claim a uid range past the one the other's code numbers from.
 """
@@ -27,7 +28,7 @@ from google.protobuf.struct_pb2 import Struct
 
 from bench.latency import timed
 from bench.server import BenchServer
-from bench.throughput import SCRIPTS, SERVICE, Load, h2load
+from bench.throughput import SCRIPTS, SERVICE, Load, measure
 from lambda_microservice import LambdaClient
 from lambda_microservice.v1 import lambda_service_pb2 as pb
 from tests.support import create_database, drop_database, port_answers, run_sync, with_database
@@ -98,6 +99,9 @@ def main() -> None:
     pythons = {"other": args.other_python, "this": sys.executable}
     p50: dict[str, list[float]] = {name: [] for name in pythons}
     rps: dict[str, list[float]] = {name: [] for name in pythons}
+    cpu: dict[str, dict[str, list[float]]] = {
+        part: {name: [] for name in pythons} for part in ("server", "postgres")
+    }
     failed = 0
     with ExitStack() as stack:
         stack.enter_context(first_uid_range_held())
@@ -119,19 +123,24 @@ def main() -> None:
                 params = Struct()
                 params.update({"n": 41})
                 request = pb.ExecuteRequest(request_id=request_id, params=params)
-                row = h2load(running, f"/{SERVICE}/Execute", request, load)
+                row = measure(running, "warm Execute", f"{SERVICE}/Execute", request, load)
                 rps[name].append(row["rps"])
-                failed += int(row["failed"])
+                for part in ("server", "postgres"):
+                    cpu[part][name].append(row["cpu_us"][part])
+                failed += int(row["errors"])
     for name in pythons:
         print(
             f"{name:>6}: warm Execute p50 {statistics.median(p50[name]):.3f} ms "
             f"{[round(x, 3) for x in p50[name]]}, throughput {statistics.median(rps[name]):.0f}/s "
-            f"{[round(x) for x in rps[name]]}"
+            f"{[round(x) for x in rps[name]]}; CPU us an Execute: server "
+            f"{statistics.median(cpu['server'][name]):.0f} {[round(x) for x in cpu['server'][name]]}, "
+            f"postgres {statistics.median(cpu['postgres'][name]):.0f} "
+            f"{[round(x) for x in cpu['postgres'][name]]}"
         )
     print(
         f"this/other: p50 {statistics.median(p50['this']) / statistics.median(p50['other']):.3f}x, "
         f"throughput {statistics.median(rps['this']) / statistics.median(rps['other']):.3f}x; "
-        f"h2load failures {failed}"
+        f"errors {failed}"
     )
 
 

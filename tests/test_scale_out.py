@@ -7,15 +7,18 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
+import asyncpg
 import pytest
 
 from lambda_microservice import LambdaClient, to_python
-from tests.support import free_port, port_answers, server_process
+from tests.support import free_port, port_answers, run_sync, server_process
 
 PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
 IDLE_TIMEOUT = "idle_in_transaction_session_timeout"
@@ -97,13 +100,16 @@ pidfile = {directory}/pgbouncer.pid
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def test_the_service_works_behind_pgbouncer_in_transaction_mode(pgbouncer: str) -> None:
+def test_the_service_works_behind_pgbouncer_in_transaction_mode(pgbouncer: str, database_url: str) -> None:
     with server_process(pgbouncer, DATABASE_STATEMENT_CACHE="off") as behind:
         with LambdaClient(behind.target, timeout=20) as client:
             assert client.health().components["postgres"] == "ok"
             session = client.initialize(
                 "python-pooled", "def handler(event):\n    return event['params']['n'] + 1"
             )
+            failing = client.initialize("python-pooled", "def handler(event):\n    raise ValueError('no')")
+            for _ in range(3):  # request logs with error rows: both COPYs in one transaction
+                assert client.execute(failing.request_id).error.message == "ValueError: no"
             with ThreadPoolExecutor(max_workers=12) as pool:  # more callers than pgbouncer's 5 connections
                 results = list(
                     pool.map(
@@ -113,3 +119,24 @@ def test_the_service_works_behind_pgbouncer_in_transaction_mode(pgbouncer: str) 
             assert results == [n + 1 for n in range(100)]
             assert client.get_session(session.request_id).execution_count == 100
             assert client.get_function("nodejs-calculator").language_title == "nodejs-calculator"
+    # the server stopped gracefully: every request log was written through pgbouncer (COPY)
+    rows = run_sync(
+        _fetch(
+            database_url,
+            "SELECT r.request_id, count(e.id) AS errors FROM public.request_logs r"
+            " LEFT JOIN public.error_logs e ON e.request_log_id = r.id"
+            " WHERE r.request_id = ANY($1::text[]) GROUP BY r.id",
+            [session.request_id, failing.request_id],
+        )
+    )
+    by_session = Counter((row["request_id"], row["errors"]) for row in rows)
+    assert by_session == {(session.request_id, 0): 100, (failing.request_id, 1): 3}
+
+
+async def _fetch(url: str, query: str, *args: Any) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        rows: list[asyncpg.Record] = await conn.fetch(query, *args)
+        return rows
+    finally:
+        await conn.close()

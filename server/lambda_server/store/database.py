@@ -18,6 +18,8 @@ from lambda_server.errors import DatabaseUnavailable, DeadlineExceeded, Internal
 
 log = logging.getLogger(__name__)
 
+_JSONB_VERSION = b"\x01"
+
 # Errors after which PostgreSQL or the connection to it cannot serve now: the
 # caller gets UNAVAILABLE and may retry. Every other PostgresError is a bug.
 _UNAVAILABLE = (
@@ -206,11 +208,14 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
+    # binary, so that COPY (the request logs) can send jsonb: its binary form is a
+    # version byte, 1, then the JSON text; an orjson.Fragment goes as it is
     await conn.set_type_codec(
         "jsonb",
         schema="pg_catalog",
-        encoder=lambda value: orjson.dumps(value).decode(),
-        decoder=orjson.loads,
+        encoder=lambda value: _JSONB_VERSION + orjson.dumps(value),
+        decoder=lambda data: orjson.loads(data[1:]),
+        format="binary",
     )
 
 

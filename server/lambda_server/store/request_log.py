@@ -1,8 +1,8 @@
 """The request-log writer: public.request_logs and error_logs, in batches, off the hot path.
 
 `record()` is synchronous and never waits: it appends to a bounded queue, and a
-background task writes what is queued in batches, one INSERT statement a batch
-(request_logs rows, then their error_logs rows, in one transaction).
+background task writes what is queued in batches, with COPY: one a batch, or
+two in one transaction when the batch has error_logs rows.
 
 When the queue is full the new record is DROPPED, counted in
 `lambda_request_log_dropped` and logged as a warning at most once a minute.
@@ -38,7 +38,7 @@ import orjson
 from lambda_server import json_text
 from lambda_server.config import RequestLogSettings
 from lambda_server.domain import JSON, Deadline, RequestLogEntry
-from lambda_server.errors import DeadlineExceeded, LambdaError, Unavailable
+from lambda_server.errors import DeadlineExceeded, InternalError, LambdaError, Unavailable
 from lambda_server.metrics import Metrics
 from lambda_server.store.database import Database
 from lambda_server.tasks import cancel_and_wait
@@ -51,31 +51,32 @@ RETRY_FIRST = 0.1  # seconds
 RETRY_MAX = 5.0
 WARN_EVERY = 60.0  # seconds between two "dropped" warnings
 
-# One statement a batch: atomic on its own, one round trip. The data-modifying
-# CTE inserts the request_logs rows before the error_logs rows are checked
-# against them. JSON goes as text, encoded here, so that a value PostgreSQL
-# cannot hold is found before it can poison a batch.
-_INSERT = """
-WITH logged AS (
-    INSERT INTO public.request_logs
-        (id, request_id, language_title, "timestamp", client_ip, user_id, request_headers,
-         request_payload, response_payload, status_code, duration_ms, cached, error_details,
-         runtime_metrics, grpc_code, items)
-    SELECT id, request_id, language_title, at, client_ip, user_id, headers::jsonb,
-           request::jsonb, response::jsonb, status_code, duration_ms, cached, details::jsonb,
-           metrics::jsonb, grpc_code, items
-    FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[],
-                $7::text[], $8::text[], $9::text[], $10::int[], $11::int[], $12::bool[],
-                $13::text[], $14::text[], $15::text[], $16::int[])
-         AS r(id, request_id, language_title, at, client_ip, user_id, headers, request, response,
-              status_code, duration_ms, cached, details, metrics, grpc_code, items)
+# COPY (binary), not INSERT: PostgreSQL parses and plans nothing a row, and the rows
+# travel in asyncpg's binary encoding. The ids are drawn here, so that the
+# error_logs rows can name their request_logs row before either is written. A
+# batch with error rows copies both tables in one transaction; one without is a
+# single COPY, atomic on its own. JSON goes as text encoded here (an
+# orjson.Fragment, passed through as it is by the connection's jsonb codec), so
+# that a value PostgreSQL cannot hold is found before it can poison a batch.
+_REQUEST_COLUMNS = (
+    "id",
+    "request_id",
+    "language_title",
+    "timestamp",
+    "client_ip",
+    "user_id",
+    "request_headers",
+    "request_payload",
+    "response_payload",
+    "status_code",
+    "duration_ms",
+    "cached",
+    "error_details",
+    "runtime_metrics",
+    "grpc_code",
+    "items",
 )
-INSERT INTO public.error_logs
-    (request_log_id, "timestamp", error_code, error_message, stack_trace, context)
-SELECT request_log_id, at, code, message, stack_trace, context::jsonb
-FROM unnest($17::uuid[], $18::timestamptz[], $19::text[], $20::text[], $21::text[], $22::text[])
-     AS e(request_log_id, at, code, message, stack_trace, context)
-"""
+_ERROR_COLUMNS = ("request_log_id", "timestamp", "error_code", "error_message", "stack_trace", "context")
 
 # `\u0000` not itself escaped (preceded by an even number of backslashes):
 # jsonb cannot hold U+0000, so it becomes U+FFFD, as NUL does in text columns.
@@ -219,10 +220,19 @@ class RequestLogWriter:
                 self._written(1)
 
     async def _write(self, entries: Sequence[RequestLogEntry]) -> None:
-        args = _columns(entries)
-        # a value asyncpg cannot encode fails as a DataError, a PostgresError: InternalError
-        async with self._db.connection(Deadline.after(None)) as conn:
-            await conn.execute(_INSERT, *args)
+        requests, errors = _rows(entries)
+        try:
+            async with self._db.connection(Deadline.after(None)) as conn:
+                if errors:
+                    async with conn.transaction():
+                        await _copy(conn, "request_logs", _REQUEST_COLUMNS, requests)
+                        await _copy(conn, "error_logs", _ERROR_COLUMNS, errors)
+                else:
+                    await _copy(conn, "request_logs", _REQUEST_COLUMNS, requests)
+        except (TypeError, ValueError, OverflowError) as exc:
+            # a value asyncpg cannot encode fails in COPY as it is, not as a DataError
+            # (the connection is dropped, the COPY aborted): refused, like a bad row
+            raise InternalError(f"a request log value could not be encoded: {exc}") from exc
 
     def _discard_batch(self, why: str) -> None:
         count, self._batch = len(self._batch), []
@@ -242,45 +252,49 @@ class RequestLogWriter:
             log.warning("request logs: dropped %d record(s): %s", count, why)
 
 
-def _columns(entries: Sequence[RequestLogEntry]) -> list[list[Any]]:
-    """The INSERT's 22 arrays: 16 columns of request_logs, then 6 of error_logs."""
-    request: list[list[Any]] = [[] for _ in range(16)]
-    error: list[list[Any]] = [[] for _ in range(6)]
+async def _copy(conn: Any, table: str, columns: Sequence[str], rows: list[tuple[Any, ...]]) -> None:
+    await conn.copy_records_to_table(table, schema_name="public", columns=list(columns), records=rows)
+
+
+def _rows(entries: Sequence[RequestLogEntry]) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """The COPY's rows: request_logs' (16 columns), then error_logs' (6)."""
+    requests: list[tuple[Any, ...]] = []
+    errors: list[tuple[Any, ...]] = []
     for entry in entries:
         row_id = uuid.uuid4()
-        row = (
-            row_id,
-            _text(entry.request_id, 64),
-            _text(entry.language_title, 128) or "",
-            entry.timestamp,
-            _text(entry.client_ip, 45),
-            _text(entry.user_id, 128),
-            _json(entry.request_headers),
-            _json(entry.request_payload),
-            _json(entry.response_payload),
-            entry.status_code,
-            max(0, min(entry.duration_ms, _INT_MAX)),
-            entry.cached,
-            _json(entry.error_details),
-            _json(entry.runtime_metrics),
-            _text(entry.grpc_code, 32),
-            entry.items,
+        requests.append(
+            (
+                row_id,
+                _text(entry.request_id, 64),
+                _text(entry.language_title, 128) or "",
+                entry.timestamp,
+                _text(entry.client_ip, 45),
+                _text(entry.user_id, 128),
+                _json(entry.request_headers),
+                _json(entry.request_payload),
+                _json(entry.response_payload),
+                entry.status_code,
+                max(0, min(entry.duration_ms, _INT_MAX)),
+                entry.cached,
+                _json(entry.error_details),
+                _json(entry.runtime_metrics),
+                _text(entry.grpc_code, 32),
+                entry.items,
+            )
         )
-        for column, value in zip(request, row, strict=True):
-            column.append(value)
         if entry.error is not None:
             failure = entry.error
-            values = (
-                row_id,
-                entry.timestamp,
-                _text(failure.code, 64) or "",
-                _text(failure.message, None) or "",
-                _text(failure.stack_trace, None) or None,
-                _json(failure.context),
+            errors.append(
+                (
+                    row_id,
+                    entry.timestamp,
+                    _text(failure.code, 64) or "",
+                    _text(failure.message, None) or "",
+                    _text(failure.stack_trace, None) or None,
+                    _json(failure.context),
+                )
             )
-            for column, value in zip(error, values, strict=True):
-                column.append(value)
-    return [*request, *error]
+    return requests, errors
 
 
 def _text(value: str | None, limit: int | None) -> str | None:
@@ -292,14 +306,14 @@ def _text(value: str | None, limit: int | None) -> str | None:
     return value if limit is None else value[:limit]
 
 
-def _json(value: JSON) -> str | None:
-    """JSON text jsonb can hold; None stays SQL NULL."""
+def _json(value: JSON) -> orjson.Fragment | None:
+    """JSON text jsonb can hold, as a fragment the jsonb codec sends as it is; None stays SQL NULL."""
     if value is None:
         return None
     try:
-        text = json_text.dumps(value).decode()  # params_json's integers past 64 bits too: jsonb holds them
+        text = json_text.dumps(value)  # params_json's integers past 64 bits too: jsonb holds them
     except (TypeError, ValueError) as exc:  # not JSON (cannot happen for what the API converted)
-        return orjson.dumps({"unloggable": str(exc)}).decode()
-    if "\\u0000" in text:
-        text = _NUL_ESCAPE.sub(lambda match: f"{match.group(1)}\\ufffd", text)
-    return text
+        return orjson.Fragment(orjson.dumps({"unloggable": str(exc)}))
+    if b"\\u0000" in text:
+        text = _NUL_ESCAPE.sub(lambda match: f"{match.group(1)}\\ufffd", text.decode()).encode()
+    return orjson.Fragment(text)
