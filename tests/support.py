@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +25,7 @@ import asyncpg
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
+from lambda_microservice import to_python
 from lambda_server.app import Server, build_server, new_event_loop
 from lambda_server.config import DatabaseSettings, RuntimeSettings, Settings
 
@@ -435,3 +437,15 @@ def assert_p99_within(
         f"the second tenant's p99 under attack, {1000 * attacked:.1f} ms, is over {factor:g}x "
         f"its p99 alone, {1000 * baseline:.1f} ms"
     )
+
+
+def alternated_executes(one: Any, two: Any, request_id: str, calls: int) -> list[Any]:
+    """The results of `calls` Executes of a session (params {"n": n}), 16 in flight, sent in
+    turn to two clients (two replicas)."""
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return list(
+            pool.map(
+                lambda n: to_python((one if n % 2 else two).execute(request_id, {"n": n}).result),
+                range(calls),
+            )
+        )

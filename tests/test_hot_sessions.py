@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
@@ -15,7 +14,7 @@ import pytest
 
 from lambda_microservice import LambdaClient, NotFoundError, SessionExpiredError, to_python
 from lambda_server.config import AuthSettings
-from tests.support import ServerThread, eventually, run_sync, server_settings
+from tests.support import ServerThread, alternated_executes, eventually, run_sync, server_settings
 
 SCRIPT = "def handler(event):\n    return event['params']['n'] + 1"
 NEVER_MS = 600_000  # a flush interval no test waits for: only a GetSession or a stop flushes
@@ -104,15 +103,7 @@ def test_counts_are_exact_across_two_replicas_once_flushed(database_url: str) ->
         with LambdaClient(first.target, timeout=20) as one, LambdaClient(second.target, timeout=20) as two:
             session = one.initialize("python-hot-shared", SCRIPT)
             calls = 300
-            with ThreadPoolExecutor(max_workers=16) as pool:
-                results = list(
-                    pool.map(
-                        lambda n: to_python(
-                            (one if n % 2 else two).execute(session.request_id, {"n": n}).result
-                        ),
-                        range(calls),
-                    )
-                )
+            results = alternated_executes(one, two, session.request_id, calls)
             assert results == [n + 1 for n in range(calls)]
             # each replica's background flush, every 20 ms, writes the rest
             eventually(lambda: stored_count(database_url, session.request_id) == calls, timeout=10)

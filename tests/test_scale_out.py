@@ -18,7 +18,7 @@ import asyncpg
 import pytest
 
 from lambda_microservice import LambdaClient, to_python
-from tests.support import free_port, port_answers, run_sync, server_process
+from tests.support import alternated_executes, free_port, port_answers, run_sync, server_process
 
 PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
 IDLE_TIMEOUT = "idle_in_transaction_session_timeout"
@@ -32,15 +32,7 @@ def test_a_session_made_on_one_server_runs_on_the_other_and_counts_stay_exact(da
             )
             assert to_python(two.execute(session.request_id, {"n": 2}).result) == 6
             calls = 200
-            with ThreadPoolExecutor(max_workers=16) as pool:
-                results = list(
-                    pool.map(
-                        lambda n: to_python(
-                            (one if n % 2 else two).execute(session.request_id, {"n": n}).result
-                        ),
-                        range(calls),
-                    )
-                )
+            results = alternated_executes(one, two, session.request_id, calls)
             assert results == [3 * n for n in range(calls)]
             assert one.get_session(session.request_id).execution_count == calls + 1
             assert two.get_session(session.request_id).execution_count == calls + 1
