@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="how long py-spy samples")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples a second")
     parser.add_argument("--output", type=Path, default=SVG)
+    parser.add_argument("--raw", action="store_true", help="collapsed stacks (text) instead of an SVG")
     args = parser.parse_args()
     if not Path(H2LOAD).exists():
         raise SystemExit("bench.flame: h2load is missing (`make bench` installs Debian's nghttp2-client)")
@@ -67,7 +68,7 @@ def main() -> None:
                 f"--duration={args.seconds:g}",
                 f"--rate={args.rate}",
                 "--threads",
-                "--format=flamegraph",
+                "--format=raw" if args.raw else "--format=flamegraph",
                 f"--output={args.output}",
                 "--nonblocking",
             ],
