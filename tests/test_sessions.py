@@ -147,3 +147,33 @@ def test_an_expired_session_is_not_found_with_reason_session_expired(database_ur
             assert client.get_session(session.request_id).execution_count == 1
     finally:
         running.stop()
+
+
+def test_a_request_id_in_any_uuid_spelling_finds_its_session(client: LambdaClient) -> None:
+    """The canonical spelling takes a fast path; upper case, braces and no hyphens are
+    still the same session, answered under its canonical request_id."""
+    session = client.initialize("python-spellings", "result = params['n'] + 1")
+    for spelling in (
+        session.request_id,
+        session.request_id.upper(),
+        "{" + session.request_id + "}",
+        session.request_id.replace("-", ""),
+    ):
+        response = client.execute(spelling, {"n": 1})
+        assert not response.HasField("error"), response.error
+        assert response.request_id == session.request_id
+    with pytest.raises(Exception) as refused:
+        client.execute(session.request_id[:-1] + "g", {"n": 1})
+    assert "is not a UUID" in str(refused.value)
+
+
+def test_a_title_resolved_once_resolves_the_same_and_an_unknown_one_is_refused_every_time(
+    client: LambdaClient,
+) -> None:
+    """resolve() remembers titles it resolved; it never remembers a refusal."""
+    for _ in range(2):
+        first = client.initialize("python-remembered", "result = 1")
+        assert to_python(client.execute(first.request_id, {}).result) == 1
+        with pytest.raises(Exception) as refused:
+            client.initialize("cobol-remembered", "result = 1")
+        assert "unknown language" in str(refused.value)

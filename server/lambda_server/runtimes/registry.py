@@ -15,6 +15,7 @@ from lambda_server.errors import RuntimeNotAvailable, UnknownLanguage
 _HERE = Path(__file__).resolve().parent
 DEFAULT_MAPPINGS = _HERE / "runtime_mappings.json"
 MAX_TITLE_LENGTH = 128
+MAX_RESOLVED = 4096  # titles remembered by resolve(); past it, it starts over
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,9 @@ class RuntimeRegistry:
     def __init__(self, mappings: list[Mapping], specs: dict[str, RuntimeSpec]) -> None:
         self._mappings = mappings
         self.specs = specs
+        # titles already resolved to an available runtime: the mappings and the specs do not
+        # change while the server runs, and every Execute resolves its session's title
+        self._resolved: dict[str, RuntimeSpec] = {}
         # named in every refusal; built once, not on each Execute's lookup
         self._known = ", ".join(m.describe() for m in mappings)
 
@@ -88,6 +92,15 @@ class RuntimeRegistry:
 
     def resolve(self, language_title: str) -> RuntimeSpec:
         """The runtime for a title; UnknownLanguage or RuntimeNotAvailable when there is none."""
+        spec = self._resolved.get(language_title)
+        if spec is None:
+            spec = self._match(language_title)
+            if len(self._resolved) >= MAX_RESOLVED:
+                self._resolved.clear()
+            self._resolved[language_title] = spec
+        return spec
+
+    def _match(self, language_title: str) -> RuntimeSpec:
         known = self._known
         if not language_title:
             raise UnknownLanguage(

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 
 from lambda_server.domain import JSON
 from lambda_server.errors import InvalidRequest
 
+# A UUID in its canonical form already, as this server hands them out and callers send them back.
+_CANONICAL = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
 
 def parse_request_id(raw: str) -> str:
     """The canonical form of a request_id; InvalidRequest unless it is a UUID."""
+    if isinstance(raw, str) and _CANONICAL.fullmatch(raw):
+        return raw
     try:
         return str(uuid.UUID(raw))
     except (ValueError, TypeError, AttributeError):
