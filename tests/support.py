@@ -305,10 +305,13 @@ class ServerProcess:
 
 
 @contextmanager
-def server_process(database_url: str, **env_overrides: str) -> Iterator[ServerProcess]:
+def server_process(
+    database_url: str, *, python: str = sys.executable, cwd: Path = ROOT, **env_overrides: str
+) -> Iterator[ServerProcess]:
     """The server as its own process on `database_url` with the default settings (anonymous
     callers unlimited), once it serves; stopped at the end. LOG_LEVEL must stay INFO or
-    below: its start-up lines are read."""
+    below: its start-up lines are read. `python`: another checkout's venv Python runs its
+    own server (bench.versions)."""
     env = {
         **env_without_database(),
         "DATABASE_URL": database_url,
@@ -318,13 +321,13 @@ def server_process(database_url: str, **env_overrides: str) -> Iterator[ServerPr
         **env_overrides,
     }
     process = subprocess.Popen(
-        [sys.executable, "-m", "lambda_server"],
+        [python, "-m", "lambda_server"],
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        cwd=ROOT,
+        cwd=cwd,
     )
     try:
         assert process.stderr is not None
