@@ -181,3 +181,33 @@ def test_a_first_execution_that_ends_its_process_or_forks_leaves_no_group_behind
 
         # every group left holds a live environment (pre-started, or bound and idle)
         eventually(lambda: not empty_groups(), timeout=20, message=lambda: str(empty_groups()))
+
+
+# `thread` starts a daemon thread (the runtime has two from then on), `fork` leaves a child
+THREADS_THEN_FORKS = """
+import os, threading, time
+
+def handler(event):
+    if event['params'].get('thread'):
+        threading.Thread(target=time.sleep, args=(600,), daemon=True).start()
+    if event['params'].get('fork') and os.fork() == 0:
+        time.sleep(60)
+        os._exit(0)
+    return os.getuid()
+"""
+
+
+@pytest.mark.parametrize("threads", [False, True])
+def test_a_child_left_behind_ends_the_environment_after_its_execution(
+    lazy_server: ServerProcess, threads: bool
+) -> None:
+    """The straggler check counts the environment's tasks first and lists its processes
+    only when there is more than one: a child is caught after the execution that left it,
+    whether the runtime has its one thread or a script's thread beside it."""
+    with LambdaClient(lazy_server.target, timeout=30) as client:
+        session = client.initialize("python-threads-forks", THREADS_THEN_FORKS + f"# {threads}")
+        uid = to_python(client.execute(session.request_id, {"thread": threads}).result)
+        assert to_python(client.execute(session.request_id).result) == uid  # kept: no child
+        assert to_python(client.execute(session.request_id, {"fork": True}).result) == uid
+        after = to_python(client.execute(session.request_id).result)
+    assert after != uid, "the environment with a child left behind was reused"

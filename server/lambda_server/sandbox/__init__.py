@@ -34,7 +34,6 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -243,11 +242,11 @@ class Sandbox:
         except RuntimeError:  # closed: the server is stopping
             return None
 
-    def _freeze_later(self, freeze: Callable[[int], None], generation: int) -> None:
+    def _freeze_later(self, confinement: Confinement, generation: int) -> None:
         if self._freeze_at_once:
-            freeze(generation)
+            confinement.freeze_if_parked(generation)
         else:
-            self._freezes.later(freeze, generation)
+            self._freezes.later(confinement, generation)
 
     def _leave_owner(self, owner: str) -> None:
         """On the cgroup thread: an environment of `owner` was removed."""

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import logging
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -64,20 +66,23 @@ class CgroupThread:
 
 
 class Freezes:
-    """Freezes parked environments once they have been idle `grace` seconds: one timer for
-    all, and a queue in the order they were parked (the grace is the same for every one),
-    so that a park costs an append and a resume nothing."""
+    """Freezes parked environments once they have been idle `grace` seconds: a queue in the
+    order they were parked (the grace is the same for every one) and one timer, which runs
+    at most every quarter of the grace (so an environment is frozen within 1.25 times it),
+    so that a park costs an append and a resume nothing. At saturation nearly every entry
+    is stale (its environment taken again within the grace): a sweep drops those from the
+    head whether due or not."""
 
     def __init__(self, grace: float) -> None:
         self._grace = grace
-        self._due: collections.deque[tuple[float, Callable[[int], None], int]] = collections.deque()
+        self._due: collections.deque[tuple[float, Confinement, int]] = collections.deque()
         self._timer: asyncio.TimerHandle | None = None
 
-    def later(self, freeze: Callable[[int], None], generation: int) -> None:
-        """Call `freeze(generation)` after the grace (it checks that it still applies)."""
+    def later(self, confinement: Confinement, generation: int) -> None:
+        """Freeze `confinement` after the grace, if it is still in its park `generation`."""
         loop = asyncio.get_running_loop()
         due = loop.time() + self._grace
-        self._due.append((due, freeze, generation))
+        self._due.append((due, confinement, generation))
         if self._timer is None:
             self._timer = loop.call_at(due, self._sweep)
 
@@ -85,14 +90,21 @@ class Freezes:
         self._timer = None
         loop = asyncio.get_running_loop()
         now = loop.time()
-        while self._due and self._due[0][0] <= now:
-            _, freeze, generation = self._due.popleft()
-            try:
-                freeze(generation)
-            except Exception:  # one environment's failure must not leave the others unfrozen
-                log.exception("could not freeze an idle environment")
-        if self._due:
-            self._timer = loop.call_at(self._due[0][0], self._sweep)
+        due = self._due
+        while due:
+            when, confinement, generation = due[0]
+            if when <= now:
+                due.popleft()
+                try:
+                    confinement.freeze_if_parked(generation)
+                except Exception:  # one environment's failure must not leave the others unfrozen
+                    log.exception("could not freeze an idle environment")
+            elif not confinement.parked_in(generation):
+                due.popleft()
+            else:
+                break
+        if due:
+            self._timer = loop.call_at(max(due[0][0], now + self._grace / 4), self._sweep)
 
     def close(self) -> None:
         if self._timer is not None:
@@ -122,6 +134,7 @@ class Confinement:
     _parks: int = 0  # parks so far: a freeze due for an earlier one no longer applies
     _frozen: bool = False
     _after_move: list[Callable[[], None]] = field(default_factory=list)
+    _tasks_file: int | None = None  # its pids.current, kept open: a count in one pread
 
     def join_owner(self, owner: str) -> None:
         """The environment is bound to `owner`'s script: from now on its CPU counts in the
@@ -139,6 +152,8 @@ class Confinement:
         self._moving = self._destination = None
         moved = None if move.cancelled() or move.exception() is not None else move.result()
         if moved is not None and self.cgroup is not None:
+            if moved.pids != self.cgroup.pids:  # v2: the file kept open is the old group's
+                self._close_tasks_file()
             self.cgroup = moved
             self._owner = owner
         waiting, self._after_move = self._after_move, []
@@ -162,13 +177,19 @@ class Confinement:
             return
         self._parked = True
         self._parks += 1
-        self._sandbox._freeze_later(self._freeze, self._parks)
+        self._sandbox._freeze_later(self, self._parks)
 
-    def _freeze(self, generation: int) -> None:
-        if not self._parked or generation != self._parks or self._frozen or self.cgroup is None:
+    def parked_in(self, generation: int) -> bool:
+        """Whether the environment is still idle since its park `generation`."""
+        return self._parked and generation == self._parks
+
+    def freeze_if_parked(self, generation: int) -> None:
+        """Freeze the environment if it is still idle since its park `generation` (once its
+        move into its owner's group is done)."""
+        if not self.parked_in(generation) or self._frozen or self.cgroup is None:
             return  # taken again, or released, since it was parked
         if self._moving is not None:  # v2: a process moved into a thawed group thaws
-            self._after_move.append(functools.partial(self._freeze, generation))
+            self._after_move.append(functools.partial(self.freeze_if_parked, generation))
             return
         self.cgroup.freeze()  # returns at once: the kernel freezes the tasks on its own
         self._frozen = True
@@ -185,12 +206,42 @@ class Confinement:
 
     def has_stragglers(self) -> bool:
         """Whether the script left processes behind (the runtime itself is the only one
-        allowed) or, under SANDBOX_IDLE=recycle, threads beyond the runtime's own."""
-        if self.cgroup is None:
+        allowed) or, under SANDBOX_IDLE=recycle, threads beyond the runtime's own.
+
+        After every execution: a count of the environment's tasks first (pids.current, a
+        pread of a file kept open, under 1 us), and the list of its processes (an open, a
+        read and a close of cgroup.procs, 4 us) only when there is more than one task: one
+        task is the runtime's one thread (a Python runtime's whole, until a script starts
+        a thread), so no other process is there, nor any thread of a script."""
+        cgroup = self.cgroup
+        if cgroup is None:
             return False
+        moving_to = self._destination
+        if moving_to is None or moving_to.pids == cgroup.pids:  # v2 moving: two groups to count
+            tasks = self._tasks()
+            if tasks is not None and tasks <= 1:
+                return False
         if self._processes() > 1:
             return True
         return self._sandbox.idle == "recycle" and self._thread_count() > self._threads
+
+    def _tasks(self) -> int | None:
+        """The tasks (threads of every process) in the environment's pids group; None when
+        the file cannot be read."""
+        assert self.cgroup is not None
+        try:
+            if self._tasks_file is None:
+                self._tasks_file = os.open(self.cgroup.pids / "pids.current", os.O_RDONLY)
+            return int(os.pread(self._tasks_file, 32, 0))
+        except (OSError, ValueError):
+            self._close_tasks_file()
+            return None
+
+    def _close_tasks_file(self) -> None:
+        if self._tasks_file is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._tasks_file)
+            self._tasks_file = None
 
     def _processes(self) -> int:
         count = self.cgroup.process_count() if self.cgroup is not None else 0
@@ -212,6 +263,7 @@ class Confinement:
     async def release(self) -> None:
         """After the process is dead: end any straggler, remove the cgroup, free the uid."""
         self._parked = False  # a freeze still due is dropped
+        self._close_tasks_file()
         moving = self._moving
         if moving is not None:  # the move finishes first (it may make the groups removed here)
             await asyncio.wait([moving])
