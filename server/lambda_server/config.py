@@ -470,10 +470,11 @@ class SandboxSettings(_Declared):
         "freeze",
         "between executions: freeze, recycle or off",
     )
-    # SANDBOX_IDLE=freeze: how long an environment stays idle before it is frozen. One
-    # reused sooner (as at saturation) is neither frozen nor thawed; until then a script's
-    # leftover threads may run, in its owner's cpu group (billed to the owner). 0: frozen
-    # as soon as its execution ends.
+    # SANDBOX_IDLE=freeze: how long an environment stays idle before it is frozen (up to a
+    # quarter more: idle environments are looked at every quarter of it). One reused sooner
+    # (as at saturation) is neither frozen nor thawed; until then a script's leftover
+    # threads may run, in its owner's cpu group (billed to the owner). 0: frozen as soon as
+    # its execution ends.
     freeze_after_ms: int = setting(
         "SANDBOX_FREEZE_AFTER_MS",
         _non_negative_int,

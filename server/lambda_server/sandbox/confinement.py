@@ -10,9 +10,10 @@ are billed to the pre-started group, not to its owner's share. What follows a mo
 freeze, a release, a straggler count) waits for it or counts both groups.
 
 An idle environment is frozen (SANDBOX_IDLE=freeze) once it has been idle
-SANDBOX_FREEZE_AFTER_MS: one reused sooner, as at saturation, is neither frozen nor
-thawed (two writes, and the kernel's work on each of its threads, every execution). Until
-then a script's leftover threads may run, in its owner's cpu group (billed to the owner).
+SANDBOX_FREEZE_AFTER_MS (up to a quarter more): one reused sooner, as at saturation, is
+neither frozen nor thawed (two writes, and the kernel's work on each of its threads, every
+execution). Until then a script's leftover threads may run, in its owner's cpu group
+(billed to the owner; in the pre-started one while a first execution's move is pending).
 """
 
 from __future__ import annotations
