@@ -320,7 +320,7 @@ class Sandbox:
                         self._settings.cpu_cores,
                     )
                 )
-        except (OSError, CgroupUnavailable, RuntimeError) as exc:  # RuntimeError: closed
+        except (OSError, CgroupUnavailable) as exc:
             self._uids.discard(uid)
             raise SandboxUnavailable(f"cannot create the environment's cgroup: {exc}") from None
         except BaseException:

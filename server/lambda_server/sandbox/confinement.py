@@ -59,7 +59,12 @@ class CgroupThread:
         return asyncio.get_running_loop().run_in_executor(self._executor, call)
 
     async def run(self, call: Callable[[], T]) -> T:
-        return await self.submit(call)
+        """`call` on the thread; once it is closed (the server stopping), here."""
+        try:
+            future = self.submit(call)
+        except RuntimeError:
+            return call()
+        return await future
 
     def close(self) -> None:
         """Wait for the calls submitted (moves, removals) and end the thread."""
