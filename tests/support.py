@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import grpc
 from google.rpc import error_details_pb2, status_pb2
+from prometheus_client.parser import text_string_to_metric_families
 
 from lambda_microservice import to_python
 from lambda_server.app import Server, build_server, new_event_loop
@@ -158,6 +160,53 @@ def descendants(root: int | None = None) -> set[int]:
         frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
         found |= frontier
     return found
+
+
+def process_of(uid: int) -> int:
+    """The host pid of this server's environment running as `uid` (its runtime: the
+    process with the most threads, should the script have left another). Other servers
+    on this machine may number their uids alike: only this process's descendants count."""
+    found = []
+    for pid in descendants():
+        try:
+            text = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+        if int(fields["Uid"].split()[0]) == uid:
+            found.append((int(fields["Threads"]), pid))
+    assert found, f"no process runs as uid {uid}"
+    return max(found)[1]
+
+
+def cgroup_file(pid: int, controller: str, name: str) -> Path:
+    """A file of the process's own group of `controller` (v1), or of its v2 group."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controller in controllers.split(","):
+            return Path("/sys/fs/cgroup") / controller / path.lstrip("/") / name
+        if controllers == "" and Path("/sys/fs/cgroup/cgroup.controllers").exists():
+            return Path("/sys/fs/cgroup") / path.lstrip("/") / name
+    raise AssertionError(f"pid {pid} is in no {controller} group")
+
+
+def frozen(pid: int) -> bool:
+    """Whether the freezer group of the process (v1 `freezer.state`, v2 `cgroup.events`)
+    says its tasks are frozen."""
+    if Path("/sys/fs/cgroup/cgroup.controllers").exists():
+        return "frozen 1" in cgroup_file(pid, "", "cgroup.events").read_text().splitlines()
+    return cgroup_file(pid, "freezer", "freezer.state").read_text().strip() == "FROZEN"
+
+
+def metric_value(metrics_url: str, name: str, **labels: str) -> float:
+    """One sample of a server's /metrics (0 when it has none yet)."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as answer:
+        text = answer.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return 0.0
 
 
 def quiet_descendants(settle: float = 0.3) -> set[int]:

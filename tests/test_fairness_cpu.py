@@ -20,8 +20,10 @@ from tests.support import (
     IdleCpu,
     ServerProcess,
     assert_p99_within,
-    descendants,
+    cgroup_file,
     eventually,
+    frozen,
+    process_of,
     server_process,
 )
 
@@ -125,38 +127,10 @@ def windows(client: LambdaClient, request_id: str, alone: float, attempts: int =
     return seen
 
 
-def process_of(uid: int) -> int:
-    """The host pid of this server's environment running as `uid` (its runtime: the
-    process with the most threads, should the script have left another). Other servers
-    on this machine may number their uids alike: only this process's descendants count."""
-    found = []
-    for pid in descendants():
-        try:
-            text = Path(f"/proc/{pid}/status").read_text()
-        except OSError:
-            continue
-        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-        if int(fields["Uid"].split()[0]) == uid:
-            found.append((int(fields["Threads"]), pid))
-    assert found, f"no process runs as uid {uid}"
-    return max(found)[1]
-
-
 def cpu_seconds(pid: int) -> float:
     """utime + stime of every thread of the process, dead ones included."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def cgroup_file(pid: int, controller: str, name: str) -> Path:
-    """A file of the process's own group of `controller` (v1), or of its v2 group."""
-    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if controller in controllers.split(","):
-            return Path("/sys/fs/cgroup") / controller / path.lstrip("/") / name
-        if controllers == "" and Path("/sys/fs/cgroup/cgroup.controllers").exists():
-            return Path("/sys/fs/cgroup") / path.lstrip("/") / name
-    raise AssertionError(f"pid {pid} is in no {controller} group")
 
 
 def while_running(attack: Callable[[], None], workers: int) -> tuple[threading.Event, list[threading.Thread]]:
@@ -197,6 +171,9 @@ def test_nothing_of_a_script_runs_between_its_executions(fair_server: ServerProc
             assert not response.HasField("error"), response.error
             uids[runtime] = int(to_python(response.result))
         pids = {runtime: process_of(uid) for runtime, uid in uids.items()}
+        # SANDBOX_FREEZE_AFTER_MS: the leftovers run until their environment is frozen
+        for pid in pids.values():
+            eventually(lambda pid=pid: frozen(pid), timeout=10)
 
         # a live control beside them: one thread burning CPU for the same window
         control = subprocess.Popen([sys.executable, "-c", "while True: pass"])

@@ -169,6 +169,12 @@ async def _wire(
     usecases = _usecases(settings, sessions, pool, registry, monitor, sandbox, cache, db, metrics, builds)
     request_log = RequestLogWriter(db, settings.request_log, metrics)
     metrics.on_scrape(_scrape_gauges(metrics, pool, db, request_log))
+    metrics.count_at_scrape(
+        "lambda_sandbox_freezer_writes",
+        "Writes to idle environments' freezer cgroups, by the state written (frozen, thawed)",
+        "state",
+        lambda: sandbox.freezer_writes,
+    )
 
     grpc_server = grpc.aio.server(
         interceptors=[

@@ -470,6 +470,17 @@ class SandboxSettings(_Declared):
         "freeze",
         "between executions: freeze, recycle or off",
     )
+    # SANDBOX_IDLE=freeze: how long an environment stays idle before it is frozen (up to a
+    # quarter more: idle environments are looked at every quarter of it). One reused sooner
+    # (as at saturation) is neither frozen nor thawed; until then a script's leftover
+    # threads may run, in its owner's cpu group (billed to the owner). 0: frozen as soon as
+    # its execution ends.
+    freeze_after_ms: int = setting(
+        "SANDBOX_FREEZE_AFTER_MS",
+        _non_negative_int,
+        25,
+        "how long an idle environment runs on before it is frozen; 0: at once",
+    )
     # The syscall filter of every environment and compiler; off only to measure what it
     # costs (bench/layers.py): SANDBOX_MODE=strict refuses to start without it.
     seccomp: bool = setting("SANDBOX_SECCOMP", _on_off, True, "the syscall filter")

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from lambda_server.config import ConfigError
@@ -168,6 +168,13 @@ class Metrics:
         """One execution answered from the result cache."""
         self.executions.labels(runtime, "cached").inc()
 
+    def count_at_scrape(
+        self, name: str, documentation: str, label: str, counts: Callable[[], dict[str, int]]
+    ) -> None:
+        """A counter, by `label`, whose totals a part keeps itself (plain integers, no cost on
+        its hot path) and `counts` reads at each scrape (`<name>_total`)."""
+        self.registry.register(_Totals(name, documentation, label, counts))
+
     def on_scrape(self, refresh: Callable[[], None]) -> None:
         """Call `refresh` (on the event loop that serves) before each scrape, to set gauges."""
         self._before_scrape.callbacks.append(refresh)
@@ -231,6 +238,24 @@ class _BeforeScrape(Collector):
                 refresh()
             except Exception:  # a broken gauge must not cost the whole scrape
                 log.exception("metrics: a scrape-time refresh failed")
+
+
+class _Totals(Collector):
+    """Totals a part of the server counts itself, read as a counter at each scrape."""
+
+    def __init__(
+        self, name: str, documentation: str, label: str, counts: Callable[[], dict[str, int]]
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._label = label
+        self._counts = counts
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(self._name, self._documentation, labels=[self._label])
+        for value, count in dict(self._counts()).items():  # a copy: the loop counts on meanwhile
+            family.add_metric([value], count)
+        yield family
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

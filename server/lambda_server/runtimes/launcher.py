@@ -80,7 +80,7 @@ class Launcher:
         if self._closed:
             raise NotStarted("the server is shutting down")
         try:
-            confinement = self._sandbox.confine(command(runtime, limits, program))
+            confinement = await self._sandbox.confine(command(runtime, limits, program))
         except SandboxUnavailable as exc:
             why = exc.message
             raise SandboxUnavailable(f"the {runtime.name} runtime could not be confined: {why}") from None
@@ -144,7 +144,9 @@ class Launcher:
         return "heap out of memory" in tail or "memory allocation failed" in tail
 
     def assign(self, worker: WorkerProcess, owner: str) -> None:
-        """The worker is bound to a script of `owner`: its CPU is billed to the owner's share."""
+        """The worker is bound to a script of `owner`: its CPU is billed to the owner's share
+        once the move started here is done (on the sandbox's thread, not waited for: a
+        first execution's first milliseconds are billed to the pre-started group)."""
         confinement = self._confinements.get(worker)
         if confinement is not None:
             confinement.join_owner(owner)
@@ -160,16 +162,17 @@ class Launcher:
         return confinement.cgroup if confinement is not None else None
 
     def park(self, worker: WorkerProcess) -> None:
-        """The worker goes idle: nothing of its script runs until `resume`."""
+        """The worker goes idle: nothing of its script runs from SANDBOX_FREEZE_AFTER_MS on
+        until `resume`."""
         confinement = self._confinements.get(worker)
         if confinement is not None:
-            confinement.freeze()
+            confinement.park()
 
     def resume(self, worker: WorkerProcess) -> None:
         """The worker is about to run an execution."""
         confinement = self._confinements.get(worker)
         if confinement is not None:
-            confinement.thaw()
+            confinement.resume()
 
     def has_stragglers(self, worker: WorkerProcess) -> bool:
         """Whether the script left processes behind in the worker's environment."""

@@ -363,7 +363,7 @@ class RustCompiler:
                 writable=(str(work),),
                 file_size_mb=fsize_mb,
             )
-            confinement = self._sandbox.confine(command)
+            confinement = await self._sandbox.confine(command)
         except SandboxUnavailable as exc:
             raise SandboxUnavailable(f"the Rust compiler could not be confined: {exc.message}") from None
         try:

@@ -10,7 +10,9 @@ no_new_privs and a parent-death signal, and last loads the seccomp filter
 process ends every process of the environment. Each server draws its uids from a
 range no other server on the host holds (uids.py). Between its executions an
 environment is frozen (SANDBOX_IDLE=freeze), or ended when its script left threads
-running (SANDBOX_IDLE=recycle, and where there is no freezer).
+running (SANDBOX_IDLE=recycle, and where there is no freezer). An environment's
+cgroups are made, moved and removed on a thread of the sandbox's own, never on the
+event loop (confinement.py says why, and what it bills where).
 
 `SANDBOX_MODE=strict` refuses to start without every layer; `auto` uses what
 this machine allows and logs the rest; `off` runs workers unconfined (tests of
@@ -23,6 +25,7 @@ makes one from a RuntimeSpec, the Rust compiler one for each build step).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -39,6 +42,8 @@ from lambda_server.domain import ComponentHealth, ComponentStatus, Limits
 from lambda_server.errors import SandboxUnavailable as SandboxUnavailable  # raised here, caught by runtimes
 from lambda_server.sandbox import seccomp
 from lambda_server.sandbox.cgroups import Cgroups, CgroupUnavailable, EnvironmentCgroup, thaw_process
+from lambda_server.sandbox.confinement import CgroupThread, Freezes
+from lambda_server.sandbox.confinement import Confinement as Confinement  # the runtimes name it here
 from lambda_server.sandbox.uids import UidRange, UidRangeUnavailable
 
 log = logging.getLogger(__name__)
@@ -73,69 +78,6 @@ class Command:
     file_size_mb: int | None = None  # RLIMIT_FSIZE; None: SANDBOX_SCRATCH_MB
 
 
-@dataclass
-class Confinement:
-    """One environment's place in the sandbox: how to start it, and what to release."""
-
-    argv: list[str]
-    uid: int | None
-    cgroup: EnvironmentCgroup | None
-    _sandbox: Sandbox
-    _threads: int = 0  # the runtime's own threads at its start (SANDBOX_IDLE=recycle)
-    _limits: Limits | None = None
-    _owner: str | None = None  # whose cpu group the environment is in, once bound
-
-    def join_owner(self, owner: str) -> None:
-        """The environment is bound to `owner`'s script: from now on its CPU counts in the
-        owner's share (SANDBOX_CPU_CORES_PER_OWNER), with its other environments."""
-        if self.cgroup is None or self._owner is not None or self._limits is None:
-            return
-        self.cgroup = self._sandbox._join_owner(self.cgroup, owner, self._limits)
-        self._owner = owner
-
-    def memory_exhausted(self) -> bool:
-        """Whether the environment's own memory limit (not the host's OOM killer) killed it."""
-        return self.cgroup is not None and self.cgroup.oom_kills() > 0 and self.cgroup.limit_reached()
-
-    def started(self) -> None:
-        """The runtime is ready and no script has run in it: count its own threads."""
-        if self.cgroup is not None and self._sandbox.idle == "recycle":
-            self._threads = self.cgroup.thread_count()
-
-    def freeze(self) -> None:
-        """Stop every process of the environment between executions (nothing of a script
-        runs while it is idle). Returns at once: the kernel freezes the tasks on its own."""
-        if self.cgroup is not None and self._sandbox.idle == "freeze":
-            self.cgroup.freeze()
-
-    def thaw(self) -> None:
-        """Let the environment's processes run again, before its next execution."""
-        if self.cgroup is not None and self._sandbox.idle == "freeze":
-            self.cgroup.thaw()
-
-    def has_stragglers(self) -> bool:
-        """Whether the script left processes behind (the runtime itself is the only one
-        allowed) or, under SANDBOX_IDLE=recycle, threads beyond the runtime's own."""
-        if self.cgroup is None:
-            return False
-        if self.cgroup.process_count() > 1:
-            return True
-        return self._sandbox.idle == "recycle" and self.cgroup.thread_count() > self._threads
-
-    async def release(self) -> None:
-        """After the process is dead: end any straggler, remove the cgroup, free the uid."""
-        if self.cgroup is not None:
-            self.cgroup.kill()
-            await self.cgroup.remove()
-            self.cgroup = None
-            if self._owner is not None:
-                self._sandbox._leave_owner(self._owner)
-                self._owner = None
-        if self.uid is not None:
-            self._sandbox._uids.discard(self.uid)
-            self.uid = None
-
-
 class Sandbox:
     """Knows which layers are active and wraps runtime commands in them."""
 
@@ -163,6 +105,11 @@ class Sandbox:
         self._uids: set[int] = set()
         self._next = 0
         self._root = Path(tempfile.gettempdir()) / "lambda-sandbox-root"
+        self.cgroup_thread = CgroupThread()
+        self._freezes = Freezes(settings.freeze_after_ms / 1000)
+        self._freeze_at_once = settings.freeze_after_ms <= 0
+        # freezer writes made, by the state written (lambda_sandbox_freezer_writes_total)
+        self.freezer_writes = {"frozen": 0, "thawed": 0}
 
     @classmethod
     async def start(cls, settings: SandboxSettings) -> Sandbox:
@@ -256,6 +203,8 @@ class Sandbox:
         return ComponentHealth("sandbox", status, self.describe(), counts=counts)
 
     def close(self) -> None:
+        self._freezes.close()
+        self.cgroup_thread.close()  # the moves and removals submitted are done
         if self._cgroups is not None:
             self._cgroups.close()
         if self._uid_range is not None:  # another server may claim the range now
@@ -265,21 +214,42 @@ class Sandbox:
             self._seccomp_filter.unlink(missing_ok=True)
             self._seccomp_filter = None
 
-    def _join_owner(self, cgroup: EnvironmentCgroup, owner: str, limits: Limits) -> EnvironmentCgroup:
-        if self._cgroups is None or self._settings.cpu_cores <= 0:
-            return cgroup
+    def _move_to_owner(
+        self, cgroup: EnvironmentCgroup, owner: str, limits: Limits
+    ) -> tuple[asyncio.Future[EnvironmentCgroup | None], EnvironmentCgroup] | None:
+        """Start moving an environment into its owner's cpu group, on the cgroup thread: the
+        move (its result the moved group, None when it failed), and where it goes; None
+        when there is nothing to move."""
+        cgroups = self._cgroups
+        if cgroups is None or self._settings.cpu_cores <= 0:
+            return None
+        destination = cgroups.destination(cgroup, owner)
+        if destination is None:
+            return None
+        limit = (limits.memory_mb * 1024 * 1024, limits.max_processes, self._settings.cpu_cores)
+
+        def move() -> EnvironmentCgroup | None:
+            try:
+                return cgroups.join_owner(cgroup, owner, limit, self.cpu_cores_per_owner)
+            except (OSError, CgroupUnavailable) as exc:  # the environment keeps its own cap
+                log.warning("could not move an environment into its owner's cpu group: %s", exc)
+            except Exception:  # never out of the thread: the environment stays where it is
+                log.exception("could not move an environment into its owner's cpu group")
+            return None
+
         try:
-            return self._cgroups.join_owner(
-                cgroup,
-                owner,
-                (limits.memory_mb * 1024 * 1024, limits.max_processes, self._settings.cpu_cores),
-                self.cpu_cores_per_owner,
-            )
-        except (OSError, CgroupUnavailable) as exc:  # the environment keeps its own cap
-            log.warning("could not move an environment into its owner's cpu group: %s", exc)
-            return cgroup
+            return self.cgroup_thread.submit(move), destination
+        except RuntimeError:  # closed: the server is stopping
+            return None
+
+    def _freeze_later(self, confinement: Confinement, generation: int) -> None:
+        if self._freeze_at_once:
+            confinement.freeze_if_parked(generation)
+        else:
+            self._freezes.later(confinement, generation)
 
     def _leave_owner(self, owner: str) -> None:
+        """On the cgroup thread: an environment of `owner` was removed."""
         if self._cgroups is not None:
             self._cgroups.leave_owner(owner)
 
@@ -290,15 +260,16 @@ class Sandbox:
             return self._settings.cpu_cores_per_owner
         return float(max(1, len(os.sched_getaffinity(0)) - 1))
 
-    def confine(self, command: Command) -> Confinement:
-        """How to start `command` inside every active layer."""
+    async def confine(self, command: Command) -> Confinement:
+        """How to start `command` inside every active layer (its cgroups made on the cgroup
+        thread)."""
         rlimits = self._rlimits()
         if command.cap_address_space:
             rlimits["as"] = (command.limits.memory_mb + ADDRESS_SPACE_MARGIN_MB) * 1024 * 1024
         if command.file_size_mb is not None:
             rlimits["fsize"] = command.file_size_mb * 1024 * 1024
         files = {host: f"{WORKER_DIR}/{Path(host).name}" for host in command.files}
-        confinement = self._confine(
+        confinement = await self._confine(
             [files.get(arg, arg) for arg in command.argv],
             list(command.argv),
             [*SYSTEM_BINDS, *command.binds],
@@ -307,11 +278,8 @@ class Sandbox:
             rlimits,
             writable=list(command.writable),
         )
-        if confinement.uid is not None:  # a build runs as the environment's own uid
-            for work in command.writable:
-                for folder, dirs, names in os.walk(work):
-                    for name in [folder, *(os.path.join(folder, n) for n in dirs + names)]:
-                        os.chown(name, confinement.uid, confinement.uid)
+        if confinement.uid is not None and command.writable:  # a build runs as the environment's uid
+            await asyncio.to_thread(_chown, command.writable, confinement.uid)
         return confinement
 
     def _rlimits(self) -> dict[str, int]:
@@ -322,7 +290,7 @@ class Sandbox:
             "cpu": self._settings.cpu_seconds,
         }
 
-    def _confine(
+    async def _confine(
         self,
         inside: list[str],
         outside: list[str],
@@ -343,15 +311,21 @@ class Sandbox:
         cgroup = None
         try:
             if self._cgroups is not None:
-                cgroup = self._cgroups.create(
-                    f"env-{uid}",
-                    limits.memory_mb * 1024 * 1024,
-                    limits.max_processes,
-                    self._settings.cpu_cores,
+                cgroup = await self.cgroup_thread.run(
+                    functools.partial(
+                        self._cgroups.create,
+                        f"env-{uid}",
+                        limits.memory_mb * 1024 * 1024,
+                        limits.max_processes,
+                        self._settings.cpu_cores,
+                    )
                 )
         except (OSError, CgroupUnavailable) as exc:
             self._uids.discard(uid)
             raise SandboxUnavailable(f"cannot create the environment's cgroup: {exc}") from None
+        except BaseException:
+            self._uids.discard(uid)
+            raise
         config = {
             "root": str(self._root),
             "binds": binds,
@@ -405,6 +379,13 @@ def _seccomp_filter_path() -> Path:
     descriptor, path = tempfile.mkstemp(prefix="lambda-seccomp-", suffix=".bpf")
     os.close(descriptor)
     return Path(path)
+
+
+def _chown(folders: tuple[str, ...], uid: int) -> None:
+    for work in folders:
+        for folder, dirs, names in os.walk(work):
+            for name in [folder, *(os.path.join(folder, n) for n in dirs + names)]:
+                os.chown(name, uid, uid)
 
 
 def _python() -> str:

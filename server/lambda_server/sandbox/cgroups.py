@@ -13,11 +13,16 @@ cores of their own: with every owner free to run on every core, a busy owner's s
 held both cores of a 2-core machine for half of each CFS period, and another tenant's
 call waited behind their time slices (its p99 5-8 ms against 2-3 alone; on cores of
 their own, 2-2.5 ms).
+
+Making, removing and moving groups is slow at times and blocks: the first write to a
+`cgroup.procs` after a quiet spell waits for an RCU grace period (10-15 ms here, cgroup
+v1 on Linux 6.18; the next ones 0.05 ms), holding the kernel's cgroup mutex, which every
+mkdir and rmdir of a group waits for. The sandbox makes those calls on a thread of its
+own (sandbox/__init__.py); `Cgroups`' owner bookkeeping is only touched there.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import functools
@@ -37,6 +42,7 @@ CPU_WEIGHT = 100  # v2: likewise
 # patches kernel text on every CPU: about 100 us a write instead of 15-25 (measured here,
 # Linux 6.18 on 2 vCPUs), on the event loop, twice an execution.
 KEY_HOLDER = "frozen-key-holder"
+MOVE_ROUNDS = 4  # reads of a moving environment's old group, for processes forked meanwhile
 
 
 class CgroupUnavailable(Exception):
@@ -53,6 +59,9 @@ class EnvironmentCgroup:
     version: int
     cpu: Path | None = None
     freezer: Path | None = None
+    # the pre-started group a move into the owner's left behind because processes were
+    # still in it (forked while it moved): removed with the environment
+    former: Path | None = None
 
     @functools.cached_property
     def memory_procs(self) -> str:
@@ -60,11 +69,13 @@ class EnvironmentCgroup:
 
     @property
     def directories(self) -> set[Path]:
-        return {d for d in (self.memory, self.pids, self.cpu, self.freezer) if d is not None}
+        return {d for d in (self.memory, self.pids, self.cpu, self.freezer, self.former) if d is not None}
 
     @property
     def procs_files(self) -> list[str]:
-        return [str(d / "cgroup.procs") for d in sorted(self.directories)]
+        """The files a new process of the environment writes itself into (jail.py)."""
+        groups = {d for d in (self.memory, self.pids, self.cpu, self.freezer) if d is not None}
+        return [str(d / "cgroup.procs") for d in sorted(groups)]
 
     @functools.cached_property
     def _freeze_file(self) -> str | None:
@@ -120,13 +131,18 @@ class EnvironmentCgroup:
 
     def process_count(self) -> int:
         """Processes (not threads) in the environment; its runtime alone is 1."""
-        return _count(self.memory_procs)  # after every execution
+        count = _count(self.memory_procs)  # after every execution
+        if self.former is not None and self.version == 2:  # v1: the memory group never moves
+            count += _count(str(self.former / "cgroup.procs"))
+        return count
 
     def kill(self) -> None:
         """SIGKILL every process in the environment (the PID namespace's end does it too)."""
         if self.version == 2:
-            with contextlib.suppress(OSError):
-                (self.memory / "cgroup.kill").write_text("1")
+            for group in (self.memory, self.former):
+                if group is not None:
+                    with contextlib.suppress(OSError):
+                        (group / "cgroup.kill").write_text("1")
             return
         with contextlib.suppress(OSError):
             for pid in (self.memory / "cgroup.procs").read_text().split():
@@ -134,17 +150,18 @@ class EnvironmentCgroup:
                     os.kill(int(pid), 9)
         self.thaw()  # a frozen v1 task dies of its SIGKILL only once thawed
 
-    async def remove(self) -> None:
-        """Remove the directories once their processes are gone (retried briefly)."""
+    def remove(self) -> bool:
+        """Remove the directories whose processes are gone; whether none is left (blocking:
+        a caller retries while the killed processes exit)."""
+        removed = True
         for directory in self.directories:
-            for _ in range(50):
-                try:
-                    directory.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    await asyncio.sleep(0.02)
+            try:
+                directory.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                removed = False
+        return removed
 
 
 class Cgroups:
@@ -274,21 +291,38 @@ class Cgroups:
                 _write_limits_v1(group.cpu, cpu_cores)
         return group
 
+    def destination(self, group: EnvironmentCgroup, owner: str) -> EnvironmentCgroup | None:
+        """Where `join_owner` puts the environment (paths only, nothing is made); None when
+        it has no cpu group to move."""
+        if self._cpu is None or group.cpu is None:
+            return None
+        target = self._cpu / _owner_name(owner) / group.cpu.name
+        if self.version == 2:  # one group holds every controller: the whole group moves
+            return EnvironmentCgroup(target, target, 2, target, target if self._freezer is not None else None)
+        return dataclasses.replace(group, cpu=target)
+
     def join_owner(
         self,
         group: EnvironmentCgroup,
         owner: str,
         limits: tuple[int, int, float],
         owner_cores: float,
-    ) -> EnvironmentCgroup:
+    ) -> EnvironmentCgroup | None:
         """Move an environment's processes into its owner's cpu group, where all the owner's
         environments share `owner_cores` (each still capped at `cores`): the owner's
         processes compete as one, with one weight, whatever their number. On v1 only the
         cpu hierarchy changes; on v2, where one group holds every controller, the
         environment's group is made anew under the owner's, limits and all (memory
-        charged before the move stays with the old group's parent: the runtime's start)."""
-        if self._cpu is None or group.cpu is None:
-            return group
+        charged before the move stays with the old group's parent: the runtime's start).
+        The moved group, counted in the owner's; None when there is no cpu group to move.
+
+        Blocking (the sandbox calls it on its thread), and the processes may run meanwhile:
+        one forked while its parent moves stays behind, so the old group is read again
+        until it is empty (a fork holds the kernel's threadgroup lock that a move takes:
+        a child forked after its parent's move is born in the new group)."""
+        moved = self.destination(group, owner)
+        if moved is None or group.cpu is None:
+            return None
         parent = self._owner_group(owner, owner_cores)
         if self._cpuset is not None and owner not in self._owner_cpus:  # placed with its first
             with contextlib.suppress(CgroupUnavailable):  # the owner's quota holds all the same
@@ -298,20 +332,27 @@ class Cgroups:
         if self.version == 2:
             moved = _relative(self, parent).create(name, *limits)
         else:
-            target = parent / name
-            _make(target)
-            _write_limits_v1(target, limits[2])
-            moved = dataclasses.replace(group, cpu=target)
+            assert moved.cpu is not None
+            _make(moved.cpu)
+            _write_limits_v1(moved.cpu, limits[2])
         assert moved.cpu is not None
-        pids = (_read(group.cpu / "cgroup.procs") or "").split()
+        cores = None
         if placed and self.version == 1 and self._cpuset is not None:
-            cores = self._cpuset / _owner_name(owner)
-            for pid in pids:  # v2: the group made under the owner's has its cores already
-                _write(str(cores / "cgroup.procs"), pid.encode())
-        for pid in pids:
-            _write(str(moved.cpu / "cgroup.procs"), pid.encode())
-        with contextlib.suppress(OSError):
+            cores = str(self._cpuset / _owner_name(owner) / "cgroup.procs")  # v2: the new group's
+        for _ in range(MOVE_ROUNDS):
+            pids = (_read(group.cpu / "cgroup.procs") or "").split()
+            if not pids:
+                break
+            for pid in pids:
+                if cores is not None:
+                    _write(cores, pid.encode())
+                _write(str(moved.cpu / "cgroup.procs"), pid.encode())  # gone meanwhile: ignored
+        try:
             group.cpu.rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError:  # still busy (a fork bomb outran the rounds): removed with the environment
+            moved = dataclasses.replace(moved, former=group.cpu)
         self._owners[owner] += 1
         return moved
 
