@@ -473,12 +473,14 @@ class SandboxSettings(_Declared):
     # SANDBOX_IDLE=freeze: how long an environment stays idle before it is frozen (up to a
     # quarter more: idle environments are looked at every quarter of it). One reused sooner
     # (as at saturation) is neither frozen nor thawed; until then a script's leftover
-    # threads may run, in its owner's cpu group (billed to the owner). 0: frozen as soon as
-    # its execution ends.
+    # threads may run, in its owner's cpu group (billed to the owner). 0 (the default):
+    # frozen as soon as its execution ends, so nothing of a script runs between its
+    # executions; a grace trades that for the freezer writes of busy environments
+    # (bench/README.md measures it).
     freeze_after_ms: int = setting(
         "SANDBOX_FREEZE_AFTER_MS",
         _non_negative_int,
-        25,
+        0,
         "how long an idle environment runs on before it is frozen; 0: at once",
     )
     # The syscall filter of every environment and compiler; off only to measure what it
