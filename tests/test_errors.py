@@ -12,6 +12,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 import lambda_server.app  # noqa: F401  every module of the server: every error class is defined
 from lambda_microservice import (
+    DependencyNotAllowedError,
     InvalidArgumentError,
     LambdaClient,
     NotFoundError,
@@ -304,3 +305,15 @@ def test_raw_calls_never_answer_unknown(server: ServerThread) -> None:
                 method(request, timeout=10)
             assert caught.value.code() not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
         assert stub.Health(pb.HealthRequest(), timeout=10).status == pb.HEALTH_STATUS_SERVING
+
+
+def test_dependencies_this_server_does_not_install_are_refused_with_their_reason(
+    client: LambdaClient,
+) -> None:
+    """Never silently ignored: a session asking for packages the server cannot give it is
+    INVALID_ARGUMENT, reason DEPENDENCY_NOT_ALLOWED, naming the setting and the requirement."""
+    with pytest.raises(DependencyNotAllowedError) as refused:
+        client.initialize("python-deps", "import attrs\nresult = 1", dependencies=["attrs>=23"])
+    assert refused.value.reason == "DEPENDENCY_NOT_ALLOWED"
+    assert refused.value.metadata["setting"] == "DEPENDENCIES"
+    assert refused.value.metadata["requirement"] == "attrs>=23"

@@ -19,6 +19,7 @@ from lambda_server.domain import (
     SessionRecord,
 )
 from lambda_server.errors import (
+    DependencyNotAllowed,
     InvalidRequest,
     RuntimeNotAvailable,
     ScriptTooLarge,
@@ -82,6 +83,7 @@ class Initialize:
         deadline: Deadline,
         options: RequestedOptions | None = None,
         optimization: OptimizationLevel = OptimizationLevel.DEBUG,
+        dependencies: tuple[str, ...] = (),
     ) -> SessionRecord:
         """Check a script and store a session for it, with its options resolved (`options`
         unset or None: the context's keys, else the server's defaults).
@@ -102,6 +104,12 @@ class Initialize:
         refuse_nul(language_title, "language_title")
         refuse_nul(script, "script_content")
         refuse_nul_in(context, "context")
+        if dependencies:  # the contract has them (issue 18); until they are installed, refused
+            raise DependencyNotAllowed(
+                "this server does not install dependencies yet (DEPENDENCIES=off)",
+                setting="DEPENDENCIES",
+                requirement=dependencies[0][:256],
+            )
         metadata: dict[str, JSON] | None = None
         if not script.strip():
             script, metadata = await self._catalog.registered_script(language_title, deadline)
