@@ -1,0 +1,432 @@
+"""Layers: a session's dependencies, resolved into a lock and installed once per host.
+
+A *lock* is what a runtime's resolver made of a session's requirements: every
+package, its exact version and its archive's hash, as text the resolver can
+install from again (`Lock.text`). A *layer* is one lock installed: a folder
+`LAYER_DIR/layers/<layer_id>`, where the layer id is a hash of the runtime and the
+lock's text, so every session whose requirements resolve to the same lock shares
+one folder, whichever replica or session installed it.
+
+Installing is work that callers share, so it is a task of the LayerStore's, one per
+layer at a time, not a caller's: each caller waits for it under its own deadline,
+and a caller that leaves (its deadline, its cancellation) ends its own call only;
+the install goes on, bounded by DEPENDENCY_INSTALL_TIMEOUT_SECONDS, and is kept.
+An install goes into a folder of its own under `LAYER_DIR/staging`, is measured
+(past MAX_LAYER_BYTES it is removed and refused), then renamed into place: a layer
+is whole or absent. Several servers of one host share LAYER_DIR: a lock file per
+layer (`LAYER_DIR/locks/<layer_id>.lock`, flock) lets one of them install it while
+the others wait, then find it.
+
+Layers that no unexpired session uses, installed longer than LAYER_RETENTION_SECONDS
+ago, are removed by each server's sweep (every CLEANUP_INTERVAL_SECONDS), as Rust
+programs are (usecases/builds.py); a layer removed while a new session came to use
+it is installed again from that session's stored lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import stat
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from lambda_server.domain import Deadline, LockedPackage
+from lambda_server.errors import (
+    DeadlineExceeded,
+    DependencyLimitExceeded,
+    DependencyNotAllowed,
+    InternalError,
+    LambdaError,
+    Unavailable,
+    own_instance,
+)
+from lambda_server.tasks import cancel_and_wait
+
+__all__ = ["Layer", "LayerStore", "Lock", "LockedPackage", "Resolver"]
+
+log = logging.getLogger(__name__)
+
+LAYER_INFO = "layer.json"  # in each layer: its runtime, size and lock
+LOCK_POLL_SECONDS = 0.05  # how often a server waiting for another's install looks again
+SWEEP_SECONDS = 5.0
+SWEEP_BATCH = 500
+
+
+@dataclass(frozen=True)
+class Lock:
+    """A resolved set of packages, and the resolver's text to install exactly them again."""
+
+    runtime: str
+    requirements: tuple[str, ...]  # as asked
+    packages: tuple[LockedPackage, ...]  # every package installed, ordered by name
+    text: str
+
+    @property
+    def layer_id(self) -> str:
+        """The layer's name: the same lock of the same runtime, the same layer."""
+        digest = hashlib.sha256(f"{self.runtime}\n{self.text}".encode()).hexdigest()
+        return digest[:32]
+
+
+@dataclass(frozen=True)
+class Layer:
+    """An installed layer: its folder and installed size."""
+
+    layer_id: str
+    path: Path
+    bytes: int
+
+
+class Resolver(Protocol):
+    """A runtime's package manager: resolves requirements into a lock, installs a lock."""
+
+    runtime: str
+
+    async def lock(self, requirements: tuple[str, ...], deadline: Deadline) -> Lock:
+        """The lock of these requirements. DependencyUnresolvable (no such package, no
+        wheel, a conflict), PackageIndexUnavailable (the index did not answer), and
+        DependencyLimitExceeded when the deadline passes first."""
+        ...
+
+    async def install(self, lock: Lock, target: Path, deadline: Deadline) -> None:
+        """Install exactly the lock's packages into `target` (an empty folder), running none
+        of their code; DependencyLimitExceeded when the deadline passes first."""
+        ...
+
+
+InUse = Callable[[list[str], Deadline], Awaitable[set[str]]]
+
+
+@dataclass(eq=False)
+class _Install:
+    task: asyncio.Task[Layer]
+    started: float = field(default_factory=time.monotonic)
+
+
+class LayerStore:
+    """Locks requirements with a runtime's resolver, and installs each lock once per host."""
+
+    def __init__(
+        self,
+        layer_dir: Path,
+        resolvers: dict[str, Resolver],
+        *,
+        max_layer_bytes: int,
+        install_timeout_seconds: float,
+        retention_seconds: float = 86400.0,
+        sweep_interval: float = 60.0,
+        in_use: InUse | None = None,
+        on_install: Callable[[str], None] | None = None,
+    ) -> None:
+        """`in_use`: which of some layer ids an unexpired session uses (the sweep asks it;
+        None: nothing is swept). `on_install`: told the runtime of each layer installed here."""
+        self._resolvers = resolvers
+        self._max_bytes = max_layer_bytes
+        self._timeout = install_timeout_seconds
+        self._retention = retention_seconds
+        self._sweep_interval = sweep_interval
+        self._in_use = in_use
+        self._on_install = on_install
+        self.folder = layer_dir / "layers"  # what environments see (read-only)
+        self._staging = layer_dir / "staging"
+        self._locks = layer_dir / "locks"
+        for folder in (self.folder, self._staging, self._locks):
+            folder.mkdir(parents=True, exist_ok=True)
+        self._installing: dict[str, _Install] = {}
+        self._ready: dict[str, tuple[Layer, float]] = {}  # found installed, and when (monotonic)
+        self._sweeper: asyncio.Task[None] | None = None
+        self._closing = False
+        self.installs = 0  # layers this server installed (the rest it found)
+
+    @property
+    def runtimes(self) -> tuple[str, ...]:
+        return tuple(sorted(self._resolvers))
+
+    def resolver(self, runtime: str) -> Resolver | None:
+        return self._resolvers.get(runtime)
+
+    def start(self) -> None:
+        if self._sweeper is None and self._in_use is not None:
+            self._sweeper = asyncio.create_task(self._sweep_loop())
+
+    async def close(self) -> None:
+        """Stop the sweep and every install under way (its staging folder is removed)."""
+        self._closing = True
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None:
+            await cancel_and_wait(sweeper)
+        installs = [install.task for install in self._installing.values()]
+        for task in installs:
+            task.cancel()
+        await asyncio.gather(*installs, return_exceptions=True)
+
+    # resolving
+
+    async def lock(self, runtime: str, requirements: tuple[str, ...], deadline: Deadline) -> Lock:
+        """The runtime's resolver's lock of the requirements, within the call's deadline and
+        DEPENDENCY_INSTALL_TIMEOUT_SECONDS (DependencyLimitExceeded naming it past it)."""
+        resolver = self._resolvers.get(runtime)
+        if resolver is None:
+            raise DependencyNotAllowed(
+                f"this server installs no dependencies for {runtime}",
+                setting="DEPENDENCIES",
+                requirement=requirements[0][:256] if requirements else "",
+            )
+        bound = Deadline.after(self._timeout)
+        caller_first = deadline.at is not None and bound.at is not None and deadline.at < bound.at
+        try:
+            return await resolver.lock(requirements, deadline if caller_first else bound)
+        except DependencyLimitExceeded:
+            if caller_first:
+                raise DeadlineExceeded("the call's deadline passed while its dependencies resolved") from None
+            raise
+
+    # installing
+
+    def path(self, layer_id: str) -> Path:
+        return self.folder / layer_id
+
+    def installed(self, layer_id: str) -> Layer | None:
+        """The layer when this server knows it is installed (no file system call)."""
+        ready = self._ready.get(layer_id)
+        if ready is None:
+            return None
+        layer, seen = ready
+        if time.monotonic() - seen > self._sweep_interval:
+            return None  # looked at again by ensure(): another server may have swept it
+        return layer
+
+    async def find(self, layer_id: str) -> Layer | None:
+        """The layer when it is installed on this host (by this server or another)."""
+        found = await asyncio.to_thread(_read_layer, self.path(layer_id))
+        if found is not None:
+            self._ready[layer_id] = (found, time.monotonic())
+        else:
+            self._ready.pop(layer_id, None)
+        return found
+
+    async def ensure(self, lock: Lock, deadline: Deadline) -> Layer:
+        """The lock's layer, installed now when this host has none (or waiting for the install
+        under way here or by another server of the host). DependencyLimitExceeded past
+        MAX_LAYER_BYTES or DEPENDENCY_INSTALL_TIMEOUT_SECONDS; DeadlineExceeded when the
+        call's deadline passes first, while the install goes on and is kept."""
+        layer_id = lock.layer_id
+        layer = self.installed(layer_id)
+        if layer is not None:
+            return layer
+        install = self._installing.get(layer_id)
+        if install is None:
+            found = await asyncio.to_thread(_read_layer, self.path(layer_id))
+            if found is not None:
+                self._ready[layer_id] = (found, time.monotonic())
+                return found
+            if self._closing:
+                raise Unavailable("the server is stopping")
+            install = self._installing.get(layer_id)  # started while this one looked
+            if install is None:
+                task = asyncio.create_task(self._install(lock))
+                task.add_done_callback(_retrieve)
+                install = self._installing[layer_id] = _Install(task)
+                task.add_done_callback(lambda _: self._installing.pop(layer_id, None))
+        return await _outcome(install.task, deadline)
+
+    async def _install(self, lock: Lock) -> Layer:
+        layer_id = lock.layer_id
+        deadline = Deadline.after(self._timeout)
+        resolver = self._resolvers.get(lock.runtime)
+        if resolver is None:
+            raise DependencyNotAllowed(
+                f"this server installs no dependencies for {lock.runtime}", setting="DEPENDENCIES"
+            )
+        handle = await self._host_lock(layer_id, deadline)
+        try:
+            found = await asyncio.to_thread(_read_layer, self.path(layer_id))
+            if found is None:  # not installed by another server meanwhile
+                found = await self._install_locked(resolver, lock, deadline)
+                self.installs += 1
+                if self._on_install is not None:
+                    self._on_install(lock.runtime)
+            self._ready[layer_id] = (found, time.monotonic())
+            return found
+        finally:
+            os.close(handle)  # releases the flock
+
+    async def _install_locked(self, resolver: Resolver, lock: Lock, deadline: Deadline) -> Layer:
+        made = await asyncio.to_thread(tempfile.mkdtemp, dir=self._staging, prefix=lock.layer_id + "-")
+        staging = Path(made)
+        try:
+            await resolver.install(lock, staging, deadline)
+            size = await asyncio.to_thread(_size, staging)
+            if size > self._max_bytes:
+                raise DependencyLimitExceeded(
+                    f"the dependencies take {size} bytes installed, over MAX_LAYER_BYTES ({self._max_bytes})",
+                    setting="MAX_LAYER_BYTES",
+                    limit=str(self._max_bytes),
+                    bytes=str(size),
+                )
+            info = {"runtime": lock.runtime, "bytes": size, "lock": lock.text}
+            await asyncio.to_thread((staging / LAYER_INFO).write_text, json.dumps(info))
+            await asyncio.to_thread(_publish, staging, self.path(lock.layer_id))
+            return Layer(lock.layer_id, self.path(lock.layer_id), size)
+        finally:
+            await asyncio.to_thread(shutil.rmtree, staging, True)  # gone once renamed
+
+    async def _host_lock(self, layer_id: str, deadline: Deadline) -> int:
+        """This layer's lock file, held (flock): no other server of the host installs it meanwhile."""
+        fd = await asyncio.to_thread(os.open, self._locks / f"{layer_id}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return fd
+                except OSError as exc:
+                    if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise
+                remaining = deadline.remaining()
+                if remaining is not None and remaining <= 0:
+                    raise DependencyLimitExceeded(
+                        "another server of this host was still installing the layer after "
+                        f"DEPENDENCY_INSTALL_TIMEOUT_SECONDS ({self._timeout:g})",
+                        setting="DEPENDENCY_INSTALL_TIMEOUT_SECONDS",
+                    )
+                await asyncio.sleep(LOCK_POLL_SECONDS)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    # collecting
+
+    async def sweep(self) -> int:
+        """Remove layers no unexpired session uses, installed before LAYER_RETENTION_SECONDS
+        ago; how many were removed."""
+        if self._in_use is None:
+            return 0
+        old = await asyncio.to_thread(_old_layers, self.folder, time.time() - self._retention)
+        removed = 0
+        for start in range(0, len(old), SWEEP_BATCH):
+            batch = [name for name in old[start : start + SWEEP_BATCH] if name not in self._installing]
+            used = await self._in_use(batch, Deadline.after(SWEEP_SECONDS))
+            for layer_id in batch:
+                if layer_id in used:
+                    continue
+                handle = await asyncio.to_thread(
+                    os.open, self._locks / f"{layer_id}.lock", os.O_RDWR | os.O_CREAT, 0o600
+                )
+                try:
+                    try:
+                        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except OSError:
+                        continue  # being installed by another server: not old
+                    self._ready.pop(layer_id, None)
+                    if await asyncio.to_thread(_remove, self.path(layer_id), self._staging):
+                        removed += 1
+                finally:
+                    os.close(handle)
+        return removed
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._sweep_interval)
+            try:
+                removed = await self.sweep()
+            except LambdaError as exc:  # the database is away: the next pass tries again
+                log.warning("layer sweep: %s", exc.message)
+                continue
+            except Exception:  # a bug: say so, and keep sweeping
+                log.exception("layer sweep failed")
+                continue
+            if removed:
+                log.info("layer sweep: %d unused layers removed from %s", removed, self.folder)
+
+
+async def _outcome(task: asyncio.Task[Layer], deadline: Deadline) -> Layer:
+    """What the install ended with, waited for until the deadline: the install goes on when
+    this caller stops waiting; its failure is raised as an instance of the caller's own."""
+    if not task.done():
+        remaining = deadline.remaining()
+        await asyncio.wait((task,), timeout=None if remaining is None else max(0.0, remaining))
+    if not task.done():
+        raise DeadlineExceeded(
+            "the call's deadline passed while its dependencies were installed; the install goes on, "
+            "and a later call finds the layer"
+        )
+    if task.cancelled():
+        raise Unavailable("the server stopped before the dependencies were installed")
+    error = task.exception()
+    if error is not None:
+        if not isinstance(error, LambdaError):
+            log.error("installing a layer failed", exc_info=error)
+            raise InternalError(f"internal error while installing dependencies: {type(error).__name__}")
+        raise own_instance(error)
+    return task.result()
+
+
+def _retrieve(task: asyncio.Task[Layer]) -> None:
+    """A failure whose callers all left is no loose end: mark it seen."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _read_layer(path: Path) -> Layer | None:
+    """The installed layer at `path`, from its layer.json; None when there is none."""
+    try:
+        info = json.loads((path / LAYER_INFO).read_text())
+    except (OSError, ValueError):
+        return None
+    return Layer(path.name, path, int(info.get("bytes", 0)))
+
+
+def _size(folder: Path) -> int:
+    """Bytes of the files under `folder` (links counted as themselves)."""
+    total = 0
+    for root, dirs, names in os.walk(folder):
+        for name in (*dirs, *names):
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+def _publish(staging: Path, final: Path) -> None:
+    """Rename the finished install into place; readable by every environment's uid."""
+    for root, dirs, names in os.walk(staging):
+        for name in (*dirs, *names):
+            path = os.path.join(root, name)
+            mode = os.lstat(path).st_mode
+            if not stat.S_ISLNK(mode):  # readable (folders enterable) by anyone, writable by none but us
+                os.chmod(path, (mode | 0o444 | (0o111 if stat.S_ISDIR(mode) else 0)) & 0o755)
+    os.chmod(staging, 0o755)
+    os.replace(staging, final)
+
+
+def _old_layers(folder: Path, before: float) -> list[str]:
+    """The layers installed before `before` (time.time())."""
+    found = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                if entry.is_dir(follow_symlinks=False) and entry.stat().st_mtime < before:
+                    found.append(entry.name)
+    return found
+
+
+def _remove(path: Path, staging: Path) -> bool:
+    """Move the layer out of sight at once (a rename), then delete it."""
+    gone = staging / f".gone-{path.name}-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        os.replace(path, gone)
+    except FileNotFoundError:
+        return False
+    shutil.rmtree(gone, ignore_errors=True)
+    return True

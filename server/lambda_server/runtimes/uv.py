@@ -1,0 +1,221 @@
+"""Python's resolver: uv resolves requirements into a PEP 751 lock (pylock.toml) and installs it.
+
+`uv pip compile --format pylock.toml --only-binary :all: --python <the worker's
+interpreter>` picks, for each package, exactly one wheel for the interpreter and
+platform the scripts run on, with its URL and sha256: that text is the lock stored
+with the session. `uv pip install --target <layer>/site-packages --no-deps
+--require-hashes --only-binary :all:` installs exactly those wheels. Wheels only: no
+setup.py, no build backend, nothing of a package runs at install (a wheel is unpacked;
+its `.pth` files are not processed either, see python_worker.py).
+
+uv runs with a clean environment: no user or project configuration (UV_NO_CONFIG), its
+cache under LAYER_DIR, the platform's certificates, and the proxy and certificate
+variables of the server's own environment, nothing else of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+
+from lambda_server.domain import Deadline, LockedPackage
+from lambda_server.errors import (
+    DependencyLimitExceeded,
+    DependencyUnresolvable,
+    InternalError,
+    PackageIndexUnavailable,
+)
+from lambda_server.runtimes.layers import Lock
+
+LOCK_FILE = "pylock.toml"  # uv wants this name (PEP 751)
+MAX_MESSAGE = 2000  # characters of uv's own words in an error
+# what the server's environment passes on to uv: how to reach the index, nothing more
+PASSED_ON = (
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+    "NO_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "all_proxy",
+    "no_proxy",
+)
+# uv's words for an index it could not reach (as opposed to one that answered "no")
+_UNREACHABLE = re.compile(
+    r"Failed to fetch|error sending request|dns error|Connection refused|timed out|tcp connect error|"
+    r"client error \(Connect\)|Could not connect|Network is unreachable",
+    re.IGNORECASE,
+)
+
+
+def find_uv() -> str | None:
+    """uv's binary: the one the `uv` package installed beside this Python, else on PATH."""
+    beside = Path(sys.executable).parent / "uv"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    with contextlib.suppress(ImportError, FileNotFoundError):
+        import uv
+
+        found: str = uv.find_uv_bin()
+        return found
+    return shutil.which("uv")
+
+
+class UvResolver:
+    """Resolver (runtimes/layers.py) for Python, with uv."""
+
+    runtime = "python"
+
+    def __init__(
+        self,
+        uv: str,
+        python: str,
+        index: str | None,
+        layer_dir: Path,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        """`python`: the interpreter the workers run (wheels are picked for it); `index`:
+        PYTHON_PACKAGE_INDEX, an index URL or a local folder of wheels (None: uv's default)."""
+        self._uv = uv
+        self._python = python
+        self._work = layer_dir / "staging"
+        cache = layer_dir / "uv-cache"
+        cache.mkdir(parents=True, exist_ok=True)
+        self._work.mkdir(parents=True, exist_ok=True)
+        source = os.environ if environ is None else environ
+        self._env = {name: source[name] for name in PASSED_ON if name in source}
+        self._env.update(
+            PATH="/usr/local/bin:/usr/bin:/bin",
+            HOME=str(cache),
+            LANG="C.UTF-8",
+            UV_NO_CONFIG="1",
+            UV_CACHE_DIR=str(cache),
+            UV_SYSTEM_CERTS="1",
+            UV_HTTP_RETRIES="1",
+            UV_PYTHON_DOWNLOADS="never",
+            UV_NO_PROGRESS="1",
+        )
+        self._index = _index_options(index)
+
+    async def lock(self, requirements: tuple[str, ...], deadline: Deadline) -> Lock:
+        work = Path(await asyncio.to_thread(tempfile.mkdtemp, dir=self._work, prefix="lock-"))
+        try:
+            await asyncio.to_thread((work / "requirements.in").write_text, "\n".join(requirements) + "\n")
+            argv = [
+                *("pip", "compile", "requirements.in", "--output-file", LOCK_FILE),
+                *("--format", "pylock.toml", "--preview-features", "pylock"),
+                *("--only-binary", ":all:", "--python", self._python, "--no-header", "--quiet"),
+                *self._index,
+            ]
+            code, errors = await self._run(argv, work, deadline)
+            if code != 0:
+                raise _failure(errors, requirements)
+            text = await asyncio.to_thread((work / LOCK_FILE).read_text)
+        finally:
+            await asyncio.to_thread(shutil.rmtree, work, True)
+        return Lock(self.runtime, requirements, packages(text), text)
+
+    async def install(self, lock: Lock, target: Path, deadline: Deadline) -> None:
+        await asyncio.to_thread((target / LOCK_FILE).write_text, lock.text)
+        argv = [
+            *("pip", "install", "--target", str(target / "site-packages"), "-r", LOCK_FILE),
+            *("--no-deps", "--require-hashes", "--only-binary", ":all:"),
+            *("--preview-features", "pylock", "--python", self._python, "--quiet"),
+            *self._index,
+        ]
+        code, errors = await self._run(argv, target, deadline)
+        if code != 0:
+            raise _failure(errors, lock.requirements)
+
+    async def _run(self, argv: list[str], cwd: Path, deadline: Deadline) -> tuple[int, str]:
+        """uv's exit code and stderr; DependencyLimitExceeded (the process group killed) when
+        the deadline passes first."""
+        process = await asyncio.create_subprocess_exec(
+            self._uv,
+            *argv,
+            cwd=cwd,
+            env=self._env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
+        try:
+            async with asyncio.timeout(deadline.remaining()):
+                _, stderr = await process.communicate()
+        except TimeoutError:
+            raise DependencyLimitExceeded(
+                "resolving or installing the dependencies took longer than "
+                "DEPENDENCY_INSTALL_TIMEOUT_SECONDS",
+                setting="DEPENDENCY_INSTALL_TIMEOUT_SECONDS",
+            ) from None
+        finally:
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                with contextlib.suppress(Exception):
+                    await process.wait()
+        return process.returncode or 0, stderr.decode(errors="replace")
+
+
+def packages(text: str) -> tuple[LockedPackage, ...]:
+    """The packages of a pylock.toml, by name, each with its one wheel's sha256."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise InternalError(f"uv wrote a lock that does not parse: {exc}") from None
+    found = []
+    for package in data.get("packages", ()):
+        wheels = package.get("wheels") or ()
+        digest = wheels[0].get("hashes", {}).get("sha256", "") if wheels else ""
+        found.append(LockedPackage(package["name"], str(package.get("version", "")), f"sha256:{digest}"))
+    return tuple(sorted(found, key=lambda p: p.name))
+
+
+def _index_options(index: str | None) -> list[str]:
+    """An index URL, or a local folder of wheels (then no index at all: offline)."""
+    if not index:
+        return []
+    folder = index.removeprefix("file://") if index.startswith("file://") else index
+    if "://" not in folder and Path(folder).is_dir() and not (Path(folder) / "simple").is_dir():
+        return ["--no-index", "--find-links", folder]
+    return ["--index-url", index]
+
+
+def _failure(stderr: str, requirements: tuple[str, ...]) -> Exception:
+    """uv's failure as the service's error: the index unreachable, or the requirements unresolvable."""
+    words = "\n".join(line for line in stderr.strip().splitlines() if line.strip())[:MAX_MESSAGE]
+    if _UNREACHABLE.search(words) and "No solution found" not in words:
+        return PackageIndexUnavailable(
+            f"the package index did not answer (PYTHON_PACKAGE_INDEX): {words}",
+            setting="PYTHON_PACKAGE_INDEX",
+        )
+    return DependencyUnresolvable(
+        f"the dependencies cannot be resolved: {words or 'uv failed without a word'}",
+        requirement=_named(words, requirements),
+    )
+
+
+def _named(words: str, requirements: tuple[str, ...]) -> str:
+    """The requirement uv's message is about (the first named), else the first."""
+    lowered = words.lower()
+    best: tuple[int, str] | None = None
+    for requirement in requirements:
+        name = re.split(r"[\s<>=!~;\[@(]", requirement.strip(), maxsplit=1)[0]
+        name = re.sub(r"[-_.]+", "-", name).lower()
+        position = lowered.find(name) if name else -1
+        if position >= 0 and (best is None or position < best[0]):
+            best = (position, requirement)
+    chosen = best[1] if best is not None else (requirements[0] if requirements else "")
+    return chosen[:256]
