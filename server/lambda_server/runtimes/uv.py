@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import tomllib
@@ -120,7 +121,7 @@ class UvResolver:
             ]
             code, errors = await self._run(argv, work, deadline)
             if code != 0:
-                raise _failure(errors, requirements)
+                raise _failure(errors or f"uv exited {code}", requirements)
             text = await asyncio.to_thread((work / LOCK_FILE).read_text)
         finally:
             await asyncio.to_thread(shutil.rmtree, work, True)
@@ -136,25 +137,26 @@ class UvResolver:
         ]
         code, errors = await self._run(argv, target, deadline)
         if code != 0:
-            raise _failure(errors, lock.requirements)
+            raise _failure(errors or f"uv exited {code}", lock.requirements)
 
     async def _run(self, argv: list[str], cwd: Path, deadline: Deadline) -> tuple[int, str]:
-        """uv's exit code and stderr; DependencyLimitExceeded (the process group killed) when
-        the deadline passes first."""
-        process = await asyncio.create_subprocess_exec(
-            self._uv,
-            *argv,
+        """uv's exit code and stderr; DependencyLimitExceeded (its process group killed) when
+        the deadline passes first, and killed too when the caller is cancelled. Started with
+        subprocess.Popen in a thread, as workers are (runtimes/process.py): uvloop's own
+        subprocesses crash in the child when it forks while gRPC's threads run."""
+        process = await asyncio.to_thread(
+            subprocess.Popen,
+            [self._uv, *argv],
             cwd=cwd,
             env=self._env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,  # its own process group, killed as one
         )
         try:
-            async with asyncio.timeout(deadline.remaining()):
-                _, stderr = await process.communicate()
-        except TimeoutError:
+            _, stderr = await asyncio.to_thread(process.communicate, None, deadline.remaining())
+        except subprocess.TimeoutExpired:
             raise DependencyLimitExceeded(
                 "resolving or installing the dependencies took longer than "
                 "DEPENDENCY_INSTALL_TIMEOUT_SECONDS",
@@ -164,8 +166,7 @@ class UvResolver:
             if process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
-                with contextlib.suppress(Exception):
-                    await process.wait()
+                await asyncio.to_thread(process.wait)
         return process.returncode or 0, stderr.decode(errors="replace")
 
 
