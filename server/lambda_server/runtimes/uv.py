@@ -157,17 +157,23 @@ class UvResolver:
         try:
             _, stderr = await asyncio.to_thread(process.communicate, None, deadline.remaining())
         except subprocess.TimeoutExpired:
+            _kill(process)
+            await asyncio.to_thread(process.communicate)  # reaped, its pipe closed
             raise DependencyLimitExceeded(
                 "resolving or installing the dependencies took longer than "
                 "DEPENDENCY_INSTALL_TIMEOUT_SECONDS",
                 setting="DEPENDENCY_INSTALL_TIMEOUT_SECONDS",
             ) from None
-        finally:
-            if process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                await asyncio.to_thread(process.wait)
+        except BaseException:  # cancelled: the thread's communicate() ends once it is killed
+            _kill(process)
+            raise
         return process.returncode or 0, stderr.decode(errors="replace")
+
+
+def _kill(process: subprocess.Popen[bytes]) -> None:
+    """uv and whatever it started (an interpreter it asked), as one process group."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 def packages(text: str) -> tuple[LockedPackage, ...]:
