@@ -12,12 +12,14 @@ import base64
 import hashlib
 import io
 import tarfile
+import uuid
 import zipfile
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from lambda_microservice import (
@@ -30,7 +32,7 @@ from lambda_microservice import (
     result,
 )
 from lambda_server.config import DependencySettings
-from tests.support import ServerThread, server_settings
+from tests.support import ServerThread, eventually, run_sync, server_settings
 
 # Generous: an install on a busy 2-core box (the setting bounds the server's side)
 INSTALL_TIMEOUT = DependencySettings().install_timeout_seconds
@@ -153,6 +155,14 @@ def offline_client(offline: tuple[ServerThread, Path]) -> Iterator[LambdaClient]
 TINY = "import lambda_tiny, lambda_tinier\nresult = lambda_tiny.hello() + str(lambda_tinier.X) + params['s']"
 
 
+def installed(running: ServerThread) -> float:
+    """lambda_layer_installs_total of a server, for Python."""
+    value = running.server.metrics.registry.get_sample_value(
+        "lambda_layer_installs_total", {"runtime": "python"}
+    )
+    return value or 0.0
+
+
 def layers_of(layer_dir: Path) -> list[Path]:
     return sorted((layer_dir / "layers").iterdir())
 
@@ -185,6 +195,7 @@ def test_sessions_with_the_same_lock_share_one_layer_installed_once(
     )
     (layer,) = [p for p in layers_of(layer_dir) if "lambda-other" in (p / "pylock.toml").read_text()]
     before = layer.stat()
+    installs = installed(offline[0])
     second = offline_client.initialize(
         "python-share-2",
         "import lambda_other\nresult = lambda_other.Y * 2",
@@ -198,6 +209,7 @@ def test_sessions_with_the_same_lock_share_one_layer_installed_once(
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), "installed again"
     same = [p for p in layers_of(layer_dir) if "lambda-other" in (p / "pylock.toml").read_text()]
     assert same == [layer]
+    assert installed(offline[0]) == installs
 
 
 def test_an_unknown_package_is_unresolvable_with_its_requirement(offline_client: LambdaClient) -> None:
@@ -334,3 +346,56 @@ def test_a_real_package_from_the_index_with_a_dependency_of_its_own(
                 assert package.hash.startswith("sha256:") and len(package.hash) == len("sha256:") + 64
     finally:
         running.stop()
+
+
+def test_layers_no_unexpired_session_uses_are_collected(
+    wheels: Path, fresh_database: str, tmp_path: Path
+) -> None:
+    """As Rust programs are: the folder (each server's sweep) and the meta.layers row (the
+    cleanup), past LAYER_RETENTION_SECONDS (0 here); a layer a live session uses stays."""
+    settings = replace(
+        offline_settings(wheels, tmp_path, layer_retention_seconds=0.0), cleanup_interval_seconds=0.2
+    )
+    running = ServerThread(settings, fresh_database)
+    try:
+        with LambdaClient(running.target, timeout=INSTALL_TIMEOUT) as client:
+            gone = client.initialize("python-gone", "result = 1", dependencies=["lambda-tiny"])
+            kept = client.initialize(
+                "python-kept", "import lambda_other\nresult = lambda_other.Y", dependencies=["lambda-other"]
+            )
+            layer_ids = {
+                session.request_id: client.get_session(session.request_id) for session in (gone, kept)
+            }
+            assert all(stored.locked for stored in layer_ids.values())
+            run_sync(expire(fresh_database, gone.request_id))
+
+            def collected() -> bool:
+                names = [(p / "pylock.toml").read_text() for p in layers_of(tmp_path)]
+                return len(names) == 1 and "lambda-other" in names[0] and rows(fresh_database) == 1
+
+            eventually(collected, timeout=30)
+            assert result(client.execute(kept.request_id, {})) == 3
+    finally:
+        running.stop()
+
+
+async def expire(url: str, request_id: str) -> None:
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        await conn.execute(
+            "UPDATE meta.sessions SET expires_at = now() - interval '1 second' WHERE request_id = $1",
+            uuid.UUID(request_id),
+        )
+    finally:
+        await conn.close()
+
+
+def rows(url: str) -> int:
+    async def count() -> int:
+        conn = await asyncpg.connect(url, timeout=10)
+        try:
+            return int(await conn.fetchval("SELECT count(*) FROM meta.layers"))
+        finally:
+            await conn.close()
+
+    return run_sync(count())

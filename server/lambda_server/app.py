@@ -124,8 +124,9 @@ async def _wire(
     migrator = migrations.Migrator(db, schema)
     limits = Limits(settings.sandbox.memory_mb, settings.sandbox.max_processes)
     total_memory_mb = await memory_budget_mb(settings.sandbox)
+    metrics = Metrics()
     layer_records = LayerRecords(db)
-    layers = _layer_store(settings, registry, layer_records)
+    layers = _layer_store(settings, registry, layer_records, metrics)
     steps.push("the layer store", layers.close)
     pool = EnvironmentPool(settings.runtime, registry.specs, sandbox, limits, total_memory_mb)
     steps.push("the environment pool", pool.close)
@@ -151,7 +152,6 @@ async def _wire(
         migrator,
         outage=(lambda: supervisor.status) if supervisor is not None else (lambda: None),
     )
-    metrics = Metrics()
     cache = ResultCache(settings.result_cache_bytes, metrics)
     quota = OwnerQuota(settings.auth.max_sessions_per_owner, settings.auth.max_script_bytes_per_owner)
     sessions = SessionStore(
@@ -287,7 +287,9 @@ def _usecases(
     )
 
 
-def _layer_store(settings: Settings, registry: RuntimeRegistry, records: LayerRecords) -> LayerStore:
+def _layer_store(
+    settings: Settings, registry: RuntimeRegistry, records: LayerRecords, metrics: Metrics
+) -> LayerStore:
     """The host's layers, with a resolver per runtime that has one; LAYER_DIR's layers are
     bound read-only into every environment of those runtimes (pre-started ones too, so that
     any of them can bind a script with dependencies)."""
@@ -308,6 +310,7 @@ def _layer_store(settings: Settings, registry: RuntimeRegistry, records: LayerRe
         retention_seconds=deps.layer_retention_seconds,
         sweep_interval=settings.cleanup_interval_seconds,
         in_use=records.in_use,
+        on_install=lambda runtime: metrics.layer_installs.labels(runtime).inc(),
     )
     folder = str(layers.folder)
     for name, spec in list(registry.specs.items()):
