@@ -23,11 +23,13 @@ import asyncpg
 import pytest
 
 from lambda_microservice import (
+    AlreadyExistsError,
     DependencyLimitExceededError,
     DependencyNotAllowedError,
     DependencyUnresolvableError,
     InvalidArgumentError,
     LambdaClient,
+    LambdaError,
     QuotaExceededError,
     result,
 )
@@ -104,6 +106,8 @@ def wheels(tmp_path_factory: pytest.TempPathFactory, marker_dir: Path) -> Path:
     for name in ("lambda-quota-a", "lambda-quota-b"):
         module = name.replace("-", "_")
         build_wheel(folder, name, "1.0", {f"{module}.py": "PAD = '" + "q" * 25_000 + "'\n"})
+    for version in ("1.0", "2.0"):  # one script, two versions: two answers
+        build_wheel(folder, "lambda-ver", version, {"lambda_ver.py": f"V = {version!r}\n"})
     marker = marker_dir / "imported"
     hostile = f"open({str(marker)!r}, 'w').write('ran')\n"
     build_wheel(
@@ -212,6 +216,32 @@ def test_sessions_with_the_same_lock_share_one_layer_installed_once(
     assert installed(offline[0]) == installs
 
 
+def test_a_retry_is_the_same_session_and_other_dependencies_conflict(offline_client: LambdaClient) -> None:
+    request_id = str(uuid.uuid4())
+    first = offline_client.initialize(
+        "python-retry", "result = 1", request_id=request_id, dependencies=["lambda-ver==1.0"]
+    )
+    again = offline_client.initialize(
+        "python-retry", "result = 1", request_id=request_id, dependencies=["lambda-ver==1.0"]
+    )
+    assert again.request_id == first.request_id == request_id
+    with pytest.raises(AlreadyExistsError) as conflict:
+        offline_client.initialize(
+            "python-retry", "result = 1", request_id=request_id, dependencies=["lambda-ver==2.0"]
+        )
+    assert conflict.value.reason == "SESSION_CONFLICT"
+
+
+def test_the_result_cache_tells_the_layers_of_one_script_apart(offline_client: LambdaClient) -> None:
+    script = "import lambda_ver\nresult = lambda_ver.V"
+    answers = []
+    for version in ("1.0", "2.0"):
+        session = offline_client.initialize("python-ver", script, dependencies=[f"lambda-ver=={version}"])
+        answer = offline_client.execute(session.request_id, {}, cache_control="max-age=60")
+        answers.append((result(answer), answer.cached))
+    assert answers == [("1.0", False), ("2.0", False)]
+
+
 def test_an_unknown_package_is_unresolvable_with_its_requirement(offline_client: LambdaClient) -> None:
     with pytest.raises(DependencyUnresolvableError) as refused:
         offline_client.initialize(
@@ -256,6 +286,13 @@ def test_malformed_requirements_and_rust_are_invalid(offline_client: LambdaClien
             offline_client.initialize("python-bad", "result = 1", dependencies=[bad])
         assert refused.value.reason == "INVALID_REQUEST"
         assert refused.value.metadata["field"] == "dependencies"
+    rust = "pub fn handler(event: serde_json::Value) -> Result<serde_json::Value, String> { Ok(event) }"
+    with pytest.raises(LambdaError) as crates:  # before anything is compiled
+        offline_client.initialize("rust-deps", rust, dependencies=["serde"])
+    if crates.value.reason != "RUNTIME_NOT_AVAILABLE":  # a machine without rustc
+        assert crates.value.reason == "INVALID_REQUEST"
+        assert crates.value.metadata["field"] == "dependencies"
+        assert "crates Health lists" in crates.value.message
     with pytest.raises(DependencyLimitExceededError) as many:
         offline_client.initialize("python-many", "result = 1", dependencies=[f"p{i}" for i in range(33)])
     assert many.value.metadata["setting"] == "MAX_DEPENDENCIES"

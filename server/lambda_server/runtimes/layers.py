@@ -26,6 +26,7 @@ it is installed again from that session's stored lock.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import fcntl
@@ -146,6 +147,9 @@ class LayerStore:
             folder.mkdir(parents=True, exist_ok=True)
         self._installing: dict[str, _Install] = {}
         self._ready: dict[str, tuple[Layer, float]] = {}  # found installed, and when (monotonic)
+        # layers an Initialize installed or found and has not stored its session for yet:
+        # no session uses them, and no sweep may take them
+        self._held: collections.Counter[str] = collections.Counter()
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
         self.installs = 0  # layers this server installed (the rest it found)
@@ -207,6 +211,15 @@ class LayerStore:
         if time.monotonic() - seen > self._sweep_interval:
             return None  # looked at again by ensure(): another server may have swept it
         return layer
+
+    def hold(self, layer_id: str) -> None:
+        """Keep the layer from the sweep until `release` (a session about to be stored uses it)."""
+        self._held[layer_id] += 1
+
+    def release(self, layer_id: str) -> None:
+        self._held[layer_id] -= 1
+        if self._held[layer_id] <= 0:
+            del self._held[layer_id]
 
     async def find(self, layer_id: str) -> Layer | None:
         """The layer when it is installed on this host (by this server or another)."""
@@ -316,7 +329,11 @@ class LayerStore:
         old = await asyncio.to_thread(_old_layers, self.folder, time.time() - self._retention)
         removed = 0
         for start in range(0, len(old), SWEEP_BATCH):
-            batch = [name for name in old[start : start + SWEEP_BATCH] if name not in self._installing]
+            batch = [
+                name
+                for name in old[start : start + SWEEP_BATCH]
+                if name not in self._installing and name not in self._held
+            ]
             used = await self._in_use(batch, Deadline.after(SWEEP_SECONDS))
             for layer_id in batch:
                 if layer_id in used:
@@ -329,6 +346,8 @@ class LayerStore:
                         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     except OSError:
                         continue  # being installed by another server: not old
+                    if layer_id in self._held:  # an Initialize came for it meanwhile
+                        continue
                     self._ready.pop(layer_id, None)
                     if await asyncio.to_thread(_remove, self.path(layer_id), self._staging):
                         removed += 1

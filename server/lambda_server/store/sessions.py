@@ -133,14 +133,18 @@ class SessionStore:
                 raise _refusal(new, row, quota)
             if existing is None:  # inserted and deleted in between: cannot happen today
                 raise InternalError("session vanished while being created")
+            stored = _dependencies(existing["dependencies"])
             same = (
                 existing["script_hash"] == new.script_hash
                 and existing["language_title"] == new.language_title
                 and existing["user_id"] == new.user_id
+                # the same requirements (a retry), whatever they resolve to now
+                and (stored.requirements if stored else ())
+                == (new.dependencies.requirements if new.dependencies else ())
             )
             if not same:
                 raise SessionConflict(
-                    f"session {new.request_id} already exists with another script",
+                    f"session {new.request_id} already exists with another script or other dependencies",
                     request_id=new.request_id,
                 )
             row = existing

@@ -32,7 +32,7 @@ from lambda_server.errors import (
     NotStarted,
     QuotaExceeded,
 )
-from lambda_server.runtimes.layers import LayerStore, Lock
+from lambda_server.runtimes.layers import Layer, LayerStore, Lock
 from lambda_server.runtimes.registry import RuntimeSpec
 from lambda_server.store.layers import LayerRecords
 from lambda_server.usecases.inputs import refuse_nul
@@ -106,7 +106,8 @@ class Dependencies:
         self, runtime: RuntimeSpec, requirements: tuple[str, ...], owner: str | None, deadline: Deadline
     ) -> SessionDependencies | None:
         """Lock the (checked) requirements, install their layer, and check the owner's layer
-        bytes; what the session stores. None when there are none."""
+        bytes; what the session stores. None when there are none. The layer is kept from the
+        sweep until `stored` is told the session was stored (or refused)."""
         if not requirements:
             return None
         if self._layers is None:
@@ -119,6 +120,24 @@ class Dependencies:
         for package in lock.packages:  # the dependencies of dependencies too
             self._allowed(package.name, package.name, "a requested package")
         layer = await self._layers.ensure(lock, deadline)
+        self._layers.hold(lock.layer_id)  # until the session is stored (`stored`)
+        try:
+            await self._check_owner(layer, lock, runtime, owner, deadline)
+        except BaseException:
+            self._layers.release(lock.layer_id)
+            raise
+        return SessionDependencies(requirements, runtime.name, lock.layer_id, lock.text, lock.packages)
+
+    def stored(self, dependencies: SessionDependencies | None) -> None:
+        """The session of `resolve`'s answer is stored (or was refused): its layer is the
+        sweep's to judge again."""
+        if dependencies is not None and self._layers is not None:
+            self._layers.release(dependencies.layer_id)
+
+    async def _check_owner(
+        self, layer: Layer, lock: Lock, runtime: RuntimeSpec, owner: str | None, deadline: Deadline
+    ) -> None:
+        """Record the layer's size, and refuse it when the owner's layers would pass their bytes."""
         await self._records.put(lock.layer_id, runtime.name, lock.text, layer.bytes, deadline)
         if owner is not None:
             used, layers = await self._records.owner_bytes(owner, lock.layer_id, deadline)
@@ -132,7 +151,6 @@ class Dependencies:
                     limit=str(limit),
                     bytes=str(used),
                 )
-        return SessionDependencies(requirements, runtime.name, lock.layer_id, lock.text, lock.packages)
 
     async def layer(self, session: ClaimedSession, runtime: RuntimeSpec, deadline: Deadline) -> str | None:
         """The folder of the session's layer on this host, installed now from the session's

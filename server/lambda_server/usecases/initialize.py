@@ -147,9 +147,12 @@ class Initialize:
         # resolved and installed before the session is stored: a session's layer is there
         # (on this host) when it is created, and nothing is stored when it cannot be
         layered = await self._dependencies.resolve(runtime, requirements, caller.owner, deadline)
-        if layered is not None:
-            new = replace(new, dependencies=layered)
-        return await self._sessions.create(new, deadline)
+        if layered is None:
+            return await self._sessions.create(new, deadline)
+        try:
+            return await self._sessions.create(replace(new, dependencies=layered), deadline)
+        finally:
+            self._dependencies.stored(layered)
 
     async def _initialize_compiled(
         self,

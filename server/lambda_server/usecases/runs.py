@@ -97,7 +97,9 @@ class SessionRuns:
             return b""
         session = claimed.session
         owner = session.user_id or ANONYMOUS
-        return cache_key(owner, claimed.runtime.name, session.script_hash, session.context, params)
+        # the same script with other dependencies may answer otherwise: its layer is part of the key
+        script = f"{session.script_hash}:{session.layer_id}" if session.layer_id else session.script_hash
+        return cache_key(owner, claimed.runtime.name, script, session.context, params)
 
     def cached(self, claimed: Claimed, key: bytes) -> ExecutionResult | None:
         """A hit of the result cache, counted in the metrics; None on a miss or when not read."""
