@@ -30,6 +30,7 @@ from lambda_microservice import (
     InvalidArgumentError,
     LambdaClient,
     LambdaError,
+    NotStartedError,
     QuotaExceededError,
     result,
 )
@@ -313,6 +314,37 @@ def test_a_layer_installed_by_one_replica_is_installed_by_another_from_the_store
             assert "lambda-tiny" in (layer / "pylock.toml").read_text()
     finally:
         other.stop()
+
+
+def test_a_replica_that_cannot_install_the_layer_answers_not_started(
+    offline_client: LambdaClient, database_url: str, tmp_path: Path
+) -> None:
+    """The wheels the lock names are gone before another replica installs it: that Execute
+    ran nothing (UNAVAILABLE, NOT_STARTED, a retry is safe), and the first replica still runs."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    wheel = build_wheel(wheels, "lambda-vanishing", "1.0", {"lambda_vanishing.py": "V = 'here'\n"})
+    first_settings = offline_settings(wheels, tmp_path / "first")
+    first = ServerThread(first_settings, database_url)
+    second = ServerThread(offline_settings(wheels, tmp_path / "second"), database_url)
+    try:
+        with (
+            LambdaClient(first.target, timeout=INSTALL_TIMEOUT) as one,
+            LambdaClient(second.target, timeout=10) as two,
+        ):
+            session = one.initialize(
+                "python-vanishing",
+                "import lambda_vanishing\nresult = lambda_vanishing.V",
+                dependencies=["lambda-vanishing"],
+            )
+            wheel.unlink()
+            with pytest.raises(NotStartedError) as refused:
+                two.execute(session.request_id, {})
+            assert "could not be installed" in refused.value.message
+            assert result(one.execute(session.request_id, {})) == "here"
+    finally:
+        second.stop()
+        first.stop()
 
 
 def test_the_allowlist_covers_every_package_of_the_lock(
