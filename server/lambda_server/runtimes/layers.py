@@ -39,7 +39,7 @@ import stat
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -110,12 +110,6 @@ class Resolver(Protocol):
 InUse = Callable[[list[str], Deadline], Awaitable[set[str]]]
 
 
-@dataclass(eq=False)
-class _Install:
-    task: asyncio.Task[Layer]
-    started: float = field(default_factory=time.monotonic)
-
-
 class LayerStore:
     """Locks requirements with a runtime's resolver, and installs each lock once per host."""
 
@@ -145,21 +139,13 @@ class LayerStore:
         self._locks = layer_dir / "locks"
         for folder in (self.folder, self._staging, self._locks):
             folder.mkdir(parents=True, exist_ok=True)
-        self._installing: dict[str, _Install] = {}
+        self._installing: dict[str, asyncio.Task[Layer]] = {}  # by layer id, while it runs
         self._ready: dict[str, tuple[Layer, float]] = {}  # found installed, and when (monotonic)
         # layers an Initialize installed or found and has not stored its session for yet:
         # no session uses them, and no sweep may take them
         self._held: collections.Counter[str] = collections.Counter()
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
-        self.installs = 0  # layers this server installed (the rest it found)
-
-    @property
-    def runtimes(self) -> tuple[str, ...]:
-        return tuple(sorted(self._resolvers))
-
-    def resolver(self, runtime: str) -> Resolver | None:
-        return self._resolvers.get(runtime)
 
     def start(self) -> None:
         if self._sweeper is None and self._in_use is not None:
@@ -171,7 +157,7 @@ class LayerStore:
         sweeper, self._sweeper = self._sweeper, None
         if sweeper is not None:
             await cancel_and_wait(sweeper)
-        installs = [install.task for install in self._installing.values()]
+        installs = list(self._installing.values())
         for task in installs:
             task.cancel()
         await asyncio.gather(*installs, return_exceptions=True)
@@ -249,11 +235,10 @@ class LayerStore:
                 raise Unavailable("the server is stopping")
             install = self._installing.get(layer_id)  # started while this one looked
             if install is None:
-                task = asyncio.create_task(self._install(lock))
-                task.add_done_callback(_retrieve)
-                install = self._installing[layer_id] = _Install(task)
-                task.add_done_callback(lambda _: self._installing.pop(layer_id, None))
-        return await _outcome(install.task, deadline)
+                install = self._installing[layer_id] = asyncio.create_task(self._install(lock))
+                install.add_done_callback(_retrieve)
+                install.add_done_callback(lambda _: self._installing.pop(layer_id, None))
+        return await _outcome(install, deadline)
 
     async def _install(self, lock: Lock) -> Layer:
         layer_id = lock.layer_id
@@ -268,7 +253,6 @@ class LayerStore:
             found = await asyncio.to_thread(_read_layer, self.path(layer_id))
             if found is None:  # not installed by another server meanwhile
                 found = await self._install_locked(resolver, lock, deadline)
-                self.installs += 1
                 if self._on_install is not None:
                     self._on_install(lock.runtime)
             self._ready[layer_id] = (found, time.monotonic())
@@ -326,6 +310,8 @@ class LayerStore:
         ago; how many were removed."""
         if self._in_use is None:
             return 0
+        # what an install left when its server died (a live one's is younger than its timeout)
+        await asyncio.to_thread(_remove_older, self._staging, time.time() - 2 * self._timeout)
         old = await asyncio.to_thread(_old_layers, self.folder, time.time() - self._retention)
         removed = 0
         for start in range(0, len(old), SWEEP_BATCH):
@@ -438,6 +424,18 @@ def _old_layers(folder: Path, before: float) -> list[str]:
                 if entry.is_dir(follow_symlinks=False) and entry.stat().st_mtime < before:
                     found.append(entry.name)
     return found
+
+
+def _remove_older(folder: Path, before: float) -> None:
+    """Remove what `folder` holds that was last changed before `before` (time.time())."""
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                if entry.stat(follow_symlinks=False).st_mtime < before:
+                    if entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.path, ignore_errors=True)
+                    else:
+                        os.unlink(entry.path)
 
 
 def _remove(path: Path, staging: Path) -> bool:

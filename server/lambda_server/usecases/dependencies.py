@@ -169,7 +169,10 @@ class Dependencies:
             if stored is None:
                 raise NotStarted(f"session {session.request_id} has no stored lock for layer {layer_id}")
             stored_runtime, text = stored
-            layer = await self._layers.ensure(Lock(stored_runtime or runtime.name, (), (), text), deadline)
+            lock = Lock(stored_runtime or runtime.name, (), (), text)
+            if lock.layer_id != layer_id:  # a lock edited by hand: never install another's layer
+                raise NotStarted(f"session {session.request_id}'s stored lock is not layer {layer_id}'s")
+            layer = await self._layers.ensure(lock, deadline)
         except (NotStarted, DeadlineExceeded):
             raise
         except LambdaError as exc:
