@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import importlib.metadata
 import logging
 import signal
 import socket
@@ -283,8 +284,17 @@ def _usecases(
         ),
         get_session=GetSession(sessions, options),
         catalog=catalog,
-        health=Health(monitor, pool, sandbox.health(), builds),
+        health=Health(monitor, pool, sandbox.health(), builds, (dependencies.health(_tools()),)),
     )
+
+
+def _tools() -> dict[str, str]:
+    """Each resolver's tool and its version, for Health."""
+    try:
+        uv = f"uv {importlib.metadata.version('uv')}"
+    except importlib.metadata.PackageNotFoundError:
+        uv = "uv"
+    return {"python": uv}
 
 
 def _layer_store(

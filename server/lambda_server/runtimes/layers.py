@@ -147,6 +147,11 @@ class LayerStore:
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
 
+    @property
+    def runtimes(self) -> tuple[str, ...]:
+        """The runtimes whose dependencies this store installs."""
+        return tuple(sorted(self._resolvers))
+
     def start(self) -> None:
         if self._sweeper is None and self._in_use is not None:
             self._sweeper = asyncio.create_task(self._sweep_loop())

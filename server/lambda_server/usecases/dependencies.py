@@ -22,7 +22,13 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
 from lambda_server.config import DependencySettings
-from lambda_server.domain import ClaimedSession, Deadline, SessionDependencies
+from lambda_server.domain import (
+    ClaimedSession,
+    ComponentHealth,
+    ComponentStatus,
+    Deadline,
+    SessionDependencies,
+)
 from lambda_server.errors import (
     DeadlineExceeded,
     DependencyLimitExceeded,
@@ -52,6 +58,26 @@ class Dependencies:
         self._settings = settings
         self._layers = layers
         self._records = records
+
+    def health(self, tools: dict[str, str]) -> ComponentHealth:
+        """The `dependencies` component: the policy and the runtimes that install them (with
+        `tools`, each resolver's tool and version); DEGRADED when the policy allows dependencies
+        and no runtime can install them."""
+        mode = self._settings.mode
+        runtimes = self._layers.runtimes if self._layers is not None else ()
+        if mode == "off":
+            return ComponentHealth("dependencies", ComponentStatus.OK, "off (DEPENDENCIES=off)")
+        policy = f"DEPENDENCIES={mode}"
+        if mode == "allowlist":
+            policy += f", {len(self._settings.allowlist)} packages allowed"
+        if not runtimes:
+            detail = f"degraded ({policy}): no runtime can install them (no uv), so they are refused"
+            return ComponentHealth("dependencies", ComponentStatus.DEGRADED, detail)
+        installers = ", ".join(f"{name}: {tools.get(name, '?')}" for name in runtimes)
+        counts = {"allowed": len(self._settings.allowlist)} if mode == "allowlist" else {}
+        return ComponentHealth(
+            "dependencies", ComponentStatus.OK, f"ok ({policy}; {installers})", counts=counts
+        )
 
     def check(self, runtime: RuntimeSpec, requirements: tuple[str, ...]) -> tuple[str, ...]:
         """The requirements, trimmed, when the policy allows asking for them (before any work):
