@@ -134,11 +134,13 @@ class LayerStore:
         self._sweep_interval = sweep_interval
         self._in_use = in_use
         self._on_install = on_install
+        layer_dir.mkdir(parents=True, exist_ok=True)
+        layer_dir = layer_dir.resolve()  # bound at its real path: the jail makes no symlinks
         self.folder = layer_dir / "layers"  # what environments see (read-only)
         self._staging = layer_dir / "staging"
         self._locks = layer_dir / "locks"
         for folder in (self.folder, self._staging, self._locks):
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(exist_ok=True)
         self._installing: dict[str, asyncio.Task[Layer]] = {}  # by layer id, while it runs
         self._ready: dict[str, tuple[Layer, float]] = {}  # found installed, and when (monotonic)
         # layers an Initialize installed or found and has not stored its session for yet:
