@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import json
 import tarfile
 import uuid
 import zipfile
@@ -168,6 +169,12 @@ def installed(running: ServerThread) -> float:
     return value or 0.0
 
 
+def lock_of(layer: Path) -> str:
+    """The lock a layer was installed from (LAYER_DIR/info/<layer id>.json)."""
+    info: dict[str, Any] = json.loads((layer.parent.parent / "info" / f"{layer.name}.json").read_text())
+    return str(info["lock"])
+
+
 def layers_of(layer_dir: Path) -> list[Path]:
     return sorted((layer_dir / "layers").iterdir())
 
@@ -198,8 +205,9 @@ def test_sessions_with_the_same_lock_share_one_layer_installed_once(
     first = offline_client.initialize(
         "python-share-1", "import lambda_other\nresult = lambda_other.Y", dependencies=["lambda-other"]
     )
-    (layer,) = [p for p in layers_of(layer_dir) if "lambda-other" in (p / "pylock.toml").read_text()]
+    (layer,) = [p for p in layers_of(layer_dir) if "lambda-other" in lock_of(p)]
     before = layer.stat()
+    assert [entry.name for entry in layer.iterdir()] == ["site-packages"], "environments see packages only"
     installs = installed(offline[0])
     second = offline_client.initialize(
         "python-share-2",
@@ -212,7 +220,7 @@ def test_sessions_with_the_same_lock_share_one_layer_installed_once(
         assert result(answer) == expected
     after = layer.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), "installed again"
-    same = [p for p in layers_of(layer_dir) if "lambda-other" in (p / "pylock.toml").read_text()]
+    same = [p for p in layers_of(layer_dir) if "lambda-other" in lock_of(p)]
     assert same == [layer]
     assert installed(offline[0]) == installs
 
@@ -261,7 +269,7 @@ def test_a_layer_past_max_layer_bytes_is_refused_and_removed(
     assert refused.value.metadata["setting"] == "MAX_LAYER_BYTES"
     assert "MAX_LAYER_BYTES" in refused.value.message
     layer_dir = offline[1]
-    assert not any("lambda-large" in (p / "pylock.toml").read_text() for p in layers_of(layer_dir))
+    assert not any("lambda-large" in lock_of(p) for p in layers_of(layer_dir))
     assert not list((layer_dir / "staging").glob("*-*")), "the partial install is removed"
     # the server goes on installing others
     session = offline_client.initialize("python-after-large", TINY, dependencies=["lambda-tiny"])
@@ -311,7 +319,7 @@ def test_a_layer_installed_by_one_replica_is_installed_by_another_from_the_store
             assert not answer.HasField("error"), answer.error
             assert result(answer) == "tiny2?"
             (layer,) = layers_of(tmp_path)
-            assert "lambda-tiny" in (layer / "pylock.toml").read_text()
+            assert "lambda-tiny" in lock_of(layer)
     finally:
         other.stop()
 
@@ -442,7 +450,7 @@ def test_layers_no_unexpired_session_uses_are_collected(
             run_sync(expire(fresh_database, gone.request_id))
 
             def collected() -> bool:
-                names = [(p / "pylock.toml").read_text() for p in layers_of(tmp_path)]
+                names = [lock_of(p) for p in layers_of(tmp_path)]
                 return len(names) == 1 and "lambda-other" in names[0] and rows(fresh_database) == 1
 
             eventually(collected, timeout=30)

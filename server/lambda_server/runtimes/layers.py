@@ -3,7 +3,8 @@
 A *lock* is what a runtime's resolver made of a session's requirements: every
 package, its exact version and its archive's hash, as text the resolver can
 install from again (`Lock.text`). A *layer* is one lock installed: a folder
-`LAYER_DIR/layers/<layer_id>`, where the layer id is a hash of the runtime and the
+`LAYER_DIR/layers/<layer_id>` (what it is, its size and lock, in
+`LAYER_DIR/info/<layer_id>.json`), where the layer id is a hash of the runtime and the
 lock's text, so every session whose requirements resolve to the same lock shares
 one folder, whichever replica or session installed it.
 
@@ -59,7 +60,7 @@ __all__ = ["Layer", "LayerStore", "Lock", "LockedPackage", "Resolver"]
 
 log = logging.getLogger(__name__)
 
-LAYER_INFO = "layer.json"  # in each layer: its runtime, size and lock
+INFO = "info"  # LAYER_DIR/info/<layer id>.json: a layer's runtime, size and lock, outside its folder
 LOCK_POLL_SECONDS = 0.05  # how often a server waiting for another's install looks again
 SWEEP_SECONDS = 5.0
 SWEEP_BATCH = 500
@@ -139,7 +140,10 @@ class LayerStore:
         self.folder = layer_dir / "layers"  # what environments see (read-only)
         self._staging = layer_dir / "staging"
         self._locks = layer_dir / "locks"
-        for folder in (self.folder, self._staging, self._locks):
+        # beside the layers, not in them: what environments see holds packages only (a
+        # lock names its index's URLs)
+        self._info = layer_dir / INFO
+        for folder in (self.folder, self._staging, self._locks, self._info):
             folder.mkdir(exist_ok=True)
         self._installing: dict[str, asyncio.Task[Layer]] = {}  # by layer id, while it runs
         self._ready: dict[str, tuple[Layer, float]] = {}  # found installed, and when (monotonic)
@@ -216,7 +220,7 @@ class LayerStore:
 
     async def find(self, layer_id: str) -> Layer | None:
         """The layer when it is installed on this host (by this server or another)."""
-        found = await asyncio.to_thread(_read_layer, self.path(layer_id))
+        found = await asyncio.to_thread(self._read, layer_id)
         if found is not None:
             self._ready[layer_id] = (found, time.monotonic())
         else:
@@ -234,7 +238,7 @@ class LayerStore:
             return layer
         install = self._installing.get(layer_id)
         if install is None:
-            found = await asyncio.to_thread(_read_layer, self.path(layer_id))
+            found = await asyncio.to_thread(self._read, layer_id)
             if found is not None:
                 self._ready[layer_id] = (found, time.monotonic())
                 return found
@@ -257,7 +261,7 @@ class LayerStore:
             )
         handle = await self._host_lock(layer_id, deadline)
         try:
-            found = await asyncio.to_thread(_read_layer, self.path(layer_id))
+            found = await asyncio.to_thread(self._read, layer_id)
             if found is None:  # not installed by another server meanwhile
                 found = await self._install_locked(resolver, lock, deadline)
                 if self._on_install is not None:
@@ -281,8 +285,7 @@ class LayerStore:
                     bytes=str(size),
                 )
             info = {"runtime": lock.runtime, "bytes": size, "lock": lock.text}
-            await asyncio.to_thread((staging / LAYER_INFO).write_text, json.dumps(info))
-            await asyncio.to_thread(_publish, staging, self.path(lock.layer_id))
+            await asyncio.to_thread(self._publish, staging, lock.layer_id, info)
             return Layer(lock.layer_id, self.path(lock.layer_id), size)
         finally:
             await asyncio.to_thread(shutil.rmtree, staging, True)  # gone once renamed
@@ -342,11 +345,47 @@ class LayerStore:
                     if layer_id in self._held:  # an Initialize came for it meanwhile
                         continue
                     self._ready.pop(layer_id, None)
+                    with contextlib.suppress(FileNotFoundError):
+                        await asyncio.to_thread(os.unlink, self._info_file(layer_id))  # absent first
                     if await asyncio.to_thread(_remove, self.path(layer_id), self._staging):
                         removed += 1
                 finally:
                     os.close(handle)
         return removed
+
+    def _info_file(self, layer_id: str) -> Path:
+        return self._info / f"{layer_id}.json"
+
+    def _read(self, layer_id: str) -> Layer | None:
+        """The installed layer, when both its folder and its info are there (a thread's work)."""
+        try:
+            info = json.loads(self._info_file(layer_id).read_text())
+        except (OSError, ValueError):
+            return None
+        path = self.path(layer_id)
+        if not path.is_dir():
+            return None
+        return Layer(layer_id, path, int(info.get("bytes", 0)))
+
+    def _publish(self, staging: Path, layer_id: str, info: dict[str, object]) -> None:
+        """Rename the finished install into place, then write its info (the layer counts as
+        installed once both are there); a folder a dead server left without info goes first.
+        Files readable by every environment's uid, writable by none but the server."""
+        for root, dirs, names in os.walk(staging):
+            for name in (*dirs, *names):
+                path = os.path.join(root, name)
+                mode = os.lstat(path).st_mode
+                if not stat.S_ISLNK(mode):
+                    os.chmod(path, (mode | 0o444 | (0o111 if stat.S_ISDIR(mode) else 0)) & 0o755)
+        os.chmod(staging, 0o755)
+        final = self.path(layer_id)
+        if final.exists():
+            _remove(final, self._staging)
+        os.replace(staging, final)
+        fd, written = tempfile.mkstemp(dir=self._info, prefix=f".{layer_id}-")
+        with os.fdopen(fd, "w") as file:
+            file.write(json.dumps(info))
+        os.replace(written, self._info_file(layer_id))
 
     async def _sweep_loop(self) -> None:
         while True:
@@ -391,15 +430,6 @@ def _retrieve(task: asyncio.Task[Layer]) -> None:
         task.exception()
 
 
-def _read_layer(path: Path) -> Layer | None:
-    """The installed layer at `path`, from its layer.json; None when there is none."""
-    try:
-        info = json.loads((path / LAYER_INFO).read_text())
-    except (OSError, ValueError):
-        return None
-    return Layer(path.name, path, int(info.get("bytes", 0)))
-
-
 def _size(folder: Path) -> int:
     """Bytes of the files under `folder` (links counted as themselves)."""
     total = 0
@@ -408,18 +438,6 @@ def _size(folder: Path) -> int:
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(root, name)).st_size
     return total
-
-
-def _publish(staging: Path, final: Path) -> None:
-    """Rename the finished install into place; readable by every environment's uid."""
-    for root, dirs, names in os.walk(staging):
-        for name in (*dirs, *names):
-            path = os.path.join(root, name)
-            mode = os.lstat(path).st_mode
-            if not stat.S_ISLNK(mode):  # readable (folders enterable) by anyone, writable by none but us
-                os.chmod(path, (mode | 0o444 | (0o111 if stat.S_ISDIR(mode) else 0)) & 0o755)
-    os.chmod(staging, 0o755)
-    os.replace(staging, final)
 
 
 def _old_layers(folder: Path, before: float) -> list[str]:

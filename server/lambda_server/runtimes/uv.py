@@ -128,14 +128,18 @@ class UvResolver:
         return Lock(self.runtime, requirements, packages(text), text)
 
     async def install(self, lock: Lock, target: Path, deadline: Deadline) -> None:
-        await asyncio.to_thread((target / LOCK_FILE).write_text, lock.text)
-        argv = [
-            *("pip", "install", "--target", str(target / "site-packages"), "-r", LOCK_FILE),
-            *("--no-deps", "--require-hashes", "--only-binary", ":all:"),
-            *("--preview-features", "pylock", "--python", self._python, "--quiet"),
-            *self._index,
-        ]
-        code, errors = await self._run(argv, target, deadline)
+        work = Path(await asyncio.to_thread(tempfile.mkdtemp, dir=self._work, prefix="install-"))
+        try:
+            await asyncio.to_thread((work / LOCK_FILE).write_text, lock.text)
+            argv = [
+                *("pip", "install", "--target", str(target / "site-packages"), "-r", LOCK_FILE),
+                *("--no-deps", "--require-hashes", "--only-binary", ":all:"),
+                *("--preview-features", "pylock", "--python", self._python, "--quiet"),
+                *self._index,
+            ]
+            code, errors = await self._run(argv, work, deadline)
+        finally:
+            await asyncio.to_thread(shutil.rmtree, work, True)
         if code != 0:
             raise _failure(errors or f"uv exited {code}", lock.requirements)
 
