@@ -188,6 +188,8 @@ def test_a_local_folder_of_wheels_installs_a_package_and_its_dependency(
     answer = offline_client.execute(session.request_id, {"s": "!"})
     assert not answer.HasField("error"), answer.error
     assert result(answer) == "tiny2!"
+    batch = offline_client.execute_batch(session.request_id, [{"s": str(n)} for n in range(3)])
+    assert [result(item) for item in batch] == ["tiny20", "tiny21", "tiny22"]
     stored = offline_client.get_session(session.request_id)
     assert list(stored.dependencies) == ["lambda-tiny==1.0"]
     locked = {package.name: package for package in stored.locked}
