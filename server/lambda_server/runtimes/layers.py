@@ -18,6 +18,11 @@ is whole or absent. Several servers of one host share LAYER_DIR: a lock file per
 layer (`LAYER_DIR/locks/<layer_id>.lock`, flock) lets one of them install it while
 the others wait, then find it.
 
+A runtime takes dependencies by a Resolver of its own (Python: runtimes/uv.py), registered
+by its name in app.py (`_layer_store`). Its `install` fills `target` with what its workers
+read (Python: `site-packages`); each worker gets the layer's folder in its `load` frame
+(`"layer": "<LAYER_DIR>/layers/<id>"`) and puts it on its module path for that script.
+
 Layers that no unexpired session uses, installed longer than LAYER_RETENTION_SECONDS
 ago, are removed by each server's sweep (every CLEANUP_INTERVAL_SECONDS), as Rust
 programs are (usecases/builds.py); a layer removed while a new session came to use
