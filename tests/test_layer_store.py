@@ -41,9 +41,11 @@ class SlowResolver:
     def __init__(self, size: int = 10) -> None:
         self.release = asyncio.Event()
         self.installs = 0
+        self.locks = 0
         self.size = size
 
     async def lock(self, requirements: tuple[str, ...], deadline: Deadline) -> Lock:
+        self.locks += 1
         packages = tuple(LockedPackage(r, "1", "sha256:0") for r in requirements)
         return Lock(self.runtime, requirements, packages, "\n".join(requirements))
 
@@ -79,6 +81,8 @@ async def test_concurrent_callers_share_one_install_and_a_caller_leaving_ends_on
     assert layer.path.name == lock.layer_id
     again = await layers.ensure(lock, Deadline.after(1))  # found, not installed again
     assert again.path == layer.path and resolver.installs == 1
+    assert await layers.lock("python", ("a", "b"), Deadline.after(10)) == lock  # resolved once, kept
+    assert resolver.locks == 1
     await layers.close()
 
 

@@ -68,6 +68,11 @@ log = logging.getLogger(__name__)
 INFO = "info"  # LAYER_DIR/info/<layer id>.json: a layer's runtime, size and lock, outside its folder
 LOCK_POLL_SECONDS = 0.05  # how often a server waiting for another's install looks again
 SWEEP_SECONDS = 5.0
+# A lock is reused for the same requirements this long: Initializes of one function's
+# sessions resolve once (a resolve costs tens of milliseconds with uv's cache warm, more
+# when the index is asked), and a range like `attrs>=23` sees a new release this late.
+LOCK_REUSE_SECONDS = 60.0
+MAX_LOCKS_KEPT = 1024
 SWEEP_BATCH = 500
 
 
@@ -151,7 +156,10 @@ class LayerStore:
         for folder in (self.folder, self._staging, self._locks, self._info):
             folder.mkdir(exist_ok=True)
         self._installing: dict[str, asyncio.Task[Layer]] = {}  # by layer id, while it runs
-        self._ready: dict[str, tuple[Layer, float]] = {}  # found installed, and when (monotonic)
+        self._ready: dict[str, tuple[Layer, float]] = {}
+        self._locks_kept: collections.OrderedDict[tuple[str, tuple[str, ...]], tuple[Lock, float]] = (
+            collections.OrderedDict()
+        )  # found installed, and when (monotonic)
         # layers an Initialize installed or found and has not stored its session for yet:
         # no session uses them, and no sweep may take them
         self._held: collections.Counter[str] = collections.Counter()
@@ -182,7 +190,8 @@ class LayerStore:
 
     async def lock(self, runtime: str, requirements: tuple[str, ...], deadline: Deadline) -> Lock:
         """The runtime's resolver's lock of the requirements, within the call's deadline and
-        DEPENDENCY_INSTALL_TIMEOUT_SECONDS (DependencyLimitExceeded naming it past it)."""
+        DEPENDENCY_INSTALL_TIMEOUT_SECONDS (DependencyLimitExceeded naming it past it); the
+        same requirements resolved in the last LOCK_REUSE_SECONDS get the same lock."""
         resolver = self._resolvers.get(runtime)
         if resolver is None:
             raise DependencyNotAllowed(
@@ -190,14 +199,23 @@ class LayerStore:
                 setting="DEPENDENCIES",
                 requirement=requirements[0][:256] if requirements else "",
             )
+        key = (runtime, requirements)
+        kept = self._locks_kept.get(key)
+        if kept is not None and time.monotonic() - kept[1] < LOCK_REUSE_SECONDS:
+            return kept[0]
         bound = Deadline.after(self._timeout)
         caller_first = deadline.at is not None and bound.at is not None and deadline.at < bound.at
         try:
-            return await resolver.lock(requirements, deadline if caller_first else bound)
+            lock = await resolver.lock(requirements, deadline if caller_first else bound)
         except DependencyLimitExceeded:
             if caller_first:
                 raise DeadlineExceeded("the call's deadline passed while its dependencies resolved") from None
             raise
+        self._locks_kept[key] = (lock, time.monotonic())
+        self._locks_kept.move_to_end(key)
+        while len(self._locks_kept) > MAX_LOCKS_KEPT:
+            self._locks_kept.popitem(last=False)
+        return lock
 
     # installing
 
