@@ -14,7 +14,12 @@ from typing import Any
 import pytest
 
 from lambda_server.domain import Deadline, LockedPackage
-from lambda_server.errors import DeadlineExceeded, DependencyLimitExceeded, PackageIndexUnavailable
+from lambda_server.errors import (
+    DeadlineExceeded,
+    DependencyLimitExceeded,
+    PackageIndexUnavailable,
+    QuotaExceeded,
+)
 from lambda_server.runtimes.layers import LayerStore, Lock
 from lambda_server.runtimes.uv import UvResolver, find_uv
 from tests.support import free_port
@@ -40,12 +45,14 @@ class SlowResolver:
 
     def __init__(self, size: int = 10) -> None:
         self.release = asyncio.Event()
+        self.resolving = asyncio.Event()  # set: resolves answer at once
         self.installs = 0
         self.locks = 0
         self.size = size
 
     async def lock(self, requirements: tuple[str, ...], deadline: Deadline) -> Lock:
         self.locks += 1
+        await self.resolving.wait()
         packages = tuple(LockedPackage(r, "1", "sha256:0") for r in requirements)
         return Lock(self.runtime, requirements, packages, "\n".join(requirements))
 
@@ -57,6 +64,7 @@ class SlowResolver:
 
 
 def store(folder: Path, resolver: SlowResolver, **kwargs: object) -> LayerStore:
+    resolver.resolving.set()
     options = {"max_layer_bytes": 1_000_000, "install_timeout_seconds": 60.0, **kwargs}
     return LayerStore(folder, {"python": resolver}, **options)  # type: ignore[arg-type]
 
@@ -172,3 +180,21 @@ async def test_a_resolve_past_its_time_is_stopped_and_names_the_setting(tmp_path
     finally:
         server.close()
         await server.wait_closed()
+
+
+@synchronous
+async def test_an_owner_at_its_share_of_slots_waits_while_another_owner_resolves(tmp_path: Path) -> None:
+    resolver = SlowResolver()
+    layers = store(tmp_path, resolver, slots=2, slots_per_owner=1)
+    resolver.resolving.clear()
+    busy = asyncio.create_task(layers.lock("python", ("first",), Deadline.after(30), owner="a"))
+    await asyncio.sleep(0.1)
+    with pytest.raises(QuotaExceeded) as refused:  # its one slot is held: it waits, bounded
+        await layers.lock("python", ("second",), Deadline.after(0.3), owner="a")
+    assert refused.value.metadata["setting"] == "DEPENDENCY_SLOTS_PER_OWNER"
+    other = asyncio.create_task(layers.lock("python", ("third",), Deadline.after(30), owner="b"))
+    await asyncio.sleep(0.1)
+    assert resolver.locks == 2  # the other owner's resolve runs beside the first
+    resolver.resolving.set()
+    await asyncio.gather(busy, other)
+    await layers.close()

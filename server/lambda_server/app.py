@@ -321,6 +321,8 @@ def _layer_store(
         sweep_interval=settings.cleanup_interval_seconds,
         in_use=records.in_use,
         on_install=lambda runtime: metrics.layer_installs.labels(runtime).inc(),
+        slots=deps.slots,
+        slots_per_owner=deps.slots_per_owner,
     )
     folder = str(layers.folder)
     for name, spec in list(registry.specs.items()):

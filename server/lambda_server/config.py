@@ -602,6 +602,15 @@ class DependencySettings(_Declared):
         1024 * MIB,
         "the installed bytes of the distinct layers an owner's unexpired sessions use",
     )
+    # uv (or npm) processes at once, and per owner: a resolve is its caller's owner's, an
+    # install the owner's whose call started it; a wait for one is bounded by the call's
+    # deadline (an install's by DEPENDENCY_INSTALL_TIMEOUT_SECONDS), past it QUOTA_EXCEEDED
+    slots: int = setting(
+        "DEPENDENCY_SLOTS", _positive_int, 2, "resolves and installs of dependencies at once"
+    )
+    slots_per_owner: int = setting(
+        "DEPENDENCY_SLOTS_PER_OWNER", _positive_int, 1, "resolves and installs one owner may run at once"
+    )
     max_dependencies: int = setting(
         "MAX_DEPENDENCIES", _positive_int, 32, "requirements one session may ask for"
     )

@@ -44,7 +44,7 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -56,9 +56,11 @@ from lambda_server.errors import (
     DependencyNotAllowed,
     InternalError,
     LambdaError,
+    QuotaExceeded,
     Unavailable,
     own_instance,
 )
+from lambda_server.runtimes.slots import FairSlots, SlotWaitTimeout
 from lambda_server.tasks import cancel_and_wait
 
 __all__ = ["Layer", "LayerStore", "Lock", "LockedPackage", "Resolver"]
@@ -135,9 +137,13 @@ class LayerStore:
         sweep_interval: float = 60.0,
         in_use: InUse | None = None,
         on_install: Callable[[str], None] | None = None,
+        slots: int = 2,
+        slots_per_owner: int = 1,
     ) -> None:
         """`in_use`: which of some layer ids an unexpired session uses (the sweep asks it;
-        None: nothing is swept). `on_install`: told the runtime of each layer installed here."""
+        None: nothing is swept). `on_install`: told the runtime of each layer installed here.
+        `slots`, `slots_per_owner`: resolves and installs at once (DEPENDENCY_SLOTS, per owner)."""
+        self._slots = FairSlots(slots, slots_per_owner)
         self._resolvers = resolvers
         self._max_bytes = max_layer_bytes
         self._timeout = install_timeout_seconds
@@ -188,7 +194,9 @@ class LayerStore:
 
     # resolving
 
-    async def lock(self, runtime: str, requirements: tuple[str, ...], deadline: Deadline) -> Lock:
+    async def lock(
+        self, runtime: str, requirements: tuple[str, ...], deadline: Deadline, owner: str = ""
+    ) -> Lock:
         """The runtime's resolver's lock of the requirements, within the call's deadline and
         DEPENDENCY_INSTALL_TIMEOUT_SECONDS (DependencyLimitExceeded naming it past it); the
         same requirements resolved in the last LOCK_REUSE_SECONDS get the same lock."""
@@ -206,7 +214,8 @@ class LayerStore:
         bound = Deadline.after(self._timeout)
         caller_first = deadline.at is not None and bound.at is not None and deadline.at < bound.at
         try:
-            lock = await resolver.lock(requirements, deadline if caller_first else bound)
+            async with self._slot(owner, deadline.cap(self._timeout)):
+                lock = await resolver.lock(requirements, deadline if caller_first else bound)
         except DependencyLimitExceeded:
             if caller_first:
                 raise DeadlineExceeded("the call's deadline passed while its dependencies resolved") from None
@@ -250,11 +259,12 @@ class LayerStore:
             self._ready.pop(layer_id, None)
         return found
 
-    async def ensure(self, lock: Lock, deadline: Deadline) -> Layer:
+    async def ensure(self, lock: Lock, deadline: Deadline, owner: str = "") -> Layer:
         """The lock's layer, installed now when this host has none (or waiting for the install
         under way here or by another server of the host). DependencyLimitExceeded past
         MAX_LAYER_BYTES or DEPENDENCY_INSTALL_TIMEOUT_SECONDS; DeadlineExceeded when the
-        call's deadline passes first, while the install goes on and is kept."""
+        call's deadline passes first, while the install goes on and is kept. An install this
+        call starts takes a slot of `owner`'s."""
         layer_id = lock.layer_id
         layer = self.installed(layer_id)
         if layer is not None:
@@ -269,12 +279,12 @@ class LayerStore:
                 raise Unavailable("the server is stopping")
             install = self._installing.get(layer_id)  # started while this one looked
             if install is None:
-                install = self._installing[layer_id] = asyncio.create_task(self._install(lock))
+                install = self._installing[layer_id] = asyncio.create_task(self._install(lock, owner))
                 install.add_done_callback(_retrieve)
                 install.add_done_callback(lambda _: self._installing.pop(layer_id, None))
         return await _outcome(install, deadline)
 
-    async def _install(self, lock: Lock) -> Layer:
+    async def _install(self, lock: Lock, owner: str) -> Layer:
         layer_id = lock.layer_id
         deadline = Deadline.after(self._timeout)
         resolver = self._resolvers.get(lock.runtime)
@@ -286,7 +296,8 @@ class LayerStore:
         try:
             found = await asyncio.to_thread(self._read, layer_id)
             if found is None:  # not installed by another server meanwhile
-                found = await self._install_locked(resolver, lock, deadline)
+                async with self._slot(owner, deadline.cap(self._timeout)):
+                    found = await self._install_locked(resolver, lock, deadline)
                 if self._on_install is not None:
                     self._on_install(lock.runtime)
             self._ready[layer_id] = (found, time.monotonic())
@@ -335,6 +346,23 @@ class LayerStore:
         except BaseException:
             os.close(fd)
             raise
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, owner: str, wait: float) -> AsyncIterator[None]:
+        """One of the DEPENDENCY_SLOTS for the block; QuotaExceeded when none comes in `wait`."""
+        try:
+            number = await self._slots.acquire(owner, wait)
+        except SlotWaitTimeout as exc:
+            setting = "DEPENDENCY_SLOTS_PER_OWNER" if exc.own_share else "DEPENDENCY_SLOTS"
+            raise QuotaExceeded(
+                f"no slot to resolve or install dependencies came within {wait:g} s ({setting})",
+                retry_after=1.0,
+                setting=setting,
+            ) from None
+        try:
+            yield
+        finally:
+            self._slots.release(owner, number)
 
     # collecting
 

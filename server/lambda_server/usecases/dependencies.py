@@ -142,10 +142,10 @@ class Dependencies:
                 setting="DEPENDENCIES",
                 requirement=requirements[0][:256],
             )
-        lock = await self._layers.lock(runtime.name, requirements, deadline)
+        lock = await self._layers.lock(runtime.name, requirements, deadline, owner or "")
         for package in lock.packages:  # the dependencies of dependencies too
             self._allowed(package.name, package.name, "a requested package")
-        layer = await self._layers.ensure(lock, deadline)
+        layer = await self._layers.ensure(lock, deadline, owner or "")
         self._layers.hold(lock.layer_id)  # until the session is stored (`stored`)
         try:
             await self._check_owner(layer, lock, runtime, owner, deadline)
@@ -178,7 +178,9 @@ class Dependencies:
                     bytes=str(used),
                 )
 
-    async def layer(self, session: ClaimedSession, runtime: RuntimeSpec, deadline: Deadline) -> str | None:
+    async def layer(
+        self, session: ClaimedSession, runtime: RuntimeSpec, deadline: Deadline, owner: str = ""
+    ) -> str | None:
         """The folder of the session's layer on this host, installed now from the session's
         stored lock when it is not here; NotStarted when it cannot be (nothing ran)."""
         layer_id = session.layer_id
@@ -198,7 +200,7 @@ class Dependencies:
             lock = Lock(stored_runtime or runtime.name, (), (), text)
             if lock.layer_id != layer_id:  # a lock edited by hand: never install another's layer
                 raise NotStarted(f"session {session.request_id}'s stored lock is not layer {layer_id}'s")
-            layer = await self._layers.ensure(lock, deadline)
+            layer = await self._layers.ensure(lock, deadline, owner)
         except (NotStarted, DeadlineExceeded):
             raise
         except LambdaError as exc:

@@ -135,7 +135,7 @@ class SessionRuns:
                 program = await self._builds.program(session, script, optimization, deadline, caller.owner)
             layer = None
             if session.layer_id and self._dependencies is not None:  # installed here first, if need be
-                layer = await self._dependencies.layer(session, runtime, deadline)
+                layer = await self._dependencies.layer(session, runtime, deadline, caller.owner)
         except NotStarted:
             raise
         except Unavailable as exc:
