@@ -269,7 +269,7 @@ def test_a_layer_past_max_layer_bytes_is_refused_and_removed(
     with pytest.raises(DependencyLimitExceededError) as refused:
         offline_client.initialize("python-large", "result = 1", dependencies=["lambda-large"])
     assert refused.value.metadata["setting"] == "MAX_LAYER_BYTES"
-    assert "MAX_LAYER_BYTES" in refused.value.message
+    assert "MAX_LAYER_BYTES" in refused.value.message  # by its wheel's size: never installed
     layer_dir = offline[1]
     assert not any("lambda-large" in lock_of(p) for p in layers_of(layer_dir))
     assert not list((layer_dir / "staging").glob("*-*")), "the partial install is removed"
@@ -395,6 +395,8 @@ def test_an_owner_past_its_layer_bytes_is_refused(wheels: Path, fresh_database: 
             with pytest.raises(QuotaExceededError) as refused:
                 client.initialize("python-qb", "result = 3", dependencies=["lambda-quota-b"])
             assert refused.value.metadata["setting"] == "MAX_LAYER_BYTES_PER_OWNER"
+            # refused by the wheels' sizes in the lock, before anything was downloaded
+            assert not any("lambda-quota-b" in lock_of(layer) for layer in layers_of(tmp_path))
             session = client.initialize(
                 "python-qa3",
                 "import lambda_quota_a\nresult = len(lambda_quota_a.PAD)",

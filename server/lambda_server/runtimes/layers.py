@@ -86,6 +86,9 @@ class Lock:
     requirements: tuple[str, ...]  # as asked
     packages: tuple[LockedPackage, ...]  # every package installed, ordered by name
     text: str
+    # the archives' sizes together, as the lock gives them (0: unknown): what the installed
+    # layer takes at least, about, so a lock too large is refused before it is downloaded
+    archive_bytes: int = 0
 
     @property
     def layer_id(self) -> str:
@@ -277,6 +280,14 @@ class LayerStore:
                 return found
             if self._closing:
                 raise Unavailable("the server is stopping")
+            if lock.archive_bytes > self._max_bytes:  # never downloaded
+                raise DependencyLimitExceeded(
+                    f"the dependencies' archives take {lock.archive_bytes} bytes, over MAX_LAYER_BYTES "
+                    f"({self._max_bytes})",
+                    setting="MAX_LAYER_BYTES",
+                    limit=str(self._max_bytes),
+                    bytes=str(lock.archive_bytes),
+                )
             install = self._installing.get(layer_id)  # started while this one looked
             if install is None:
                 install = self._installing[layer_id] = asyncio.create_task(self._install(lock, owner))

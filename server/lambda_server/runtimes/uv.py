@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -125,7 +126,8 @@ class UvResolver:
             text = await asyncio.to_thread((work / LOCK_FILE).read_text)
         finally:
             await asyncio.to_thread(shutil.rmtree, work, True)
-        return Lock(self.runtime, requirements, packages(text), text)
+        size = await asyncio.to_thread(archive_bytes, text)
+        return Lock(self.runtime, requirements, packages(text), text, size)
 
     async def install(self, lock: Lock, target: Path, deadline: Deadline) -> None:
         work = Path(await asyncio.to_thread(tempfile.mkdtemp, dir=self._work, prefix="install-"))
@@ -192,6 +194,21 @@ def packages(text: str) -> tuple[LockedPackage, ...]:
         digest = wheels[0].get("hashes", {}).get("sha256", "") if wheels else ""
         found.append(LockedPackage(package["name"], str(package.get("version", "")), f"sha256:{digest}"))
     return tuple(sorted(found, key=lambda p: p.name))
+
+
+def archive_bytes(text: str) -> int:
+    """The wheels' sizes together: the lock's `size`, or a local file's (find-links)."""
+    total = 0
+    with contextlib.suppress(tomllib.TOMLDecodeError):
+        for package in tomllib.loads(text).get("packages", ()):
+            for wheel in package.get("wheels") or ():
+                size = wheel.get("size")
+                url = str(wheel.get("url") or wheel.get("path") or "")
+                if not isinstance(size, int) and url.startswith("file://"):
+                    with contextlib.suppress(OSError):
+                        size = os.path.getsize(urllib.parse.unquote(url.removeprefix("file://")))
+                total += size if isinstance(size, int) else 0
+    return total
 
 
 def _index_options(index: str | None) -> list[str]:

@@ -38,7 +38,7 @@ from lambda_server.errors import (
     NotStarted,
     QuotaExceeded,
 )
-from lambda_server.runtimes.layers import Layer, LayerStore, Lock
+from lambda_server.runtimes.layers import LayerStore, Lock
 from lambda_server.runtimes.registry import RuntimeSpec
 from lambda_server.store.layers import LayerRecords
 from lambda_server.usecases.inputs import refuse_nul
@@ -145,10 +145,17 @@ class Dependencies:
         lock = await self._layers.lock(runtime.name, requirements, deadline, owner or "")
         for package in lock.packages:  # the dependencies of dependencies too
             self._allowed(package.name, package.name, "a requested package")
+        if owner is not None:  # before anything is downloaded: the archives' sizes, else what is known
+            recorded = await self._records.get(lock.layer_id, deadline)
+            await self._refuse_past_quota(
+                owner, lock, recorded[2] if recorded else lock.archive_bytes, deadline
+            )
         layer = await self._layers.ensure(lock, deadline, owner or "")
         self._layers.hold(lock.layer_id)  # until the session is stored (`stored`)
         try:
-            await self._check_owner(layer, lock, runtime, owner, deadline)
+            await self._records.put(lock.layer_id, runtime.name, lock.text, layer.bytes, deadline)
+            if owner is not None:
+                await self._refuse_past_quota(owner, lock, layer.bytes, deadline)
         except BaseException:
             self._layers.release(lock.layer_id)
             raise
@@ -160,23 +167,20 @@ class Dependencies:
         if dependencies is not None and self._layers is not None:
             self._layers.release(dependencies.layer_id)
 
-    async def _check_owner(
-        self, layer: Layer, lock: Lock, runtime: RuntimeSpec, owner: str | None, deadline: Deadline
-    ) -> None:
-        """Record the layer's size, and refuse it when the owner's layers would pass their bytes."""
-        await self._records.put(lock.layer_id, runtime.name, lock.text, layer.bytes, deadline)
-        if owner is not None:
-            used, layers = await self._records.owner_bytes(owner, lock.layer_id, deadline)
-            limit = self._settings.max_layer_bytes_per_owner
-            if used + layer.bytes > limit:
-                raise QuotaExceeded(
-                    f"{owner}'s sessions use {layers} layers of {used} bytes; this one's {layer.bytes} "
-                    f"more would pass MAX_LAYER_BYTES_PER_OWNER ({limit})",
-                    retry_after=QUOTA_RETRY_SECONDS,
-                    setting="MAX_LAYER_BYTES_PER_OWNER",
-                    limit=str(limit),
-                    bytes=str(used),
-                )
+    async def _refuse_past_quota(self, owner: str, lock: Lock, size: int, deadline: Deadline) -> None:
+        """QuotaExceeded when the owner's layers and this one of `size` bytes (counted once)
+        would pass MAX_LAYER_BYTES_PER_OWNER."""
+        used, layers = await self._records.owner_bytes(owner, lock.layer_id, deadline)
+        limit = self._settings.max_layer_bytes_per_owner
+        if used + size > limit:
+            raise QuotaExceeded(
+                f"{owner}'s sessions use {layers} layers of {used} bytes; this one's {size} "
+                f"more would pass MAX_LAYER_BYTES_PER_OWNER ({limit})",
+                retry_after=QUOTA_RETRY_SECONDS,
+                setting="MAX_LAYER_BYTES_PER_OWNER",
+                limit=str(limit),
+                bytes=str(used),
+            )
 
     async def layer(
         self, session: ClaimedSession, runtime: RuntimeSpec, deadline: Deadline, owner: str = ""
