@@ -212,13 +212,13 @@ def archive_bytes(text: str) -> int:
 
 
 def _index_options(index: str | None) -> list[str]:
-    """An index URL, or a local folder of wheels (then no index at all: offline)."""
+    """An index URL (`file://` included: a PEP 503 tree on disk), or a path: a folder of
+    wheels, found by `--find-links` with no index at all (offline)."""
     if not index:
         return []
-    folder = index.removeprefix("file://") if index.startswith("file://") else index
-    if "://" not in folder and Path(folder).is_dir() and not (Path(folder) / "simple").is_dir():
-        return ["--no-index", "--find-links", folder]
-    return ["--index-url", index]
+    if "://" in index:
+        return ["--index-url", index]
+    return ["--no-index", "--find-links", index]
 
 
 def _failure(stderr: str, requirements: tuple[str, ...]) -> Exception:
