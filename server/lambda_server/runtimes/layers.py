@@ -307,8 +307,16 @@ class LayerStore:
         try:
             found = await asyncio.to_thread(self._read, layer_id)
             if found is None:  # not installed by another server meanwhile
+                started = time.monotonic()
                 async with self._slot(owner, deadline.cap(self._timeout)):
                     found = await self._install_locked(resolver, lock, deadline)
+                log.info(
+                    "installed layer %s (%s, %d bytes) in %.1f s",
+                    layer_id,
+                    lock.runtime,
+                    found.bytes,
+                    time.monotonic() - started,
+                )
                 if self._on_install is not None:
                     self._on_install(lock.runtime)
             self._ready[layer_id] = (found, time.monotonic())
