@@ -16,6 +16,7 @@ import tarfile
 import uuid
 import zipfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,7 @@ def wheels(tmp_path_factory: pytest.TempPathFactory, marker_dir: Path) -> Path:
     for name in ("lambda-quota-a", "lambda-quota-b"):
         module = name.replace("-", "_")
         build_wheel(folder, name, "1.0", {f"{module}.py": "PAD = '" + "q" * 25_000 + "'\n"})
+    build_wheel(folder, "lambda-together", "1.0", {"lambda_together.py": "T = 't'\n"})
     for version in ("1.0", "2.0"):  # one script, two versions: two answers
         build_wheel(folder, "lambda-ver", version, {"lambda_ver.py": f"V = {version!r}\n"})
     marker = marker_dir / "imported"
@@ -251,6 +253,24 @@ def test_the_result_cache_tells_the_layers_of_one_script_apart(offline_client: L
         answer = offline_client.execute(session.request_id, {}, cache_control="max-age=60")
         answers.append((result(answer), answer.cached))
     assert answers == [("1.0", False), ("2.0", False)]
+
+
+def test_concurrent_initializes_of_a_new_lock_install_it_once(
+    offline_client: LambdaClient, offline: tuple[ServerThread, Path]
+) -> None:
+    installs = installed(offline[0])
+    script = "import lambda_together\nresult = lambda_together.T + str({})"
+    with ThreadPoolExecutor(4) as pool:
+        sessions = list(
+            pool.map(
+                lambda n: offline_client.initialize(
+                    "python-together", script.format(n), dependencies=["lambda-together==1.0"]
+                ),
+                range(4),
+            )
+        )
+    assert installed(offline[0]) == installs + 1
+    assert [result(offline_client.execute(s.request_id, {})) for s in sessions] == ["t0", "t1", "t2", "t3"]
 
 
 def test_an_unknown_package_is_unresolvable_with_its_requirement(offline_client: LambdaClient) -> None:
