@@ -32,6 +32,7 @@ from lambda_server.metrics import Metrics
 from lambda_server.result_cache import ResultCache
 from lambda_server.runtimes.batch import BatchRunner
 from lambda_server.runtimes.layers import LayerStore, Resolver
+from lambda_server.runtimes.npm import NpmResolver, find_npm, npm_version
 from lambda_server.runtimes.pool import EnvironmentPool
 from lambda_server.runtimes.registry import RuntimeRegistry
 from lambda_server.runtimes.rust import RustCompiler, RustToolchain
@@ -294,7 +295,7 @@ def _tools() -> dict[str, str]:
         uv = f"uv {importlib.metadata.version('uv')}"
     except importlib.metadata.PackageNotFoundError:
         uv = "uv"
-    return {"python": uv}
+    return {"python": uv, "nodejs": npm_version(find_npm())}
 
 
 def _layer_store(
@@ -311,7 +312,12 @@ def _layer_store(
         resolvers["python"] = UvResolver(uv, python.interpreter, deps.python_package_index, deps.layer_dir)
     elif uv is None:
         log.warning("no uv: Python sessions with dependencies are refused (DEPENDENCY_NOT_ALLOWED)")
-    # "nodejs": NpmResolver (runtimes/npm.py) registers here, with deps.npm_registry
+    nodejs = registry.specs.get("nodejs")
+    npm = find_npm(nodejs.interpreter if nodejs is not None else None)
+    if nodejs is not None and nodejs.available and npm is not None:
+        resolvers["nodejs"] = NpmResolver(npm, nodejs.interpreter, deps.npm_registry, deps.layer_dir)
+    elif npm is None:
+        log.warning("no npm: Node.js sessions with dependencies are refused (DEPENDENCY_NOT_ALLOWED)")
     layers = LayerStore(
         deps.layer_dir,
         resolvers,

@@ -10,7 +10,6 @@ is built, so `Settings()` and `Settings.from_env({})` agree.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -540,14 +539,10 @@ class AuthSettings(_Declared):
 
 
 def _package_names(raw: str) -> frozenset[str]:
-    """A comma-separated list of package names, each normalized as its index does (PEP 503:
-    lower case, runs of `-`, `_` and `.` as one `-`), so `Python_Slugify` names `python-slugify`."""
-    return frozenset(normalize_package_name(name) for name in raw.split(",") if name.strip())
-
-
-def normalize_package_name(name: str) -> str:
-    """PEP 503's normal form (npm's names are lower case already, and keep their scope)."""
-    return re.sub(r"[-_.]+", "-", name.strip()).lower()
+    """A comma-separated list of package names, lower case; each runtime compares them in its
+    index's normal form (usecases/dependencies.py): Python's PEP 503 (`Python_Slugify` names
+    `python-slugify`), npm's as written (`lodash.merge` is not `lodash-merge`)."""
+    return frozenset(name.strip().lower() for name in raw.split(",") if name.strip())
 
 
 @dataclass(frozen=True)

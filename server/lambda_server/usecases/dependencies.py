@@ -16,8 +16,6 @@ layers may pass the quota by the layers they add together.
 
 from __future__ import annotations
 
-import re
-
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
@@ -39,12 +37,12 @@ from lambda_server.errors import (
     QuotaExceeded,
 )
 from lambda_server.runtimes.layers import LayerStore, Lock
+from lambda_server.runtimes.npm import parse_requirement
 from lambda_server.runtimes.registry import RuntimeSpec
 from lambda_server.store.layers import LayerRecords
 from lambda_server.usecases.inputs import refuse_nul
 
 MAX_REQUIREMENT = 512  # characters of one requirement
-_NPM_NAME = re.compile(r"(@[a-z0-9][a-z0-9._~-]*/)?[a-z0-9][a-z0-9._~-]*")
 QUOTA_RETRY_SECONDS = 60.0  # a layer quota frees as the owner's sessions expire
 
 
@@ -54,8 +52,13 @@ class Dependencies:
     def __init__(
         self, settings: DependencySettings, layers: LayerStore | None, records: LayerRecords
     ) -> None:
-        """`layers`: None when this server installs none (no uv)."""
+        """`layers`: None when this server installs none."""
         self._settings = settings
+        # DEPENDENCY_ALLOWLIST in each runtime's normal form of a name
+        self._allowlist = {
+            "python": frozenset(canonicalize_name(name) for name in settings.allowlist),
+            "nodejs": frozenset(name.lower() for name in settings.allowlist),
+        }
         self._layers = layers
         self._records = records
 
@@ -71,7 +74,7 @@ class Dependencies:
         if mode == "allowlist":
             policy += f", {len(self._settings.allowlist)} packages allowed"
         if not runtimes:
-            detail = f"degraded ({policy}): no runtime can install them (no uv), so they are refused"
+            detail = f"degraded ({policy}): no runtime can install them (no uv, no npm): refused"
             return ComponentHealth("dependencies", ComponentStatus.DEGRADED, detail)
         installers = ", ".join(f"{name}: {tools.get(name, '?')}" for name in runtimes)
         counts = {"allowed": len(self._settings.allowlist)} if mode == "allowlist" else {}
@@ -115,11 +118,11 @@ class Dependencies:
             )
         for requirement in trimmed:
             name = package_name(runtime.name, requirement)
-            self._allowed(name, requirement)
+            self._allowed(runtime.name, name, requirement)
         return tuple(trimmed)
 
-    def _allowed(self, name: str, requirement: str, needed_by: str = "") -> None:
-        if self._settings.mode != "allowlist" or name in self._settings.allowlist:
+    def _allowed(self, runtime: str, name: str, requirement: str, needed_by: str = "") -> None:
+        if self._settings.mode != "allowlist" or name in self._allowlist.get(runtime, frozenset()):
             return
         why = f", which {needed_by} needs," if needed_by else ""
         raise DependencyNotAllowed(
@@ -144,7 +147,8 @@ class Dependencies:
             )
         lock = await self._layers.lock(runtime.name, requirements, deadline, owner or "")
         for package in lock.packages:  # the dependencies of dependencies too
-            self._allowed(package.name, package.name, "a requested package")
+            name = canonicalize_name(package.name) if runtime.name == "python" else package.name.lower()
+            self._allowed(runtime.name, name, package.name, "a requested package")
         if owner is not None:  # before anything is downloaded: the archives' sizes, else what is known
             recorded = await self._records.get(lock.layer_id, deadline)
             await self._refuse_past_quota(
@@ -229,8 +233,4 @@ def package_name(runtime: str, requirement: str) -> str:
                 field="dependencies",
             )
         return canonicalize_name(parsed.name)
-    at = requirement.find("@", 1)  # a scoped package starts with @
-    name = (requirement if at < 0 else requirement[:at]).strip().lower()
-    if not _NPM_NAME.fullmatch(name):
-        raise InvalidRequest(f"dependency {requirement[:256]!r} is not `name@range`", field="dependencies")
-    return name
+    return parse_requirement(requirement)[0].lower()  # npm: `name@range` of the registry only
