@@ -580,7 +580,7 @@ class DependencySettings(_Declared):
         "LAYER_DIR",
         Path,
         Path.home() / ".cache" / "lambda-microservice" / "layers",
-        "the host's installed layers (one folder per lock, shared by the servers of the host) and uv's cache",
+        "the host's layers (one folder per lock, shared by the host's servers), uv's and npm's caches",
     )
     install_timeout_seconds: float = setting(
         "DEPENDENCY_INSTALL_TIMEOUT_SECONDS",
