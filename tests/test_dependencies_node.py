@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 from collections.abc import Iterator
 from dataclasses import replace
@@ -21,10 +22,12 @@ from typing import Any
 import pytest
 
 from lambda_microservice import (
+    DependencyLimitExceededError,
     DependencyNotAllowedError,
     DependencyUnresolvableError,
     InvalidArgumentError,
     LambdaClient,
+    PackageIndexUnavailableError,
     result,
 )
 from lambda_server.config import DependencySettings
@@ -32,7 +35,7 @@ from lambda_server.domain import Deadline
 from lambda_server.runtimes.layers import Lock
 from lambda_server.runtimes.npm import NpmResolver, find_npm, packages
 from lambda_server.runtimes.registry import discover
-from tests.support import ServerThread, server_settings
+from tests.support import ServerThread, descendants, free_port, server_settings
 
 # Generous: a resolve or an install on a busy 2-core box (the setting bounds the server's side)
 INSTALL_TIMEOUT = DependencySettings().install_timeout_seconds
@@ -249,3 +252,71 @@ def test_the_allowlist_names_npm_packages_and_their_dependencies(database_url: s
             assert "nodejs: npm " in health.detail
     finally:
         running.stop()
+
+
+def npm_processes() -> set[int]:
+    """This process's descendants that are npm (the tests' servers run in this process)."""
+    found = set()
+    for pid in descendants():
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if any(os.path.basename(arg) in (b"npm", b"npm-cli.js") for arg in command.split(b"\0")):
+            found.add(pid)
+    return found
+
+
+def test_an_unreachable_registry_is_unavailable(database_url: str, tmp_path: Path) -> None:
+    """NPM_REGISTRY naming a port nobody listens on: UNAVAILABLE, nothing stored, no network."""
+    settings = node_settings(tmp_path, npm_registry=f"http://127.0.0.1:{free_port()}/")
+    running = ServerThread(settings, database_url)
+    try:
+        with LambdaClient(running.target, timeout=INSTALL_TIMEOUT) as client:
+            with pytest.raises(PackageIndexUnavailableError) as refused:
+                client.initialize("nodejs-offline", "return 1;", dependencies=["left-pad@1.3.0"])
+            assert refused.value.reason == "PACKAGE_INDEX_UNAVAILABLE"
+            assert refused.value.metadata["setting"] == "NPM_REGISTRY"
+            assert "ECONNREFUSED" in refused.value.message
+    finally:
+        running.stop()
+
+
+def test_a_registry_that_never_answers_is_bounded_by_the_install_timeout(
+    database_url: str, tmp_path: Path
+) -> None:
+    """npm waits minutes for a registry that takes the connection and says nothing:
+    DEPENDENCY_INSTALL_TIMEOUT_SECONDS ends it (npm killed), and names itself."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # connections complete, and no answer ever comes
+    port = silent.getsockname()[1]
+    settings = node_settings(tmp_path, npm_registry=f"http://127.0.0.1:{port}/", install_timeout_seconds=3.0)
+    running = ServerThread(settings, database_url)
+    try:
+        with LambdaClient(running.target, timeout=INSTALL_TIMEOUT) as client:
+            with pytest.raises(DependencyLimitExceededError) as refused:
+                client.initialize("nodejs-silent", "return 1;", dependencies=["left-pad@1.3.0"])
+            assert refused.value.metadata["setting"] == "DEPENDENCY_INSTALL_TIMEOUT_SECONDS"
+            assert not npm_processes(), "npm was killed"
+            session = client.initialize("nodejs-silent", "return 2;")  # the server goes on
+            assert result(client.execute(session.request_id, {})) == 2
+    finally:
+        running.stop()
+        silent.close()
+
+
+def test_a_replica_installs_a_node_layer_from_the_stored_lock(
+    client: LambdaClient, database_url: str, tmp_path: Path
+) -> None:
+    session = client.initialize("nodejs-replica", DAYS, dependencies=[DAYJS])
+    other = ServerThread(node_settings(tmp_path), database_url)
+    try:
+        with LambdaClient(other.target, timeout=INSTALL_TIMEOUT) as two:
+            answer = two.execute(session.request_id, {"day": "2023-12-31"})
+            assert not answer.HasField("error"), answer.error
+            assert result(answer) == "2024-01-01"
+            (layer,) = layers_with(tmp_path, "dayjs")
+            assert (layer / "node_modules" / "dayjs" / "package.json").is_file()
+    finally:
+        other.stop()

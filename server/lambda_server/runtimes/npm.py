@@ -72,7 +72,8 @@ QUIET = (
     "--update-notifier=false",
     "--logs-max=0",
     "--loglevel=error",
-    "--fetch-retries=1",
+    # one retry, soon: a registry that refuses answers UNAVAILABLE in seconds, not npm's 10 s
+    *("--fetch-retries=1", "--fetch-retry-mintimeout=1000", "--fetch-retry-maxtimeout=5000"),
 )
 # npm's error codes for a registry it could not reach (as opposed to one that answered "no")
 UNREACHABLE_CODES = frozenset(
@@ -94,7 +95,8 @@ UNREACHABLE_CODES = frozenset(
 
 # npm's lines that say nothing of the failure: its log, a stack, advice on specs this service refuses
 _NOISE = re.compile(
-    r"(?:A complete log|Log files were not written|at |\d{3}\s*$|\d{3}\s+(?:Note that|tarball, folder))"
+    r"A complete log|Log files were not written|at |\d{3}\s*$|\d{3}\s+(?:Note that|tarball, folder)|"
+    r"[{}]$|[a-z]\w*: (?:'.*'|\d+),?$|(?:network\s+)?If you are behind a proxy|network\s+(?:In most cases|$)"
 )
 _TITLE = re.compile(r"^(?:\d{3}|notarget|network)(?:\s+|$)")  # npm's heading of each line of a message
 # validate-npm-package-name: lower case for new packages (some old ones have capitals),
