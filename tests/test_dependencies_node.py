@@ -183,7 +183,7 @@ def test_a_hostile_package_runs_none_of_its_code_at_install(tmp_path: Path) -> N
     (source / "package.json").write_text(json.dumps(manifest))
     (source / "index.js").write_text("module.exports = 'hostile';\n")
     packed = subprocess.run(
-        [NPM, "pack", "--ignore-scripts", "--pack-destination", str(tmp_path)],
+        [NODE.interpreter, NPM, "pack", "--ignore-scripts", "--pack-destination", str(tmp_path)],
         cwd=source,
         capture_output=True,
         check=True,
@@ -220,9 +220,9 @@ def test_a_hostile_package_runs_none_of_its_code_at_install(tmp_path: Path) -> N
     control.mkdir()
     (control / "package.json").write_text((work / "package.json").read_text())
     (control / "package-lock.json").write_text(lock.text)
-    environ = {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}
+    environ = {"PATH": f"{Path(NODE.interpreter).parent}:{os.environ['PATH']}", "HOME": str(tmp_path)}
     subprocess.run(
-        [NPM, "ci", "--no-audit", "--no-fund", "--cache", str(tmp_path / "cache")],
+        [NODE.interpreter, NPM, "ci", "--no-audit", "--no-fund", "--cache", str(tmp_path / "cache")],
         cwd=control,
         env=environ,
         capture_output=True,

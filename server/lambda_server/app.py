@@ -285,17 +285,18 @@ def _usecases(
         ),
         get_session=GetSession(sessions, options),
         catalog=catalog,
-        health=Health(monitor, pool, sandbox.health(), builds, (dependencies.health(_tools()),)),
+        health=Health(monitor, pool, sandbox.health(), builds, (dependencies.health(_tools(registry)),)),
     )
 
 
-def _tools() -> dict[str, str]:
+def _tools(registry: RuntimeRegistry) -> dict[str, str]:
     """Each resolver's tool and its version, for Health."""
     try:
         uv = f"uv {importlib.metadata.version('uv')}"
     except importlib.metadata.PackageNotFoundError:
         uv = "uv"
-    return {"python": uv, "nodejs": npm_version(find_npm())}
+    nodejs = registry.specs.get("nodejs")
+    return {"python": uv, "nodejs": npm_version(find_npm(nodejs.interpreter if nodejs is not None else None))}
 
 
 def _layer_store(

