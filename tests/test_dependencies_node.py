@@ -233,7 +233,8 @@ def test_a_hostile_package_runs_none_of_its_code_at_install(tmp_path: Path) -> N
 
 
 def test_the_allowlist_names_npm_packages_and_their_dependencies(database_url: str, tmp_path: Path) -> None:
-    settings = node_settings(tmp_path, mode="allowlist", allowlist=frozenset({"dayjs", "is-odd"}))
+    allowed = frozenset({"dayjs", "is-odd", "lodash.merge"})
+    settings = node_settings(tmp_path, mode="allowlist", allowlist=allowed)
     running = ServerThread(settings, database_url)
     try:
         with LambdaClient(running.target, timeout=INSTALL_TIMEOUT) as client:
@@ -243,6 +244,9 @@ def test_the_allowlist_names_npm_packages_and_their_dependencies(database_url: s
                 "setting": "DEPENDENCY_ALLOWLIST",
                 "requirement": "left-pad@1.3.0",
             }
+            with pytest.raises(DependencyNotAllowedError) as other:  # npm's names are not normalized
+                client.initialize("nodejs-listed", "return 1;", dependencies=["lodash-merge@4"])
+            assert other.value.metadata["requirement"] == "lodash-merge@4"
             with pytest.raises(DependencyNotAllowedError) as pulled:  # is-number comes with it
                 client.initialize("nodejs-listed", "return 1;", dependencies=["is-odd@3.0.1"])
             assert pulled.value.metadata["requirement"] == "is-number"
