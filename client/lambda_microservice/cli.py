@@ -66,6 +66,12 @@ def _parser() -> argparse.ArgumentParser:
         help='a JSON object of execution options, e.g. {"timeout": 5, "memory_mb": 128, '
         '"max_processes": 8, "cache_ttl": 60} (seconds for timeout and cache_ttl)',
     )
+    init.add_argument(
+        "--dependency",
+        action="append",
+        default=[],
+        help="a package the script imports (repeat for more): python-slugify==8.0.4, dayjs@1.11.13",
+    )
     execute = commands.add_parser("exec", help="run a session's script (Execute)")
     execute.add_argument("request_id")
     execute.add_argument("--params", default="{}", help="a JSON object")
@@ -237,6 +243,7 @@ def _run(client: LambdaClient, args: argparse.Namespace) -> int:
                 context=context,
                 request_id=args.request_id,
                 options=request_options,
+                dependencies=args.dependency,
             )
         )
     elif args.command == "exec":

@@ -84,6 +84,7 @@ def _initialize_request(
     request_id: str | None,
     optimization_level: str | None = None,
     options: pb.ExecutionOptions | Mapping[str, Any] | None = None,
+    dependencies: Sequence[str] = (),
 ) -> pb.InitializeRequest:
     levels = {None: pb.OPTIMIZATION_LEVEL_UNSPECIFIED, "debug": pb.OPTIMIZATION_LEVEL_DEBUG}
     levels["release"] = pb.OPTIMIZATION_LEVEL_RELEASE
@@ -98,6 +99,7 @@ def _initialize_request(
         request_id=request_id or str(uuid.uuid4()),
         compile_options=pb.CompileOptions(optimization_level=levels[optimization_level]),
         options=execution_options(options),
+        dependencies=list(dependencies),
     )
 
 
@@ -216,6 +218,7 @@ class LambdaClient:
         request_id: str | None = None,
         optimization_level: str | None = None,
         options: pb.ExecutionOptions | Mapping[str, Any] | None = None,
+        dependencies: Sequence[str] = (),
         timeout: float | None = None,
         metadata: Metadata = (),
     ) -> pb.InitializeResponse:
@@ -223,9 +226,11 @@ class LambdaClient:
         when not given, so that a retry returns the same session. `optimization_level`
         ("debug" or "release") says how a Rust script is compiled. `options` says how each
         execution runs: an ExecutionOptions, or a mapping of `timeout` and `cache_ttl` (seconds),
-        `memory_mb` and `max_processes`; what it leaves out takes the server's defaults."""
+        `memory_mb` and `max_processes`; what it leaves out takes the server's defaults.
+        `dependencies`: packages the script imports (`attrs>=23` for Python, `dayjs@1.11.13`
+        for Node.js), resolved and locked by the server."""
         request = _initialize_request(
-            language_title, script_content, context, request_id, optimization_level, options
+            language_title, script_content, context, request_id, optimization_level, options, dependencies
         )
         return self._call(self._stub.Initialize, request, timeout, metadata)
 
@@ -441,6 +446,7 @@ class AsyncLambdaClient:
         request_id: str | None = None,
         optimization_level: str | None = None,
         options: pb.ExecutionOptions | Mapping[str, Any] | None = None,
+        dependencies: Sequence[str] = (),
         timeout: float | None = None,
         metadata: Metadata = (),
     ) -> pb.InitializeResponse:
@@ -448,9 +454,11 @@ class AsyncLambdaClient:
         when not given, so that a retry returns the same session. `optimization_level`
         ("debug" or "release") says how a Rust script is compiled. `options` says how each
         execution runs: an ExecutionOptions, or a mapping of `timeout` and `cache_ttl` (seconds),
-        `memory_mb` and `max_processes`; what it leaves out takes the server's defaults."""
+        `memory_mb` and `max_processes`; what it leaves out takes the server's defaults.
+        `dependencies`: packages the script imports (`attrs>=23` for Python, `dayjs@1.11.13`
+        for Node.js), resolved and locked by the server."""
         request = _initialize_request(
-            language_title, script_content, context, request_id, optimization_level, options
+            language_title, script_content, context, request_id, optimization_level, options, dependencies
         )
         return await self._call(self._stub.Initialize, request, timeout, metadata)
 

@@ -3,7 +3,10 @@
 LambdaError
 ├── InvalidArgumentError            INVALID_ARGUMENT    (reason INVALID_REQUEST)
 │   ├── InvalidParamsError                              INVALID_PARAMS
-│   └── ScriptLimitExceededError                        SCRIPT_LIMIT_EXCEEDED
+│   ├── ScriptLimitExceededError                        SCRIPT_LIMIT_EXCEEDED
+│   ├── DependencyUnresolvableError                     DEPENDENCY_UNRESOLVABLE
+│   ├── DependencyNotAllowedError                       DEPENDENCY_NOT_ALLOWED
+│   └── DependencyLimitExceededError                    DEPENDENCY_LIMIT_EXCEEDED
 ├── NotFoundError                   NOT_FOUND           (reason NOT_FOUND: no such session or function)
 │   └── SessionExpiredError                             SESSION_EXPIRED
 ├── AlreadyExistsError              ALREADY_EXISTS
@@ -18,6 +21,7 @@ LambdaError
 │   └── RuntimeBusyError                                RUNTIME_BUSY
 ├── UnavailableError                UNAVAILABLE         (reason UNAVAILABLE: the work may have begun)
 │   ├── NotStartedError                                 NOT_STARTED (safe to retry, Execute included)
+│   ├── PackageIndexUnavailableError                    PACKAGE_INDEX_UNAVAILABLE (safe to retry)
 │   └── SandboxUnavailableError                         SANDBOX_UNAVAILABLE
 ├── DeadlineExceededError           DEADLINE_EXCEEDED
 ├── UnimplementedError              UNIMPLEMENTED
@@ -75,6 +79,19 @@ class InvalidParamsError(InvalidArgumentError):
 
 class ScriptLimitExceededError(InvalidArgumentError):
     """Checking or compiling the script went past a limit (time, memory, program size)."""
+
+
+class DependencyUnresolvableError(InvalidArgumentError):
+    """A dependency has no such package, no wheel for this platform, or conflicts
+    (metadata `requirement`)."""
+
+
+class DependencyNotAllowedError(InvalidArgumentError):
+    """The server's DEPENDENCIES policy refuses a dependency (metadata `setting`, `requirement`)."""
+
+
+class DependencyLimitExceededError(InvalidArgumentError):
+    """Resolving or installing the dependencies went past a limit (metadata `setting`)."""
 
 
 class NotFoundError(LambdaError):
@@ -136,6 +153,10 @@ class NotStartedError(UnavailableError):
     retry, and the client retries Execute on it within the call's deadline."""
 
 
+class PackageIndexUnavailableError(UnavailableError):
+    """The server's package index did not answer; nothing was stored: safe to retry."""
+
+
 class SandboxUnavailableError(UnavailableError):
     """The server's sandbox cannot start an environment as its SANDBOX_MODE asks."""
 
@@ -177,6 +198,9 @@ ERRORS_BY_CODE: dict[grpc.StatusCode, type[LambdaError]] = {
 ERRORS_BY_REASON: dict[str, type[LambdaError]] = {
     "INVALID_PARAMS": InvalidParamsError,
     "SCRIPT_LIMIT_EXCEEDED": ScriptLimitExceededError,
+    "DEPENDENCY_UNRESOLVABLE": DependencyUnresolvableError,
+    "DEPENDENCY_NOT_ALLOWED": DependencyNotAllowedError,
+    "DEPENDENCY_LIMIT_EXCEEDED": DependencyLimitExceededError,
     "SESSION_EXPIRED": SessionExpiredError,
     "SESSION_CONFLICT": SessionConflictError,
     "RUNTIME_NOT_AVAILABLE": RuntimeNotAvailableError,
@@ -184,6 +208,7 @@ ERRORS_BY_REASON: dict[str, type[LambdaError]] = {
     "QUOTA_EXCEEDED": QuotaExceededError,
     "RUNTIME_BUSY": RuntimeBusyError,
     "NOT_STARTED": NotStartedError,
+    "PACKAGE_INDEX_UNAVAILABLE": PackageIndexUnavailableError,
     "SANDBOX_UNAVAILABLE": SandboxUnavailableError,
 }
 

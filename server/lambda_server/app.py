@@ -6,11 +6,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import importlib.metadata
 import logging
 import signal
 import socket
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -29,9 +31,12 @@ from lambda_server.limits import RateLimiter
 from lambda_server.metrics import Metrics
 from lambda_server.result_cache import ResultCache
 from lambda_server.runtimes.batch import BatchRunner
+from lambda_server.runtimes.layers import LayerStore, Resolver
+from lambda_server.runtimes.npm import NpmResolver, find_npm, npm_version
 from lambda_server.runtimes.pool import EnvironmentPool
 from lambda_server.runtimes.registry import RuntimeRegistry
 from lambda_server.runtimes.rust import RustCompiler, RustToolchain
+from lambda_server.runtimes.uv import UvResolver, find_uv
 from lambda_server.sandbox import Sandbox
 from lambda_server.sandbox.memory import memory_budget_mb
 from lambda_server.store import migrations
@@ -40,10 +45,12 @@ from lambda_server.store.catalog import FunctionCatalog
 from lambda_server.store.cleanup import SessionCleanup
 from lambda_server.store.database import Database
 from lambda_server.store.embedded import EmbeddedPostgres, EmbeddedSupervisor
+from lambda_server.store.layers import LayerRecords
 from lambda_server.store.request_log import RequestLogWriter
 from lambda_server.store.sessions import OwnerQuota, SessionStore
 from lambda_server.usecases import Catalog, Execute, ExecuteBatch, GetSession, Health, Initialize, UseCases
 from lambda_server.usecases.builds import RustBuilds
+from lambda_server.usecases.dependencies import Dependencies
 from lambda_server.usecases.options import SessionOptionsPolicy
 from lambda_server.usecases.runs import SessionRuns
 from lambda_server.validation import ParamsValidator
@@ -119,6 +126,10 @@ async def _wire(
     migrator = migrations.Migrator(db, schema)
     limits = Limits(settings.sandbox.memory_mb, settings.sandbox.max_processes)
     total_memory_mb = await memory_budget_mb(settings.sandbox)
+    metrics = Metrics()
+    layer_records = LayerRecords(db)
+    layers = _layer_store(settings, registry, layer_records, metrics)
+    steps.push("the layer store", layers.close)
     pool = EnvironmentPool(settings.runtime, registry.specs, sandbox, limits, total_memory_mb)
     steps.push("the environment pool", pool.close)
     health_servicer = HealthServicer()
@@ -143,7 +154,6 @@ async def _wire(
         migrator,
         outage=(lambda: supervisor.status) if supervisor is not None else (lambda: None),
     )
-    metrics = Metrics()
     cache = ResultCache(settings.result_cache_bytes, metrics)
     quota = OwnerQuota(settings.auth.max_sessions_per_owner, settings.auth.max_script_bytes_per_owner)
     sessions = SessionStore(
@@ -166,7 +176,10 @@ async def _wire(
             settings.runtime.artifact_retention_seconds,
             settings.cleanup_interval_seconds,
         )
-    usecases = _usecases(settings, sessions, pool, registry, monitor, sandbox, cache, db, metrics, builds)
+    dependencies = Dependencies(settings.dependencies, layers, layer_records)
+    usecases = _usecases(
+        settings, sessions, pool, registry, monitor, sandbox, cache, db, metrics, builds, dependencies
+    )
     request_log = RequestLogWriter(db, settings.request_log, metrics)
     metrics.on_scrape(_scrape_gauges(metrics, pool, db, request_log))
     metrics.count_at_scrape(
@@ -217,7 +230,9 @@ async def _wire(
         settings.session_retention_seconds,
         metrics,
         settings.runtime.artifact_retention_seconds,
+        settings.dependencies.layer_retention_seconds,
     )
+    layers.start()
     server = Server(
         settings,
         steps,
@@ -247,12 +262,13 @@ def _usecases(
     db: Database,
     metrics: Metrics,
     builds: RustBuilds | None,
+    dependencies: Dependencies,
 ) -> UseCases:
     """Each use case with what it needs, and no more."""
     options = SessionOptionsPolicy(settings.runtime, settings.sandbox)
     params = ParamsValidator()  # one cache of compiled schemas, for Initialize and Execute
     catalog = Catalog(FunctionCatalog(db), registry, params)
-    runs = SessionRuns(sessions, registry, cache, params, options, metrics, builds)
+    runs = SessionRuns(sessions, registry, cache, params, options, metrics, builds, dependencies)
     return UseCases(
         initialize=Initialize(
             registry,
@@ -262,6 +278,7 @@ def _usecases(
             options,
             metrics,
             builds,
+            dependencies,
             max_script_size=settings.runtime.max_script_size,
             expiry_seconds=settings.session_expiry_seconds,
         ),
@@ -274,8 +291,57 @@ def _usecases(
         ),
         get_session=GetSession(sessions, options),
         catalog=catalog,
-        health=Health(monitor, pool, sandbox.health(), builds),
+        health=Health(monitor, pool, sandbox.health(), builds, (dependencies.health(_tools(registry)),)),
     )
+
+
+def _tools(registry: RuntimeRegistry) -> dict[str, str]:
+    """Each resolver's tool and its version, for Health."""
+    try:
+        uv = f"uv {importlib.metadata.version('uv')}"
+    except importlib.metadata.PackageNotFoundError:
+        uv = "uv"
+    nodejs = registry.specs.get("nodejs")
+    return {"python": uv, "nodejs": npm_version(find_npm(nodejs.interpreter if nodejs is not None else None))}
+
+
+def _layer_store(
+    settings: Settings, registry: RuntimeRegistry, records: LayerRecords, metrics: Metrics
+) -> LayerStore:
+    """The host's layers, with a resolver per runtime that has one; LAYER_DIR's layers are
+    bound read-only into every environment of those runtimes (pre-started ones too, so that
+    any of them can bind a script with dependencies)."""
+    deps = settings.dependencies
+    resolvers: dict[str, Resolver] = {}
+    python = registry.specs.get("python")
+    uv = find_uv()
+    if python is not None and python.available and uv is not None:
+        resolvers["python"] = UvResolver(uv, python.interpreter, deps.python_package_index, deps.layer_dir)
+    elif uv is None:
+        log.warning("no uv: Python sessions with dependencies are refused (DEPENDENCY_NOT_ALLOWED)")
+    nodejs = registry.specs.get("nodejs")
+    npm = find_npm(nodejs.interpreter if nodejs is not None else None)
+    if nodejs is not None and nodejs.available and npm is not None:
+        resolvers["nodejs"] = NpmResolver(npm, nodejs.interpreter, deps.npm_registry, deps.layer_dir)
+    elif npm is None:
+        log.warning("no npm: Node.js sessions with dependencies are refused (DEPENDENCY_NOT_ALLOWED)")
+    layers = LayerStore(
+        deps.layer_dir,
+        resolvers,
+        max_layer_bytes=deps.max_layer_bytes,
+        install_timeout_seconds=deps.install_timeout_seconds,
+        retention_seconds=deps.layer_retention_seconds,
+        sweep_interval=settings.cleanup_interval_seconds,
+        in_use=records.in_use,
+        on_install=lambda runtime: metrics.layer_installs.labels(runtime).inc(),
+        slots=deps.slots,
+        slots_per_owner=deps.slots_per_owner,
+    )
+    folder = str(layers.folder)
+    for name, spec in list(registry.specs.items()):
+        if spec.available and not spec.compiled:
+            registry.specs[name] = replace(spec, binds=(*spec.binds, folder))
+    return layers
 
 
 async def _listen(grpc_server: grpc.aio.Server, address: str) -> int:

@@ -551,6 +551,85 @@ class AuthSettings(_Declared):
     )
 
 
+def _package_names(raw: str) -> frozenset[str]:
+    """A comma-separated list of package names, lower case; each runtime compares them in its
+    index's normal form (usecases/dependencies.py): Python's PEP 503 (`Python_Slugify` names
+    `python-slugify`), npm's as written (`lodash.merge` is not `lodash-merge`)."""
+    return frozenset(name.strip().lower() for name in raw.split(",") if name.strip())
+
+
+@dataclass(frozen=True)
+class DependencySettings(_Declared):
+    """Packages scripts may ask for (InitializeRequest.dependencies): policy, indexes, layers."""
+
+    # off: none at all; allowlist: only the packages DEPENDENCY_ALLOWLIST names (every
+    # package the lock holds, dependencies of dependencies included); any: whatever resolves
+    mode: str = setting(
+        "DEPENDENCIES",
+        _choice("off", "allowlist", "any"),
+        "any",
+        "which dependencies a session may ask for: `off`, `allowlist` or `any`",
+    )
+    allowlist: frozenset[str] = setting(
+        "DEPENDENCY_ALLOWLIST",
+        _package_names,
+        frozenset[str](),
+        "with `DEPENDENCIES=allowlist`, the packages allowed, their dependencies too (comma-separated)",
+        shown="empty",
+    )
+    # An index URL (`--index-url`), or a local folder of wheels (found by `--find-links`,
+    # with no index at all: for machines without a network, and for tests)
+    python_package_index: str | None = setting(
+        "PYTHON_PACKAGE_INDEX",
+        str,
+        None,
+        "where Python packages come from: an index URL (PEP 503), or a local folder of wheels",
+        shown="unset: uv's default (PyPI)",
+    )
+    npm_registry: str | None = setting(
+        "NPM_REGISTRY", str, None, "where Node.js packages come from", shown="unset: npm's default"
+    )
+    layer_dir: Path = setting(
+        "LAYER_DIR",
+        Path,
+        Path.home() / ".cache" / "lambda-microservice" / "layers",
+        "the host's layers (one folder per lock, shared by the host's servers), uv's and npm's caches",
+    )
+    install_timeout_seconds: float = setting(
+        "DEPENDENCY_INSTALL_TIMEOUT_SECONDS",
+        _positive_float,
+        120.0,
+        "one resolve, and one install of a layer",
+    )
+    max_layer_bytes: int = setting(
+        "MAX_LAYER_BYTES", _positive_int, 256 * MIB, "one layer's installed size at most"
+    )
+    max_layer_bytes_per_owner: int = setting(
+        "MAX_LAYER_BYTES_PER_OWNER",
+        _positive_int,
+        1024 * MIB,
+        "the installed bytes of the distinct layers an owner's unexpired sessions use",
+    )
+    # uv (or npm) processes at once, and per owner: a resolve is its caller's owner's, an
+    # install the owner's whose call started it; a wait for one is bounded by the call's
+    # deadline (an install's by DEPENDENCY_INSTALL_TIMEOUT_SECONDS), past it QUOTA_EXCEEDED
+    slots: int = setting(
+        "DEPENDENCY_SLOTS", _positive_int, 2, "resolves and installs of dependencies at once"
+    )
+    slots_per_owner: int = setting(
+        "DEPENDENCY_SLOTS_PER_OWNER", _positive_int, 1, "resolves and installs one owner may run at once"
+    )
+    max_dependencies: int = setting(
+        "MAX_DEPENDENCIES", _positive_int, 32, "requirements one session may ask for"
+    )
+    layer_retention_seconds: float = setting(
+        "LAYER_RETENTION_SECONDS",
+        _non_negative_float,
+        86400.0,
+        "how long a layer no unexpired session uses is kept",
+    )
+
+
 @dataclass(frozen=True)
 class GrpcSettings(_Declared):
     """The gRPC server's own limits and connection policy."""
@@ -688,6 +767,7 @@ class Settings(_Declared):
     auth: AuthSettings = group(AuthSettings)
     request_log: RequestLogSettings = group(RequestLogSettings)
     grpc: GrpcSettings = group(GrpcSettings)
+    dependencies: DependencySettings = group(DependencySettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

@@ -109,6 +109,28 @@ class SessionOptions:
 
 
 @dataclass(frozen=True)
+class LockedPackage:
+    """One package of a resolved lock: its name (normalized as its index spells it), the
+    exact version, and the archive's hash (`sha256:<hex>` for a Python wheel)."""
+
+    name: str
+    version: str
+    hash: str
+
+
+@dataclass(frozen=True)
+class SessionDependencies:
+    """What a session asked for and what it resolved to, stored with it (meta.sessions.dependencies):
+    the lock's text is what any replica installs its layer from."""
+
+    requirements: tuple[str, ...]
+    runtime: str
+    layer_id: str
+    lock: str
+    packages: tuple[LockedPackage, ...]
+
+
+@dataclass(frozen=True)
 class SessionRecord:
     """A session as stored, with its state decided by the database clock."""
 
@@ -128,6 +150,7 @@ class SessionRecord:
     # None for a runtime that does not compile (the column says 'success' for a checked one)
     compile_status: CompileStatus | None = None
     compile_error: str | None = None
+    dependencies: SessionDependencies | None = None  # None: it asked for none
 
 
 @dataclass(frozen=True)
@@ -154,6 +177,7 @@ class NewSession:
     # Caller.owner, whose session quotas it counts against; None for a session stored
     # by a tool or test directly, which no quota counts
     owner: str | None = None
+    dependencies: SessionDependencies | None = None  # meta.sessions.dependencies
 
 
 @dataclass(frozen=True)
@@ -171,6 +195,7 @@ class ClaimedSession:
     # how its compile last ended (None: a checked runtime's session of before compile
     # statuses); an Execute of one not yet `success` records how its own compile ends
     compile_status: CompileStatus | None = None
+    layer_id: str | None = None  # its dependencies' layer (meta.sessions.dependencies), if any
 
 
 @dataclass(frozen=True)
@@ -185,6 +210,7 @@ class Job:
     timeout: float  # seconds
     limits: Limits
     program: str | None = None  # a compiled runtime's program for the script (Rust)
+    layer: str | None = None  # the folder of the session's installed dependencies, if any
 
 
 @dataclass(frozen=True)

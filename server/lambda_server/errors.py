@@ -6,7 +6,10 @@
     │   ├── ScriptTooLarge
     │   ├── ScriptSyntaxError       (line, column)
     │   ├── InvalidParams           INVALID_ARGUMENT     INVALID_PARAMS (params against the schema)
-    │   └── ScriptLimitExceeded     INVALID_ARGUMENT     SCRIPT_LIMIT_EXCEEDED (a check or compile)
+    │   ├── ScriptLimitExceeded     INVALID_ARGUMENT     SCRIPT_LIMIT_EXCEEDED (a check or compile)
+    │   ├── DependencyUnresolvable  INVALID_ARGUMENT     DEPENDENCY_UNRESOLVABLE (requirement)
+    │   ├── DependencyNotAllowed    INVALID_ARGUMENT     DEPENDENCY_NOT_ALLOWED (setting, requirement)
+    │   └── DependencyLimitExceeded INVALID_ARGUMENT     DEPENDENCY_LIMIT_EXCEEDED (setting)
     ├── SessionConflict             ALREADY_EXISTS       SESSION_CONFLICT (same request_id, other script)
     ├── RuntimeNotAvailable         FAILED_PRECONDITION  RUNTIME_NOT_AVAILABLE (known language, no runtime)
     ├── Unauthenticated             UNAUTHENTICATED      UNAUTHORIZED (no token, or a bad one)
@@ -21,6 +24,7 @@
     ├── Unavailable                 UNAVAILABLE          UNAVAILABLE (the work may have begun)
     │   ├── DatabaseUnavailable
     │   ├── NotStarted              UNAVAILABLE          NOT_STARTED (the work did not begin)
+    │   ├── PackageIndexUnavailable UNAVAILABLE          PACKAGE_INDEX_UNAVAILABLE (nothing stored)
     │   └── SandboxUnavailable      UNAVAILABLE          SANDBOX_UNAVAILABLE (SANDBOX_MODE asks too much)
     ├── DeadlineExceeded            DEADLINE_EXCEEDED    DEADLINE_EXCEEDED
     │   └── NotStartedByDeadline    (an ExecuteBatch item the batch's deadline left unstarted)
@@ -85,6 +89,25 @@ class InvalidParams(InvalidRequest):
     """Execute's params do not match the function's JSON schema."""
 
     reason = "INVALID_PARAMS"
+
+
+class DependencyUnresolvable(InvalidRequest):
+    """A dependency cannot be resolved: no such package, no wheel for this platform, or a
+    conflict; the message carries the resolver's words, `requirement` names it."""
+
+    reason = "DEPENDENCY_UNRESOLVABLE"
+
+
+class DependencyNotAllowed(InvalidRequest):
+    """The DEPENDENCIES policy (or DEPENDENCY_ALLOWLIST) refuses a dependency."""
+
+    reason = "DEPENDENCY_NOT_ALLOWED"
+
+
+class DependencyLimitExceeded(InvalidRequest):
+    """Resolving or installing dependencies went past a limit (time, bytes, count): `setting`."""
+
+    reason = "DEPENDENCY_LIMIT_EXCEEDED"
 
 
 class SessionConflict(LambdaError):
@@ -191,6 +214,12 @@ class NotStarted(Unavailable):
     not run): safe to retry, Execute included."""
 
     reason = "NOT_STARTED"
+
+
+class PackageIndexUnavailable(Unavailable):
+    """The package index did not answer; nothing was stored, a retry is safe."""
+
+    reason = "PACKAGE_INDEX_UNAVAILABLE"
 
 
 class SandboxUnavailable(Unavailable):

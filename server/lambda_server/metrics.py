@@ -100,6 +100,12 @@ class Metrics:
             ["state"],
             registry=r,
         )
+        self.layer_installs = Counter(
+            "lambda_layer_installs",
+            "Layers (sessions' dependencies) this server installed, by runtime (one found is not counted)",
+            ["runtime"],
+            registry=r,
+        )
         self.script_checks = Counter(
             "lambda_script_checks",
             "Scripts checked at Initialize, by runtime and how: compiled, or known (compiled before)",

@@ -348,6 +348,23 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ERROR_REASON_INTERNAL_ERROR: _ErrorReason.ValueType  # 17
     """INTERNAL: a bug in the service."""
+    ERROR_REASON_DEPENDENCY_UNRESOLVABLE: _ErrorReason.ValueType  # 18
+    """INVALID_ARGUMENT: a dependency cannot be resolved: no such package, no
+    wheel for this platform, or a conflict. The metadata's `requirement` names
+    it; the message carries the resolver's words.
+    """
+    ERROR_REASON_DEPENDENCY_NOT_ALLOWED: _ErrorReason.ValueType  # 19
+    """INVALID_ARGUMENT: the server's DEPENDENCIES policy (or DEPENDENCY_ALLOWLIST)
+    refuses a dependency; the metadata names the setting and the requirement.
+    """
+    ERROR_REASON_DEPENDENCY_LIMIT_EXCEEDED: _ErrorReason.ValueType  # 20
+    """INVALID_ARGUMENT: resolving or installing the dependencies went past a
+    limit (time, bytes, count); the metadata names the setting.
+    """
+    ERROR_REASON_PACKAGE_INDEX_UNAVAILABLE: _ErrorReason.ValueType  # 21
+    """UNAVAILABLE: the package index (PYTHON_PACKAGE_INDEX, NPM_REGISTRY) did not
+    answer; nothing was stored, a retry is safe.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists every google.rpc.ErrorInfo reason the service sends. The
@@ -410,6 +427,23 @@ ERROR_REASON_DEADLINE_EXCEEDED: ErrorReason.ValueType  # 16
 """
 ERROR_REASON_INTERNAL_ERROR: ErrorReason.ValueType  # 17
 """INTERNAL: a bug in the service."""
+ERROR_REASON_DEPENDENCY_UNRESOLVABLE: ErrorReason.ValueType  # 18
+"""INVALID_ARGUMENT: a dependency cannot be resolved: no such package, no
+wheel for this platform, or a conflict. The metadata's `requirement` names
+it; the message carries the resolver's words.
+"""
+ERROR_REASON_DEPENDENCY_NOT_ALLOWED: ErrorReason.ValueType  # 19
+"""INVALID_ARGUMENT: the server's DEPENDENCIES policy (or DEPENDENCY_ALLOWLIST)
+refuses a dependency; the metadata names the setting and the requirement.
+"""
+ERROR_REASON_DEPENDENCY_LIMIT_EXCEEDED: ErrorReason.ValueType  # 20
+"""INVALID_ARGUMENT: resolving or installing the dependencies went past a
+limit (time, bytes, count); the metadata names the setting.
+"""
+ERROR_REASON_PACKAGE_INDEX_UNAVAILABLE: ErrorReason.ValueType  # 21
+"""UNAVAILABLE: the package index (PYTHON_PACKAGE_INDEX, NPM_REGISTRY) did not
+answer; nothing was stored, a retry is safe.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final
@@ -424,6 +458,7 @@ class InitializeRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     COMPILE_OPTIONS_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
+    DEPENDENCIES_FIELD_NUMBER: _builtins.int
     language_title: _builtins.str
     """The function's `<language>-<title>`, e.g. `nodejs-calculator` or
     `python-text_processor`. The prefix chooses the runtime. When empty, the
@@ -458,6 +493,18 @@ class InitializeRequest(_message.Message):
         defaults. Values outside the server's bounds are INVALID_ARGUMENT.
         """
 
+    @_builtins.property
+    def dependencies(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Third-party packages the script imports, at most MAX_DEPENDENCIES.
+        Python: PEP 508 requirements, e.g. `python-slugify==8.0.4` or `attrs>=23`
+        (wheels only). Node.js: `name@range`, e.g. `dayjs@1.11.13` or `lodash@^4`
+        (install scripts never run). Rust takes none: its scripts may use the crates
+        Health lists for `runtime.rust`. They are resolved at Initialize into a lock
+        of exact versions and hashes, stored with the session (Session.locked), so
+        every replica and restart installs the same. The DEPENDENCIES policy may
+        refuse them (INVALID_ARGUMENT, reason DEPENDENCY_NOT_ALLOWED).
+        """
+
     def __init__(
         self,
         *,
@@ -467,14 +514,47 @@ class InitializeRequest(_message.Message):
         request_id: _builtins.str = ...,
         compile_options: Global___CompileOptions | None = ...,
         options: Global___ExecutionOptions | None = ...,
+        dependencies: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["compile_options", b"compile_options", "context", b"context", "options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compile_options", b"compile_options", "context", b"context", "language_title", b"language_title", "options", b"options", "request_id", b"request_id", "script_content", b"script_content"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compile_options", b"compile_options", "context", b"context", "dependencies", b"dependencies", "language_title", b"language_title", "options", b"options", "request_id", b"request_id", "script_content", b"script_content"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InitializeRequest: _TypeAlias = InitializeRequest  # noqa: Y015
+
+@_typing.final
+class LockedPackage(_message.Message):
+    """LockedPackage is one package of a session's resolved dependencies."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    HASH_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The package's name as its index spells it (normalized for Python)."""
+    version: _builtins.str
+    """The exact version installed."""
+    hash: _builtins.str
+    """The archive's hash as the index gives it: `sha256:<hex>` for a Python
+    wheel, npm's `sha512-<base64>` integrity for a Node.js package.
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.str = ...,
+        hash: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hash", b"hash", "name", b"name", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LockedPackage: _TypeAlias = LockedPackage  # noqa: Y015
 
 @_typing.final
 class ExecutionOptions(_message.Message):
@@ -954,6 +1034,7 @@ class ComponentHealth(_message.Message):
     DETAIL_FIELD_NUMBER: _builtins.int
     REQUIRED_FIELD_NUMBER: _builtins.int
     COUNTS_FIELD_NUMBER: _builtins.int
+    PACKAGES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The component's name, e.g. `postgres`, `runtime.python`, `sandbox`."""
     status: Global___ComponentStatus.ValueType
@@ -968,6 +1049,12 @@ class ComponentHealth(_message.Message):
         `bound` for `environments`), when it has any.
         """
 
+    @_builtins.property
+    def packages(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Packages every script of this component's runtime may use without asking,
+        as `name version` (for `runtime.rust`: its crates, e.g. `serde 1.0.228`).
+        """
+
     def __init__(
         self,
         *,
@@ -976,10 +1063,11 @@ class ComponentHealth(_message.Message):
         detail: _builtins.str = ...,
         required: _builtins.bool = ...,
         counts: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        packages: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "detail", b"detail", "name", b"name", "required", b"required", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "detail", b"detail", "name", b"name", "packages", b"packages", "required", b"required", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1102,6 +1190,8 @@ class Session(_message.Message):
     COMPILE_STATUS_FIELD_NUMBER: _builtins.int
     COMPILE_ERROR_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
+    DEPENDENCIES_FIELD_NUMBER: _builtins.int
+    LOCKED_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The session's id, a UUID."""
     language_title: _builtins.str
@@ -1138,6 +1228,16 @@ class Session(_message.Message):
         filled in).
         """
 
+    @_builtins.property
+    def dependencies(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The dependencies as the Initialize asked for them."""
+
+    @_builtins.property
+    def locked(self) -> _containers.RepeatedCompositeFieldContainer[Global___LockedPackage]:
+        """What they resolved to: every package installed, its dependencies' included,
+        ordered by name.
+        """
+
     def __init__(
         self,
         *,
@@ -1153,10 +1253,12 @@ class Session(_message.Message):
         compile_status: Global___CompileStatus.ValueType = ...,
         compile_error: _builtins.str = ...,
         options: Global___ExecutionOptions | None = ...,
+        dependencies: _abc.Iterable[_builtins.str] | None = ...,
+        locked: _abc.Iterable[Global___LockedPackage] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "created_at", b"created_at", "expires_at", b"expires_at", "last_executed_at", b"last_executed_at", "options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compile_error", b"compile_error", "compile_status", b"compile_status", "context", b"context", "created_at", b"created_at", "execution_count", b"execution_count", "expires_at", b"expires_at", "language_title", b"language_title", "last_executed_at", b"last_executed_at", "options", b"options", "request_id", b"request_id", "script_hash", b"script_hash", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compile_error", b"compile_error", "compile_status", b"compile_status", "context", b"context", "created_at", b"created_at", "dependencies", b"dependencies", "execution_count", b"execution_count", "expires_at", b"expires_at", "language_title", b"language_title", "last_executed_at", b"last_executed_at", "locked", b"locked", "options", b"options", "request_id", b"request_id", "script_hash", b"script_hash", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

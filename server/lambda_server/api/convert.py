@@ -448,6 +448,12 @@ def session_message(record: SessionRecord) -> pb.Session:
     )
     if record.options is not None:
         message.options.CopyFrom(options_message(record.options))
+    if record.dependencies is not None:
+        message.dependencies.extend(record.dependencies.requirements)
+        message.locked.extend(
+            pb.LockedPackage(name=package.name, version=package.version, hash=package.hash)
+            for package in record.dependencies.packages
+        )
     return message
 
 

@@ -95,6 +95,7 @@ class LambdaServicer(pb_grpc.LambdaServiceServicer):
             deadline=_deadline(context),
             options=convert.requested_options(request.options),
             optimization=convert.optimization_level(request.compile_options.optimization_level),
+            dependencies=tuple(request.dependencies),
         )
         return pb.InitializeResponse(
             request_id=record.request_id,

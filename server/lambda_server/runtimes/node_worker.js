@@ -13,6 +13,7 @@
 'use strict';
 
 const fs = require('fs');
+const path = require('path');
 const { Writable } = require('stream');
 const util = require('util');
 const vm = require('vm');
@@ -252,7 +253,15 @@ function check(script) {
   }
 }
 
-function load(script) {
+// The script's `require`: with a layer (a session's dependencies, mounted read-only), bare
+// names resolve from <layer>/node_modules first (Node looks there, then in /node_modules);
+// without one, from the working directory, as a script in it would.
+function scriptRequire(layer) {
+  if (typeof layer === 'string' && layer) return createRequire(path.join(layer, 'node_modules', '.require.js'));
+  return createRequire(process.cwd() + '/' + SCRIPT_NAME);
+}
+
+function load(script, layer) {
   logs = new LogBuffer(MAX_LOGS);
   let unit;
   try {
@@ -263,11 +272,11 @@ function load(script) {
   try {
     const fn = unit.compiled.runInThisContext();
     if (!unit.module) {
-      const scriptRequire = createRequire(process.cwd() + '/' + SCRIPT_NAME);
-      handler = (event) => fn(event, event.params, event.context, scriptRequire);
+      const required = scriptRequire(layer);
+      handler = (event) => fn(event, event.params, event.context, required);
     } else {
       const module = { exports: {} };
-      fn(module.exports, createRequire(process.cwd() + '/' + SCRIPT_NAME), module, SCRIPT_NAME, process.cwd());
+      fn(module.exports, scriptRequire(layer), module, SCRIPT_NAME, process.cwd());
       let exported = module.exports;
       if (typeof exported !== 'function' && exported && typeof exported.handler === 'function') {
         exported = exported.handler;
@@ -390,8 +399,8 @@ async function handle(message) {
     case 'check':
       return JSON.stringify(check(message.script));
     case 'load': {
-      // bind the script, then run it with the event
-      const loaded = load(message.script);
+      // bind the script (and its layer), then run it with the event
+      const loaded = load(message.script, message.layer);
       return loaded.ok ? run(message.event) : JSON.stringify({ ...loaded, loaded: false });
     }
     case 'run':

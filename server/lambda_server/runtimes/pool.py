@@ -1,4 +1,4 @@
-"""The environment pool: warm runtime processes bound to (owner, runtime, script_hash).
+"""The environment pool: warm runtime processes bound to (owner, runtime, script_hash, layer).
 
 An environment is one worker process bound to one script of one owner; it is
 never shared across owners or scripts, and runs one execution at a time. Each
@@ -68,6 +68,7 @@ class EnvironmentKey:
     runtime: str
     script_hash: str
     limits: Limits
+    layer: str | None = None  # the folder of the script's dependencies: its own environments
 
 
 @dataclass
@@ -458,6 +459,8 @@ class EnvironmentPool:
                 capped = timeout < left
                 # bind and run in one round trip; `loaded` is false when the script did not load
                 bind = {"op": "load", "script": job.script, "event": job.event}
+                if job.layer:  # the worker puts the layer's packages first on its path
+                    bind["layer"] = job.layer
                 answer = await worker.request(bind, timeout, output)
                 if answer.get("loaded") is False:
                     self._drop(slot)
@@ -481,7 +484,7 @@ class EnvironmentPool:
         """The key of the environments that may run the job; RuntimeBusy when none ever fits."""
         if job.runtime not in self._runtimes:  # the use cases resolve titles with our registry
             raise RuntimeNotAvailable(f"no {job.runtime} runtime in this server", runtime=job.runtime)
-        key = EnvironmentKey(job.owner, job.runtime, job.script_hash, job.limits)
+        key = EnvironmentKey(job.owner, job.runtime, job.script_hash, job.limits, job.layer)
         self._refuse_what_never_fits(key)
         return key
 

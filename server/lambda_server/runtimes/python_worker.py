@@ -272,7 +272,8 @@ class Worker:
             self.request_id, self.streaming = request_id, message.get("stream") is True
             if op == "check":
                 answer = encode(self.check(message["script"]))
-            elif op == "load":  # bind the script, then run it with the event
+            elif op == "load":  # bind the script (and its layer), then run it with the event
+                use_layer(message.get("layer"))
                 loaded = self.load(message["script"])
                 if loaded["ok"]:
                     answer = self.run(message["event"])
@@ -466,6 +467,17 @@ class Captured:
         sys.stdout, sys.stderr = CONSOLE.stdout, CONSOLE.stderr
         CONSOLE.logs = None
         self.logs.finish()
+
+
+def use_layer(layer: object) -> None:
+    """Put a layer's packages (a session's dependencies, mounted read-only) first on the
+    path, for the one script this process will ever run. sys.path.insert, not
+    site.addsitedir: a `.pth` file of a package is never processed, so nothing of a
+    package runs but what the script imports."""
+    if isinstance(layer, str) and layer:
+        packages = layer + "/site-packages"
+        if packages not in sys.path:
+            sys.path.insert(0, packages)
 
 
 def failure(code: str, message: str, line: int = 0, column: int = 0, stack: str = "") -> dict[str, Any]:

@@ -41,7 +41,8 @@ MAX_BATCH = 256
 _RETURNING = """
 RETURNING s.request_id::text AS request_id, s.language_title, s.user_id, s.script_hash,
           s.context, s.metadata, s.compile_options, s.options,
-          s.compile_status, extract(epoch FROM s.expires_at - now())::float8 AS expires_in
+          s.compile_status, s.dependencies->>'layer_id' AS layer_id,
+          extract(epoch FROM s.expires_at - now())::float8 AS expires_in
 """
 
 _CLAIM_ONE = (

@@ -2,7 +2,9 @@
 
 The same pass removes compiled programs (meta.artifacts) that no unexpired
 session uses and that are older than RUST_ARTIFACT_RETENTION_SECONDS, a few at
-a time (a program may be tens of MiB).
+a time (a program may be tens of MiB), and the records of layers (meta.layers)
+that no unexpired session uses, older than LAYER_RETENTION_SECONDS (each server
+removes the layers' folders itself: runtimes/layers.py).
 
 Each pass works in small batches, each its own short transaction that first
 takes a transaction-level advisory lock with pg_try_advisory_xact_lock: a replica
@@ -65,6 +67,21 @@ WITH due AS (
 DELETE FROM meta.artifacts a USING due WHERE a.artifact_key = due.artifact_key
 """
 
+# layers (meta.layers) no unexpired session uses, recorded before the retention
+_DELETE_LAYERS = """
+WITH due AS (
+    SELECT l.layer_id FROM meta.layers l
+    WHERE l.created_at <= now() - make_interval(secs => $2)
+      AND NOT EXISTS (
+          SELECT 1 FROM meta.sessions s
+          WHERE s.dependencies->>'layer_id' = l.layer_id AND s.dependencies IS NOT NULL
+            AND s.status = 'active' AND s.expires_at > now()
+      )
+    LIMIT $1 FOR UPDATE SKIP LOCKED
+)
+DELETE FROM meta.layers l USING due WHERE l.layer_id = due.layer_id
+"""
+
 _ACTIVE = "SELECT count(*) FROM meta.sessions WHERE status = 'active' AND expires_at > now()"
 
 
@@ -78,16 +95,19 @@ class SessionCleanup:
         retention_seconds: int,
         metrics: Metrics,
         artifact_retention_seconds: float = 86400.0,
+        layer_retention_seconds: float = 86400.0,
     ) -> None:
         self._db = db
         self._interval = interval
         self._retention = float(retention_seconds)
         self._artifact_retention = artifact_retention_seconds
+        self._layer_retention = layer_retention_seconds
         self._metrics = metrics
         self._task: asyncio.Task[None] | None = None
         # what this replica has done, also in the lambda_sessions_cleaned metric
         self.done = {"expired": 0, "deleted": 0}
         self.artifacts_deleted = 0
+        self.layers_deleted = 0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop())
@@ -122,6 +142,13 @@ class SessionCleanup:
                 return None
             self.artifacts_deleted += done
             if done < ARTIFACT_BATCH:
+                break
+        while True:
+            done = await self._batch(_DELETE_LAYERS, BATCH, self._layer_retention)
+            if done is None:
+                return None
+            self.layers_deleted += done
+            if done < BATCH:
                 break
         marked, deleted = totals
         return marked, deleted

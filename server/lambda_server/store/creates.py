@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from lambda_server.domain import JSON, Deadline, NewSession, SessionOptions
+from lambda_server.domain import JSON, Deadline, NewSession, SessionDependencies, SessionOptions
 from lambda_server.errors import DeadlineExceeded, InternalError, own_instance
 from lambda_server.store.database import Database
 from lambda_server.tasks import cancel_and_wait
@@ -59,14 +59,15 @@ WITH RECURSIVE used AS (
     SELECT count(*) AS sessions, coalesce(sum(stored_bytes), 0)::bigint AS bytes,
            min(expires_at) AS oldest_expires_at
     FROM meta.sessions
-    WHERE owner = $12 AND status = 'active' AND expires_at > now()
+    WHERE owner = $13 AND status = 'active' AND expires_at > now()
 ), asked AS MATERIALIZED (
     SELECT a.*, octet_length(a.script_content)::bigint + octet_length(a.context::text) AS bytes,
            EXISTS (SELECT FROM meta.sessions s WHERE s.request_id = a.request_id) AS stored
     FROM unnest($1::uuid[], $2::text[], $3::text[], $4::float8[], $5::jsonb[], $6::text[],
-                $7::text[], $8::jsonb[], $9::text[], $10::jsonb[], $11::jsonb[])
+                $7::text[], $8::jsonb[], $9::text[], $10::jsonb[], $11::jsonb[], $12::jsonb[])
          WITH ORDINALITY AS a(request_id, language_title, user_id, expiry, context, script_content,
-                              script_hash, metadata, compile_status, compile_options, options, n)
+                              script_hash, metadata, compile_status, compile_options, options,
+                              dependencies, n)
 ), admitted(n, sessions, bytes, admit) AS (
     SELECT 0::bigint, used.sessions, used.bytes, false FROM used
     UNION ALL
@@ -74,22 +75,23 @@ WITH RECURSIVE used AS (
     FROM admitted p
     JOIN asked a ON a.n = p.n + 1
     CROSS JOIN LATERAL (
-        VALUES (NOT a.stored AND p.sessions < $13 AND p.bytes + a.bytes <= $14)
+        VALUES (NOT a.stored AND p.sessions < $14 AND p.bytes + a.bytes <= $15)
     ) AS f(fits)
 ), inserted AS (
     INSERT INTO meta.sessions
         (request_id, language_title, user_id, expires_at, context, script_content,
-         script_hash, compile_status, metadata, compile_options, options, owner, stored_bytes)
+         script_hash, compile_status, metadata, compile_options, options, owner, stored_bytes,
+         dependencies)
     SELECT a.request_id, a.language_title, a.user_id, now() + make_interval(secs => a.expiry),
            a.context, a.script_content, a.script_hash, a.compile_status, a.metadata,
-           a.compile_options, a.options, $12, a.bytes
+           a.compile_options, a.options, $13, a.bytes, a.dependencies
     FROM asked a JOIN admitted USING (n)
     WHERE admitted.admit
     ORDER BY a.n
     ON CONFLICT (request_id) DO NOTHING
     RETURNING request_id, language_title, user_id, created_at, expires_at, last_executed_at,
               execution_count, script_hash, context, options, compile_status, compile_error,
-              compile_options, true AS live
+              compile_options, dependencies, true AS live
 )
 SELECT inserted.*, admitted.sessions AS used_sessions, admitted.bytes AS used_bytes,
        a.bytes AS new_bytes,
@@ -109,21 +111,22 @@ WITH used AS (
     SELECT count(*) AS sessions, coalesce(sum(stored_bytes), 0)::bigint AS bytes,
            min(expires_at) AS oldest_expires_at
     FROM meta.sessions
-    WHERE owner = $12 AND status = 'active' AND expires_at > now()
+    WHERE owner = $13 AND status = 'active' AND expires_at > now()
 ), new AS (
     SELECT octet_length($6::text)::bigint + octet_length($5::jsonb::text) AS bytes,
            EXISTS (SELECT FROM meta.sessions s WHERE s.request_id = $1) AS stored
 ), inserted AS (
     INSERT INTO meta.sessions
         (request_id, language_title, user_id, expires_at, context, script_content,
-         script_hash, compile_status, metadata, compile_options, options, owner, stored_bytes)
-    SELECT $1, $2, $3, now() + make_interval(secs => $4), $5, $6, $7, $9, $8, $10, $11, $12, new.bytes
+         script_hash, compile_status, metadata, compile_options, options, owner, stored_bytes,
+         dependencies)
+    SELECT $1, $2, $3, now() + make_interval(secs => $4), $5, $6, $7, $9, $8, $10, $11, $13, new.bytes, $12
     FROM used, new
-    WHERE NOT new.stored AND used.sessions < $13 AND used.bytes + new.bytes <= $14
+    WHERE NOT new.stored AND used.sessions < $14 AND used.bytes + new.bytes <= $15
     ON CONFLICT (request_id) DO NOTHING
     RETURNING request_id, language_title, user_id, created_at, expires_at, last_executed_at,
               execution_count, script_hash, context, options, compile_status, compile_error,
-              compile_options, true AS live
+              compile_options, dependencies, true AS live
 )
 SELECT inserted.*, used.sessions AS used_sessions, used.bytes AS used_bytes, new.bytes AS new_bytes,
        extract(epoch FROM used.oldest_expires_at - now())::float8 AS oldest_expires_in
@@ -134,13 +137,14 @@ FROM used CROSS JOIN new LEFT JOIN inserted ON true
 _INSERT_ONE = """
 INSERT INTO meta.sessions
     (request_id, language_title, user_id, expires_at, context, script_content,
-     script_hash, compile_status, metadata, compile_options, options, owner, stored_bytes)
-VALUES ($1, $2, $3, now() + make_interval(secs => $4), $5, $6, $7, $9, $8, $10, $11, $12,
-        octet_length($6::text)::bigint + octet_length($5::jsonb::text))
+     script_hash, compile_status, metadata, compile_options, options, owner, stored_bytes,
+         dependencies)
+VALUES ($1, $2, $3, now() + make_interval(secs => $4), $5, $6, $7, $9, $8, $10, $11, $13,
+        octet_length($6::text)::bigint + octet_length($5::jsonb::text), $12)
 ON CONFLICT (request_id) DO NOTHING
 RETURNING request_id, language_title, user_id, created_at, expires_at, last_executed_at,
           execution_count, script_hash, context, options, compile_status, compile_error,
-          compile_options, true AS live
+          compile_options, dependencies, true AS live
 """
 
 
@@ -297,7 +301,7 @@ def _fail(batch: list[_Create], exc: Exception) -> None:
 
 
 def _columns(new: NewSession) -> tuple[object, ...]:
-    """A create's values, in the order of the statements' first eleven parameters."""
+    """A create's values, in the order of the statements' first twelve parameters."""
     return (
         new.request_id,
         new.language_title,
@@ -310,7 +314,19 @@ def _columns(new: NewSession) -> tuple[object, ...]:
         new.compile_status.value,
         None if new.optimization is None else {"optimization_level": new.optimization.value},
         None if new.options is None else options_column(new.options),
+        None if new.dependencies is None else dependencies_column(new.dependencies),
     )
+
+
+def dependencies_column(dependencies: SessionDependencies) -> dict[str, JSON]:
+    """meta.sessions.dependencies (store/sessions.py reads it back; migration 0009)."""
+    return {
+        "requirements": list(dependencies.requirements),
+        "runtime": dependencies.runtime,
+        "layer_id": dependencies.layer_id,
+        "lock": dependencies.lock,
+        "packages": [[p.name, p.version, p.hash] for p in dependencies.packages],
+    }
 
 
 def options_column(options: SessionOptions) -> dict[str, JSON]:

@@ -13,8 +13,10 @@ from lambda_server.domain import (
     ClaimedSession,
     CompileStatus,
     Deadline,
+    LockedPackage,
     NewSession,
     OptimizationLevel,
+    SessionDependencies,
     SessionOptions,
     SessionRecord,
     SessionStatus,
@@ -40,7 +42,7 @@ MIN_RETRY_SECONDS = 1.0
 _SELECT = """
 SELECT request_id, language_title, user_id, created_at, expires_at, last_executed_at,
        execution_count, script_hash, context, options, compile_status, compile_error, compile_options,
-       (status = 'active' AND expires_at > now()) AS live
+       dependencies, (status = 'active' AND expires_at > now()) AS live
 FROM meta.sessions WHERE request_id = $1
 """
 
@@ -51,7 +53,7 @@ UPDATE meta.sessions
 SET execution_count = execution_count + $3, last_executed_at = now()
 WHERE request_id = $1 AND user_id IS NOT DISTINCT FROM $2 AND status = 'active' AND expires_at > now()
 RETURNING language_title, user_id, script_hash, context, metadata, compile_options, options, compile_status,
-          extract(epoch FROM expires_at - now())::float8 AS expires_in
+          dependencies->>'layer_id' AS layer_id, extract(epoch FROM expires_at - now())::float8 AS expires_in
 """
 
 _COMPILED = """
@@ -131,14 +133,18 @@ class SessionStore:
                 raise _refusal(new, row, quota)
             if existing is None:  # inserted and deleted in between: cannot happen today
                 raise InternalError("session vanished while being created")
+            stored = _dependencies(existing["dependencies"])
             same = (
                 existing["script_hash"] == new.script_hash
                 and existing["language_title"] == new.language_title
                 and existing["user_id"] == new.user_id
+                # the same requirements (a retry), whatever they resolve to now
+                and (stored.requirements if stored else ())
+                == (new.dependencies.requirements if new.dependencies else ())
             )
             if not same:
                 raise SessionConflict(
-                    f"session {new.request_id} already exists with another script",
+                    f"session {new.request_id} already exists with another script or other dependencies",
                     request_id=new.request_id,
                 )
             row = existing
@@ -179,6 +185,7 @@ class SessionStore:
             optimization=_optimization(row["compile_options"]),
             options=_options(row["options"]),
             compile_status=CompileStatus(row["compile_status"]) if row["compile_status"] else None,
+            layer_id=row["layer_id"],
         )
         # one whose compile is not known to have succeeded is read again: its Execute records
         # how the compile ends (usecases/builds.py), once
@@ -265,6 +272,20 @@ def _record(row: asyncpg.Record) -> SessionRecord:
             else None
         ),
         compile_error=row["compile_error"],
+        dependencies=_dependencies(row["dependencies"]),
+    )
+
+
+def _dependencies(column: dict[str, JSON] | None) -> SessionDependencies | None:
+    """meta.sessions.dependencies, as creates.py writes it (dependencies_column); None: none asked."""
+    if column is None:
+        return None
+    return SessionDependencies(
+        requirements=tuple(str(r) for r in column.get("requirements") or ()),
+        runtime=str(column.get("runtime") or ""),
+        layer_id=str(column.get("layer_id") or ""),
+        lock=str(column.get("lock") or ""),
+        packages=tuple(LockedPackage(str(n), str(v), str(h)) for n, v, h in column.get("packages") or ()),
     )
 
 

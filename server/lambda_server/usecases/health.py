@@ -44,11 +44,14 @@ class Health:
         engine: EngineState,
         sandbox: ComponentHealth,
         builds: DependencyState | None,
+        others: Sequence[ComponentHealth] = (),
     ) -> None:
+        """`others`: components decided at start (the dependencies' policy and installers)."""
         self._database = database
         self._engine = engine
         self._sandbox = sandbox  # decided at start
         self._builds = builds
+        self._others = tuple(others)
 
     def __call__(self) -> HealthReport:
         database = self._database
@@ -58,7 +61,7 @@ class Health:
             database.description,
             required=True,
         )
-        components = [postgres, self._sandbox]
+        components = [postgres, self._sandbox, *self._others]
         for component in self._engine.status():
             if component.name == RUST and self._builds is not None:
                 component = self._with_dependencies(component, self._builds.dependencies_state)

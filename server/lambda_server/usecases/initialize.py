@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from dataclasses import replace
 from typing import Protocol
 
 import orjson
@@ -28,6 +29,7 @@ from lambda_server.runtimes.registry import RuntimeRegistry, RuntimeSpec
 from lambda_server.store.sessions import SessionStore
 from lambda_server.usecases.builds import RustBuilds
 from lambda_server.usecases.catalog import Catalog
+from lambda_server.usecases.dependencies import Dependencies
 from lambda_server.usecases.inputs import parse_request_id, refuse_nul, refuse_nul_in
 from lambda_server.usecases.options import SessionOptionsPolicy
 
@@ -58,6 +60,7 @@ class Initialize:
         options: SessionOptionsPolicy,
         metrics: Metrics,
         builds: RustBuilds | None,
+        dependencies: Dependencies,
         *,
         max_script_size: int,  # MAX_SCRIPT_SIZE
         expiry_seconds: int,  # SESSION_EXPIRY_SECONDS
@@ -69,6 +72,7 @@ class Initialize:
         self._options = options
         self._metrics = metrics
         self._builds = builds
+        self._dependencies = dependencies
         self._max_script_size = max_script_size
         self._expiry_seconds = expiry_seconds
 
@@ -82,6 +86,7 @@ class Initialize:
         deadline: Deadline,
         options: RequestedOptions | None = None,
         optimization: OptimizationLevel = OptimizationLevel.DEBUG,
+        dependencies: tuple[str, ...] = (),
     ) -> SessionRecord:
         """Check a script and store a session for it, with its options resolved (`options`
         unset or None: the context's keys, else the server's defaults).
@@ -102,6 +107,7 @@ class Initialize:
         refuse_nul(language_title, "language_title")
         refuse_nul(script, "script_content")
         refuse_nul_in(context, "context")
+        requirements = self._dependencies.check(runtime, dependencies)  # refused before any work
         metadata: dict[str, JSON] | None = None
         if not script.strip():
             script, metadata = await self._catalog.registered_script(language_title, deadline)
@@ -138,7 +144,15 @@ class Initialize:
             return await self._initialize_compiled(runtime, new, optimization, deadline)
         compiled = await self._checker.check(runtime, script, script_hash, deadline, caller.owner)
         self._metrics.script_checks.labels(runtime.name, "compiled" if compiled else "known").inc()
-        return await self._sessions.create(new, deadline)
+        # resolved and installed before the session is stored: a session's layer is there
+        # (on this host) when it is created, and nothing is stored when it cannot be
+        layered = await self._dependencies.resolve(runtime, requirements, caller.owner, deadline)
+        if layered is None:
+            return await self._sessions.create(new, deadline)
+        try:
+            return await self._sessions.create(replace(new, dependencies=layered), deadline)
+        finally:
+            self._dependencies.stored(layered)
 
     async def _initialize_compiled(
         self,

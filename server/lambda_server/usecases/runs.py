@@ -23,6 +23,7 @@ from lambda_server.result_cache import CacheControl, CachePolicy, ResultCache, c
 from lambda_server.runtimes.registry import RuntimeRegistry, RuntimeSpec
 from lambda_server.store.sessions import SessionStore
 from lambda_server.usecases.builds import RustBuilds
+from lambda_server.usecases.dependencies import Dependencies
 from lambda_server.usecases.inputs import parse_request_id
 from lambda_server.usecases.options import SessionOptionsPolicy
 from lambda_server.validation import ParamsValidator
@@ -53,6 +54,7 @@ class SessionRuns:
         options: SessionOptionsPolicy,
         metrics: Metrics,
         builds: RustBuilds | None,
+        dependencies: Dependencies | None = None,
     ) -> None:
         self._sessions = sessions
         self._registry = registry
@@ -61,6 +63,7 @@ class SessionRuns:
         self._options = options
         self.metrics = metrics
         self._builds = builds
+        self._dependencies = dependencies
 
     async def claim(
         self, request_id: str, caller: Caller, deadline: Deadline, requested: CacheControl, count: int = 1
@@ -94,7 +97,9 @@ class SessionRuns:
             return b""
         session = claimed.session
         owner = session.user_id or ANONYMOUS
-        return cache_key(owner, claimed.runtime.name, session.script_hash, session.context, params)
+        # the same script with other dependencies may answer otherwise: its layer is part of the key
+        script = f"{session.script_hash}:{session.layer_id}" if session.layer_id else session.script_hash
+        return cache_key(owner, claimed.runtime.name, script, session.context, params)
 
     def cached(self, claimed: Claimed, key: bytes) -> ExecutionResult | None:
         """A hit of the result cache, counted in the metrics; None on a miss or when not read."""
@@ -115,10 +120,12 @@ class SessionRuns:
         return ExecutionResult(claimed.session_id, claimed.session.language_title, outcome)
 
     async def job(self, claimed: Claimed, caller: Caller, deadline: Deadline) -> Job:
-        """The order to the runtimes, without its event (`event()`): the script, and a compiled
-        runtime's program (built now when it is not yet). NotStarted when the script or the
-        program could not be had (the database, or a build the server stopped): nothing ran,
-        but the claim counted the session's executions already (a retry counts them again)."""
+        """The order to the runtimes, without its event (`event()`): the script, a compiled
+        runtime's program (built now when it is not yet), and the folder of the session's
+        dependencies (installed on this host now, from the session's lock, when it is not yet).
+        NotStarted when the script, the program or the layer could not be had (the database,
+        a build the server stopped, an install that failed): nothing ran, but the claim
+        counted the session's executions already (a retry counts them again)."""
         session, runtime = claimed.session, claimed.runtime
         try:
             script = await self._sessions.script(session, deadline)
@@ -126,6 +133,9 @@ class SessionRuns:
             if runtime.compiled and self._builds is not None:
                 optimization = session.optimization or OptimizationLevel.DEBUG
                 program = await self._builds.program(session, script, optimization, deadline, caller.owner)
+            layer = None
+            if session.layer_id and self._dependencies is not None:  # installed here first, if need be
+                layer = await self._dependencies.layer(session, runtime, deadline, caller.owner)
         except NotStarted:
             raise
         except Unavailable as exc:
@@ -140,6 +150,7 @@ class SessionRuns:
             timeout=claimed.options.timeout_seconds,
             limits=claimed.options.limits,
             program=program,
+            layer=layer,
         )
 
     @staticmethod

@@ -1,0 +1,67 @@
+"""Layers in meta.layers (one row per lock: its size), and which of them sessions use."""
+
+from __future__ import annotations
+
+from lambda_server.domain import Deadline
+from lambda_server.store.database import Database
+
+_PUT = """
+INSERT INTO meta.layers (layer_id, runtime, lock, bytes) VALUES ($1, $2, $3, $4)
+ON CONFLICT (layer_id) DO UPDATE SET bytes = excluded.bytes WHERE meta.layers.bytes <> excluded.bytes
+"""
+_GET = "SELECT runtime, lock, bytes FROM meta.layers WHERE layer_id = $1"
+# The session's own copy of its lock: there as long as the session is
+_SESSION_LOCK = """
+SELECT dependencies->>'runtime' AS runtime, dependencies->>'lock' AS lock
+FROM meta.sessions WHERE request_id = $1 AND dependencies->>'layer_id' = $2
+"""
+# The bytes of the distinct layers the owner's unexpired sessions use, but `$2`'s
+# (counted apart by the caller, once), by the database clock
+_OWNER_BYTES = """
+SELECT coalesce(sum(l.bytes), 0)::bigint AS bytes, count(*) AS layers
+FROM meta.layers l
+WHERE l.layer_id <> $2 AND l.layer_id IN (
+    SELECT s.dependencies->>'layer_id' FROM meta.sessions s
+    WHERE s.owner = $1 AND s.dependencies IS NOT NULL AND s.status = 'active' AND s.expires_at > now()
+)
+"""
+_IN_USE = """
+SELECT DISTINCT dependencies->>'layer_id' AS layer_id FROM meta.sessions
+WHERE dependencies->>'layer_id' = ANY($1::text[]) AND status = 'active' AND expires_at > now()
+"""
+
+
+class LayerRecords:
+    """The only place that reads and writes meta.layers, and the sessions' use of layers."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def put(self, layer_id: str, runtime: str, lock: str, size: int, deadline: Deadline) -> None:
+        """Record a layer and its installed size (another replica's record of it stays)."""
+        await self._db.fetchrow(deadline, _PUT, layer_id, runtime, lock, size)
+
+    async def get(self, layer_id: str, deadline: Deadline) -> tuple[str, str, int] | None:
+        """(runtime, lock text, bytes) of a recorded layer."""
+        row = await self._db.fetchrow(deadline, _GET, layer_id)
+        return None if row is None else (row["runtime"], row["lock"], int(row["bytes"]))
+
+    async def session_lock(
+        self, request_id: str, layer_id: str, deadline: Deadline
+    ) -> tuple[str, str] | None:
+        """(runtime, lock text) as the session stored them."""
+        row = await self._db.fetchrow(deadline, _SESSION_LOCK, request_id, layer_id)
+        if row is None or row["lock"] is None:
+            return None
+        return row["runtime"], row["lock"]
+
+    async def owner_bytes(self, owner: str, besides: str, deadline: Deadline) -> tuple[int, int]:
+        """(bytes, layers): the distinct layers the owner's unexpired sessions use, `besides` apart."""
+        row = await self._db.fetchrow(deadline, _OWNER_BYTES, owner, besides)
+        assert row is not None
+        return int(row["bytes"]), int(row["layers"])
+
+    async def in_use(self, layer_ids: list[str], deadline: Deadline) -> set[str]:
+        """Which of these layers an unexpired session uses."""
+        rows = await self._db.fetch(deadline, _IN_USE, layer_ids)
+        return {row["layer_id"] for row in rows}
