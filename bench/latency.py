@@ -176,11 +176,11 @@ def stream(client: LambdaClient, target: str, count: int, report: dict[str, dict
 
 def first_dependency_build(report: dict[str, dict[str, float]]) -> None:
     """What the first start on a machine pays for Rust, in the background: a server with an
-    empty RUST_CACHE_DIR, from its process's start to Health's `serde_json: ready`."""
+    empty RUST_CACHE_DIR, from its process's start to Health's `crates: ready`."""
     with tempfile.TemporaryDirectory(prefix="bench-rust-cache-") as cache:  # in /tmp: the jail sees it
         started = time.perf_counter()
         with running_server(RUST_CACHE_DIR=cache) as cold, LambdaClient(cold.target) as client:
-            while "serde_json: ready" not in client.health().components["runtime.rust"]:
+            while "crates: ready" not in client.health().components["runtime.rust"]:
                 if time.perf_counter() - started > 600:
                     raise RuntimeError("serde_json was not built within 600 s")
                 time.sleep(0.1)
