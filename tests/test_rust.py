@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lambda_microservice import InvalidArgumentError, LambdaClient, LambdaError, to_python
 from lambda_microservice.v1 import lambda_service_pb2 as pb
-from tests.support import ServerThread, eventually, server_settings
+from tests.support import ServerThread, eventually, serde_json_registry, server_settings
 
 RUNTIME_ERROR = pb.EXECUTION_ERROR_CODE_RUNTIME_ERROR
 TIMEOUT = pb.EXECUTION_ERROR_CODE_TIMEOUT
@@ -253,9 +253,9 @@ def test_the_dependency_build_starts_with_the_server_and_no_callers_deadline_end
     ends first fails DEADLINE_EXCEEDED, the build goes on, and a later Initialize compiles."""
     settings = server_settings()
     cold = tmp_path_factory.mktemp("rust-cold")  # nothing built: the build starts at start-up
-    server = ServerThread(
-        replace(settings, runtime=replace(settings.runtime, rust_cache_dir=cold)), database_url
-    )
+    registry = serde_json_registry(tmp_path_factory.mktemp("registry"))  # seconds, not a minute
+    runtime = replace(settings.runtime, rust_cache_dir=cold, rust_crate_registry=registry)
+    server = ServerThread(replace(settings, runtime=runtime), database_url)
     try:
         with LambdaClient(server.target, timeout=120.0) as client:
             assert "crates: building" in client.health().components["runtime.rust"]

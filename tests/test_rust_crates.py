@@ -7,7 +7,6 @@ Each script here uses many crates at once: a compile is seconds on a loaded 2-co
 from __future__ import annotations
 
 import re
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,12 +16,13 @@ from lambda_microservice import InvalidArgumentError, LambdaClient, to_python
 from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_server.runtimes import rust_crates
 from lambda_server.runtimes.rust import entry_point
-from tests.support import ServerThread, eventually, server_settings
+from tests.support import ServerThread, eventually, serde_json_registry, server_settings
 
 RUNTIME_ERROR = pb.EXECUTION_ERROR_CODE_RUNTIME_ERROR
 INVALID_RESULT = pb.EXECUTION_ERROR_CODE_INVALID_RESULT
-# the crates' build, once per toolchain and registry: about a minute on 2 idle cores
-BUILD_WAIT = 900.0
+# the crates' build, once per toolchain and registry (on 1 core in the sandbox: 50 s, 100 s
+# when the box is loaded), within a test's own bound (pytest's timeout, 180 s)
+BUILD_WAIT = 170.0
 
 # The original service's convention, every crate of the set used: the event (params,
 # context, request_id) comes in as JSON text, the result goes out as JSON text.
@@ -277,11 +277,7 @@ def test_a_crate_whose_sources_are_missing_is_left_out_and_the_others_work(
     """A registry with serde_json's sources and its dependencies', but not serde_derive's:
     serde (with derive) does not resolve and regex is not there; serde_json is built and
     scripts using it compile, and Health says which were left out and why."""
-    registry = tmp_path_factory.mktemp("registry")  # under /tmp: the jail sees it
-    real = server_settings().runtime.rust_crate_registry
-    for name in ("serde_json", "serde", "itoa", "ryu"):
-        for folder in sorted(real.glob(f"{name}-[0-9]*")):
-            shutil.copytree(folder, registry / folder.name)
+    registry = serde_json_registry(tmp_path_factory.mktemp("registry"))
     settings = server_settings()
     runtime = replace(
         settings.runtime, rust_crate_registry=registry, rust_cache_dir=tmp_path_factory.mktemp("rust-few")
@@ -290,12 +286,13 @@ def test_a_crate_whose_sources_are_missing_is_left_out_and_the_others_work(
     try:
         with LambdaClient(server.target, timeout=120.0) as client:
             eventually(
-                lambda: crates_ready(client),
+                lambda: "crates: building" not in client.health().components["runtime.rust"],
                 timeout=BUILD_WAIT,
                 interval=0.5,
                 message=lambda: client.health().components["runtime.rust"],
             )
             rust = {check.name: check for check in client.health().checks}["runtime.rust"]
+            assert "crates: ready" in rust.detail, rust.detail
             assert [package.split(" ")[0] for package in rust.packages] == ["serde_json"]
             assert rust.status == pb.COMPONENT_STATUS_DEGRADED  # works, with less than it could
             assert "serde left out: no matching package named `serde_derive`" in rust.detail

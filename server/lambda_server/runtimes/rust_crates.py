@@ -143,11 +143,14 @@ def write_project(work: Path, registry: str, crates: Iterable[Crate]) -> None:
 
 
 def first_error(stderr: bytes) -> str:
-    """cargo's first error line, for Health."""
-    for line in stderr.decode(errors="replace").splitlines():
-        if line.startswith("error"):
-            return line.removeprefix("error:").strip()[:300]
-    return stderr.decode(errors="replace").strip()[:300] or "cargo failed without a message"
+    """cargo's error, for Health: its first line, and the last of its causes (the root)."""
+    lines = [line.strip() for line in stderr.decode(errors="replace").splitlines()]
+    errors = [line.removeprefix("error:").strip() for line in lines if line.startswith("error")]
+    causes = [line for before, line in zip(lines, lines[1:], strict=False) if before == "Caused by:"]
+    text = errors[0] if errors else "cargo failed"
+    if causes:
+        text = f"{text}: {causes[-1]}"
+    return text[:400]
 
 
 def built_from_messages(stdout: bytes, crates: Iterable[Crate]) -> dict[str, tuple[str, str]]:
