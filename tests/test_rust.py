@@ -348,7 +348,7 @@ def test_a_program_is_keyed_by_the_worker_it_is_compiled_into(monkeypatch: pytes
 
     toolchain = rust.RustToolchain(version="rustc 1.0.0 (test)")
     before = toolchain.program_identity
-    assert toolchain.identity != before  # the dependencies' folder is the toolchain's alone
+    assert toolchain.identity != before  # the crates' folder does not depend on the worker
     monkeypatch.setattr(rust, "WORKER_DIGEST", "0" * 64)
     assert toolchain.program_identity != before
     assert toolchain.identity == rust.RustToolchain(version="rustc 1.0.0 (test)").identity

@@ -262,6 +262,16 @@ def test_the_entry_point_is_read_from_the_script() -> None:
     assert entry_point("pub fn handle_it(e: &str) {}") == "handler"  # rustc says what is missing
 
 
+def test_a_script_without_an_entry_point_is_told_which_it_may_define(
+    client: LambdaClient, session: str
+) -> None:
+    script = "pub fn handle_it(event: &str) -> Result<String, String> { Ok(event.into()) }\n"
+    with pytest.raises(InvalidArgumentError) as caught:
+        client.initialize("rust-crates", script, timeout=120.0)
+    assert "pub fn handle(event: &str) -> Result<String, String>" in caught.value.message
+    assert "cannot find" in caught.value.message  # and rustc's own words
+
+
 def test_the_set_is_the_makefiles_and_the_images() -> None:
     root = Path(__file__).resolve().parent.parent
     makefile = (root / "Makefile").read_text()

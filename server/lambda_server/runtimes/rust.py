@@ -71,6 +71,10 @@ FSIZE_TEXTS = (b"File size limit exceeded", b"File too large")
 # used when the script defines it and no `handler` (comments aside)
 _ENTRY = re.compile(r"\bfn\s+(handler|handle)\s*[<(]")
 _COMMENT = re.compile(r"//[^\n]*|/\*.*?\*/", re.DOTALL)
+ENTRY_POINTS = (
+    "a Rust script defines `pub fn handler(event: serde_json::Value) -> Result<serde_json::Value, "
+    "String>`, or `pub fn handle(event: &str) -> Result<String, String>`"
+)
 
 
 @dataclass(frozen=True)
@@ -515,6 +519,8 @@ def _compile_error(stderr: bytes) -> ScriptSyntaxError:
         tail = stderr.decode(errors="replace").strip()[-2000:]
         return ScriptSyntaxError(f"compilation failed: {tail or 'rustc exited without a message'}", 0, 0)
     text = str(first.get("rendered") or first.get("message") or "error")
+    if "in module `script`" in str(first.get("message", "")):  # no entry point the worker calls
+        text = f"{ENTRY_POINTS}\n{text}"
     line = column = 0
     spans = first.get("spans")
     for span in spans if isinstance(spans, list) else []:
