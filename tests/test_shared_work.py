@@ -91,7 +91,11 @@ class Gate:
 
     def open(self) -> None:
         for dependencies in self._built:  # under the test's /tmp: the jail must see it there
-            shutil.copytree(dependencies, self.cache / dependencies.name)
+            # whole or not at all, as a build puts it in place: a server that looks (without
+            # the lock) while the copy is under way must not find `ready` before the libraries
+            staged = self.cache / f".{dependencies.name}-copy"
+            shutil.copytree(dependencies, staged)
+            staged.rename(self.cache / dependencies.name)
         self.close()
 
     def close(self) -> None:
