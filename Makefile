@@ -67,8 +67,17 @@ flame: $(STAMP) test-packages ## py-spy flame graph of warm Executes at saturati
 
 # Debian packages, each with the command or file that shows it is there.
 # Every runtime's: Rust scripts compile with rustc and cargo (Debian's where none is
-# installed) against the sources of serde_json, the one crate they may use.
-RUNTIME_PACKAGES := rustc:rustc cargo:cargo librust-serde-json-dev:/usr/share/cargo/registry/serde_json-1.*
+# installed) against the crates they may use (server/lambda_server/runtimes/rust_crates.py),
+# built from Debian's packaged sources; one missing is left out, the others still work.
+CRATES := /usr/share/cargo/registry
+RUST_CRATE_PACKAGES := librust-serde-dev:$(CRATES)/serde-1.* \
+	librust-serde-derive-dev:$(CRATES)/serde_derive-1.* librust-serde-json-dev:$(CRATES)/serde_json-1.* \
+	librust-regex-dev:$(CRATES)/regex-1.* librust-chrono-dev:$(CRATES)/chrono-0.4.* \
+	librust-rand-dev:$(CRATES)/rand-0.8.* librust-itertools-dev:$(CRATES)/itertools-0.10.* \
+	librust-once-cell-dev:$(CRATES)/once_cell-1.* librust-lazy-static-dev:$(CRATES)/lazy_static-1.* \
+	librust-base64-dev:$(CRATES)/base64-0.13.* librust-hex-dev:$(CRATES)/hex-0.4.* \
+	librust-sha2-dev:$(CRATES)/sha2-0.10.* librust-uuid-dev:$(CRATES)/uuid-1.*
+RUNTIME_PACKAGES := rustc:rustc cargo:cargo $(RUST_CRATE_PACKAGES)
 # The tests' and the benchmark's: h2load (nghttp2-client) drives the throughput
 # benchmark, pgbouncer stands in front of PostgreSQL in a test.
 TEST_PACKAGES := nghttp2-client:h2load pgbouncer:pgbouncer

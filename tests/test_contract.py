@@ -84,7 +84,7 @@ def test_health_checks_are_structured(client: LambdaClient) -> None:
     assert {"bound", "owners", "waiting", "memory_mb"} <= set(environments)
     # the Rust runtime works while its crates build, degraded until they are ready
     rust = checks["runtime.rust"]
-    ready = rust.detail.endswith("serde_json: ready")
+    ready = rust.detail.endswith("crates: ready")
     assert rust.status == (pb.COMPONENT_STATUS_OK if ready else pb.COMPONENT_STATUS_DEGRADED)
     sandbox = checks["sandbox"]
     complete = "missing:" not in sandbox.detail

@@ -155,12 +155,12 @@ def test_a_check_past_the_checkers_memory_is_the_scripts_fault(checks_server: Se
 
 @pytest.fixture(scope="module")
 def built(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The suite's build of serde_json (made by a server, once), to copy into private caches."""
+    """The suite's build of the crates (made by a server, once), to copy into private caches."""
     server = ServerThread(server_settings(), database_url)
     try:
         with LambdaClient(server.target, timeout=30) as client:
             eventually(
-                lambda: "serde_json: ready" in client.health().components["runtime.rust"],
+                lambda: "crates: ready" in client.health().components["runtime.rust"],
                 timeout=600,
                 interval=0.5,
                 message=lambda: client.health().components["runtime.rust"],

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lambda_microservice import InvalidArgumentError, LambdaClient, LambdaError, to_python
 from lambda_microservice.v1 import lambda_service_pb2 as pb
-from tests.support import ServerThread, eventually, server_settings
+from tests.support import ServerThread, eventually, serde_json_registry, server_settings
 
 RUNTIME_ERROR = pb.EXECUTION_ERROR_CODE_RUNTIME_ERROR
 TIMEOUT = pb.EXECUTION_ERROR_CODE_TIMEOUT
@@ -169,8 +169,8 @@ def test_get_session_says_a_script_compiled(client: LambdaClient) -> None:
     assert stored.compile_error == ""
 
 
-def test_a_script_may_not_use_crates_beyond_serde_json(client: LambdaClient) -> None:
-    script = (  # itoa is built beside serde_json, as its dependency: not for scripts
+def test_a_script_may_not_use_crates_beyond_the_set(client: LambdaClient) -> None:
+    script = (  # itoa is built beside serde_json, as its dependency: not one of the set
         "extern crate itoa;\nuse serde_json::Value;\n"
         "pub fn handler(e: Value) -> Result<Value, String> { Ok(e) }\n"
     )
@@ -249,21 +249,21 @@ def test_without_a_toolchain_rust_titles_are_failed_precondition(database_url: s
 def test_the_dependency_build_starts_with_the_server_and_no_callers_deadline_ends_it(
     tmp_path_factory: pytest.TempPathFactory, database_url: str
 ) -> None:
-    """serde_json is built in the background from start-up: an Initialize whose deadline
+    """The crates are built in the background from start-up: an Initialize whose deadline
     ends first fails DEADLINE_EXCEEDED, the build goes on, and a later Initialize compiles."""
     settings = server_settings()
     cold = tmp_path_factory.mktemp("rust-cold")  # nothing built: the build starts at start-up
-    server = ServerThread(
-        replace(settings, runtime=replace(settings.runtime, rust_cache_dir=cold)), database_url
-    )
+    registry = serde_json_registry(tmp_path_factory.mktemp("registry"))  # seconds, not a minute
+    runtime = replace(settings.runtime, rust_cache_dir=cold, rust_crate_registry=registry)
+    server = ServerThread(replace(settings, runtime=runtime), database_url)
     try:
         with LambdaClient(server.target, timeout=120.0) as client:
-            assert "serde_json: building" in client.health().components["runtime.rust"]
+            assert "crates: building" in client.health().components["runtime.rust"]
             with pytest.raises(LambdaError) as early:
                 client.initialize("rust-test", SUM.replace("adding", "early"), timeout=0.5)
             assert early.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
             eventually(
-                lambda: "serde_json: ready" in client.health().components["runtime.rust"],
+                lambda: "crates: ready" in client.health().components["runtime.rust"],
                 timeout=300,
                 interval=0.5,
                 message=lambda: client.health().components["runtime.rust"],
@@ -275,7 +275,7 @@ def test_the_dependency_build_starts_with_the_server_and_no_callers_deadline_end
 
 def _server_with_cache(factory: pytest.TempPathFactory, database_url: str) -> ServerThread:
     """A server with a local cache of its own (as another machine has), holding only a copy
-    of the suite's build of serde_json."""
+    of the suite's build of the crates."""
     settings = server_settings()
     shared = settings.runtime.rust_cache_dir
     cache = factory.mktemp("rust-cache")
@@ -348,7 +348,7 @@ def test_a_program_is_keyed_by_the_worker_it_is_compiled_into(monkeypatch: pytes
 
     toolchain = rust.RustToolchain(version="rustc 1.0.0 (test)")
     before = toolchain.program_identity
-    assert toolchain.identity != before  # the dependencies' folder is the toolchain's alone
+    assert toolchain.identity != before  # the crates' folder does not depend on the worker
     monkeypatch.setattr(rust, "WORKER_DIGEST", "0" * 64)
     assert toolchain.program_identity != before
     assert toolchain.identity == rust.RustToolchain(version="rustc 1.0.0 (test)").identity

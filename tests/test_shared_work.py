@@ -1,10 +1,10 @@
-"""Issue 15, item 6: work that callers share (a Rust compile, serde_json's build, a batch of
+"""Issue 15, item 6: work that callers share (a Rust compile, the crates' build, a batch of
 session claims) is owned by the component that shares it: each caller waits under its own
 deadline, no caller's cancellation or deadline ends another's call or the work, every
 session's compile ends `success` or `error` (never `pending`), and each caller of failed
 shared work gets an exception instance of its own.
 
-The servers here have a Rust cache of their own whose serde_json build the test holds back
+The servers here have a Rust cache of their own whose crates' build the test holds back
 (`Gate`), so a compile is known to be under way, not finished, when a caller leaves.
 """
 
@@ -55,13 +55,13 @@ pub fn handler(event: Value) -> Result<Value, String> {
 
 @pytest.fixture(scope="module")
 def built(database_url: str) -> Path:
-    """The suite's build of serde_json (made by a server, once), to copy into private caches."""
+    """The suite's build of the crates (made by a server, once), to copy into private caches."""
     server = ServerThread(server_settings(), database_url)
     try:
         with LambdaClient(server.target, timeout=30) as client:
             eventually(
-                # DEGRADED until serde_json is built
-                lambda: health_check(client, "runtime.rust").status == pb.COMPONENT_STATUS_OK,
+                # DEGRADED until the crates are built
+                lambda: "crates: ready" in health_check(client, "runtime.rust").detail,
                 timeout=600,
                 interval=0.5,
                 message=lambda: health_check(client, "runtime.rust").detail,
@@ -72,16 +72,16 @@ def built(database_url: str) -> Path:
 
 
 class Gate:
-    """A Rust cache of a test's own whose serde_json build waits until the test opens the gate.
+    """A Rust cache of a test's own whose crates' build waits until the test opens the gate.
 
-    The test holds the file lock that a server building serde_json into a cache holds
+    The test holds the file lock that a server building the crates into a cache holds
     (runtimes/rust.py), so the server waits for that build to end, and every compile
     waits for the server's; opening the gate copies the suite's build in, then lets go.
     """
 
     def __init__(self, built: Path, cache: Path) -> None:
         self._built = sorted(built.glob("deps-*"))
-        assert self._built, f"no serde_json build in {built}"
+        assert self._built, f"no build of the crates in {built}"
         self.cache = cache
         self._locks: list[int] = []
         for dependencies in self._built:
@@ -91,7 +91,11 @@ class Gate:
 
     def open(self) -> None:
         for dependencies in self._built:  # under the test's /tmp: the jail must see it there
-            shutil.copytree(dependencies, self.cache / dependencies.name)
+            # whole or not at all, as a build puts it in place: a server that looks (without
+            # the lock) while the copy is under way must not find `ready` before the libraries
+            staged = self.cache / f".{dependencies.name}-copy"
+            shutil.copytree(dependencies, staged)
+            staged.rename(self.cache / dependencies.name)
         self.close()
 
     def close(self) -> None:
@@ -101,7 +105,7 @@ class Gate:
             os.close(lock)
 
     def remove_dependencies(self) -> None:
-        """serde_json gone from the cache: from now, a compile fails (rustc does not find it)."""
+        """The crates gone from the cache: from now, a compile fails (rustc does not find it)."""
         for dependencies in self._built:
             shutil.rmtree(self.cache / dependencies.name)
 
@@ -174,7 +178,7 @@ def test_a_cancelled_caller_ends_neither_the_compile_nor_another_callers_wait(
             eventually(lambda: compile_status(database_url, first) == "pending", timeout=30)
             staying = initialize(second)  # joins the compile the first call started
             eventually(lambda: compile_status(database_url, second) == "pending", timeout=30)
-            # the compile waits for serde_json, which waits for the gate: it is under way
+            # the compile waits for the crates, which waits for the gate: it is under way
             rust = health_check(client, "runtime.rust")
             assert rust.status == pb.COMPONENT_STATUS_DEGRADED and "building" in rust.detail, rust
             assert leaving.cancel()
@@ -223,7 +227,7 @@ def test_a_caller_past_its_deadline_gets_deadline_exceeded_and_the_program_is_ke
     [
         # rustc past RUST_COMPILE_TIMEOUT_SECONDS: the script's fault
         ({"compile_timeout_seconds": 0.05}, False, grpc.StatusCode.INVALID_ARGUMENT, "ran past its limit"),
-        # serde_json not built within RUST_DEPENDENCIES_TIMEOUT_SECONDS: the service's
+        # the crates not built within RUST_DEPENDENCIES_TIMEOUT_SECONDS: the service's
         (
             {"dependencies_timeout_seconds": 1.0},
             True,

@@ -96,7 +96,7 @@ async def build_server(
         raise ConfigError("DATABASE_URL is unset (main() starts an embedded PostgreSQL for it)")
     # read once at start: a broken migrations directory stops start-up, not every health probe
     schema = migrations.load(migrations.default_directory())
-    toolchain = await RustToolchain.detect(settings.runtime.rustc)
+    toolchain = await RustToolchain.detect(settings.runtime.rustc, settings.runtime.rust_crate_registry)
     registry = RuntimeRegistry.load(
         settings.runtime.mappings_file, settings.runtime.node_binary, toolchain.spec
     )

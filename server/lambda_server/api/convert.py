@@ -467,6 +467,7 @@ def health_response(report: HealthReport) -> pb.HealthResponse:
             detail=component.detail,
             required=component.required,
             counts=component.counts,
+            packages=component.packages,
         )
         for component in report.components
     ]

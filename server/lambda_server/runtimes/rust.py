@@ -1,11 +1,13 @@
 """The Rust toolchain: found on this machine, it compiles scripts into programs, sandboxed.
 
 A script is compiled with rustc alone (no cargo, so no build scripts and no
-procedural macros of the script's) into rust_worker.rs, which serves its
-`handler` over the workers' pipe protocol. The one crate a script may use,
-serde_json, comes from Debian's packaged sources (librust-serde-json-dev) and is
-built once per toolchain by cargo, offline, into a shared folder that every
-later compile links against. Both builds run inside the sandbox, with time and
+procedural macros of the script's own) into rust_worker.rs, which serves its
+`handler`, or the original service's `handle` (`--cfg lambda_handle`, see
+`entry_point`), over the workers' pipe protocol. The crates a script may use
+(rust_crates.CURATED: serde with derive, serde_json, regex, chrono, ...) come from
+Debian's packaged sources and are built once per toolchain and registry by
+cargo, offline, into a shared folder that every later compile links against,
+each named with --extern. Both builds run inside the sandbox, with time and
 memory limits, writing only to a work folder of their own.
 """
 
@@ -18,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -35,8 +38,10 @@ from lambda_server.errors import (
     Unavailable,
     copy_of,
 )
+from lambda_server.runtimes import rust_crates
 from lambda_server.runtimes.process import WorkerTimeout, run_command
 from lambda_server.runtimes.registry import RuntimeSpec
+from lambda_server.runtimes.rust_crates import CrateSet
 from lambda_server.runtimes.slots import FairSlots, SlotWaitTimeout
 from lambda_server.sandbox import Command, Sandbox, SandboxUnavailable
 from lambda_server.tasks import cancel_and_wait
@@ -62,6 +67,14 @@ SIGXFSZ_EXIT = 128 + signal.SIGXFSZ  # unshare's report of a write past RLIMIT_F
 # strsignal(SIGXFSZ), or strerror(EFBIG) where SIGXFSZ is ignored (the jail is Python,
 # which ignores it, and exec keeps that): how rustc reports its linker's cut write
 FSIZE_TEXTS = (b"File size limit exceeded", b"File too large")
+# the original service's entry point, `pub fn handle(event: &str) -> Result<String, String>`,
+# used when the script defines it and no `handler` (comments aside)
+_ENTRY = re.compile(r"\bfn\s+(handler|handle)\s*[<(]")
+_COMMENT = re.compile(r"//[^\n]*|/\*.*?\*/", re.DOTALL)
+ENTRY_POINTS = (
+    "a Rust script defines `pub fn handler(event: serde_json::Value) -> Result<serde_json::Value, "
+    "String>`, or `pub fn handle(event: &str) -> Result<String, String>`"
+)
 
 
 @dataclass(frozen=True)
@@ -107,7 +120,7 @@ class RustToolchain:
 
     @property
     def identity(self) -> str:
-        """A short stable name of this toolchain, for the built dependencies' folder."""
+        """A short stable name of this toolchain, part of the built crates' folder's name."""
         return hashlib.sha256(self.version.encode()).hexdigest()[:16]
 
     @property
@@ -141,8 +154,8 @@ class RustCompiler:
         # RUST_COMPILE_SLOTS at once, RUST_COMPILES_PER_OWNER of them an owner's, waiting
         # compiles served round robin by owner
         self._slots = FairSlots(settings.compile_slots, settings.compiles_per_owner)
-        self._dependencies_task: asyncio.Task[tuple[Path, Path]] | None = None
-        self._built: tuple[Path, Path] | None = None  # the dependencies' folder, serde_json's rlib
+        self._dependencies_task: asyncio.Task[CrateSet] | None = None
+        self._built: CrateSet | None = None
 
     @property
     def toolchain(self) -> RustToolchain:
@@ -163,28 +176,34 @@ class RustCompiler:
 
     @property
     def dependencies_state(self) -> str:
-        """`ready`, `building`, `not started`, or `failed: <why>` (tried again by the next
-        compile)."""
+        """`ready` (with the crates left out, if any), `building`, `not started`, or
+        `failed: <why>` (tried again by the next compile)."""
         task = self._dependencies_task
         if self._built is not None:
-            return "ready"
+            left_out = self._built.describe_left_out()
+            return f"ready ({left_out})" if left_out else "ready"
         if task is None:
             return "not started"
         if task.done() and not task.cancelled() and task.exception() is not None:
             return f"failed: {_describe(task.exception())}"
         return "building"
 
+    @property
+    def packages(self) -> tuple[str, ...]:
+        """`name version` of each crate a script may use, once they are built."""
+        return self._built.packages if self._built is not None else ()
+
     async def compile(self, script: str, level: OptimizationLevel, owner: str = "") -> bytes:
         """The program of a script; ScriptSyntaxError with rustc's message, line and column,
         ScriptLimitExceeded past a compile's time, memory or program size, QuotaExceeded when
         no compile slot came for `owner` within RUST_COMPILE_QUEUE_TIMEOUT_SECONDS,
-        Unavailable when serde_json could not be built."""
+        Unavailable when the crates could not be built."""
         _refuse_lint_change(script)
-        dependencies, serde_json = self._built or await self._dependencies()
+        crates = self._built or await self._dependencies()
         wait = self._settings.compile_queue_timeout_seconds
         try:
             async with self._slots.slot(owner, wait):
-                return await self._compile(script, level, dependencies, serde_json)
+                return await self._compile(script, level, crates)
         except SlotWaitTimeout as exc:
             if exc.own_share:
                 why = f"this caller's {self._slots.per_owner} compiles at once (RUST_COMPILES_PER_OWNER)"
@@ -196,9 +215,7 @@ class RustCompiler:
                 limit="RUST_COMPILES_PER_OWNER" if exc.own_share else "RUST_COMPILE_SLOTS",
             ) from None
 
-    async def _compile(
-        self, script: str, level: OptimizationLevel, dependencies: Path, serde_json: Path
-    ) -> bytes:
+    async def _compile(self, script: str, level: OptimizationLevel, crates: CrateSet) -> bytes:
         work = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="compile-", dir=self._cache))
         try:
             await asyncio.to_thread(_stage, work, script)
@@ -212,8 +229,9 @@ class RustCompiler:
                 f"-F{CONST_EVAL_LINT}",
                 f"-Copt-level={OPT_LEVELS[level]}",
                 "-Cstrip=debuginfo",
-                f"-Ldependency={dependencies}",
-                f"--extern=serde_json={serde_json}",
+                f"-Ldependency={crates.folder}",
+                *crates.extern_arguments(),
+                *(["--cfg=lambda_handle"] if entry_point(script) == "handle" else []),
                 "-o",
                 str(work / "handler"),
                 str(work / "src" / "main.rs"),  # the jail starts in /tmp
@@ -224,7 +242,9 @@ class RustCompiler:
             # below, one far past it is cut by the kernel (SIGXFSZ) as it is written
             fsize_mb = -(-limit // MIB) + 1
             try:
-                code, err, out_of_memory = await self._run(argv, work, [str(dependencies)], timeout, fsize_mb)
+                code, _, err, out_of_memory = await self._run(
+                    argv, work, [str(crates.folder)], timeout, fsize_mb
+                )
             except WorkerTimeout:
                 raise ScriptLimitExceeded(
                     f"compilation ran past its limit of {timeout:g} s (RUST_COMPILE_TIMEOUT_SECONDS)",
@@ -248,42 +268,46 @@ class RustCompiler:
         finally:
             await asyncio.to_thread(shutil.rmtree, work, True)
 
-    async def _dependencies(self) -> tuple[Path, Path]:
-        """The folder of serde_json's built crates for this toolchain and serde_json's
-        library in it, once the build (bounded by RUST_DEPENDENCIES_TIMEOUT_SECONDS) ends."""
+    async def _dependencies(self) -> CrateSet:
+        """The crates built for this toolchain, once the build (bounded by
+        RUST_DEPENDENCIES_TIMEOUT_SECONDS) ends."""
         self.start()
         task = self._dependencies_task
         assert task is not None
         await asyncio.wait((task,))  # the build is the compiler's: a waiter's end does not end it
         if task.cancelled():
-            raise Unavailable("the server stopped while serde_json was being built")
+            raise Unavailable("the server stopped while the crates were being built")
         error = task.exception()
         if isinstance(error, LambdaError):
             raise copy_of(error)  # each compile raises its own instance
         if error is not None:
-            raise Unavailable(f"serde_json did not build: {error!r}")
+            raise Unavailable(f"the crates did not build: {error!r}")
         return task.result()
 
-    async def _prepare_dependencies(self) -> tuple[Path, Path]:
-        await self._build_dependencies()
-        self._built = await asyncio.to_thread(_built, self._dependencies_folder)
+    async def _prepare_dependencies(self) -> CrateSet:
+        registry = Path(self._toolchain.registry)
+        identity = await asyncio.to_thread(rust_crates.set_identity, self._toolchain.version, registry)
+        # the toolchain's, and the set's and registry's: another crate installed is another build
+        folder = self._cache / f"deps-{self._toolchain.identity}-{identity}"
+        await self._build_dependencies(folder)
+        try:
+            self._built = await asyncio.to_thread(rust_crates.load, folder)
+        except ValueError as exc:
+            raise Unavailable(f"the built crates are not usable: {exc}") from None
         return self._built
 
-    def _dependencies_done(self, task: asyncio.Task[tuple[Path, Path]]) -> None:
+    def _dependencies_done(self, task: asyncio.Task[CrateSet]) -> None:
         if task.cancelled():
             return
         error = task.exception()  # retrieved here, so a build no caller waited for is still seen
         if error is not None:
-            log.warning("Rust dependencies: %s", _describe(error))
+            log.warning("Rust crates: %s", _describe(error))
+        elif task.result().left_out:
+            log.warning("Rust crates: %s", task.result().describe_left_out())
 
-    @property
-    def _dependencies_folder(self) -> Path:
-        return self._cache / f"deps-{self._toolchain.identity}"
-
-    async def _build_dependencies(self) -> None:
+    async def _build_dependencies(self, folder: Path) -> None:
         """Build them unless they are built; one build at a time per cache folder, across
         servers and processes (a file lock), the others waiting for its end."""
-        folder = self._dependencies_folder
         limit = self._dependencies_timeout
         until = time.monotonic() + limit
         lock_path = str(self._cache / f".{folder.name}.lock")
@@ -295,65 +319,100 @@ class RustCompiler:
                 except BlockingIOError:  # another server builds them: wait for its end
                     if time.monotonic() > until:
                         raise Unavailable(
-                            f"serde_json was being built elsewhere for over {limit:g} s "
+                            f"the crates were being built elsewhere for over {limit:g} s "
                             f"(RUST_DEPENDENCIES_TIMEOUT_SECONDS; {lock_path})"
                         ) from None
                     await asyncio.sleep(0.5)
                     continue
                 try:
                     if not await asyncio.to_thread((folder / "ready").exists):
-                        await self._build_into(folder)
+                        await self._build_into(folder, until)
                 finally:
                     fcntl.flock(lock, fcntl.LOCK_UN)
         finally:
             os.close(lock)
 
-    async def _build_into(self, folder: Path) -> None:
+    async def _build_into(self, folder: Path, until: float) -> None:
         log.info(
-            "building serde_json for %s in the background (once per toolchain; about 5 s on 2 idle cores)",
+            "building the crates scripts may use for %s in the background (once per toolchain; "
+            "about a minute on 2 idle cores)",
             self._toolchain.version,
         )
         started = time.monotonic()
+        registry = self._toolchain.registry
         work = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="deps-", dir=self._cache))
         try:
-            await asyncio.to_thread(_write_dependencies_project, work, self._toolchain.registry)
-            manifest = str(work / "Cargo.toml")
-            argv = [
-                self._toolchain.cargo,
-                "build",
-                "--release",
-                "--offline",
-                "--quiet",
-                "--manifest-path",
-                manifest,
-            ]
-            binds = [self._toolchain.registry]
-            limit = self._dependencies_timeout
-            try:
-                code, err, _ = await self._run(argv, work, binds, limit, DEPENDENCIES_MAX_FILE_MB)
-            except WorkerTimeout:  # not the script's fault: the service cannot compile yet
-                raise Unavailable(
-                    f"serde_json did not build within {limit:g} s (RUST_DEPENDENCIES_TIMEOUT_SECONDS)"
-                ) from None
+            crates, left_out = await asyncio.to_thread(rust_crates.present, Path(registry))
+            crates = await self._resolvable(work, crates, left_out, until)
+            if rust_crates.REQUIRED not in {crate.name for crate in crates}:
+                why = dict(left_out).get(rust_crates.REQUIRED, "it did not resolve")
+                raise Unavailable(f"{rust_crates.REQUIRED} cannot be built: {why}")
+            await asyncio.to_thread(rust_crates.write_project, work, registry, crates)
+            code, out, err = await self._cargo(work, ["build", "--release", "--message-format=json"], until)
             if code != 0:
-                raise Unavailable(f"serde_json did not build: {err.decode(errors='replace')[-2000:]}")
-            built = work / "target" / "release" / "deps"
+                raise Unavailable(f"the crates did not build: {err.decode(errors='replace')[-2000:]}")
+            built = rust_crates.built_from_messages(out, crates)
+            left_out += [(c.name, "cargo built no library of it") for c in crates if c.name not in built]
             staged = self._cache / f".{folder.name}-{os.getpid()}"
             await asyncio.to_thread(shutil.rmtree, staged, True)
-            await asyncio.to_thread(shutil.copytree, built, staged)
+            deps = work / "target" / "release" / "deps"
+            await asyncio.to_thread(shutil.copytree, deps, staged, ignore=shutil.ignore_patterns("*.d"))
+            await asyncio.to_thread(rust_crates.save, staged, built, left_out)
             (staged / "ready").write_text(self._toolchain.version)
             await asyncio.to_thread(shutil.rmtree, folder, True)  # a build cut short, if any
             staged.rename(folder)
-            log.info("built serde_json in %.1f s", time.monotonic() - started)
+            log.info("built %d crates in %.1f s", len(built), time.monotonic() - started)
         finally:
             await asyncio.to_thread(shutil.rmtree, work, True)
 
+    async def _resolvable(
+        self, work: Path, crates: list[rust_crates.Crate], left_out: list[tuple[str, str]], until: float
+    ) -> list[rust_crates.Crate]:
+        """The crates that cargo resolves offline against the registry (a dependency of one
+        may be missing): all of them at once, else each alone, the others left out (`left_out`
+        gets each with cargo's words)."""
+        registry = self._toolchain.registry
+        await asyncio.to_thread(rust_crates.write_project, work, registry, crates)
+        code, _, err = await self._cargo(work, ["generate-lockfile"], until)
+        if code == 0:
+            return crates
+        log.warning(
+            "Rust crates: the set does not resolve (%s); trying each alone", rust_crates.first_error(err)
+        )
+        kept = []
+        for crate in crates:
+            await asyncio.to_thread(rust_crates.write_project, work, registry, [crate])
+            code, _, err = await self._cargo(work, ["generate-lockfile"], until)
+            if code == 0:
+                kept.append(crate)
+            else:
+                left_out.append((crate.name, rust_crates.first_error(err)))
+        return kept
+
+    async def _cargo(self, work: Path, arguments: list[str], until: float) -> tuple[int, bytes, bytes]:
+        """cargo, offline and quiet, on the dependencies project in `work`, in the sandbox,
+        within what is left of RUST_DEPENDENCIES_TIMEOUT_SECONDS: status, stdout, stderr."""
+        manifest = str(work / "Cargo.toml")
+        argv = [self._toolchain.cargo, *arguments, "--offline", "--quiet", "--manifest-path", manifest]
+        limit = self._dependencies_timeout
+        left = until - time.monotonic()
+        try:
+            if left <= 0:
+                raise WorkerTimeout()
+            binds = [self._toolchain.registry]
+            code, out, err, _ = await self._run(argv, work, binds, left, DEPENDENCIES_MAX_FILE_MB)
+        except WorkerTimeout:  # not the script's fault: the service cannot compile yet
+            raise Unavailable(
+                f"the crates did not build within {limit:g} s (RUST_DEPENDENCIES_TIMEOUT_SECONDS)"
+            ) from None
+        return code, out, err
+
     async def _run(
         self, argv: list[str], work: Path, binds: list[str], timeout: float, fsize_mb: int
-    ) -> tuple[int, bytes, bool]:
+    ) -> tuple[int, bytes, bytes, bool]:
         """Run a build command in the sandbox, writing files of `fsize_mb` at most: its exit
-        status, its stderr, and whether it went past its memory limit; WorkerTimeout past
-        `timeout`."""
+        status, its stdout and stderr, and whether it went past its memory limit;
+        WorkerTimeout past `timeout`."""
         try:
             # a one-shot command: the toolchain and `binds` read-only, its work folder writable
             command = Command(
@@ -368,10 +427,18 @@ class RustCompiler:
             raise SandboxUnavailable(f"the Rust compiler could not be confined: {exc.message}") from None
         try:
             env = {**_env(str(work)), "RUSTC": self._toolchain.rustc}
-            code, _, err = await run_command(confinement.argv, env, str(work), timeout)
-            return code, err, confinement.memory_exhausted()
+            code, out, err = await run_command(confinement.argv, env, str(work), timeout)
+            return code, out, err, confinement.memory_exhausted()
         finally:
             await confinement.release()
+
+
+def entry_point(script: str) -> str:
+    """The function the worker calls: `handler`, or `handle` (the original service's
+    `pub fn handle(event: &str) -> Result<String, String>`) when the script defines it and
+    no `handler`. Read from the text, comments aside: rustc says so when it is wrong."""
+    names = {match.group(1) for match in _ENTRY.finditer(_COMMENT.sub(" ", script))}
+    return "handle" if names == {"handle"} else "handler"
 
 
 def _refuse_lint_change(script: str) -> None:
@@ -411,13 +478,6 @@ def _describe(error: BaseException | None) -> str:
     return error.message if isinstance(error, Unavailable) else repr(error)
 
 
-def _built(folder: Path) -> tuple[Path, Path]:
-    """The dependencies' folder at its real path (a symlink's target would not be in the
-    jail), and serde_json's library in it."""
-    real = Path(os.path.realpath(folder))
-    return real, next(real.glob("libserde_json-*.rlib"))
-
-
 def _stage(work: Path, script: str) -> None:
     """The crate to compile: the worker as main.rs, the script as its module script.rs."""
     (work / "src").mkdir()
@@ -444,21 +504,6 @@ def _env(work: str) -> dict[str, str]:
     }
 
 
-def _write_dependencies_project(work: Path, registry: str) -> None:
-    (work / "src").mkdir()
-    (work / "src" / "lib.rs").write_text("")
-    (work / "Cargo.toml").write_text(
-        '[package]\nname = "lambda-rust-dependencies"\nversion = "0.0.0"\nedition = "2021"\n\n'
-        '[dependencies]\nserde_json = "1"\n'
-    )
-    home = work / "cargo-home"
-    home.mkdir()
-    (home / "config.toml").write_text(
-        '[source.crates-io]\nreplace-with = "packaged"\n\n'
-        f'[source.packaged]\ndirectory = "{registry}"\n\n[net]\noffline = true\n'
-    )
-
-
 def _compile_error(stderr: bytes) -> ScriptSyntaxError:
     """The first error rustc reported, placed in the user's script when it is there."""
     first: dict[str, object] | None = None
@@ -474,6 +519,8 @@ def _compile_error(stderr: bytes) -> ScriptSyntaxError:
         tail = stderr.decode(errors="replace").strip()[-2000:]
         return ScriptSyntaxError(f"compilation failed: {tail or 'rustc exited without a message'}", 0, 0)
     text = str(first.get("rendered") or first.get("message") or "error")
+    if "in module `script`" in str(first.get("message", "")):  # no entry point the worker calls
+        text = f"{ENTRY_POINTS}\n{text}"
     line = column = 0
     spans = first.get("spans")
     for span in spans if isinstance(spans, list) else []:

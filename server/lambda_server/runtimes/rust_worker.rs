@@ -1,7 +1,8 @@
 //! The Rust runtime's worker: the program a Rust script is compiled into.
 //!
 //! The user's script is the module `script` (script.rs beside this file); this
-//! program serves many executions of its `handler` over the same framed protocol
+//! program serves many executions of its `handler` (or, compiled with
+//! `--cfg lambda_handle`, of the original service's `handle`: see `entry`) over the same framed protocol
 //! as the Python and Node.js workers: requests as frames on stdin, answers on the
 //! descriptor named by LAMBDA_RESPONSE_FD, a frame being a 4-byte big-endian
 //! length and a UTF-8 JSON body; an answer with a result appends a newline and
@@ -16,7 +17,8 @@
 //! serde_json cannot make a result JSON does not carry: its integers are 64-bit
 //! (kept exactly in result_json), its strings are UTF-8, and a float that is NaN
 //! or infinite becomes null (`Value::from(f64::NAN)` is `Value::Null`). Only the
-//! nesting depth is the server's to bound (MAX_JSON_DEPTH).
+//! nesting depth is the server's to bound (MAX_JSON_DEPTH). A `handle`'s result is its
+//! own JSON text, passed on as it is (the server reads it: see process.py).
 //! It uses std and serde_json only; the few libc calls std does not offer are
 //! declared here (std links libc already).
 
@@ -136,6 +138,41 @@ where
 
 fn invoke<M, H: Handler<M>>(handler: H, event: Value) -> Result<Value, String> {
     handler.call(event)
+}
+
+/// Why an execution gave no result: the script's error, or a `handle` result that is not JSON.
+enum Failed {
+    Error(String),
+    NotJson(String),
+}
+
+/// The script's `handler`, called with the event; its result as JSON text.
+#[cfg(not(lambda_handle))]
+fn entry(event: Value) -> Result<String, Failed> {
+    invoke(script::handler, event).map(|result| result.to_string()).map_err(Failed::Error)
+}
+
+/// The original service's convention, `pub fn handle(event: &str) -> Result<String, String>`
+/// (any displayable error will do): the event `{params, context, request_id}` as JSON text
+/// in, the result's JSON text out. Text that is not JSON is an INVALID_RESULT, said here
+/// for what serde_json reads; past its nesting limit, the server reads it (MAX_JSON_DEPTH).
+#[cfg(lambda_handle)]
+fn entry(event: Value) -> Result<String, Failed> {
+    fn call<F, E>(handle: F, event: &str) -> Result<String, String>
+    where
+        F: Fn(&str) -> Result<String, E>,
+        E: Display,
+    {
+        handle(event).map_err(|e| e.to_string())
+    }
+    let text = call(script::handle, &event.to_string()).map_err(Failed::Error)?;
+    let text = text.trim().to_string();
+    match serde_json::from_str::<Value>(&text) {
+        Err(error) if !error.to_string().starts_with("recursion limit exceeded") => {
+            Err(Failed::NotJson(format!("handle returned text that is not JSON: {}", error)))
+        }
+        _ => Ok(text),
+    }
 }
 
 thread_local! {
@@ -452,7 +489,7 @@ impl Worker {
         self.usage.reset_peak();
         let cpu = cpu_seconds();
         PANIC.with(|slot| *slot.borrow_mut() = None);
-        let outcome = panic::catch_unwind(AssertUnwindSafe(|| invoke(script::handler, event)));
+        let outcome = panic::catch_unwind(AssertUnwindSafe(|| entry(event)));
         let (logs, cut) = self.take_logs();
         let usage = (cpu_seconds() - cpu, self.usage.peak_bytes());
         let answer = |ok: bool| {
@@ -468,8 +505,7 @@ impl Worker {
             (head, None)
         };
         match outcome {
-            Ok(Ok(result)) => {
-                let text = result.to_string();
+            Ok(Ok(text)) => {
                 if text.len() > self.max_result {
                     let message = format!("the result is larger than {} bytes", self.max_result);
                     failed(failure("OUTPUT_LIMIT", &message, 0, 0))
@@ -477,7 +513,8 @@ impl Worker {
                     (answer(true), Some(text))
                 }
             }
-            Ok(Err(message)) => failed(failure("RUNTIME_ERROR", &message, 0, 0)),
+            Ok(Err(Failed::Error(message))) => failed(failure("RUNTIME_ERROR", &message, 0, 0)),
+            Ok(Err(Failed::NotJson(message))) => failed(failure("INVALID_RESULT", &message, 0, 0)),
             Err(_) => {
                 let (message, line, column) =
                     PANIC.with(|slot| slot.borrow_mut().take()).unwrap_or((String::from("panic"), 0, 0));

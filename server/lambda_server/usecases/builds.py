@@ -143,6 +143,10 @@ class RustBuilds:
     def dependencies_state(self) -> str:
         return self._compiler.dependencies_state
 
+    @property
+    def packages(self) -> tuple[str, ...]:
+        return self._compiler.packages
+
     def _key(self, script_hash: str, level: OptimizationLevel) -> str:
         return f"{script_hash}-{level.value}-{self._compiler.toolchain.program_identity}"
 
@@ -153,7 +157,7 @@ class RustBuilds:
         debug or release); the build records `success` or `error` on the session however
         this call ends. The session, and True when this call started a build that compiled.
         ScriptSyntaxError, ScriptLimitExceeded, QuotaExceeded (no compile slot), Unavailable
-        (serde_json, the database) as the build failed; DeadlineExceeded when the deadline
+        (the crates, the database) as the build failed; DeadlineExceeded when the deadline
         passed first, while the build goes on and keeps its program for a later call."""
         if self._closing:
             raise Unavailable("the server is stopping")

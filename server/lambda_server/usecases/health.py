@@ -29,10 +29,14 @@ class EngineState(Protocol):
 
 
 class DependencyState(Protocol):
-    """The Rust builds' one-time dependency build: `ready`, `building`, `failed: ...`."""
+    """The Rust builds' one-time build of the crates scripts may use: `ready`, `building`,
+    `failed: ...`, and the crates once built (`name version`)."""
 
     @property
     def dependencies_state(self) -> str: ...
+
+    @property
+    def packages(self) -> tuple[str, ...]: ...
 
 
 class Health:
@@ -64,14 +68,17 @@ class Health:
         components = [postgres, self._sandbox, *self._others]
         for component in self._engine.status():
             if component.name == RUST and self._builds is not None:
-                component = self._with_dependencies(component, self._builds.dependencies_state)
+                component = self._with_dependencies(component, self._builds)
             components.append(component)
         return HealthReport(database.ready, __version__, tuple(sorted(components, key=lambda c: c.name)))
 
     @staticmethod
-    def _with_dependencies(rust: ComponentHealth, state: str) -> ComponentHealth:
-        """The Rust runtime works while its crates build, but each compile waits for them."""
+    def _with_dependencies(rust: ComponentHealth, builds: DependencyState) -> ComponentHealth:
+        """The Rust runtime works while its crates build, but each compile waits for them; a
+        crate left out (its sources missing) is said, and the others work."""
+        state = builds.dependencies_state
         status = rust.status
         if status is ComponentStatus.OK and state != "ready":
             status = ComponentStatus.DEGRADED
-        return replace(rust, status=status, detail=f"{rust.detail}; serde_json: {state}")
+        detail = f"{rust.detail}; crates: {state}"
+        return replace(rust, status=status, detail=detail, packages=builds.packages)
