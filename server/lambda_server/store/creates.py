@@ -45,8 +45,13 @@ MAX_BATCH_BYTES = 4 * 1024 * 1024  # of scripts; a larger create goes alone
 OWNER_LOCK_CLASS = 0x6F776E72  # "ownr"
 _LOCK_OWNER = "SELECT pg_advisory_xact_lock($1, hashtext($2))"
 
-# `used`: the owner's unexpired active sessions, counted over sessions_owner_active_idx
-# (at most max_sessions entries; the expired ones are outside the scanned range).
+# `used`: the owner's unexpired active sessions and their bytes, read from meta.owner_usage
+# (migration 0009: the active sessions per owner and minute of expiry, kept by triggers in
+# the transactions that change meta.sessions) for the minutes from the next one on, plus
+# the sessions that expire before that minute, counted over sessions_owner_active_idx:
+# exact by the database clock, in at most one row a minute of SESSION_EXPIRY_SECONDS and
+# one minute of the owner's sessions, where a count of every session cost up to
+# max_sessions index entries (and their heap pages) a batch. The oldest is one index probe.
 # `asked`: the batch in order. `admitted`: n = 0 is the use before the batch; each
 # create is admitted while it is new and one more session and its bytes stay within
 # both caps, and carries the use after it (unchanged by a create not admitted: the
@@ -56,10 +61,17 @@ _LOCK_OWNER = "SELECT pg_advisory_xact_lock($1, hashtext($2))"
 # create may fit.
 _INSERT_MANY = """
 WITH RECURSIVE used AS (
-    SELECT count(*) AS sessions, coalesce(sum(stored_bytes), 0)::bigint AS bytes,
-           min(expires_at) AS oldest_expires_at
-    FROM meta.sessions
-    WHERE owner = $12 AND status = 'active' AND expires_at > now()
+    SELECT later.sessions + soon.sessions AS sessions, later.bytes + soon.bytes AS bytes,
+           (SELECT min(expires_at) FROM meta.sessions
+            WHERE owner = $12 AND status = 'active' AND expires_at > now()) AS oldest_expires_at
+    FROM (SELECT coalesce(sum(sessions), 0)::bigint AS sessions,
+                 coalesce(sum(bytes), 0)::bigint AS bytes
+          FROM meta.owner_usage
+          WHERE owner = $12 AND minute >= meta.usage_minute(now()) + interval '1 minute') AS later,
+         (SELECT count(*) AS sessions, coalesce(sum(stored_bytes), 0)::bigint AS bytes
+          FROM meta.sessions
+          WHERE owner = $12 AND status = 'active' AND expires_at > now()
+            AND expires_at < meta.usage_minute(now()) + interval '1 minute') AS soon
 ), asked AS MATERIALIZED (
     SELECT a.*, octet_length(a.script_content)::bigint + octet_length(a.context::text) AS bytes,
            EXISTS (SELECT FROM meta.sessions s WHERE s.request_id = a.request_id) AS stored
@@ -106,10 +118,17 @@ ORDER BY a.n
 # planning (PostgreSQL plans each execution: the counts change the plan's choices).
 _INSERT_COUNTED = """
 WITH used AS (
-    SELECT count(*) AS sessions, coalesce(sum(stored_bytes), 0)::bigint AS bytes,
-           min(expires_at) AS oldest_expires_at
-    FROM meta.sessions
-    WHERE owner = $12 AND status = 'active' AND expires_at > now()
+    SELECT later.sessions + soon.sessions AS sessions, later.bytes + soon.bytes AS bytes,
+           (SELECT min(expires_at) FROM meta.sessions
+            WHERE owner = $12 AND status = 'active' AND expires_at > now()) AS oldest_expires_at
+    FROM (SELECT coalesce(sum(sessions), 0)::bigint AS sessions,
+                 coalesce(sum(bytes), 0)::bigint AS bytes
+          FROM meta.owner_usage
+          WHERE owner = $12 AND minute >= meta.usage_minute(now()) + interval '1 minute') AS later,
+         (SELECT count(*) AS sessions, coalesce(sum(stored_bytes), 0)::bigint AS bytes
+          FROM meta.sessions
+          WHERE owner = $12 AND status = 'active' AND expires_at > now()
+            AND expires_at < meta.usage_minute(now()) + interval '1 minute') AS soon
 ), new AS (
     SELECT octet_length($6::text)::bigint + octet_length($5::jsonb::text) AS bytes,
            EXISTS (SELECT FROM meta.sessions s WHERE s.request_id = $1) AS stored
