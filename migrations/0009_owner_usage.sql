@@ -12,6 +12,13 @@
 -- sessions that expire before that minute, counted exactly over sessions_owner_active_idx
 -- (store/creates.py). Marking or deleting expired sessions (the cleanup) empties the
 -- past minutes.
+--
+-- Locks: a create's statement changes one row (its owner, the minute now() plus
+-- SESSION_EXPIRY_SECONDS falls in), under its owner's advisory lock; the cleanup (one
+-- replica at a time) changes many rows, of past minutes. A transaction that waits for a
+-- row holds no other row of this table, so the two never deadlock; writers of several
+-- rows in one statement take them in (owner, minute) order where the trigger is per
+-- statement.
 
 -- The minute a session expires in, by absolute time (date_bin on timestamptz does not
 -- depend on the connection's TimeZone, whose offset may not be whole minutes).
