@@ -51,7 +51,10 @@ _LOCK_OWNER = "SELECT pg_advisory_xact_lock($1, hashtext($2))"
 # the sessions that expire before that minute, counted over sessions_owner_active_idx:
 # exact by the database clock, in at most one row a minute of SESSION_EXPIRY_SECONDS and
 # one minute of the owner's sessions, where a count of every session cost up to
-# max_sessions index entries (and their heap pages) a batch. The oldest is one index probe.
+# max_sessions index entries (and their heap pages) a batch. The oldest is among those
+# sessions, or else in the owner's first minute from the next one on: a range of one
+# minute too, whichever index the planner takes (an ORDER BY expires_at LIMIT 1 could walk
+# sessions_active_expires_at_idx past every other owner's earlier sessions).
 # `asked`: the batch in order. `admitted`: n = 0 is the use before the batch; each
 # create is admitted while it is new and one more session and its bytes stay within
 # both caps, and carries the use after it (unchanged by a create not admitted: the
@@ -62,13 +65,16 @@ _LOCK_OWNER = "SELECT pg_advisory_xact_lock($1, hashtext($2))"
 _INSERT_MANY = """
 WITH RECURSIVE used AS (
     SELECT later.sessions + soon.sessions AS sessions, later.bytes + soon.bytes AS bytes,
-           (SELECT min(expires_at) FROM meta.sessions
-            WHERE owner = $12 AND status = 'active' AND expires_at > now()) AS oldest_expires_at
+           coalesce(soon.oldest, (SELECT min(expires_at) FROM meta.sessions
+                                  WHERE owner = $12 AND status = 'active'
+                                    AND expires_at >= later.first
+                                    AND expires_at < later.first + interval '1 minute')) AS oldest_expires_at
     FROM (SELECT coalesce(sum(sessions), 0)::bigint AS sessions,
-                 coalesce(sum(bytes), 0)::bigint AS bytes
+                 coalesce(sum(bytes), 0)::bigint AS bytes, min(minute) AS first
           FROM meta.owner_usage
           WHERE owner = $12 AND minute >= meta.usage_minute(now()) + interval '1 minute') AS later,
-         (SELECT count(*) AS sessions, coalesce(sum(stored_bytes), 0)::bigint AS bytes
+         (SELECT count(*) AS sessions, coalesce(sum(stored_bytes), 0)::bigint AS bytes,
+                 min(expires_at) AS oldest
           FROM meta.sessions
           WHERE owner = $12 AND status = 'active' AND expires_at > now()
             AND expires_at < meta.usage_minute(now()) + interval '1 minute') AS soon
@@ -119,13 +125,16 @@ ORDER BY a.n
 _INSERT_COUNTED = """
 WITH used AS (
     SELECT later.sessions + soon.sessions AS sessions, later.bytes + soon.bytes AS bytes,
-           (SELECT min(expires_at) FROM meta.sessions
-            WHERE owner = $12 AND status = 'active' AND expires_at > now()) AS oldest_expires_at
+           coalesce(soon.oldest, (SELECT min(expires_at) FROM meta.sessions
+                                  WHERE owner = $12 AND status = 'active'
+                                    AND expires_at >= later.first
+                                    AND expires_at < later.first + interval '1 minute')) AS oldest_expires_at
     FROM (SELECT coalesce(sum(sessions), 0)::bigint AS sessions,
-                 coalesce(sum(bytes), 0)::bigint AS bytes
+                 coalesce(sum(bytes), 0)::bigint AS bytes, min(minute) AS first
           FROM meta.owner_usage
           WHERE owner = $12 AND minute >= meta.usage_minute(now()) + interval '1 minute') AS later,
-         (SELECT count(*) AS sessions, coalesce(sum(stored_bytes), 0)::bigint AS bytes
+         (SELECT count(*) AS sessions, coalesce(sum(stored_bytes), 0)::bigint AS bytes,
+                 min(expires_at) AS oldest
           FROM meta.sessions
           WHERE owner = $12 AND status = 'active' AND expires_at > now()
             AND expires_at < meta.usage_minute(now()) + interval '1 minute') AS soon
