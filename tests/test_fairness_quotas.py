@@ -258,7 +258,7 @@ def test_the_quota_reads_the_owners_use_from_a_few_rows_never_its_sessions(fresh
             assert {n.get("Relation Name") for n in scans} >= {"owner_usage", "sessions"}, scans
             assert not [n for n in scans if n["Node Type"] == "Seq Scan"], scans
             # the owner's minutes (one), its oldest session (one), the sessions expiring
-            # before the next minute (none), whether the request_id is stored (none)
+            # before the next minute (none)
             assert max(n["Actual Rows"] for n in scans) <= 1, scans
             # and through the store: the owner is at its cap, so it is refused
             store = SessionStore(db, quota=OwnerQuota(max_sessions=10_000, max_bytes=10**9))
@@ -273,10 +273,57 @@ def test_the_quota_reads_the_owners_use_from_a_few_rows_never_its_sessions(fresh
     run_sync(test())
 
 
+def test_a_generic_plan_made_on_an_empty_table_reads_a_few_rows_once_it_holds_many(
+    fresh_database: str,
+) -> None:
+    """PostgreSQL keeps a prepared statement's generic plan until the table is analyzed
+    again: one made on a fresh database (under load, within autovacuum's minute) must not
+    read the sessions one by one once there are 20,000 of them (a look-up of the batch's
+    request_ids did: a hashed scan of the whole table a batch)."""
+    types = (
+        "uuid[], text[], text[], float8[], jsonb[], text[], text[], jsonb[], text[], jsonb[], jsonb[],"
+        " text, bigint, bigint, uuid[]"
+    )
+
+    def execute(owner: str) -> str:
+        """The prepared statement for a batch of one small create of `owner`."""
+        return (
+            "EXECUTE many (ARRAY[gen_random_uuid()], ARRAY['python-q'], ARRAY[NULL], ARRAY[60.0],"
+            " ARRAY['{}'::jsonb], ARRAY['result = 1'], ARRAY['h'], ARRAY[NULL::jsonb], ARRAY['success'],"
+            f" ARRAY[NULL::jsonb], ARRAY[NULL::jsonb], '{owner}', 10000, 1000000000, '{{}}')"
+        )
+
+    async def test() -> None:
+        db = Database(DatabaseSettings(command_timeout=30.0, statement_timeout_ms=30_000), fresh_database)
+        await db.open()
+        try:
+            await migrations.apply(db, migrations.load(migrations.default_directory()))
+            async with db.connection(Deadline.after(60)) as conn:
+                await conn.execute(f"PREPARE many ({types}) AS {_INSERT_MANY}")
+                await conn.execute("SET plan_cache_mode = force_generic_plan")
+                await conn.fetch(execute("user:many"))  # the plan, made now
+                await conn.execute(
+                    "INSERT INTO meta.sessions (request_id, language_title, expires_at, script_content,"
+                    " owner, stored_bytes) SELECT gen_random_uuid(), 'python-q', now() + interval '1 hour',"
+                    " 'result = 1', 'user:' || (n % 2), 10 FROM generate_series(1, 20000) AS n"
+                )
+                explained = conn.transaction()  # EXPLAIN ANALYZE inserts: rolled back
+                await explained.start()
+                plan = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {execute('user:1')}")
+                await explained.rollback()
+            plan = json.loads(plan) if isinstance(plan, str) else plan
+            scans = [n for n in _nodes(plan[0]["Plan"]) if "Relation Name" in n or "Index Name" in n]
+            assert max(n["Actual Rows"] for n in scans) <= 1, scans
+        finally:
+            await db.close()
+
+    run_sync(test())
+
+
 def _insert_args(owner: str, max_sessions: int) -> tuple[Any, ...]:
     """_INSERT_MANY's parameters for a batch of one small session of `owner`."""
     session = (uuid.uuid4(), "python-q", None, 60.0, {}, SCRIPT, "h" * 64, None, "success", None, None)
-    return (*([value] for value in session), owner, max_sessions, 10**9)
+    return (*([value] for value in session), owner, max_sessions, 10**9, [])
 
 
 def _nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
