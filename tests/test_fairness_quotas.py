@@ -25,7 +25,7 @@ from lambda_server.config import AuthSettings, DatabaseSettings, Settings
 from lambda_server.domain import Deadline, NewSession
 from lambda_server.errors import QuotaExceeded
 from lambda_server.store import migrations
-from lambda_server.store.creates import _INSERT_MANY
+from lambda_server.store.creates import _INSERT_COUNTED, _INSERT_MANY
 from lambda_server.store.database import Database
 from lambda_server.store.sessions import OwnerQuota, SessionStore
 from tests.support import ServerThread, eventually, run_sync, server_settings
@@ -273,25 +273,50 @@ def test_the_quota_reads_the_owners_use_from_a_few_rows_never_its_sessions(fresh
     run_sync(test())
 
 
-def test_a_generic_plan_made_on_an_empty_table_reads_a_few_rows_once_it_holds_many(
-    fresh_database: str,
+# The two create statements, prepared by hand, and their parameters for one small create.
+_ONE = "uuid, text, text, float8, jsonb, text, text, jsonb, text, jsonb, jsonb, text, bigint, bigint"
+_ONE_ARGS = "gen_random_uuid(), 'python-q', NULL, 3600, '{}', 'result = 1', 'h', NULL, 'success', NULL, NULL"
+_MANY = (
+    "uuid[], text[], text[], float8[], jsonb[], text[], text[], jsonb[], text[], jsonb[], jsonb[],"
+    " text, bigint, bigint, uuid[]"
+)
+_MANY_ARGS = (
+    "ARRAY[gen_random_uuid()], ARRAY['python-q'], ARRAY[NULL], ARRAY[3600], ARRAY['{}'::jsonb],"
+    " ARRAY['result = 1'], ARRAY['h'], ARRAY[NULL::jsonb], ARRAY['success'], ARRAY[NULL::jsonb],"
+    " ARRAY[NULL::jsonb]"
+)
+
+
+@pytest.mark.parametrize(
+    ("statement", "types", "args", "more"),
+    [(_INSERT_COUNTED, _ONE, _ONE_ARGS, ""), (_INSERT_MANY, _MANY, _MANY_ARGS, ", '{}'")],
+    ids=["alone", "batch"],
+)
+def test_generic_plans_read_a_few_rows_whatever_the_statistics_said(
+    fresh_database: str, statement: str, types: str, args: str, more: str
 ) -> None:
     """PostgreSQL keeps a prepared statement's generic plan until the table is analyzed
-    again: one made on a fresh database (under load, within autovacuum's minute) must not
-    read the sessions one by one once there are 20,000 of them (a look-up of the batch's
-    request_ids did: a hashed scan of the whole table a batch)."""
-    types = (
-        "uuid[], text[], text[], float8[], jsonb[], text[], text[], jsonb[], text[], jsonb[], jsonb[],"
-        " text, bigint, bigint, uuid[]"
+    again. One made on a small table (a fresh database under load, within autovacuum's
+    minute), and one made while one owner held every session, must not read sessions one
+    by one when another owner creates (a look-up of the batch's request_ids in the
+    statement scanned the whole table a batch)."""
+    # another owner's sessions, expiring before user:small's and in its minute
+    insert = (
+        "INSERT INTO meta.sessions (request_id, language_title, expires_at, script_content, owner,"
+        " stored_bytes) SELECT gen_random_uuid(), 'python-q', now() + CASE WHEN n % 2 = 0"
+        " THEN interval '30 minutes' ELSE interval '3599.9 seconds' END, 'result = 1', 'user:big', 10"
+        " FROM generate_series(1, $1::int) AS n"
     )
+    execute = f"EXECUTE create_one ({args}, 'user:small', 10000, 1000000000{more})"
 
-    def execute(owner: str) -> str:
-        """The prepared statement for a batch of one small create of `owner`."""
-        return (
-            "EXECUTE many (ARRAY[gen_random_uuid()], ARRAY['python-q'], ARRAY[NULL], ARRAY[60.0],"
-            " ARRAY['{}'::jsonb], ARRAY['result = 1'], ARRAY['h'], ARRAY[NULL::jsonb], ARRAY['success'],"
-            f" ARRAY[NULL::jsonb], ARRAY[NULL::jsonb], '{owner}', 10000, 1000000000, '{{}}')"
-        )
+    async def most_rows_read(conn: asyncpg.Connection) -> tuple[int, list[Any]]:
+        explained = conn.transaction()  # EXPLAIN ANALYZE inserts: rolled back
+        await explained.start()
+        plan = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {execute}")
+        await explained.rollback()
+        plan = json.loads(plan) if isinstance(plan, str) else plan
+        scans = [n for n in _nodes(plan[0]["Plan"]) if "Relation Name" in n or "Index Name" in n]
+        return max(n["Actual Rows"] for n in scans), scans
 
     async def test() -> None:
         db = Database(DatabaseSettings(command_timeout=30.0, statement_timeout_ms=30_000), fresh_database)
@@ -299,21 +324,16 @@ def test_a_generic_plan_made_on_an_empty_table_reads_a_few_rows_once_it_holds_ma
         try:
             await migrations.apply(db, migrations.load(migrations.default_directory()))
             async with db.connection(Deadline.after(60)) as conn:
-                await conn.execute(f"PREPARE many ({types}) AS {_INSERT_MANY}")
+                await conn.execute(f"PREPARE create_one ({types}) AS {statement}")
                 await conn.execute("SET plan_cache_mode = force_generic_plan")
-                await conn.fetch(execute("user:many"))  # the plan, made now
-                await conn.execute(
-                    "INSERT INTO meta.sessions (request_id, language_title, expires_at, script_content,"
-                    " owner, stored_bytes) SELECT gen_random_uuid(), 'python-q', now() + interval '1 hour',"
-                    " 'result = 1', 'user:' || (n % 2), 10 FROM generate_series(1, 20000) AS n"
-                )
-                explained = conn.transaction()  # EXPLAIN ANALYZE inserts: rolled back
-                await explained.start()
-                plan = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {execute('user:1')}")
-                await explained.rollback()
-            plan = json.loads(plan) if isinstance(plan, str) else plan
-            scans = [n for n in _nodes(plan[0]["Plan"]) if "Relation Name" in n or "Index Name" in n]
-            assert max(n["Actual Rows"] for n in scans) <= 1, scans
+                await conn.execute(insert, 100)
+                await conn.fetch(execute)  # the plan, made on a small table
+                await conn.execute(insert, 20_000)
+                rows, scans = await most_rows_read(conn)
+                assert rows <= 1, scans
+                await conn.execute("ANALYZE meta.sessions")  # a new plan: one owner holds all
+                rows, scans = await most_rows_read(conn)
+                assert rows <= 1, scans
         finally:
             await db.close()
 

@@ -55,13 +55,16 @@ _LOCK_OWNER = "SELECT pg_advisory_xact_lock($1, hashtext($2))"
 # `used`: the owner's unexpired active sessions and their bytes, read from meta.owner_usage
 # (migration 0009: the active sessions per owner and minute of expiry, kept by triggers in
 # the transactions that change meta.sessions) for the minutes from the next one on, plus
-# the sessions that expire before that minute, counted over sessions_owner_active_idx:
-# exact by the database clock, in at most one row a minute of SESSION_EXPIRY_SECONDS and
-# one minute of the owner's sessions, where a count of every session cost up to
-# max_sessions index entries (and their heap pages) a batch. The oldest is among those
-# sessions, or else in the owner's first minute from the next one on: a range of one
-# minute too, whichever index the planner takes (an ORDER BY expires_at LIMIT 1 could walk
-# sessions_active_expires_at_idx past every other owner's earlier sessions).
+# the sessions that expire before that minute (`soon`), counted over
+# sessions_owner_active_idx: exact by the database clock, in at most one row a minute of
+# SESSION_EXPIRY_SECONDS and one minute of the owner's sessions, where a count of every
+# session cost up to max_sessions index entries (and their heap pages) a batch. Whichever
+# index a plan takes for `soon`, its range is one minute of expiries. The oldest is the
+# first entry of sessions_owner_active_idx from (owner, now()): bounded by row comparisons
+# and ordered by (owner, expires_at), which that index alone gives. As min(expires_at) with
+# `owner = $12`, a generic plan made while the table was small, or while one owner held
+# most sessions, walked sessions_active_expires_at_idx from now() and filtered out every
+# other owner's sessions before this owner's first (tens of thousands a create).
 # `asked`: the batch in order; `stored`: its request_ids in $15, those found stored
 # already by an earlier try of the batch. `admitted`: n = 0 is the use before the
 # batch; each create is admitted while it is not known stored and one more session and
@@ -73,16 +76,15 @@ _LOCK_OWNER = "SELECT pg_advisory_xact_lock($1, hashtext($2))"
 _INSERT_MANY = """
 WITH RECURSIVE used AS (
     SELECT later.sessions + soon.sessions AS sessions, later.bytes + soon.bytes AS bytes,
-           coalesce(soon.oldest, (SELECT min(expires_at) FROM meta.sessions
-                                  WHERE owner = $12 AND status = 'active'
-                                    AND expires_at >= later.first
-                                    AND expires_at < later.first + interval '1 minute')) AS oldest_expires_at
+           (SELECT s.expires_at FROM meta.sessions s
+            WHERE s.status = 'active' AND (s.owner, s.expires_at) > ($12, now())
+              AND (s.owner, s.expires_at) < ($12, timestamptz 'infinity')
+            ORDER BY s.owner, s.expires_at LIMIT 1) AS oldest_expires_at
     FROM (SELECT coalesce(sum(sessions), 0)::bigint AS sessions,
-                 coalesce(sum(bytes), 0)::bigint AS bytes, min(minute) AS first
+                 coalesce(sum(bytes), 0)::bigint AS bytes
           FROM meta.owner_usage
           WHERE owner = $12 AND minute >= meta.usage_minute(now()) + interval '1 minute') AS later,
-         (SELECT count(*) AS sessions, coalesce(sum(stored_bytes), 0)::bigint AS bytes,
-                 min(expires_at) AS oldest
+         (SELECT count(*) AS sessions, coalesce(sum(stored_bytes), 0)::bigint AS bytes
           FROM meta.sessions
           WHERE owner = $12 AND status = 'active' AND expires_at > now()
             AND expires_at < meta.usage_minute(now()) + interval '1 minute') AS soon
@@ -133,16 +135,15 @@ ORDER BY a.n
 _INSERT_COUNTED = """
 WITH used AS (
     SELECT later.sessions + soon.sessions AS sessions, later.bytes + soon.bytes AS bytes,
-           coalesce(soon.oldest, (SELECT min(expires_at) FROM meta.sessions
-                                  WHERE owner = $12 AND status = 'active'
-                                    AND expires_at >= later.first
-                                    AND expires_at < later.first + interval '1 minute')) AS oldest_expires_at
+           (SELECT s.expires_at FROM meta.sessions s
+            WHERE s.status = 'active' AND (s.owner, s.expires_at) > ($12, now())
+              AND (s.owner, s.expires_at) < ($12, timestamptz 'infinity')
+            ORDER BY s.owner, s.expires_at LIMIT 1) AS oldest_expires_at
     FROM (SELECT coalesce(sum(sessions), 0)::bigint AS sessions,
-                 coalesce(sum(bytes), 0)::bigint AS bytes, min(minute) AS first
+                 coalesce(sum(bytes), 0)::bigint AS bytes
           FROM meta.owner_usage
           WHERE owner = $12 AND minute >= meta.usage_minute(now()) + interval '1 minute') AS later,
-         (SELECT count(*) AS sessions, coalesce(sum(stored_bytes), 0)::bigint AS bytes,
-                 min(expires_at) AS oldest
+         (SELECT count(*) AS sessions, coalesce(sum(stored_bytes), 0)::bigint AS bytes
           FROM meta.sessions
           WHERE owner = $12 AND status = 'active' AND expires_at > now()
             AND expires_at < meta.usage_minute(now()) + interval '1 minute') AS soon
