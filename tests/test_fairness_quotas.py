@@ -25,7 +25,7 @@ from lambda_server.config import AuthSettings, DatabaseSettings, Settings
 from lambda_server.domain import Deadline, NewSession
 from lambda_server.errors import QuotaExceeded
 from lambda_server.store import migrations
-from lambda_server.store.creates import _INSERT_MANY
+from lambda_server.store.creates import _INSERT_COUNTED, _INSERT_MANY
 from lambda_server.store.database import Database
 from lambda_server.store.sessions import OwnerQuota, SessionStore
 from tests.support import ServerThread, eventually, run_sync, server_settings
@@ -228,9 +228,11 @@ def test_make_runs_defaults_never_throttle_an_anonymous_initialize(database_url:
 # --- the statement's cost ---------------------------------------------------------------
 
 
-def test_the_quota_counts_only_the_owners_unexpired_sessions_over_its_index(fresh_database: str) -> None:
-    """10,000 active and 10,000 expired sessions of one owner: the count reads the active
-    ones from sessions_owner_active_idx, never the expired ones nor the table."""
+def test_the_quota_reads_the_owners_use_from_a_few_rows_never_its_sessions(fresh_database: str) -> None:
+    """10,000 active and 10,000 expired sessions of one owner: the use comes from
+    meta.owner_usage (one row a minute of expiry) and the owner's sessions expiring before
+    the next minute (none here), over sessions_owner_active_idx; no scan reads the
+    owner's sessions one by one, nor the table."""
 
     async def test() -> None:
         db = Database(DatabaseSettings(command_timeout=30.0, statement_timeout_ms=30_000), fresh_database)
@@ -252,10 +254,12 @@ def test_the_quota_counts_only_the_owners_unexpired_sessions_over_its_index(fres
                 )
                 await explained.rollback()
             plan = json.loads(plan) if isinstance(plan, str) else plan
-            scans = list(_nodes(plan[0]["Plan"]))
-            counted = [n for n in scans if n.get("Index Name") == "sessions_owner_active_idx"]
-            assert len(counted) == 1 and counted[0]["Actual Rows"] == 10_000, scans
+            scans = [n for n in _nodes(plan[0]["Plan"]) if "Relation Name" in n or "Index Name" in n]
+            assert {n.get("Relation Name") for n in scans} >= {"owner_usage", "sessions"}, scans
             assert not [n for n in scans if n["Node Type"] == "Seq Scan"], scans
+            # the owner's minutes (one), its oldest session (one), the sessions expiring
+            # before the next minute (none)
+            assert max(n["Actual Rows"] for n in scans) <= 1, scans
             # and through the store: the owner is at its cap, so it is refused
             store = SessionStore(db, quota=OwnerQuota(max_sessions=10_000, max_bytes=10**9))
             new = NewSession(str(uuid.uuid4()), "python-q", None, {}, SCRIPT, "h" * 64, 60, owner="user:many")
@@ -269,10 +273,79 @@ def test_the_quota_counts_only_the_owners_unexpired_sessions_over_its_index(fres
     run_sync(test())
 
 
+# The two create statements, prepared by hand, and their parameters for one small create.
+_ONE = "uuid, text, text, float8, jsonb, text, text, jsonb, text, jsonb, jsonb, jsonb, text, bigint, bigint"
+_ONE_ARGS = (
+    "gen_random_uuid(), 'python-q', NULL, 3600, '{}', 'result = 1', 'h', NULL, 'success', NULL, NULL, NULL"
+)
+_MANY = (
+    "uuid[], text[], text[], float8[], jsonb[], text[], text[], jsonb[], text[], jsonb[], jsonb[],"
+    " jsonb[], text, bigint, bigint, uuid[]"
+)
+_MANY_ARGS = (
+    "ARRAY[gen_random_uuid()], ARRAY['python-q'], ARRAY[NULL], ARRAY[3600], ARRAY['{}'::jsonb],"
+    " ARRAY['result = 1'], ARRAY['h'], ARRAY[NULL::jsonb], ARRAY['success'], ARRAY[NULL::jsonb],"
+    " ARRAY[NULL::jsonb], ARRAY[NULL::jsonb]"
+)
+
+
+@pytest.mark.parametrize(
+    ("statement", "types", "args", "more"),
+    [(_INSERT_COUNTED, _ONE, _ONE_ARGS, ""), (_INSERT_MANY, _MANY, _MANY_ARGS, ", '{}'")],
+    ids=["alone", "batch"],
+)
+def test_generic_plans_read_a_few_rows_whatever_the_statistics_said(
+    fresh_database: str, statement: str, types: str, args: str, more: str
+) -> None:
+    """PostgreSQL keeps a prepared statement's generic plan until the table is analyzed
+    again. One made on a small table (a fresh database under load, within autovacuum's
+    minute), and one made while one owner held every session, must not read sessions one
+    by one when another owner creates (a look-up of the batch's request_ids in the
+    statement scanned the whole table a batch)."""
+    # another owner's sessions, expiring before user:small's and in its minute
+    insert = (
+        "INSERT INTO meta.sessions (request_id, language_title, expires_at, script_content, owner,"
+        " stored_bytes) SELECT gen_random_uuid(), 'python-q', now() + CASE WHEN n % 2 = 0"
+        " THEN interval '30 minutes' ELSE interval '3599.9 seconds' END, 'result = 1', 'user:big', 10"
+        " FROM generate_series(1, $1::int) AS n"
+    )
+    execute = f"EXECUTE create_one ({args}, 'user:small', 10000, 1000000000{more})"
+
+    async def most_rows_read(conn: asyncpg.Connection) -> tuple[int, list[Any]]:
+        explained = conn.transaction()  # EXPLAIN ANALYZE inserts: rolled back
+        await explained.start()
+        plan = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {execute}")
+        await explained.rollback()
+        plan = json.loads(plan) if isinstance(plan, str) else plan
+        scans = [n for n in _nodes(plan[0]["Plan"]) if "Relation Name" in n or "Index Name" in n]
+        return max(n["Actual Rows"] for n in scans), scans
+
+    async def test() -> None:
+        db = Database(DatabaseSettings(command_timeout=30.0, statement_timeout_ms=30_000), fresh_database)
+        await db.open()
+        try:
+            await migrations.apply(db, migrations.load(migrations.default_directory()))
+            async with db.connection(Deadline.after(60)) as conn:
+                await conn.execute(f"PREPARE create_one ({types}) AS {statement}")
+                await conn.execute("SET plan_cache_mode = force_generic_plan")
+                await conn.execute(insert, 100)
+                await conn.fetch(execute)  # the plan, made on a small table
+                await conn.execute(insert, 20_000)
+                rows, scans = await most_rows_read(conn)
+                assert rows <= 1, scans
+                await conn.execute("ANALYZE meta.sessions")  # a new plan: one owner holds all
+                rows, scans = await most_rows_read(conn)
+                assert rows <= 1, scans
+        finally:
+            await db.close()
+
+    run_sync(test())
+
+
 def _insert_args(owner: str, max_sessions: int) -> tuple[Any, ...]:
     """_INSERT_MANY's parameters for a batch of one small session of `owner`."""
     session = (uuid.uuid4(), "python-q", None, 60.0, {}, SCRIPT, "h" * 64, None, "success", None, None, None)
-    return (*([value] for value in session), owner, max_sessions, 10**9)
+    return (*([value] for value in session), owner, max_sessions, 10**9, [])
 
 
 def _nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:

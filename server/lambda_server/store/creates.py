@@ -16,7 +16,14 @@ one after the other: a create too large for the bytes left is refused, and a
 smaller one after it may still fit. A request_id stored already is not counted
 again (the caller finds the stored session); a request_id twice in the queue
 waits for the next batch (with the owner's creates after it), where it is the
-retry of a stored one.
+retry of a stored one. The statement does not look request_ids up before it
+counts: each create counts as new, and the insert skips one stored already (ON
+CONFLICT). Where such a retry was counted before a create the caps refused, the
+batch is rolled back and counted again with that request_id known to be stored
+(a retry at the owner's cap: rare). A lookup in the statement cost an index
+probe a create, or, in a generic plan made while the table was small, a scan
+of every session a batch, until autovacuum's next ANALYZE (a fresh database
+under load).
 
 Across replicas, each batch holds a transaction-level advisory lock on its owner
 (two int4 keys, a space apart from the one-bigint keys of migrations and the
@@ -45,24 +52,45 @@ MAX_BATCH_BYTES = 4 * 1024 * 1024  # of scripts; a larger create goes alone
 OWNER_LOCK_CLASS = 0x6F776E72  # "ownr"
 _LOCK_OWNER = "SELECT pg_advisory_xact_lock($1, hashtext($2))"
 
-# `used`: the owner's unexpired active sessions, counted over sessions_owner_active_idx
-# (at most max_sessions entries; the expired ones are outside the scanned range).
-# `asked`: the batch in order. `admitted`: n = 0 is the use before the batch; each
-# create is admitted while it is new and one more session and its bytes stay within
-# both caps, and carries the use after it (unchanged by a create not admitted: the
-# use its refusal reports). One row a create, in order, with the stored session when
-# it was inserted (none: refused, or its request_id was stored already) and when the
-# owner's oldest session, this batch's included, expires: the earliest a refused
-# create may fit.
+# `used`: the owner's unexpired active sessions and their bytes, read from meta.owner_usage
+# (migration 0009: the active sessions per owner and minute of expiry, kept by triggers in
+# the transactions that change meta.sessions) for the minutes from the next one on, plus
+# the sessions that expire before that minute (`soon`), counted over
+# sessions_owner_active_idx: exact by the database clock, in at most one row a minute of
+# SESSION_EXPIRY_SECONDS and one minute of the owner's sessions, where a count of every
+# session cost up to max_sessions index entries (and their heap pages) a batch. Whichever
+# index a plan takes for `soon`, its range is one minute of expiries. The oldest is the
+# first entry of sessions_owner_active_idx from (owner, now()): bounded by row comparisons
+# and ordered by (owner, expires_at), which that index alone gives. As min(expires_at) with
+# `owner = $13`, a generic plan made while the table was small, or while one owner held
+# most sessions, walked sessions_active_expires_at_idx from now() and filtered out every
+# other owner's sessions before this owner's first (tens of thousands a create).
+# `asked`: the batch in order; `stored`: its request_ids in $16, those found stored
+# already by an earlier try of the batch. `admitted`: n = 0 is the use before the
+# batch; each create is admitted while it is not known stored and one more session and
+# its bytes stay within both caps, and carries the use after it (unchanged by a create
+# not admitted: the use its refusal reports). One row a create, in order, with the
+# stored session when it was inserted (none: refused, or its request_id was stored
+# already), whether it was counted, and when the owner's oldest session, this batch's
+# included, expires: the earliest a refused create may fit.
 _INSERT_MANY = """
 WITH RECURSIVE used AS (
-    SELECT count(*) AS sessions, coalesce(sum(stored_bytes), 0)::bigint AS bytes,
-           min(expires_at) AS oldest_expires_at
-    FROM meta.sessions
-    WHERE owner = $13 AND status = 'active' AND expires_at > now()
+    SELECT later.sessions + soon.sessions AS sessions, later.bytes + soon.bytes AS bytes,
+           (SELECT s.expires_at FROM meta.sessions s
+            WHERE s.status = 'active' AND (s.owner, s.expires_at) > ($13, now())
+              AND (s.owner, s.expires_at) < ($13, timestamptz 'infinity')
+            ORDER BY s.owner, s.expires_at LIMIT 1) AS oldest_expires_at
+    FROM (SELECT coalesce(sum(sessions), 0)::bigint AS sessions,
+                 coalesce(sum(bytes), 0)::bigint AS bytes
+          FROM meta.owner_usage
+          WHERE owner = $13 AND minute >= meta.usage_minute(now()) + interval '1 minute') AS later,
+         (SELECT count(*) AS sessions, coalesce(sum(stored_bytes), 0)::bigint AS bytes
+          FROM meta.sessions
+          WHERE owner = $13 AND status = 'active' AND expires_at > now()
+            AND expires_at < meta.usage_minute(now()) + interval '1 minute') AS soon
 ), asked AS MATERIALIZED (
     SELECT a.*, octet_length(a.script_content)::bigint + octet_length(a.context::text) AS bytes,
-           EXISTS (SELECT FROM meta.sessions s WHERE s.request_id = a.request_id) AS stored
+           a.request_id = ANY($16::uuid[]) AS stored
     FROM unnest($1::uuid[], $2::text[], $3::text[], $4::float8[], $5::jsonb[], $6::text[],
                 $7::text[], $8::jsonb[], $9::text[], $10::jsonb[], $11::jsonb[], $12::jsonb[])
          WITH ORDINALITY AS a(request_id, language_title, user_id, expiry, context, script_content,
@@ -94,7 +122,7 @@ WITH RECURSIVE used AS (
               compile_options, dependencies, true AS live
 )
 SELECT inserted.*, admitted.sessions AS used_sessions, admitted.bytes AS used_bytes,
-       a.bytes AS new_bytes,
+       a.bytes AS new_bytes, admitted.admit AS counted,
        extract(epoch FROM least(used.oldest_expires_at, (SELECT min(expires_at) FROM inserted))
                           - now())::float8 AS oldest_expires_in
 FROM asked a
@@ -105,16 +133,24 @@ ORDER BY a.n
 """
 
 # A batch of one: _INSERT_MANY's answer for a single create, at a fraction of its
-# planning (PostgreSQL plans each execution: the counts change the plan's choices).
+# planning. A retry counted as new refuses nothing after it: it is never counted again.
 _INSERT_COUNTED = """
 WITH used AS (
-    SELECT count(*) AS sessions, coalesce(sum(stored_bytes), 0)::bigint AS bytes,
-           min(expires_at) AS oldest_expires_at
-    FROM meta.sessions
-    WHERE owner = $13 AND status = 'active' AND expires_at > now()
+    SELECT later.sessions + soon.sessions AS sessions, later.bytes + soon.bytes AS bytes,
+           (SELECT s.expires_at FROM meta.sessions s
+            WHERE s.status = 'active' AND (s.owner, s.expires_at) > ($13, now())
+              AND (s.owner, s.expires_at) < ($13, timestamptz 'infinity')
+            ORDER BY s.owner, s.expires_at LIMIT 1) AS oldest_expires_at
+    FROM (SELECT coalesce(sum(sessions), 0)::bigint AS sessions,
+                 coalesce(sum(bytes), 0)::bigint AS bytes
+          FROM meta.owner_usage
+          WHERE owner = $13 AND minute >= meta.usage_minute(now()) + interval '1 minute') AS later,
+         (SELECT count(*) AS sessions, coalesce(sum(stored_bytes), 0)::bigint AS bytes
+          FROM meta.sessions
+          WHERE owner = $13 AND status = 'active' AND expires_at > now()
+            AND expires_at < meta.usage_minute(now()) + interval '1 minute') AS soon
 ), new AS (
-    SELECT octet_length($6::text)::bigint + octet_length($5::jsonb::text) AS bytes,
-           EXISTS (SELECT FROM meta.sessions s WHERE s.request_id = $1) AS stored
+    SELECT octet_length($6::text)::bigint + octet_length($5::jsonb::text) AS bytes
 ), inserted AS (
     INSERT INTO meta.sessions
         (request_id, language_title, user_id, expires_at, context, script_content,
@@ -122,13 +158,14 @@ WITH used AS (
          dependencies)
     SELECT $1, $2, $3, now() + make_interval(secs => $4), $5, $6, $7, $9, $8, $10, $11, $13, new.bytes, $12
     FROM used, new
-    WHERE NOT new.stored AND used.sessions < $14 AND used.bytes + new.bytes <= $15
+    WHERE used.sessions < $14 AND used.bytes + new.bytes <= $15
     ON CONFLICT (request_id) DO NOTHING
     RETURNING request_id, language_title, user_id, created_at, expires_at, last_executed_at,
               execution_count, script_hash, context, options, compile_status, compile_error,
               compile_options, dependencies, true AS live
 )
 SELECT inserted.*, used.sessions AS used_sessions, used.bytes AS used_bytes, new.bytes AS new_bytes,
+       (used.sessions < $14 AND used.bytes + new.bytes <= $15) AS counted,
        extract(epoch FROM used.oldest_expires_at - now())::float8 AS oldest_expires_in
 FROM used CROSS JOIN new LEFT JOIN inserted ON true
 """
@@ -271,15 +308,24 @@ class CreateBatcher:
         for it within its own)."""
         assert self._quota is not None
         caps = (owner, self._quota.max_sessions, self._quota.max_bytes)
-        async with self._db.connection(deadline) as conn, conn.transaction():
-            await conn.execute(_LOCK_OWNER, OWNER_LOCK_CLASS, owner)
-            rows: list[asyncpg.Record]
-            if len(creates) == 1:
-                rows = await conn.fetch(_INSERT_COUNTED, *_columns(creates[0]), *caps)
-            else:
-                columns = list(zip(*(_columns(new) for new in creates), strict=True))
-                rows = await conn.fetch(_INSERT_MANY, *columns, *caps)
-            return rows
+        stored: list[str] = []  # request_ids an earlier try found stored already
+        async with self._db.connection(deadline) as conn:
+            while True:  # each try knows one more stored request_id: at most len(creates)
+                try:
+                    async with conn.transaction():
+                        await conn.execute(_LOCK_OWNER, OWNER_LOCK_CLASS, owner)
+                        rows: list[asyncpg.Record]
+                        if len(creates) == 1:
+                            rows = await conn.fetch(_INSERT_COUNTED, *_columns(creates[0]), *caps)
+                            return rows
+                        columns = list(zip(*(_columns(new) for new in creates), strict=True))
+                        rows = await conn.fetch(_INSERT_MANY, *columns, *caps, stored)
+                        recount = _counted_retries(creates, rows)
+                        if recount:
+                            raise _Recount(recount)  # rolls the batch back
+                        return rows
+                except _Recount as again:
+                    stored.extend(again.request_ids)
 
     async def close(self) -> None:
         """Stop sending (creates waiting are cancelled)."""
@@ -291,6 +337,24 @@ class CreateBatcher:
             for _, stored in queue:
                 stored.cancel()
         self._pending.clear()
+
+
+class _Recount(Exception):
+    """A batch to count again, knowing these request_ids stored already."""
+
+    def __init__(self, request_ids: list[str]) -> None:
+        super().__init__(request_ids)
+        self.request_ids = request_ids
+
+
+def _counted_retries(creates: Sequence[NewSession], rows: list[asyncpg.Record]) -> list[str]:
+    """The request_ids counted as new but stored already (the insert skipped them), when a
+    create after the first of them was refused: its refusal may be owed to their count.
+    [] when the batch's answer is exact."""
+    retried = [i for i, row in enumerate(rows) if row["counted"] and row["request_id"] is None]
+    if not retried or all(row["counted"] for row in rows[retried[0] + 1 :]):
+        return []
+    return [creates[i].request_id for i in retried]
 
 
 def _fail(batch: list[_Create], exc: Exception) -> None:
@@ -319,7 +383,7 @@ def _columns(new: NewSession) -> tuple[object, ...]:
 
 
 def dependencies_column(dependencies: SessionDependencies) -> dict[str, JSON]:
-    """meta.sessions.dependencies (store/sessions.py reads it back; migration 0009)."""
+    """meta.sessions.dependencies (store/sessions.py reads it back; migration 0010)."""
     return {
         "requirements": list(dependencies.requirements),
         "runtime": dependencies.runtime,
