@@ -64,7 +64,20 @@ Use = tuple[int, int, float | None]  # sessions, bytes, seconds until the oldest
 async def use_kept_and_counted(conn: asyncpg.Connection, owner: str) -> tuple[Use, Use]:
     """The use creates read (the store's statement with a cap of 0: it inserts nothing), and
     the sessions counted one by one, in one snapshot and at one now()."""
-    nothing = (uuid.uuid4(), "python-usage", None, 60.0, "{}", SCRIPT, HASH, None, "success", None, None)
+    nothing = (
+        uuid.uuid4(),
+        "python-usage",
+        None,
+        60.0,
+        "{}",
+        SCRIPT,
+        HASH,
+        None,
+        "success",
+        None,
+        None,
+        None,
+    )
     async with conn.transaction(isolation="repeatable_read"):
         kept = await conn.fetchrow(_INSERT_COUNTED, *nothing, owner, 0, 0)
         counted = await conn.fetchrow(COUNTED, owner)
