@@ -21,6 +21,7 @@
     ├── SessionNotFound             NOT_FOUND            NOT_FOUND (also another user's session)
     │   └── SessionExpired          NOT_FOUND            SESSION_EXPIRED
     ├── FunctionNotFound            NOT_FOUND            NOT_FOUND
+    ├── RouteNotFound               NOT_FOUND            NOT_FOUND (the HTTP API has no such route)
     ├── Unavailable                 UNAVAILABLE          UNAVAILABLE (the work may have begun)
     │   ├── DatabaseUnavailable
     │   ├── NotStarted              UNAVAILABLE          NOT_STARTED (the work did not begin)
@@ -192,6 +193,13 @@ class SessionExpired(SessionNotFound):
 
 class FunctionNotFound(LambdaError):
     """No function of the catalog has this language_title."""
+
+    status = "NOT_FOUND"
+    reason = "NOT_FOUND"
+
+
+class RouteNotFound(LambdaError):
+    """The HTTP/JSON API has no route at this path (or not for this method)."""
 
     status = "NOT_FOUND"
     reason = "NOT_FOUND"

@@ -159,6 +159,49 @@ class ExecutePayloads:
             call.params = Payload(params, size)
         return params
 
+    async def json_body(self, body: bytes, owner: str) -> JSON:
+        """An HTTP request's JSON body, read exactly (integers of any size), a large one in its
+        owner's turn as a large params_json is; InvalidRequest when it is not JSON."""
+        try:
+            return await self._pacer.run(self._read_body(body), owner)
+        except (payloads.PastBound, payloads.Malformed) as exc:
+            call = current_call()
+            error, reason = _refusal(exc, "body", "JSON body")
+            if call is not None:
+                call.params = Payload(None, 0, reason)
+            raise error from None
+
+    async def parsed_params(self, params: JSON, size: int, owner: str) -> dict[str, JSON]:
+        """Params read already (the HTTP API's body), measured against MAX_JSON_NODES and
+        MAX_JSON_DEPTH as params_json's are; InvalidRequest naming `params` when they do not
+        hold. `size` is about their JSON text's bytes, for the request log."""
+        call = current_call()
+        try:
+            if not isinstance(params, dict):
+                raise payloads.Malformed(f"params is a JSON {_json_kind(params)}, not an object")
+            tally = payloads.Tally(self._max_nodes, self._max_depth)
+            await self._pacer.run(payloads.measure(params, tally), owner)
+        except (payloads.PastBound, payloads.Malformed) as exc:
+            error, reason = _refusal(exc, "params", "request body")
+            if call is not None:
+                call.params = Payload(None, 0, reason)
+            raise error from None
+        if call is not None:
+            call.params = Payload(params, size)
+        return params
+
+    def _read_body(self, body: bytes) -> payloads.Steps:
+        if len(body) > payloads.PARSED_AT_ONCE:
+            yield  # a large body is parsed in its owner's turn (Pacer.run)
+        try:
+            return json_text.loads(body)
+        except json_text.TooDeep:
+            raise payloads.PastBound(
+                "MAX_JSON_DEPTH", self._max_depth, f"nested more than {self._max_depth} levels deep"
+            ) from None
+        except json_text.Refused as exc:
+            raise payloads.Malformed(f"it is not JSON: {exc}") from None
+
     async def batch_params(self, request: ExecuteBatchParams, owner: str) -> list[dict[str, JSON]]:
         """The items of an ExecuteBatchRequest, each decoded as an ExecuteRequest's params (its
         own MAX_JSON_NODES and MAX_JSON_DEPTH), one at a time with the loop's other work in

@@ -16,6 +16,8 @@ import grpc
 from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_server.api.errors import Context, to_status
 from lambda_server.api.request_logs import (
+    CallWire,
+    GrpcWire,
     RequestLog,
     batch_entry,
     client_address,
@@ -39,7 +41,7 @@ EXECUTE_STREAM = f"/{_SERVICE}/ExecuteStream"
 EXECUTE_BATCH = f"/{_SERVICE}/ExecuteBatch"
 # The calls the request log keeps, each with the function making its entry (ExecuteStream's
 # from the ExecuteResponse its last message carried).
-EntryMaker = Callable[[Any, grpc.StatusCode, Context, CallInfo, float, float], RequestLogEntry]
+EntryMaker = Callable[[Any, grpc.StatusCode, CallWire, CallInfo, float, float], RequestLogEntry]
 LOGGED: dict[str, EntryMaker] = {
     EXECUTE: execute_entry,
     EXECUTE_STREAM: execute_entry,
@@ -267,7 +269,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         assert self._request_log is not None
         try:
             try:
-                entry = entry_for(response, code, context, call, started_at, elapsed)
+                entry = entry_for(response, code, GrpcWire(context), call, started_at, elapsed)
             except Exception as exc:  # a bug: the call still gets an entry, with markers
                 log.exception("could not make the request log entry; logging a marker")
                 entry = fallback_entry(code, call, started_at, elapsed, f"{type(exc).__name__}: {exc}")
