@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 from aiohttp import web
 
+from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_server import json_text
 from lambda_server.api import http_json
 from lambda_server.api.convert import ExecutePayloads
@@ -83,6 +84,10 @@ DEFAULT_PER_PAGE = 20
 _JSON = "application/json"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# What a request carries from its handler to the middleware.
+_BODY = web.RequestKey("body", bytes)
+_QUOTA = web.RequestKey("quota", tuple)  # the rate-limit headers to answer with
+_ANSWER = web.RequestKey("answer", pb.ExecuteResponse)  # Execute's, for its request log
 
 
 class HttpApi:
@@ -176,9 +181,9 @@ class HttpApi:
         request_id = request.match_info["request_id"]
         caller = self._caller(request)
         try:
-            request["quota"] = self._gate.admit(caller)
+            request[_QUOTA] = self._gate.admit(caller)
         except RateLimited:
-            request["quota"] = REFUSED_QUOTA
+            request[_QUOTA] = REFUSED_QUOTA
             raise
         raw = await self._read(request)
         body = await self._object_body(request, caller, raw)
@@ -188,7 +193,7 @@ class HttpApi:
         cache_control = cache_control or http_json.text_field(body, "cache_control")
         execution = await self._usecases.execute(request_id, params, caller, Deadline(None), cache_control)
         response = await self._payloads.response(execution, caller.owner)
-        request["answer"] = response
+        request[_ANSWER] = response
         answer = _json(http_json.execute_body(response, execution))
         if response.HasField("error"):
             answer.headers[http_json.FUNCTION_ERROR_HEADER] = http_json.failure_code(response)
@@ -235,7 +240,7 @@ class HttpApi:
 
     async def _read(self, request: web.Request) -> bytes:
         """The body, at most client_max_size (GRPC_MAX_RECEIVE_MESSAGE_BYTES)."""
-        cached = request.get("body")
+        cached = request.get(_BODY)
         if cached is None:
             try:
                 cached = await request.read()
@@ -245,7 +250,7 @@ class HttpApi:
                     setting="GRPC_MAX_RECEIVE_MESSAGE_BYTES",
                     limit=str(self._max_body_bytes),
                 ) from None
-            request["body"] = cached
+            request[_BODY] = cached
         body: bytes = cached
         return body
 
@@ -294,7 +299,7 @@ class HttpApi:
             if held:
                 self._inflight.give_back(peer, held)
         try:
-            for name, value in request.get("quota", ()):
+            for name, value in request.get(_QUOTA, ()):
                 response.headers[name] = value
             self._cors(request, response)
             elapsed = time.perf_counter() - started
@@ -341,7 +346,7 @@ class HttpApi:
         try:
             try:
                 wire = _HttpWire(request, error, status)
-                entry = execute_entry(request.get("answer"), code, wire, info, started_at, elapsed)
+                entry = execute_entry(request.get(_ANSWER), code, wire, info, started_at, elapsed)
             except Exception as exc:  # a bug: the call still gets an entry, with markers
                 log.exception("could not make the request log entry; logging a marker")
                 entry = fallback_entry(code, info, started_at, elapsed, f"{type(exc).__name__}: {exc}")
