@@ -210,7 +210,7 @@ def listening() -> Iterator[int]:
         yield taken.getsockname()[1]
 
 
-@pytest.mark.parametrize("setting", ["LISTEN_ADDR", "METRICS_ADDR"])
+@pytest.mark.parametrize("setting", ["LISTEN_ADDR", "METRICS_ADDR", "HTTP_ADDR"])
 def test_a_port_in_use_is_one_line_exit_2_and_nothing_left(
     database_url: str, tmp_path: Path, listening: int, setting: str
 ) -> None:

@@ -7,6 +7,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -599,3 +600,27 @@ def test_json_body_shapes_are_snake_case(api: ServerThread) -> None:
     request_id = initialize(api, "python-shape_http", "result = 1")
     body = execute(api, request_id, {}).json()
     assert all(key == key.lower() for key in body), json.dumps(body)
+
+
+def test_a_stop_drains_health_turns_503_and_requests_in_flight_are_answered(database_url: str) -> None:
+    settings = server_settings(shutdown_drain_seconds=2.0, shutdown_grace_seconds=10.0)
+    running = ServerThread(settings, database_url)
+    try:
+        request_id = initialize(running, "python-slow_http", "import time\ntime.sleep(3)\nresult = 'done'")
+        with ThreadPoolExecutor(2) as pool:
+            slow = pool.submit(execute, running, request_id, {})
+
+            def busy() -> bool:
+                checks = http(running, "GET", "/health").json()["checks"]
+                python = next(check for check in checks if check["name"] == "runtime.python")
+                return bool(python["counts"]["busy"] == 1)
+
+            eventually(busy, timeout=30)
+            stopping = pool.submit(running.call, running.server.stop(10.0))
+            # drained first: still answering, NOT_SERVING
+            eventually(lambda: http(running, "GET", "/health").status == 503, timeout=10)
+            answer = slow.result(timeout=60)
+            stopping.result(timeout=60)
+        assert answer.status == 200 and answer.json()["result"] == "done"
+    finally:
+        running.stop()
