@@ -30,13 +30,7 @@ from lambda_server.api.convert import ExecutePayloads
 from lambda_server.api.errors import as_lambda_error
 from lambda_server.api.gate import REFUSED_QUOTA, Gate
 from lambda_server.api.interceptors import INFLIGHT_RETRY_AFTER, InflightBytes
-from lambda_server.api.request_logs import (
-    RequestLog,
-    execute_entry,
-    fallback_entry,
-    is_unloggable,
-    logged_headers,
-)
+from lambda_server.api.request_logs import RequestLog, execute_entry, log_call, logged_headers
 from lambda_server.config import ConfigError
 from lambda_server.domain import JSON, Caller, Deadline, OptimizationLevel
 from lambda_server.errors import (
@@ -306,7 +300,20 @@ class HttpApi:
             self._metrics.http_requests.labels(request.method, route, str(response.status)).inc()
             self._metrics.http_seconds.labels(route).observe(elapsed)
             if route == EXECUTE and request.method == "POST" and self._request_log is not None:
-                self._log(request, error, response.status, info, started_at, elapsed)
+                code = grpc.StatusCode.OK if error is None else grpc.StatusCode[error.status]
+                wire = _HttpWire(request, error, response.status)
+                answer = request.get(_ANSWER)
+                log_call(
+                    self._request_log,
+                    self._metrics,
+                    execute_entry,
+                    answer,
+                    code,
+                    wire,
+                    info,
+                    started_at,
+                    elapsed,
+                )
         finally:
             end_call(token)
         return response
@@ -330,32 +337,6 @@ class HttpApi:
                 limit=str(inflight.limit),
             )
         return size
-
-    def _log(
-        self,
-        request: web.Request,
-        error: LambdaError | None,
-        status: int,
-        info: CallInfo,
-        started_at: float,
-        elapsed: float,
-    ) -> None:
-        """Execute's row, as the gRPC interceptor writes it; nothing raises out of here."""
-        assert self._request_log is not None
-        code = grpc.StatusCode.OK if error is None else grpc.StatusCode[error.status]
-        try:
-            try:
-                wire = _HttpWire(request, error, status)
-                entry = execute_entry(request.get(_ANSWER), code, wire, info, started_at, elapsed)
-            except Exception as exc:  # a bug: the call still gets an entry, with markers
-                log.exception("could not make the request log entry; logging a marker")
-                entry = fallback_entry(code, info, started_at, elapsed, f"{type(exc).__name__}: {exc}")
-            for which, payload in (("params", entry.request_payload), ("result", entry.response_payload)):
-                if is_unloggable(payload):
-                    self._metrics.log_unloggable.labels(which).inc()
-            self._request_log.record(entry)
-        except Exception:
-            log.exception("could not log the request")
 
     def _preflight_allowed(self, request: web.Request) -> bool:
         """An OPTIONS request for a route that exists: answered whatever its Origin."""

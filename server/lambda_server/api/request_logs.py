@@ -6,7 +6,8 @@ API's own), so that an Execute over either front door is logged alike."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -18,6 +19,9 @@ from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_server.api.errors import Context
 from lambda_server.domain import JSON, ErrorLogEntry, RequestLogEntry
 from lambda_server.logs import CallInfo, Payload
+from lambda_server.metrics import Metrics
+
+log = logging.getLogger(__name__)
 
 # The usual HTTP equivalent of each gRPC status (as grpc-gateway and Google APIs map them).
 HTTP_STATUS: dict[grpc.StatusCode, int] = {
@@ -101,6 +105,38 @@ class GrpcWire:
 
     def http_status(self, code: grpc.StatusCode) -> int:
         return HTTP_STATUS.get(code, 500)
+
+
+# Makes one call's entry: (answer, code, wire, call, started_at, duration) -> entry.
+EntryMaker = Callable[[Any, grpc.StatusCode, CallWire, CallInfo, float, float], RequestLogEntry]
+
+
+def log_call(
+    request_log: RequestLog,
+    metrics: Metrics,
+    entry_for: EntryMaker,
+    answer: Any,
+    code: grpc.StatusCode,
+    wire: CallWire,
+    call: CallInfo,
+    started_at: float,
+    elapsed: float,
+) -> None:
+    """Every Execute (or ExecuteBatch) gets its entry, whatever it answered, from either front
+    door; an entry that cannot be made is logged with markers; nothing raises out of here."""
+    try:
+        try:
+            entry = entry_for(answer, code, wire, call, started_at, elapsed)
+        except Exception as exc:  # a bug: the call still gets an entry, with markers
+            log.exception("could not make the request log entry; logging a marker")
+            entry = fallback_entry(code, call, started_at, elapsed, f"{type(exc).__name__}: {exc}")
+            entry = replace(entry, items=call.items)
+        for which, payload in (("params", entry.request_payload), ("result", entry.response_payload)):
+            if is_unloggable(payload):
+                metrics.log_unloggable.labels(which).inc()
+        request_log.record(entry)
+    except Exception:  # the call it describes is answered already: never fail it
+        log.exception("could not log the request")
 
 
 def execute_entry(
