@@ -160,8 +160,38 @@ def test_health_is_503_while_the_database_is_away() -> None:
         assert answer.status == 503
         assert answer.json()["status"] == "unavailable"
         assert answer.json()["components"]["postgres"].startswith("unavailable")
+        # a call that needs the database: UNAVAILABLE, 503, within the database's bounds
+        session = http(running, "GET", f"/api/v1/sessions/{uuid.uuid4()}")
+        assert session.status == 503 and session.error["code"] == "INTERNAL_ERROR"
+        assert session.error["details"]["grpc_status"] == "UNAVAILABLE"
     finally:
         running.stop()
+
+
+def test_a_language_whose_runtime_this_server_lacks_is_503(database_url: str) -> None:
+    runtime = replace(RuntimeSettings(timeout_seconds=5.0), rustc="/nonexistent/rustc")
+    running = ServerThread(server_settings(runtime=runtime), database_url)
+    try:
+        answer = http(
+            running,
+            "POST",
+            "/api/v1/initialize",
+            {"script_content": "x"},
+            headers={"Language-Title": "rust-missing"},
+        )
+        assert answer.status == 503, answer.body
+        assert answer.error["details"]["reason"] == "RUNTIME_NOT_AVAILABLE"
+    finally:
+        running.stop()
+
+
+def test_a_script_past_its_timeout_is_200_with_a_timeout_error(api: ServerThread) -> None:
+    request_id = initialize(api, "python-slow_timeout", "while True:\n    pass", options={"timeout": 0.5})
+    answer = execute(api, request_id, {})
+    assert answer.status == 200 and answer.headers["X-Function-Error"] == "TIMEOUT"
+    assert answer.json()["error"]["code"] == "TIMEOUT" and answer.json()["result"] is None
+    session = http(api, "GET", f"/api/v1/sessions/{request_id}").json()
+    assert session["options"]["timeout"] == 0.5 and session["execution_count"] == 1
 
 
 def test_the_calculator_as_a_return_body(api: ServerThread) -> None:
@@ -187,6 +217,7 @@ def test_initialize_answers_the_originals_shape_and_takes_the_title_from_the_bod
     assert answer.status == 200
     body = answer.json()
     assert body["request_id"] == wanted and body["status"] == "active"
+    assert answer.headers["X-Request-ID"] == wanted
     assert body["expires_at"].endswith("Z")
     # the same id and script again: the same session (a retry)
     again = http(

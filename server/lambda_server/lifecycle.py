@@ -203,10 +203,10 @@ class Server:
         await self._grpc.start()
         steps.push("the gRPC server", self._stop_grpc)
         if self.http_api is not None and self.settings.http_addr is not None:
-            # on the same loop as gRPC; stopped before it (a step pushed later runs first),
-            # after the drain, its requests in flight given SHUTDOWN_GRACE_SECONDS too
+            # on the same loop as gRPC; stopped with it, after the drain, their calls and
+            # requests in flight given SHUTDOWN_GRACE_SECONDS at once (not one after the other)
             port = await self.http_api.start(self.settings.http_addr)  # ConfigError when it cannot bind
-            steps.push("the HTTP/JSON API", self.http_api.stop)
+            steps.push("the HTTP/JSON API and the gRPC server", self._stop_front_doors)
             log.info("HTTP/JSON API at http://%s:%d/api/v1", self.settings.http_addr.rpartition(":")[0], port)
         if self.supervisor is not None:  # from here on: start-up's wait may need a restart too
             self.supervisor.start()
@@ -261,6 +261,12 @@ class Server:
         await self._health.enter_graceful_shutdown()
         if self.settings.shutdown_drain_seconds:
             await asyncio.sleep(self.settings.shutdown_drain_seconds)
+
+    async def _stop_front_doors(self) -> None:
+        """Both front doors at once: each one's calls in flight get the same grace. The gRPC
+        server's own step finds it stopped already."""
+        assert self.http_api is not None
+        await asyncio.gather(self.http_api.stop(), self._stop_grpc())
 
     async def _stop_grpc(self) -> None:
         await self._health.enter_graceful_shutdown()

@@ -295,6 +295,8 @@ class HttpApi:
         try:
             for name, value in request.get(_QUOTA, ()):
                 response.headers[name] = value
+            if info.request_id:  # the session's id (or the caller's own X-Request-ID)
+                response.headers[REQUEST_ID_HEADER] = info.request_id
             self._cors(request, response)
             elapsed = time.perf_counter() - started
             self._metrics.http_requests.labels(request.method, route, str(response.status)).inc()
