@@ -15,7 +15,7 @@ a few lines, and aiohttp-cors wraps every route and has seen few releases.
 
 from __future__ import annotations
 
-import logging
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -45,8 +45,6 @@ from lambda_server.logs import CallInfo, begin_call, current_call, end_call
 from lambda_server.metrics import Metrics
 from lambda_server.usecases import UseCases
 
-log = logging.getLogger(__name__)
-
 INITIALIZE = "/api/v1/initialize"
 EXECUTE = "/api/v1/execute/{request_id}"
 SESSION = "/api/v1/sessions/{request_id}"
@@ -75,6 +73,7 @@ CORS_HEADERS = "Content-Type, Authorization, Language-Title, X-Request-ID, X-Cac
 CORS_EXPOSED = "X-RateLimit-Limit, X-RateLimit-Remaining, Retry-After, X-Function-Error, X-Request-ID"
 CORS_MAX_AGE = "86400"
 DEFAULT_PER_PAGE = 20
+CLIENT_CLOSED = 499  # nginx's status for a request that ended unanswered, as the request log has it
 _JSON = "application/json"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -289,6 +288,12 @@ class HttpApi:
         except Exception as exc:  # our errors, and anything unexpected as INTERNAL_ERROR
             error = as_lambda_error(info.method, exc)
             response = _error_response(error, _TooLarge.status_of(error))
+        except asyncio.CancelledError:  # the server stopped past its grace: counted and logged
+            self._finish(
+                request, route, info, grpc.StatusCode.CANCELLED, None, CLIENT_CLOSED, started_at, started
+            )
+            end_call(token)
+            raise
         finally:
             if held:
                 self._inflight.give_back(peer, held)
@@ -298,27 +303,33 @@ class HttpApi:
             if info.request_id:  # the session's id (or the caller's own X-Request-ID)
                 response.headers[REQUEST_ID_HEADER] = info.request_id
             self._cors(request, response)
-            elapsed = time.perf_counter() - started
-            self._metrics.http_requests.labels(request.method, route, str(response.status)).inc()
-            self._metrics.http_seconds.labels(route).observe(elapsed)
-            if route == EXECUTE and request.method == "POST" and self._request_log is not None:
-                code = grpc.StatusCode.OK if error is None else grpc.StatusCode[error.status]
-                wire = _HttpWire(request, error, response.status)
-                answer = request.get(_ANSWER)
-                log_call(
-                    self._request_log,
-                    self._metrics,
-                    execute_entry,
-                    answer,
-                    code,
-                    wire,
-                    info,
-                    started_at,
-                    elapsed,
-                )
+            code = grpc.StatusCode.OK if error is None else grpc.StatusCode[error.status]
+            self._finish(request, route, info, code, error, response.status, started_at, started)
         finally:
             end_call(token)
         return response
+
+    def _finish(
+        self,
+        request: web.Request,
+        route: str,
+        info: CallInfo,
+        code: grpc.StatusCode,
+        error: LambdaError | None,
+        status: int,
+        started_at: float,
+        started: float,
+    ) -> None:
+        """Count the request; an Execute's row in the request log, as the gRPC interceptor writes it."""
+        elapsed = time.perf_counter() - started
+        self._metrics.http_requests.labels(request.method, route, str(status)).inc()
+        self._metrics.http_seconds.labels(route).observe(elapsed)
+        if route == EXECUTE and request.method == "POST" and self._request_log is not None:
+            wire = _HttpWire(request, error, status)
+            answer = request.get(_ANSWER)
+            log_call(
+                self._request_log, self._metrics, execute_entry, answer, code, wire, info, started_at, elapsed
+            )
 
     def _hold(self, request: web.Request, peer: str, method: str) -> int:
         """Hold the request's bytes in flight (its Content-Length, else a reservation), as the
