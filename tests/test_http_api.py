@@ -655,3 +655,35 @@ def test_a_stop_drains_health_turns_503_and_requests_in_flight_are_answered(data
         assert answer.status == 200 and answer.json()["result"] == "done"
     finally:
         running.stop()
+
+
+def test_request_bytes_in_flight_share_grpcs_budget_and_are_refused_past_it(database_url: str) -> None:
+    grpc_settings = replace(GrpcSettings(), max_inflight_request_bytes=4000)  # a peer's share: 2000
+    running = ServerThread(server_settings(grpc=grpc_settings), database_url)
+    try:
+        small = http(
+            running,
+            "POST",
+            "/api/v1/initialize",
+            {"script_content": "result = 1"},
+            headers={"Language-Title": "python-inflight"},
+        )
+        assert small.status == 200
+        big = http(
+            running,
+            "POST",
+            "/api/v1/initialize",
+            {"script_content": "#" * 3000},
+            headers={"Language-Title": "python-inflight"},
+        )
+        assert big.status == 429 and big.error["details"]["reason"] == "QUOTA_EXCEEDED"
+        assert big.error["details"]["metadata"]["setting"] == "MAX_INFLIGHT_REQUEST_BYTES"
+        assert int(big.headers["Retry-After"]) >= 1
+        assert (
+            running.server.metrics.registry.get_sample_value(
+                "lambda_inflight_refused_total", {"method": "Initialize"}
+            )
+            == 1
+        )
+    finally:
+        running.stop()

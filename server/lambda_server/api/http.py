@@ -332,13 +332,15 @@ class HttpApi:
             )
 
     def _hold(self, request: web.Request, peer: str, method: str) -> int:
-        """Hold the request's bytes in flight (its Content-Length, else a reservation), as the
-        gRPC interceptor holds a call's; QuotaExceeded (429) when they do not fit."""
+        """Hold the request's bytes in flight, as the gRPC interceptor holds a call's, before
+        its body is read: its Content-Length, or for a body sent in chunks (no length) the
+        most it may be (GRPC_MAX_RECEIVE_MESSAGE_BYTES); QuotaExceeded (429) when they do
+        not fit."""
         if request.method != "POST":
             return 0
         inflight = self._inflight
         size = request.content_length
-        size = inflight.reservation if size is None else min(size, self._max_body_bytes)
+        size = self._max_body_bytes if size is None else min(size, self._max_body_bytes)
         if not inflight.take(peer, size):
             self._metrics.inflight_refused.labels(method).inc()
             raise QuotaExceeded(
