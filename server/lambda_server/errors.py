@@ -5,6 +5,7 @@
     │   ├── UnknownLanguage
     │   ├── ScriptTooLarge
     │   ├── ScriptSyntaxError       (line, column)
+    │   ├── RequestTooLarge         (an HTTP body past GRPC_MAX_RECEIVE_MESSAGE_BYTES: HTTP 413)
     │   ├── InvalidParams           INVALID_ARGUMENT     INVALID_PARAMS (params against the schema)
     │   ├── ScriptLimitExceeded     INVALID_ARGUMENT     SCRIPT_LIMIT_EXCEEDED (a check or compile)
     │   ├── DependencyUnresolvable  INVALID_ARGUMENT     DEPENDENCY_UNRESOLVABLE (requirement)
@@ -77,6 +78,11 @@ class ScriptSyntaxError(InvalidRequest):
         super().__init__(f"{message} (line {line}, column {column})", line=str(line), column=str(column))
         self.line = line
         self.column = column
+
+
+class RequestTooLarge(InvalidRequest):
+    """An HTTP/JSON API request's body is larger than a request may be
+    (GRPC_MAX_RECEIVE_MESSAGE_BYTES, the gRPC side's bound too); the HTTP API answers 413."""
 
 
 class ScriptLimitExceeded(InvalidRequest):

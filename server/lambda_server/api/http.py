@@ -22,7 +22,6 @@ from lambda_server.api.http_served import (
     QUOTA,
     REQUEST_ID_HEADER,
     ServedRequests,
-    TooLarge,
     json_answer,
     peer_address,
 )
@@ -30,7 +29,7 @@ from lambda_server.api.interceptors import InflightBytes
 from lambda_server.api.request_logs import RequestLog
 from lambda_server.config import ConfigError
 from lambda_server.domain import JSON, Caller, Deadline, OptimizationLevel
-from lambda_server.errors import InvalidRequest, RateLimited
+from lambda_server.errors import InvalidRequest, RateLimited, RequestTooLarge
 from lambda_server.limits import LimitedCall
 from lambda_server.logs import current_call
 from lambda_server.metrics import Metrics
@@ -221,7 +220,7 @@ class HttpApi:
             try:
                 cached = await request.read()
             except web.HTTPRequestEntityTooLarge:
-                raise TooLarge(
+                raise RequestTooLarge(
                     f"the body is larger than GRPC_MAX_RECEIVE_MESSAGE_BYTES ({self._max_body_bytes})",
                     setting="GRPC_MAX_RECEIVE_MESSAGE_BYTES",
                     limit=str(self._max_body_bytes),

@@ -27,7 +27,14 @@ from lambda_server.api.errors import as_lambda_error
 from lambda_server.api.interceptors import INFLIGHT_RETRY_AFTER, InflightBytes
 from lambda_server.api.request_logs import RequestLog, execute_entry, log_call, logged_headers
 from lambda_server.domain import JSON
-from lambda_server.errors import InvalidRequest, LambdaError, QuotaExceeded, RateLimited, RouteNotFound
+from lambda_server.errors import (
+    InvalidRequest,
+    LambdaError,
+    QuotaExceeded,
+    RateLimited,
+    RequestTooLarge,
+    RouteNotFound,
+)
 from lambda_server.logs import CallInfo, begin_call, end_call
 from lambda_server.metrics import Metrics
 
@@ -95,7 +102,7 @@ class ServedRequests:
                 response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
         except Exception as exc:  # our errors, and anything unexpected as INTERNAL_ERROR
             error = as_lambda_error(info.method, exc)
-            response = error_response(error, TooLarge.status_of(error))
+            response = error_response(error, _status_of(error))
         except asyncio.CancelledError:  # the server stopped past its grace: counted and logged
             self._finish(
                 request, route, info, grpc.StatusCode.CANCELLED, None, CLIENT_CLOSED, started_at, started
@@ -186,14 +193,6 @@ class ServedRequests:
         response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSED
 
 
-class TooLarge(InvalidRequest):
-    """A body past client_max_size: 413, reason INVALID_REQUEST."""
-
-    @staticmethod
-    def status_of(error: LambdaError) -> int | None:
-        return http_json.PAYLOAD_TOO_LARGE if isinstance(error, TooLarge) else None
-
-
 class _HttpWire:
     """An HTTP request's side of its request-log entry."""
 
@@ -225,6 +224,11 @@ def _routing_error(request: web.Request, exc: web.HTTPException) -> tuple[Lambda
     if exc.status == 404:
         return RouteNotFound(f"no route {request.method} {request.path[:200]}"), 404
     return InvalidRequest(exc.reason or "a malformed request"), exc.status
+
+
+def _status_of(error: LambdaError) -> int | None:
+    """The answers outside the table's statuses: 413 for a body past its bound."""
+    return http_json.PAYLOAD_TOO_LARGE if isinstance(error, RequestTooLarge) else None
 
 
 def error_response(error: LambdaError, status: int | None = None) -> web.Response:
