@@ -687,3 +687,27 @@ def test_request_bytes_in_flight_share_grpcs_budget_and_are_refused_past_it(data
         )
     finally:
         running.stop()
+
+
+def test_a_body_nested_deeper_than_a_grpc_request_carries_is_400(api: ServerThread) -> None:
+    deep: dict[str, Any] = {}
+    inner = deep
+    for _ in range(300):  # past orjson's own limit too
+        inner["a"] = {}
+        inner = inner["a"]
+    answer = http(
+        api,
+        "POST",
+        "/api/v1/initialize",
+        {"script_content": "result = 1", "context": deep},
+        headers={"Language-Title": "python-deep"},
+    )
+    assert answer.status == 400 and answer.error["details"]["metadata"]["field"] == "body"
+    assert "49 levels" in answer.error["message"]
+    # as deep as gRPC allows is fine
+    inner = shallow = {}
+    for _ in range(40):
+        inner["a"] = {}
+        inner = inner["a"]
+    request_id = initialize(api, "python-deep", "result = 1", context=shallow)
+    assert execute(api, request_id, {}).json()["result"] == 1

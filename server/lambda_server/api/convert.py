@@ -10,6 +10,7 @@ apart from 1.0), and result_json is the text the script's runtime wrote.
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Protocol
@@ -22,6 +23,7 @@ from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_server import json_text
 from lambda_server.api import payloads
 from lambda_server.api.errors import status_message
+from lambda_server.config import MAX_JSON_DEPTH_CEILING
 from lambda_server.domain import (
     JSON,
     CompileStatus,
@@ -85,6 +87,10 @@ _FUNCTION_TYPE_FILTER: dict[int, FunctionType] = {int(value): key for key, value
 # bytes, for ExecutePayloads to decode (once, bounded, in slices).
 RawExecuteRequest = payloads.raw_twin(pb.ExecuteRequest, "params")
 RawExecuteBatchRequest = payloads.raw_twin(pb.ExecuteBatchRequest, "params")
+# The deepest JSON an HTTP body may be: what a gRPC request carries at most (protobuf
+# decodes 100 nested messages, and a JSON level costs two: MAX_JSON_DEPTH_CEILING, 48),
+# and the body's own object. A context, say, is never deeper over HTTP than over gRPC.
+HTTP_BODY_MAX_DEPTH = MAX_JSON_DEPTH_CEILING + 1
 # ExecuteBatch's answers converted between two yields of the event loop
 BATCH_ITEMS_PER_SLICE = 50
 
@@ -191,16 +197,23 @@ class ExecutePayloads:
         return params
 
     def _read_body(self, body: bytes) -> payloads.Steps:
+        """The body's value, nested at most HTTP_BODY_MAX_DEPTH levels; Malformed else."""
         if len(body) > payloads.PARSED_AT_ONCE:
             yield  # a large body is parsed in its owner's turn (Pacer.run)
+        deep = payloads.Malformed(
+            f"it is nested more than {HTTP_BODY_MAX_DEPTH} levels deep, deeper than a gRPC request carries"
+        )
         try:
-            return json_text.loads(body)
+            value = json_text.loads(body)
         except json_text.TooDeep:
-            raise payloads.PastBound(
-                "MAX_JSON_DEPTH", self._max_depth, f"nested more than {self._max_depth} levels deep"
-            ) from None
+            raise deep from None
         except json_text.Refused as exc:
             raise payloads.Malformed(f"it is not JSON: {exc}") from None
+        try:
+            yield from payloads.measure(value, payloads.Tally(sys.maxsize, HTTP_BODY_MAX_DEPTH))
+        except payloads.PastBound:
+            raise deep from None
+        return value
 
     async def batch_params(self, request: ExecuteBatchParams, owner: str) -> list[dict[str, JSON]]:
         """The items of an ExecuteBatchRequest, each decoded as an ExecuteRequest's params (its
