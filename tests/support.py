@@ -100,6 +100,7 @@ def server_settings(**overrides: Any) -> Settings:
     settings = Settings(
         listen_addr="127.0.0.1:0",
         metrics_addr="127.0.0.1:0",
+        http_addr="127.0.0.1:0",
         shutdown_grace_seconds=1.0,
         health_interval_seconds=0.2,
         database=database,
@@ -128,6 +129,11 @@ class ServerThread:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        """The HTTP/JSON API's base URL (the server's HTTP_ADDR is on port 0)."""
+        return f"http://127.0.0.1:{self.server.http_port}"
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -247,6 +253,7 @@ def env_without_database() -> dict[str, str]:
     metrics endpoint on a free port so that servers never compete for one."""
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     env["METRICS_ADDR"] = "127.0.0.1:0"
+    env["HTTP_ADDR"] = "127.0.0.1:0"
     return env
 
 

@@ -52,6 +52,7 @@ NOT_DEPLOYED = {
 DEPLOYMENT_OVERRIDES = {
     "LISTEN_ADDR",
     "METRICS_ADDR",
+    "HTTP_ADDR",
     "LOG_FORMAT",
     "SANDBOX_MODE",
     "AUTH_MODE",
@@ -238,9 +239,10 @@ def test_the_image_serves_strictly_sandboxed_on_its_ports(dockerfile: tuple[list
     assert settings.sandbox.mode == "strict"
     assert settings.listen_addr == "0.0.0.0:50051"
     assert settings.metrics_addr == "0.0.0.0:9090"
+    assert settings.http_addr == "0.0.0.0:8080"
     assert settings.log_format == "json"
     exposed = {word.split("/")[0] for i in runtime.all("EXPOSE") for word in i.args.split()}
-    assert exposed == {"50051", "9090"}
+    assert exposed == {"50051", "8080", "9090"}
     (stopsignal,) = runtime.all("STOPSIGNAL")
     assert stopsignal.args == "SIGTERM"
 
@@ -421,6 +423,15 @@ def test_compose_servers_are_privileged_healthchecked_and_drain(compose: dict[st
         assert seconds(server["stop_grace_period"]) >= needed, name
 
 
+def test_compose_servers_publish_grpc_http_and_metrics(compose: dict[str, Any]) -> None:
+    published: list[str] = []
+    for name, server in compose_servers(compose).items():
+        targets = {port.rsplit(":", 1)[1] for port in server["ports"]}
+        assert targets == {"50051", "8080", "9090"}, name
+        published += [port.rsplit(":", 1)[0] for port in server["ports"]]
+    assert len(published) == len(set(published)), "each replica on host ports of its own"
+
+
 def test_compose_file_is_accepted_by_docker_compose() -> None:
     docker_compose = shutil.which("docker-compose")
     if docker_compose is None:
@@ -540,7 +551,8 @@ def test_probes_ask_grpc_health_on_the_port_number(resources: dict[tuple[str, st
     container = deployment_container(resources)
     listen = port_of(container_env(container, resources)["LISTEN_ADDR"])
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": listen, "metrics": 9090}
+    http = port_of(container_env(container, resources)["HTTP_ADDR"])
+    assert ports == {"grpc": listen, "http": http, "metrics": 9090}
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         grpc = container[probe]["grpc"]
         assert grpc["port"] == listen and isinstance(grpc["port"], int), probe
@@ -596,6 +608,7 @@ def test_every_container_starts_with_a_valid_configuration(
     assert server.sandbox.mode == "strict"
     assert server.listen_addr == "0.0.0.0:50051"
     assert server.metrics_addr == "0.0.0.0:9090"
+    assert server.http_addr == "0.0.0.0:8080"
     assert server.log_format == "json"
     assert server.database.url
     (job,) = one(resources, "Job")["spec"]["template"]["spec"]["containers"]
@@ -647,6 +660,11 @@ def test_the_service_selects_the_servers_and_speaks_grpc(
         grpc = next(p for p in service["spec"]["ports"] if p["name"] == "grpc")
         assert grpc["appProtocol"] == "grpc"
         assert container_ports[grpc["targetPort"]] == grpc["port"] == 50051
+    # the HTTP/JSON API: a port named http on the ClusterIP Service, to the container's http
+    (cluster,) = [s for s in services if "clusterIP" not in s["spec"]]
+    http = next(p for p in cluster["spec"]["ports"] if p["name"] == "http")
+    assert http["targetPort"] == "http" and container_ports["http"] == http["port"] == 8080
+    assert http["appProtocol"] == "http"
 
 
 def test_the_pod_is_scraped_by_prometheus(resources: dict[tuple[str, str], dict[str, Any]]) -> None:

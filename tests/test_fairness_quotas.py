@@ -216,7 +216,9 @@ def test_the_initialize_rate_limit_refuses_the_owner_past_it_and_serves_another(
 def test_make_runs_defaults_never_throttle_an_anonymous_initialize(database_url: str) -> None:
     defaults = Settings.from_env({})
     assert defaults.auth.anonymous_initialize_rate_limit_per_minute == 0
-    running = ServerThread(replace(defaults, listen_addr="127.0.0.1:0", metrics_addr=None), database_url)
+    running = ServerThread(
+        replace(defaults, listen_addr="127.0.0.1:0", metrics_addr=None, http_addr=None), database_url
+    )
     try:
         with LambdaClient(running.target, timeout=30) as client:
             # more than a user's RATE_LIMIT_INITIALIZE_PER_MINUTE (60)

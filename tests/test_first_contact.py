@@ -34,7 +34,7 @@ from tests.support import (
 def test_make_runs_defaults_admit_a_thousand_executions_a_minute_from_one_address(database_url: str) -> None:
     defaults = Settings.from_env({})  # what `make run` serves with, but for the ports
     assert defaults.auth.mode == "none" and defaults.auth.anonymous_rate_limit_per_minute == 0
-    settings = replace(defaults, listen_addr="127.0.0.1:0", metrics_addr=None)
+    settings = replace(defaults, listen_addr="127.0.0.1:0", metrics_addr=None, http_addr=None)
     running = ServerThread(settings, database_url)
     try:
         with LambdaClient(running.target, timeout=30) as client:
@@ -210,7 +210,7 @@ def listening() -> Iterator[int]:
         yield taken.getsockname()[1]
 
 
-@pytest.mark.parametrize("setting", ["LISTEN_ADDR", "METRICS_ADDR"])
+@pytest.mark.parametrize("setting", ["LISTEN_ADDR", "METRICS_ADDR", "HTTP_ADDR"])
 def test_a_port_in_use_is_one_line_exit_2_and_nothing_left(
     database_url: str, tmp_path: Path, listening: int, setting: str
 ) -> None:

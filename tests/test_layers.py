@@ -14,7 +14,15 @@ import pytest
 from tests.support import ROOT
 
 PACKAGE = ROOT / "server" / "lambda_server"
-WIRE = ("grpc", "grpc_health", "grpc_reflection", "grpc_status", "google.rpc", "lambda_microservice")
+WIRE = (
+    "grpc",
+    "grpc_health",
+    "grpc_reflection",
+    "grpc_status",
+    "google.rpc",
+    "lambda_microservice",
+    "aiohttp",
+)
 SQL = ("asyncpg",)
 # what each layer must not import (a module, or anything under it)
 FORBIDDEN: dict[str, tuple[str, ...]] = {

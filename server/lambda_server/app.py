@@ -20,6 +20,9 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from lambda_server import logs
+from lambda_server.api.convert import ExecutePayloads
+from lambda_server.api.gate import Gate
+from lambda_server.api.http import HttpApi
 from lambda_server.api.interceptors import CallInterceptor, inflight_budget
 from lambda_server.api.servicer import LambdaServicer, add_to_server
 from lambda_server.auth import Authenticator
@@ -189,23 +192,31 @@ async def _wire(
         lambda: sandbox.freezer_writes,
     )
 
+    logged = request_log if settings.request_log.enabled else None
+    inflight = inflight_budget(settings.grpc)  # one budget for both front doors
     grpc_server = grpc.aio.server(
-        interceptors=[
-            CallInterceptor(
-                metrics,
-                request_log if settings.request_log.enabled else None,
-                inflight_budget(settings.grpc),
-            )
-        ],
+        interceptors=[CallInterceptor(metrics, logged, inflight)],
         options=grpc_options(settings.grpc),
         maximum_concurrent_rpcs=settings.grpc.max_concurrent_rpcs or None,
     )
-    limiter = RateLimiter(settings.auth, metrics)
-    json_bounds = (settings.runtime.max_json_nodes, settings.runtime.max_json_depth)
-    servicer = LambdaServicer(
-        usecases, Authenticator(settings.auth), limiter, json_bounds, settings.grpc.max_send_message_bytes
+    # what both front doors share: the callers' authentication and buckets, and the payloads'
+    # bounds (and the large conversions' pacing, per owner)
+    gate = Gate(Authenticator(settings.auth), RateLimiter(settings.auth, metrics))
+    payloads = ExecutePayloads(
+        settings.runtime.max_json_nodes, settings.runtime.max_json_depth, settings.grpc.max_send_message_bytes
     )
-    add_to_server(servicer, grpc_server)
+    add_to_server(LambdaServicer(usecases, gate, payloads), grpc_server)
+    http_api = HttpApi(
+        usecases,
+        gate,
+        payloads,
+        metrics,
+        logged,
+        inflight,
+        max_body_bytes=settings.grpc.max_receive_message_bytes,
+        cors_origins=settings.cors_allowed_origins,
+        grace=settings.shutdown_grace_seconds,
+    )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     reflection.enable_server_reflection(
         (
@@ -247,6 +258,7 @@ async def _wire(
         builds=builds,
         migrator=migrator,
         supervisor=supervisor,
+        http_api=http_api,
     )
     return server, port
 

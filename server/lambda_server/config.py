@@ -19,6 +19,8 @@ T = TypeVar("T")
 
 KIB = 1024
 MIB = 1024 * KIB
+# CORS_ALLOWED_ORIGINS's default: any origin may call the HTTP/JSON API from a browser.
+ANY_ORIGIN: tuple[str, ...] = ("*",)
 # A result's JSON level costs a protobuf client two nested messages (a Value, then a
 # Struct or ListValue), and protobuf decodes 100 at most by default: the project's Python
 # client fails at 50 levels. No setting may let the service answer what clients cannot read.
@@ -89,6 +91,24 @@ def _address(raw: str) -> str:
 
 def _address_or_off(raw: str) -> str | None:
     return None if raw.lower() == "off" else _address(raw)
+
+
+def _cache_ttl(raw: str) -> float:
+    value = _non_negative_float(raw)
+    if value > 24 * 3600:
+        raise ValueError("must be at most 86400 (a day), the most a session's cache_ttl may be")
+    return value
+
+
+def _origins(raw: str) -> tuple[str, ...]:
+    """`*`, or origins separated by commas (`https://a.example, https://b.example`)."""
+    origins = tuple(part.strip().rstrip("/") for part in raw.split(",") if part.strip())
+    if not origins:
+        raise ValueError("must be * or a comma-separated list of origins")
+    for origin in origins:
+        if origin != "*" and "://" not in origin:
+            raise ValueError(f"{origin!r} is not an origin (scheme://host[:port]) or *")
+    return origins
 
 
 def _choice(*allowed: str) -> Callable[[str], str]:
@@ -413,6 +433,15 @@ class RuntimeSettings(_Declared):
     max_json_depth: int = setting("MAX_JSON_DEPTH", _json_depth, 32, "JSON nesting of params or a result")
     # ExecuteBatch's items at most (each item's params have MAX_JSON_NODES and MAX_JSON_DEPTH)
     max_batch_size: int = setting("MAX_BATCH_SIZE", _positive_int, 1000, "items of one ExecuteBatch")
+    # A session's result-cache TTL when neither its options.cache_ttl nor its context's
+    # cache_ttl_seconds set one, over gRPC and HTTP alike. 0: no caching unless asked for;
+    # 3600 caches results for an hour, as the original service did.
+    default_cache_ttl_seconds: float = setting(
+        "DEFAULT_CACHE_TTL_SECONDS",
+        _cache_ttl,
+        0.0,
+        "a session's cache TTL when its options and context set none; 0: off (3600: the original's)",
+    )
 
 
 @dataclass(frozen=True)
@@ -753,6 +782,21 @@ class Settings(_Declared):
     # host:port of the Prometheus /metrics endpoint; None (`off`) turns it off.
     metrics_addr: str | None = setting(
         "METRICS_ADDR", _address_or_off, "127.0.0.1:9090", "where Prometheus scrapes /metrics; off: nowhere"
+    )
+    # host:port of the HTTP/JSON API (the original service's routes); None (`off`) turns it off.
+    http_addr: str | None = setting(
+        "HTTP_ADDR",
+        _address_or_off,
+        "127.0.0.1:8080",
+        "where the HTTP/JSON API listens (port 0 picks one); off: nowhere",
+    )
+    # The origins a browser may call the HTTP/JSON API from (CORS).
+    cors_allowed_origins: tuple[str, ...] = setting(
+        "CORS_ALLOWED_ORIGINS",
+        _origins,
+        ANY_ORIGIN,
+        "origins browsers may call the HTTP/JSON API from: * or a comma-separated list",
+        shown="`*`",
     )
     result_cache_bytes: int = setting(
         "RESULT_CACHE_BYTES", _non_negative_int, 64 * MIB, "the result cache's size per replica"

@@ -5,6 +5,7 @@
     │   ├── UnknownLanguage
     │   ├── ScriptTooLarge
     │   ├── ScriptSyntaxError       (line, column)
+    │   ├── RequestTooLarge         (an HTTP body past GRPC_MAX_RECEIVE_MESSAGE_BYTES: HTTP 413)
     │   ├── InvalidParams           INVALID_ARGUMENT     INVALID_PARAMS (params against the schema)
     │   ├── ScriptLimitExceeded     INVALID_ARGUMENT     SCRIPT_LIMIT_EXCEEDED (a check or compile)
     │   ├── DependencyUnresolvable  INVALID_ARGUMENT     DEPENDENCY_UNRESOLVABLE (requirement)
@@ -21,6 +22,7 @@
     ├── SessionNotFound             NOT_FOUND            NOT_FOUND (also another user's session)
     │   └── SessionExpired          NOT_FOUND            SESSION_EXPIRED
     ├── FunctionNotFound            NOT_FOUND            NOT_FOUND
+    ├── RouteNotFound               NOT_FOUND            NOT_FOUND (the HTTP API has no such route)
     ├── Unavailable                 UNAVAILABLE          UNAVAILABLE (the work may have begun)
     │   ├── DatabaseUnavailable
     │   ├── NotStarted              UNAVAILABLE          NOT_STARTED (the work did not begin)
@@ -76,6 +78,11 @@ class ScriptSyntaxError(InvalidRequest):
         super().__init__(f"{message} (line {line}, column {column})", line=str(line), column=str(column))
         self.line = line
         self.column = column
+
+
+class RequestTooLarge(InvalidRequest):
+    """An HTTP/JSON API request's body is larger than a request may be
+    (GRPC_MAX_RECEIVE_MESSAGE_BYTES, the gRPC side's bound too); the HTTP API answers 413."""
 
 
 class ScriptLimitExceeded(InvalidRequest):
@@ -192,6 +199,13 @@ class SessionExpired(SessionNotFound):
 
 class FunctionNotFound(LambdaError):
     """No function of the catalog has this language_title."""
+
+    status = "NOT_FOUND"
+    reason = "NOT_FOUND"
+
+
+class RouteNotFound(LambdaError):
+    """The HTTP/JSON API has no route at this path (or not for this method)."""
 
     status = "NOT_FOUND"
     reason = "NOT_FOUND"

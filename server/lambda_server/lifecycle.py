@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 
 from lambda_microservice.v1 import lambda_service_pb2 as pb
+from lambda_server.api.http import HttpApi
 from lambda_server.config import Settings
 from lambda_server.errors import DatabaseUnavailable, LambdaError
 from lambda_server.metrics import Metrics
@@ -157,6 +158,7 @@ class Server:
         builds: RustBuilds | None,
         migrator: migrations.Migrator,
         supervisor: EmbeddedSupervisor | None = None,
+        http_api: HttpApi | None = None,
     ) -> None:
         self.settings = settings
         # the components start() starts, public as a seam: a test may swap one for one that fails
@@ -167,6 +169,7 @@ class Server:
         self.request_log = request_log
         self.builds = builds
         self.supervisor = supervisor
+        self.http_api = http_api
         self._steps = steps
         self._grpc = grpc_server
         self._db = db
@@ -199,6 +202,12 @@ class Server:
         steps.push("the request-log writer", self.request_log.close)
         await self._grpc.start()
         steps.push("the gRPC server", self._stop_grpc)
+        if self.http_api is not None and self.settings.http_addr is not None:
+            # on the same loop as gRPC; stopped with it, after the drain, their calls and
+            # requests in flight given SHUTDOWN_GRACE_SECONDS at once (not one after the other)
+            port = await self.http_api.start(self.settings.http_addr)  # ConfigError when it cannot bind
+            steps.push("the HTTP/JSON API and the gRPC server", self._stop_front_doors)
+            log.info("HTTP/JSON API at http://%s:%d/api/v1", self.settings.http_addr.rpartition(":")[0], port)
         if self.supervisor is not None:  # from here on: start-up's wait may need a restart too
             self.supervisor.start()
             steps.push("the embedded PostgreSQL's supervisor", self.supervisor.stop)
@@ -253,6 +262,12 @@ class Server:
         if self.settings.shutdown_drain_seconds:
             await asyncio.sleep(self.settings.shutdown_drain_seconds)
 
+    async def _stop_front_doors(self) -> None:
+        """Both front doors at once: each one's calls in flight get the same grace. The gRPC
+        server's own step finds it stopped already."""
+        assert self.http_api is not None
+        await asyncio.gather(self.http_api.stop(), self._stop_grpc())
+
     async def _stop_grpc(self) -> None:
         await self._health.enter_graceful_shutdown()
         await self._grpc.stop(self._grace)  # in-flight calls get the grace
@@ -263,6 +278,11 @@ class Server:
         failed at any step, and a second time."""
         self._grace = self.settings.shutdown_grace_seconds if grace is None else grace
         await self._steps.close()
+
+    @property
+    def http_port(self) -> int | None:
+        """The HTTP/JSON API's port, once started (None when HTTP_ADDR is off)."""
+        return None if self.http_api is None else self.http_api.port
 
     async def wait_for_termination(self) -> None:
         await self._grpc.wait_for_termination()

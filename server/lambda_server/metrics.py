@@ -54,6 +54,21 @@ class Metrics:
         self.rpc_seconds = Histogram(
             "lambda_rpc_duration_seconds", "RPC latency, by method", ["method"], buckets=_SECONDS, registry=r
         )
+        # the HTTP/JSON API's requests: `route` is the route's pattern (or "unmatched"), so
+        # that request ids and unknown paths never become labels
+        self.http_requests = Counter(
+            "lambda_http_requests",
+            "HTTP/JSON API requests answered, by method, route and HTTP status",
+            ["method", "route", "status"],
+            registry=r,
+        )
+        self.http_seconds = Histogram(
+            "lambda_http_request_duration_seconds",
+            "HTTP/JSON API request latency, by route",
+            ["route"],
+            buckets=_SECONDS,
+            registry=r,
+        )
         self.executions = Counter(
             "lambda_executions",
             "Executions, by runtime and outcome (ok, cached, or the ExecutionError code)",

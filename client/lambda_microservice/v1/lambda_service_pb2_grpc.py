@@ -35,6 +35,17 @@ class LambdaServiceStub:
     comes with one gRPC status only (see ErrorReason). RATE_LIMITED and
     QUOTA_EXCEEDED carry a google.rpc.RetryInfo too. A script's own failure is an
     OK status with ExecuteResponse.error set.
+
+    The google.api.http annotations give the routes of the original service's
+    HTTP/JSON API, which the server also serves itself on HTTP_ADDR (README, "The
+    HTTP/JSON API"), so that Envoy's gRPC-JSON transcoder or grpc-gateway in front
+    of the gRPC port answers on the same paths. A gateway speaks protobuf's JSON
+    mapping (lowerCamelCase unless told to keep the proto names, Durations as
+    "0.5s", int64 as strings, errors as google.rpc.Status), not the server's own
+    HTTP shapes; and the routes' headers (Language-Title, X-Request-ID,
+    X-Cache-Control) have no place in an annotation: a gateway's callers send them
+    as the body's fields. ExecuteStream and ExecuteBatch have no route in the
+    original service and none here.
     """
 
     def __init__(self, channel):
@@ -95,6 +106,17 @@ class LambdaServiceServicer:
     comes with one gRPC status only (see ErrorReason). RATE_LIMITED and
     QUOTA_EXCEEDED carry a google.rpc.RetryInfo too. A script's own failure is an
     OK status with ExecuteResponse.error set.
+
+    The google.api.http annotations give the routes of the original service's
+    HTTP/JSON API, which the server also serves itself on HTTP_ADDR (README, "The
+    HTTP/JSON API"), so that Envoy's gRPC-JSON transcoder or grpc-gateway in front
+    of the gRPC port answers on the same paths. A gateway speaks protobuf's JSON
+    mapping (lowerCamelCase unless told to keep the proto names, Durations as
+    "0.5s", int64 as strings, errors as google.rpc.Status), not the server's own
+    HTTP shapes; and the routes' headers (Language-Title, X-Request-ID,
+    X-Cache-Control) have no place in an annotation: a gateway's callers send them
+    as the body's fields. ExecuteStream and ExecuteBatch have no route in the
+    original service and none here.
     """
 
     def Initialize(self, request, context):
@@ -105,6 +127,12 @@ class LambdaServiceServicer:
         whose deadline passes first is DEADLINE_EXCEEDED while the compile goes on
         and records the session's compile_status. Safe to retry when the request
         carries its own request_id.
+
+        POST /api/v1/initialize: the whole body is the request. The HTTP API also
+        reads language_title from the Language-Title header and request_id from
+        X-Request-ID; an annotation maps the body's fields only, so through a
+        gateway they go in the body (Envoy's transcoder forwards headers as
+        metadata, where `language-title` is read too).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -115,6 +143,9 @@ class LambdaServiceServicer:
         idempotent (each call counts, and the script may have side effects): safe to
         retry only when it failed UNAVAILABLE with reason NOT_STARTED.
         ExecuteStream takes the same request:
+
+        POST /api/v1/execute/{request_id} with {params}; the HTTP API's
+        X-Cache-Control header is the body's cache_control through a gateway.
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -149,6 +180,7 @@ class LambdaServiceServicer:
 
     def Health(self, request, context):
         """Health reports the service and each of its components.
+        GET /health, and GET /api/v1/health.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -156,6 +188,7 @@ class LambdaServiceServicer:
 
     def GetSession(self, request, context):
         """GetSession returns what is stored about a session.
+        GET /api/v1/sessions/{request_id}.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -163,6 +196,9 @@ class LambdaServiceServicer:
 
     def ListFunctions(self, request, context):
         """ListFunctions lists the registered functions of the catalog.
+        GET /api/v1/functions?language=...: through a gateway the query names
+        this request's fields (page_size, page_token); the HTTP API's own
+        page and per_page number the pages instead.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -170,6 +206,7 @@ class LambdaServiceServicer:
 
     def GetFunction(self, request, context):
         """GetFunction returns one registered function of the catalog.
+        GET /api/v1/functions/{language_title}.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -236,6 +273,17 @@ class LambdaService:
     comes with one gRPC status only (see ErrorReason). RATE_LIMITED and
     QUOTA_EXCEEDED carry a google.rpc.RetryInfo too. A script's own failure is an
     OK status with ExecuteResponse.error set.
+
+    The google.api.http annotations give the routes of the original service's
+    HTTP/JSON API, which the server also serves itself on HTTP_ADDR (README, "The
+    HTTP/JSON API"), so that Envoy's gRPC-JSON transcoder or grpc-gateway in front
+    of the gRPC port answers on the same paths. A gateway speaks protobuf's JSON
+    mapping (lowerCamelCase unless told to keep the proto names, Durations as
+    "0.5s", int64 as strings, errors as google.rpc.Status), not the server's own
+    HTTP shapes; and the routes' headers (Language-Title, X-Request-ID,
+    X-Cache-Control) have no place in an annotation: a gateway's callers send them
+    as the body's fields. ExecuteStream and ExecuteBatch have no route in the
+    original service and none here.
     """
 
     @staticmethod

@@ -41,6 +41,17 @@ class LambdaServiceStub:
     comes with one gRPC status only (see ErrorReason). RATE_LIMITED and
     QUOTA_EXCEEDED carry a google.rpc.RetryInfo too. A script's own failure is an
     OK status with ExecuteResponse.error set.
+
+    The google.api.http annotations give the routes of the original service's
+    HTTP/JSON API, which the server also serves itself on HTTP_ADDR (README, "The
+    HTTP/JSON API"), so that Envoy's gRPC-JSON transcoder or grpc-gateway in front
+    of the gRPC port answers on the same paths. A gateway speaks protobuf's JSON
+    mapping (lowerCamelCase unless told to keep the proto names, Durations as
+    "0.5s", int64 as strings, errors as google.rpc.Status), not the server's own
+    HTTP shapes; and the routes' headers (Language-Title, X-Request-ID,
+    X-Cache-Control) have no place in an annotation: a gateway's callers send them
+    as the body's fields. ExecuteStream and ExecuteBatch have no route in the
+    original service and none here.
     """
 
     @_typing.overload
@@ -55,12 +66,21 @@ class LambdaServiceStub:
     whose deadline passes first is DEADLINE_EXCEEDED while the compile goes on
     and records the session's compile_status. Safe to retry when the request
     carries its own request_id.
+
+    POST /api/v1/initialize: the whole body is the request. The HTTP API also
+    reads language_title from the Language-Title header and request_id from
+    X-Request-ID; an annotation maps the body's fields only, so through a
+    gateway they go in the body (Envoy's transcoder forwards headers as
+    metadata, where `language-title` is read too).
     """
     Execute: _grpc.UnaryUnaryMultiCallable[_lambda_service_pb2.ExecuteRequest, _lambda_service_pb2.ExecuteResponse]
     """Execute runs the session's script with params and returns its result. Not
     idempotent (each call counts, and the script may have side effects): safe to
     retry only when it failed UNAVAILABLE with reason NOT_STARTED.
     ExecuteStream takes the same request:
+
+    POST /api/v1/execute/{request_id} with {params}; the HTTP API's
+    X-Cache-Control header is the body's cache_control through a gateway.
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
     ExecuteStream: _grpc.UnaryStreamMultiCallable[_lambda_service_pb2.ExecuteRequest, _lambda_service_pb2.ExecuteStreamResponse]
@@ -82,13 +102,23 @@ class LambdaServiceStub:
     are answered with a DEADLINE_EXCEEDED `status`. Not idempotent, like Execute.
     """
     Health: _grpc.UnaryUnaryMultiCallable[_lambda_service_pb2.HealthRequest, _lambda_service_pb2.HealthResponse]
-    """Health reports the service and each of its components."""
+    """Health reports the service and each of its components.
+    GET /health, and GET /api/v1/health.
+    """
     GetSession: _grpc.UnaryUnaryMultiCallable[_lambda_service_pb2.GetSessionRequest, _lambda_service_pb2.GetSessionResponse]
-    """GetSession returns what is stored about a session."""
+    """GetSession returns what is stored about a session.
+    GET /api/v1/sessions/{request_id}.
+    """
     ListFunctions: _grpc.UnaryUnaryMultiCallable[_lambda_service_pb2.ListFunctionsRequest, _lambda_service_pb2.ListFunctionsResponse]
-    """ListFunctions lists the registered functions of the catalog."""
+    """ListFunctions lists the registered functions of the catalog.
+    GET /api/v1/functions?language=...: through a gateway the query names
+    this request's fields (page_size, page_token); the HTTP API's own
+    page and per_page number the pages instead.
+    """
     GetFunction: _grpc.UnaryUnaryMultiCallable[_lambda_service_pb2.GetFunctionRequest, _lambda_service_pb2.GetFunctionResponse]
-    """GetFunction returns one registered function of the catalog."""
+    """GetFunction returns one registered function of the catalog.
+    GET /api/v1/functions/{language_title}.
+    """
 
 @_typing.type_check_only
 class LambdaServiceAsyncStub(LambdaServiceStub):
@@ -101,6 +131,17 @@ class LambdaServiceAsyncStub(LambdaServiceStub):
     comes with one gRPC status only (see ErrorReason). RATE_LIMITED and
     QUOTA_EXCEEDED carry a google.rpc.RetryInfo too. A script's own failure is an
     OK status with ExecuteResponse.error set.
+
+    The google.api.http annotations give the routes of the original service's
+    HTTP/JSON API, which the server also serves itself on HTTP_ADDR (README, "The
+    HTTP/JSON API"), so that Envoy's gRPC-JSON transcoder or grpc-gateway in front
+    of the gRPC port answers on the same paths. A gateway speaks protobuf's JSON
+    mapping (lowerCamelCase unless told to keep the proto names, Durations as
+    "0.5s", int64 as strings, errors as google.rpc.Status), not the server's own
+    HTTP shapes; and the routes' headers (Language-Title, X-Request-ID,
+    X-Cache-Control) have no place in an annotation: a gateway's callers send them
+    as the body's fields. ExecuteStream and ExecuteBatch have no route in the
+    original service and none here.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -112,12 +153,21 @@ class LambdaServiceAsyncStub(LambdaServiceStub):
     whose deadline passes first is DEADLINE_EXCEEDED while the compile goes on
     and records the session's compile_status. Safe to retry when the request
     carries its own request_id.
+
+    POST /api/v1/initialize: the whole body is the request. The HTTP API also
+    reads language_title from the Language-Title header and request_id from
+    X-Request-ID; an annotation maps the body's fields only, so through a
+    gateway they go in the body (Envoy's transcoder forwards headers as
+    metadata, where `language-title` is read too).
     """
     Execute: _aio.UnaryUnaryMultiCallable[_lambda_service_pb2.ExecuteRequest, _lambda_service_pb2.ExecuteResponse]  # type: ignore[assignment]
     """Execute runs the session's script with params and returns its result. Not
     idempotent (each call counts, and the script may have side effects): safe to
     retry only when it failed UNAVAILABLE with reason NOT_STARTED.
     ExecuteStream takes the same request:
+
+    POST /api/v1/execute/{request_id} with {params}; the HTTP API's
+    X-Cache-Control header is the body's cache_control through a gateway.
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
     ExecuteStream: _aio.UnaryStreamMultiCallable[_lambda_service_pb2.ExecuteRequest, _lambda_service_pb2.ExecuteStreamResponse]  # type: ignore[assignment]
@@ -139,13 +189,23 @@ class LambdaServiceAsyncStub(LambdaServiceStub):
     are answered with a DEADLINE_EXCEEDED `status`. Not idempotent, like Execute.
     """
     Health: _aio.UnaryUnaryMultiCallable[_lambda_service_pb2.HealthRequest, _lambda_service_pb2.HealthResponse]  # type: ignore[assignment]
-    """Health reports the service and each of its components."""
+    """Health reports the service and each of its components.
+    GET /health, and GET /api/v1/health.
+    """
     GetSession: _aio.UnaryUnaryMultiCallable[_lambda_service_pb2.GetSessionRequest, _lambda_service_pb2.GetSessionResponse]  # type: ignore[assignment]
-    """GetSession returns what is stored about a session."""
+    """GetSession returns what is stored about a session.
+    GET /api/v1/sessions/{request_id}.
+    """
     ListFunctions: _aio.UnaryUnaryMultiCallable[_lambda_service_pb2.ListFunctionsRequest, _lambda_service_pb2.ListFunctionsResponse]  # type: ignore[assignment]
-    """ListFunctions lists the registered functions of the catalog."""
+    """ListFunctions lists the registered functions of the catalog.
+    GET /api/v1/functions?language=...: through a gateway the query names
+    this request's fields (page_size, page_token); the HTTP API's own
+    page and per_page number the pages instead.
+    """
     GetFunction: _aio.UnaryUnaryMultiCallable[_lambda_service_pb2.GetFunctionRequest, _lambda_service_pb2.GetFunctionResponse]  # type: ignore[assignment]
-    """GetFunction returns one registered function of the catalog."""
+    """GetFunction returns one registered function of the catalog.
+    GET /api/v1/functions/{language_title}.
+    """
 
 class LambdaServiceServicer(metaclass=_abc_1.ABCMeta):
     """LambdaService runs user scripts in sessions stored in PostgreSQL. Any replica
@@ -157,6 +217,17 @@ class LambdaServiceServicer(metaclass=_abc_1.ABCMeta):
     comes with one gRPC status only (see ErrorReason). RATE_LIMITED and
     QUOTA_EXCEEDED carry a google.rpc.RetryInfo too. A script's own failure is an
     OK status with ExecuteResponse.error set.
+
+    The google.api.http annotations give the routes of the original service's
+    HTTP/JSON API, which the server also serves itself on HTTP_ADDR (README, "The
+    HTTP/JSON API"), so that Envoy's gRPC-JSON transcoder or grpc-gateway in front
+    of the gRPC port answers on the same paths. A gateway speaks protobuf's JSON
+    mapping (lowerCamelCase unless told to keep the proto names, Durations as
+    "0.5s", int64 as strings, errors as google.rpc.Status), not the server's own
+    HTTP shapes; and the routes' headers (Language-Title, X-Request-ID,
+    X-Cache-Control) have no place in an annotation: a gateway's callers send them
+    as the body's fields. ExecuteStream and ExecuteBatch have no route in the
+    original service and none here.
     """
 
     @_abc_1.abstractmethod
@@ -172,6 +243,12 @@ class LambdaServiceServicer(metaclass=_abc_1.ABCMeta):
         whose deadline passes first is DEADLINE_EXCEEDED while the compile goes on
         and records the session's compile_status. Safe to retry when the request
         carries its own request_id.
+
+        POST /api/v1/initialize: the whole body is the request. The HTTP API also
+        reads language_title from the Language-Title header and request_id from
+        X-Request-ID; an annotation maps the body's fields only, so through a
+        gateway they go in the body (Envoy's transcoder forwards headers as
+        metadata, where `language-title` is read too).
         """
 
     @_abc_1.abstractmethod
@@ -184,6 +261,9 @@ class LambdaServiceServicer(metaclass=_abc_1.ABCMeta):
         idempotent (each call counts, and the script may have side effects): safe to
         retry only when it failed UNAVAILABLE with reason NOT_STARTED.
         ExecuteStream takes the same request:
+
+        POST /api/v1/execute/{request_id} with {params}; the HTTP API's
+        X-Cache-Control header is the body's cache_control through a gateway.
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
 
@@ -223,7 +303,9 @@ class LambdaServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _lambda_service_pb2.HealthRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_lambda_service_pb2.HealthResponse, _abc.Awaitable[_lambda_service_pb2.HealthResponse]]:
-        """Health reports the service and each of its components."""
+        """Health reports the service and each of its components.
+        GET /health, and GET /api/v1/health.
+        """
 
     @_abc_1.abstractmethod
     def GetSession(
@@ -231,7 +313,9 @@ class LambdaServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _lambda_service_pb2.GetSessionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_lambda_service_pb2.GetSessionResponse, _abc.Awaitable[_lambda_service_pb2.GetSessionResponse]]:
-        """GetSession returns what is stored about a session."""
+        """GetSession returns what is stored about a session.
+        GET /api/v1/sessions/{request_id}.
+        """
 
     @_abc_1.abstractmethod
     def ListFunctions(
@@ -239,7 +323,11 @@ class LambdaServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _lambda_service_pb2.ListFunctionsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_lambda_service_pb2.ListFunctionsResponse, _abc.Awaitable[_lambda_service_pb2.ListFunctionsResponse]]:
-        """ListFunctions lists the registered functions of the catalog."""
+        """ListFunctions lists the registered functions of the catalog.
+        GET /api/v1/functions?language=...: through a gateway the query names
+        this request's fields (page_size, page_token); the HTTP API's own
+        page and per_page number the pages instead.
+        """
 
     @_abc_1.abstractmethod
     def GetFunction(
@@ -247,6 +335,8 @@ class LambdaServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _lambda_service_pb2.GetFunctionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_lambda_service_pb2.GetFunctionResponse, _abc.Awaitable[_lambda_service_pb2.GetFunctionResponse]]:
-        """GetFunction returns one registered function of the catalog."""
+        """GetFunction returns one registered function of the catalog.
+        GET /api/v1/functions/{language_title}.
+        """
 
 def add_LambdaServiceServicer_to_server(servicer: LambdaServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -10,6 +10,7 @@ apart from 1.0), and result_json is the text the script's runtime wrote.
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Protocol
@@ -22,6 +23,7 @@ from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_server import json_text
 from lambda_server.api import payloads
 from lambda_server.api.errors import status_message
+from lambda_server.config import MAX_JSON_DEPTH_CEILING
 from lambda_server.domain import (
     JSON,
     CompileStatus,
@@ -85,6 +87,10 @@ _FUNCTION_TYPE_FILTER: dict[int, FunctionType] = {int(value): key for key, value
 # bytes, for ExecutePayloads to decode (once, bounded, in slices).
 RawExecuteRequest = payloads.raw_twin(pb.ExecuteRequest, "params")
 RawExecuteBatchRequest = payloads.raw_twin(pb.ExecuteBatchRequest, "params")
+# The deepest JSON an HTTP body may be: what a gRPC request carries at most (protobuf
+# decodes 100 nested messages, and a JSON level costs two: MAX_JSON_DEPTH_CEILING, 48),
+# and the body's own object. A context, say, is never deeper over HTTP than over gRPC.
+HTTP_BODY_MAX_DEPTH = MAX_JSON_DEPTH_CEILING + 1
 # ExecuteBatch's answers converted between two yields of the event loop
 BATCH_ITEMS_PER_SLICE = 50
 
@@ -158,6 +164,56 @@ class ExecutePayloads:
         if call is not None:
             call.params = Payload(params, size)
         return params
+
+    async def json_body(self, body: bytes, owner: str) -> JSON:
+        """An HTTP request's JSON body, read exactly (integers of any size), a large one in its
+        owner's turn as a large params_json is; InvalidRequest when it is not JSON."""
+        try:
+            return await self._pacer.run(self._read_body(body), owner)
+        except (payloads.PastBound, payloads.Malformed) as exc:
+            call = current_call()
+            error, reason = _refusal(exc, "body", "JSON body")
+            if call is not None:
+                call.params = Payload(None, 0, reason)
+            raise error from None
+
+    async def parsed_params(self, params: JSON, size: int, owner: str) -> dict[str, JSON]:
+        """Params read already (the HTTP API's body), measured against MAX_JSON_NODES and
+        MAX_JSON_DEPTH as params_json's are; InvalidRequest naming `params` when they do not
+        hold. `size` is about their JSON text's bytes, for the request log."""
+        call = current_call()
+        try:
+            if not isinstance(params, dict):
+                raise payloads.Malformed(f"params is a JSON {_json_kind(params)}, not an object")
+            tally = payloads.Tally(self._max_nodes, self._max_depth)
+            await self._pacer.run(payloads.measure(params, tally), owner)
+        except (payloads.PastBound, payloads.Malformed) as exc:
+            error, reason = _refusal(exc, "params", "request body")
+            if call is not None:
+                call.params = Payload(None, 0, reason)
+            raise error from None
+        if call is not None:
+            call.params = Payload(params, size)
+        return params
+
+    def _read_body(self, body: bytes) -> payloads.Steps:
+        """The body's value, nested at most HTTP_BODY_MAX_DEPTH levels; Malformed else."""
+        if len(body) > payloads.PARSED_AT_ONCE:
+            yield  # a large body is parsed in its owner's turn (Pacer.run)
+        deep = payloads.Malformed(
+            f"it is nested more than {HTTP_BODY_MAX_DEPTH} levels deep, deeper than a gRPC request carries"
+        )
+        try:
+            value = json_text.loads(body)
+        except json_text.TooDeep:
+            raise deep from None
+        except json_text.Refused as exc:
+            raise payloads.Malformed(f"it is not JSON: {exc}") from None
+        try:
+            yield from payloads.measure(value, payloads.Tally(sys.maxsize, HTTP_BODY_MAX_DEPTH))
+        except payloads.PastBound:
+            raise deep from None
+        return value
 
     async def batch_params(self, request: ExecuteBatchParams, owner: str) -> list[dict[str, JSON]]:
         """The items of an ExecuteBatchRequest, each decoded as an ExecuteRequest's params (its

@@ -71,7 +71,7 @@ def reports_errors(method: Handler) -> Handler:
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            failure = _failure(method.__name__, exc)
+            failure = as_lambda_error(method.__name__, exc)
         await _abort(context, failure)
 
     return wrapper  # type: ignore[return-value]
@@ -92,14 +92,14 @@ def reports_stream_errors(method: StreamHandler) -> StreamHandler:
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            failure = _failure(method.__name__, exc)
+            failure = as_lambda_error(method.__name__, exc)
         await _abort(context, failure)
 
     return wrapper  # type: ignore[return-value]
 
 
-def _failure(method: str, exc: Exception) -> errors.LambdaError:
-    """Our error as it is, logged; anything unexpected as an INTERNAL one."""
+def as_lambda_error(method: str, exc: Exception) -> errors.LambdaError:
+    """Our error as it is, logged; anything unexpected as an INTERNAL one (both front doors)."""
     if isinstance(exc, errors.LambdaError):
         level = (
             logging.WARNING

@@ -8,7 +8,6 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -16,15 +15,15 @@ import grpc
 from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_server.api.errors import Context, to_status
 from lambda_server.api.request_logs import (
+    EntryMaker,
+    GrpcWire,
     RequestLog,
     batch_entry,
     client_address,
     execute_entry,
-    fallback_entry,
-    is_unloggable,
+    log_call,
 )
 from lambda_server.config import GrpcSettings
-from lambda_server.domain import RequestLogEntry
 from lambda_server.errors import QuotaExceeded
 from lambda_server.logs import CallInfo, begin_call, end_call
 from lambda_server.metrics import Metrics
@@ -39,7 +38,6 @@ EXECUTE_STREAM = f"/{_SERVICE}/ExecuteStream"
 EXECUTE_BATCH = f"/{_SERVICE}/ExecuteBatch"
 # The calls the request log keeps, each with the function making its entry (ExecuteStream's
 # from the ExecuteResponse its last message carried).
-EntryMaker = Callable[[Any, grpc.StatusCode, Context, CallInfo, float, float], RequestLogEntry]
 LOGGED: dict[str, EntryMaker] = {
     EXECUTE: execute_entry,
     EXECUTE_STREAM: execute_entry,
@@ -253,32 +251,6 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self._metrics.rpcs.labels(method, code.name).inc()
         self._metrics.rpc_seconds.labels(method).observe(seconds)
 
-    def _log(
-        self,
-        entry_for: EntryMaker,
-        response: Any,
-        code: grpc.StatusCode,
-        context: Context,
-        call: CallInfo,
-        started_at: float,
-        elapsed: float,
-    ) -> None:
-        """Every Execute gets its entry, whatever it answered; nothing raises out of here."""
-        assert self._request_log is not None
-        try:
-            try:
-                entry = entry_for(response, code, context, call, started_at, elapsed)
-            except Exception as exc:  # a bug: the call still gets an entry, with markers
-                log.exception("could not make the request log entry; logging a marker")
-                entry = fallback_entry(code, call, started_at, elapsed, f"{type(exc).__name__}: {exc}")
-                entry = replace(entry, items=call.items)
-            for which, payload in (("params", entry.request_payload), ("result", entry.response_payload)):
-                if is_unloggable(payload):
-                    self._metrics.log_unloggable.labels(which).inc()
-            self._request_log.record(entry)
-        except Exception:  # the call it describes is answered already: never fail it
-            log.exception("could not log the request")
-
 
 class _Served:
     """One call served as a unary call is: marked for the logs from its start; its request's
@@ -325,8 +297,16 @@ class _Served:
         elapsed = time.perf_counter() - self._started
         self._interceptor._count(self._name, code, elapsed)
         if self._logged is not None and self._interceptor._request_log is not None:
-            self._interceptor._log(
-                self._logged, response, code, context, self.info, self._started_at, elapsed
+            log_call(
+                self._interceptor._request_log,
+                self._interceptor._metrics,
+                self._logged,
+                response,
+                code,
+                GrpcWire(context),
+                self.info,
+                self._started_at,
+                elapsed,
             )
         with contextlib.suppress(ValueError):  # a stream closed from another context (its finalizer)
             end_call(self._token)

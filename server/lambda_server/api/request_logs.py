@@ -1,10 +1,16 @@
-"""Execute and ExecuteBatch calls as request-log entries: the HTTP status, bounded payloads, no secrets."""
+"""Execute and ExecuteBatch calls as request-log entries: the HTTP status, bounded payloads, no secrets.
+
+An entry is made from the answer (an ExecuteResponse) and from what the call's wire
+tells (a CallWire): the gRPC call's context (GrpcWire), or the HTTP request (the HTTP
+API's own), so that an Execute over either front door is logged alike."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -13,6 +19,9 @@ from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_server.api.errors import Context
 from lambda_server.domain import JSON, ErrorLogEntry, RequestLogEntry
 from lambda_server.logs import CallInfo, Payload
+from lambda_server.metrics import Metrics
+
+log = logging.getLogger(__name__)
 
 # The usual HTTP equivalent of each gRPC status (as grpc-gateway and Google APIs map them).
 HTTP_STATUS: dict[grpc.StatusCode, int] = {
@@ -56,10 +65,84 @@ class RequestLog(Protocol):
     def record(self, entry: RequestLogEntry) -> None: ...
 
 
+class CallWire(Protocol):
+    """What an entry reads of the call as its front door received and answered it."""
+
+    def address(self) -> str:
+        """The caller's address, without its port."""
+        ...
+
+    def headers(self) -> dict[str, str]:
+        """The request's headers (metadata), secrets left out (logged_headers)."""
+        ...
+
+    def refusal(self) -> tuple[str, dict[str, str], str]:
+        """A refused call's ErrorInfo reason, its metadata and the message."""
+        ...
+
+    def http_status(self, code: grpc.StatusCode) -> int:
+        """The HTTP status the call is logged with when it ended with `code`."""
+        ...
+
+
+class GrpcWire:
+    """A gRPC call's side of its entry: its context."""
+
+    __slots__ = ("_context",)
+
+    def __init__(self, context: Context) -> None:
+        self._context = context
+
+    def address(self) -> str:
+        return client_address(self._context.peer() or "")
+
+    def headers(self) -> dict[str, str]:
+        return logged_headers(self._context.invocation_metadata() or ())
+
+    def refusal(self) -> tuple[str, dict[str, str], str]:
+        reason, metadata = _error_info(self._context)
+        return reason, metadata, self._context.details() or ""
+
+    def http_status(self, code: grpc.StatusCode) -> int:
+        return HTTP_STATUS.get(code, 500)
+
+
+# Makes one call's entry: (answer, code, wire, call, started_at, duration) -> entry.
+EntryMaker = Callable[[Any, grpc.StatusCode, CallWire, CallInfo, float, float], RequestLogEntry]
+
+
+def log_call(
+    request_log: RequestLog,
+    metrics: Metrics,
+    entry_for: EntryMaker,
+    answer: Any,
+    code: grpc.StatusCode,
+    wire: CallWire,
+    call: CallInfo,
+    started_at: float,
+    elapsed: float,
+) -> None:
+    """Every Execute (or ExecuteBatch) gets its entry, whatever it answered, from either front
+    door; an entry that cannot be made is logged with markers; nothing raises out of here."""
+    try:
+        try:
+            entry = entry_for(answer, code, wire, call, started_at, elapsed)
+        except Exception as exc:  # a bug: the call still gets an entry, with markers
+            log.exception("could not make the request log entry; logging a marker")
+            entry = fallback_entry(code, call, started_at, elapsed, f"{type(exc).__name__}: {exc}")
+            entry = replace(entry, items=call.items)
+        for which, payload in (("params", entry.request_payload), ("result", entry.response_payload)):
+            if is_unloggable(payload):
+                metrics.log_unloggable.labels(which).inc()
+        request_log.record(entry)
+    except Exception:  # the call it describes is answered already: never fail it
+        log.exception("could not log the request")
+
+
 def execute_entry(
     response: pb.ExecuteResponse | None,
     code: grpc.StatusCode,
-    context: Context,
+    wire: CallWire,
     call: CallInfo,
     started_at: float,
     duration: float,
@@ -73,7 +156,7 @@ def execute_entry(
     runtime_metrics: dict[str, JSON] | None = None
     error: ErrorLogEntry | None = None
     error_details: dict[str, JSON] | None = None
-    status = HTTP_STATUS.get(code, 500)
+    status = wire.http_status(code)
     if response is not None:
         runtime_metrics = {
             "environment_state": _environment_state(response.environment_state),
@@ -88,8 +171,7 @@ def execute_entry(
             error = ErrorLogEntry(failure_code, failure.message, failure.stack_trace, where)
             error_details = {"code": failure_code, "message": failure.message, **where}
     elif code != grpc.StatusCode.OK:
-        reason, metadata = _error_info(context)
-        message = context.details() or ""
+        reason, metadata, message = wire.refusal()
         error = ErrorLogEntry(reason or code.name, message, "", {"grpc_code": code.name, **metadata})
         error_details = {"reason": reason, "message": message, "metadata": dict(metadata)}
     request_id = response.request_id if response is not None else (call.request_id or None)
@@ -97,9 +179,9 @@ def execute_entry(
         request_id=(request_id or "")[:64] or None,
         language_title=response.language_title if response is not None else "",
         timestamp=datetime.fromtimestamp(started_at, UTC),
-        client_ip=client_address(context.peer() or "") or None,
+        client_ip=wire.address() or None,
         user_id=call.user_id,
-        request_headers=_headers(context),
+        request_headers=wire.headers(),
         request_payload=request_payload,
         response_payload=response_payload,
         status_code=status,
@@ -116,7 +198,7 @@ def execute_entry(
 def batch_entry(
     response: pb.ExecuteBatchResponse | None,
     code: grpc.StatusCode,
-    context: Context,
+    wire: CallWire,
     call: CallInfo,
     started_at: float,
     duration: float,
@@ -125,7 +207,7 @@ def batch_entry(
     is its number of items, the payloads are the arrays of their params and answers.
     Answered, it is 200 when every item has a result, else 500 with the counts of items
     that failed and did not run in error_details; refused, as a refused Execute."""
-    entry = execute_entry(None, code, context, call, started_at, duration)
+    entry = execute_entry(None, code, wire, call, started_at, duration)
     if response is None:
         return replace(entry, items=call.items)
     results = response.results
@@ -197,14 +279,17 @@ def _environment_state(state: int) -> str | None:
     return pb.EnvironmentState.Name(state).removeprefix("ENVIRONMENT_STATE_").lower()  # type: ignore[arg-type]
 
 
-def _headers(context: Context) -> dict[str, str]:
+def logged_headers(pairs: Iterable[tuple[str, Any]]) -> dict[str, str]:
+    """The headers (or metadata) a row keeps: lower-case names, no credentials, no binary
+    values, at most MAX_HEADERS of MAX_HEADER_CHARS each."""
     headers: dict[str, str] = {}
-    for key, value in context.invocation_metadata() or ():
+    for key, value in pairs:
         if len(headers) >= MAX_HEADERS:
             break
-        if key in HIDDEN_HEADERS or key.endswith("-bin") or not isinstance(value, str):
+        name = key.lower()
+        if name in HIDDEN_HEADERS or name.endswith("-bin") or not isinstance(value, str):
             continue
-        headers[key] = value[:MAX_HEADER_CHARS]
+        headers[name] = value[:MAX_HEADER_CHARS]
     return headers
 
 

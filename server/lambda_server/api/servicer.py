@@ -13,21 +13,17 @@ from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_microservice.v1 import lambda_service_pb2_grpc as pb_grpc
 from lambda_server.api import convert
 from lambda_server.api.errors import Context, Undecodable, reports_errors, reports_stream_errors
+from lambda_server.api.gate import REFUSED_QUOTA, Gate
 from lambda_server.api.request_logs import client_address
-from lambda_server.auth import Authenticator
 from lambda_server.domain import Caller, Deadline, OutputChunk
 from lambda_server.errors import RateLimited
-from lambda_server.limits import LimitedCall, RateLimiter
-from lambda_server.logs import current_call, note_user
+from lambda_server.limits import LimitedCall
+from lambda_server.logs import current_call
 from lambda_server.usecases import UseCases
 from lambda_server.usecases.stream import streamed
 
 LANGUAGE_TITLE_HEADER = "language-title"
 AUTHORIZATION_HEADER = "authorization"
-# The caller's executions a minute and what is left of them, in Execute's (and
-# ExecuteStream's and ExecuteBatch's) trailing metadata.
-RATE_LIMIT_HEADER = "x-ratelimit-limit"
-RATE_REMAINING_HEADER = "x-ratelimit-remaining"
 RESPONSE_MARGIN = 0.05  # seconds
 OUTPUT_STREAM = {"stdout": pb.OUTPUT_STREAM_STDOUT, "stderr": pb.OUTPUT_STREAM_STDERR}
 
@@ -50,41 +46,34 @@ class LambdaServicer(pb_grpc.LambdaServiceServicer):
     def __init__(
         self,
         usecases: UseCases,
-        authenticator: Authenticator,
-        limiter: RateLimiter,
-        json_bounds: tuple[int, int],  # MAX_JSON_NODES, MAX_JSON_DEPTH
-        answer_bytes: int | None = None,  # GRPC_MAX_SEND_MESSAGE_BYTES
+        gate: Gate,
+        payloads: convert.ExecutePayloads,
     ) -> None:
         self._usecases = usecases
-        self._auth = authenticator
-        self._limiter = limiter
-        self._payloads = convert.ExecutePayloads(*json_bounds, answer_bytes)
+        self._gate = gate
+        self._payloads = payloads
 
     def _caller(self, context: Context) -> Caller:
         """Who calls, from the `authorization` metadata; Unauthenticated when it does not hold."""
-        caller = self._auth.authenticate(
-            _metadata(context, AUTHORIZATION_HEADER) or None, client_address(context.peer() or "")
+        return self._gate.caller(
+            _metadata(context, AUTHORIZATION_HEADER), client_address(context.peer() or "")
         )
-        note_user(caller.user_id)  # for the call's request log
-        return caller
 
     def _admit(self, caller: Caller, context: Context, count: int = 1) -> None:
         """Take `count` of the caller's executions (RateLimited when they are not there), and
         say in the trailing metadata what is left."""
         try:
-            quota = self._limiter.admit(caller, count=count)
+            quota = self._gate.admit(caller, count=count)
         except RateLimited:  # the status's RetryInfo says when to retry
-            context.set_trailing_metadata(((RATE_REMAINING_HEADER, "0"),))
+            context.set_trailing_metadata(REFUSED_QUOTA)
             raise
-        if quota is not None:
-            context.set_trailing_metadata(
-                ((RATE_LIMIT_HEADER, str(quota.limit)), (RATE_REMAINING_HEADER, str(quota.remaining)))
-            )
+        if quota:
+            context.set_trailing_metadata(quota)
 
     @reports_errors
     async def Initialize(self, request: pb.InitializeRequest, context: Context) -> pb.InitializeResponse:
         caller = self._caller(context)  # who calls comes first: a stranger learns nothing else
-        self._limiter.admit(caller, LimitedCall.INITIALIZE)  # before any work: checks cost CPU
+        self._gate.admit(caller, LimitedCall.INITIALIZE)  # before any work: checks cost CPU
         title = request.language_title or _metadata(context, LANGUAGE_TITLE_HEADER)
         record = await self._usecases.initialize(
             language_title=title,

@@ -8,7 +8,7 @@ from lambda_server.auth import require_read_functions
 from lambda_server.domain import JSON, Caller, Deadline, FunctionDefinition, FunctionPage, FunctionType
 from lambda_server.errors import InvalidRequest, RuntimeNotAvailable, UnknownLanguage
 from lambda_server.runtimes.registry import RuntimeRegistry
-from lambda_server.store.catalog import FunctionCatalog
+from lambda_server.store.catalog import MAX_PAGE_SIZE, FunctionCatalog
 from lambda_server.usecases.inputs import refuse_nul
 from lambda_server.validation import ParamsValidator
 
@@ -37,6 +37,24 @@ class Catalog:
         refuse_nul(language, "language")
         page = await self._functions.list(language or None, function_type, page_size, page_token, deadline)
         return FunctionPage([self._shown(f, False) for f in page.functions], page.next_page_token)
+
+    async def numbered_page(
+        self, language: str, page: int, per_page: int, caller: Caller, deadline: Deadline
+    ) -> tuple[list[FunctionDefinition], int]:
+        """Page `page` (from 1) of `per_page` functions (at most MAX_PAGE_SIZE) and how many
+        match in all: the HTTP API's listing. Never with scripts."""
+        require_read_functions(caller)
+        refuse_nul(language, "language")
+        if page < 1:
+            raise InvalidRequest(f"page must be 1 or more, not {page}", field="page")
+        if not 1 <= per_page <= MAX_PAGE_SIZE:
+            raise InvalidRequest(
+                f"per_page must be from 1 to {MAX_PAGE_SIZE}, not {per_page}",
+                field="per_page",
+                limit=str(MAX_PAGE_SIZE),
+            )
+        functions, total = await self._functions.numbered(language or None, page, per_page, deadline)
+        return [self._shown(f, False) for f in functions], total
 
     async def get_function(
         self, language_title: str, caller: Caller, deadline: Deadline

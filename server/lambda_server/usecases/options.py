@@ -78,7 +78,7 @@ class SessionOptionsPolicy:
                 else int(self._processes.check("options.max_processes", asked.max_processes))
             ),
             cache_ttl_seconds=(
-                _context_cache_ttl(context)
+                _context_cache_ttl(context, self._runtime.default_cache_ttl_seconds)
                 if asked.cache_ttl_seconds is None
                 else self._cache_ttl.check("options.cache_ttl", asked.cache_ttl_seconds)
             ),
@@ -113,11 +113,12 @@ def _context_int(context: dict[str, JSON], name: str, default: int, low: int, hi
     return raw
 
 
-def _context_cache_ttl(context: dict[str, JSON]) -> float:
-    """context.cache_ttl_seconds: a number of seconds from 0 to a day (absent: 0, off)."""
+def _context_cache_ttl(context: dict[str, JSON], default: float) -> float:
+    """context.cache_ttl_seconds: a number of seconds from 0 to a day (absent: `default`,
+    DEFAULT_CACHE_TTL_SECONDS; 0 is off)."""
     raw = context.get("cache_ttl_seconds")
     if raw is None:
-        return 0.0
+        return default
     if isinstance(raw, bool) or not isinstance(raw, int | float) or not 0 <= raw <= MAX_TTL_SECONDS:
         raise InvalidRequest(
             f"context.cache_ttl_seconds must be a number of seconds from 0 to {MAX_TTL_SECONDS}, not {raw!r}",

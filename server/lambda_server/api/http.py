@@ -1,0 +1,266 @@
+"""The HTTP/JSON API: the original service's routes, on aiohttp beside gRPC, calling the same use cases.
+
+A front door like the gRPC servicer: it translates HTTP and JSON to and from domain
+values (http_json) and holds no business logic. The same Gate authenticates callers and
+takes their rate-limit tokens, the same ExecutePayloads bounds params and results (and
+notes them for the request log), errors come from errors.py's one table (mapped to HTTP
+in http_json.ERRORS), and the middleware (http_served) does for each request what the
+gRPC interceptor does for each call.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from lambda_server.api import http_json
+from lambda_server.api.convert import ExecutePayloads
+from lambda_server.api.gate import REFUSED_QUOTA, Gate
+from lambda_server.api.http_served import (
+    ANSWER,
+    QUOTA,
+    REQUEST_ID_HEADER,
+    ServedRequests,
+    json_answer,
+    peer_address,
+)
+from lambda_server.api.interceptors import InflightBytes
+from lambda_server.api.request_logs import RequestLog
+from lambda_server.config import ConfigError
+from lambda_server.domain import JSON, Caller, Deadline, OptimizationLevel
+from lambda_server.errors import InvalidRequest, RateLimited, RequestTooLarge
+from lambda_server.limits import LimitedCall
+from lambda_server.logs import current_call
+from lambda_server.metrics import Metrics
+from lambda_server.usecases import UseCases
+
+INITIALIZE = "/api/v1/initialize"
+EXECUTE = "/api/v1/execute/{request_id}"
+SESSION = "/api/v1/sessions/{request_id}"
+FUNCTIONS = "/api/v1/functions"
+FUNCTION = "/api/v1/functions/{language_title}"
+HEALTH = "/health"
+API_HEALTH = "/api/v1/health"
+# The method each route is logged and counted as (the gRPC method it stands for).
+METHODS = {
+    INITIALIZE: "Initialize",
+    EXECUTE: "Execute",
+    SESSION: "GetSession",
+    FUNCTIONS: "ListFunctions",
+    FUNCTION: "GetFunction",
+    HEALTH: "Health",
+    API_HEALTH: "Health",
+}
+
+LANGUAGE_TITLE_HEADER = "Language-Title"
+CACHE_CONTROL_HEADER = "X-Cache-Control"
+AUTHORIZATION_HEADER = "Authorization"
+DEFAULT_PER_PAGE = 20
+_BODY = web.RequestKey("body", bytes)  # read once, by whichever step needs it first
+
+
+class HttpApi:
+    """The routes; `start` serves them (through the middleware), `stop` drains them."""
+
+    def __init__(
+        self,
+        usecases: UseCases,
+        gate: Gate,
+        payloads: ExecutePayloads,
+        metrics: Metrics,
+        request_log: RequestLog | None,
+        inflight: InflightBytes,
+        *,
+        max_body_bytes: int,  # GRPC_MAX_RECEIVE_MESSAGE_BYTES: the same bound as a gRPC request's
+        cors_origins: tuple[str, ...],
+        grace: float,  # SHUTDOWN_GRACE_SECONDS: requests in flight at stop
+    ) -> None:
+        self._usecases = usecases
+        self._gate = gate
+        self._payloads = payloads
+        self._max_body_bytes = max_body_bytes
+        self._served = ServedRequests(
+            metrics,
+            request_log,
+            inflight,
+            methods=METHODS,
+            logged=EXECUTE,
+            max_body_bytes=max_body_bytes,
+            cors_origins=cors_origins,
+        )
+        self._grace = grace
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    def application(self) -> web.Application:
+        app = web.Application(client_max_size=self._max_body_bytes, middlewares=[self._served.middleware])
+        app.router.add_post(INITIALIZE, self.initialize)
+        app.router.add_post(EXECUTE, self.execute)
+        app.router.add_get(SESSION, self.get_session, allow_head=False)
+        app.router.add_get(FUNCTIONS, self.list_functions, allow_head=False)
+        app.router.add_get(FUNCTION, self.get_function, allow_head=False)
+        app.router.add_get(HEALTH, self.health, allow_head=False)
+        app.router.add_get(API_HEALTH, self.health, allow_head=False)
+        return app
+
+    async def start(self, address: str) -> int:
+        """Listen on `address` (HOST:PORT, port 0 picks one); ConfigError naming HTTP_ADDR
+        when it cannot. The port bound."""
+        host, _, port = address.rpartition(":")
+        runner = web.AppRunner(
+            self.application(), access_log=None, handle_signals=False, shutdown_timeout=self._grace
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, host.strip("[]"), int(port), reuse_port=False)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise ConfigError(f"HTTP_ADDR={address!r}: cannot listen there: {exc.strerror or exc}") from None
+        self._runner = runner
+        self.port = int(runner.addresses[0][1])
+        return self.port
+
+    async def stop(self) -> None:
+        """Stop listening, give requests in flight SHUTDOWN_GRACE_SECONDS, close the rest."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    # --- the routes ---------------------------------------------------------------------
+
+    async def initialize(self, request: web.Request) -> web.StreamResponse:
+        caller = self._caller(request)
+        self._gate.admit(caller, LimitedCall.INITIALIZE)  # before any work: checks cost CPU
+        body = await self._object_body(request, caller)
+        title = http_json.text_field(body, "language_title") or request.headers.get(LANGUAGE_TITLE_HEADER, "")
+        request_id = http_json.text_field(body, "request_id") or request.headers.get(REQUEST_ID_HEADER, "")
+        record = await self._usecases.initialize(
+            language_title=title,
+            script=http_json.text_field(body, "script_content"),
+            context=http_json.object_field(body, "context"),
+            request_id=request_id or None,
+            caller=caller,
+            deadline=Deadline(None),
+            options=http_json.requested_options(http_json.object_field(body, "options")),
+            optimization=_optimization(http_json.object_field(body, "compile_options")),
+            dependencies=http_json.strings_field(body, "dependencies"),
+        )
+        call = current_call()
+        if call is not None:
+            call.request_id = record.request_id
+        return json_answer(http_json.initialize_body(record))
+
+    async def execute(self, request: web.Request) -> web.StreamResponse:
+        request_id = request.match_info["request_id"]
+        caller = self._caller(request)
+        try:
+            request[QUOTA] = self._gate.admit(caller)
+        except RateLimited:
+            request[QUOTA] = REFUSED_QUOTA
+            raise
+        raw = await self._read(request)
+        body = await self._object_body(request, caller, raw)
+        params = body.get("params")
+        params = await self._payloads.parsed_params({} if params is None else params, len(raw), caller.owner)
+        cache_control = request.headers.get(CACHE_CONTROL_HEADER)
+        cache_control = cache_control or http_json.text_field(body, "cache_control")
+        execution = await self._usecases.execute(request_id, params, caller, Deadline(None), cache_control)
+        response = await self._payloads.response(execution, caller.owner)
+        request[ANSWER] = response
+        answer = json_answer(http_json.execute_body(response, execution))
+        if response.HasField("error"):
+            answer.headers[http_json.FUNCTION_ERROR_HEADER] = http_json.failure_code(response)
+        return answer
+
+    async def get_session(self, request: web.Request) -> web.StreamResponse:
+        caller = self._caller(request)
+        record = await self._usecases.get_session(request.match_info["request_id"], caller, Deadline(None))
+        return json_answer(http_json.session_body(record))
+
+    async def list_functions(self, request: web.Request) -> web.StreamResponse:
+        caller = self._caller(request)
+        query = request.query
+        page = _query_int(query.get("page"), "page", 1)
+        per_page = _query_int(query.get("per_page"), "per_page", DEFAULT_PER_PAGE)
+        language = query.get("language", "")
+        functions, total = await self._usecases.catalog.numbered_page(
+            language, page, per_page, caller, Deadline(None)
+        )
+        return json_answer(
+            {
+                "total": total,
+                "page": page,
+                "per_page": per_page,
+                "functions": [http_json.function_summary(f) for f in functions],
+            }
+        )
+
+    async def get_function(self, request: web.Request) -> web.StreamResponse:
+        caller = self._caller(request)
+        function = await self._usecases.catalog.get_function(
+            request.match_info["language_title"], caller, Deadline(None)
+        )
+        return json_answer(http_json.function_body(function))
+
+    async def health(self, request: web.Request) -> web.StreamResponse:
+        report = self._usecases.health()
+        return json_answer(http_json.health_body(report), 200 if report.serving else 503)
+
+    # --- what every route shares -------------------------------------------------------
+
+    def _caller(self, request: web.Request) -> Caller:
+        return self._gate.caller(request.headers.get(AUTHORIZATION_HEADER), peer_address(request))
+
+    async def _read(self, request: web.Request) -> bytes:
+        """The body, at most client_max_size (GRPC_MAX_RECEIVE_MESSAGE_BYTES)."""
+        cached = request.get(_BODY)
+        if cached is None:
+            try:
+                cached = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                raise RequestTooLarge(
+                    f"the body is larger than GRPC_MAX_RECEIVE_MESSAGE_BYTES ({self._max_body_bytes})",
+                    setting="GRPC_MAX_RECEIVE_MESSAGE_BYTES",
+                    limit=str(self._max_body_bytes),
+                ) from None
+            request[_BODY] = cached
+        body: bytes = cached
+        return body
+
+    async def _object_body(
+        self, request: web.Request, caller: Caller, raw: bytes | None = None
+    ) -> dict[str, JSON]:
+        """The body's JSON object ({} for an empty body); InvalidRequest (400) when it is not."""
+        raw = await self._read(request) if raw is None else raw
+        if not raw.strip():
+            return {}
+        body = await self._payloads.json_body(raw, caller.owner)
+        if not isinstance(body, dict):
+            what = http_json.kind(body)
+            raise InvalidRequest(f"the body must be a JSON object, not a JSON {what}", field="body")
+        return body
+
+
+def _query_int(raw: str | None, name: str, default: int) -> int:
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidRequest(f"{name} must be an integer, not {raw[:40]!r}", field=name) from None
+
+
+def _optimization(options: dict[str, Any]) -> OptimizationLevel:
+    level = options.get("optimization_level")
+    if level is None:
+        return OptimizationLevel.DEBUG
+    name = str(level).lower().removeprefix("optimization_level_")
+    try:
+        return OptimizationLevel(name)
+    except ValueError:
+        raise InvalidRequest(
+            f"compile_options.optimization_level must be debug or release, not {str(level)[:40]!r}",
+            field="compile_options.optimization_level",
+        ) from None
