@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -32,8 +33,15 @@ from lambda_microservice import (
 )
 from lambda_server.config import DependencySettings
 from lambda_server.domain import Deadline
+from lambda_server.errors import DependencyUnresolvable, InvalidRequest, PackageIndexUnavailable
 from lambda_server.runtimes.layers import Lock
-from lambda_server.runtimes.npm import NpmResolver, find_npm, packages
+from lambda_server.runtimes.npm import (
+    NpmResolver,
+    find_npm,
+    packages,
+    parse_requirement,
+    refuse_other_sources,
+)
 from lambda_server.runtimes.registry import discover
 from tests.support import ServerThread, descendants, free_port, server_settings
 
@@ -205,7 +213,12 @@ def test_a_hostile_package_runs_none_of_its_code_at_install(tmp_path: Path) -> N
         deadline = Deadline.after(INSTALL_TIMEOUT)
         text = await resolver.lock_folder(work, ("lambda-hostile",), deadline)
         lock = Lock("nodejs", ("lambda-hostile",), packages(text), text)
-        await resolver.install(lock, target, deadline)
+        with pytest.raises(DependencyUnresolvable) as refused:  # a file: package: not the registry's
+            await resolver.install(lock, target, deadline)
+        assert "lambda-hostile comes from file:" in refused.value.message
+        assert not await asyncio.to_thread(os.listdir, target)
+        # npm ci itself (what install runs once the lock's sources are checked): scripts ignored
+        await resolver._install(lock, target, deadline, None)
         return lock
 
     target = tmp_path / "layer"
@@ -230,6 +243,110 @@ def test_a_hostile_package_runs_none_of_its_code_at_install(tmp_path: Path) -> N
         timeout=INSTALL_TIMEOUT,
     )
     assert sorted(marker.name for marker in markers.iterdir()) == ["install", "postinstall", "preinstall"]
+
+
+def test_a_pathological_range_is_refused_at_once() -> None:
+    """Ranges whose spaces a backtracking pattern could split many ways (5 s for 75 characters
+    before): refused, each in far less than a second (the bound is generous, for a busy box)."""
+    hostile = [
+        "x@" + ("1" + " " * 8) * 8 + "!",
+        "x@" + ("1 " * 120) + "!",
+        "x@" + (">= 1 " * 50) + "!",
+        "x@" + ("1" + " " * 8) * 56 + "!",  # 512 characters: over the range's bound
+    ]
+    for requirement in hostile:
+        started = time.monotonic()
+        with pytest.raises(InvalidRequest):
+            parse_requirement(requirement)
+        assert time.monotonic() - started < 1.0, requirement[:40]
+    for fine in (
+        "x@^4",
+        "x@>=1 <2",
+        "x@1.x || 2",
+        "x@1.0.0 - 1.2.0",
+        "x@~1.2",
+        "x@>= 1.2",
+        "x@" + "1 " * 100,
+    ):
+        assert parse_requirement(fine)[0] == "x"
+
+
+def test_a_git_dependency_of_a_package_is_never_fetched(tmp_path: Path) -> None:
+    """A package (a local tarball) that depends on a git repository whose `prepare` script
+    writes a marker: npm, as the resolver runs it, refuses to fetch git at lock time, so
+    nothing is cloned or prepared; a lock naming anything but the registry's tarballs is
+    refused before `npm ci`."""
+    assert NPM is not None
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    prepare = f"node -e \"require('fs').writeFileSync('{markers / 'prepare'}', 'ran')\""
+    (evil / "package.json").write_text(
+        json.dumps({"name": "evil", "version": "1.0.0", "scripts": {"prepare": prepare}})
+    )
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    for argv in (["git", "init", "-q"], ["git", "add", "."], [*git, "commit", "-qm", "evil"]):
+        subprocess.run(argv, cwd=evil, check=True, capture_output=True, timeout=INSTALL_TIMEOUT)
+    source = tmp_path / "gitdep"
+    source.mkdir()
+    dependencies = {"evil": f"git+file://{evil}", "evil-remote": "git+https://127.0.0.1:1/evil.git"}
+    (source / "package.json").write_text(
+        json.dumps({"name": "lambda-gitdep", "version": "1.0.0", "dependencies": dependencies})
+    )
+    packed = subprocess.run(
+        [NODE.interpreter, NPM, "pack", "--ignore-scripts", "--pack-destination", str(tmp_path)],
+        cwd=source,
+        capture_output=True,
+        check=True,
+        timeout=INSTALL_TIMEOUT,
+    )
+    tarball = tmp_path / packed.stdout.decode().strip().splitlines()[-1]
+    resolver = NpmResolver(NPM, NODE.interpreter, None, tmp_path / "layers")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "package.json").write_text(
+        json.dumps(
+            {"name": "lambda-layer", "private": True, "dependencies": {"lambda-gitdep": f"file:{tarball}"}}
+        )
+    )
+    with pytest.raises(DependencyUnresolvable):
+        asyncio.run(resolver.lock_folder(work, ("lambda-gitdep",), Deadline.after(INSTALL_TIMEOUT)))
+    assert not list(markers.iterdir()), "a git dependency was prepared"
+    assert not (work / "package-lock.json").exists()
+
+    # a lock that names other sources (as a registry package's dependency could): refused
+    def lock_with(resolved: str) -> str:
+        entry = {"version": "1.0.0", "resolved": resolved, "integrity": "sha512-x"}
+        return json.dumps({"lockfileVersion": 3, "packages": {"": {}, "node_modules/evil": entry}})
+
+    refuse_other_sources(lock_with("https://registry.npmjs.org/evil/-/evil-1.0.0.tgz"), None, ("evil",))
+    refuse_other_sources(
+        lock_with("http://127.0.0.1:4873/evil/-/evil-1.0.0.tgz"), "http://127.0.0.1:4873", ()
+    )
+    for resolved in (
+        "git+ssh://git@github.com/evil/x.git#abc",
+        "git+file:///tmp/evil#abc",
+        "file:../evil.tgz",
+        "https://evil.example/evil-1.0.0.tgz",
+        "https://registry.npmjs.org.evil.example/evil-1.0.0.tgz",
+    ):
+        with pytest.raises(DependencyUnresolvable):
+            refuse_other_sources(lock_with(resolved), None, ("evil",))
+    with pytest.raises(DependencyUnresolvable):  # not the configured registry
+        refuse_other_sources(
+            lock_with("https://registry.npmjs.org/evil/-/evil-1.0.0.tgz"), "http://127.0.0.1:4873/", ()
+        )
+
+
+def test_registry_credentials_never_reach_the_caller(tmp_path: Path) -> None:
+    """NPM_REGISTRY with userinfo, unreachable: the error says so without the password."""
+    registry = f"http://lambda-user:s3cret-token@127.0.0.1:{free_port()}/"
+    resolver = NpmResolver(NPM or "", NODE.interpreter, registry, tmp_path / "layers")
+    with pytest.raises(PackageIndexUnavailable) as refused:
+        asyncio.run(resolver.lock(("dayjs@1.11.13",), Deadline.after(INSTALL_TIMEOUT)))
+    assert "s3cret-token" not in refused.value.message
+    assert "lambda-user" not in refused.value.message
 
 
 def test_the_allowlist_names_npm_packages_and_their_dependencies(database_url: str, tmp_path: Path) -> None:

@@ -23,10 +23,13 @@ by its name in app.py (`_layer_store`). Its `install` fills `target` with what i
 read (Python: `site-packages`); each worker gets the layer's folder in its `load` frame
 (`"layer": "<LAYER_DIR>/layers/<id>"`) and puts it on its module path for that script.
 
-Layers that no unexpired session uses, installed longer than LAYER_RETENTION_SECONDS
-ago, are removed by each server's sweep (every CLEANUP_INTERVAL_SECONDS), as Rust
-programs are (usecases/builds.py); a layer removed while a new session came to use
-it is installed again from that session's stored lock.
+Layers that no unexpired session uses, installed or last used (the folder's mtime, touched
+by each use at most once a USE_TOUCH_SECONDS) longer than LAYER_RETENTION_SECONDS ago, are
+removed by each server's sweep (every CLEANUP_INTERVAL_SECONDS), as Rust programs are
+(usecases/builds.py); the sweep looks again under the layer's flock (its mtime, and whether a
+session stored since uses it), and a layer removed all the same (by hand, or a session of
+another server adopting it within that gap) is installed again from the session's stored
+lock by the next Execute that needs it.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ from lambda_server.errors import (
     Unavailable,
     own_instance,
 )
+from lambda_server.runtimes.installer_process import folder_size, too_large
 from lambda_server.runtimes.slots import FairSlots, SlotWaitTimeout
 from lambda_server.tasks import cancel_and_wait
 
@@ -76,6 +80,7 @@ SWEEP_SECONDS = 5.0
 LOCK_REUSE_SECONDS = 60.0
 MAX_LOCKS_KEPT = 1024
 SWEEP_BATCH = 500
+USE_TOUCH_SECONDS = 60.0  # a layer's folder is touched at most this often by its sessions' use
 
 
 @dataclass(frozen=True)
@@ -117,9 +122,12 @@ class Resolver(Protocol):
         DependencyLimitExceeded when the deadline passes first."""
         ...
 
-    async def install(self, lock: Lock, target: Path, deadline: Deadline) -> None:
+    async def install(
+        self, lock: Lock, target: Path, deadline: Deadline, max_bytes: int | None = None
+    ) -> None:
         """Install exactly the lock's packages into `target` (an empty folder), running none
-        of their code; DependencyLimitExceeded when the deadline passes first."""
+        of their code; DependencyLimitExceeded when the deadline passes first, or when what it
+        writes passes `max_bytes` (MAX_LAYER_BYTES) while it runs."""
         ...
 
 
@@ -172,6 +180,7 @@ class LayerStore:
         # layers an Initialize installed or found and has not stored its session for yet:
         # no session uses them, and no sweep may take them
         self._held: collections.Counter[str] = collections.Counter()
+        self._touched: dict[str, float] = {}  # layer id: when `used` last touched its folder (monotonic)
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -240,9 +249,22 @@ class LayerStore:
         if ready is None:
             return None
         layer, seen = ready
-        if time.monotonic() - seen > self._sweep_interval:
+        if time.monotonic() - seen > self._sweep_interval or not layer.path.is_dir():
+            self._ready.pop(layer_id, None)
             return None  # looked at again by ensure(): another server may have swept it
         return layer
+
+    async def used(self, layer_id: str) -> None:
+        """A session uses the layer now: its folder's mtime says so (at most once a
+        USE_TOUCH_SECONDS), which keeps every server's sweep from it for LAYER_RETENTION_SECONDS."""
+        now = time.monotonic()
+        if now - self._touched.get(layer_id, -USE_TOUCH_SECONDS) < USE_TOUCH_SECONDS:
+            return
+        self._touched[layer_id] = now
+        if len(self._touched) > MAX_LOCKS_KEPT:
+            self._touched.pop(next(iter(self._touched)))
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(os.utime, self.path(layer_id))
 
     def hold(self, layer_id: str) -> None:
         """Keep the layer from the sweep until `release` (a session about to be stored uses it)."""
@@ -328,15 +350,10 @@ class LayerStore:
         made = await asyncio.to_thread(tempfile.mkdtemp, dir=self._staging, prefix=lock.layer_id + "-")
         staging = Path(made)
         try:
-            await resolver.install(lock, staging, deadline)
-            size = await asyncio.to_thread(_size, staging)
-            if size > self._max_bytes:
-                raise DependencyLimitExceeded(
-                    f"the dependencies take {size} bytes installed, over MAX_LAYER_BYTES ({self._max_bytes})",
-                    setting="MAX_LAYER_BYTES",
-                    limit=str(self._max_bytes),
-                    bytes=str(size),
-                )
+            await resolver.install(lock, staging, deadline, self._max_bytes)  # killed past it
+            size = await asyncio.to_thread(folder_size, staging)
+            if size > self._max_bytes:  # grown past it between two looks of the watchdog
+                raise too_large(size, self._max_bytes)
             info = {"runtime": lock.runtime, "bytes": size, "lock": lock.text}
             await asyncio.to_thread(self._publish, staging, lock.layer_id, info)
             return Layer(lock.layer_id, self.path(lock.layer_id), size)
@@ -345,7 +362,7 @@ class LayerStore:
 
     async def _host_lock(self, layer_id: str, deadline: Deadline) -> int:
         """This layer's lock file, held (flock): no other server of the host installs it meanwhile."""
-        fd = await asyncio.to_thread(os.open, self._locks / f"{layer_id}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fd = await self._lock_file(layer_id)
         try:
             while True:
                 try:
@@ -392,7 +409,8 @@ class LayerStore:
             return 0
         # what an install left when its server died (a live one's is younger than its timeout)
         await asyncio.to_thread(_remove_older, self._staging, time.time() - 2 * self._timeout)
-        old = await asyncio.to_thread(_old_layers, self.folder, time.time() - self._retention)
+        before = time.time() - self._retention
+        old = await asyncio.to_thread(_old_layers, self.folder, before)
         removed = 0
         for start in range(0, len(old), SWEEP_BATCH):
             batch = [
@@ -404,15 +422,19 @@ class LayerStore:
             for layer_id in batch:
                 if layer_id in used:
                     continue
-                handle = await asyncio.to_thread(
-                    os.open, self._locks / f"{layer_id}.lock", os.O_RDWR | os.O_CREAT, 0o600
-                )
+                handle = await self._lock_file(layer_id)
                 try:
                     try:
                         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     except OSError:
                         continue  # being installed by another server: not old
                     if layer_id in self._held:  # an Initialize came for it meanwhile
+                        continue
+                    # a session of this server's or another's adopted it since it was listed:
+                    # its use touched the folder, or its session is stored by now
+                    if not await asyncio.to_thread(_unused_since, self.path(layer_id), before):
+                        continue
+                    if await self._in_use([layer_id], Deadline.after(SWEEP_SECONDS)):
                         continue
                     self._ready.pop(layer_id, None)
                     with contextlib.suppress(FileNotFoundError):
@@ -422,6 +444,12 @@ class LayerStore:
                 finally:
                     os.close(handle)
         return removed
+
+    async def _lock_file(self, layer_id: str) -> int:
+        """The layer's lock file (`LAYER_DIR/locks/<layer_id>.lock`), open, not yet locked."""
+        return await asyncio.to_thread(
+            os.open, self._locks / f"{layer_id}.lock", os.O_RDWR | os.O_CREAT, 0o600
+        )
 
     def _info_file(self, layer_id: str) -> Path:
         return self._info / f"{layer_id}.json"
@@ -500,18 +528,8 @@ def _retrieve(task: asyncio.Task[Layer]) -> None:
         task.exception()
 
 
-def _size(folder: Path) -> int:
-    """Bytes of the files under `folder` (links counted as themselves)."""
-    total = 0
-    for root, dirs, names in os.walk(folder):
-        for name in (*dirs, *names):
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(root, name)).st_size
-    return total
-
-
 def _old_layers(folder: Path, before: float) -> list[str]:
-    """The layers installed before `before` (time.time())."""
+    """The layers last used (or installed) before `before` (time.time())."""
     found = []
     with os.scandir(folder) as entries:
         for entry in entries:
@@ -519,6 +537,14 @@ def _old_layers(folder: Path, before: float) -> list[str]:
                 if entry.is_dir(follow_symlinks=False) and entry.stat().st_mtime < before:
                     found.append(entry.name)
     return found
+
+
+def _unused_since(path: Path, before: float) -> bool:
+    """Whether the layer's folder was last used (or installed) before `before` (time.time())."""
+    try:
+        return path.stat().st_mtime < before
+    except OSError:
+        return False
 
 
 def _remove_older(folder: Path, before: float) -> None:

@@ -30,8 +30,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,19 +37,21 @@ from typing import Any
 
 from lambda_server.domain import Deadline, LockedPackage
 from lambda_server.errors import (
-    DependencyLimitExceeded,
     DependencyUnresolvable,
     InternalError,
     InvalidRequest,
     PackageIndexUnavailable,
 )
+from lambda_server.runtimes.installer_process import named, passed_on, redacted, run_tool
 from lambda_server.runtimes.layers import Lock
 
 LOCK_FILE = "package-lock.json"
 MANIFEST = "package.json"
+DEFAULT_REGISTRY = "https://registry.npmjs.org/"  # npm's own, when NPM_REGISTRY is not set
 ROOT_NAME = "lambda-layer"  # the name of the package.json npm resolves (no package of the registry)
 MAX_MESSAGE = 2000  # characters of npm's own words in an error
 MAX_NAME = 214  # npm's limit on a package name
+MAX_RANGE = 256  # characters of a requirement's range, refused past it before any matching
 # what the server's environment passes on to npm: how to reach the registry, nothing more
 PASSED_ON = (
     "SSL_CERT_FILE",
@@ -105,7 +105,8 @@ _NAME = re.compile(r"(?:@[a-z0-9][a-z0-9._~-]*/)?[a-zA-Z0-9][a-zA-Z0-9._~-]*")
 # node-semver's range grammar: `1.2.3`, `^4`, `~1.2`, `>=1 <2`, `1.x || 2`, `1.0.0 - 1.2.0`
 _XR = r"(?:[xX*]|0|[1-9][0-9]*)"
 _PARTIAL = rf"v?{_XR}(?:\.{_XR}(?:\.{_XR}(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?)?)?"
-_SIMPLE = rf"(?:[<>]=?|=|~>?|\^)?\s*{_PARTIAL}"
+# the operator and its spaces one token: a run of spaces splits one way only (linear matching)
+_SIMPLE = rf"(?:(?:[<>]=?|=|~>?|\^)\s*)?{_PARTIAL}"
 _ONE = rf"(?:{_PARTIAL}\s+-\s+{_PARTIAL}|{_SIMPLE}(?:\s+{_SIMPLE})*)"
 _RANGE = re.compile(rf"\s*(?:{_ONE}|\*)?\s*(?:\|\|\s*(?:{_ONE}|\*)?\s*)*")
 _TAG = re.compile(r"[A-Za-z][A-Za-z0-9._-]*")  # a dist-tag: `latest`, `next`
@@ -131,6 +132,11 @@ def parse_requirement(requirement: str) -> tuple[str, str]:
         )
     if not spec:
         return name, "latest"
+    if len(spec) > MAX_RANGE:
+        raise InvalidRequest(
+            f"dependency {shown!r} is not `name@range`: its range is over {MAX_RANGE} characters",
+            field="dependencies",
+        )
     if not (_RANGE.fullmatch(spec) or (_TAG.fullmatch(spec) and len(spec) <= 64)):
         raise InvalidRequest(
             f"dependency {shown!r} is not `name@range`: {spec[:256]!r} is neither a version, a semver "
@@ -195,8 +201,7 @@ class NpmResolver:
         config.mkdir(exist_ok=True)
         for name in ("user", "global"):
             (config / name).write_text("")
-        source = os.environ if environ is None else environ
-        self._env = {name: source[name] for name in PASSED_ON if name in source}
+        self._env = passed_on(PASSED_ON, environ)
         self._env.update(
             PATH=os.pathsep.join(
                 dict.fromkeys((str(Path(node).parent), "/usr/local/bin", "/usr/bin", "/bin"))
@@ -210,7 +215,13 @@ class NpmResolver:
             *("--userconfig", str(config / "user"), "--globalconfig", str(config / "global")),
             *("--cache", str(cache)),
             *(("--registry", registry) if registry else ()),
+            # no git dependency is fetched (a git package's `prepare` runs even under
+            # --ignore-scripts, npm/cli#3300): npm's git is a file that is not there, and
+            # npm refuses git specs itself where it can (npm 11.10 and later)
+            *("--git", str(config / "no-git")),
+            *(("--allow-git=none",) if _allows_git_option(npm) else ()),
         ]
+        self._registry = registry
 
     async def lock(self, requirements: tuple[str, ...], deadline: Deadline) -> Lock:
         dependencies: dict[str, str] = {}
@@ -227,6 +238,7 @@ class NpmResolver:
             text = await self.lock_folder(work, requirements, deadline)
         finally:
             await asyncio.to_thread(shutil.rmtree, work, True)
+        refuse_other_sources(text, self._registry, requirements)
         return Lock(self.runtime, requirements, packages(text), text)
 
     async def lock_folder(self, work: Path, requirements: tuple[str, ...], deadline: Deadline) -> str:
@@ -237,54 +249,35 @@ class NpmResolver:
         raw = await asyncio.to_thread((work / LOCK_FILE).read_text)
         return normalized(raw)
 
-    async def install(self, lock: Lock, target: Path, deadline: Deadline) -> None:
+    async def install(
+        self, lock: Lock, target: Path, deadline: Deadline, max_bytes: int | None = None
+    ) -> None:
+        """`npm ci` of the lock, once every package of it is known to come from the registry."""
+        refuse_other_sources(lock.text, self._registry, lock.requirements)
+        await self._install(lock, target, deadline, max_bytes)
+
+    async def _install(self, lock: Lock, target: Path, deadline: Deadline, max_bytes: int | None) -> None:
         data = _parse(lock.text)
         work = Path(await asyncio.to_thread(tempfile.mkdtemp, dir=self._work, prefix="npm-install-"))
         try:
             root = data.get("packages", {}).get("", {})
             await asyncio.to_thread(_write_manifest, work, dict(root.get("dependencies", {})))
             await asyncio.to_thread((work / LOCK_FILE).write_text, lock.text)
-            code, errors = await self._run(["ci", "--omit=dev"], work, deadline)
+            code, errors = await self._run(["ci", "--omit=dev"], work, deadline, max_bytes)
             if code != 0:
                 raise _failure(errors or f"npm exited {code}", lock.requirements)
             await asyncio.to_thread(_move_modules, work, target)
         finally:
             await asyncio.to_thread(shutil.rmtree, work, True)
 
-    async def _run(self, argv: list[str], cwd: Path, deadline: Deadline) -> tuple[int, str]:
-        """npm's exit code and stderr; DependencyLimitExceeded (its process group killed) when
-        the deadline passes first, and killed too when the caller is cancelled. Started with
-        subprocess.Popen in a thread, as uv is (runtimes/uv.py): uvloop's own subprocesses
-        crash in the child when it forks while gRPC's threads run."""
-        process = await asyncio.to_thread(
-            subprocess.Popen,
-            [*self._npm, *argv, *self._options],
-            cwd=cwd,
-            env=self._env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,  # its own process group, killed as one
-        )
-        try:
-            _, stderr = await asyncio.to_thread(process.communicate, None, deadline.remaining())
-        except subprocess.TimeoutExpired:
-            _kill(process)
-            await asyncio.to_thread(process.communicate)  # reaped, its pipe closed
-            raise DependencyLimitExceeded(
-                "resolving or installing the dependencies took longer than "
-                "DEPENDENCY_INSTALL_TIMEOUT_SECONDS",
-                setting="DEPENDENCY_INSTALL_TIMEOUT_SECONDS",
-            ) from None
-        except BaseException:  # cancelled: the thread's communicate() ends once it is killed
-            _kill(process)
-            raise
-        return process.returncode or 0, stderr.decode(errors="replace")
-
-
-def _kill(process: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
+    async def _run(
+        self, argv: list[str], cwd: Path, deadline: Deadline, max_bytes: int | None = None
+    ) -> tuple[int, str]:
+        """npm's exit code and stderr (credentials redacted); DependencyLimitExceeded (npm killed)
+        past the deadline, or when `cwd` grows past `max_bytes` (installer_process.run_tool)."""
+        argv = [*self._npm, *argv, *self._options]
+        code, errors = await run_tool(argv, cwd, self._env, deadline, cwd if max_bytes else None, max_bytes)
+        return code, redacted(errors, (self._registry,))
 
 
 def _write_manifest(work: Path, dependencies: dict[str, str]) -> None:
@@ -365,29 +358,48 @@ def _failure(stderr: str, requirements: tuple[str, ...]) -> Exception:
     said = f"{code}: " if code else ""
     return DependencyUnresolvable(
         f"the dependencies cannot be resolved: {said}{words or 'npm failed without a word'}",
-        requirement=_named(words, requirements),
+        requirement=named(words, requirements, _names),
     )
 
 
-def _named(words: str, requirements: tuple[str, ...]) -> str:
-    """The requirement npm's message is about (the first named), else the first."""
-    lowered = words.lower()
-    best: tuple[int, str] | None = None
-    for requirement in requirements:
-        try:
-            name = parse_requirement(requirement)[0].lower()
-        except InvalidRequest:
+def _names(requirement: str) -> tuple[str, ...]:
+    """Where npm's message names a requirement's package: `name@`, `/name` in a URL, `'name'`."""
+    try:
+        name = parse_requirement(requirement)[0].lower()
+    except InvalidRequest:
+        return ()
+    return (f"{name}@", f"/{name.replace('/', '%2f')}", f"'{name}'")
+
+
+def refuse_other_sources(text: str, registry: str | None, requirements: tuple[str, ...]) -> None:
+    """DependencyUnresolvable unless every package of the lock is a tarball of the registry
+    (`registry`, else npm's default), fetched over http(s): no git, file, link or other URL
+    reaches `npm ci` (whose git packages would be cloned and prepared)."""
+    base = (registry or DEFAULT_REGISTRY).rstrip("/") + "/"
+    bases = {base, DEFAULT_REGISTRY} if registry is None else {base}
+    for path, entry in _parse(text)["packages"].items():
+        if not path or not isinstance(entry, dict):
             continue
-        positions = [
-            p
-            for p in (
-                lowered.find(f"{name}@"),
-                lowered.find(f"/{name.replace('/', '%2f')}"),
-                lowered.find(f"'{name}'"),
+        resolved = entry.get("resolved")
+        if (
+            entry.get("link")
+            or not isinstance(resolved, str)
+            or not resolved.startswith(tuple(bases))
+            or not resolved.startswith(("https://", "http://"))
+            or not str(entry.get("integrity", ""))
+        ):
+            shown = redacted(str(resolved)[:256], (registry,))
+            raise DependencyUnresolvable(
+                f"the dependencies cannot be resolved: {path.rsplit('node_modules/', 1)[-1]} comes from "
+                f"{shown}, not from the registry's tarballs: only registry packages are installed",
+                requirement=requirements[0][:256] if requirements else "",
             )
-            if p >= 0
-        ]
-        if positions and (best is None or min(positions) < best[0]):
-            best = (min(positions), requirement)
-    chosen = best[1] if best is not None else (requirements[0] if requirements else "")
-    return chosen[:256]
+
+
+def _allows_git_option(npm: str) -> bool:
+    """Whether this npm knows `--allow-git` (an npm that does not refuses an unknown option
+    never; it would only warn, so ask its definitions)."""
+    definitions = Path(npm).parent.parent / "node_modules" / "@npmcli" / "config" / "lib" / "definitions"
+    with contextlib.suppress(OSError):
+        return "'allow-git'" in (definitions / "definitions.js").read_text()
+    return False

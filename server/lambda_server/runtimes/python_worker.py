@@ -470,14 +470,27 @@ class Captured:
 
 
 def use_layer(layer: object) -> None:
-    """Put a layer's packages (a session's dependencies, mounted read-only) first on the
-    path, for the one script this process will ever run. sys.path.insert, not
-    site.addsitedir: a `.pth` file of a package is never processed, so nothing of a
-    package runs but what the script imports."""
+    """Put a layer's packages (a session's dependencies, mounted read-only) on the path, for
+    the one script this process will ever run: after the standard library, before any
+    site-packages, as a site-packages folder sits (a package's `json.py` shadows no module of
+    the standard library). sys.path.insert, not site.addsitedir: a `.pth` file of a package
+    is never processed, so nothing of a package runs but what the script imports."""
     if isinstance(layer, str) and layer:
         packages = layer + "/site-packages"
         if packages not in sys.path:
-            sys.path.insert(0, packages)
+            sys.path.insert(after_stdlib(sys.path), packages)
+
+
+def after_stdlib(path: list[str]) -> int:
+    """The position in `path` just after its last entry of the standard library (its
+    folder, its zip, lib-dynload), 0 when it has none."""
+    stdlib = os.path.dirname(os.__file__)
+    position = 0
+    for index, entry in enumerate(path):
+        inside = entry == stdlib or (entry.startswith(stdlib + os.sep) and "-packages" not in entry)
+        if inside or (entry.endswith(".zip") and os.path.basename(entry).startswith("python")):
+            position = index + 1
+    return position
 
 
 def failure(code: str, message: str, line: int = 0, column: int = 0, stack: str = "") -> dict[str, Any]:

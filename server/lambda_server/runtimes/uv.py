@@ -20,8 +20,6 @@ import contextlib
 import os
 import re
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import tomllib
@@ -31,11 +29,11 @@ from pathlib import Path
 
 from lambda_server.domain import Deadline, LockedPackage
 from lambda_server.errors import (
-    DependencyLimitExceeded,
     DependencyUnresolvable,
     InternalError,
     PackageIndexUnavailable,
 )
+from lambda_server.runtimes.installer_process import named, passed_on, redacted, run_tool
 from lambda_server.runtimes.layers import Lock
 
 LOCK_FILE = "pylock.toml"  # uv wants this name (PEP 751)
@@ -95,8 +93,7 @@ class UvResolver:
         cache = layer_dir / "uv-cache"
         cache.mkdir(parents=True, exist_ok=True)
         self._work.mkdir(parents=True, exist_ok=True)
-        source = os.environ if environ is None else environ
-        self._env = {name: source[name] for name in PASSED_ON if name in source}
+        self._env = passed_on(PASSED_ON, environ)
         self._env.update(
             PATH="/usr/local/bin:/usr/bin:/bin",
             HOME=str(cache),
@@ -109,6 +106,7 @@ class UvResolver:
             UV_NO_PROGRESS="1",
         )
         self._index = _index_options(index)
+        self._index_url = index  # its userinfo never shown to a caller
 
     async def lock(self, requirements: tuple[str, ...], deadline: Deadline) -> Lock:
         work = Path(await asyncio.to_thread(tempfile.mkdtemp, dir=self._work, prefix="lock-"))
@@ -129,7 +127,9 @@ class UvResolver:
         size = await asyncio.to_thread(archive_bytes, text)
         return Lock(self.runtime, requirements, packages(text), text, size)
 
-    async def install(self, lock: Lock, target: Path, deadline: Deadline) -> None:
+    async def install(
+        self, lock: Lock, target: Path, deadline: Deadline, max_bytes: int | None = None
+    ) -> None:
         work = Path(await asyncio.to_thread(tempfile.mkdtemp, dir=self._work, prefix="install-"))
         try:
             await asyncio.to_thread((work / LOCK_FILE).write_text, lock.text)
@@ -139,47 +139,24 @@ class UvResolver:
                 *("--preview-features", "pylock", "--python", self._python, "--quiet"),
                 *self._index,
             ]
-            code, errors = await self._run(argv, work, deadline)
+            code, errors = await self._run(argv, work, deadline, target, max_bytes)
         finally:
             await asyncio.to_thread(shutil.rmtree, work, True)
         if code != 0:
             raise _failure(errors or f"uv exited {code}", lock.requirements)
 
-    async def _run(self, argv: list[str], cwd: Path, deadline: Deadline) -> tuple[int, str]:
-        """uv's exit code and stderr; DependencyLimitExceeded (its process group killed) when
-        the deadline passes first, and killed too when the caller is cancelled. Started with
-        subprocess.Popen in a thread, as workers are (runtimes/process.py): uvloop's own
-        subprocesses crash in the child when it forks while gRPC's threads run."""
-        process = await asyncio.to_thread(
-            subprocess.Popen,
-            [self._uv, *argv],
-            cwd=cwd,
-            env=self._env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,  # its own process group, killed as one
-        )
-        try:
-            _, stderr = await asyncio.to_thread(process.communicate, None, deadline.remaining())
-        except subprocess.TimeoutExpired:
-            _kill(process)
-            await asyncio.to_thread(process.communicate)  # reaped, its pipe closed
-            raise DependencyLimitExceeded(
-                "resolving or installing the dependencies took longer than "
-                "DEPENDENCY_INSTALL_TIMEOUT_SECONDS",
-                setting="DEPENDENCY_INSTALL_TIMEOUT_SECONDS",
-            ) from None
-        except BaseException:  # cancelled: the thread's communicate() ends once it is killed
-            _kill(process)
-            raise
-        return process.returncode or 0, stderr.decode(errors="replace")
-
-
-def _kill(process: subprocess.Popen[bytes]) -> None:
-    """uv and whatever it started (an interpreter it asked), as one process group."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
+    async def _run(
+        self,
+        argv: list[str],
+        cwd: Path,
+        deadline: Deadline,
+        target: Path | None = None,
+        max_bytes: int | None = None,
+    ) -> tuple[int, str]:
+        """uv's exit code and stderr (credentials redacted); DependencyLimitExceeded (uv killed)
+        past the deadline, or when `target` grows past `max_bytes` (installer_process.run_tool)."""
+        code, errors = await run_tool([self._uv, *argv], cwd, self._env, deadline, target, max_bytes)
+        return code, redacted(errors, (self._index_url,))
 
 
 def packages(text: str) -> tuple[LockedPackage, ...]:
@@ -231,19 +208,11 @@ def _failure(stderr: str, requirements: tuple[str, ...]) -> Exception:
         )
     return DependencyUnresolvable(
         f"the dependencies cannot be resolved: {words or 'uv failed without a word'}",
-        requirement=_named(words, requirements),
+        requirement=named(words, requirements, _names),
     )
 
 
-def _named(words: str, requirements: tuple[str, ...]) -> str:
-    """The requirement uv's message is about (the first named), else the first."""
-    lowered = words.lower()
-    best: tuple[int, str] | None = None
-    for requirement in requirements:
-        name = re.split(r"[\s<>=!~;\[@(]", requirement.strip(), maxsplit=1)[0]
-        name = re.sub(r"[-_.]+", "-", name).lower()
-        position = lowered.find(name) if name else -1
-        if position >= 0 and (best is None or position < best[0]):
-            best = (position, requirement)
-    chosen = best[1] if best is not None else (requirements[0] if requirements else "")
-    return chosen[:256]
+def _names(requirement: str) -> tuple[str]:
+    """The normalized name of a requirement, as uv writes it."""
+    name = re.split(r"[\s<>=!~;\[@(]", requirement.strip(), maxsplit=1)[0]
+    return (re.sub(r"[-_.]+", "-", name).lower(),)

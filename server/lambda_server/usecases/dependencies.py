@@ -157,6 +157,7 @@ class Dependencies:
         layer = await self._layers.ensure(lock, deadline, owner or "")
         self._layers.hold(lock.layer_id)  # until the session is stored (`stored`)
         try:
+            await self._layers.used(lock.layer_id)  # and from other servers' sweeps: its folder's mtime
             await self._records.put(lock.layer_id, runtime.name, lock.text, layer.bytes, deadline)
             if owner is not None:
                 await self._refuse_past_quota(owner, lock, layer.bytes, deadline)
@@ -197,6 +198,7 @@ class Dependencies:
         if self._layers is not None:
             found = self._layers.installed(layer_id) or await self._layers.find(layer_id)
             if found is not None:
+                await self._layers.used(layer_id)
                 return str(found.path)
         try:
             if self._layers is None:
@@ -209,6 +211,7 @@ class Dependencies:
             if lock.layer_id != layer_id:  # a lock edited by hand: never install another's layer
                 raise NotStarted(f"session {session.request_id}'s stored lock is not layer {layer_id}'s")
             layer = await self._layers.ensure(lock, deadline, owner)
+            await self._layers.used(layer_id)
         except (NotStarted, DeadlineExceeded):
             raise
         except LambdaError as exc:
