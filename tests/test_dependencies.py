@@ -110,6 +110,10 @@ def wheels(tmp_path_factory: pytest.TempPathFactory, marker_dir: Path) -> Path:
         module = name.replace("-", "_")
         build_wheel(folder, name, "1.0", {f"{module}.py": "PAD = '" + "q" * 25_000 + "'\n"})
     build_wheel(folder, "lambda-together", "1.0", {"lambda_together.py": "T = 't'\n"})
+    # top-level modules named as the standard library's: never in front of it
+    shadows = {"colorsys.py": "SHADOWED = True\n", "json.py": "SHADOWED = True\n"}
+    build_wheel(folder, "lambda-shadow", "1.0", {**shadows, "lambda_shadow.py": "S = 's'\n"})
+    build_wheel(folder, "lambda-vanishing", "1.0", {"lambda_vanishing.py": "V = 'v'\n"})
     for version in ("1.0", "2.0"):  # one script, two versions: two answers
         build_wheel(folder, "lambda-ver", version, {"lambda_ver.py": f"V = {version!r}\n"})
     marker = marker_dir / "imported"
@@ -309,6 +313,36 @@ def test_a_hostile_package_runs_none_of_its_code_at_install(
     session = offline_client.initialize("python-hostile", "result = 'fine'", dependencies=["lambda-hostile"])
     assert result(offline_client.execute(session.request_id, {})) == "fine"
     assert not list(marker_dir.iterdir()), "package code ran on the host"
+
+
+def test_a_package_shadows_no_module_of_the_standard_library(offline_client: LambdaClient) -> None:
+    script = (
+        "import colorsys, json, lambda_shadow\n"
+        "result = [hasattr(colorsys, 'SHADOWED'), hasattr(colorsys, 'rgb_to_hsv'), "
+        "hasattr(json, 'SHADOWED'), json.dumps(lambda_shadow.S)]"
+    )
+    session = offline_client.initialize("python-shadow", script, dependencies=["lambda-shadow"])
+    answer = offline_client.execute(session.request_id, {})
+    assert not answer.HasField("error"), answer.error
+    assert result(answer) == [False, True, False, '"s"']
+
+
+def test_a_layer_removed_behind_the_servers_back_is_installed_again(
+    offline_client: LambdaClient, offline: tuple[ServerThread, Path]
+) -> None:
+    """The server knows the layer installed; its folder goes (another server's sweep, by
+    hand): the next Execute installs it again from the session's stored lock."""
+    running, layer_dir = offline
+    script = "import lambda_vanishing\nresult = lambda_vanishing.V + params['s']"
+    session = offline_client.initialize("python-vanishing", script, dependencies=["lambda-vanishing"])
+    (layer,) = [p for p in layers_of(layer_dir) if "lambda-vanishing" in lock_of(p)]
+    before = installed(running)
+    layer.rename(layer_dir / "staging" / f".gone-by-hand-{layer.name}")
+    answer = offline_client.execute(session.request_id, {"s": "!"})
+    assert not answer.HasField("error"), answer.error
+    assert result(answer) == "v!"
+    assert layer.is_dir()
+    assert installed(running) == before + 1
 
 
 def test_malformed_requirements_and_rust_are_invalid(offline_client: LambdaClient) -> None:

@@ -20,6 +20,7 @@ from lambda_server.errors import (
     PackageIndexUnavailable,
     QuotaExceeded,
 )
+from lambda_server.runtimes.installer_process import redacted, run_tool
 from lambda_server.runtimes.layers import LayerStore, Lock
 from lambda_server.runtimes.uv import UvResolver, find_uv
 from tests.support import free_port
@@ -56,7 +57,9 @@ class SlowResolver:
         packages = tuple(LockedPackage(r, "1", "sha256:0") for r in requirements)
         return Lock(self.runtime, requirements, packages, "\n".join(requirements))
 
-    async def install(self, lock: Lock, target: Path, deadline: Deadline) -> None:
+    async def install(
+        self, lock: Lock, target: Path, deadline: Deadline, max_bytes: int | None = None
+    ) -> None:
         self.installs += 1
         await self.release.wait()
         (target / "site-packages").mkdir()
@@ -146,6 +149,90 @@ async def test_unused_layers_are_swept_after_the_retention(tmp_path: Path) -> No
     assert await layers.sweep() == 1
     assert kept.path.is_dir() and not gone.path.exists()
     await layers.close()
+
+
+@synchronous
+async def test_a_layer_adopted_while_the_sweep_looks_is_kept(tmp_path: Path) -> None:
+    """The sweep listed the layer and asked which are in use before a session adopted it (on
+    another server of the host: no hold here): under the layer's flock it looks again, at the
+    folder's mtime (touched by the use) and at the sessions (stored since), and keeps it."""
+    resolver = SlowResolver()
+    resolver.release.set()
+    stored: set[str] = set()
+    adopt: list[Callable[[], None]] = []  # what happens while the sweep's first question is asked
+
+    async def in_use(ids: list[str], deadline: Deadline) -> set[str]:
+        answer = stored & set(ids)
+        while adopt:
+            await asyncio.sleep(0.05)  # past the coarse clock's tick of the file system's times
+            adopt.pop()()
+        return answer
+
+    layers = store(tmp_path, resolver, retention_seconds=3600.0, in_use=in_use)
+    touched = await layers.ensure(await layers.lock("python", ("a",), Deadline.after(10)), Deadline.after(30))
+    joined = await layers.ensure(await layers.lock("python", ("b",), Deadline.after(10)), Deadline.after(30))
+    old = 1_000_000_000
+    for layer in (touched, joined):
+        os.utime(layer.path, (old, old))
+    adopt.append(lambda: os.utime(touched.path))  # another server's `used`
+    adopt.append(lambda: stored.add(joined.layer_id))  # a session stored, its layer not yet touched
+    assert await layers.sweep() == 0
+    assert touched.path.is_dir() and joined.path.is_dir()
+    # used here: the mtime is new, so the next sweep keeps it too, with no session
+    os.utime(touched.path, (old, old))
+    await layers.used(touched.layer_id)
+    stored.clear()
+    assert await layers.sweep() == 1  # `joined`, unused and old by now
+    assert touched.path.is_dir() and not joined.path.exists()
+    await layers.close()
+
+
+@synchronous
+async def test_a_layer_gone_from_disk_is_not_answered_from_memory(tmp_path: Path) -> None:
+    resolver = SlowResolver()
+    resolver.release.set()
+    layers = store(tmp_path, resolver)
+    lock = await layers.lock("python", ("a",), Deadline.after(10))
+    layer = await layers.ensure(lock, Deadline.after(30))
+    assert layers.installed(layer.layer_id) == layer
+    os.rename(layer.path, tmp_path / "staging" / "moved-away")  # another server's sweep, by hand
+    assert layers.installed(layer.layer_id) is None
+    again = await layers.ensure(lock, Deadline.after(30))
+    assert again.path.is_dir() and resolver.installs == 2
+    await layers.close()
+
+
+@synchronous
+async def test_an_installer_filling_its_folder_past_the_bound_is_killed(tmp_path: Path) -> None:
+    """The watchdog measures the folder while the tool runs, and kills it past max_bytes:
+    the error names MAX_LAYER_BYTES, not the install timeout the tool would reach otherwise."""
+    script = "import time\nopen('big', 'wb').write(b'x' * 100_000)\ntime.sleep(60)\n"
+    with pytest.raises(DependencyLimitExceeded) as refused:
+        await run_tool([PYTHON, "-c", script], tmp_path, {}, Deadline.after(30), tmp_path, 10_000)
+    assert refused.value.metadata["setting"] == "MAX_LAYER_BYTES"
+    assert int(refused.value.metadata["bytes"]) >= 100_000
+    # within the bound, the tool ends on its own
+    code, _ = await run_tool([PYTHON, "-c", "print(1)"], tmp_path, {}, Deadline.after(30), tmp_path, 10**9)
+    assert code == 0
+
+
+def test_credentials_in_a_tools_words_are_redacted() -> None:
+    index = "https://lambda-user:s3cret@pypi.example/simple"
+    said = f"error: Failed to fetch {index}/attrs/ (also tried http://other:pw@mirror.example/x and {index})"
+    shown = redacted(said, (index,))
+    assert "s3cret" not in shown and "pw@" not in shown and "lambda-user" not in shown
+    assert "https://***@pypi.example/simple/attrs/" in shown and "http://***@mirror.example/x" in shown
+    assert redacted("no URL here: a@b", (None,)) == "no URL here: a@b"
+
+
+@synchronous
+async def test_an_index_with_credentials_that_does_not_answer_hides_them(tmp_path: Path) -> None:
+    uv = find_uv()
+    assert uv is not None, "uv is a dependency of the server"
+    resolver = UvResolver(uv, PYTHON, f"http://lambda-user:s3cret@127.0.0.1:{free_port()}/simple", tmp_path)
+    with pytest.raises(PackageIndexUnavailable) as refused:
+        await resolver.lock(("attrs",), Deadline.after(60))
+    assert "s3cret" not in refused.value.message and "lambda-user" not in refused.value.message
 
 
 @synchronous

@@ -397,8 +397,8 @@ def refuse_other_sources(text: str, registry: str | None, requirements: tuple[st
 
 
 def _allows_git_option(npm: str) -> bool:
-    """Whether this npm knows `--allow-git` (an npm that does not refuses an unknown option
-    never; it would only warn, so ask its definitions)."""
+    """Whether this npm knows `--allow-git` (npm 11.10 and later), by its config definitions:
+    an npm that does not know an option only warns about it, so it cannot be asked by trying."""
     definitions = Path(npm).parent.parent / "node_modules" / "@npmcli" / "config" / "lib" / "definitions"
     with contextlib.suppress(OSError):
         return "'allow-git'" in (definitions / "definitions.js").read_text()
