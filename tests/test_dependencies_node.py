@@ -333,9 +333,9 @@ def test_a_git_dependency_of_a_package_is_never_fetched(tmp_path: Path) -> None:
     ):
         with pytest.raises(DependencyUnresolvable):
             refuse_other_sources(lock_with(resolved), None, ("evil",))
-    with pytest.raises(DependencyUnresolvable):  # not the configured registry
+    with pytest.raises(DependencyUnresolvable):  # neither the configured registry nor npm's own
         refuse_other_sources(
-            lock_with("https://registry.npmjs.org/evil/-/evil-1.0.0.tgz"), "http://127.0.0.1:4873/", ()
+            lock_with("https://npm.example/evil/-/evil-1.0.0.tgz"), "http://127.0.0.1:4873/", ()
         )
 
 

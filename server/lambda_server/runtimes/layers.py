@@ -12,8 +12,9 @@ Installing is work that callers share, so it is a task of the LayerStore's, one 
 layer at a time, not a caller's: each caller waits for it under its own deadline,
 and a caller that leaves (its deadline, its cancellation) ends its own call only;
 the install goes on, bounded by DEPENDENCY_INSTALL_TIMEOUT_SECONDS, and is kept.
-An install goes into a folder of its own under `LAYER_DIR/staging`, is measured
-(past MAX_LAYER_BYTES it is removed and refused), then renamed into place: a layer
+An install goes into a folder of its own under `LAYER_DIR/staging`, is measured while
+the resolver's tool writes it (killed past MAX_LAYER_BYTES: runtimes/installer_process.py)
+and once done (past it, removed and refused), then renamed into place: a layer
 is whole or absent. Several servers of one host share LAYER_DIR: a lock file per
 layer (`LAYER_DIR/locks/<layer_id>.lock`, flock) lets one of them install it while
 the others wait, then find it.

@@ -14,7 +14,11 @@ native build (node-gyp runs as an install script): nothing of a package runs at 
 
 Only packages of the registry: a requirement is `name@range` (an exact version, a semver
 range or a dist-tag); `file:`, git, URL, alias (`npm:`) and path specs are refused as
-InvalidRequest before anything runs.
+InvalidRequest before anything runs. Nor does a package's own dependency bring another
+source: npm fetches no git (`--allow-git=none` where npm knows it, and `--git` naming a file
+that is not there: a git package's `prepare` would run even under --ignore-scripts,
+npm/cli#3300), and a lock with any entry but a registry tarball is refused before `npm ci`
+(refuse_other_sources).
 
 npm runs with a clean environment and configuration: `--userconfig` and `--globalconfig`
 name an empty file (no user's or machine's `.npmrc`), its cache is under LAYER_DIR,
@@ -373,10 +377,10 @@ def _names(requirement: str) -> tuple[str, ...]:
 
 def refuse_other_sources(text: str, registry: str | None, requirements: tuple[str, ...]) -> None:
     """DependencyUnresolvable unless every package of the lock is a tarball of the registry
-    (`registry`, else npm's default), fetched over http(s): no git, file, link or other URL
+    (`registry`, or npm's default, whose URLs npm's `--replace-registry-host` default fetches
+    from `registry`), over http(s), with its integrity: no git, file, link or other URL
     reaches `npm ci` (whose git packages would be cloned and prepared)."""
-    base = (registry or DEFAULT_REGISTRY).rstrip("/") + "/"
-    bases = {base, DEFAULT_REGISTRY} if registry is None else {base}
+    bases = ((registry or DEFAULT_REGISTRY).rstrip("/") + "/", DEFAULT_REGISTRY)
     for path, entry in _parse(text)["packages"].items():
         if not path or not isinstance(entry, dict):
             continue
@@ -384,7 +388,7 @@ def refuse_other_sources(text: str, registry: str | None, requirements: tuple[st
         if (
             entry.get("link")
             or not isinstance(resolved, str)
-            or not resolved.startswith(tuple(bases))
+            or not resolved.startswith(bases)
             or not resolved.startswith(("https://", "http://"))
             or not str(entry.get("integrity", ""))
         ):
