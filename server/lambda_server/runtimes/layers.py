@@ -245,7 +245,7 @@ class LayerStore:
         return self.folder / layer_id
 
     def installed(self, layer_id: str) -> Layer | None:
-        """The layer when this server knows it is installed (no file system call)."""
+        """The layer when this server knows it is installed and its folder is there (one stat)."""
         ready = self._ready.get(layer_id)
         if ready is None:
             return None
