@@ -12,7 +12,6 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
-from dataclasses import replace
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -351,9 +350,7 @@ def _layer_store(
         slots_per_owner=deps.slots_per_owner,
     )
     folder = str(layers.folder)
-    for name, spec in list(registry.specs.items()):
-        if spec.available and not spec.compiled:
-            registry.specs[name] = replace(spec, binds=(*spec.binds, folder))
+    registry.bind(folder)
     return layers
 
 
