@@ -190,6 +190,13 @@ async def _wire(
         "state",
         lambda: sandbox.freezer_writes,
     )
+    metrics.count_at_scrape(
+        "lambda_sandbox_owner_moves",
+        "Moves of environments into their owners' cpu groups that failed (the environment stays "
+        "outside its owner's share) or outlived a release's wait (slow)",
+        "outcome",
+        lambda: sandbox.owner_moves,
+    )
 
     logged = request_log if settings.request_log.enabled else None
     inflight = inflight_budget(settings.grpc)  # one budget for both front doors
