@@ -191,13 +191,14 @@ class HttpApi:
         return json_answer(http_json.session_body(record))
 
     async def list_functions(self, request: web.Request) -> web.StreamResponse:
+        deadline = self._deadline(request)
         caller = self._caller(request)
         query = request.query
         page = _query_int(query.get("page"), "page", 1)
         per_page = _query_int(query.get("per_page"), "per_page", DEFAULT_PER_PAGE)
         language = query.get("language", "")
         functions, total = await self._usecases.catalog.numbered_page(
-            language, page, per_page, caller, self._deadline(request)
+            language, page, per_page, caller, deadline
         )
         return json_answer(
             {
@@ -209,9 +210,10 @@ class HttpApi:
         )
 
     async def get_function(self, request: web.Request) -> web.StreamResponse:
+        deadline = self._deadline(request)
         caller = self._caller(request)
         function = await self._usecases.catalog.get_function(
-            request.match_info["language_title"], caller, self._deadline(request)
+            request.match_info["language_title"], caller, deadline
         )
         return json_answer(http_json.function_body(function))
 
