@@ -383,6 +383,17 @@ def _subclasses(cls: type[LambdaError]) -> set[type[LambdaError]]:
         (b'{"script_content": "result = 1", "context": []}', "context"),
         (b'{"script_content": "result = 1", "options": {"timeout": "soon"}}', "options.timeout"),
         (b'{"script_content": "result = 1", "options": {"nope": 1}}', "options.nope"),
+        # float() reads these; no Duration's JSON text is one, and NaN would pass every bound
+        (b'{"script_content": "result = 1", "options": {"timeout": "nans"}}', "options.timeout"),
+        (b'{"script_content": "result = 1", "options": {"timeout": "infs"}}', "options.timeout"),
+        (b'{"script_content": "result = 1", "options": {"cache_ttl": "NaNs"}}', "options.cache_ttl"),
+        (b'{"script_content": "result = 1", "options": {"cache_ttl": "-infs"}}', "options.cache_ttl"),
+        (b'{"script_content": "result = 1", "options": {"timeout": "1_0s"}}', "options.timeout"),
+        (b'{"script_content": "result = 1", "options": {"timeout": "1e400"}}', "options.timeout"),
+        (b'{"script_content": "result = 1", "options": {"timeout": NaN}}', "body"),
+        (b'{"script_content": "result = 1", "options": {"memory_mb": Infinity}}', "body"),
+        (b'{"script_content": "result = 1", "options": {"memory_mb": 64.5}}', "options.memory_mb"),
+        (b'{"script_content": "result = 1", "options": {"max_processes": "4"}}', "options.max_processes"),
         (b'{"script_content": "result = 1", "dependencies": "attrs"}', "dependencies"),
     ],
 )
@@ -394,6 +405,51 @@ def test_a_malformed_initialize_body_is_400_naming_the_field(
     assert answer.error["code"] == "INVALID_REQUEST"
     assert answer.error["details"]["reason"] == "INVALID_REQUEST"
     assert answer.error["details"]["metadata"]["field"] == field
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-1", "nan", "inf", "1e3", ""])
+def test_a_malformed_request_timeout_is_400_naming_the_header(api: ServerThread, value: str) -> None:
+    answer = http(api, "GET", f"/api/v1/sessions/{uuid.uuid4()}", headers={"X-Request-Timeout": value})
+    assert answer.status == 400, answer.body
+    assert answer.error["code"] == "INVALID_REQUEST"
+    assert answer.error["details"]["metadata"]["field"] == "X-Request-Timeout"
+
+
+def test_a_request_timeout_becomes_the_calls_deadline_and_504_when_it_passes(api: ServerThread) -> None:
+    """X-Request-Timeout is the call's deadline, less the margin gRPC keeps for its answer
+    (RESPONSE_MARGIN, 0.05 s): 0.01 s has passed before the database is reached, whatever
+    the machine's speed, so the call answers 504 TIMEOUT; a long one changes nothing."""
+    request_id = initialize(api, "python-deadline_http", "result = 1")
+    missing = f"/api/v1/sessions/{uuid.uuid4()}"
+    late = http(api, "GET", missing, headers={"X-Request-Timeout": "0.01"})
+    assert late.status == 504, late.body
+    assert late.error["code"] == "TIMEOUT" and late.error["details"]["reason"] == "DEADLINE_EXCEEDED"
+    for path in (f"/api/v1/sessions/{request_id}", "/api/v1/functions"):
+        assert http(api, "GET", path, headers={"X-Request-Timeout": "0.01"}).status == 504
+        assert http(api, "GET", path, headers={"X-Request-Timeout": "30"}).status == 200
+    assert execute(api, request_id, {}, X_Request_Timeout="0.01").status == 504
+    answered = execute(api, request_id, {}, X_Request_Timeout="99999999.5")  # cut to the maximum
+    assert answered.status == 200 and answered.json()["result"] == 1
+
+
+def test_an_unexpected_exception_is_500_internal_error_in_the_apis_shape(
+    api: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No request reaches INTERNAL_ERROR deterministically (every known failure has its
+    own reason), so a use case is made to raise what nothing expects."""
+
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("an unexpected bug, with a secret: s3cr3t")
+
+    http_api = api.server.http_api
+    assert http_api is not None
+    monkeypatch.setattr(http_api, "_usecases", replace(http_api._usecases, get_session=broken))
+    answer = http(api, "GET", f"/api/v1/sessions/{uuid.uuid4()}")
+    assert answer.status == 500, answer.body
+    assert answer.headers["Content-Type"].startswith("application/json")
+    assert answer.error["code"] == "INTERNAL_ERROR"
+    assert answer.error["details"]["reason"] == "INTERNAL_ERROR"
+    assert "s3cr3t" not in answer.body.decode()
 
 
 def test_a_syntax_error_and_an_unknown_language_are_400_with_what_the_grpc_side_says(
@@ -556,7 +612,14 @@ def test_a_preflight_is_answered_with_the_specs_methods_headers_and_max_age(api:
     assert answer.headers["Access-Control-Allow-Origin"] == "*"
     assert answer.headers["Access-Control-Allow-Methods"] == "GET, POST, OPTIONS"
     allowed = {h.strip().lower() for h in answer.headers["Access-Control-Allow-Headers"].split(",")}
-    assert allowed == {"content-type", "authorization", "language-title", "x-request-id", "x-cache-control"}
+    assert allowed == {
+        "content-type",
+        "authorization",
+        "language-title",
+        "x-request-id",
+        "x-cache-control",
+        "x-request-timeout",
+    }
     assert answer.headers["Access-Control-Max-Age"] == "86400"
     simple = http(api, "GET", "/health", headers={"Origin": "https://app.example"})
     assert simple.headers["Access-Control-Allow-Origin"] == "*"
@@ -573,6 +636,18 @@ def test_cors_allowed_origins_echoes_a_listed_origin_and_ignores_others(database
         assert listed.headers["Vary"] == "Origin"
         other = http(running, "GET", "/health", headers={"Origin": "https://evil.example"})
         assert other.status == 200 and "Access-Control-Allow-Origin" not in other.headers
+        # every answer depends on the Origin: a shared cache must not give a refused one's
+        # (or an Origin-less one's) answer to an allowed origin
+        assert other.headers["Vary"] == "Origin"
+        assert http(running, "GET", "/health").headers["Vary"] == "Origin"
+        preflight = {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+        refused = http(running, "OPTIONS", "/api/v1/initialize", headers=preflight)
+        assert refused.status == 204 and "Access-Control-Allow-Origin" not in refused.headers
+        assert refused.headers["Vary"] == "Origin"
+        preflight["Origin"] = "https://app.example"
+        allowed = http(running, "OPTIONS", "/api/v1/initialize", headers=preflight)
+        assert allowed.headers["Access-Control-Allow-Origin"] == "https://app.example"
+        assert allowed.headers["Vary"] == "Origin"
     finally:
         running.stop()
 

@@ -19,6 +19,9 @@ from lambda_microservice import to_python
 from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_microservice.v1 import lambda_service_pb2_grpc as pb_grpc
 from lambda_server.config import RuntimeSettings, SandboxSettings
+from lambda_server.domain import RequestedOptions
+from lambda_server.errors import InvalidRequest
+from lambda_server.usecases.options import SessionOptionsPolicy
 from tests.support import ServerThread, error_info
 
 MIB = 1024 * 1024
@@ -243,3 +246,16 @@ def test_the_client_and_the_cli_send_typed_options(server: ServerThread) -> None
         target=server.target,
     )
     assert refused.returncode == 2 and "--options" in refused.stderr, refused.stderr
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_option_is_refused_whichever_front_door_sends_it(value: float) -> None:
+    """NaN passes every comparison: the policy refuses it itself, not only the HTTP reader."""
+    policy = SessionOptionsPolicy(*DEFAULTS)
+    for name, requested in (
+        ("options.timeout", RequestedOptions(timeout_seconds=value)),
+        ("options.cache_ttl", RequestedOptions(cache_ttl_seconds=value)),
+    ):
+        with pytest.raises(InvalidRequest) as caught:
+            policy.resolve(requested, {})
+        assert caught.value.metadata["field"] == name

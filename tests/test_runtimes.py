@@ -10,6 +10,7 @@ import pytest
 
 from lambda_microservice import DeadlineExceededError, LambdaClient, to_python
 from lambda_microservice.v1 import lambda_service_pb2 as pb
+from lambda_server.runtimes.registry import Mapping, RuntimeRegistry, RuntimeSpec
 from tests.support import descendants, eventually, pool_counts, settled
 
 RUNTIME_ERROR = pb.EXECUTION_ERROR_CODE_RUNTIME_ERROR
@@ -276,3 +277,23 @@ def test_a_node_script_writing_to_fd_2_is_not_refused_with_eagain(client: Lambda
     response = run(client, "nodejs-fd2", script)
     assert not response.HasField("error"), response.error
     assert to_python(response.result) == "done" and "out" in response.logs
+
+
+def test_a_title_resolved_before_the_layer_bind_sees_it_after() -> None:
+    """The registry remembers resolved titles: binding the layers' folder (app wiring)
+    after a title was resolved must not leave that title on the spec without the bind."""
+    python = RuntimeSpec("python", interpreter="/usr/bin/python3")
+    rust = RuntimeSpec("rust", interpreter="rustc")
+    registry = RuntimeRegistry(
+        [Mapping("python-", "prefix", "python"), Mapping("rust-", "prefix", "rust")],
+        {"python": python, "rust": rust},
+    )
+    assert registry.resolve("python-early").binds == ()
+    registry.bind("/layers")
+    assert registry.resolve("python-early").binds == ("/layers",)
+    assert registry.specs["python"].binds == ("/layers",)
+    assert registry.resolve("rust-early").binds == ()  # compiled programs bind no layers
+    registry.bind("/layers")  # once is enough
+    assert registry.resolve("python-late").binds == ("/layers",)
+    with pytest.raises(TypeError):
+        registry.specs["python"] = python  # type: ignore[index]  # only through bind()

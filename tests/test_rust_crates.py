@@ -262,6 +262,23 @@ def test_the_entry_point_is_read_from_the_script() -> None:
     assert entry_point("pub fn handle_it(e: &str) {}") == "handler"  # rustc says what is missing
 
 
+@pytest.mark.parametrize(
+    "script",
+    [
+        "// fn handler(e: Value)\npub fn handle(e: &str) -> Result<String, String> { Ok(e.into()) }",
+        "/* outer /* nested */ fn handler() */\npub fn handle(e: &str) {}",
+        'pub fn handle(e: &str) { let s = "fn handler("; }',
+        'pub fn handle(e: &str) { let s = "a \\" fn handler("; }',
+        'pub fn handle(e: &str) { let s = r#"fn handler(" "#; let q = \'"\'; }',
+        'pub fn handle(e: &str) { let url = "http://x"; }\n/* fn handler() */',
+        "fn pick<'a>(e: &'a str) -> &'a str { e }\npub fn handle(e: &str) {}",
+    ],
+)
+def test_a_handler_in_a_comment_or_a_string_is_not_the_entry_point(script: str) -> None:
+    assert entry_point(script) == "handle"
+    assert entry_point(script + "\npub fn handler(e: Value) {}") == "handler"
+
+
 def test_a_script_without_an_entry_point_is_told_which_it_may_define(
     client: LambdaClient, session: str
 ) -> None:

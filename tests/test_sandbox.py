@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -15,7 +16,7 @@ from lambda_server.config import RuntimeSettings, SandboxSettings
 from lambda_server.domain import Deadline, Job, Limits
 from lambda_server.runtimes.pool import EnvironmentPool
 from lambda_server.runtimes.registry import discover
-from lambda_server.sandbox import Sandbox, SandboxUnavailable
+from lambda_server.sandbox import Sandbox, SandboxUnavailable, confinement
 from tests.support import ServerThread, server_settings
 
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox's namespaces and cgroups need root")
@@ -132,3 +133,51 @@ def test_limits_beyond_the_ceilings_are_invalid_argument(
     with pytest.raises(InvalidArgumentError) as caught:
         client.initialize("python-limits", "result = 1", context=context)
     assert next(iter(context)) in caught.value.message
+
+
+def test_a_release_waits_for_a_stuck_owner_move_at_most_move_wait_seconds(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A move stuck in the kernel does not hold the release: it goes on in the background,
+    the environment's uid kept taken until the move ends and the release is done."""
+    monkeypatch.setattr(confinement, "MOVE_WAIT_SECONDS", 0.01)  # the wait under test, not a clock
+
+    async def scenario() -> None:
+        sandbox = Sandbox(SandboxSettings(), ["rlimits"], {"namespaces": "not root"})
+        moving: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        confined = confinement.Confinement(["true"], 4242, None, sandbox)
+        sandbox._uids.add(4242)
+        confined._moving = moving
+        await asyncio.wait_for(confined.release(), 30)  # returns though the move never ends
+        assert sandbox.owner_moves == {"failed": 0, "slow": 1}
+        assert 4242 in sandbox._uids  # not reused while the move may still bring processes
+        moving.set_result(None)
+        for _ in range(1000):
+            if 4242 not in sandbox._uids:
+                break
+            await asyncio.sleep(0.01)
+        assert 4242 not in sandbox._uids and not sandbox._background
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(scenario())
+    assert sum("has not ended after" in record.message for record in caplog.records) == 1
+
+
+def test_a_failed_owner_move_is_logged_once_with_its_cause_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def scenario() -> Sandbox:
+        sandbox = Sandbox(SandboxSettings(), ["rlimits"], {"namespaces": "not root"})
+        confined = confinement.Confinement(["true"], None, None, sandbox)
+        move: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        move.set_exception(OSError(16, "Device or resource busy"))
+        confined._moving = move
+        confined._moved("alice", move)
+        assert confined._moving is None and confined._owner is None
+        return sandbox
+
+    with caplog.at_level(logging.WARNING):
+        sandbox = asyncio.run(scenario())
+    assert sandbox.owner_moves == {"failed": 1, "slow": 0}
+    warnings = [r.message for r in caplog.records if "owner's cpu group" in r.message]
+    assert len(warnings) == 1 and "Device or resource busy" in warnings[0]

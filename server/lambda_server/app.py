@@ -12,7 +12,6 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
-from dataclasses import replace
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -191,6 +190,13 @@ async def _wire(
         "state",
         lambda: sandbox.freezer_writes,
     )
+    metrics.count_at_scrape(
+        "lambda_sandbox_owner_moves",
+        "Moves of environments into their owners' cpu groups that failed (the environment stays "
+        "outside its owner's share) or outlived a release's wait (slow)",
+        "outcome",
+        lambda: sandbox.owner_moves,
+    )
 
     logged = request_log if settings.request_log.enabled else None
     inflight = inflight_budget(settings.grpc)  # one budget for both front doors
@@ -216,6 +222,7 @@ async def _wire(
         max_body_bytes=settings.grpc.max_receive_message_bytes,
         cors_origins=settings.cors_allowed_origins,
         grace=settings.shutdown_grace_seconds,
+        max_request_timeout=settings.http_max_request_timeout_seconds,
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     reflection.enable_server_reflection(
@@ -350,9 +357,7 @@ def _layer_store(
         slots_per_owner=deps.slots_per_owner,
     )
     folder = str(layers.folder)
-    for name, spec in list(registry.specs.items()):
-        if spec.available and not spec.compiled:
-            registry.specs[name] = replace(spec, binds=(*spec.binds, folder))
+    registry.bind(folder)
     return layers
 
 

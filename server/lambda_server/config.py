@@ -790,6 +790,13 @@ class Settings(_Declared):
         "127.0.0.1:8080",
         "where the HTTP/JSON API listens (port 0 picks one); off: nowhere",
     )
+    # The most an HTTP caller's X-Request-Timeout may ask for (a longer one is cut to it).
+    http_max_request_timeout_seconds: float = setting(
+        "HTTP_MAX_REQUEST_TIMEOUT_SECONDS",
+        _positive_float,
+        3600.0,
+        "the most an HTTP call's X-Request-Timeout header may give it (a longer one is cut to this)",
+    )
     # The origins a browser may call the HTTP/JSON API from (CORS).
     cors_allowed_origins: tuple[str, ...] = setting(
         "CORS_ALLOWED_ORIGINS",

@@ -10,6 +10,7 @@ gRPC interceptor does for each call.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from aiohttp import web
@@ -27,6 +28,7 @@ from lambda_server.api.http_served import (
 )
 from lambda_server.api.interceptors import InflightBytes
 from lambda_server.api.request_logs import RequestLog
+from lambda_server.api.servicer import RESPONSE_MARGIN
 from lambda_server.config import ConfigError
 from lambda_server.domain import JSON, Caller, Deadline, OptimizationLevel
 from lambda_server.errors import InvalidRequest, RateLimited, RequestTooLarge
@@ -55,6 +57,10 @@ METHODS = {
 
 LANGUAGE_TITLE_HEADER = "Language-Title"
 CACHE_CONTROL_HEADER = "X-Cache-Control"
+# The caller's time for the call, in seconds (a gRPC caller's deadline): the call's answer
+# comes within it, DEADLINE_EXCEEDED (504) when the work does not fit.
+REQUEST_TIMEOUT_HEADER = "X-Request-Timeout"
+_TIMEOUT = re.compile(r"[0-9]{1,9}(?:\.[0-9]{1,9})?", re.ASCII)
 AUTHORIZATION_HEADER = "Authorization"
 DEFAULT_PER_PAGE = 20
 _BODY = web.RequestKey("body", bytes)  # read once, by whichever step needs it first
@@ -75,7 +81,9 @@ class HttpApi:
         max_body_bytes: int,  # GRPC_MAX_RECEIVE_MESSAGE_BYTES: the same bound as a gRPC request's
         cors_origins: tuple[str, ...],
         grace: float,  # SHUTDOWN_GRACE_SECONDS: requests in flight at stop
+        max_request_timeout: float,  # HTTP_MAX_REQUEST_TIMEOUT_SECONDS: X-Request-Timeout's cap
     ) -> None:
+        self._max_request_timeout = max_request_timeout
         self._usecases = usecases
         self._gate = gate
         self._payloads = payloads
@@ -131,6 +139,7 @@ class HttpApi:
     # --- the routes ---------------------------------------------------------------------
 
     async def initialize(self, request: web.Request) -> web.StreamResponse:
+        deadline = self._deadline(request)  # from the request's start, as a gRPC call's
         caller = self._caller(request)
         self._gate.admit(caller, LimitedCall.INITIALIZE)  # before any work: checks cost CPU
         body = await self._object_body(request, caller)
@@ -142,7 +151,7 @@ class HttpApi:
             context=http_json.object_field(body, "context"),
             request_id=request_id or None,
             caller=caller,
-            deadline=Deadline(None),
+            deadline=deadline,
             options=http_json.requested_options(http_json.object_field(body, "options")),
             optimization=_optimization(http_json.object_field(body, "compile_options")),
             dependencies=http_json.strings_field(body, "dependencies"),
@@ -154,6 +163,7 @@ class HttpApi:
 
     async def execute(self, request: web.Request) -> web.StreamResponse:
         request_id = request.match_info["request_id"]
+        deadline = self._deadline(request)
         caller = self._caller(request)
         try:
             request[QUOTA] = self._gate.admit(caller)
@@ -166,7 +176,7 @@ class HttpApi:
         params = await self._payloads.parsed_params({} if params is None else params, len(raw), caller.owner)
         cache_control = request.headers.get(CACHE_CONTROL_HEADER)
         cache_control = cache_control or http_json.text_field(body, "cache_control")
-        execution = await self._usecases.execute(request_id, params, caller, Deadline(None), cache_control)
+        execution = await self._usecases.execute(request_id, params, caller, deadline, cache_control)
         response = await self._payloads.response(execution, caller.owner)
         request[ANSWER] = response
         answer = json_answer(http_json.execute_body(response, execution))
@@ -175,18 +185,20 @@ class HttpApi:
         return answer
 
     async def get_session(self, request: web.Request) -> web.StreamResponse:
+        deadline = self._deadline(request)
         caller = self._caller(request)
-        record = await self._usecases.get_session(request.match_info["request_id"], caller, Deadline(None))
+        record = await self._usecases.get_session(request.match_info["request_id"], caller, deadline)
         return json_answer(http_json.session_body(record))
 
     async def list_functions(self, request: web.Request) -> web.StreamResponse:
+        deadline = self._deadline(request)
         caller = self._caller(request)
         query = request.query
         page = _query_int(query.get("page"), "page", 1)
         per_page = _query_int(query.get("per_page"), "per_page", DEFAULT_PER_PAGE)
         language = query.get("language", "")
         functions, total = await self._usecases.catalog.numbered_page(
-            language, page, per_page, caller, Deadline(None)
+            language, page, per_page, caller, deadline
         )
         return json_answer(
             {
@@ -198,9 +210,10 @@ class HttpApi:
         )
 
     async def get_function(self, request: web.Request) -> web.StreamResponse:
+        deadline = self._deadline(request)
         caller = self._caller(request)
         function = await self._usecases.catalog.get_function(
-            request.match_info["language_title"], caller, Deadline(None)
+            request.match_info["language_title"], caller, deadline
         )
         return json_answer(http_json.function_body(function))
 
@@ -209,6 +222,23 @@ class HttpApi:
         return json_answer(http_json.health_body(report), 200 if report.serving else 503)
 
     # --- what every route shares -------------------------------------------------------
+
+    def _deadline(self, request: web.Request) -> Deadline:
+        """X-Request-Timeout's seconds (at most HTTP_MAX_REQUEST_TIMEOUT_SECONDS), less the
+        margin the gRPC servicer keeps so the answer arrives in time; none without the header
+        (the settings' own bounds then apply). InvalidRequest naming the header when it is
+        not a positive number of seconds."""
+        raw = request.headers.get(REQUEST_TIMEOUT_HEADER)
+        if raw is None:
+            return Deadline(None)
+        seconds = float(raw) if _TIMEOUT.fullmatch(raw.strip()) else 0.0
+        if seconds <= 0:
+            raise InvalidRequest(
+                f"{REQUEST_TIMEOUT_HEADER} must be a positive number of seconds, not {raw[:40]!r}",
+                field=REQUEST_TIMEOUT_HEADER,
+            )
+        seconds = min(seconds, self._max_request_timeout)
+        return Deadline.after(max(0.0, seconds - RESPONSE_MARGIN))
 
     def _caller(self, request: web.Request) -> Caller:
         return self._gate.caller(request.headers.get(AUTHORIZATION_HEADER), peer_address(request))

@@ -8,6 +8,8 @@ loses nothing a gRPC caller learns.
 
 from __future__ import annotations
 
+import math
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,6 +35,9 @@ NOT_FOUND = "NOT_FOUND"
 RATE_LIMITED = "RATE_LIMITED"
 INTERNAL_ERROR = "INTERNAL_ERROR"
 TIMEOUT = "TIMEOUT"
+
+# A google.protobuf.Duration's JSON text: seconds, up to 9 fractional digits, then "s".
+_DURATION = re.compile(r"-?[0-9]{1,12}(?:\.[0-9]{1,9})?s", re.ASCII)
 
 # Every reason of errors.py's table (the proto's ErrorReason) -> (HTTP status, code).
 ERRORS: dict[str, tuple[int, str]] = {
@@ -254,15 +259,14 @@ def requested_options(options: dict[str, JSON]) -> RequestedOptions:
 
 
 def _seconds(options: dict[str, JSON], name: str) -> float | None:
+    """A number of seconds: a JSON number or a Duration's JSON text ("1.5s", what protobuf's
+    JSON mapping writes); never "nans", "infs", "1e9s" or "1_0s", which float() would read."""
     value = options.get(name)
     if value is None:
         return None
-    if isinstance(value, str) and value.endswith("s"):
-        try:
-            return float(value[:-1])
-        except ValueError:
-            pass
-    elif isinstance(value, int | float) and not isinstance(value, bool):
+    if isinstance(value, str) and _DURATION.fullmatch(value):
+        return float(value[:-1])
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
     raise InvalidRequest(
         f'options.{name} must be a number of seconds (or a duration such as "1.5s"), not {value!r:.40}',

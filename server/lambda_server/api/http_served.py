@@ -40,7 +40,7 @@ from lambda_server.metrics import Metrics
 
 REQUEST_ID_HEADER = "X-Request-ID"
 CORS_METHODS = "GET, POST, OPTIONS"
-CORS_HEADERS = "Content-Type, Authorization, Language-Title, X-Request-ID, X-Cache-Control"
+CORS_HEADERS = "Content-Type, Authorization, Language-Title, X-Request-ID, X-Cache-Control, X-Request-Timeout"
 CORS_EXPOSED = "X-RateLimit-Limit, X-RateLimit-Remaining, Retry-After, X-Function-Error, X-Request-ID"
 CORS_MAX_AGE = "86400"
 CLIENT_CLOSED = 499  # nginx's status for a request that ended unanswered, as the request log has it
@@ -179,15 +179,20 @@ class ServedRequests:
         response.headers["Access-Control-Max-Age"] = CORS_MAX_AGE
 
     def _cors(self, request: web.Request, response: web.StreamResponse) -> None:
-        """Access-Control-Allow-Origin for an allowed Origin (`*` when every origin is)."""
+        """Access-Control-Allow-Origin for an allowed Origin (`*` when every origin is). With
+        a list of origins every answer says `Vary: Origin`, refused or without an Origin too:
+        a shared cache must not hand one origin's answer (with or without Allow-Origin) to
+        another."""
+        wildcard = "*" in self._origins
+        if not wildcard:
+            _vary_origin(response)
         origin = request.headers.get("Origin")
         if origin is None:
             return
-        if "*" in self._origins:
+        if wildcard:
             response.headers["Access-Control-Allow-Origin"] = "*"
         elif origin.rstrip("/") in self._origins:
             response.headers["Access-Control-Allow-Origin"] = origin
-            response.headers["Vary"] = "Origin"
         else:
             return
         response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSED
@@ -214,6 +219,12 @@ class _HttpWire:
 
     def http_status(self, code: grpc.StatusCode) -> int:
         return self._status
+
+
+def _vary_origin(response: web.StreamResponse) -> None:
+    vary = [name.strip() for name in response.headers.get("Vary", "").split(",") if name.strip()]
+    if not any(name.lower() in ("origin", "*") for name in vary):
+        response.headers["Vary"] = ", ".join([*vary, "Origin"])
 
 
 def _routing_error(request: web.Request, exc: web.HTTPException) -> tuple[LambdaError, int]:

@@ -24,6 +24,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict, defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,7 +109,7 @@ class EnvironmentPool:
     def __init__(
         self,
         settings: RuntimeSettings,
-        runtimes: dict[str, RuntimeSpec],
+        runtimes: Mapping[str, RuntimeSpec],  # the registry's view: follows its bind()
         sandbox: Sandbox,
         default_limits: Limits,
         total_memory_mb: int | None = None,

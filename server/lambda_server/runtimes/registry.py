@@ -7,8 +7,9 @@ import os
 import re
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from types import MappingProxyType
 
 from lambda_server.errors import RuntimeNotAvailable, UnknownLanguage
 
@@ -78,9 +79,10 @@ class RuntimeRegistry:
 
     def __init__(self, mappings: list[Mapping], specs: dict[str, RuntimeSpec]) -> None:
         self._mappings = mappings
-        self.specs = specs
-        # titles already resolved to an available runtime: the mappings and the specs do not
-        # change while the server runs, and every Execute resolves its session's title
+        self._specs = dict(specs)
+        # titles already resolved to an available runtime, as every Execute resolves its
+        # session's title: the mappings do not change, and the specs only through bind(),
+        # which forgets them, so a title resolved before a change never answers the old spec
         self._resolved: dict[str, RuntimeSpec] = {}
         # named in every refusal; built once, not on each Execute's lookup
         self._known = ", ".join(m.describe() for m in mappings)
@@ -89,6 +91,19 @@ class RuntimeRegistry:
     def load(cls, mappings_file: Path | None, node_binary: str | None, rust: RuntimeSpec) -> RuntimeRegistry:
         """The rules of the mappings file; `rust` is what RustToolchain.detect found."""
         return cls(read_mappings(mappings_file or DEFAULT_MAPPINGS), {**discover(node_binary), "rust": rust})
+
+    @property
+    def specs(self) -> MappingProxyType[str, RuntimeSpec]:
+        """Each runtime's spec, by name: a read-only view that follows bind()."""
+        return MappingProxyType(self._specs)
+
+    def bind(self, folder: str) -> None:
+        """Every available runtime that loads scripts into a worker (not Rust's programs)
+        also binds `folder` read-only in its sandbox; titles resolved before are forgotten."""
+        for name, spec in self._specs.items():
+            if spec.available and not spec.compiled and folder not in spec.binds:
+                self._specs[name] = replace(spec, binds=(*spec.binds, folder))
+        self._resolved.clear()
 
     def resolve(self, language_title: str) -> RuntimeSpec:
         """The runtime for a title; UnknownLanguage or RuntimeNotAvailable when there is none."""
@@ -111,7 +126,7 @@ class RuntimeRegistry:
             raise UnknownLanguage(f"language_title is longer than {MAX_TITLE_LENGTH} characters")
         for mapping in self._mappings:
             if mapping.matches(language_title):
-                spec = self.specs.get(mapping.runtime) or RuntimeSpec(
+                spec = self._specs.get(mapping.runtime) or RuntimeSpec(
                     mapping.runtime, missing="no such runtime in this server"
                 )
                 if not spec.available:

@@ -70,7 +70,9 @@ FSIZE_TEXTS = (b"File size limit exceeded", b"File too large")
 # the original service's entry point, `pub fn handle(event: &str) -> Result<String, String>`,
 # used when the script defines it and no `handler` (comments aside)
 _ENTRY = re.compile(r"\bfn\s+(handler|handle)\s*[<(]")
-_COMMENT = re.compile(r"//[^\n]*|/\*.*?\*/", re.DOTALL)
+# where a comment or a literal may start: a raw string (r"…", r#"…"#, br"…", cr"…", not
+# inside an identifier such as `for"`) before a plain string or a char literal's quote
+_TOKEN = re.compile(r"""//|/\*|(?<![A-Za-z0-9_])[bc]?r#*"|["']""")
 ENTRY_POINTS = (
     "a Rust script defines `pub fn handler(event: serde_json::Value) -> Result<serde_json::Value, "
     "String>`, or `pub fn handle(event: &str) -> Result<String, String>`"
@@ -437,8 +439,65 @@ def entry_point(script: str) -> str:
     """The function the worker calls: `handler`, or `handle` (the original service's
     `pub fn handle(event: &str) -> Result<String, String>`) when the script defines it and
     no `handler`. Read from the text, comments aside: rustc says so when it is wrong."""
-    names = {match.group(1) for match in _ENTRY.finditer(_COMMENT.sub(" ", script))}
+    names = {match.group(1) for match in _ENTRY.finditer(code_only(script))}
     return "handle" if names == {"handle"} else "handler"
+
+
+def code_only(script: str) -> str:
+    """`script` with its comments (nested block comments too), string literals (raw ones
+    too) and character literals blanked: a `fn handler(` inside one is not code. A lexer
+    of those tokens, not of Rust; a lifetime (`'a`) is kept. Linear: runs of plain code
+    are copied whole."""
+    out: list[str] = []
+    at, end = 0, len(script)
+    while (token := _TOKEN.search(script, at)) is not None:
+        out.append(script[at : token.start()])
+        at, text = token.start(), token.group()
+        if text == "//":
+            stop = script.find("\n", at)
+            at = end if stop < 0 else stop
+        elif text == "/*":
+            at = _block_comment_end(script, at)
+        elif text.endswith('"') and text != '"':  # a raw string: r"…", r#"…"#, br"…"
+            hashes = text.count("#")
+            stop = script.find('"' + "#" * hashes, token.end())
+            at = end if stop < 0 else stop + 1 + hashes
+        elif text == '"':
+            at = _quoted_end(script, at + 1, '"')
+        elif at + 2 < end and (script[at + 1] == "\\" or script[at + 2] == "'"):
+            at = _quoted_end(script, at + 1, "'")  # a char literal: 'x', '\'', '\u{1F600}'
+        else:  # a lifetime's quote
+            out.append(text)
+            at += 1
+            continue
+        out.append(" ")
+    out.append(script[at:])
+    return "".join(out)
+
+
+def _block_comment_end(script: str, at: int) -> int:
+    depth, at = 1, at + 2
+    while depth and at < len(script):
+        pair = script[at : at + 2]
+        if pair == "/*":
+            depth, at = depth + 1, at + 2
+        elif pair == "*/":
+            depth, at = depth - 1, at + 2
+        else:
+            at += 1
+    return at
+
+
+def _quoted_end(script: str, at: int, quote: str) -> int:
+    """Past the closing `quote` of a literal whose text starts at `at` (escapes skipped)."""
+    while at < len(script):
+        if script[at] == "\\":
+            at += 2
+        elif script[at] == quote:
+            return at + 1
+        else:
+            at += 1
+    return at
 
 
 def _refuse_lint_change(script: str) -> None:

@@ -34,8 +34,10 @@ import subprocess
 import sys
 import tempfile
 import uuid
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lambda_server.config import SandboxSettings
 from lambda_server.domain import ComponentHealth, ComponentStatus, Limits
@@ -110,6 +112,11 @@ class Sandbox:
         self._freeze_at_once = settings.freeze_after_ms <= 0
         # freezer writes made, by the state written (lambda_sandbox_freezer_writes_total)
         self.freezer_writes = {"frozen": 0, "thawed": 0}
+        # moves into owners' cpu groups that failed (the environment stays in the pre-started
+        # group, outside its owner's share) or outlived a release's wait
+        # (lambda_sandbox_owner_moves_total)
+        self.owner_moves = {"failed": 0, "slow": 0}
+        self._background: set[asyncio.Task[None]] = set()  # releases left to finish
 
     @classmethod
     async def start(cls, settings: SandboxSettings) -> Sandbox:
@@ -235,12 +242,19 @@ class Sandbox:
                 log.warning("could not move an environment into its owner's cpu group: %s", exc)
             except Exception:  # never out of the thread: the environment stays where it is
                 log.exception("could not move an environment into its owner's cpu group")
+            self.owner_moves["failed"] += 1  # one thread writes it; the scrape reads an int
             return None
 
         try:
             return self.cgroup_thread.submit(move), destination
         except RuntimeError:  # closed: the server is stopping
             return None
+
+    def in_background(self, release: Coroutine[Any, Any, None]) -> None:
+        """Finish `release` on its own (a reference kept until it ends)."""
+        task = asyncio.get_running_loop().create_task(release)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _freeze_later(self, confinement: Confinement, generation: int) -> None:
         if self._freeze_at_once:

@@ -41,6 +41,10 @@ T = TypeVar("T")
 
 REMOVE_ATTEMPTS = 50  # an environment's groups, while its killed processes exit
 REMOVE_PAUSE = 0.02  # seconds between them
+# How long a release waits for the environment's move into its owner's group (10-15 ms
+# as a rule, see above) before it goes on in the background: past it the cgroup thread is
+# stuck in the kernel, and the caller (the pool freeing a slot) is not held with it.
+MOVE_WAIT_SECONDS = 10.0
 
 
 class CgroupThread:
@@ -156,7 +160,11 @@ class Confinement:
 
     def _moved(self, owner: str, move: asyncio.Future[EnvironmentCgroup | None]) -> None:
         self._moving = self._destination = None
-        moved = None if move.cancelled() or move.exception() is not None else move.result()
+        failure = None if move.cancelled() else move.exception()
+        if failure is not None:  # the move logs and counts its own failures: this one escaped it
+            self._sandbox.owner_moves["failed"] += 1
+            log.warning("could not move an environment into its owner's cpu group: %r", failure)
+        moved = None if move.cancelled() or failure is not None else move.result()
         if moved is not None and self.cgroup is not None:
             if moved.pids != self.cgroup.pids:  # v2: the file kept open is the old group's
                 self._close_tasks_file()
@@ -272,7 +280,25 @@ class Confinement:
         self._close_tasks_file()
         moving = self._moving
         if moving is not None:  # the move finishes first (it may make the groups removed here)
-            await asyncio.wait([moving])
+            done, _ = await asyncio.wait([moving], timeout=MOVE_WAIT_SECONDS)
+            if not done:
+                self._sandbox.owner_moves["slow"] += 1
+                log.warning(
+                    "an environment's move into its owner's cpu group has not ended after %g s "
+                    "(the cgroup thread is blocked in the kernel); its release goes on once it has",
+                    MOVE_WAIT_SECONDS,
+                )
+                self._sandbox.in_background(self._release_after(moving))
+                return
+        await self._release_groups()
+
+    async def _release_after(self, moving: asyncio.Future[EnvironmentCgroup | None]) -> None:
+        """The rest of a release whose move outlived MOVE_WAIT_SECONDS: its uid stays
+        taken until its groups are killed and removed."""
+        await asyncio.wait([moving])
+        await self._release_groups()
+
+    async def _release_groups(self) -> None:
         cgroup, self.cgroup = self.cgroup, None
         if cgroup is not None:
             thread = self._sandbox.cgroup_thread

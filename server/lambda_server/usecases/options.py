@@ -8,6 +8,7 @@ others are refused outside their bounds.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from lambda_server.config import RuntimeSettings, SandboxSettings
@@ -31,6 +32,8 @@ class _Bounds:
 
     def check(self, field: str, value: float) -> float:
         """`value`, or InvalidRequest naming the field and the bound it passes."""
+        if not math.isfinite(value):  # NaN passes every comparison, infinity may pass `high`
+            raise InvalidRequest(f"{field} must be a finite number, not {value!r}", field=field)
         if (value <= self.low if self.positive else value < self.low) or value > self.high:
             low = (
                 f"more than {self.low:g}{self.unit}" if self.positive else f"at least {self.low:g}{self.unit}"
