@@ -206,6 +206,28 @@ def test_a_local_folder_of_wheels_installs_a_package_and_its_dependency(
         assert locked[name].hash == "sha256:" + hashlib.sha256(wheel.read_bytes()).hexdigest()
 
 
+def test_a_script_reaches_its_own_layer_and_cannot_list_the_others(
+    offline_client: LambdaClient, offline: tuple[ServerThread, Path]
+) -> None:
+    """The layers folder is searchable, not readable, by the environments' uids (0711): a
+    script imports from its own layer, and listing the folder (to find other owners'
+    packages) is refused."""
+    script = (
+        "import os, lambda_tiny\n"
+        "folder = os.path.dirname(os.path.dirname(os.path.dirname(lambda_tiny.__file__)))\n"
+        "try:\n"
+        "    listed = len(os.listdir(folder))\n"
+        "except PermissionError:\n"
+        "    listed = 'refused'\n"
+        "result = [os.path.basename(folder), listed]"
+    )
+    session = offline_client.initialize("python-listing", script, dependencies=["lambda-tiny==1.0"])
+    answer = offline_client.execute(session.request_id, {})
+    assert not answer.HasField("error"), answer.error
+    assert result(answer) == ["layers", "refused"]
+    assert (offline[1] / "layers").stat().st_mode & 0o777 == 0o711
+
+
 def test_sessions_with_the_same_lock_share_one_layer_installed_once(
     offline_client: LambdaClient, offline: tuple[ServerThread, Path]
 ) -> None:

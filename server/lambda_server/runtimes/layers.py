@@ -173,6 +173,10 @@ class LayerStore:
         self._info = layer_dir / INFO
         for folder in (self.folder, self._staging, self._locks, self._info):
             folder.mkdir(exist_ok=True)
+        # searchable, not readable, by the environments' uids: a script reaches the layer
+        # its worker was given by its path, and cannot list the others (other owners'
+        # packages, perhaps from a private index); a layer id is the hash of its lock
+        os.chmod(self.folder, 0o711)
         self._installing: dict[str, asyncio.Task[Layer]] = {}  # by layer id, while it runs
         self._ready: dict[str, tuple[Layer, float]] = {}
         self._locks_kept: collections.OrderedDict[tuple[str, tuple[str, ...]], tuple[Lock, float]] = (
