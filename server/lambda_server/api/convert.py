@@ -184,7 +184,7 @@ class ExecutePayloads:
         call = current_call()
         try:
             if not isinstance(params, dict):
-                raise payloads.Malformed(f"params is a JSON {_json_kind(params)}, not an object")
+                raise payloads.Malformed(f"params is a JSON {json_kind(params)}, not an object")
             tally = payloads.Tally(self._max_nodes, self._max_depth)
             await self._pacer.run(payloads.measure(params, tally), owner)
         except (payloads.PastBound, payloads.Malformed) as exc:
@@ -264,7 +264,7 @@ class ExecutePayloads:
         except json_text.Refused as exc:
             raise payloads.Malformed(f"params_json is not JSON a script can be given: {exc}") from None
         if not isinstance(params, dict):
-            raise payloads.Malformed(f"params_json is a JSON {_json_kind(params)}, not an object")
+            raise payloads.Malformed(f"params_json is a JSON {json_kind(params)}, not an object")
         yield from payloads.measure(params, tally)
         tally.size = len(text)
         return params
@@ -370,7 +370,10 @@ def _refusal(
     return InvalidRequest(f"the request is not a valid {message_type}: {exc}", field=field), str(exc)
 
 
-def _json_kind(value: JSON) -> str:
+def json_kind(value: object) -> str:
+    """What a JSON value is, in JSON's words (for a message saying what was sent instead)."""
+    if isinstance(value, dict):
+        return "object"
     if isinstance(value, list):
         return "array"
     if isinstance(value, str):

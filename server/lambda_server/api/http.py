@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from lambda_server.api import http_json
-from lambda_server.api.convert import ExecutePayloads
+from lambda_server.api.convert import ExecutePayloads, json_kind
 from lambda_server.api.gate import REFUSED_QUOTA, Gate
 from lambda_server.api.http_served import (
     ANSWER,
@@ -268,7 +268,7 @@ class HttpApi:
             return {}
         body = await self._payloads.json_body(raw, caller.owner)
         if not isinstance(body, dict):
-            what = http_json.kind(body)
+            what = json_kind(body)
             raise InvalidRequest(f"the body must be a JSON object, not a JSON {what}", field="body")
         return body
 

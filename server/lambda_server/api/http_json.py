@@ -11,9 +11,9 @@ from __future__ import annotations
 import math
 import re
 from datetime import UTC, datetime
-from typing import Any
 
 from lambda_microservice.v1 import lambda_service_pb2 as pb
+from lambda_server.api.convert import json_kind
 from lambda_server.api.errors import DOMAIN
 from lambda_server.domain import (
     JSON,
@@ -219,7 +219,7 @@ def text_field(body: dict[str, JSON], name: str) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise InvalidRequest(f"{name} must be a string, not a JSON {kind(value)}", field=name)
+        raise InvalidRequest(f"{name} must be a string, not a JSON {json_kind(value)}", field=name)
     return value
 
 
@@ -228,7 +228,7 @@ def object_field(body: dict[str, JSON], name: str) -> dict[str, JSON]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise InvalidRequest(f"{name} must be a JSON object, not a JSON {kind(value)}", field=name)
+        raise InvalidRequest(f"{name} must be a JSON object, not a JSON {json_kind(value)}", field=name)
     return value
 
 
@@ -281,18 +281,6 @@ def _integer(options: dict[str, JSON], name: str) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or abs(value) >= 2**31:
         raise InvalidRequest(f"options.{name} must be an integer, not {value!r:.40}", field=f"options.{name}")
     return value
-
-
-def kind(value: Any) -> str:
-    if isinstance(value, dict):
-        return "object"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, bool):
-        return "boolean"
-    return "null" if value is None else "number"
 
 
 def _milliseconds(nanoseconds: int) -> float:

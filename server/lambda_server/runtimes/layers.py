@@ -66,7 +66,7 @@ from lambda_server.errors import (
 )
 from lambda_server.runtimes.installer_process import folder_size, too_large
 from lambda_server.runtimes.slots import FairSlots, SlotWaitTimeout
-from lambda_server.tasks import cancel_and_wait
+from lambda_server.tasks import cancel_and_wait, sweep_every
 
 __all__ = ["Layer", "LayerStore", "Lock", "LockedPackage", "Resolver"]
 
@@ -491,18 +491,7 @@ class LayerStore:
         os.replace(written, self._info_file(layer_id))
 
     async def _sweep_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._sweep_interval)
-            try:
-                removed = await self.sweep()
-            except LambdaError as exc:  # the database is away: the next pass tries again
-                log.warning("layer sweep: %s", exc.message)
-                continue
-            except Exception:  # a bug: say so, and keep sweeping
-                log.exception("layer sweep failed")
-                continue
-            if removed:
-                log.info("layer sweep: %d unused layers removed from %s", removed, self.folder)
+        await sweep_every(self._sweep_interval, self.sweep, "layer", self.folder, log)
 
 
 async def _outcome(task: asyncio.Task[Layer], deadline: Deadline) -> Layer:

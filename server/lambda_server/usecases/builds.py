@@ -51,7 +51,7 @@ from lambda_server.errors import DeadlineExceeded, InternalError, LambdaError, U
 from lambda_server.runtimes.rust import RustCompiler
 from lambda_server.store.artifacts import ArtifactStore
 from lambda_server.store.sessions import SessionStore
-from lambda_server.tasks import cancel_and_wait
+from lambda_server.tasks import cancel_and_wait, sweep_every
 
 log = logging.getLogger(__name__)
 
@@ -290,18 +290,7 @@ class RustBuilds:
         return removed
 
     async def _sweep_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._sweep_interval)
-            try:
-                removed = await self.sweep()
-            except LambdaError as exc:  # the database is away: the next pass tries again
-                log.warning("program sweep: %s", exc.message)
-                continue
-            except Exception:  # a bug: say so, and keep sweeping
-                log.exception("program sweep failed")
-                continue
-            if removed:
-                log.info("program sweep: %d unused programs removed from %s", removed, self._folder)
+        await sweep_every(self._sweep_interval, self.sweep, "program", self._folder, log)
 
     async def _make(
         self, key: str, script: str, script_hash: str, level: OptimizationLevel, owner: str
