@@ -424,7 +424,11 @@ def _failing_starts(server: ServerThread, runtime: str) -> list[int]:
     """Make every new process of `runtime` fail to start (its worker is missing), and count
     the starts tried (the list's length)."""
     pool: Any = server.server.pool
-    pool._runtimes[runtime] = replace(pool._runtimes[runtime], worker=Path("/nonexistent/worker.py"))
+    # the pool's view of the registry is read-only: the pool is given a patched copy
+    pool._runtimes = {
+        **pool._runtimes,
+        runtime: replace(pool._runtimes[runtime], worker=Path("/nonexistent/worker.py")),
+    }
     launcher = pool._launcher
     starts: list[int] = []
     real_start = launcher.start
