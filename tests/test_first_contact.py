@@ -93,6 +93,18 @@ def test_lambda_cli_reports_a_users_mistake_in_one_line_with_exit_2(
     assert "missing.py" in missing.stderr and "No such file" in missing.stderr
 
 
+def test_lambda_cli_into_a_reader_that_stops_early_ends_quietly(server: ServerThread) -> None:
+    """`lambda-cli health | head -1`: the reader closes the pipe after one line; lambda-cli
+    ends with 0 and no traceback rather than a BrokenPipeError."""
+    command = [sys.executable, "-m", "lambda_microservice.cli", "--target", server.target, "health"]
+    cli = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    assert cli.stdout is not None and cli.stderr is not None
+    cli.stdout.close()  # the reader is gone before lambda-cli prints
+    with cli.stderr:
+        assert cli.wait(120) == 0
+        assert cli.stderr.read() == b""
+
+
 def test_lambda_cli_exits_1_when_the_script_fails_and_3_when_the_call_fails(server: ServerThread) -> None:
     with LambdaClient(server.target) as client:
         failing = client.initialize("python-cli_fails", "raise ValueError('no')").request_id

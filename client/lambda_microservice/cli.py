@@ -219,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_REFUSED
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `lambda-cli ... | head`: the reader stopped, as it may
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's last flush is quiet too
+        return EXIT_OK
     finally:
         sys.set_int_max_str_digits(digits)
 
