@@ -73,9 +73,8 @@ _LOCK_OWNER = "SELECT pg_advisory_xact_lock($1, hashtext($2))"
 # stored session when it was inserted (none: refused, or its request_id was stored
 # already), whether it was counted, and when the owner's oldest session, this batch's
 # included, expires: the earliest a refused create may fit.
-_INSERT_MANY = """
-WITH RECURSIVE used AS (
-    SELECT later.sessions + soon.sessions AS sessions, later.bytes + soon.bytes AS bytes,
+# `used` (the owner is $13), shared by both create statements: the comment above says how.
+_USED = """    SELECT later.sessions + soon.sessions AS sessions, later.bytes + soon.bytes AS bytes,
            (SELECT s.expires_at FROM meta.sessions s
             WHERE s.status = 'active' AND (s.owner, s.expires_at) > ($13, now())
               AND (s.owner, s.expires_at) < ($13, timestamptz 'infinity')
@@ -88,7 +87,11 @@ WITH RECURSIVE used AS (
           FROM meta.sessions
           WHERE owner = $13 AND status = 'active' AND expires_at > now()
             AND expires_at < meta.usage_minute(now()) + interval '1 minute') AS soon
-), asked AS MATERIALIZED (
+"""
+
+_INSERT_MANY = f"""
+WITH RECURSIVE used AS (
+{_USED}), asked AS MATERIALIZED (
     SELECT a.*, octet_length(a.script_content)::bigint + octet_length(a.context::text) AS bytes,
            a.request_id = ANY($16::uuid[]) AS stored
     FROM unnest($1::uuid[], $2::text[], $3::text[], $4::float8[], $5::jsonb[], $6::text[],
@@ -134,22 +137,9 @@ ORDER BY a.n
 
 # A batch of one: _INSERT_MANY's answer for a single create, at a fraction of its
 # planning. A retry counted as new refuses nothing after it: it is never counted again.
-_INSERT_COUNTED = """
+_INSERT_COUNTED = f"""
 WITH used AS (
-    SELECT later.sessions + soon.sessions AS sessions, later.bytes + soon.bytes AS bytes,
-           (SELECT s.expires_at FROM meta.sessions s
-            WHERE s.status = 'active' AND (s.owner, s.expires_at) > ($13, now())
-              AND (s.owner, s.expires_at) < ($13, timestamptz 'infinity')
-            ORDER BY s.owner, s.expires_at LIMIT 1) AS oldest_expires_at
-    FROM (SELECT coalesce(sum(sessions), 0)::bigint AS sessions,
-                 coalesce(sum(bytes), 0)::bigint AS bytes
-          FROM meta.owner_usage
-          WHERE owner = $13 AND minute >= meta.usage_minute(now()) + interval '1 minute') AS later,
-         (SELECT count(*) AS sessions, coalesce(sum(stored_bytes), 0)::bigint AS bytes
-          FROM meta.sessions
-          WHERE owner = $13 AND status = 'active' AND expires_at > now()
-            AND expires_at < meta.usage_minute(now()) + interval '1 minute') AS soon
-), new AS (
+{_USED}), new AS (
     SELECT octet_length($6::text)::bigint + octet_length($5::jsonb::text) AS bytes
 ), inserted AS (
     INSERT INTO meta.sessions
