@@ -1,12 +1,12 @@
 """What the resolvers (runtimes/uv.py, runtimes/npm.py) share: running their tool, bounded in
 time and in the bytes it writes, and putting its words in front of callers without secrets.
 
-A tool runs in a process group of its own, started with subprocess.Popen in a thread, as
-workers are (runtimes/process.py): uvloop's own subprocesses crash in the child when it
-forks while gRPC's threads run. It is killed, as a group, when the deadline passes, when
-the caller is cancelled, or when the folder it fills (`watched`) grows past `max_bytes`: the
-size is looked at every WATCH_SECONDS while it runs, so a small archive that unpacks into
-gigabytes stops there, not once the disk is full.
+A tool runs as the compilers do (runtimes/process.run_command): in a process group of its
+own, started with subprocess.Popen in a thread, as workers are (uvloop's own subprocesses
+crash in the child when it forks while gRPC's threads run). It is killed, as a group, when
+the deadline passes, when the caller is cancelled, or when the folder it fills (`watched`)
+grows past `max_bytes`: the size is looked at every WATCH_SECONDS while it runs, so a small
+archive that unpacks into gigabytes stops there, not once the disk is full.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import os
 import re
-import signal
 import subprocess
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -23,6 +22,7 @@ from pathlib import Path
 
 from lambda_server.domain import Deadline
 from lambda_server.errors import DependencyLimitExceeded
+from lambda_server.runtimes.process import WorkerTimeout, kill_group, run_command
 
 WATCH_SECONDS = 0.2  # how often the folder a tool fills is measured while it runs
 # userinfo in a URL (`https://user:token@host`): never shown to a caller
@@ -74,45 +74,32 @@ async def run_tool(
     """The tool's exit code and stderr. DependencyLimitExceeded (its process group killed) when
     the deadline passes first (DEPENDENCY_INSTALL_TIMEOUT_SECONDS) or `watched` grows past
     `max_bytes` (MAX_LAYER_BYTES); killed too when the caller is cancelled."""
-    process = await asyncio.to_thread(
-        subprocess.Popen,
-        argv,
-        cwd=cwd,
-        env=dict(env),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,  # its own process group, killed as one
-    )
     over: list[int] = []  # the size that passed the bound, when the watchdog killed the tool
     stop = threading.Event()
-    watchdog = None
-    if watched is not None and max_bytes is not None:
-        watchdog = threading.Thread(
-            target=_watch, args=(process, watched, max_bytes, stop, over.append), daemon=True
-        )
-        watchdog.start()
+    watchdogs: list[threading.Thread] = []
+
+    def watch(process: subprocess.Popen[bytes]) -> None:
+        if watched is not None and max_bytes is not None:
+            watchdog = threading.Thread(
+                target=_watch, args=(process, watched, max_bytes, stop, over.append), daemon=True
+            )
+            watchdog.start()
+            watchdogs.append(watchdog)
+
     try:
-        try:
-            _, stderr = await asyncio.to_thread(process.communicate, None, deadline.remaining())
-        except subprocess.TimeoutExpired:
-            kill_group(process)
-            await asyncio.to_thread(process.communicate)  # reaped, its pipe closed
-            raise DependencyLimitExceeded(
-                "resolving or installing the dependencies took longer than "
-                "DEPENDENCY_INSTALL_TIMEOUT_SECONDS",
-                setting="DEPENDENCY_INSTALL_TIMEOUT_SECONDS",
-            ) from None
-        except BaseException:  # cancelled: the thread's communicate() ends once it is killed
-            kill_group(process)
-            raise
+        code, _, stderr = await run_command(argv, env, str(cwd), deadline.remaining(), started=watch)
+    except WorkerTimeout:
+        raise DependencyLimitExceeded(
+            "resolving or installing the dependencies took longer than DEPENDENCY_INSTALL_TIMEOUT_SECONDS",
+            setting="DEPENDENCY_INSTALL_TIMEOUT_SECONDS",
+        ) from None
     finally:
         stop.set()
-        if watchdog is not None:
+        for watchdog in watchdogs:
             await asyncio.to_thread(watchdog.join)
     if over and max_bytes is not None:
         raise too_large(over[0], max_bytes)
-    return process.returncode or 0, stderr.decode(errors="replace")
+    return code or 0, stderr.decode(errors="replace")
 
 
 def _watch(
@@ -129,12 +116,6 @@ def _watch(
             report(size)
             kill_group(process)
             return
-
-
-def kill_group(process: subprocess.Popen[bytes]) -> None:
-    """The tool and whatever it started, as one process group."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
 
 
 def named(words: str, requirements: tuple[str, ...], names: Callable[[str], Iterable[str]]) -> str:

@@ -410,7 +410,7 @@ class WorkerProcess:
 
     async def kill(self) -> None:
         """Kill the worker's whole process group, reap it and close its pipes."""
-        _kill(self._popen)
+        kill_group(self._popen)
         for transport in self._transports:
             transport.close()
         if self._stderr_task is not None:
@@ -505,12 +505,18 @@ def _read_result(answer: dict[str, Any], text: bytes) -> None:
 
 
 async def run_command(
-    command: Sequence[str], env: Mapping[str, str], cwd: str, timeout: float
+    command: Sequence[str],
+    env: Mapping[str, str],
+    cwd: str,
+    timeout: float | None,
+    started: Callable[[subprocess.Popen[bytes]], None] | None = None,
 ) -> tuple[int, bytes, bytes]:
-    """Run a one-shot command (a compiler) to its end: exit status, stdout, stderr.
+    """Run a one-shot command (a compiler, a package installer) to its end: exit status,
+    stdout, stderr.
 
-    Its whole process group is killed when it runs past `timeout` (WorkerTimeout) or
-    the caller is cancelled. Popen and the wait run in threads, as for workers.
+    Its whole process group is killed when it runs past `timeout` (WorkerTimeout; None: no
+    bound but the caller's) or the caller is cancelled. Popen and the wait run in threads, as for workers.
+    `started` is given the process once it runs (a watchdog may kill it: kill_group).
     """
     loop = asyncio.get_running_loop()
     popen = await loop.run_in_executor(
@@ -526,13 +532,15 @@ async def run_command(
         ),
     )
     try:
+        if started is not None:
+            started(popen)
         out, err = await loop.run_in_executor(None, lambda: popen.communicate(timeout=timeout))
     except subprocess.TimeoutExpired:
-        _kill(popen)
+        kill_group(popen)
         await loop.run_in_executor(None, popen.communicate)
         raise WorkerTimeout(f"the command ran past {timeout:g} s") from None
     except BaseException:
-        _kill(popen)
+        kill_group(popen)
         raise
     return popen.returncode, out, err
 
@@ -596,7 +604,8 @@ def _loop_closes_twice(loop: asyncio.AbstractEventLoop) -> bool:
     return type(loop).__module__.startswith("uvloop")
 
 
-def _kill(popen: subprocess.Popen[bytes]) -> None:
+def kill_group(popen: subprocess.Popen[bytes]) -> None:
+    """A one-shot command and whatever it started, as one process group (once reaped: nothing)."""
     if popen.returncode is not None:
         return  # reaped: its pid may belong to someone else now
     with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -611,5 +620,5 @@ async def _reap_cancelled_start(started: asyncio.Future[subprocess.Popen[bytes]]
         popen = await started
     except Exception:
         return  # it did not start
-    _kill(popen)
+    kill_group(popen)
     await asyncio.get_running_loop().run_in_executor(None, popen.wait)
