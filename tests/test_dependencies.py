@@ -8,9 +8,11 @@ pure package that has a dependency of its own.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import io
+import itertools
 import json
 import tarfile
 import uuid
@@ -37,6 +39,7 @@ from lambda_microservice import (
     result,
 )
 from lambda_server.config import DependencySettings
+from lambda_server.store.creates import OWNER_LOCK_CLASS
 from tests.support import ServerThread, eventually, run_sync, server_settings
 
 # Generous: an install on a busy 2-core box (the setting bounds the server's side)
@@ -482,6 +485,59 @@ def test_an_owner_past_its_layer_bytes_is_refused(wheels: Path, fresh_database: 
             assert result(client.execute(session.request_id, {})) == 25_000
     finally:
         running.stop()
+
+
+def test_new_layers_on_two_replicas_at_once_cannot_pass_the_owners_layer_bytes_together(
+    wheels: Path, fresh_database: str, tmp_path: Path
+) -> None:
+    """Two Initializes of one owner, each with a new layer that fits alone, on two replicas,
+    both past Initialize's own checks and waiting on the owner's lock (held here): the
+    store counts the layers under that lock, so exactly one is stored, the other is
+    QUOTA_EXCEEDED naming the setting, and the owner's sessions stay within it."""
+    settings = offline_settings(wheels, tmp_path, max_layer_bytes_per_owner=40_000)
+    replicas = [ServerThread(settings, fresh_database) for _ in range(2)]
+    owner = "address:127.0.0.1"  # AUTH_MODE=none: the caller's address
+
+    def initialize(which: int) -> str:
+        with LambdaClient(replicas[which].target, timeout=INSTALL_TIMEOUT) as client:
+            package = ("lambda-quota-a", "lambda-quota-b")[which]
+            try:
+                client.initialize(f"python-q{which}", "result = 1", dependencies=[package])
+            except QuotaExceededError as refused:
+                assert refused.metadata["setting"] == "MAX_LAYER_BYTES_PER_OWNER"
+                return "refused"
+            return "stored"
+
+    async def race() -> tuple[list[str], int]:
+        """Both Initializes while the owner's lock is held here, then the lock let go."""
+        conn = await asyncpg.connect(fresh_database)
+        try:
+            await conn.execute("SELECT pg_advisory_lock($1, hashtext($2))", OWNER_LOCK_CLASS, owner)
+            loop = asyncio.get_running_loop()
+            with ThreadPoolExecutor(2) as pool:
+                calls = [loop.run_in_executor(pool, initialize, which) for which in range(2)]
+                waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                async with asyncio.timeout(INSTALL_TIMEOUT):  # both past Initialize's own checks
+                    for _ in itertools.count():
+                        if await conn.fetchval(waiting) == 2:
+                            break
+                        await asyncio.sleep(0.05)
+                await conn.execute("SELECT pg_advisory_unlock($1, hashtext($2))", OWNER_LOCK_CLASS, owner)
+                outcomes = sorted(await asyncio.gather(*calls))
+            layers = await conn.fetchval(
+                "SELECT count(DISTINCT dependencies->>'layer_id') FROM meta.sessions"
+                " WHERE owner = $1 AND dependencies IS NOT NULL",
+                owner,
+            )
+            return outcomes, int(layers)
+        finally:
+            await conn.close()
+
+    try:
+        assert run_sync(race()) == (["refused", "stored"], 1)
+    finally:
+        for running in replicas:
+            running.stop()
 
 
 @pytest.mark.timeout(2 * INSTALL_TIMEOUT)

@@ -157,7 +157,11 @@ async def _wire(
         outage=(lambda: supervisor.status) if supervisor is not None else (lambda: None),
     )
     cache = ResultCache(settings.result_cache_bytes, metrics)
-    quota = OwnerQuota(settings.auth.max_sessions_per_owner, settings.auth.max_script_bytes_per_owner)
+    quota = OwnerQuota(
+        settings.auth.max_sessions_per_owner,
+        settings.auth.max_script_bytes_per_owner,
+        settings.dependencies.max_layer_bytes_per_owner,
+    )
     sessions = SessionStore(
         db,
         observe_claim_batch=metrics.claim_batch_size.observe,

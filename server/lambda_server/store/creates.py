@@ -25,6 +25,12 @@ probe a create, or, in a generic plan made while the table was small, a scan
 of every session a batch, until autovacuum's next ANALYZE (a fresh database
 under load).
 
+A create with dependencies is stored in a batch of its own: under the owner's lock, the
+bytes of the distinct layers the owner's sessions use and of its own layer (counted
+once) are checked against MAX_LAYER_BYTES_PER_OWNER before it is inserted
+(QUOTA_EXCEEDED, nothing stored), so that concurrent Initializes adding new layers
+cannot pass that quota together either.
+
 Across replicas, each batch holds a transaction-level advisory lock on its owner
 (two int4 keys, a space apart from the one-bigint keys of migrations and the
 cleanup), taken in a statement of its own before the insert: in READ COMMITTED
@@ -45,6 +51,7 @@ import asyncpg
 from lambda_server.domain import JSON, Deadline, NewSession, SessionDependencies, SessionOptions
 from lambda_server.errors import DeadlineExceeded, InternalError, own_instance
 from lambda_server.store.database import Database
+from lambda_server.store.layers import refuse_past_layer_quota
 from lambda_server.tasks import cancel_and_wait
 
 MAX_BATCH = 256
@@ -178,10 +185,12 @@ RETURNING request_id, language_title, user_id, created_at, expires_at, last_exec
 @dataclass(frozen=True)
 class OwnerQuota:
     """What one owner's active (unexpired) sessions may hold: MAX_SESSIONS_PER_OWNER
-    sessions, and MAX_SCRIPT_BYTES_PER_OWNER bytes of scripts and contexts."""
+    sessions, MAX_SCRIPT_BYTES_PER_OWNER bytes of scripts and contexts, and
+    MAX_LAYER_BYTES_PER_OWNER bytes of the distinct layers they use (None: not counted)."""
 
     max_sessions: int
     max_bytes: int
+    max_layer_bytes: int | None = None
 
 
 _Create = tuple[NewSession, "asyncio.Future[asyncpg.Record]"]
@@ -259,11 +268,13 @@ class CreateBatcher:
                 continue
             script = len(new.script_content)
             full = len(batch) == MAX_BATCH or (batch and size + script > MAX_BATCH_BYTES)
-            if full or new.request_id in names:
+            if full or new.request_id in names or (batch and new.dependencies is not None):
                 break
             batch.append(queue.popleft())
             names.add(new.request_id)
             size += script
+            if new.dependencies is not None:  # alone: its layer is counted before it is stored
+                break
         return batch
 
     async def _send_batch(self, owner: str, batch: list[_Create]) -> None:
@@ -306,6 +317,10 @@ class CreateBatcher:
                         await conn.execute(_LOCK_OWNER, OWNER_LOCK_CLASS, owner)
                         rows: list[asyncpg.Record]
                         if len(creates) == 1:
+                            layers = self._quota.max_layer_bytes
+                            dependencies = creates[0].dependencies
+                            if dependencies is not None and layers is not None:
+                                await refuse_past_layer_quota(conn, owner, dependencies.layer_id, layers)
                             rows = await conn.fetch(_INSERT_COUNTED, *_columns(creates[0]), *caps)
                             return rows
                         columns = list(zip(*(_columns(new) for new in creates), strict=True))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncpg
+
 from lambda_server.domain import Deadline
+from lambda_server.errors import QuotaExceeded
 from lambda_server.store.database import Database
 
 _PUT = """
@@ -16,15 +19,18 @@ SELECT dependencies->>'runtime' AS runtime, dependencies->>'lock' AS lock
 FROM meta.sessions WHERE request_id = $1 AND dependencies->>'layer_id' = $2
 """
 # The bytes of the distinct layers the owner's unexpired sessions use, but `$2`'s
-# (counted apart by the caller, once), by the database clock
+# (counted apart by the caller, once), by the database clock; and `$2`'s recorded bytes
 _OWNER_BYTES = """
-SELECT coalesce(sum(l.bytes), 0)::bigint AS bytes, count(*) AS layers
+SELECT coalesce(sum(l.bytes), 0)::bigint AS bytes, count(*) AS layers,
+       (SELECT bytes FROM meta.layers WHERE layer_id = $2) AS this
 FROM meta.layers l
 WHERE l.layer_id <> $2 AND l.layer_id IN (
     SELECT s.dependencies->>'layer_id' FROM meta.sessions s
     WHERE s.owner = $1 AND s.dependencies IS NOT NULL AND s.status = 'active' AND s.expires_at > now()
 )
 """
+# When an owner's layers (this one counted once) would pass MAX_LAYER_BYTES_PER_OWNER
+QUOTA_RETRY_SECONDS = 60.0  # a layer quota frees as the owner's sessions expire
 _IN_USE = """
 SELECT DISTINCT dependencies->>'layer_id' AS layer_id FROM meta.sessions
 WHERE dependencies->>'layer_id' = ANY($1::text[]) AND status = 'active' AND expires_at > now()
@@ -65,3 +71,25 @@ class LayerRecords:
         """Which of these layers an unexpired session uses."""
         rows = await self._db.fetch(deadline, _IN_USE, layer_ids)
         return {row["layer_id"] for row in rows}
+
+
+async def refuse_past_layer_quota(conn: asyncpg.Connection, owner: str, layer_id: str, limit: int) -> None:
+    """QuotaExceeded when the owner's layers and `layer_id` (its recorded bytes, counted once)
+    pass `limit`: on the connection whose transaction holds the owner's lock and stores the
+    session (store/creates.py), so that concurrent creates on any replica stay within it."""
+    row = await conn.fetchrow(_OWNER_BYTES, owner, layer_id)
+    assert row is not None
+    check_layer_quota(owner, int(row["bytes"]), int(row["layers"]), int(row["this"] or 0), limit)
+
+
+def check_layer_quota(owner: str, used: int, layers: int, size: int, limit: int) -> None:
+    """QuotaExceeded when `used` bytes of `layers` other layers and this one's `size` pass `limit`."""
+    if used + size > limit:
+        raise QuotaExceeded(
+            f"{owner}'s sessions use {layers} layers of {used} bytes; this one's {size} "
+            f"more would pass MAX_LAYER_BYTES_PER_OWNER ({limit})",
+            retry_after=QUOTA_RETRY_SECONDS,
+            setting="MAX_LAYER_BYTES_PER_OWNER",
+            limit=str(limit),
+            bytes=str(used),
+        )

@@ -9,9 +9,11 @@ distinct layers its unexpired sessions use, this one counted once). The session
 stores the lock, so a replica that lacks the layer installs the same versions from
 it at the session's first Execute there.
 
-The owner's layer bytes are counted when Initialize checks them, not under the
-owner's lock that stores sessions: concurrent Initializes of one owner with new
-layers may pass the quota by the layers they add together.
+The owner's layer bytes are checked twice: here, before anything is downloaded (by the
+lock's archive sizes) and once installed, so that a refusal costs nothing; and exactly
+when the session is stored, under the owner's lock (store/creates.py), so that
+concurrent Initializes of one owner with new layers, on any replicas, cannot pass the
+quota together.
 """
 
 from __future__ import annotations
@@ -34,16 +36,14 @@ from lambda_server.errors import (
     InvalidRequest,
     LambdaError,
     NotStarted,
-    QuotaExceeded,
 )
 from lambda_server.runtimes.layers import LayerStore, Lock
 from lambda_server.runtimes.npm import parse_requirement
 from lambda_server.runtimes.registry import RuntimeSpec
-from lambda_server.store.layers import LayerRecords
+from lambda_server.store.layers import LayerRecords, check_layer_quota
 from lambda_server.usecases.inputs import refuse_nul
 
 MAX_REQUIREMENT = 512  # characters of one requirement
-QUOTA_RETRY_SECONDS = 60.0  # a layer quota frees as the owner's sessions expire
 
 
 class Dependencies:
@@ -176,16 +176,7 @@ class Dependencies:
         """QuotaExceeded when the owner's layers and this one of `size` bytes (counted once)
         would pass MAX_LAYER_BYTES_PER_OWNER."""
         used, layers = await self._records.owner_bytes(owner, lock.layer_id, deadline)
-        limit = self._settings.max_layer_bytes_per_owner
-        if used + size > limit:
-            raise QuotaExceeded(
-                f"{owner}'s sessions use {layers} layers of {used} bytes; this one's {size} "
-                f"more would pass MAX_LAYER_BYTES_PER_OWNER ({limit})",
-                retry_after=QUOTA_RETRY_SECONDS,
-                setting="MAX_LAYER_BYTES_PER_OWNER",
-                limit=str(limit),
-                bytes=str(used),
-            )
+        check_layer_quota(owner, used, layers, size, self._settings.max_layer_bytes_per_owner)
 
     async def layer(
         self, session: ClaimedSession, runtime: RuntimeSpec, deadline: Deadline, owner: str = ""
