@@ -28,7 +28,7 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
-from lambda_microservice import to_python
+from lambda_microservice import LambdaClient, PackageIndexUnavailableError, to_python
 from lambda_server.app import Server, build_server, new_event_loop
 from lambda_server.config import DatabaseSettings, RuntimeSettings, Settings
 
@@ -521,3 +521,19 @@ def serde_json_registry(folder: Path) -> Path:
         for crate in sorted(real.glob(f"{name}-[0-9]*")):
             shutil.copytree(crate, folder / crate.name)
     return folder
+
+
+class RegistryClient(LambdaClient):
+    """A client for tests that reach a real package registry: an Initialize the registry did
+    not answer (PACKAGE_INDEX_UNAVAILABLE, retryable by the contract: a network hiccup) is
+    sent again, twice, 5 s apart. Every other answer is the test's to judge."""
+
+    def initialize(self, *args: Any, **kwargs: Any) -> Any:
+        for attempt in range(3):
+            try:
+                return super().initialize(*args, **kwargs)
+            except PackageIndexUnavailableError:
+                if attempt == 2:
+                    raise
+                time.sleep(5)
+        raise AssertionError("unreachable")

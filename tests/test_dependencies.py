@@ -40,7 +40,7 @@ from lambda_microservice import (
 )
 from lambda_server.config import DependencySettings
 from lambda_server.store.creates import OWNER_LOCK_CLASS
-from tests.support import ServerThread, eventually, run_sync, server_settings
+from tests.support import RegistryClient, ServerThread, eventually, run_sync, server_settings
 
 # Generous: an install on a busy 2-core box (the setting bounds the server's side)
 INSTALL_TIMEOUT = DependencySettings().install_timeout_seconds
@@ -548,7 +548,7 @@ def test_a_real_package_from_the_index_with_a_dependency_of_its_own(
     settings = replace(server_settings(), dependencies=DependencySettings(layer_dir=tmp_path))
     running = ServerThread(settings, database_url)
     try:
-        with LambdaClient(running.target, timeout=INSTALL_TIMEOUT) as client:
+        with RegistryClient(running.target, timeout=INSTALL_TIMEOUT) as client:
             script = "from slugify import slugify\nresult = slugify(params['text'])"
             session = client.initialize("python-slugify", script, dependencies=["python-slugify==8.0.4"])
             answer = client.execute(session.request_id, {"text": "Hello, Wörld!"})

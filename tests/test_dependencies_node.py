@@ -43,7 +43,7 @@ from lambda_server.runtimes.npm import (
     refuse_other_sources,
 )
 from lambda_server.runtimes.registry import discover
-from tests.support import ServerThread, descendants, free_port, server_settings
+from tests.support import RegistryClient, ServerThread, descendants, free_port, server_settings
 
 # Generous: a resolve or an install on a busy 2-core box (the setting bounds the server's side)
 INSTALL_TIMEOUT = DependencySettings().install_timeout_seconds
@@ -77,7 +77,7 @@ def node(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 @pytest.fixture(scope="module")
 def client(node: tuple[ServerThread, Path]) -> Iterator[LambdaClient]:
-    with LambdaClient(node[0].target, timeout=INSTALL_TIMEOUT) as client:
+    with RegistryClient(node[0].target, timeout=INSTALL_TIMEOUT) as client:
         yield client
 
 
@@ -356,7 +356,7 @@ def test_the_allowlist_names_npm_packages_and_their_dependencies(database_url: s
     settings = node_settings(tmp_path, mode="allowlist", allowlist=allowed)
     running = ServerThread(settings, database_url)
     try:
-        with LambdaClient(running.target, timeout=INSTALL_TIMEOUT) as client:
+        with RegistryClient(running.target, timeout=INSTALL_TIMEOUT) as client:
             with pytest.raises(DependencyNotAllowedError) as named:  # before anything resolves
                 client.initialize("nodejs-listed", "return 1;", dependencies=["left-pad@1.3.0"])
             assert named.value.metadata == {
