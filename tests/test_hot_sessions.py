@@ -12,8 +12,9 @@ import asyncpg
 import jwt
 import pytest
 
-from lambda_microservice import LambdaClient, NotFoundError, SessionExpiredError, to_python
+from lambda_microservice import LambdaClient, LambdaError, NotFoundError, SessionExpiredError, to_python
 from lambda_server.config import AuthSettings
+from tests.proxy import DatabaseProxy
 from tests.support import ServerThread, alternated_executes, eventually, run_sync, server_settings
 
 SCRIPT = "def handler(event):\n    return event['params']['n'] + 1"
@@ -113,6 +114,34 @@ def test_counts_are_exact_across_two_replicas_once_flushed(database_url: str) ->
         first.stop()
         second.stop()
     assert stored_count(database_url, session.request_id) == calls
+
+
+def test_a_flush_whose_answer_was_lost_is_sent_again_and_counted_once(database_url: str) -> None:
+    """A flush that PostgreSQL committed but whose answer never came back (the proxy cuts
+    the replies to it) fails after DATABASE_COMMAND_TIMEOUT_SECONDS; sent again, with its
+    number, it adds nothing: the count is exact, not doubled."""
+    proxy = DatabaseProxy(database_url)
+    settings = hot_settings(30.0, NEVER_MS)
+    settings = replace(settings, database=replace(settings.database, command_timeout=2.0))
+    running = ServerThread(settings, proxy.url)
+    try:
+        with LambdaClient(running.target, timeout=20) as client:
+            session = client.initialize("python-hot-lost", SCRIPT)
+            for n in range(10):  # the first claimed in PostgreSQL, nine counted in memory
+                client.execute(session.request_id, {"n": n})
+            proxy.lose_answers_to(b"meta.count_flushes")
+            with pytest.raises(LambdaError):  # the flush ran, its answer never came
+                client.get_session(session.request_id)
+            assert stored_count(database_url, session.request_id) == 10  # it did commit
+            proxy.lose_answers_to(None)
+            # sent again first, as it was: nothing added
+            assert client.get_session(session.request_id).execution_count == 10
+            client.execute(session.request_id, {"n": 0})  # and the next flush counts as ever
+            assert client.get_session(session.request_id).execution_count == 11
+    finally:
+        running.stop()
+        proxy.close()
+    assert stored_count(database_url, session.request_id) == 11
 
 
 def test_an_expired_session_is_refused_within_the_cache_bound(database_url: str) -> None:

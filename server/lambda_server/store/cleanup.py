@@ -82,6 +82,9 @@ WITH due AS (
 DELETE FROM meta.layers l USING due WHERE l.layer_id = due.layer_id
 """
 
+# the flush numbers of replicas that wrote none for a day (store/hot_sessions.py): gone
+_DELETE_COUNT_FLUSHES = "DELETE FROM meta.count_flushes WHERE written_at < now() - interval '1 day'"
+
 _ACTIVE = "SELECT count(*) FROM meta.sessions WHERE status = 'active' AND expires_at > now()"
 
 
@@ -150,6 +153,8 @@ class SessionCleanup:
             self.layers_deleted += done
             if done < BATCH:
                 break
+        if await self._batch(_DELETE_COUNT_FLUSHES) is None:
+            return None
         marked, deleted = totals
         return marked, deleted
 

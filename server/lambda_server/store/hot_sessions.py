@@ -16,8 +16,16 @@ which no entry outlives).
 
 Counts: a counted execution is in PostgreSQL after the next flush. A crash of the
 server (not a graceful stop, which flushes) loses what it counted in its last
-SESSION_COUNT_FLUSH_MS, plus a flush that failed and waits for the next (the
-counts go back and are sent again). A flush sets last_executed_at to its own time.
+SESSION_COUNT_FLUSH_MS, plus a flush that failed and waits for the next. A flush sets
+last_executed_at to its own time.
+
+A flush is numbered (per replica: a random id at each start), and its statement adds
+its counts only when its number is past the replica's last one in meta.count_flushes
+(migration 0011), which it records in the same transaction. A flush that failed is sent
+again as it was, with its number, before any newer count: one whose answer was lost
+after PostgreSQL committed it (a reply cut by the network, a command timeout, a caller
+cancelled) adds nothing the second time, one that never arrived adds its counts then.
+So a count is never added twice, whatever failed.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -44,11 +53,20 @@ RETRY_SECONDS = 1.0  # after a flush that failed
 # (two replicas' flushes of the same sessions mostly lock them in the same order; a
 # deadlock fails one, whose counts are sent again). A session deleted since is skipped,
 # its count with it.
+# The flush's number ($5) is recorded for the replica ($4) only when past its last one:
+# the counts are added only then (a data-modifying WITH runs whether or not it is read).
 _FLUSH = """
+WITH numbered AS (
+    INSERT INTO meta.count_flushes AS f (replica, flush) VALUES ($4, $5)
+    ON CONFLICT (replica) DO UPDATE SET flush = excluded.flush, written_at = now()
+    WHERE f.flush < excluded.flush
+    RETURNING 1
+)
 UPDATE meta.sessions s
 SET execution_count = s.execution_count + counted.n, last_executed_at = now()
 FROM unnest($1::uuid[], $2::int[]) AS counted(id, n)
-WHERE s.request_id = counted.id AND set_config('synchronous_commit', $3, true) IS NOT NULL
+WHERE s.request_id = counted.id AND EXISTS (SELECT 1 FROM numbered)
+  AND set_config('synchronous_commit', $3, true) IS NOT NULL
 """
 
 
@@ -105,6 +123,10 @@ class CountWriter:
         self._commit_mode = "on" if db.settings.claim_synchronous_commit else "off"
         self._pending: dict[str, int] = {}
         self._sending: dict[str, int] = {}
+        self._replica = str(uuid.uuid4())  # this process's flushes, numbered from 1
+        self._flushes = 0
+        # a flush that failed, sent again as it was (its number, its counts) before any other
+        self._unsent: tuple[int, dict[str, int]] | None = None
         self._lock = asyncio.Lock()  # one flush at a time
         self._wake = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
@@ -118,8 +140,10 @@ class CountWriter:
             self._flusher = asyncio.create_task(self._flush_every_interval())
 
     def pending(self, request_id: str) -> int:
-        """Executions of a session counted and not yet in PostgreSQL (being sent included)."""
-        return self._pending.get(request_id, 0) + self._sending.get(request_id, 0)
+        """Executions of a session counted and not known in PostgreSQL (being sent, or sent
+        by a flush that failed, included)."""
+        unsent = self._unsent[1].get(request_id, 0) if self._unsent is not None else 0
+        return self._pending.get(request_id, 0) + self._sending.get(request_id, 0) + unsent
 
     async def flush_session(self, request_id: str) -> None:
         """Make a session's counts visible in PostgreSQL (with every other pending one);
@@ -128,22 +152,38 @@ class CountWriter:
             await self.flush()
 
     async def flush(self) -> None:
-        """Send every pending count, after the flush under way; on failure they go back."""
+        """Send every pending count, after the flush under way (a failed flush first, as it
+        was); a flush that fails is kept, to be sent again by the next."""
         async with self._lock:
+            if self._unsent is not None:
+                number, counts = self._unsent
+                await self._send(number, counts)
+                self._unsent = None
             if not self._pending:
                 return
+            self._flushes += 1
             self._sending, self._pending = self._pending, {}
-            ids = sorted(self._sending)
-            counts = [self._sending[request_id] for request_id in ids]
             try:
-                deadline = Deadline.after(self._db.settings.command_timeout)
-                await self._db.fetch(deadline, _FLUSH, ids, counts, self._commit_mode)
+                await self._send(self._flushes, self._sending)
             except BaseException:
-                for request_id, count in self._sending.items():  # sent again by the next flush
-                    self._pending[request_id] = self._pending.get(request_id, 0) + count
+                self._unsent = (self._flushes, self._sending)
                 raise
             finally:
                 self._sending = {}
+
+    def _waiting(self) -> tuple[int, int]:
+        """(executions, sessions) counted and not known in PostgreSQL."""
+        waiting = dict(self._pending)
+        for request_id, count in (self._unsent[1] if self._unsent is not None else {}).items():
+            waiting[request_id] = waiting.get(request_id, 0) + count
+        return sum(waiting.values()), len(waiting)
+
+    async def _send(self, number: int, counts: dict[str, int]) -> None:
+        ids = sorted(counts)
+        deadline = Deadline.after(self._db.settings.command_timeout)
+        await self._db.fetch(
+            deadline, _FLUSH, ids, [counts[i] for i in ids], self._commit_mode, self._replica, number
+        )
 
     async def _flush_every_interval(self) -> None:
         while True:
@@ -154,9 +194,9 @@ class CountWriter:
                 await self.flush()
             except Exception as exc:  # the counts wait for the next flush, a second from now
                 if isinstance(exc, LambdaError):
-                    log.warning("execution counts not flushed, %d sessions wait: %s", len(self._pending), exc)
+                    log.warning("execution counts not flushed, %d sessions wait: %s", self._waiting()[1], exc)
                 else:
-                    log.exception("execution counts not flushed, %d sessions wait", len(self._pending))
+                    log.exception("execution counts not flushed, %d sessions wait", self._waiting()[1])
                 self._wake.set()
                 await asyncio.sleep(max(self._interval, RETRY_SECONDS))
 
@@ -171,5 +211,4 @@ class CountWriter:
         try:
             await self.flush()
         except Exception:
-            lost = sum(self._pending.values())
-            log.exception("at stop, %d executions of %d sessions not counted", lost, len(self._pending))
+            log.exception("at stop, %d executions of %d sessions not counted", *self._waiting())
