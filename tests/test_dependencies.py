@@ -14,6 +14,7 @@ import hashlib
 import io
 import itertools
 import json
+import socket
 import tarfile
 import uuid
 import zipfile
@@ -35,6 +36,7 @@ from lambda_microservice import (
     LambdaClient,
     LambdaError,
     NotStartedError,
+    PackageIndexUnavailableError,
     QuotaExceededError,
     result,
 )
@@ -310,6 +312,37 @@ def test_an_unknown_package_is_unresolvable_with_its_requirement(offline_client:
     assert refused.value.reason == "DEPENDENCY_UNRESOLVABLE"
     assert refused.value.metadata["requirement"] == "no-such-package-xyz>=1"
     assert "no-such-package-xyz" in refused.value.message
+
+
+def test_an_index_that_takes_the_connection_and_never_answers_is_unavailable(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A firewall that drops, a proxy that hangs: the index is away, so UNAVAILABLE (a retry is
+    safe) naming PYTHON_PACKAGE_INDEX after PACKAGE_INDEX_TIMEOUT_SECONDS, not
+    DEPENDENCY_LIMIT_EXCEEDED after the install's bound; the owner's slot is free again."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # connections complete, and no answer ever comes
+    port = silent.getsockname()[1]
+    dependencies = DependencySettings(
+        python_package_index=f"http://127.0.0.1:{port}/simple",
+        layer_dir=tmp_path,
+        package_index_timeout_seconds=1,
+        install_timeout_seconds=40.0,  # past uv's own 30 s a read: what answered before
+    )
+    running = ServerThread(replace(server_settings(), dependencies=dependencies), database_url)
+    try:
+        with LambdaClient(running.target, timeout=INSTALL_TIMEOUT) as client:
+            for _ in range(2):  # the first freed the owner's one slot
+                with pytest.raises(PackageIndexUnavailableError) as refused:
+                    client.initialize("python-silent", "result = 1", dependencies=["attrs==23.2.0"])
+                assert refused.value.metadata["setting"] == "PYTHON_PACKAGE_INDEX"
+                assert "PACKAGE_INDEX_TIMEOUT_SECONDS" in refused.value.message
+            session = client.initialize("python-silent", "result = 2")  # the server goes on
+            assert result(client.execute(session.request_id, {})) == 2
+    finally:
+        running.stop()
+        silent.close()
 
 
 def test_a_layer_past_max_layer_bytes_is_refused_and_removed(

@@ -405,11 +405,41 @@ def test_an_unreachable_registry_is_unavailable(database_url: str, tmp_path: Pat
         running.stop()
 
 
+def test_a_registry_that_takes_the_connection_and_never_answers_is_unavailable(
+    database_url: str, tmp_path: Path
+) -> None:
+    """npm's own wait is 5 minutes; PACKAGE_INDEX_TIMEOUT_SECONDS ends it: UNAVAILABLE (a
+    retry is safe) naming NPM_REGISTRY, well before the install's bound, npm gone."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # connections complete, and no answer ever comes
+    port = silent.getsockname()[1]
+    settings = node_settings(
+        tmp_path,
+        npm_registry=f"http://127.0.0.1:{port}/",
+        package_index_timeout_seconds=1,
+        install_timeout_seconds=40.0,
+    )
+    running = ServerThread(settings, database_url)
+    try:
+        with LambdaClient(running.target, timeout=INSTALL_TIMEOUT) as client:
+            with pytest.raises(PackageIndexUnavailableError) as refused:
+                client.initialize("nodejs-silent", "return 1;", dependencies=["left-pad@1.3.0"])
+            assert refused.value.metadata["setting"] == "NPM_REGISTRY"
+            assert "PACKAGE_INDEX_TIMEOUT_SECONDS" in refused.value.message
+            assert not npm_processes(), "npm is gone"
+            session = client.initialize("nodejs-silent", "return 2;")  # the server goes on
+            assert result(client.execute(session.request_id, {})) == 2
+    finally:
+        running.stop()
+        silent.close()
+
+
 def test_a_registry_that_never_answers_is_bounded_by_the_install_timeout(
     database_url: str, tmp_path: Path
 ) -> None:
-    """npm waits minutes for a registry that takes the connection and says nothing:
-    DEPENDENCY_INSTALL_TIMEOUT_SECONDS ends it (npm killed), and names itself."""
+    """An install timeout shorter than the index's: DEPENDENCY_INSTALL_TIMEOUT_SECONDS ends
+    npm's wait (npm killed), and names itself."""
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(16)  # connections complete, and no answer ever comes

@@ -270,6 +270,65 @@ async def test_a_resolve_past_its_time_is_stopped_and_names_the_setting(tmp_path
 
 
 @synchronous
+async def test_an_index_that_takes_the_connection_and_never_answers_is_unavailable(tmp_path: Path) -> None:
+    """PACKAGE_INDEX_TIMEOUT_SECONDS bounds uv's wait for an answer: UNAVAILABLE (retryable)
+    naming the index, long before the resolve's own bound (uv's default waits 30 s a read)."""
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.read()  # until uv is gone
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    uv = find_uv()
+    assert uv is not None
+    resolver = UvResolver(uv, PYTHON, f"http://127.0.0.1:{port}/simple", tmp_path, index_timeout=1)
+    try:
+        with pytest.raises(PackageIndexUnavailable) as refused:
+            await resolver.lock(("attrs",), Deadline.after(40.0))
+        assert refused.value.metadata["setting"] == "PYTHON_PACKAGE_INDEX"
+        assert "PACKAGE_INDEX_TIMEOUT_SECONDS" in refused.value.message
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@synchronous
+async def test_an_index_that_answers_slowly_is_bounded_by_the_install_timeout(tmp_path: Path) -> None:
+    """An index that keeps sending, a byte at a time, is slow, not away: uv's wait between
+    two reads (PACKAGE_INDEX_TIMEOUT_SECONDS) never passes, and the resolve's own bound
+    (DEPENDENCY_INSTALL_TIMEOUT_SECONDS) stops it."""
+
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 100000\r\n\r\n")
+            while True:
+                writer.write(b" ")
+                await writer.drain()
+                await asyncio.sleep(0.2)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(trickle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    uv = find_uv()
+    assert uv is not None
+    resolver = UvResolver(uv, PYTHON, f"http://127.0.0.1:{port}/simple", tmp_path, index_timeout=1)
+    try:
+        with pytest.raises(DependencyLimitExceeded) as refused:
+            await resolver.lock(("attrs",), Deadline.after(4.0))
+        assert refused.value.metadata["setting"] == "DEPENDENCY_INSTALL_TIMEOUT_SECONDS"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@synchronous
 async def test_an_owner_at_its_share_of_slots_waits_while_another_owner_resolves(tmp_path: Path) -> None:
     resolver = SlowResolver()
     layers = store(tmp_path, resolver, slots=2, slots_per_owner=1)

@@ -339,13 +339,25 @@ def _layer_store(
     python = registry.specs.get("python")
     uv = find_uv()
     if python is not None and python.available and uv is not None:
-        resolvers["python"] = UvResolver(uv, python.interpreter, deps.python_package_index, deps.layer_dir)
+        resolvers["python"] = UvResolver(
+            uv,
+            python.interpreter,
+            deps.python_package_index,
+            deps.layer_dir,
+            index_timeout=deps.package_index_timeout_seconds,
+        )
     elif uv is None:
         log.warning("no uv: Python sessions with dependencies are refused (DEPENDENCY_NOT_ALLOWED)")
     nodejs = registry.specs.get("nodejs")
     npm = find_npm(nodejs.interpreter if nodejs is not None else None)
     if nodejs is not None and nodejs.available and npm is not None:
-        resolvers["nodejs"] = NpmResolver(npm, nodejs.interpreter, deps.npm_registry, deps.layer_dir)
+        resolvers["nodejs"] = NpmResolver(
+            npm,
+            nodejs.interpreter,
+            deps.npm_registry,
+            deps.layer_dir,
+            index_timeout=deps.package_index_timeout_seconds,
+        )
     elif npm is None:
         log.warning("no npm: Node.js sessions with dependencies are refused (DEPENDENCY_NOT_ALLOWED)")
     layers = LayerStore(

@@ -624,6 +624,16 @@ class DependencySettings(_Declared):
     npm_registry: str | None = setting(
         "NPM_REGISTRY", str, None, "where Node.js packages come from", shown="unset: npm's default"
     )
+    # uv's read and connect timeouts (UV_HTTP_TIMEOUT, whole seconds as uv takes them) and
+    # npm's --fetch-timeout: an index that takes the connection and never answers is
+    # PACKAGE_INDEX_UNAVAILABLE after about twice this (each tool tries once more), well
+    # before DEPENDENCY_INSTALL_TIMEOUT_SECONDS, which stays the bound of a slow install
+    package_index_timeout_seconds: int = setting(
+        "PACKAGE_INDEX_TIMEOUT_SECONDS",
+        _positive_int,
+        15,
+        "how long uv and npm wait for the index's answer to one request",
+    )
     layer_dir: Path = setting(
         "LAYER_DIR",
         Path,

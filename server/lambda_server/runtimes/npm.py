@@ -94,8 +94,16 @@ UNREACHABLE_CODES = frozenset(
         "E502",
         "E503",
         "E504",
+        # @npmcli/agent's own timeouts (--fetch-timeout is its idle timeout)
+        "EIDLETIMEOUT",
+        "ECONNECTIONTIMEOUT",
+        "ERESPONSETIMEOUT",
+        "ETRANSFERTIMEOUT",
     }
 )
+# minipass-fetch's words when --fetch-timeout passed (`code FETCH_ERROR`, also npm's code for
+# other failures of a fetch): "network timeout at: <url>", "Response timeout while trying to fetch"
+_FETCH_TIMEOUT = re.compile(r"network timeout at|Response timeout while", re.IGNORECASE)
 
 # npm's lines that say nothing of the failure: its log, a stack, advice on specs this service refuses
 _NOISE = re.compile(
@@ -192,9 +200,11 @@ class NpmResolver:
         registry: str | None,
         layer_dir: Path,
         environ: Mapping[str, str] | None = None,
+        index_timeout: int = 15,
     ) -> None:
         """`npm`: npm's script (find_npm); `node`: the binary the workers run, which runs npm;
-        `registry`: NPM_REGISTRY, a registry URL (None: npm's default)."""
+        `registry`: NPM_REGISTRY, a registry URL (None: npm's default); `index_timeout`:
+        PACKAGE_INDEX_TIMEOUT_SECONDS, how long npm waits for a request's answer."""
         self._npm = (node, npm)
         self._work = layer_dir / "staging"
         cache = layer_dir / "npm-cache"
@@ -218,6 +228,9 @@ class NpmResolver:
             *QUIET,
             *("--userconfig", str(config / "user"), "--globalconfig", str(config / "global")),
             *("--cache", str(cache)),
+            # a registry that takes the connection and says nothing: UNAVAILABLE in about twice
+            # this (one retry), not DEPENDENCY_INSTALL_TIMEOUT_SECONDS (npm's own is 5 minutes)
+            f"--fetch-timeout={index_timeout * 1000}",
             *(("--registry", registry) if registry else ()),
             # no git dependency is fetched (a git package's `prepare` runs even under
             # --ignore-scripts, npm/cli#3300): npm's git is a file that is not there, and
@@ -355,9 +368,11 @@ def _failure(stderr: str, requirements: tuple[str, ...]) -> Exception:
     code = next((line.split()[1] for line in lines if line.startswith("code ") and len(line.split()) > 1), "")
     words = "\n".join(line for line in lines if not line.startswith(("code ", "errno ", "syscall ")))
     words = words[:MAX_MESSAGE]
-    if code in UNREACHABLE_CODES:
+    timed_out = code == "FETCH_ERROR" and _FETCH_TIMEOUT.search(stderr) is not None
+    if code in UNREACHABLE_CODES or timed_out:
+        within = " within PACKAGE_INDEX_TIMEOUT_SECONDS" if timed_out or "TIMEOUT" in code else ""
         return PackageIndexUnavailable(
-            f"the npm registry did not answer (NPM_REGISTRY): {code}: {words}", setting="NPM_REGISTRY"
+            f"the npm registry did not answer{within} (NPM_REGISTRY): {code}: {words}", setting="NPM_REGISTRY"
         )
     said = f"{code}: " if code else ""
     return DependencyUnresolvable(

@@ -57,6 +57,7 @@ _UNREACHABLE = re.compile(
     r"client error \(Connect\)|Could not connect|Network is unreachable",
     re.IGNORECASE,
 )
+_TIMED_OUT = re.compile(r"timed out|timeout", re.IGNORECASE)
 
 
 def find_uv() -> str | None:
@@ -84,9 +85,12 @@ class UvResolver:
         index: str | None,
         layer_dir: Path,
         environ: Mapping[str, str] | None = None,
+        index_timeout: int = 15,
     ) -> None:
         """`python`: the interpreter the workers run (wheels are picked for it); `index`:
-        PYTHON_PACKAGE_INDEX, an index URL or a local folder of wheels (None: uv's default)."""
+        PYTHON_PACKAGE_INDEX, an index URL or a local folder of wheels (None: uv's default);
+        `index_timeout`: PACKAGE_INDEX_TIMEOUT_SECONDS, how long uv waits to connect, and
+        between two reads of an answer."""
         self._uv = uv
         self._python = python
         self._work = layer_dir / "staging"
@@ -102,6 +106,11 @@ class UvResolver:
             UV_CACHE_DIR=str(cache),
             UV_SYSTEM_CERTS="1",
             UV_HTTP_RETRIES="1",
+            # an index that takes the connection and says nothing: UNAVAILABLE in about twice
+            # this (one retry), not DEPENDENCY_INSTALL_TIMEOUT_SECONDS; a slow download that
+            # keeps reading is not cut by it (a read timeout)
+            UV_HTTP_TIMEOUT=str(index_timeout),
+            UV_HTTP_CONNECT_TIMEOUT=str(index_timeout),
             UV_PYTHON_DOWNLOADS="never",
             UV_NO_PROGRESS="1",
         )
@@ -202,8 +211,9 @@ def _failure(stderr: str, requirements: tuple[str, ...]) -> Exception:
     """uv's failure as the service's error: the index unreachable, or the requirements unresolvable."""
     words = "\n".join(line for line in stderr.strip().splitlines() if line.strip())[:MAX_MESSAGE]
     if _UNREACHABLE.search(words) and "No solution found" not in words:
+        within = " within PACKAGE_INDEX_TIMEOUT_SECONDS" if _TIMED_OUT.search(words) else ""
         return PackageIndexUnavailable(
-            f"the package index did not answer (PYTHON_PACKAGE_INDEX): {words}",
+            f"the package index did not answer{within} (PYTHON_PACKAGE_INDEX): {words}",
             setting="PYTHON_PACKAGE_INDEX",
         )
     return DependencyUnresolvable(
