@@ -344,3 +344,22 @@ async def test_an_owner_at_its_share_of_slots_waits_while_another_owner_resolves
     resolver.resolving.set()
     await asyncio.gather(busy, other)
     await layers.close()
+
+
+@synchronous
+async def test_a_wait_for_a_slot_ends_at_the_install_bound_when_the_call_has_longer(tmp_path: Path) -> None:
+    """The wait counts toward DEPENDENCY_INSTALL_TIMEOUT_SECONDS (README, DEPENDENCY_SLOTS): a
+    call whose deadline is later is refused at that bound, and the message says so."""
+    resolver = SlowResolver()
+    layers = store(tmp_path, resolver, slots=2, slots_per_owner=1, install_timeout_seconds=0.5)
+    resolver.resolving.clear()
+    held = asyncio.create_task(layers.lock("python", ("held",), Deadline.after(30), owner="a"))
+    await asyncio.sleep(0.1)
+    with pytest.raises(QuotaExceeded) as capped:
+        await layers.lock("python", ("waits",), Deadline.after(30), owner="a")
+    assert capped.value.metadata["setting"] == "DEPENDENCY_SLOTS_PER_OWNER"
+    assert "within 0.5 s" in capped.value.message
+    assert "DEPENDENCY_INSTALL_TIMEOUT_SECONDS" in capped.value.message, "the message names what bounds it"
+    resolver.resolving.set()
+    await held
+    await layers.close()

@@ -656,8 +656,9 @@ class DependencySettings(_Declared):
         "the installed bytes of the distinct layers an owner's unexpired sessions use",
     )
     # uv (or npm) processes at once, and per owner: a resolve is its caller's owner's, an
-    # install the owner's whose call started it; a wait for one is bounded by the call's
-    # deadline (an install's by DEPENDENCY_INSTALL_TIMEOUT_SECONDS), past it QUOTA_EXCEEDED
+    # install the owner's whose call started it; a wait for one ends at the call's deadline
+    # or after DEPENDENCY_INSTALL_TIMEOUT_SECONDS (it counts toward the resolve's or the
+    # install's bound), whichever comes first, past it QUOTA_EXCEEDED
     slots: int = setting(
         "DEPENDENCY_SLOTS", _positive_int, 2, "resolves and installs of dependencies at once"
     )

@@ -390,13 +390,18 @@ class LayerStore:
 
     @contextlib.asynccontextmanager
     async def _slot(self, owner: str, wait: float) -> AsyncIterator[None]:
-        """One of the DEPENDENCY_SLOTS for the block; QuotaExceeded when none comes in `wait`."""
+        """One of the DEPENDENCY_SLOTS for the block; QuotaExceeded when none comes in `wait`
+        (the call's deadline or DEPENDENCY_INSTALL_TIMEOUT_SECONDS, whichever is sooner: the
+        wait is part of the resolve's or install's time, so no call without a deadline, nor an
+        install no caller waits for any more, waits unbounded)."""
         try:
             number = await self._slots.acquire(owner, wait)
         except SlotWaitTimeout as exc:
             setting = "DEPENDENCY_SLOTS_PER_OWNER" if exc.own_share else "DEPENDENCY_SLOTS"
             raise QuotaExceeded(
-                f"no slot to resolve or install dependencies came within {wait:g} s ({setting})",
+                f"no slot to resolve or install dependencies came within {wait:g} s ({setting} full; "
+                "a wait for one ends at the call's deadline or after DEPENDENCY_INSTALL_TIMEOUT_SECONDS, "
+                "which it counts toward, whichever comes first)",
                 retry_after=1.0,
                 setting=setting,
             ) from None
