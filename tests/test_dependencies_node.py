@@ -154,6 +154,20 @@ def test_an_unknown_package_is_unresolvable_naming_its_requirement(client: Lambd
     assert "ETARGET" in no_version.value.message
 
 
+def test_a_package_asked_for_twice_alike_is_one_and_differently_is_unresolvable(client: LambdaClient) -> None:
+    """As Python's: the same requirement twice is installed once; two ranges of one package
+    are DEPENDENCY_UNRESOLVABLE naming both, with the second as `requirement`."""
+    session = client.initialize("nodejs-twice", DAYS, dependencies=[DAYJS, f" {DAYJS}"])
+    assert result(client.execute(session.request_id, {"day": "2024-02-28"})) == "2024-02-29"
+    assert [(p.name, p.version) for p in client.get_session(session.request_id).locked] == [
+        ("dayjs", "1.11.13")
+    ]
+    with pytest.raises(DependencyUnresolvableError) as refused:
+        client.initialize("nodejs-twice", "return 1;", dependencies=["dayjs@^1.11", DAYJS])
+    assert refused.value.metadata["requirement"] == DAYJS
+    assert "'dayjs@^1.11'" in refused.value.message and f"'{DAYJS}'" in refused.value.message
+
+
 def test_only_registry_packages_are_asked_for(client: LambdaClient) -> None:
     """file:, git, URL, alias and path specs, and what is no npm name, before anything runs."""
     for bad in (

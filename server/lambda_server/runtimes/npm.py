@@ -242,13 +242,19 @@ class NpmResolver:
 
     async def lock(self, requirements: tuple[str, ...], deadline: Deadline) -> Lock:
         dependencies: dict[str, str] = {}
+        asked: dict[str, str] = {}  # by name: the requirement that asked for it first
         for requirement in requirements:
             name, spec = parse_requirement(requirement)
-            if name in dependencies:
-                raise InvalidRequest(
-                    f"dependency {requirement[:256]!r}: {name} is asked for twice", field="dependencies"
+            if name in dependencies and dependencies[name] != spec:
+                # as uv answers conflicting pins: one package.json entry, one version installed
+                raise DependencyUnresolvable(
+                    f"the dependencies cannot be resolved: {name} is asked for as {asked[name][:256]!r} "
+                    f"and as {requirement[:256]!r}; node_modules holds one version of a package: "
+                    "ask for it once",
+                    requirement=requirement[:256],
                 )
-            dependencies[name] = spec
+            dependencies[name] = spec  # the same one twice: once
+            asked.setdefault(name, requirement)
         work = Path(await asyncio.to_thread(tempfile.mkdtemp, dir=self._work, prefix="npm-lock-"))
         try:
             await asyncio.to_thread(_write_manifest, work, dependencies)
