@@ -38,6 +38,7 @@ from lambda_microservice import (
     NotStartedError,
     PackageIndexUnavailableError,
     QuotaExceededError,
+    SessionExpiredError,
     result,
 )
 from lambda_server.config import DependencySettings
@@ -494,6 +495,50 @@ def test_the_allowlist_covers_every_package_of_the_lock(
             assert health.counts["allowed"] == 2
     finally:
         running.stop()
+
+
+def test_dependencies_off_refuses_new_sessions_and_lets_existing_ones_run_until_stopped(
+    offline_client: LambdaClient, wheels: Path, database_url: str, tmp_path: Path
+) -> None:
+    """The policy is applied when a session is made (README "Policy"): a server with
+    DEPENDENCIES=off refuses new Initializes with dependencies, and runs a session locked
+    before (installing its layer from the stored lock) until the operator's statement the
+    README gives expires it."""
+    session = offline_client.initialize(
+        "python-before-off", "import lambda_other\nresult = lambda_other.Y", dependencies=["lambda-other"]
+    )
+    off = ServerThread(offline_settings(wheels, tmp_path, mode="off"), database_url)
+    try:
+        with LambdaClient(off.target, timeout=INSTALL_TIMEOUT) as client:
+            with pytest.raises(DependencyNotAllowedError) as refused:
+                client.initialize("python-after-off", "result = 1", dependencies=["lambda-other"])
+            assert refused.value.metadata["setting"] == "DEPENDENCIES"
+            assert result(client.execute(session.request_id, {})) == 3
+            run_sync(stop_sessions_with_dependencies(database_url, session.request_id))
+
+            def stopped() -> bool:  # seen within SESSION_CACHE_SECONDS
+                try:
+                    client.execute(session.request_id, {})
+                except SessionExpiredError:
+                    return True
+                return False
+
+            eventually(stopped, timeout=30)
+    finally:
+        off.stop()
+
+
+async def stop_sessions_with_dependencies(url: str, request_id: str) -> None:
+    """README "Policy"'s statement, narrowed to this test's session (the suite's database is shared)."""
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        await conn.execute(
+            "UPDATE meta.sessions SET status = 'expired' "
+            "WHERE dependencies IS NOT NULL AND status = 'active' AND request_id = $1",
+            uuid.UUID(request_id),
+        )
+    finally:
+        await conn.close()
 
 
 def test_an_owner_past_its_layer_bytes_is_refused(wheels: Path, fresh_database: str, tmp_path: Path) -> None:
