@@ -405,11 +405,12 @@ def test_a_layer_removed_behind_the_servers_back_is_installed_again(
 
 
 def test_malformed_requirements_and_rust_are_invalid(offline_client: LambdaClient) -> None:
-    for bad in ("not a requirement!!", "pkg @ https://example.invalid/pkg.whl", " "):
-        with pytest.raises(InvalidArgumentError) as refused:
-            offline_client.initialize("python-bad", "result = 1", dependencies=[bad])
+    for bad in ("not a requirement!!", "pkg @ https://example.invalid/pkg.whl", " ", "x" * 600):
+        with pytest.raises(InvalidArgumentError) as refused:  # which one of the list, for a program
+            offline_client.initialize("python-bad", "result = 1", dependencies=["lambda-tiny", bad])
         assert refused.value.reason == "INVALID_REQUEST"
         assert refused.value.metadata["field"] == "dependencies"
+        assert refused.value.metadata["requirement"] == bad[:256], bad
     rust = "pub fn handler(event: serde_json::Value) -> Result<serde_json::Value, String> { Ok(event) }"
     with pytest.raises(LambdaError) as crates:  # before anything is compiled
         offline_client.initialize("rust-deps", rust, dependencies=["serde"])

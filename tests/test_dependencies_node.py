@@ -186,6 +186,7 @@ def test_only_registry_packages_are_asked_for(client: LambdaClient) -> None:
             client.initialize("nodejs-bad", "return 1;", dependencies=[bad])
         assert refused.value.reason == "INVALID_REQUEST", bad
         assert refused.value.metadata["field"] == "dependencies", bad
+        assert refused.value.metadata["requirement"] == bad, bad
 
 
 def test_a_hostile_package_runs_none_of_its_code_at_install(tmp_path: Path) -> None:

@@ -136,11 +136,13 @@ def parse_requirement(requirement: str) -> tuple[str, str]:
             f"dependency {shown!r} is not a package of the registry (`name@range`): file:, git, URL, "
             "alias and path specs are not installed",
             field="dependencies",
+            requirement=shown,
         )
     if not _NAME.fullmatch(name) or len(name) > MAX_NAME or name.lower() in ("node_modules", "favicon.ico"):
         raise InvalidRequest(
             f"dependency {shown!r} is not `name@range`: {name[:256]!r} is not an npm package name",
             field="dependencies",
+            requirement=shown,
         )
     if not spec:
         return name, "latest"
@@ -148,12 +150,14 @@ def parse_requirement(requirement: str) -> tuple[str, str]:
         raise InvalidRequest(
             f"dependency {shown!r} is not `name@range`: its range is over {MAX_RANGE} characters",
             field="dependencies",
+            requirement=shown,
         )
     if not (_RANGE.fullmatch(spec) or (_TAG.fullmatch(spec) and len(spec) <= 64)):
         raise InvalidRequest(
             f"dependency {shown!r} is not `name@range`: {spec[:256]!r} is neither a version, a semver "
             "range nor a dist-tag",
             field="dependencies",
+            requirement=shown,
         )
     return name, spec
 

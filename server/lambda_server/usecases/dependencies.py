@@ -107,7 +107,9 @@ class Dependencies:
             requirement = raw.strip()
             if not requirement or len(requirement) > MAX_REQUIREMENT:
                 raise InvalidRequest(
-                    f"a dependency must be 1 to {MAX_REQUIREMENT} characters", field="dependencies"
+                    f"a dependency must be 1 to {MAX_REQUIREMENT} characters",
+                    field="dependencies",
+                    requirement=(requirement or raw)[:256],
                 )
             trimmed.append(requirement)
         if self._settings.mode == "off":
@@ -219,12 +221,15 @@ def package_name(runtime: str, requirement: str) -> str:
             parsed = Requirement(requirement)
         except InvalidRequirement as exc:
             raise InvalidRequest(
-                f"dependency {requirement[:256]!r} is not a PEP 508 requirement: {exc}", field="dependencies"
+                f"dependency {requirement[:256]!r} is not a PEP 508 requirement: {exc}",
+                field="dependencies",
+                requirement=requirement[:256],
             ) from None
         if parsed.url:
             raise InvalidRequest(
                 f"dependency {requirement[:256]!r} names a URL: only packages of the index are installed",
                 field="dependencies",
+                requirement=requirement[:256],
             )
         return canonicalize_name(parsed.name)
     return parse_requirement(requirement)[0].lower()  # npm: `name@range` of the registry only
