@@ -411,6 +411,9 @@ def test_malformed_requirements_and_rust_are_invalid(offline_client: LambdaClien
         assert refused.value.reason == "INVALID_REQUEST"
         assert refused.value.metadata["field"] == "dependencies"
         assert refused.value.metadata["requirement"] == bad[:256], bad
+    with pytest.raises(InvalidArgumentError) as blank:
+        offline_client.initialize("python-bad", "result = 1", dependencies=["   "])
+    assert "empty" in blank.value.message and "characters" not in blank.value.message
     rust = "pub fn handler(event: serde_json::Value) -> Result<serde_json::Value, String> { Ok(event) }"
     with pytest.raises(LambdaError) as crates:  # before anything is compiled
         offline_client.initialize("rust-deps", rust, dependencies=["serde"])

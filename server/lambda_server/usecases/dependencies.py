@@ -105,11 +105,15 @@ class Dependencies:
         for raw in requirements:
             refuse_nul(raw, "dependencies")
             requirement = raw.strip()
-            if not requirement or len(requirement) > MAX_REQUIREMENT:
+            if not requirement:
                 raise InvalidRequest(
-                    f"a dependency must be 1 to {MAX_REQUIREMENT} characters",
+                    "a dependency is empty (or only spaces)", field="dependencies", requirement=raw[:256]
+                )
+            if len(requirement) > MAX_REQUIREMENT:
+                raise InvalidRequest(
+                    f"a dependency is {len(requirement)} characters, over {MAX_REQUIREMENT}",
                     field="dependencies",
-                    requirement=(requirement or raw)[:256],
+                    requirement=requirement[:256],
                 )
             trimmed.append(requirement)
         if self._settings.mode == "off":
