@@ -565,8 +565,23 @@ def test_an_owner_past_its_layer_bytes_is_refused(wheels: Path, fresh_database: 
                 dependencies=["lambda-quota-a"],
             )
             assert result(client.execute(session.request_id, {})) == 25_000
+            assert "with this layer's" in refused.value.message, refused.value.message
     finally:
         running.stop()
+    # the limit lowered under what the owner's sessions use: any layer, even one of 0 bytes
+    # more, is refused, and the message says the owner is over already
+    lowered = ServerThread(
+        offline_settings(wheels, tmp_path, max_layer_bytes_per_owner=10_000), fresh_database
+    )
+    try:
+        with LambdaClient(lowered.target, timeout=INSTALL_TIMEOUT) as client:
+            with pytest.raises(QuotaExceededError) as over:
+                client.initialize("python-qo", "result = 4", dependencies=["lambda-other"])
+            assert over.value.metadata["setting"] == "MAX_LAYER_BYTES_PER_OWNER"
+            assert "already use 1 other layer of " in over.value.message, over.value.message
+            assert " more would pass" not in over.value.message
+    finally:
+        lowered.stop()
 
 
 def test_new_layers_on_two_replicas_at_once_cannot_pass_the_owners_layer_bytes_together(

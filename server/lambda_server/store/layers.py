@@ -85,9 +85,19 @@ async def refuse_past_layer_quota(conn: asyncpg.Connection, owner: str, layer_id
 def check_layer_quota(owner: str, used: int, layers: int, size: int, limit: int) -> None:
     """QuotaExceeded when `used` bytes of `layers` other layers and this one's `size` pass `limit`."""
     if used + size > limit:
+        others = f"{layers} other layer{'' if layers == 1 else 's'} of {used} bytes"
+        if used > limit:  # over already (the limit lowered since): whatever this layer's size
+            why = (
+                f"{owner}'s unexpired sessions already use {others}, over MAX_LAYER_BYTES_PER_OWNER "
+                f"({limit}): no session with a layer until some of them expire"
+            )
+        else:
+            why = (
+                f"{owner}'s unexpired sessions use {others}; with this layer's {size} bytes they "
+                f"would pass MAX_LAYER_BYTES_PER_OWNER ({limit})"
+            )
         raise QuotaExceeded(
-            f"{owner}'s sessions use {layers} layers of {used} bytes; this one's {size} "
-            f"more would pass MAX_LAYER_BYTES_PER_OWNER ({limit})",
+            why,
             retry_after=QUOTA_RETRY_SECONDS,
             setting="MAX_LAYER_BYTES_PER_OWNER",
             limit=str(limit),
