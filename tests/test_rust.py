@@ -142,6 +142,8 @@ def test_a_compile_error_is_invalid_argument_with_its_line(client: LambdaClient,
         client.initialize("rust-test", script, request_id=BROKEN_ID, timeout=120.0)
     assert "undefined_name" in caught.value.message
     assert caught.value.metadata.get("line") == "4"
+    assert "--> src/script.rs:4:" in caught.value.message, "the script's path as the caller knows it"
+    assert "compile-" not in caught.value.message, "the server's compile folder"
 
     async def status() -> tuple[str, str]:
         conn = await asyncpg.connect(database_url)

@@ -234,6 +234,8 @@ class RustCompiler:
                 f"-Ldependency={crates.folder}",
                 *crates.extern_arguments(),
                 *(["--cfg=lambda_handle"] if entry_point(script) == "handle" else []),
+                # messages (and panics) name `src/script.rs`, not the server's compile folder
+                f"--remap-path-prefix={work}/=",
                 "-o",
                 str(work / "handler"),
                 str(work / "src" / "main.rs"),  # the jail starts in /tmp
