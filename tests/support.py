@@ -75,6 +75,26 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
+async def _fetchval(url: str, query: str, *args: Any) -> Any:
+    conn = await asyncpg.connect(url, timeout=5)
+    try:
+        return await conn.fetchval(query, *args)
+    finally:
+        await conn.close()
+
+
+def sql(url: str, query: str, *args: Any) -> Any:
+    """The first value of `query`'s first row, on a connection of its own."""
+    return run_sync(_fetchval(url, query, *args))
+
+
+def move_expiry(url: str, request_id: str, interval: str) -> None:
+    """Set the session's expires_at to PostgreSQL's now() plus `interval` (negative: past):
+    a session expired, or about to, without waiting for it."""
+    query = "UPDATE meta.sessions SET expires_at = now() + $2::text::interval WHERE request_id = $1::uuid"
+    sql(url, query, request_id, interval)
+
+
 async def create_database(admin_url: str) -> str:
     name = f"lambda_test_{uuid.uuid4().hex[:10]}"
     conn = await asyncpg.connect(admin_url, timeout=10)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -21,7 +22,16 @@ import pytest
 
 from lambda_microservice import LambdaClient, LambdaError, to_python
 from lambda_server.config import AuthSettings, Settings
-from tests.support import IdleCpu, ServerThread, assert_p99_within, eventually, p99, run_sync, server_settings
+from tests.support import (
+    IdleCpu,
+    ServerThread,
+    assert_p99_within,
+    descendants,
+    eventually,
+    p99,
+    run_sync,
+    server_settings,
+)
 
 SECRET = "a-test-secret-of-at-least-32-bytes!!"
 # CPython 3.11 compiles f-string fields in quadratic time: 100,000 take several seconds
@@ -184,6 +194,43 @@ def rust_server(
     return ServerThread(fair_settings(private_cache(built, factory), **runtime), database_url)
 
 
+def rustc_runs() -> bool:
+    """Whether a rustc runs below this process: a compile that holds its slot (rustc starts
+    only once the slot is taken), the servers' crates being built already (crates_ready)."""
+    for pid in descendants():
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "rustc":
+                return True
+        except OSError:  # ended meanwhile
+            continue
+    return False
+
+
+def crates_ready(client: LambdaClient) -> bool:
+    return "crates: ready" in client.health().components["runtime.rust"]
+
+
+def compile_holds_its_slot(compile: Attempt) -> None:
+    """Wait until `compile` (just started) holds its compile slot: its rustc runs. Auth, the
+    session's insert and the lookup before the slot take seconds on a busy machine."""
+    eventually(lambda: rustc_runs() or not compile.is_alive(), timeout=60)
+    assert compile.is_alive(), compile.error  # still compiling, its slot held
+
+
+def stored(url: str, script: str) -> bool:
+    """Whether a session of `script` is stored (Initialize stores it pending, then compiles)."""
+
+    async def read() -> bool:
+        conn = await asyncpg.connect(url, timeout=10)
+        try:
+            query = "SELECT count(*) FROM meta.sessions WHERE script_content = $1"
+            return bool(await conn.fetchval(query, script))
+        finally:
+            await conn.close()
+
+    return run_sync(read())
+
+
 def test_a_never_ending_constant_fails_fast_and_another_owner_compiles(
     built: Path, tmp_path_factory: pytest.TempPathFactory, database_url: str
 ) -> None:
@@ -225,8 +272,9 @@ def test_an_owners_compiles_beyond_its_share_wait_and_then_are_refused_with_a_re
     slow = None
     try:
         with client_of(server, "attacker") as attacker, client_of(server, "victim") as victim:
+            eventually(lambda: crates_ready(victim), timeout=60)  # no rustc but the compiles'
             slow = started(lambda: attacker.initialize("rust-slow", SLOW))
-            time.sleep(0.5)  # the slow compile holds the attacker's one slot
+            compile_holds_its_slot(slow)  # the slow compile holds the attacker's one slot
             second = Attempt(lambda: attacker.initialize("rust-second", RUST_TRIVIAL.format(2)))
             second.run()
             assert second.error is not None and second.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -249,10 +297,15 @@ def test_a_freed_compile_slot_goes_to_the_owner_served_least_recently(
     server = rust_server(built, tmp_path_factory, database_url, compile_timeout_seconds=4.0, **settings)
     try:
         with client_of(server, "attacker") as attacker, client_of(server, "victim") as victim:
+            eventually(lambda: crates_ready(victim), timeout=60)  # no rustc but the compiles'
             slow = started(lambda: attacker.initialize("rust-slow", SLOW.replace("C0", "D0")))
-            time.sleep(0.5)
-            second = started(lambda: attacker.initialize("rust-second", RUST_TRIVIAL.format(4)))
-            time.sleep(0.5)
+            compile_holds_its_slot(slow)
+            second_script = RUST_TRIVIAL.format(4) + f"// {uuid.uuid4()}\n"
+            second = started(lambda: attacker.initialize("rust-second", second_script))
+            # stored: past auth and the insert, one lookup before it queues for the slot. Were
+            # it to queue after the victim's anyway, the victim's would still go first: this
+            # only makes the run tell round robin from FIFO, it never fails a right one
+            eventually(lambda: stored(database_url, second_script), timeout=30)
             served = started(lambda: victim.initialize("rust-v", RUST_TRIVIAL.format(5)))
             for attempt in (slow, second, served):
                 attempt.join()

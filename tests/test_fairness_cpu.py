@@ -203,6 +203,27 @@ def test_nothing_of_a_script_runs_between_its_executions(fair_server: ServerProc
     assert_p99_within([alone, after], during, idle.fraction)
 
 
+def busy_environments(uids: set[int]) -> list[tuple[frozenset[int], list[str]]]:
+    """The cores and CPU quota of the environment of each uid still alive (gone ones left out)."""
+    found = []
+    for uid in uids:
+        try:
+            pid = process_of(uid)
+        except AssertionError:  # no process runs as uid any more
+            continue
+        try:
+            cores = frozenset(os.sched_getaffinity(pid))
+            if Path("/sys/fs/cgroup/cgroup.controllers").exists():
+                quota = cgroup_file(pid, "cpu", "cpu.max").read_text().split()
+            else:
+                names = ("cpu.cfs_quota_us", "cpu.cfs_period_us")
+                quota = [cgroup_file(pid, "cpu", name).read_text().strip() for name in names]
+        except OSError:  # it ended as it was read: ProcessLookupError, FileNotFoundError
+            continue
+        found.append((cores, quota))
+    return found
+
+
 def busy_attack(server: ServerProcess) -> tuple[list[float], list[float], float]:
     """The victim's p99s alone (before and after) and during four busy executions of
     another tenant, and the idle CPU share while it was measured alone."""
@@ -224,20 +245,13 @@ def busy_attack(server: ServerProcess) -> tuple[list[float], list[float], float]
         try:
             eventually(lambda: len(set(uids.values())) == 4, timeout=20)
             during = windows(victim, quiet.request_id, alone)
-            pids = [process_of(uid) for uid in set(uids.values())]
-            attacker_cores = {frozenset(os.sched_getaffinity(pid)) for pid in pids}
+            # the cores and quota of each busy environment found alive: one recycled under load
+            # since its uid was noted is gone (no process, or its /proc files vanish as read)
+            found = eventually(lambda: busy_environments(set(uids.values())), timeout=10)
+            attacker_cores = {cores for cores, _ in found}
+            quotas = [quota for _, quota in found]
             where = victim.initialize("python-where", WHERE)
             victim_cores = frozenset(to_python(victim.execute(where.request_id).result))
-            if Path("/sys/fs/cgroup/cgroup.controllers").exists():
-                quotas = [cgroup_file(pid, "cpu", "cpu.max").read_text().split() for pid in pids]
-            else:
-                quotas = [
-                    [
-                        cgroup_file(pid, "cpu", name).read_text().strip()
-                        for name in ("cpu.cfs_quota_us", "cpu.cfs_period_us")
-                    ]
-                    for pid in pids
-                ]
         finally:
             stop.set()
             for thread in threads:

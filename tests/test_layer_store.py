@@ -7,6 +7,7 @@ import asyncio
 import functools
 import os
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,16 @@ class SlowResolver:
         await self.release.wait()
         (target / "site-packages").mkdir()
         (target / "site-packages" / "data").write_bytes(b"x" * self.size)
+
+
+async def resolving(resolver: SlowResolver, locks: int, timeout: float = 10.0) -> None:
+    """Wait until `locks` resolves have begun (the store reaches them through threads and
+    file locks: on a busy machine, after any fixed sleep); fail past `timeout`."""
+    deadline = time.monotonic() + timeout
+    while resolver.locks < locks:
+        assert time.monotonic() < deadline, f"{resolver.locks} resolves began, not {locks}"
+        await asyncio.sleep(0.02)
+    assert resolver.locks == locks, resolver.locks
 
 
 def store(folder: Path, resolver: SlowResolver, **kwargs: object) -> LayerStore:
@@ -334,13 +345,12 @@ async def test_an_owner_at_its_share_of_slots_waits_while_another_owner_resolves
     layers = store(tmp_path, resolver, slots=2, slots_per_owner=1)
     resolver.resolving.clear()
     busy = asyncio.create_task(layers.lock("python", ("first",), Deadline.after(30), owner="a"))
-    await asyncio.sleep(0.1)
+    await resolving(resolver, 1)  # the first holds its owner's one slot (past a thread's flock)
     with pytest.raises(QuotaExceeded) as refused:  # its one slot is held: it waits, bounded
         await layers.lock("python", ("second",), Deadline.after(0.3), owner="a")
     assert refused.value.metadata["setting"] == "DEPENDENCY_SLOTS_PER_OWNER"
     other = asyncio.create_task(layers.lock("python", ("third",), Deadline.after(30), owner="b"))
-    await asyncio.sleep(0.1)
-    assert resolver.locks == 2  # the other owner's resolve runs beside the first
+    await resolving(resolver, 2)  # the other owner's resolve runs beside the first
     resolver.resolving.set()
     await asyncio.gather(busy, other)
     await layers.close()

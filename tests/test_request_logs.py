@@ -198,7 +198,9 @@ async def _full_queue(unreachable: str) -> tuple[float, Metrics, int]:
 
 def test_a_full_queue_drops_and_counts_records_instead_of_blocking() -> None:
     took, metrics, depth = run_sync(_full_queue("postgresql://postgres@127.0.0.1:1/nowhere"))
-    assert took < 0.5  # 1000 records, none waited for the database
+    # 1000 records, none waited for the database (a few ms when quiet; this process shares its
+    # GIL with servers of other tests, and a busy machine can pause it)
+    assert took < 2.0
     assert depth == 2  # the batch being retried counts against the bound
     assert counter(metrics, "lambda_request_log_dropped_total") == 1000  # 998 at once, 2 at close
     assert counter(metrics, "lambda_request_log_written_total") == 0
