@@ -786,3 +786,39 @@ def test_a_body_nested_deeper_than_a_grpc_request_carries_is_400(api: ServerThre
         inner = inner["a"]
     request_id = initialize(api, "python-deep", "result = 1", context=shallow)
     assert execute(api, request_id, {}).json()["result"] == 1
+
+
+# --- what the review of the HTTP API found ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/api/v1/sessions/%00"),
+        ("GET", "/api/v1/sessions/%0a"),
+        ("POST", "/api/v1/execute/%0d%0aX:1"),
+        ("POST", "/api/v1/execute/a%C3%A9"),
+        ("GET", "/api/v1/sessions/not-a-uuid"),
+    ],
+)
+def test_an_id_that_is_not_a_uuid_is_400_and_never_echoed_into_a_header(
+    api: ServerThread, method: str, path: str
+) -> None:
+    answer = http(api, method, path, {} if method == "POST" else None)
+    assert answer.status == 400, answer.body
+    assert answer.error["code"] == "INVALID_REQUEST" and "is not a UUID" in answer.error["message"]
+    assert answer.error["details"]["metadata"]["field"] == "request_id"
+    assert "X-Request-ID" not in answer.headers
+    # a session's id in another spelling is echoed in its canonical form
+    spelled = str(uuid.uuid4())
+    found = http(api, "GET", f"/api/v1/sessions/{spelled.upper()}")
+    assert found.status == 404 and found.headers["X-Request-ID"] == spelled
+
+
+def test_a_callers_own_request_id_is_echoed_only_when_a_header_can_carry_it(api: ServerThread) -> None:
+    assert http(api, "GET", "/health", headers={"X-Request-ID": "trace-42"}).headers["X-Request-ID"] == (
+        "trace-42"
+    )
+    for sent in ("a\u00e9b", "x" * 65):
+        answer = http(api, "GET", "/health", headers={"X-Request-ID": sent})
+        assert answer.status == 200 and "X-Request-ID" not in answer.headers

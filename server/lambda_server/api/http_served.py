@@ -14,6 +14,7 @@ while aiohttp-cors wraps every route and has seen few releases.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 
@@ -37,6 +38,7 @@ from lambda_server.errors import (
 )
 from lambda_server.logs import CallInfo, begin_call, end_call
 from lambda_server.metrics import Metrics
+from lambda_server.usecases.inputs import parse_request_id
 
 REQUEST_ID_HEADER = "X-Request-ID"
 CORS_METHODS = "GET, POST, OPTIONS"
@@ -45,6 +47,9 @@ CORS_EXPOSED = "X-RateLimit-Limit, X-RateLimit-Remaining, Retry-After, X-Functio
 CORS_MAX_AGE = "86400"
 CLIENT_CLOSED = 499  # nginx's status for a request that ended unanswered, as the request log has it
 UNMATCHED = "unmatched"  # the metrics' route of a path no route has: bounded labels
+# A caller's own X-Request-ID (on a route without a session id) is echoed only when it is
+# visible ASCII that a header can carry as it is: nothing unchecked goes back into a header.
+_ECHOABLE = re.compile(r"[!-~](?:[ -~]{0,62}[!-~])?", re.ASCII)
 _JSON = "application/json"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -115,8 +120,9 @@ class ServedRequests:
         try:
             for name, value in request.get(QUOTA, ()):
                 response.headers[name] = value
-            if info.request_id:  # the session's id (or the caller's own X-Request-ID)
-                response.headers[REQUEST_ID_HEADER] = info.request_id
+            echoed = _echoed_request_id(request, info)
+            if echoed:  # the session's id (or the caller's own X-Request-ID)
+                response.headers[REQUEST_ID_HEADER] = echoed
             self._cors(request, response)
             code = grpc.StatusCode.OK if error is None else grpc.StatusCode[error.status]
             self._finish(request, route, info, code, error, response.status, started_at, started)
@@ -219,6 +225,20 @@ class _HttpWire:
 
     def http_status(self, code: grpc.StatusCode) -> int:
         return self._status
+
+
+def _echoed_request_id(request: web.Request, info: CallInfo) -> str:
+    """The X-Request-ID to answer with: a session's id only when it is a UUID (then in its
+    canonical form; a path id may hold anything, a control character too), the caller's own
+    header only when _ECHOABLE; else none."""
+    session_id = request.match_info.get("request_id")
+    if session_id is not None or info.method == "Initialize":
+        try:
+            return parse_request_id(info.request_id if session_id is None else session_id)
+        except InvalidRequest:
+            return ""
+    own = request.headers.get(REQUEST_ID_HEADER, "")
+    return own if _ECHOABLE.fullmatch(own) else ""
 
 
 def _vary_origin(response: web.StreamResponse) -> None:
