@@ -822,3 +822,31 @@ def test_a_callers_own_request_id_is_echoed_only_when_a_header_can_carry_it(api:
     for sent in ("a\u00e9b", "x" * 65):
         answer = http(api, "GET", "/health", headers={"X-Request-ID": sent})
         assert answer.status == 200 and "X-Request-ID" not in answer.headers
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "page=99999999999999999999999",
+        "page=9223372036854775807&per_page=100",
+        "page=2147483648",
+        "page=" + "9" * 5000,
+        "page=0",
+        "page=1e3",
+        "page=%201",
+    ],
+)
+def test_a_page_past_the_highest_is_400_naming_page_never_a_database_error(
+    api: ServerThread, query: str
+) -> None:
+    answer = http(api, "GET", f"/api/v1/functions?{query}")
+    assert answer.status == 400, answer.body
+    assert answer.error["code"] == "INVALID_REQUEST"
+    assert answer.error["details"]["metadata"]["field"] == "page"
+    assert "database" not in answer.error["message"]
+
+
+def test_the_highest_page_is_an_empty_page(api: ServerThread) -> None:
+    answer = http(api, "GET", "/api/v1/functions?page=2147483647&per_page=100")
+    assert answer.status == 200, answer.body
+    assert answer.json()["functions"] == [] and answer.json()["page"] == 2147483647

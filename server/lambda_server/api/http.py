@@ -62,6 +62,8 @@ CACHE_CONTROL_HEADER = "X-Cache-Control"
 REQUEST_TIMEOUT_HEADER = "X-Request-Timeout"
 _TIMEOUT = re.compile(r"[0-9]{1,9}(?:\.[0-9]{1,9})?", re.ASCII)
 AUTHORIZATION_HEADER = "Authorization"
+_INTEGER = re.compile(r"[+-]?[0-9]+", re.ASCII)
+_LONGEST_INTEGER = 40
 DEFAULT_PER_PAGE = 20
 _BODY = web.RequestKey("body", bytes)  # read once, by whichever step needs it first
 
@@ -274,12 +276,14 @@ class HttpApi:
 
 
 def _query_int(raw: str | None, name: str, default: int) -> int:
+    """A query parameter of ASCII digits (and a sign); its range is the use case's to check."""
     if raw is None or raw == "":
         return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise InvalidRequest(f"{name} must be an integer, not {raw[:40]!r}", field=name) from None
+    if not _INTEGER.fullmatch(raw):
+        raise InvalidRequest(f"{name} must be an integer, not {raw[:40]!r}", field=name)
+    if len(raw) > _LONGEST_INTEGER:  # past any bound, and past what int() reads quickly
+        raise InvalidRequest(f"{name} {raw[:20]}... is out of range ({len(raw)} digits)", field=name)
+    return int(raw)
 
 
 def _optimization(options: dict[str, Any]) -> OptimizationLevel:

@@ -191,10 +191,12 @@ class DedicatedConnection:
 
 def _failure(exc: BaseException, seconds: float) -> DatabaseUnavailable | InternalError:
     """Our error for an asyncpg or socket failure within a bound of `seconds`: UNAVAILABLE
-    when it may pass, else a bug."""
+    when it may pass, else a bug (named by its type only; its text is logged)."""
     if isinstance(exc, _UNAVAILABLE):
         return DatabaseUnavailable(f"database unavailable: {_describe(exc, seconds)}")
-    return InternalError(f"database error: {_describe(exc, seconds)}")
+    # a bug: its text (which may quote a request's values) goes to the log, not to the caller
+    log.error("database error: %s", _describe(exc, seconds))
+    return InternalError(f"database error: {type(exc).__name__}")
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
