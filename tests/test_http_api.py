@@ -850,3 +850,14 @@ def test_the_highest_page_is_an_empty_page(api: ServerThread) -> None:
     answer = http(api, "GET", "/api/v1/functions?page=2147483647&per_page=100")
     assert answer.status == 200, answer.body
     assert answer.json()["functions"] == [] and answer.json()["page"] == 2147483647
+
+
+def test_a_context_with_integers_past_64_bits_is_stored_and_read_back_exactly(api: ServerThread) -> None:
+    context = {"v": -9223372036854775809, "a": {"b": 99999999999999999999, "c": [2**70, 1.5]}}
+    request_id = initialize(api, "python-big_context", "result = context", context=context)
+    session = http(api, "GET", f"/api/v1/sessions/{request_id}")
+    assert session.status == 200 and session.json()["context"] == context
+    answer = execute(api, request_id, {})
+    assert answer.status == 200, answer.body
+    assert answer.json()["result"] == context
+    assert b"99999999999999999999" in answer.body and str(2**70).encode() in answer.body

@@ -7,8 +7,7 @@ import uuid
 from dataclasses import replace
 from typing import Protocol
 
-import orjson
-
+from lambda_server import json_text
 from lambda_server.auth import require_execute
 from lambda_server.domain import (
     JSON,
@@ -121,7 +120,7 @@ class Initialize:
         resolved = self._options.resolve(
             options or RequestedOptions(), context
         )  # bad options fail now, not at Execute
-        context_size = len(orjson.dumps(context))
+        context_size = len(json_text.dumps(context))  # exact: integers of any size, as jsonb keeps them
         if context_size > MAX_CONTEXT_BYTES:  # a session too large to read back whole
             raise InvalidRequest(
                 f"context is {context_size} bytes as JSON, over {MAX_CONTEXT_BYTES}", field="context"
