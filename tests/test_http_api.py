@@ -97,6 +97,32 @@ def http(
     return asyncio.run(send())
 
 
+def raw_http(server: ServerThread, head: bytes, body: bytes = b"", timeout: float = 60.0) -> Answer:
+    """One request written as it is on a socket (what aiohttp's client will not send: bytes
+    that are not UTF-8 in a header, a body shorter than its Content-Length), with
+    `Connection: close`; the answer read to the connection's end."""
+
+    async def send() -> Answer:
+        host, port = server.http_url.removeprefix("http://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(head.rstrip(b"\r\n") + b"\r\nConnection: close\r\n\r\n" + body)
+            await writer.drain()
+            async with asyncio.timeout(timeout):
+                data = await reader.read(-1)
+        finally:
+            writer.close()
+        status_line, _, rest = data.partition(b"\r\n")
+        raw_headers, _, content = rest.partition(b"\r\n\r\n")
+        headers: CIMultiDict[str] = CIMultiDict()
+        for line in raw_headers.decode("latin-1").split("\r\n"):
+            name, _, value = line.partition(":")
+            headers.add(name.strip(), value.strip())
+        return Answer(int(status_line.split()[1]), headers, content)
+
+    return asyncio.run(send())
+
+
 def initialize(server: ServerThread, title: str, script: str, **fields: Any) -> str:
     answer = http(
         server,
@@ -861,3 +887,22 @@ def test_a_context_with_integers_past_64_bits_is_stored_and_read_back_exactly(ap
     assert answer.status == 200, answer.body
     assert answer.json()["result"] == context
     assert b"99999999999999999999" in answer.body and str(2**70).encode() in answer.body
+
+
+@pytest.mark.parametrize("header", ["Language-Title", "X-Request-ID", "X-Cache-Control"])
+def test_a_text_header_that_is_not_utf8_is_400_naming_it(api: ServerThread, header: str) -> None:
+    request_id = initialize(api, "python-utf8_header", "result = 1")
+    body = b'{"script_content": "result = 1"}'
+    path = "/api/v1/initialize" if header != "X-Cache-Control" else f"/api/v1/execute/{request_id}"
+    title = b"" if header == "Language-Title" else b"Language-Title: python-utf8\r\n"
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n".encode()
+        + title
+        + header.encode()
+        + b": python-\xff\r\n"
+    )
+    answer = raw_http(api, head, body)
+    assert answer.status == 400, answer.body
+    assert answer.error["code"] == "INVALID_REQUEST"
+    assert answer.error["details"]["metadata"]["field"] == header
+    assert "database" not in answer.error["message"]

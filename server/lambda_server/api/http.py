@@ -145,8 +145,8 @@ class HttpApi:
         caller = self._caller(request)
         self._gate.admit(caller, LimitedCall.INITIALIZE)  # before any work: checks cost CPU
         body = await self._object_body(request, caller)
-        title = http_json.text_field(body, "language_title") or request.headers.get(LANGUAGE_TITLE_HEADER, "")
-        request_id = http_json.text_field(body, "request_id") or request.headers.get(REQUEST_ID_HEADER, "")
+        title = http_json.text_field(body, "language_title") or _text_header(request, LANGUAGE_TITLE_HEADER)
+        request_id = http_json.text_field(body, "request_id") or _text_header(request, REQUEST_ID_HEADER)
         record = await self._usecases.initialize(
             language_title=title,
             script=http_json.text_field(body, "script_content"),
@@ -176,7 +176,7 @@ class HttpApi:
         body = await self._object_body(request, caller, raw)
         params = body.get("params")
         params = await self._payloads.parsed_params({} if params is None else params, len(raw), caller.owner)
-        cache_control = request.headers.get(CACHE_CONTROL_HEADER)
+        cache_control = _text_header(request, CACHE_CONTROL_HEADER)
         cache_control = cache_control or http_json.text_field(body, "cache_control")
         execution = await self._usecases.execute(request_id, params, caller, deadline, cache_control)
         response = await self._payloads.response(execution, caller.owner)
@@ -273,6 +273,17 @@ class HttpApi:
             what = json_kind(body)
             raise InvalidRequest(f"the body must be a JSON object, not a JSON {what}", field="body")
         return body
+
+
+def _text_header(request: web.Request, name: str) -> str:
+    """A header read as text ('' when absent); InvalidRequest naming it when its bytes are not
+    UTF-8 (aiohttp hands them on as lone surrogates, which no use case or database takes)."""
+    value = request.headers.get(name, "")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise InvalidRequest(f"the {name} header is not valid UTF-8", field=name) from None
+    return value
 
 
 def _query_int(raw: str | None, name: str, default: int) -> int:
