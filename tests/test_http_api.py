@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
+import logging
 import time
 import uuid
 from collections.abc import Iterator
@@ -99,25 +101,24 @@ def http(
 
 def raw_http(server: ServerThread, head: bytes, body: bytes = b"", timeout: float = 60.0) -> Answer:
     """One request written as it is on a socket (what aiohttp's client will not send: bytes
-    that are not UTF-8 in a header, a body shorter than its Content-Length), with
-    `Connection: close`; the answer read to the connection's end."""
+    that are not UTF-8 in a header, a body shorter than its Content-Length); the answer read
+    by its Content-Length, within `timeout` seconds."""
 
     async def send() -> Answer:
         host, port = server.http_url.removeprefix("http://").rsplit(":", 1)
         reader, writer = await asyncio.open_connection(host, int(port))
         try:
-            writer.write(head.rstrip(b"\r\n") + b"\r\nConnection: close\r\n\r\n" + body)
+            writer.write(head.rstrip(b"\r\n") + b"\r\n\r\n" + body)
             await writer.drain()
             async with asyncio.timeout(timeout):
-                data = await reader.read(-1)
+                status_line, _, raw_headers = (await reader.readuntil(b"\r\n\r\n")).partition(b"\r\n")
+                headers: CIMultiDict[str] = CIMultiDict()
+                for line in raw_headers.decode("latin-1").strip().split("\r\n"):
+                    name, _, value = line.partition(":")
+                    headers.add(name.strip(), value.strip())
+                content = await reader.readexactly(int(headers.get("Content-Length", "0")))
         finally:
             writer.close()
-        status_line, _, rest = data.partition(b"\r\n")
-        raw_headers, _, content = rest.partition(b"\r\n\r\n")
-        headers: CIMultiDict[str] = CIMultiDict()
-        for line in raw_headers.decode("latin-1").split("\r\n"):
-            name, _, value = line.partition(":")
-            headers.add(name.strip(), value.strip())
         return Answer(int(status_line.split()[1]), headers, content)
 
     return asyncio.run(send())
@@ -906,3 +907,90 @@ def test_a_text_header_that_is_not_utf8_is_400_naming_it(api: ServerThread, head
     assert answer.error["code"] == "INVALID_REQUEST"
     assert answer.error["details"]["metadata"]["field"] == header
     assert "database" not in answer.error["message"]
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_a_body_its_content_encoding_does_not_decode_is_400_naming_body(
+    api: ServerThread, encoding: str
+) -> None:
+    request_id = initialize(api, "python-encoded", "result = 1")
+    answer = http(
+        api,
+        "POST",
+        f"/api/v1/execute/{request_id}",
+        raw=b'{"params": {}}',
+        headers={"Content-Encoding": encoding},
+    )
+    assert answer.status == 400, answer.body
+    assert answer.error["code"] == "INVALID_REQUEST"
+    assert answer.error["details"]["metadata"]["field"] == "body"
+    # a body that decodes is read
+    compressed = gzip.compress(b'{"params": {}}')
+    good = http(
+        api, "POST", f"/api/v1/execute/{request_id}", raw=compressed, headers={"Content-Encoding": "gzip"}
+    )
+    assert good.status == 200 and good.json()["result"] == 1
+
+
+def test_a_client_that_hangs_up_mid_body_is_499_not_a_server_error(
+    api: ServerThread, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry = api.server.metrics.registry
+    route = "/api/v1/execute/{request_id}"
+
+    def count(status: str) -> float:
+        labels = {"method": "POST", "route": route, "status": status}
+        return registry.get_sample_value("lambda_http_requests_total", labels) or 0.0
+
+    before = count("499"), count("500")
+    request_id = str(uuid.uuid4())
+
+    async def hang_up() -> None:
+        host, port = api.http_url.removeprefix("http://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            f"POST /api/v1/execute/{request_id} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{{".encode()
+        )
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+
+    asyncio.run(hang_up())
+    eventually(lambda: count("499") - before[0] == 1)
+    assert count("500") == before[1]
+
+    def rows() -> list[Any]:
+        return run_sync(
+            fetch(database_url, "SELECT * FROM public.request_logs WHERE request_id = $1", request_id)
+        )
+
+    (row,) = eventually(rows)
+    assert row["status_code"] == 499 and row["grpc_code"] == "CANCELLED"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+def test_a_content_length_past_the_bound_is_413_from_the_header(api: ServerThread) -> None:
+    head = (
+        f"POST /api/v1/execute/{uuid.uuid4()} HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n"
+    ).encode()
+    answer = raw_http(api, head, b"{", timeout=20)  # the body is never sent: not waited for
+    assert answer.status == 413, answer.body
+    assert answer.error["details"]["metadata"]["setting"] == "GRPC_MAX_RECEIVE_MESSAGE_BYTES"
+
+
+def test_a_body_that_stalls_is_408_and_its_bytes_in_flight_are_given_back(database_url: str) -> None:
+    running = ServerThread(server_settings(http_body_timeout_seconds=1.0), database_url)
+    try:
+        http_api = running.server.http_api
+        assert http_api is not None
+        head = f"POST /api/v1/execute/{uuid.uuid4()} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n".encode()
+        answer = raw_http(running, head, b"{", timeout=30)
+        assert answer.status == 408, answer.body
+        assert answer.headers["Content-Type"].startswith("application/json")
+        assert answer.error["code"] == "INVALID_REQUEST"
+        assert answer.error["details"]["metadata"]["setting"] == "HTTP_BODY_TIMEOUT_SECONDS"
+        assert http_api._served._inflight.held == 0
+        # the server still answers
+        assert http(running, "GET", "/health").status == 200
+    finally:
+        running.stop()

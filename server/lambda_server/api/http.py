@@ -10,6 +10,7 @@ gRPC interceptor does for each call.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any
 
@@ -22,7 +23,9 @@ from lambda_server.api.http_served import (
     ANSWER,
     QUOTA,
     REQUEST_ID_HEADER,
+    ClientGone,
     ServedRequests,
+    body_too_large,
     json_answer,
     peer_address,
 )
@@ -31,7 +34,7 @@ from lambda_server.api.request_logs import RequestLog
 from lambda_server.api.servicer import RESPONSE_MARGIN
 from lambda_server.config import ConfigError
 from lambda_server.domain import JSON, Caller, Deadline, OptimizationLevel
-from lambda_server.errors import InvalidRequest, RateLimited, RequestTooLarge
+from lambda_server.errors import BodyTimeout, InvalidRequest, RateLimited
 from lambda_server.limits import LimitedCall
 from lambda_server.logs import current_call
 from lambda_server.metrics import Metrics
@@ -84,8 +87,10 @@ class HttpApi:
         cors_origins: tuple[str, ...],
         grace: float,  # SHUTDOWN_GRACE_SECONDS: requests in flight at stop
         max_request_timeout: float,  # HTTP_MAX_REQUEST_TIMEOUT_SECONDS: X-Request-Timeout's cap
+        body_timeout: float,  # HTTP_BODY_TIMEOUT_SECONDS: the most a body takes to arrive
     ) -> None:
         self._max_request_timeout = max_request_timeout
+        self._body_timeout = body_timeout
         self._usecases = usecases
         self._gate = gate
         self._payloads = payloads
@@ -246,17 +251,30 @@ class HttpApi:
         return self._gate.caller(request.headers.get(AUTHORIZATION_HEADER), peer_address(request))
 
     async def _read(self, request: web.Request) -> bytes:
-        """The body, at most client_max_size (GRPC_MAX_RECEIVE_MESSAGE_BYTES)."""
+        """The body, at most client_max_size (GRPC_MAX_RECEIVE_MESSAGE_BYTES), within
+        HTTP_BODY_TIMEOUT_SECONDS: RequestTooLarge (413) past the size, BodyTimeout (408)
+        past the time, InvalidRequest naming `body` when it cannot be decoded under its
+        Content-Encoding, ClientGone when the client hung up before sending it all."""
         cached = request.get(_BODY)
         if cached is None:
             try:
-                cached = await request.read()
+                async with asyncio.timeout(self._body_timeout):
+                    cached = await request.read()
             except web.HTTPRequestEntityTooLarge:
-                raise RequestTooLarge(
-                    f"the body is larger than GRPC_MAX_RECEIVE_MESSAGE_BYTES ({self._max_body_bytes})",
-                    setting="GRPC_MAX_RECEIVE_MESSAGE_BYTES",
-                    limit=str(self._max_body_bytes),
+                raise body_too_large(self._max_body_bytes) from None
+            except TimeoutError:
+                raise BodyTimeout(
+                    f"the body did not arrive within HTTP_BODY_TIMEOUT_SECONDS ({self._body_timeout:g} s)",
+                    field="body",
+                    setting="HTTP_BODY_TIMEOUT_SECONDS",
+                    limit=f"{self._body_timeout:g}",
                 ) from None
+            except (ConnectionResetError, web.RequestPayloadError) as exc:
+                transport = request.transport
+                if isinstance(exc, ConnectionResetError) or transport is None or transport.is_closing():
+                    raise ClientGone("the client closed the connection before sending its body") from None
+                # aiohttp's only other payload error: a body its Content-Encoding does not decode
+                raise InvalidRequest(f"the body cannot be read: {exc}", field="body") from None
             request[_BODY] = cached
         body: bytes = cached
         return body

@@ -66,8 +66,9 @@ ERRORS: dict[str, tuple[int, str]] = {
     "DEADLINE_EXCEEDED": (504, TIMEOUT),
     "INTERNAL_ERROR": (500, INTERNAL_ERROR),
 }
-# The answers outside the original's table: a body past the bound, a method the route has not.
+# The answers outside the original's table: a body past the bound or late, a method the route has not.
 PAYLOAD_TOO_LARGE = 413
+REQUEST_TIMEOUT = 408
 METHOD_NOT_ALLOWED = 405
 # A script's failure answers 200 with `error` set (as gRPC answers OK with it), and names
 # its code in this header, as AWS Lambda's X-Amz-Function-Error does.

@@ -14,6 +14,7 @@ while aiohttp-cors wraps every route and has seen few releases.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -29,6 +30,7 @@ from lambda_server.api.interceptors import INFLIGHT_RETRY_AFTER, InflightBytes
 from lambda_server.api.request_logs import RequestLog, execute_entry, log_call, logged_headers
 from lambda_server.domain import JSON
 from lambda_server.errors import (
+    BodyTimeout,
     InvalidRequest,
     LambdaError,
     QuotaExceeded,
@@ -39,6 +41,8 @@ from lambda_server.errors import (
 from lambda_server.logs import CallInfo, begin_call, end_call
 from lambda_server.metrics import Metrics
 from lambda_server.usecases.inputs import parse_request_id
+
+log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "X-Request-ID"
 CORS_METHODS = "GET, POST, OPTIONS"
@@ -53,6 +57,13 @@ _ECHOABLE = re.compile(r"[!-~](?:[ -~]{0,62}[!-~])?", re.ASCII)
 _JSON = "application/json"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its request could be read: not a failure of
+    the server. Counted and logged as nginx's 499 (CANCELLED), as a gRPC call cancelled."""
+
+
 # What a request's handler leaves for the middleware.
 QUOTA = web.RequestKey("quota", tuple)  # the rate-limit headers to answer with
 ANSWER = web.RequestKey("answer", pb.ExecuteResponse)  # Execute's, for its request log
@@ -92,6 +103,7 @@ class ServedRequests:
             info.request_id = request.headers.get(REQUEST_ID_HEADER, "")[:64]
         token = begin_call(info)
         error: LambdaError | None = None
+        gone = False
         held, peer = 0, peer_address(request)
         try:
             if request.method == "OPTIONS" and self._preflight_allowed(request):
@@ -100,6 +112,10 @@ class ServedRequests:
             else:
                 held = self._hold(request, peer, info.method)
                 response = await handler(request)
+        except ClientGone as exc:  # nobody reads this answer: counted and logged 499
+            log.debug("%s: %s", info.method, exc)
+            gone = True
+            response = web.Response(status=CLIENT_CLOSED)
         except web.HTTPException as exc:  # the router's 404 and 405
             error, status = _routing_error(request, exc)
             response = error_response(error, status)
@@ -108,6 +124,8 @@ class ServedRequests:
         except Exception as exc:  # our errors, and anything unexpected as INTERNAL_ERROR
             error = as_lambda_error(info.method, exc)
             response = error_response(error, _status_of(error))
+            if isinstance(error, RequestTooLarge | BodyTimeout):
+                response.force_close()  # the body's rest is not read: the connection ends here
         except asyncio.CancelledError:  # the server stopped past its grace: counted and logged
             self._finish(
                 request, route, info, grpc.StatusCode.CANCELLED, None, CLIENT_CLOSED, started_at, started
@@ -125,6 +143,7 @@ class ServedRequests:
                 response.headers[REQUEST_ID_HEADER] = echoed
             self._cors(request, response)
             code = grpc.StatusCode.OK if error is None else grpc.StatusCode[error.status]
+            code = grpc.StatusCode.CANCELLED if gone else code
             self._finish(request, route, info, code, error, response.status, started_at, started)
         finally:
             end_call(token)
@@ -161,7 +180,9 @@ class ServedRequests:
             return 0
         inflight = self._inflight
         size = request.content_length
-        size = self._max_body_bytes if size is None else min(size, self._max_body_bytes)
+        if size is not None and size > self._max_body_bytes:  # refused from the header, unread
+            raise body_too_large(self._max_body_bytes)
+        size = self._max_body_bytes if size is None else size
         if not inflight.take(peer, size):
             self._metrics.inflight_refused.labels(method).inc()
             raise QuotaExceeded(
@@ -258,8 +279,23 @@ def _routing_error(request: web.Request, exc: web.HTTPException) -> tuple[Lambda
 
 
 def _status_of(error: LambdaError) -> int | None:
-    """The answers outside the table's statuses: 413 for a body past its bound."""
-    return http_json.PAYLOAD_TOO_LARGE if isinstance(error, RequestTooLarge) else None
+    """The answers outside the table's statuses: 413 for a body past its bound, 408 for one
+    that did not arrive in time."""
+    if isinstance(error, RequestTooLarge):
+        return http_json.PAYLOAD_TOO_LARGE
+    if isinstance(error, BodyTimeout):
+        return http_json.REQUEST_TIMEOUT
+    return None
+
+
+def body_too_large(max_body_bytes: int) -> RequestTooLarge:
+    """A body past GRPC_MAX_RECEIVE_MESSAGE_BYTES, by its Content-Length or as it was read."""
+    return RequestTooLarge(
+        f"the body is larger than GRPC_MAX_RECEIVE_MESSAGE_BYTES ({max_body_bytes})",
+        field="body",
+        setting="GRPC_MAX_RECEIVE_MESSAGE_BYTES",
+        limit=str(max_body_bytes),
+    )
 
 
 def error_response(error: LambdaError, status: int | None = None) -> web.Response:
