@@ -523,7 +523,7 @@ def test_unknown_sessions_functions_and_routes_are_404_a_wrong_method_405(api: S
     malformed = http(api, "GET", "/api/v1/sessions/not-a-uuid")
     assert malformed.status == 400 and malformed.error["details"]["metadata"]["field"] == "request_id"
     wrong = http(api, "DELETE", "/api/v1/initialize")
-    assert wrong.status == 405 and wrong.headers["Allow"] == "POST"
+    assert wrong.status == 405 and wrong.headers["Allow"] == "OPTIONS, POST"
     assert wrong.error["code"] == "INVALID_REQUEST"
     pages = http(api, "GET", "/api/v1/functions?per_page=1000")
     assert pages.status == 400 and pages.error["details"]["metadata"]["field"] == "per_page"
@@ -994,3 +994,15 @@ def test_a_body_that_stalls_is_408_and_its_bytes_in_flight_are_given_back(databa
         assert http(running, "GET", "/health").status == 200
     finally:
         running.stop()
+
+
+@pytest.mark.parametrize(
+    "path", ["/health", "/api/v1/health", "/api/v1/functions", "/api/v1/functions/nodejs-calculator"]
+)
+def test_head_answers_every_get_route_without_a_body(api: ServerThread, path: str) -> None:
+    got = http(api, "GET", path)
+    head = http(api, "HEAD", path)
+    assert head.status == got.status == 200
+    assert head.body == b"" and head.headers["Content-Type"] == got.headers["Content-Type"]
+    wrong = http(api, "PUT", path, {})
+    assert wrong.status == 405 and wrong.headers["Allow"] == "GET, HEAD, OPTIONS"

@@ -112,11 +112,11 @@ class HttpApi:
         app = web.Application(client_max_size=self._max_body_bytes, middlewares=[self._served.middleware])
         app.router.add_post(INITIALIZE, self.initialize)
         app.router.add_post(EXECUTE, self.execute)
-        app.router.add_get(SESSION, self.get_session, allow_head=False)
-        app.router.add_get(FUNCTIONS, self.list_functions, allow_head=False)
-        app.router.add_get(FUNCTION, self.get_function, allow_head=False)
-        app.router.add_get(HEALTH, self.health, allow_head=False)
-        app.router.add_get(API_HEALTH, self.health, allow_head=False)
+        app.router.add_get(SESSION, self.get_session)
+        app.router.add_get(FUNCTIONS, self.list_functions)
+        app.router.add_get(FUNCTION, self.get_function)
+        app.router.add_get(HEALTH, self.health)
+        app.router.add_get(API_HEALTH, self.health)
         return app
 
     async def start(self, address: str) -> int:

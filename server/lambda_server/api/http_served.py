@@ -120,7 +120,7 @@ class ServedRequests:
             error, status = _routing_error(request, exc)
             response = error_response(error, status)
             if isinstance(exc, web.HTTPMethodNotAllowed):
-                response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
+                response.headers["Allow"] = ", ".join(_allowed(exc))
         except Exception as exc:  # our errors, and anything unexpected as INTERNAL_ERROR
             error = as_lambda_error(info.method, exc)
             response = error_response(error, _status_of(error))
@@ -269,13 +269,19 @@ def _vary_origin(response: web.StreamResponse) -> None:
 
 
 def _routing_error(request: web.Request, exc: web.HTTPException) -> tuple[LambdaError, int]:
-    if exc.status == http_json.METHOD_NOT_ALLOWED:
-        allowed = ", ".join(sorted(getattr(exc, "allowed_methods", ()) or ()))
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(_allowed(exc))
         message = f"{request.path} does not take {request.method}; it takes {allowed}"
         return InvalidRequest(message, field="method"), http_json.METHOD_NOT_ALLOWED
     if exc.status == 404:
         return RouteNotFound(f"no route {request.method} {request.path[:200]}"), 404
     return InvalidRequest(exc.reason or "a malformed request"), exc.status
+
+
+def _allowed(exc: web.HTTPMethodNotAllowed) -> list[str]:
+    """The route's methods (HEAD with every GET), and OPTIONS: the middleware answers a
+    preflight on every route."""
+    return sorted({*exc.allowed_methods, "OPTIONS"})
 
 
 def _status_of(error: LambdaError) -> int | None:
