@@ -1006,3 +1006,43 @@ def test_head_answers_every_get_route_without_a_body(api: ServerThread, path: st
     assert head.body == b"" and head.headers["Content-Type"] == got.headers["Content-Type"]
     wrong = http(api, "PUT", path, {})
     assert wrong.status == 405 and wrong.headers["Allow"] == "GET, HEAD, OPTIONS"
+
+
+def test_a_header_and_a_body_field_that_differ_are_400_naming_both(api: ServerThread) -> None:
+    script = {"script_content": "result = 1"}
+    titled = http(
+        api,
+        "POST",
+        "/api/v1/initialize",
+        {"language_title": "python-x_conflict", **script},
+        headers={"Language-Title": "nodejs-x_conflict"},
+    )
+    assert titled.status == 400, titled.body
+    assert titled.error["details"]["metadata"] == {"field": "language_title", "header": "Language-Title"}
+    assert "python-x_conflict" in titled.error["message"] and "nodejs-x_conflict" in titled.error["message"]
+    one, other = str(uuid.uuid4()), str(uuid.uuid4())
+    ids = http(
+        api,
+        "POST",
+        "/api/v1/initialize",
+        {"request_id": other, **script},
+        headers={"Language-Title": "python-x_conflict", "X-Request-ID": one},
+    )
+    assert ids.status == 400 and ids.error["details"]["metadata"]["field"] == "request_id"
+    # the same value in both (a UUID in any spelling) is fine
+    same = http(
+        api,
+        "POST",
+        "/api/v1/initialize",
+        {"request_id": one.upper(), "language_title": "python-x_conflict", **script},
+        headers={"Language-Title": "python-x_conflict", "X-Request-ID": one},
+    )
+    assert same.status == 200 and same.json()["request_id"] == one
+    cached = http(
+        api,
+        "POST",
+        f"/api/v1/execute/{one}",
+        {"params": {}, "cache_control": "no-cache"},
+        headers={"X-Cache-Control": "max-age=60"},
+    )
+    assert cached.status == 400 and cached.error["details"]["metadata"]["header"] == "X-Cache-Control"

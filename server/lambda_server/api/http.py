@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import uuid
 from typing import Any
 
 from aiohttp import web
@@ -150,8 +151,8 @@ class HttpApi:
         caller = self._caller(request)
         self._gate.admit(caller, LimitedCall.INITIALIZE)  # before any work: checks cost CPU
         body = await self._object_body(request, caller)
-        title = http_json.text_field(body, "language_title") or _text_header(request, LANGUAGE_TITLE_HEADER)
-        request_id = http_json.text_field(body, "request_id") or _text_header(request, REQUEST_ID_HEADER)
+        title = _header_or_field(request, LANGUAGE_TITLE_HEADER, body, "language_title")
+        request_id = _header_or_field(request, REQUEST_ID_HEADER, body, "request_id")
         record = await self._usecases.initialize(
             language_title=title,
             script=http_json.text_field(body, "script_content"),
@@ -181,8 +182,7 @@ class HttpApi:
         body = await self._object_body(request, caller, raw)
         params = body.get("params")
         params = await self._payloads.parsed_params({} if params is None else params, len(raw), caller.owner)
-        cache_control = _text_header(request, CACHE_CONTROL_HEADER)
-        cache_control = cache_control or http_json.text_field(body, "cache_control")
+        cache_control = _header_or_field(request, CACHE_CONTROL_HEADER, body, "cache_control")
         execution = await self._usecases.execute(request_id, params, caller, deadline, cache_control)
         response = await self._payloads.response(execution, caller.owner)
         request[ANSWER] = response
@@ -291,6 +291,29 @@ class HttpApi:
             what = json_kind(body)
             raise InvalidRequest(f"the body must be a JSON object, not a JSON {what}", field="body")
         return body
+
+
+def _header_or_field(request: web.Request, header: str, body: dict[str, JSON], field: str) -> str:
+    """A value a caller may send as a header or as a body field ('' when neither); both may
+    be sent when they agree (request ids as UUIDs: in any spelling), else InvalidRequest
+    naming both, rather than one silently winning."""
+    sent = _text_header(request, header)
+    given = http_json.text_field(body, field)
+    if sent and given and sent != given and not _same_uuid(sent, given):
+        raise InvalidRequest(
+            f"the {header} header ({sent[:64]!r}) and the body's {field} ({given[:64]!r}) differ: "
+            "send one of them, or the same value in both",
+            field=field,
+            header=header,
+        )
+    return given or sent
+
+
+def _same_uuid(one: str, other: str) -> bool:
+    try:
+        return uuid.UUID(one) == uuid.UUID(other)
+    except ValueError:
+        return False
 
 
 def _text_header(request: web.Request, name: str) -> str:
