@@ -14,10 +14,13 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import aiohttp
+import grpc
 import jwt
 import pytest
 from multidict import CIMultiDict
 
+from lambda_microservice import LambdaClient
+from lambda_microservice import LambdaError as ClientError
 from lambda_server import json_text
 from lambda_server.api.http_json import ERRORS
 from lambda_server.config import AuthSettings, GrpcSettings, RuntimeSettings
@@ -1046,3 +1049,22 @@ def test_a_header_and_a_body_field_that_differ_are_400_naming_both(api: ServerTh
         headers={"X-Cache-Control": "max-age=60"},
     )
     assert cached.status == 400 and cached.error["details"]["metadata"]["header"] == "X-Cache-Control"
+
+
+@pytest.mark.parametrize("title", ["python-a\r\nb", "python-a\tb", "python-a\x7fb", "python-a\x85b"])
+def test_a_control_character_in_a_language_title_is_400_on_both_front_doors(
+    api: ServerThread, title: str
+) -> None:
+    answer = http(
+        api,
+        "POST",
+        "/api/v1/initialize",
+        {"language_title": title, "script_content": "result = 1"},
+    )
+    assert answer.status == 400, answer.body
+    assert answer.error["details"]["metadata"]["field"] == "language_title"
+    assert "control characters" in answer.error["message"]
+    with LambdaClient(api.target, timeout=20.0) as client, pytest.raises(ClientError) as refused:
+        client.initialize(title, "result = 1")
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "control characters" in str(refused.value)

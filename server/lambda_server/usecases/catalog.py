@@ -9,7 +9,7 @@ from lambda_server.domain import JSON, Caller, Deadline, FunctionDefinition, Fun
 from lambda_server.errors import InvalidRequest, RuntimeNotAvailable, UnknownLanguage
 from lambda_server.runtimes.registry import RuntimeRegistry
 from lambda_server.store.catalog import MAX_PAGE_SIZE, FunctionCatalog
-from lambda_server.usecases.inputs import refuse_nul
+from lambda_server.usecases.inputs import refuse_control, refuse_nul
 from lambda_server.validation import ParamsValidator
 
 # The highest page number the HTTP listing takes (a 32-bit integer's, as protobuf's int32
@@ -71,7 +71,7 @@ class Catalog:
         require_read_functions(caller)
         if not language_title:
             raise InvalidRequest("language_title is required", field="language_title")
-        refuse_nul(language_title, "language_title")
+        refuse_control(language_title, "language_title")
         function = await self._functions.get(language_title, deadline)
         return self._shown(function, function.function_type is FunctionType.DYNAMIC)
 

@@ -29,7 +29,7 @@ from lambda_server.store.sessions import SessionStore
 from lambda_server.usecases.builds import RustBuilds
 from lambda_server.usecases.catalog import Catalog
 from lambda_server.usecases.dependencies import Dependencies
-from lambda_server.usecases.inputs import parse_request_id, refuse_nul, refuse_nul_in
+from lambda_server.usecases.inputs import parse_request_id, refuse_control, refuse_nul, refuse_nul_in
 from lambda_server.usecases.options import SessionOptionsPolicy
 
 # A session is read back whole (GetSession, every Execute's claim): its context stays
@@ -103,7 +103,7 @@ class Initialize:
         """
         runtime = self._registry.resolve(language_title)
         require_execute(caller, runtime.name)
-        refuse_nul(language_title, "language_title")
+        refuse_control(language_title, "language_title")
         refuse_nul(script, "script_content")
         refuse_nul_in(context, "context")
         requirements = self._dependencies.check(runtime, dependencies)  # refused before any work
