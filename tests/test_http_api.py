@@ -1068,3 +1068,18 @@ def test_a_control_character_in_a_language_title_is_400_on_both_front_doors(
         client.initialize(title, "result = 1")
     assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "control characters" in str(refused.value)
+
+
+def test_a_script_cut_by_the_calls_deadline_says_so(api: ServerThread) -> None:
+    """X-Request-Timeout shorter than the script's timeout (5 s here): TIMEOUT naming the
+    call's deadline, not "past its timeout of 5 s" (the gRPC deadline's words too: one pool)."""
+    request_id = initialize(
+        api, "python-deadline_cut", "import time\ntime.sleep(params['s'])\nresult = 'done'"
+    )
+    answer = execute(api, request_id, {"s": 30}, X_Request_Timeout="3")
+    assert answer.status == 200 and answer.headers["X-Function-Error"] == "TIMEOUT", answer.body
+    message = answer.json()["error"]["message"]
+    assert "the call's deadline stopped the script" in message and "past its timeout" not in message
+    # the script's own timeout still says so
+    own = execute(api, request_id, {"s": 30})
+    assert "past its timeout of 5 s" in own.json()["error"]["message"]
