@@ -1083,3 +1083,13 @@ def test_a_script_cut_by_the_calls_deadline_says_so(api: ServerThread) -> None:
     # the script's own timeout still says so
     own = execute(api, request_id, {"s": 30})
     assert "past its timeout of 5 s" in own.json()["error"]["message"]
+
+
+def test_a_401_names_the_bearer_scheme(jwt_api: ServerThread) -> None:
+    for headers in ({}, bearer("not.a.token")):
+        answer = http(jwt_api, "GET", "/api/v1/functions", headers=headers)
+        assert answer.status == 401
+        assert answer.headers["WWW-Authenticate"].startswith("Bearer")
+    assert (
+        "WWW-Authenticate" not in http(jwt_api, "GET", "/api/v1/functions", headers=bearer(token())).headers
+    )

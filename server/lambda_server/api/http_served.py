@@ -309,6 +309,8 @@ def error_response(error: LambdaError, status: int | None = None) -> web.Respons
     response = json_answer(http_json.error_body(error, code), status or mapped)
     if isinstance(error, RateLimited | QuotaExceeded):
         response.headers["Retry-After"] = str(max(1, int(error.retry_after + 0.999)))
+    if response.status == 401:  # RFC 9110 §11.6.1: a 401 names the scheme it asks for
+        response.headers["WWW-Authenticate"] = 'Bearer realm="lambda-microservice"'
     return response
 
 
