@@ -1093,3 +1093,24 @@ def test_a_401_names_the_bearer_scheme(jwt_api: ServerThread) -> None:
     assert (
         "WWW-Authenticate" not in http(jwt_api, "GET", "/api/v1/functions", headers=bearer(token())).headers
     )
+
+
+def test_a_huge_request_timeout_is_cut_and_health_checks_the_header_too(api: ServerThread) -> None:
+    request_id = initialize(api, "python-huge_timeout", "result = 1")
+    answer = execute(api, request_id, {}, X_Request_Timeout="99999999999999999999999")
+    assert answer.status == 200 and answer.json()["result"] == 1, answer.body
+    bad = http(api, "GET", "/health", headers={"X-Request-Timeout": "abc"})
+    assert bad.status == 400 and bad.error["details"]["metadata"]["field"] == "X-Request-Timeout"
+    assert http(api, "GET", "/health", headers={"X-Request-Timeout": "5"}).status == 200
+
+
+def test_an_integer_option_past_32_bits_is_not_called_a_non_integer(api: ServerThread) -> None:
+    answer = http(
+        api,
+        "POST",
+        "/api/v1/initialize",
+        {"script_content": "result = 1", "options": {"memory_mb": 99999999999999999999999}},
+        headers={"Language-Title": "python-big_option"},
+    )
+    assert answer.status == 400 and answer.error["details"]["metadata"]["field"] == "options.memory_mb"
+    assert "must be an integer of 32 bits" in answer.error["message"]

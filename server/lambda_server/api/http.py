@@ -64,7 +64,9 @@ CACHE_CONTROL_HEADER = "X-Cache-Control"
 # The caller's time for the call, in seconds (a gRPC caller's deadline): the call's answer
 # comes within it, DEADLINE_EXCEEDED (504) when the work does not fit.
 REQUEST_TIMEOUT_HEADER = "X-Request-Timeout"
-_TIMEOUT = re.compile(r"[0-9]{1,9}(?:\.[0-9]{1,9})?", re.ASCII)
+# Any length of whole seconds (a longer one is cut to HTTP_MAX_REQUEST_TIMEOUT_SECONDS), up to
+# nanoseconds; never what float() also reads (nan, inf, 1e3, +2, 1_0).
+_TIMEOUT = re.compile(r"[0-9]{1,40}(?:\.[0-9]{1,9})?", re.ASCII)
 AUTHORIZATION_HEADER = "Authorization"
 _INTEGER = re.compile(r"[+-]?[0-9]+", re.ASCII)
 _LONGEST_INTEGER = 40
@@ -225,6 +227,7 @@ class HttpApi:
         return json_answer(http_json.function_body(function))
 
     async def health(self, request: web.Request) -> web.StreamResponse:
+        self._deadline(request)  # nothing here waits, but a malformed header is 400 on every route
         report = self._usecases.health()
         return json_answer(http_json.health_body(report), 200 if report.serving else 503)
 

@@ -279,8 +279,13 @@ def _integer(options: dict[str, JSON], name: str) -> int | None:
     value = options.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or abs(value) >= 2**31:
+    if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidRequest(f"options.{name} must be an integer, not {value!r:.40}", field=f"options.{name}")
+    if abs(value) >= 2**31:  # past the contract's int32 (the option's own bounds come after)
+        raise InvalidRequest(
+            f"options.{name} must be an integer of 32 bits (below 2**31 in size), not {value!r:.40}",
+            field=f"options.{name}",
+        )
     return value
 
 
