@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
+import logging
 import time
 import uuid
 from collections.abc import Iterator
@@ -12,10 +14,13 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import aiohttp
+import grpc
 import jwt
 import pytest
 from multidict import CIMultiDict
 
+from lambda_microservice import LambdaClient
+from lambda_microservice import LambdaError as ClientError
 from lambda_server import json_text
 from lambda_server.api.http_json import ERRORS
 from lambda_server.config import AuthSettings, GrpcSettings, RuntimeSettings
@@ -93,6 +98,31 @@ def http(
             session.request(method, server.http_url + path, data=data, headers=sent) as response,
         ):
             return Answer(response.status, CIMultiDict(response.headers), await response.read())
+
+    return asyncio.run(send())
+
+
+def raw_http(server: ServerThread, head: bytes, body: bytes = b"", timeout: float = 60.0) -> Answer:
+    """One request written as it is on a socket (what aiohttp's client will not send: bytes
+    that are not UTF-8 in a header, a body shorter than its Content-Length); the answer read
+    by its Content-Length, within `timeout` seconds."""
+
+    async def send() -> Answer:
+        host, port = server.http_url.removeprefix("http://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(head.rstrip(b"\r\n") + b"\r\n\r\n" + body)
+            await writer.drain()
+            async with asyncio.timeout(timeout):
+                status_line, _, raw_headers = (await reader.readuntil(b"\r\n\r\n")).partition(b"\r\n")
+                headers: CIMultiDict[str] = CIMultiDict()
+                for line in raw_headers.decode("latin-1").strip().split("\r\n"):
+                    name, _, value = line.partition(":")
+                    headers.add(name.strip(), value.strip())
+                content = await reader.readexactly(int(headers.get("Content-Length", "0")))
+        finally:
+            writer.close()
+        return Answer(int(status_line.split()[1]), headers, content)
 
     return asyncio.run(send())
 
@@ -496,7 +526,7 @@ def test_unknown_sessions_functions_and_routes_are_404_a_wrong_method_405(api: S
     malformed = http(api, "GET", "/api/v1/sessions/not-a-uuid")
     assert malformed.status == 400 and malformed.error["details"]["metadata"]["field"] == "request_id"
     wrong = http(api, "DELETE", "/api/v1/initialize")
-    assert wrong.status == 405 and wrong.headers["Allow"] == "POST"
+    assert wrong.status == 405 and wrong.headers["Allow"] == "OPTIONS, POST"
     assert wrong.error["code"] == "INVALID_REQUEST"
     pages = http(api, "GET", "/api/v1/functions?per_page=1000")
     assert pages.status == 400 and pages.error["details"]["metadata"]["field"] == "per_page"
@@ -786,3 +816,301 @@ def test_a_body_nested_deeper_than_a_grpc_request_carries_is_400(api: ServerThre
         inner = inner["a"]
     request_id = initialize(api, "python-deep", "result = 1", context=shallow)
     assert execute(api, request_id, {}).json()["result"] == 1
+
+
+# --- what the review of the HTTP API found ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/api/v1/sessions/%00"),
+        ("GET", "/api/v1/sessions/%0a"),
+        ("POST", "/api/v1/execute/%0d%0aX:1"),
+        ("POST", "/api/v1/execute/a%C3%A9"),
+        ("GET", "/api/v1/sessions/not-a-uuid"),
+    ],
+)
+def test_an_id_that_is_not_a_uuid_is_400_and_never_echoed_into_a_header(
+    api: ServerThread, method: str, path: str
+) -> None:
+    answer = http(api, method, path, {} if method == "POST" else None)
+    assert answer.status == 400, answer.body
+    assert answer.error["code"] == "INVALID_REQUEST" and "is not a UUID" in answer.error["message"]
+    assert answer.error["details"]["metadata"]["field"] == "request_id"
+    assert "X-Request-ID" not in answer.headers
+    # a session's id in another spelling is echoed in its canonical form
+    spelled = str(uuid.uuid4())
+    found = http(api, "GET", f"/api/v1/sessions/{spelled.upper()}")
+    assert found.status == 404 and found.headers["X-Request-ID"] == spelled
+
+
+def test_a_callers_own_request_id_is_echoed_only_when_a_header_can_carry_it(api: ServerThread) -> None:
+    assert http(api, "GET", "/health", headers={"X-Request-ID": "trace-42"}).headers["X-Request-ID"] == (
+        "trace-42"
+    )
+    for sent in ("a\u00e9b", "x" * 65):
+        answer = http(api, "GET", "/health", headers={"X-Request-ID": sent})
+        assert answer.status == 200 and "X-Request-ID" not in answer.headers
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "page=99999999999999999999999",
+        "page=9223372036854775807&per_page=100",
+        "page=2147483648",
+        "page=" + "9" * 5000,
+        "page=0",
+        "page=1e3",
+        "page=%201",
+    ],
+)
+def test_a_page_past_the_highest_is_400_naming_page_never_a_database_error(
+    api: ServerThread, query: str
+) -> None:
+    answer = http(api, "GET", f"/api/v1/functions?{query}")
+    assert answer.status == 400, answer.body
+    assert answer.error["code"] == "INVALID_REQUEST"
+    assert answer.error["details"]["metadata"]["field"] == "page"
+    assert "database" not in answer.error["message"]
+
+
+def test_the_highest_page_is_an_empty_page(api: ServerThread) -> None:
+    answer = http(api, "GET", "/api/v1/functions?page=2147483647&per_page=100")
+    assert answer.status == 200, answer.body
+    assert answer.json()["functions"] == [] and answer.json()["page"] == 2147483647
+
+
+def test_a_context_with_integers_past_64_bits_is_stored_and_read_back_exactly(api: ServerThread) -> None:
+    context = {"v": -9223372036854775809, "a": {"b": 99999999999999999999, "c": [2**70, 1.5]}}
+    request_id = initialize(api, "python-big_context", "result = context", context=context)
+    session = http(api, "GET", f"/api/v1/sessions/{request_id}")
+    assert session.status == 200 and session.json()["context"] == context
+    answer = execute(api, request_id, {})
+    assert answer.status == 200, answer.body
+    assert answer.json()["result"] == context
+    assert b"99999999999999999999" in answer.body and str(2**70).encode() in answer.body
+
+
+@pytest.mark.parametrize("header", ["Language-Title", "X-Request-ID", "X-Cache-Control"])
+def test_a_text_header_that_is_not_utf8_is_400_naming_it(api: ServerThread, header: str) -> None:
+    request_id = initialize(api, "python-utf8_header", "result = 1")
+    body = b'{"script_content": "result = 1"}'
+    path = "/api/v1/initialize" if header != "X-Cache-Control" else f"/api/v1/execute/{request_id}"
+    title = b"" if header == "Language-Title" else b"Language-Title: python-utf8\r\n"
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n".encode()
+        + title
+        + header.encode()
+        + b": python-\xff\r\n"
+    )
+    answer = raw_http(api, head, body)
+    assert answer.status == 400, answer.body
+    assert answer.error["code"] == "INVALID_REQUEST"
+    assert answer.error["details"]["metadata"]["field"] == header
+    assert "database" not in answer.error["message"]
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_a_body_its_content_encoding_does_not_decode_is_400_naming_body(
+    api: ServerThread, encoding: str
+) -> None:
+    request_id = initialize(api, "python-encoded", "result = 1")
+    answer = http(
+        api,
+        "POST",
+        f"/api/v1/execute/{request_id}",
+        raw=b'{"params": {}}',
+        headers={"Content-Encoding": encoding},
+    )
+    assert answer.status == 400, answer.body
+    assert answer.error["code"] == "INVALID_REQUEST"
+    assert answer.error["details"]["metadata"]["field"] == "body"
+    # a body that decodes is read
+    compressed = gzip.compress(b'{"params": {}}')
+    good = http(
+        api, "POST", f"/api/v1/execute/{request_id}", raw=compressed, headers={"Content-Encoding": "gzip"}
+    )
+    assert good.status == 200 and good.json()["result"] == 1
+
+
+def test_a_client_that_hangs_up_mid_body_is_499_not_a_server_error(
+    api: ServerThread, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry = api.server.metrics.registry
+    route = "/api/v1/execute/{request_id}"
+
+    def count(status: str) -> float:
+        labels = {"method": "POST", "route": route, "status": status}
+        return registry.get_sample_value("lambda_http_requests_total", labels) or 0.0
+
+    before = count("499"), count("500")
+    request_id = str(uuid.uuid4())
+
+    async def hang_up() -> None:
+        host, port = api.http_url.removeprefix("http://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            f"POST /api/v1/execute/{request_id} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{{".encode()
+        )
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+
+    asyncio.run(hang_up())
+    eventually(lambda: count("499") - before[0] == 1)
+    assert count("500") == before[1]
+
+    def rows() -> list[Any]:
+        return run_sync(
+            fetch(database_url, "SELECT * FROM public.request_logs WHERE request_id = $1", request_id)
+        )
+
+    (row,) = eventually(rows)
+    assert row["status_code"] == 499 and row["grpc_code"] == "CANCELLED"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+def test_a_content_length_past_the_bound_is_413_from_the_header(api: ServerThread) -> None:
+    head = (
+        f"POST /api/v1/execute/{uuid.uuid4()} HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n"
+    ).encode()
+    answer = raw_http(api, head, b"{", timeout=20)  # the body is never sent: not waited for
+    assert answer.status == 413, answer.body
+    assert answer.error["details"]["metadata"]["setting"] == "GRPC_MAX_RECEIVE_MESSAGE_BYTES"
+
+
+def test_a_body_that_stalls_is_408_and_its_bytes_in_flight_are_given_back(database_url: str) -> None:
+    running = ServerThread(server_settings(http_body_timeout_seconds=1.0), database_url)
+    try:
+        http_api = running.server.http_api
+        assert http_api is not None
+        head = f"POST /api/v1/execute/{uuid.uuid4()} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n".encode()
+        answer = raw_http(running, head, b"{", timeout=30)
+        assert answer.status == 408, answer.body
+        assert answer.headers["Content-Type"].startswith("application/json")
+        assert answer.error["code"] == "INVALID_REQUEST"
+        assert answer.error["details"]["metadata"]["setting"] == "HTTP_BODY_TIMEOUT_SECONDS"
+        assert http_api._served._inflight.held == 0
+        # the server still answers
+        assert http(running, "GET", "/health").status == 200
+    finally:
+        running.stop()
+
+
+@pytest.mark.parametrize(
+    "path", ["/health", "/api/v1/health", "/api/v1/functions", "/api/v1/functions/nodejs-calculator"]
+)
+def test_head_answers_every_get_route_without_a_body(api: ServerThread, path: str) -> None:
+    got = http(api, "GET", path)
+    head = http(api, "HEAD", path)
+    assert head.status == got.status == 200
+    assert head.body == b"" and head.headers["Content-Type"] == got.headers["Content-Type"]
+    wrong = http(api, "PUT", path, {})
+    assert wrong.status == 405 and wrong.headers["Allow"] == "GET, HEAD, OPTIONS"
+
+
+def test_a_header_and_a_body_field_that_differ_are_400_naming_both(api: ServerThread) -> None:
+    script = {"script_content": "result = 1"}
+    titled = http(
+        api,
+        "POST",
+        "/api/v1/initialize",
+        {"language_title": "python-x_conflict", **script},
+        headers={"Language-Title": "nodejs-x_conflict"},
+    )
+    assert titled.status == 400, titled.body
+    assert titled.error["details"]["metadata"] == {"field": "language_title", "header": "Language-Title"}
+    assert "python-x_conflict" in titled.error["message"] and "nodejs-x_conflict" in titled.error["message"]
+    one, other = str(uuid.uuid4()), str(uuid.uuid4())
+    ids = http(
+        api,
+        "POST",
+        "/api/v1/initialize",
+        {"request_id": other, **script},
+        headers={"Language-Title": "python-x_conflict", "X-Request-ID": one},
+    )
+    assert ids.status == 400 and ids.error["details"]["metadata"]["field"] == "request_id"
+    # the same value in both (a UUID in any spelling) is fine
+    same = http(
+        api,
+        "POST",
+        "/api/v1/initialize",
+        {"request_id": one.upper(), "language_title": "python-x_conflict", **script},
+        headers={"Language-Title": "python-x_conflict", "X-Request-ID": one},
+    )
+    assert same.status == 200 and same.json()["request_id"] == one
+    cached = http(
+        api,
+        "POST",
+        f"/api/v1/execute/{one}",
+        {"params": {}, "cache_control": "no-cache"},
+        headers={"X-Cache-Control": "max-age=60"},
+    )
+    assert cached.status == 400 and cached.error["details"]["metadata"]["header"] == "X-Cache-Control"
+
+
+@pytest.mark.parametrize("title", ["python-a\r\nb", "python-a\tb", "python-a\x7fb", "python-a\x85b"])
+def test_a_control_character_in_a_language_title_is_400_on_both_front_doors(
+    api: ServerThread, title: str
+) -> None:
+    answer = http(
+        api,
+        "POST",
+        "/api/v1/initialize",
+        {"language_title": title, "script_content": "result = 1"},
+    )
+    assert answer.status == 400, answer.body
+    assert answer.error["details"]["metadata"]["field"] == "language_title"
+    assert "control characters" in answer.error["message"]
+    with LambdaClient(api.target, timeout=20.0) as client, pytest.raises(ClientError) as refused:
+        client.initialize(title, "result = 1")
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "control characters" in str(refused.value)
+
+
+def test_a_script_cut_by_the_calls_deadline_says_so(api: ServerThread) -> None:
+    """X-Request-Timeout shorter than the script's timeout (5 s here): TIMEOUT naming the
+    call's deadline, not "past its timeout of 5 s" (the gRPC deadline's words too: one pool)."""
+    request_id = initialize(
+        api, "python-deadline_cut", "import time\ntime.sleep(params['s'])\nresult = 'done'"
+    )
+    answer = execute(api, request_id, {"s": 30}, X_Request_Timeout="3")
+    assert answer.status == 200 and answer.headers["X-Function-Error"] == "TIMEOUT", answer.body
+    message = answer.json()["error"]["message"]
+    assert "the call's deadline stopped the script" in message and "past its timeout" not in message
+    # the script's own timeout still says so
+    own = execute(api, request_id, {"s": 30})
+    assert "past its timeout of 5 s" in own.json()["error"]["message"]
+
+
+def test_a_401_names_the_bearer_scheme(jwt_api: ServerThread) -> None:
+    for headers in ({}, bearer("not.a.token")):
+        answer = http(jwt_api, "GET", "/api/v1/functions", headers=headers)
+        assert answer.status == 401
+        assert answer.headers["WWW-Authenticate"].startswith("Bearer")
+    assert (
+        "WWW-Authenticate" not in http(jwt_api, "GET", "/api/v1/functions", headers=bearer(token())).headers
+    )
+
+
+def test_a_huge_request_timeout_is_cut_and_health_checks_the_header_too(api: ServerThread) -> None:
+    request_id = initialize(api, "python-huge_timeout", "result = 1")
+    answer = execute(api, request_id, {}, X_Request_Timeout="99999999999999999999999")
+    assert answer.status == 200 and answer.json()["result"] == 1, answer.body
+    bad = http(api, "GET", "/health", headers={"X-Request-Timeout": "abc"})
+    assert bad.status == 400 and bad.error["details"]["metadata"]["field"] == "X-Request-Timeout"
+    assert http(api, "GET", "/health", headers={"X-Request-Timeout": "5"}).status == 200
+
+
+def test_an_integer_option_past_32_bits_is_not_called_a_non_integer(api: ServerThread) -> None:
+    answer = http(
+        api,
+        "POST",
+        "/api/v1/initialize",
+        {"script_content": "result = 1", "options": {"memory_mb": 99999999999999999999999}},
+        headers={"Language-Title": "python-big_option"},
+    )
+    assert answer.status == 400 and answer.error["details"]["metadata"]["field"] == "options.memory_mb"
+    assert "must be an integer of 32 bits" in answer.error["message"]

@@ -227,6 +227,7 @@ async def _wire(
         cors_origins=settings.cors_allowed_origins,
         grace=settings.shutdown_grace_seconds,
         max_request_timeout=settings.http_max_request_timeout_seconds,
+        body_timeout=settings.http_body_timeout_seconds,
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     reflection.enable_server_reflection(

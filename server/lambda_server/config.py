@@ -808,6 +808,14 @@ class Settings(_Declared):
         3600.0,
         "the most an HTTP call's X-Request-Timeout header may give it (a longer one is cut to this)",
     )
+    # The most an HTTP request's body may take to arrive, once its headers have: a client
+    # that stalls mid-body is answered 408 and its bytes in flight are given back.
+    http_body_timeout_seconds: float = setting(
+        "HTTP_BODY_TIMEOUT_SECONDS",
+        _positive_float,
+        30.0,
+        "the most an HTTP request's body may take to arrive (past it: 408)",
+    )
     # The origins a browser may call the HTTP/JSON API from (CORS).
     cors_allowed_origins: tuple[str, ...] = setting(
         "CORS_ALLOWED_ORIGINS",

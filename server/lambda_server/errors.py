@@ -6,6 +6,7 @@
     │   ├── ScriptTooLarge
     │   ├── ScriptSyntaxError       (line, column)
     │   ├── RequestTooLarge         (an HTTP body past GRPC_MAX_RECEIVE_MESSAGE_BYTES: HTTP 413)
+    │   ├── BodyTimeout             (an HTTP body not sent within HTTP_BODY_TIMEOUT_SECONDS: HTTP 408)
     │   ├── InvalidParams           INVALID_ARGUMENT     INVALID_PARAMS (params against the schema)
     │   ├── ScriptLimitExceeded     INVALID_ARGUMENT     SCRIPT_LIMIT_EXCEEDED (a check or compile)
     │   ├── DependencyUnresolvable  INVALID_ARGUMENT     DEPENDENCY_UNRESOLVABLE (requirement)
@@ -83,6 +84,11 @@ class ScriptSyntaxError(InvalidRequest):
 class RequestTooLarge(InvalidRequest):
     """An HTTP/JSON API request's body is larger than a request may be
     (GRPC_MAX_RECEIVE_MESSAGE_BYTES, the gRPC side's bound too); the HTTP API answers 413."""
+
+
+class BodyTimeout(InvalidRequest):
+    """An HTTP/JSON API request's body did not arrive within HTTP_BODY_TIMEOUT_SECONDS (a
+    client that stalls would hold its bytes in flight); the HTTP API answers 408."""
 
 
 class ScriptLimitExceeded(InvalidRequest):

@@ -10,7 +10,9 @@ gRPC interceptor does for each call.
 
 from __future__ import annotations
 
+import asyncio
 import re
+import uuid
 from typing import Any
 
 from aiohttp import web
@@ -22,7 +24,9 @@ from lambda_server.api.http_served import (
     ANSWER,
     QUOTA,
     REQUEST_ID_HEADER,
+    ClientGone,
     ServedRequests,
+    body_too_large,
     json_answer,
     peer_address,
 )
@@ -31,7 +35,7 @@ from lambda_server.api.request_logs import RequestLog
 from lambda_server.api.servicer import RESPONSE_MARGIN
 from lambda_server.config import ConfigError
 from lambda_server.domain import JSON, Caller, Deadline, OptimizationLevel
-from lambda_server.errors import InvalidRequest, RateLimited, RequestTooLarge
+from lambda_server.errors import BodyTimeout, InvalidRequest, RateLimited
 from lambda_server.limits import LimitedCall
 from lambda_server.logs import current_call
 from lambda_server.metrics import Metrics
@@ -60,8 +64,12 @@ CACHE_CONTROL_HEADER = "X-Cache-Control"
 # The caller's time for the call, in seconds (a gRPC caller's deadline): the call's answer
 # comes within it, DEADLINE_EXCEEDED (504) when the work does not fit.
 REQUEST_TIMEOUT_HEADER = "X-Request-Timeout"
-_TIMEOUT = re.compile(r"[0-9]{1,9}(?:\.[0-9]{1,9})?", re.ASCII)
+# Any length of whole seconds (a longer one is cut to HTTP_MAX_REQUEST_TIMEOUT_SECONDS), up to
+# nanoseconds; never what float() also reads (nan, inf, 1e3, +2, 1_0).
+_TIMEOUT = re.compile(r"[0-9]{1,40}(?:\.[0-9]{1,9})?", re.ASCII)
 AUTHORIZATION_HEADER = "Authorization"
+_INTEGER = re.compile(r"[+-]?[0-9]+", re.ASCII)
+_LONGEST_INTEGER = 40
 DEFAULT_PER_PAGE = 20
 _BODY = web.RequestKey("body", bytes)  # read once, by whichever step needs it first
 
@@ -82,8 +90,10 @@ class HttpApi:
         cors_origins: tuple[str, ...],
         grace: float,  # SHUTDOWN_GRACE_SECONDS: requests in flight at stop
         max_request_timeout: float,  # HTTP_MAX_REQUEST_TIMEOUT_SECONDS: X-Request-Timeout's cap
+        body_timeout: float,  # HTTP_BODY_TIMEOUT_SECONDS: the most a body takes to arrive
     ) -> None:
         self._max_request_timeout = max_request_timeout
+        self._body_timeout = body_timeout
         self._usecases = usecases
         self._gate = gate
         self._payloads = payloads
@@ -105,11 +115,11 @@ class HttpApi:
         app = web.Application(client_max_size=self._max_body_bytes, middlewares=[self._served.middleware])
         app.router.add_post(INITIALIZE, self.initialize)
         app.router.add_post(EXECUTE, self.execute)
-        app.router.add_get(SESSION, self.get_session, allow_head=False)
-        app.router.add_get(FUNCTIONS, self.list_functions, allow_head=False)
-        app.router.add_get(FUNCTION, self.get_function, allow_head=False)
-        app.router.add_get(HEALTH, self.health, allow_head=False)
-        app.router.add_get(API_HEALTH, self.health, allow_head=False)
+        app.router.add_get(SESSION, self.get_session)
+        app.router.add_get(FUNCTIONS, self.list_functions)
+        app.router.add_get(FUNCTION, self.get_function)
+        app.router.add_get(HEALTH, self.health)
+        app.router.add_get(API_HEALTH, self.health)
         return app
 
     async def start(self, address: str) -> int:
@@ -143,8 +153,8 @@ class HttpApi:
         caller = self._caller(request)
         self._gate.admit(caller, LimitedCall.INITIALIZE)  # before any work: checks cost CPU
         body = await self._object_body(request, caller)
-        title = http_json.text_field(body, "language_title") or request.headers.get(LANGUAGE_TITLE_HEADER, "")
-        request_id = http_json.text_field(body, "request_id") or request.headers.get(REQUEST_ID_HEADER, "")
+        title = _header_or_field(request, LANGUAGE_TITLE_HEADER, body, "language_title")
+        request_id = _header_or_field(request, REQUEST_ID_HEADER, body, "request_id")
         record = await self._usecases.initialize(
             language_title=title,
             script=http_json.text_field(body, "script_content"),
@@ -174,8 +184,7 @@ class HttpApi:
         body = await self._object_body(request, caller, raw)
         params = body.get("params")
         params = await self._payloads.parsed_params({} if params is None else params, len(raw), caller.owner)
-        cache_control = request.headers.get(CACHE_CONTROL_HEADER)
-        cache_control = cache_control or http_json.text_field(body, "cache_control")
+        cache_control = _header_or_field(request, CACHE_CONTROL_HEADER, body, "cache_control")
         execution = await self._usecases.execute(request_id, params, caller, deadline, cache_control)
         response = await self._payloads.response(execution, caller.owner)
         request[ANSWER] = response
@@ -218,6 +227,7 @@ class HttpApi:
         return json_answer(http_json.function_body(function))
 
     async def health(self, request: web.Request) -> web.StreamResponse:
+        self._deadline(request)  # nothing here waits, but a malformed header is 400 on every route
         report = self._usecases.health()
         return json_answer(http_json.health_body(report), 200 if report.serving else 503)
 
@@ -244,17 +254,30 @@ class HttpApi:
         return self._gate.caller(request.headers.get(AUTHORIZATION_HEADER), peer_address(request))
 
     async def _read(self, request: web.Request) -> bytes:
-        """The body, at most client_max_size (GRPC_MAX_RECEIVE_MESSAGE_BYTES)."""
+        """The body, at most client_max_size (GRPC_MAX_RECEIVE_MESSAGE_BYTES), within
+        HTTP_BODY_TIMEOUT_SECONDS: RequestTooLarge (413) past the size, BodyTimeout (408)
+        past the time, InvalidRequest naming `body` when it cannot be decoded under its
+        Content-Encoding, ClientGone when the client hung up before sending it all."""
         cached = request.get(_BODY)
         if cached is None:
             try:
-                cached = await request.read()
+                async with asyncio.timeout(self._body_timeout):
+                    cached = await request.read()
             except web.HTTPRequestEntityTooLarge:
-                raise RequestTooLarge(
-                    f"the body is larger than GRPC_MAX_RECEIVE_MESSAGE_BYTES ({self._max_body_bytes})",
-                    setting="GRPC_MAX_RECEIVE_MESSAGE_BYTES",
-                    limit=str(self._max_body_bytes),
+                raise body_too_large(self._max_body_bytes) from None
+            except TimeoutError:
+                raise BodyTimeout(
+                    f"the body did not arrive within HTTP_BODY_TIMEOUT_SECONDS ({self._body_timeout:g} s)",
+                    field="body",
+                    setting="HTTP_BODY_TIMEOUT_SECONDS",
+                    limit=f"{self._body_timeout:g}",
                 ) from None
+            except (ConnectionResetError, web.RequestPayloadError) as exc:
+                transport = request.transport
+                if isinstance(exc, ConnectionResetError) or transport is None or transport.is_closing():
+                    raise ClientGone("the client closed the connection before sending its body") from None
+                # aiohttp's only other payload error: a body its Content-Encoding does not decode
+                raise InvalidRequest(f"the body cannot be read: {exc}", field="body") from None
             request[_BODY] = cached
         body: bytes = cached
         return body
@@ -273,13 +296,49 @@ class HttpApi:
         return body
 
 
+def _header_or_field(request: web.Request, header: str, body: dict[str, JSON], field: str) -> str:
+    """A value a caller may send as a header or as a body field ('' when neither); both may
+    be sent when they agree (request ids as UUIDs: in any spelling), else InvalidRequest
+    naming both, rather than one silently winning."""
+    sent = _text_header(request, header)
+    given = http_json.text_field(body, field)
+    if sent and given and sent != given and not _same_uuid(sent, given):
+        raise InvalidRequest(
+            f"the {header} header ({sent[:64]!r}) and the body's {field} ({given[:64]!r}) differ: "
+            "send one of them, or the same value in both",
+            field=field,
+            header=header,
+        )
+    return given or sent
+
+
+def _same_uuid(one: str, other: str) -> bool:
+    try:
+        return uuid.UUID(one) == uuid.UUID(other)
+    except ValueError:
+        return False
+
+
+def _text_header(request: web.Request, name: str) -> str:
+    """A header read as text ('' when absent); InvalidRequest naming it when its bytes are not
+    UTF-8 (aiohttp hands them on as lone surrogates, which no use case or database takes)."""
+    value = request.headers.get(name, "")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise InvalidRequest(f"the {name} header is not valid UTF-8", field=name) from None
+    return value
+
+
 def _query_int(raw: str | None, name: str, default: int) -> int:
+    """A query parameter of ASCII digits (and a sign); its range is the use case's to check."""
     if raw is None or raw == "":
         return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise InvalidRequest(f"{name} must be an integer, not {raw[:40]!r}", field=name) from None
+    if not _INTEGER.fullmatch(raw):
+        raise InvalidRequest(f"{name} must be an integer, not {raw[:40]!r}", field=name)
+    if len(raw) > _LONGEST_INTEGER:  # past any bound, and past what int() reads quickly
+        raise InvalidRequest(f"{name} {raw[:20]}... is out of range ({len(raw)} digits)", field=name)
+    return int(raw)
 
 
 def _optimization(options: dict[str, Any]) -> OptimizationLevel:

@@ -66,8 +66,9 @@ ERRORS: dict[str, tuple[int, str]] = {
     "DEADLINE_EXCEEDED": (504, TIMEOUT),
     "INTERNAL_ERROR": (500, INTERNAL_ERROR),
 }
-# The answers outside the original's table: a body past the bound, a method the route has not.
+# The answers outside the original's table: a body past the bound or late, a method the route has not.
 PAYLOAD_TOO_LARGE = 413
+REQUEST_TIMEOUT = 408
 METHOD_NOT_ALLOWED = 405
 # A script's failure answers 200 with `error` set (as gRPC answers OK with it), and names
 # its code in this header, as AWS Lambda's X-Amz-Function-Error does.
@@ -278,8 +279,13 @@ def _integer(options: dict[str, JSON], name: str) -> int | None:
     value = options.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or abs(value) >= 2**31:
+    if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidRequest(f"options.{name} must be an integer, not {value!r:.40}", field=f"options.{name}")
+    if abs(value) >= 2**31:  # past the contract's int32 (the option's own bounds come after)
+        raise InvalidRequest(
+            f"options.{name} must be an integer of 32 bits (below 2**31 in size), not {value!r:.40}",
+            field=f"options.{name}",
+        )
     return value
 
 

@@ -14,6 +14,8 @@ while aiohttp-cors wraps every route and has seen few releases.
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 
@@ -28,6 +30,7 @@ from lambda_server.api.interceptors import INFLIGHT_RETRY_AFTER, InflightBytes
 from lambda_server.api.request_logs import RequestLog, execute_entry, log_call, logged_headers
 from lambda_server.domain import JSON
 from lambda_server.errors import (
+    BodyTimeout,
     InvalidRequest,
     LambdaError,
     QuotaExceeded,
@@ -37,6 +40,9 @@ from lambda_server.errors import (
 )
 from lambda_server.logs import CallInfo, begin_call, end_call
 from lambda_server.metrics import Metrics
+from lambda_server.usecases.inputs import parse_request_id
+
+log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "X-Request-ID"
 CORS_METHODS = "GET, POST, OPTIONS"
@@ -45,9 +51,19 @@ CORS_EXPOSED = "X-RateLimit-Limit, X-RateLimit-Remaining, Retry-After, X-Functio
 CORS_MAX_AGE = "86400"
 CLIENT_CLOSED = 499  # nginx's status for a request that ended unanswered, as the request log has it
 UNMATCHED = "unmatched"  # the metrics' route of a path no route has: bounded labels
+# A caller's own X-Request-ID (on a route without a session id) is echoed only when it is
+# visible ASCII that a header can carry as it is: nothing unchecked goes back into a header.
+_ECHOABLE = re.compile(r"[!-~](?:[ -~]{0,62}[!-~])?", re.ASCII)
 _JSON = "application/json"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its request could be read: not a failure of
+    the server. Counted and logged as nginx's 499 (CANCELLED), as a gRPC call cancelled."""
+
+
 # What a request's handler leaves for the middleware.
 QUOTA = web.RequestKey("quota", tuple)  # the rate-limit headers to answer with
 ANSWER = web.RequestKey("answer", pb.ExecuteResponse)  # Execute's, for its request log
@@ -87,6 +103,7 @@ class ServedRequests:
             info.request_id = request.headers.get(REQUEST_ID_HEADER, "")[:64]
         token = begin_call(info)
         error: LambdaError | None = None
+        gone = False
         held, peer = 0, peer_address(request)
         try:
             if request.method == "OPTIONS" and self._preflight_allowed(request):
@@ -95,14 +112,20 @@ class ServedRequests:
             else:
                 held = self._hold(request, peer, info.method)
                 response = await handler(request)
+        except ClientGone as exc:  # nobody reads this answer: counted and logged 499
+            log.debug("%s: %s", info.method, exc)
+            gone = True
+            response = web.Response(status=CLIENT_CLOSED)
         except web.HTTPException as exc:  # the router's 404 and 405
             error, status = _routing_error(request, exc)
             response = error_response(error, status)
             if isinstance(exc, web.HTTPMethodNotAllowed):
-                response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
+                response.headers["Allow"] = ", ".join(_allowed(exc))
         except Exception as exc:  # our errors, and anything unexpected as INTERNAL_ERROR
             error = as_lambda_error(info.method, exc)
             response = error_response(error, _status_of(error))
+            if isinstance(error, RequestTooLarge | BodyTimeout):
+                response.force_close()  # the body's rest is not read: the connection ends here
         except asyncio.CancelledError:  # the server stopped past its grace: counted and logged
             self._finish(
                 request, route, info, grpc.StatusCode.CANCELLED, None, CLIENT_CLOSED, started_at, started
@@ -115,10 +138,12 @@ class ServedRequests:
         try:
             for name, value in request.get(QUOTA, ()):
                 response.headers[name] = value
-            if info.request_id:  # the session's id (or the caller's own X-Request-ID)
-                response.headers[REQUEST_ID_HEADER] = info.request_id
+            echoed = _echoed_request_id(request, info)
+            if echoed:  # the session's id (or the caller's own X-Request-ID)
+                response.headers[REQUEST_ID_HEADER] = echoed
             self._cors(request, response)
             code = grpc.StatusCode.OK if error is None else grpc.StatusCode[error.status]
+            code = grpc.StatusCode.CANCELLED if gone else code
             self._finish(request, route, info, code, error, response.status, started_at, started)
         finally:
             end_call(token)
@@ -155,7 +180,9 @@ class ServedRequests:
             return 0
         inflight = self._inflight
         size = request.content_length
-        size = self._max_body_bytes if size is None else min(size, self._max_body_bytes)
+        if size is not None and size > self._max_body_bytes:  # refused from the header, unread
+            raise body_too_large(self._max_body_bytes)
+        size = self._max_body_bytes if size is None else size
         if not inflight.take(peer, size):
             self._metrics.inflight_refused.labels(method).inc()
             raise QuotaExceeded(
@@ -221,6 +248,20 @@ class _HttpWire:
         return self._status
 
 
+def _echoed_request_id(request: web.Request, info: CallInfo) -> str:
+    """The X-Request-ID to answer with: a session's id only when it is a UUID (then in its
+    canonical form; a path id may hold anything, a control character too), the caller's own
+    header only when _ECHOABLE; else none."""
+    session_id = request.match_info.get("request_id")
+    if session_id is not None or info.method == "Initialize":
+        try:
+            return parse_request_id(info.request_id if session_id is None else session_id)
+        except InvalidRequest:
+            return ""
+    own = request.headers.get(REQUEST_ID_HEADER, "")
+    return own if _ECHOABLE.fullmatch(own) else ""
+
+
 def _vary_origin(response: web.StreamResponse) -> None:
     vary = [name.strip() for name in response.headers.get("Vary", "").split(",") if name.strip()]
     if not any(name.lower() in ("origin", "*") for name in vary):
@@ -228,8 +269,8 @@ def _vary_origin(response: web.StreamResponse) -> None:
 
 
 def _routing_error(request: web.Request, exc: web.HTTPException) -> tuple[LambdaError, int]:
-    if exc.status == http_json.METHOD_NOT_ALLOWED:
-        allowed = ", ".join(sorted(getattr(exc, "allowed_methods", ()) or ()))
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(_allowed(exc))
         message = f"{request.path} does not take {request.method}; it takes {allowed}"
         return InvalidRequest(message, field="method"), http_json.METHOD_NOT_ALLOWED
     if exc.status == 404:
@@ -237,9 +278,30 @@ def _routing_error(request: web.Request, exc: web.HTTPException) -> tuple[Lambda
     return InvalidRequest(exc.reason or "a malformed request"), exc.status
 
 
+def _allowed(exc: web.HTTPMethodNotAllowed) -> list[str]:
+    """The route's methods (HEAD with every GET), and OPTIONS: the middleware answers a
+    preflight on every route."""
+    return sorted({*exc.allowed_methods, "OPTIONS"})
+
+
 def _status_of(error: LambdaError) -> int | None:
-    """The answers outside the table's statuses: 413 for a body past its bound."""
-    return http_json.PAYLOAD_TOO_LARGE if isinstance(error, RequestTooLarge) else None
+    """The answers outside the table's statuses: 413 for a body past its bound, 408 for one
+    that did not arrive in time."""
+    if isinstance(error, RequestTooLarge):
+        return http_json.PAYLOAD_TOO_LARGE
+    if isinstance(error, BodyTimeout):
+        return http_json.REQUEST_TIMEOUT
+    return None
+
+
+def body_too_large(max_body_bytes: int) -> RequestTooLarge:
+    """A body past GRPC_MAX_RECEIVE_MESSAGE_BYTES, by its Content-Length or as it was read."""
+    return RequestTooLarge(
+        f"the body is larger than GRPC_MAX_RECEIVE_MESSAGE_BYTES ({max_body_bytes})",
+        field="body",
+        setting="GRPC_MAX_RECEIVE_MESSAGE_BYTES",
+        limit=str(max_body_bytes),
+    )
 
 
 def error_response(error: LambdaError, status: int | None = None) -> web.Response:
@@ -247,6 +309,8 @@ def error_response(error: LambdaError, status: int | None = None) -> web.Respons
     response = json_answer(http_json.error_body(error, code), status or mapped)
     if isinstance(error, RateLimited | QuotaExceeded):
         response.headers["Retry-After"] = str(max(1, int(error.retry_after + 0.999)))
+    if response.status == 401:  # RFC 9110 §11.6.1: a 401 names the scheme it asks for
+        response.headers["WWW-Authenticate"] = 'Bearer realm="lambda-microservice"'
     return response
 
 

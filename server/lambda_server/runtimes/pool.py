@@ -473,7 +473,12 @@ class EnvironmentPool:
                 capped = timeout < job.timeout
                 answer = await worker.request({"op": "run", "event": job.event}, timeout, output)
         except (WorkerTimeout, FrameTooLarge, WorkerCrashed) as exc:
-            message = deadline_message if capped else ""
+            message = ""
+            if capped:  # the call's deadline, not the script's timeout, ended it: said so, both doors alike
+                message = deadline_message or (
+                    f"the call's deadline stopped the script after {timeout:.3g} s "
+                    f"(before its timeout of {job.timeout:g} s)"
+                )
             return Ran(self.failed(slot, worker, exc, job, started, state, message), kept=False)
         except BaseException:  # cancelled, or the runtime could not start
             self._drop(slot)

@@ -10,8 +10,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
-import orjson
 
+from lambda_server import json_text
 from lambda_server.config import DatabaseSettings
 from lambda_server.domain import Deadline
 from lambda_server.errors import DatabaseUnavailable, DeadlineExceeded, InternalError
@@ -191,10 +191,12 @@ class DedicatedConnection:
 
 def _failure(exc: BaseException, seconds: float) -> DatabaseUnavailable | InternalError:
     """Our error for an asyncpg or socket failure within a bound of `seconds`: UNAVAILABLE
-    when it may pass, else a bug."""
+    when it may pass, else a bug (named by its type only; its text is logged)."""
     if isinstance(exc, _UNAVAILABLE):
         return DatabaseUnavailable(f"database unavailable: {_describe(exc, seconds)}")
-    return InternalError(f"database error: {_describe(exc, seconds)}")
+    # a bug: its text (which may quote a request's values) goes to the log, not to the caller
+    log.error("database error: %s", _describe(exc, seconds))
+    return InternalError(f"database error: {type(exc).__name__}")
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
@@ -209,12 +211,14 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
     # binary, so that COPY (the request logs) can send jsonb: its binary form is a
-    # version byte, 1, then the JSON text; an orjson.Fragment goes as it is
+    # version byte, 1, then the JSON text; an orjson.Fragment goes as it is. Exact both
+    # ways (json_text): jsonb keeps an integer of any size (an HTTP caller's context may
+    # hold one), and orjson alone would refuse to write it and read it back as a float.
     await conn.set_type_codec(
         "jsonb",
         schema="pg_catalog",
-        encoder=lambda value: _JSONB_VERSION + orjson.dumps(value),
-        decoder=lambda data: orjson.loads(data[1:]),
+        encoder=lambda value: _JSONB_VERSION + json_text.dumps(value),
+        decoder=lambda data: json_text.loads(data[1:]),
         format="binary",
     )
 

@@ -9,8 +9,14 @@ from lambda_server.domain import JSON, Caller, Deadline, FunctionDefinition, Fun
 from lambda_server.errors import InvalidRequest, RuntimeNotAvailable, UnknownLanguage
 from lambda_server.runtimes.registry import RuntimeRegistry
 from lambda_server.store.catalog import MAX_PAGE_SIZE, FunctionCatalog
-from lambda_server.usecases.inputs import refuse_nul
+from lambda_server.usecases.inputs import refuse_control, refuse_nul
 from lambda_server.validation import ParamsValidator
+
+# The highest page number the HTTP listing takes (a 32-bit integer's, as protobuf's int32
+# page_size): its offset, (page - 1) * per_page, stays well within PostgreSQL's bigint. A
+# page past the end answers an empty page; a number past this one is a malformed request,
+# as gRPC's ListFunctions refuses a page_token it did not issue.
+MAX_PAGE = 2**31 - 1
 
 
 class Catalog:
@@ -45,8 +51,10 @@ class Catalog:
         match in all: the HTTP API's listing. Never with scripts."""
         require_read_functions(caller)
         refuse_nul(language, "language")
-        if page < 1:
-            raise InvalidRequest(f"page must be 1 or more, not {page}", field="page")
+        if not 1 <= page <= MAX_PAGE:
+            raise InvalidRequest(
+                f"page must be from 1 to {MAX_PAGE}, not {str(page)[:40]}", field="page", limit=str(MAX_PAGE)
+            )
         if not 1 <= per_page <= MAX_PAGE_SIZE:
             raise InvalidRequest(
                 f"per_page must be from 1 to {MAX_PAGE_SIZE}, not {per_page}",
@@ -63,7 +71,7 @@ class Catalog:
         require_read_functions(caller)
         if not language_title:
             raise InvalidRequest("language_title is required", field="language_title")
-        refuse_nul(language_title, "language_title")
+        refuse_control(language_title, "language_title")
         function = await self._functions.get(language_title, deadline)
         return self._shown(function, function.function_type is FunctionType.DYNAMIC)
 

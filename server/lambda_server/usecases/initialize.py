@@ -7,8 +7,7 @@ import uuid
 from dataclasses import replace
 from typing import Protocol
 
-import orjson
-
+from lambda_server import json_text
 from lambda_server.auth import require_execute
 from lambda_server.domain import (
     JSON,
@@ -30,7 +29,7 @@ from lambda_server.store.sessions import SessionStore
 from lambda_server.usecases.builds import RustBuilds
 from lambda_server.usecases.catalog import Catalog
 from lambda_server.usecases.dependencies import Dependencies
-from lambda_server.usecases.inputs import parse_request_id, refuse_nul, refuse_nul_in
+from lambda_server.usecases.inputs import parse_request_id, refuse_control, refuse_nul, refuse_nul_in
 from lambda_server.usecases.options import SessionOptionsPolicy
 
 # A session is read back whole (GetSession, every Execute's claim): its context stays
@@ -104,7 +103,7 @@ class Initialize:
         """
         runtime = self._registry.resolve(language_title)
         require_execute(caller, runtime.name)
-        refuse_nul(language_title, "language_title")
+        refuse_control(language_title, "language_title")
         refuse_nul(script, "script_content")
         refuse_nul_in(context, "context")
         requirements = self._dependencies.check(runtime, dependencies)  # refused before any work
@@ -121,7 +120,7 @@ class Initialize:
         resolved = self._options.resolve(
             options or RequestedOptions(), context
         )  # bad options fail now, not at Execute
-        context_size = len(orjson.dumps(context))
+        context_size = len(json_text.dumps(context))  # exact: integers of any size, as jsonb keeps them
         if context_size > MAX_CONTEXT_BYTES:  # a session too large to read back whole
             raise InvalidRequest(
                 f"context is {context_size} bytes as JSON, over {MAX_CONTEXT_BYTES}", field="context"
