@@ -44,6 +44,7 @@ from lambda_microservice import (
 from lambda_server.config import DependencySettings
 from lambda_server.store.creates import OWNER_LOCK_CLASS
 from tests.support import RegistryClient, ServerThread, eventually, run_sync, server_settings
+from tests.test_http_api import http
 
 # Generous: an install on a busy 2-core box (the setting bounds the server's side)
 INSTALL_TIMEOUT = DependencySettings().install_timeout_seconds
@@ -210,6 +211,22 @@ def test_a_local_folder_of_wheels_installs_a_package_and_its_dependency(
         wheel = wheels / f"{name.replace('-', '_')}-{version}-py3-none-any.whl"
         assert locked[name].version == version
         assert locked[name].hash == "sha256:" + hashlib.sha256(wheel.read_bytes()).hexdigest()
+
+
+def test_the_http_session_shows_the_dependencies_and_the_lock_as_get_session_does(
+    offline_client: LambdaClient, offline: tuple[ServerThread, Path]
+) -> None:
+    session = offline_client.initialize("python-tiny", TINY, dependencies=["lambda-tiny==1.0"])
+    answer = http(offline[0], "GET", f"/api/v1/sessions/{session.request_id}")
+    assert answer.status == 200, answer.body
+    body = answer.json()
+    stored = offline_client.get_session(session.request_id)
+    assert body["dependencies"] == list(stored.dependencies) == ["lambda-tiny==1.0"]
+    assert body["locked"] == [{"name": p.name, "version": p.version, "hash": p.hash} for p in stored.locked]
+    assert len(body["locked"]) == 2
+    plain = offline_client.initialize("python-tiny", "result = 1")
+    body = http(offline[0], "GET", f"/api/v1/sessions/{plain.request_id}").json()
+    assert body["dependencies"] == [] and body["locked"] == []
 
 
 def test_a_script_reaches_its_own_layer_and_cannot_list_the_others(

@@ -156,6 +156,12 @@ def session_body(record: SessionRecord) -> dict[str, JSON]:
         "options": None if record.options is None else options_body(record.options),
         "compile_status": None if record.compile_status is None else record.compile_status.value,
         "compile_error": record.compile_error,
+        # as GetSession's `dependencies` and `locked`: what it asked for, what that resolved to
+        "dependencies": list(record.dependencies.requirements) if record.dependencies else [],
+        "locked": [
+            {"name": package.name, "version": package.version, "hash": package.hash}
+            for package in (record.dependencies.packages if record.dependencies else ())
+        ],
     }
 
 
