@@ -47,6 +47,7 @@ class CallInfo:
     params: Payload | None = None
     result: Payload | None = None
     items: int | None = None  # an ExecuteBatch's number of items
+    address: str = ""  # the caller's, read once as the call began (see api/request_logs.GrpcWire)
 
 
 _current: ContextVar[CallInfo | None] = ContextVar("lambda_server_call", default=None)

@@ -264,10 +264,10 @@ class _Served:
         self._name = name
         self._logged = logged
         self.short = name.rpartition("/")[2]
-        self.info = CallInfo(self.short, "")
+        self._peer = client_address(context.peer() or "")  # now: see request_logs.GrpcWire
+        self.info = CallInfo(self.short, "", address=self._peer)
         self._token = begin_call(self.info)
         self._started_at, self._started = time.time(), time.perf_counter()
-        self._peer = client_address(context.peer() or "")
         self._held = 0
 
     async def read(self, context: Context) -> Any:
@@ -303,7 +303,7 @@ class _Served:
                 self._logged,
                 response,
                 code,
-                GrpcWire(context),
+                GrpcWire(context, self._peer),
                 self.info,
                 self._started_at,
                 elapsed,

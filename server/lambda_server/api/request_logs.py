@@ -86,15 +86,19 @@ class CallWire(Protocol):
 
 
 class GrpcWire:
-    """A gRPC call's side of its entry: its context."""
+    """A gRPC call's side of its entry: its context, and the caller's address read when the
+    call began. `context.peer()` asks gRPC's core for the call, which a call that ended
+    (cancelled, past its deadline) may no longer have: read then, it crashed the process
+    (a segmentation fault in the full suite); the metadata and the status are Python's own."""
 
-    __slots__ = ("_context",)
+    __slots__ = ("_address", "_context")
 
-    def __init__(self, context: Context) -> None:
+    def __init__(self, context: Context, address: str) -> None:
         self._context = context
+        self._address = address
 
     def address(self) -> str:
-        return client_address(self._context.peer() or "")
+        return self._address
 
     def headers(self) -> dict[str, str]:
         return logged_headers(self._context.invocation_metadata() or ())

@@ -55,9 +55,9 @@ class LambdaServicer(pb_grpc.LambdaServiceServicer):
 
     def _caller(self, context: Context) -> Caller:
         """Who calls, from the `authorization` metadata; Unauthenticated when it does not hold."""
-        return self._gate.caller(
-            _metadata(context, AUTHORIZATION_HEADER), client_address(context.peer() or "")
-        )
+        call = current_call()  # the interceptor read the address once, as the call began
+        address = call.address if call is not None and call.address else client_address(context.peer() or "")
+        return self._gate.caller(_metadata(context, AUTHORIZATION_HEADER), address)
 
     def _admit(self, caller: Caller, context: Context, count: int = 1) -> None:
         """Take `count` of the caller's executions (RateLimited when they are not there), and
