@@ -557,3 +557,9 @@ class RegistryClient(LambdaClient):
                     raise
                 time.sleep(5)
         raise AssertionError("unreachable")
+
+
+def once_client(target: str, timeout: float) -> LambdaClient:
+    """A client whose calls are sent once: no retry on UNAVAILABLE (the channel has no
+    service config), for tests that expect UNAVAILABLE and would wait out every retry."""
+    return LambdaClient(target, timeout=timeout, channel=grpc.insecure_channel(target))

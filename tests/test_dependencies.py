@@ -43,7 +43,7 @@ from lambda_microservice import (
 )
 from lambda_server.config import DependencySettings
 from lambda_server.store.creates import OWNER_LOCK_CLASS
-from tests.support import RegistryClient, ServerThread, eventually, run_sync, server_settings
+from tests.support import RegistryClient, ServerThread, eventually, once_client, run_sync, server_settings
 from tests.test_http_api import http
 
 # Generous: an install on a busy 2-core box (the setting bounds the server's side)
@@ -350,7 +350,7 @@ def test_an_index_that_takes_the_connection_and_never_answers_is_unavailable(
     )
     running = ServerThread(replace(server_settings(), dependencies=dependencies), database_url)
     try:
-        with LambdaClient(running.target, timeout=INSTALL_TIMEOUT) as client:
+        with once_client(running.target, INSTALL_TIMEOUT) as client:
             for _ in range(2):  # the first freed the owner's one slot
                 with pytest.raises(PackageIndexUnavailableError) as refused:
                     client.initialize("python-silent", "result = 1", dependencies=["attrs==23.2.0"])

@@ -43,7 +43,7 @@ from lambda_server.runtimes.npm import (
     refuse_other_sources,
 )
 from lambda_server.runtimes.registry import discover
-from tests.support import RegistryClient, ServerThread, descendants, free_port, server_settings
+from tests.support import RegistryClient, ServerThread, descendants, free_port, once_client, server_settings
 
 # Generous: a resolve or an install on a busy 2-core box (the setting bounds the server's side)
 INSTALL_TIMEOUT = DependencySettings().install_timeout_seconds
@@ -410,7 +410,7 @@ def test_an_unreachable_registry_is_unavailable(database_url: str, tmp_path: Pat
     settings = node_settings(tmp_path, npm_registry=f"http://127.0.0.1:{free_port()}/")
     running = ServerThread(settings, database_url)
     try:
-        with LambdaClient(running.target, timeout=INSTALL_TIMEOUT) as client:
+        with once_client(running.target, INSTALL_TIMEOUT) as client:
             with pytest.raises(PackageIndexUnavailableError) as refused:
                 client.initialize("nodejs-offline", "return 1;", dependencies=["left-pad@1.3.0"])
             assert refused.value.reason == "PACKAGE_INDEX_UNAVAILABLE"
@@ -437,7 +437,7 @@ def test_a_registry_that_takes_the_connection_and_never_answers_is_unavailable(
     )
     running = ServerThread(settings, database_url)
     try:
-        with LambdaClient(running.target, timeout=INSTALL_TIMEOUT) as client:
+        with once_client(running.target, INSTALL_TIMEOUT) as client:
             with pytest.raises(PackageIndexUnavailableError) as refused:
                 client.initialize("nodejs-silent", "return 1;", dependencies=["left-pad@1.3.0"])
             assert refused.value.metadata["setting"] == "NPM_REGISTRY"
