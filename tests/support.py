@@ -114,11 +114,9 @@ async def drop_database(admin_url: str, name: str) -> None:
 
 
 def server_settings(**overrides: Any) -> Settings:
-    """Settings for a test server: port 0, short bounds so failures show fast; one pre-started
-    process per runtime, not two (each module's server starts them: CPU the suite's other
-    work waits for on two cores)."""
+    """Settings for a test server: port 0, short bounds so failures show fast."""
     database = DatabaseSettings(connect_timeout=2.0, command_timeout=2.0, statement_timeout_ms=2000)
-    runtime = RuntimeSettings(timeout_seconds=5.0, prewarm_per_runtime=1)
+    runtime = RuntimeSettings(timeout_seconds=5.0)
     settings = Settings(
         listen_addr="127.0.0.1:0",
         metrics_addr="127.0.0.1:0",
