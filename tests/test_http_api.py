@@ -999,6 +999,72 @@ def test_a_body_that_stalls_is_408_and_its_bytes_in_flight_are_given_back(databa
         running.stop()
 
 
+def test_stalled_bodies_fill_only_their_senders_share_until_the_body_timeout_frees_it(
+    database_url: str,
+) -> None:
+    """An attacker at 127.0.0.1 opens requests whose bodies never come, each declaring
+    300 kB: they fill its share of the bytes in flight (its next is 429), while a second
+    tenant at 127.0.0.2 initializes and executes as ever; HTTP_BODY_TIMEOUT_SECONDS ends
+    the stalled ones (408) and the attacker's share is its own again."""
+    grpc_settings = GrpcSettings(
+        max_inflight_request_bytes=4_000_000, max_inflight_request_bytes_per_peer=1_000_000
+    )
+    running = ServerThread(server_settings(http_body_timeout_seconds=3.0, grpc=grpc_settings), database_url)
+    port = running.server.http_port
+    declared = 300_000
+
+    async def stall() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.1", 0))
+        head = (
+            f"POST /api/v1/execute/{uuid.uuid4()} HTTP/1.1\r\nHost: x\r\nContent-Length: {declared}\r\n\r\n{{"
+        )
+        writer.write(head.encode())
+        await writer.drain()
+        return reader, writer
+
+    async def status_of(reader: asyncio.StreamReader) -> int:
+        async with asyncio.timeout(60):
+            return int((await reader.readline()).split()[1])
+
+    async def victim() -> tuple[int, Any]:
+        """The second tenant, from 127.0.0.2: an Initialize and an Execute over HTTP."""
+        connector = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}", connector=connector) as session:
+            body = json_text.dumps({"script_content": "result = params['n'] + 1"})
+            headers = {"Language-Title": "python-stall_victim"}
+            async with session.post("/api/v1/initialize", data=body, headers=headers) as made:
+                assert made.status == 200, await made.text()
+                request_id = (await made.json())["request_id"]
+            run = json_text.dumps({"params": {"n": 41}})
+            async with session.post(f"/api/v1/execute/{request_id}", data=run) as answer:
+                return answer.status, json_text.loads(await answer.read())
+
+    async def attack() -> None:
+        stalled = [await stall() for _ in range(3)]  # 900 kB of the peer's 1 MB
+        refused_reader, refused_writer = await stall()  # 1.2 MB: past its share
+        assert await status_of(refused_reader) == 429
+        refused_writer.close()
+        status, answer = await victim()  # meanwhile, the other tenant
+        assert status == 200 and answer["result"] == 42, answer
+        for reader, writer in stalled:  # the body timeout ends them
+            assert await status_of(reader) == 408
+            writer.close()
+        assert running.server.http_api is not None
+        assert running.server.http_api._served._inflight.of("127.0.0.1") == 0
+        # the attacker's share is its own again: 900 kB more are admitted (an unknown session)
+        async with aiohttp.ClientSession() as session:
+            body = json_text.dumps({"params": {"pad": "x" * 900_000}})
+            async with session.post(
+                f"http://127.0.0.1:{port}/api/v1/execute/{uuid.uuid4()}", data=body
+            ) as late:
+                assert late.status == 404, await late.text()
+
+    try:
+        run_sync(attack())
+    finally:
+        running.stop()
+
+
 @pytest.mark.parametrize(
     "path", ["/health", "/api/v1/health", "/api/v1/functions", "/api/v1/functions/nodejs-calculator"]
 )
