@@ -6,9 +6,12 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
-from lambda_server.errors import LambdaError
+from lambda_server.domain import Deadline
+from lambda_server.errors import DeadlineExceeded, InternalError, LambdaError, Unavailable, own_instance
+
+T = TypeVar("T")
 
 
 async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
@@ -37,3 +40,40 @@ async def sweep_every(
             continue
         if removed:
             log.info("%s sweep: %d unused %ss removed from %s", what, removed, what, where)
+
+
+async def outcome(
+    task: asyncio.Task[T],
+    deadline: Deadline,
+    passed: str,
+    stopped: str,
+    internal: tuple[logging.Logger, str] | None = None,
+) -> T:
+    """What shared work (a task its component owns) ended with, waited for until this
+    caller's deadline: the task goes on when the caller stops waiting (its deadline, its
+    cancellation). DeadlineExceeded(`passed`) past the deadline, Unavailable(`stopped`) when
+    the task was cancelled (the server stopping); its failure is raised as an instance of
+    this caller's own, or, with `internal` (a log and a message), a failure that is not a
+    LambdaError is logged there and raised as InternalError(message)."""
+    if not task.done():
+        remaining = deadline.remaining()
+        await asyncio.wait((task,), timeout=None if remaining is None else max(0.0, remaining))
+    if not task.done():
+        raise DeadlineExceeded(passed)
+    if task.cancelled():
+        raise Unavailable(stopped)
+    error = task.exception()
+    if error is not None:
+        if internal is not None and not isinstance(error, LambdaError):
+            log, message = internal
+            log.error("%s", message, exc_info=error)
+            raise InternalError(f"{message}: {type(error).__name__}")
+        raise own_instance(error)
+    return task.result()
+
+
+def retrieve(task: asyncio.Task[Any]) -> None:
+    """Mark a shared task's failure as seen (a done callback): a failure whose callers all
+    left is no loose end."""
+    if not task.cancelled():
+        task.exception()

@@ -58,15 +58,12 @@ from lambda_server.errors import (
     DeadlineExceeded,
     DependencyLimitExceeded,
     DependencyNotAllowed,
-    InternalError,
-    LambdaError,
     QuotaExceeded,
     Unavailable,
-    own_instance,
 )
 from lambda_server.runtimes.installer_process import folder_size, too_large
 from lambda_server.runtimes.slots import FairSlots, SlotWaitTimeout
-from lambda_server.tasks import cancel_and_wait, sweep_every
+from lambda_server.tasks import cancel_and_wait, outcome, retrieve, sweep_every
 
 __all__ = ["Layer", "LayerStore", "Lock", "LockedPackage", "Resolver"]
 
@@ -318,9 +315,16 @@ class LayerStore:
             install = self._installing.get(layer_id)  # started while this one looked
             if install is None:
                 install = self._installing[layer_id] = asyncio.create_task(self._install(lock, owner))
-                install.add_done_callback(_retrieve)
+                install.add_done_callback(retrieve)
                 install.add_done_callback(lambda _: self._installing.pop(layer_id, None))
-        return await _outcome(install, deadline)
+        return await outcome(
+            install,
+            deadline,
+            "the call's deadline passed while its dependencies were installed; the install goes on, "
+            "and a later call finds the layer",
+            "the server stopped before the dependencies were installed",
+            internal=(log, "internal error while installing dependencies"),
+        )
 
     async def _install(self, lock: Lock, owner: str) -> Layer:
         layer_id = lock.layer_id
@@ -497,34 +501,6 @@ class LayerStore:
 
     async def _sweep_loop(self) -> None:
         await sweep_every(self._sweep_interval, self.sweep, "layer", self.folder, log)
-
-
-async def _outcome(task: asyncio.Task[Layer], deadline: Deadline) -> Layer:
-    """What the install ended with, waited for until the deadline: the install goes on when
-    this caller stops waiting; its failure is raised as an instance of the caller's own."""
-    if not task.done():
-        remaining = deadline.remaining()
-        await asyncio.wait((task,), timeout=None if remaining is None else max(0.0, remaining))
-    if not task.done():
-        raise DeadlineExceeded(
-            "the call's deadline passed while its dependencies were installed; the install goes on, "
-            "and a later call finds the layer"
-        )
-    if task.cancelled():
-        raise Unavailable("the server stopped before the dependencies were installed")
-    error = task.exception()
-    if error is not None:
-        if not isinstance(error, LambdaError):
-            log.error("installing a layer failed", exc_info=error)
-            raise InternalError(f"internal error while installing dependencies: {type(error).__name__}")
-        raise own_instance(error)
-    return task.result()
-
-
-def _retrieve(task: asyncio.Task[Layer]) -> None:
-    """A failure whose callers all left is no loose end: mark it seen."""
-    if not task.cancelled():
-        task.exception()
 
 
 def _old_layers(folder: Path, before: float) -> list[str]:

@@ -47,11 +47,11 @@ from lambda_server.domain import (
     OptimizationLevel,
     SessionRecord,
 )
-from lambda_server.errors import DeadlineExceeded, InternalError, LambdaError, Unavailable, own_instance
+from lambda_server.errors import InternalError, LambdaError, Unavailable
 from lambda_server.runtimes.rust import RustCompiler
 from lambda_server.store.artifacts import ArtifactStore
 from lambda_server.store.sessions import SessionStore
-from lambda_server.tasks import cancel_and_wait, sweep_every
+from lambda_server.tasks import cancel_and_wait, outcome, retrieve, sweep_every
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ SWEEP_SECONDS = 5.0
 # A build's own statements (artifacts, compile outcomes) have no caller's deadline:
 # DATABASE_COMMAND_TIMEOUT_SECONDS bounds each
 _UNBOUNDED = Deadline(None)
+PASSED = "the call's deadline passed "  # and what it waited for
 STOPPED = "the server stopped before the script's compile ended; Initialize or Execute compiles it again"
 COMPILING = (
     "while the script compiled; the compile goes on, and a later Initialize or Execute of this "
@@ -165,10 +166,10 @@ class RustBuilds:
         joining = asyncio.create_task(self._store_and_join(new, level, deadline))
         self._joining.add(joining)
         joining.add_done_callback(self._joining.discard)
-        joining.add_done_callback(_retrieve)
-        record, build, started = await _outcome(joining, deadline, STORING)
+        joining.add_done_callback(retrieve)
+        record, build, started = await outcome(joining, deadline, PASSED + STORING, STOPPED)
         assert build.task is not None
-        compiled = await _outcome(build.task, deadline, COMPILING)
+        compiled = await outcome(build.task, deadline, PASSED + COMPILING, STOPPED)
         return record, compiled and started
 
     async def program(
@@ -197,7 +198,7 @@ class RustBuilds:
             recorded_here = session.request_id if unrecorded else None
             build, _ = self._join(key, script, session.script_hash, level, owner, recorded_here)
             assert build.task is not None
-            await _outcome(build.task, deadline, COMPILING)
+            await outcome(build.task, deadline, PASSED + COMPILING, STOPPED)
         return str(path)
 
     async def _store_and_join(
@@ -227,7 +228,7 @@ class RustBuilds:
             build = self._building[key] = _Build()
             making = self._build(key, build, script, script_hash, level, owner)
             build.task = asyncio.create_task(making)
-            build.task.add_done_callback(_retrieve)
+            build.task.add_done_callback(retrieve)
         if session is not None:
             build.sessions.append(session)
         return build, started
@@ -312,30 +313,6 @@ class RustBuilds:
             await asyncio.to_thread(_write_program, path, program)
         self._stored[key] = time.monotonic()
         return compiled
-
-
-async def _outcome(task: asyncio.Task[T], deadline: Deadline, what: str) -> T:
-    """What a task of RustBuilds' ended with, waited for until the deadline: the task goes
-    on when this caller stops waiting (its deadline, its cancellation); its failure is
-    raised as an instance of this caller's own."""
-    if not task.done():
-        remaining = deadline.remaining()
-        await asyncio.wait((task,), timeout=None if remaining is None else max(0.0, remaining))
-    if not task.done():
-        raise DeadlineExceeded(f"the call's deadline passed {what}")
-    if task.cancelled():
-        raise Unavailable(STOPPED)
-    error = task.exception()
-    if error is not None:
-        raise own_instance(error)
-    return task.result()
-
-
-def _retrieve(task: asyncio.Task[T]) -> None:
-    """Mark a task's failure as seen: a failure whose callers all left is no loose end (a
-    build recorded it on its sessions; a session that was not stored has no one to tell)."""
-    if not task.cancelled():
-        task.exception()
 
 
 def _write_program(path: Path, program: bytes) -> None:
