@@ -71,7 +71,6 @@ AUTHORIZATION_HEADER = "Authorization"
 _INTEGER = re.compile(r"[+-]?[0-9]+", re.ASCII)
 _LONGEST_INTEGER = 40
 DEFAULT_PER_PAGE = 20
-_BODY = web.RequestKey("body", bytes)  # read once, by whichever step needs it first
 
 
 class HttpApi:
@@ -258,28 +257,24 @@ class HttpApi:
         HTTP_BODY_TIMEOUT_SECONDS: RequestTooLarge (413) past the size, BodyTimeout (408)
         past the time, InvalidRequest naming `body` when it cannot be decoded under its
         Content-Encoding, ClientGone when the client hung up before sending it all."""
-        cached = request.get(_BODY)
-        if cached is None:
-            try:
-                async with asyncio.timeout(self._body_timeout):
-                    cached = await request.read()
-            except web.HTTPRequestEntityTooLarge:
-                raise body_too_large(self._max_body_bytes) from None
-            except TimeoutError:
-                raise BodyTimeout(
-                    f"the body did not arrive within HTTP_BODY_TIMEOUT_SECONDS ({self._body_timeout:g} s)",
-                    field="body",
-                    setting="HTTP_BODY_TIMEOUT_SECONDS",
-                    limit=f"{self._body_timeout:g}",
-                ) from None
-            except (ConnectionResetError, web.RequestPayloadError) as exc:
-                transport = request.transport
-                if isinstance(exc, ConnectionResetError) or transport is None or transport.is_closing():
-                    raise ClientGone("the client closed the connection before sending its body") from None
-                # aiohttp's only other payload error: a body its Content-Encoding does not decode
-                raise InvalidRequest(f"the body cannot be read: {exc}", field="body") from None
-            request[_BODY] = cached
-        body: bytes = cached
+        try:
+            async with asyncio.timeout(self._body_timeout):
+                body: bytes = await request.read()  # aiohttp keeps it: a second read costs nothing
+        except web.HTTPRequestEntityTooLarge:
+            raise body_too_large(self._max_body_bytes) from None
+        except TimeoutError:
+            raise BodyTimeout(
+                f"the body did not arrive within HTTP_BODY_TIMEOUT_SECONDS ({self._body_timeout:g} s)",
+                field="body",
+                setting="HTTP_BODY_TIMEOUT_SECONDS",
+                limit=f"{self._body_timeout:g}",
+            ) from None
+        except (ConnectionResetError, web.RequestPayloadError) as exc:
+            transport = request.transport
+            if isinstance(exc, ConnectionResetError) or transport is None or transport.is_closing():
+                raise ClientGone("the client closed the connection before sending its body") from None
+            # aiohttp's only other payload error: a body its Content-Encoding does not decode
+            raise InvalidRequest(f"the body cannot be read: {exc}", field="body") from None
         return body
 
     async def _object_body(

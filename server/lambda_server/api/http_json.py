@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_server.api.convert import json_kind
 from lambda_server.api.errors import DOMAIN
+from lambda_server.api.request_logs import environment_state
 from lambda_server.domain import (
     JSON,
     ExecutionResult,
@@ -121,7 +122,7 @@ def execute_body(response: pb.ExecuteResponse, execution: ExecutionResult) -> di
         "result": None,
         "logs": response.logs,
         "logs_truncated": response.logs_truncated,
-        "environment_state": _environment_state(response.environment_state),
+        "environment_state": environment_state(response.environment_state),
         "cpu_time": _milliseconds(response.cpu_time.ToNanoseconds()),
         "peak_memory_bytes": response.peak_memory_bytes,
     }
@@ -297,9 +298,3 @@ def _integer(options: dict[str, JSON], name: str) -> int | None:
 
 def _milliseconds(nanoseconds: int) -> float:
     return round(nanoseconds / 1e6, 3)
-
-
-def _environment_state(state: int) -> str | None:
-    if state == pb.ENVIRONMENT_STATE_UNSPECIFIED:
-        return None
-    return pb.EnvironmentState.Name(state).removeprefix("ENVIRONMENT_STATE_").lower()  # type: ignore[arg-type]

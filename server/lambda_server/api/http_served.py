@@ -26,7 +26,7 @@ from lambda_microservice.v1 import lambda_service_pb2 as pb
 from lambda_server import json_text
 from lambda_server.api import http_json
 from lambda_server.api.errors import as_lambda_error
-from lambda_server.api.interceptors import INFLIGHT_RETRY_AFTER, InflightBytes
+from lambda_server.api.interceptors import InflightBytes
 from lambda_server.api.request_logs import RequestLog, execute_entry, log_call, logged_headers
 from lambda_server.domain import JSON
 from lambda_server.errors import (
@@ -185,14 +185,7 @@ class ServedRequests:
         size = self._max_body_bytes if size is None else size
         if not inflight.take(peer, size):
             self._metrics.inflight_refused.labels(method).inc()
-            raise QuotaExceeded(
-                f"the server holds {inflight.held} bytes of requests in flight, {inflight.of(peer)} of them "
-                f"from {peer}; this one's {size} would go past MAX_INFLIGHT_REQUEST_BYTES ({inflight.limit}) "
-                f"or a peer's share of it ({inflight.per_peer})",
-                INFLIGHT_RETRY_AFTER,
-                setting="MAX_INFLIGHT_REQUEST_BYTES",
-                limit=str(inflight.limit),
-            )
+            raise inflight.refusal(peer, f"this one's {size}")
         return size
 
     def _preflight_allowed(self, request: web.Request) -> bool:

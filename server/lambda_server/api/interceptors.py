@@ -78,6 +78,18 @@ class InflightBytes:
     def of(self, peer: str) -> int:
         return self._by_peer.get(peer, 0)
 
+    def refusal(self, peer: str, this: str) -> QuotaExceeded:
+        """RESOURCE_EXHAUSTED for a request (`this`: "this one's N", or a new call's
+        reservation) that does not fit in the budget, or in its peer's share, now."""
+        return QuotaExceeded(
+            f"the server holds {self.held} bytes of requests in flight, {self.of(peer)} of "
+            f"them from {peer}; {this} would go past MAX_INFLIGHT_REQUEST_BYTES ({self.limit}) "
+            f"or a peer's share of it ({self.per_peer})",
+            INFLIGHT_RETRY_AFTER,
+            setting="MAX_INFLIGHT_REQUEST_BYTES",
+            limit=str(self.limit),
+        )
+
     def give_back(self, peer: str, size: int) -> None:
         self.held -= size
         left = self._by_peer[peer] - size
@@ -235,16 +247,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self._metrics.inflight_refused.labels(method).inc()
         inflight = self.inflight
         this = f"this one's {size}" if size is not None else f"a new call's {inflight.reservation}"
-        status = to_status(
-            QuotaExceeded(
-                f"the server holds {inflight.held} bytes of requests in flight, {inflight.of(peer)} of "
-                f"them from {peer}; {this} would go past MAX_INFLIGHT_REQUEST_BYTES ({inflight.limit}) "
-                f"or a peer's share of it ({inflight.per_peer})",
-                INFLIGHT_RETRY_AFTER,
-                setting="MAX_INFLIGHT_REQUEST_BYTES",
-                limit=str(inflight.limit),
-            )
-        )
+        status = to_status(inflight.refusal(peer, this))
         await context.abort(status.code, status.details, status.trailing_metadata)
 
     def _count(self, method: str, code: grpc.StatusCode, seconds: float) -> None:

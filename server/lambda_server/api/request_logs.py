@@ -163,7 +163,7 @@ def execute_entry(
     status = wire.http_status(code)
     if response is not None:
         runtime_metrics = {
-            "environment_state": _environment_state(response.environment_state),
+            "environment_state": environment_state(response.environment_state),
             "cpu_time_ms": response.cpu_time.ToNanoseconds() / 1e6,
             "peak_memory_bytes": response.peak_memory_bytes,
         }
@@ -277,7 +277,8 @@ def client_address(peer: str) -> str:
     return peer
 
 
-def _environment_state(state: int) -> str | None:
+def environment_state(state: int) -> str | None:
+    """ENVIRONMENT_STATE_WARM -> "warm"; None when unspecified (both front doors' words)."""
     if state == pb.ENVIRONMENT_STATE_UNSPECIFIED:
         return None
     return pb.EnvironmentState.Name(state).removeprefix("ENVIRONMENT_STATE_").lower()  # type: ignore[arg-type]

@@ -40,6 +40,7 @@ import collections
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -93,9 +94,10 @@ class Lock:
     # layer takes at least, about, so a lock too large is refused before it is downloaded
     archive_bytes: int = 0
 
-    @property
+    @functools.cached_property
     def layer_id(self) -> str:
-        """The layer's name: the same lock of the same runtime, the same layer."""
+        """The layer's name: the same lock of the same runtime, the same layer (a hash of the
+        lock, taken once: an Initialize reads it several times)."""
         digest = hashlib.sha256(f"{self.runtime}\n{self.text}".encode()).hexdigest()
         return digest[:32]
 
@@ -298,9 +300,8 @@ class LayerStore:
             return layer
         install = self._installing.get(layer_id)
         if install is None:
-            found = await asyncio.to_thread(self._read, layer_id)
+            found = await self.find(layer_id)
             if found is not None:
-                self._ready[layer_id] = (found, time.monotonic())
                 return found
             if self._closing:
                 raise Unavailable("the server is stopping")

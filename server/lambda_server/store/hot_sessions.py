@@ -122,10 +122,10 @@ class CountWriter:
         self._interval = flush_ms / 1000
         self._commit_mode = "on" if db.settings.claim_synchronous_commit else "off"
         self._pending: dict[str, int] = {}
-        self._sending: dict[str, int] = {}
         self._replica = str(uuid.uuid4())  # this process's flushes, numbered from 1
         self._flushes = 0
-        # a flush that failed, sent again as it was (its number, its counts) before any other
+        # the flush being sent, or one that failed, sent again as it was (its number, its
+        # counts) before any other: until its statement answered
         self._unsent: tuple[int, dict[str, int]] | None = None
         self._lock = asyncio.Lock()  # one flush at a time
         self._wake = asyncio.Event()
@@ -143,7 +143,7 @@ class CountWriter:
         """Executions of a session counted and not known in PostgreSQL (being sent, or sent
         by a flush that failed, included)."""
         unsent = self._unsent[1].get(request_id, 0) if self._unsent is not None else 0
-        return self._pending.get(request_id, 0) + self._sending.get(request_id, 0) + unsent
+        return self._pending.get(request_id, 0) + unsent
 
     async def flush_session(self, request_id: str) -> None:
         """Make a session's counts visible in PostgreSQL (with every other pending one);
@@ -155,21 +155,15 @@ class CountWriter:
         """Send every pending count, after the flush under way (a failed flush first, as it
         was); a flush that fails is kept, to be sent again by the next."""
         async with self._lock:
-            if self._unsent is not None:
-                number, counts = self._unsent
-                await self._send(number, counts)
+            if self._unsent is not None:  # a failed one first, as it was
+                await self._send(*self._unsent)
                 self._unsent = None
             if not self._pending:
                 return
             self._flushes += 1
-            self._sending, self._pending = self._pending, {}
-            try:
-                await self._send(self._flushes, self._sending)
-            except BaseException:
-                self._unsent = (self._flushes, self._sending)
-                raise
-            finally:
-                self._sending = {}
+            self._unsent, self._pending = (self._flushes, self._pending), {}
+            await self._send(*self._unsent)  # failed or cancelled: kept, for the next flush
+            self._unsent = None
 
     def _waiting(self) -> tuple[int, int]:
         """(executions, sessions) counted and not known in PostgreSQL."""

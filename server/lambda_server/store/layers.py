@@ -12,7 +12,6 @@ _PUT = """
 INSERT INTO meta.layers (layer_id, runtime, lock, bytes) VALUES ($1, $2, $3, $4)
 ON CONFLICT (layer_id) DO UPDATE SET bytes = excluded.bytes WHERE meta.layers.bytes <> excluded.bytes
 """
-_GET = "SELECT runtime, lock, bytes FROM meta.layers WHERE layer_id = $1"
 # The session's own copy of its lock: there as long as the session is
 _SESSION_LOCK = """
 SELECT dependencies->>'runtime' AS runtime, dependencies->>'lock' AS lock
@@ -47,11 +46,6 @@ class LayerRecords:
         """Record a layer and its installed size (another replica's record of it stays)."""
         await self._db.fetchrow(deadline, _PUT, layer_id, runtime, lock, size)
 
-    async def get(self, layer_id: str, deadline: Deadline) -> tuple[str, str, int] | None:
-        """(runtime, lock text, bytes) of a recorded layer."""
-        row = await self._db.fetchrow(deadline, _GET, layer_id)
-        return None if row is None else (row["runtime"], row["lock"], int(row["bytes"]))
-
     async def session_lock(
         self, request_id: str, layer_id: str, deadline: Deadline
     ) -> tuple[str, str] | None:
@@ -61,11 +55,13 @@ class LayerRecords:
             return None
         return row["runtime"], row["lock"]
 
-    async def owner_bytes(self, owner: str, besides: str, deadline: Deadline) -> tuple[int, int]:
-        """(bytes, layers): the distinct layers the owner's unexpired sessions use, `besides` apart."""
+    async def owner_bytes(self, owner: str, besides: str, deadline: Deadline) -> tuple[int, int, int | None]:
+        """(bytes, layers, recorded): the distinct layers the owner's unexpired sessions use,
+        `besides` apart, and the bytes recorded for `besides` (None: not recorded)."""
         row = await self._db.fetchrow(deadline, _OWNER_BYTES, owner, besides)
         assert row is not None
-        return int(row["bytes"]), int(row["layers"])
+        recorded = None if row["this"] is None else int(row["this"])
+        return int(row["bytes"]), int(row["layers"]), recorded
 
     async def in_use(self, layer_ids: list[str], deadline: Deadline) -> set[str]:
         """Which of these layers an unexpired session uses."""

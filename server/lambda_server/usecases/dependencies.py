@@ -155,11 +155,8 @@ class Dependencies:
         for package in lock.packages:  # the dependencies of dependencies too
             name = canonicalize_name(package.name) if runtime.name == "python" else package.name.lower()
             self._allowed(runtime.name, name, package.name, "a requested package")
-        if owner is not None:  # before anything is downloaded: the archives' sizes, else what is known
-            recorded = await self._records.get(lock.layer_id, deadline)
-            await self._refuse_past_quota(
-                owner, lock, recorded[2] if recorded else lock.archive_bytes, deadline
-            )
+        if owner is not None:  # before anything is downloaded: what is known, else the archives' sizes
+            await self._refuse_past_quota(owner, lock, None, deadline)
         layer = await self._layers.ensure(lock, deadline, owner or "")
         self._layers.hold(lock.layer_id)  # until the session is stored (`stored`)
         try:
@@ -178,10 +175,12 @@ class Dependencies:
         if dependencies is not None and self._layers is not None:
             self._layers.release(dependencies.layer_id)
 
-    async def _refuse_past_quota(self, owner: str, lock: Lock, size: int, deadline: Deadline) -> None:
-        """QuotaExceeded when the owner's layers and this one of `size` bytes (counted once)
-        would pass MAX_LAYER_BYTES_PER_OWNER."""
-        used, layers = await self._records.owner_bytes(owner, lock.layer_id, deadline)
+    async def _refuse_past_quota(self, owner: str, lock: Lock, size: int | None, deadline: Deadline) -> None:
+        """QuotaExceeded when the owner's layers and this one of `size` bytes (counted once;
+        None: its recorded size, else its archives') would pass MAX_LAYER_BYTES_PER_OWNER."""
+        used, layers, recorded = await self._records.owner_bytes(owner, lock.layer_id, deadline)
+        if size is None:
+            size = recorded if recorded is not None else lock.archive_bytes
         check_layer_quota(owner, used, layers, size, self._settings.max_layer_bytes_per_owner)
 
     async def layer(
